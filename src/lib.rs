@@ -1,0 +1,1 @@
+//! node-vm-agent: the module map.
