@@ -1,1 +1,3 @@
 //! node-vm-agent: the module map.
+
+pub mod portmap;
