@@ -11,6 +11,12 @@ use super::topology::{API_PORT, EXTERNAL_IFACE, NODE_IP, Topology, VM_SUBNET, sa
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_node-vm-agent");
 
+/// The binary under test: NVA_AGENT_BIN overrides the one cargo built (e.g. to run the
+/// suite against a release build).
+pub fn agent_bin() -> String {
+    std::env::var("NVA_AGENT_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
+
 /// Settings the agent reads from the environment; cleared before each start so the
 /// test process's own environment cannot leak into the agent.
 const AGENT_ENV: &[&str] = &[
@@ -100,7 +106,7 @@ impl Agent {
 
     fn command(&self, sub: &str) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.node, BIN, sub]);
+        c.args(["netns", "exec", &self.node, &agent_bin(), sub]);
         for k in AGENT_ENV {
             c.env_remove(k);
         }
