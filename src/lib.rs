@@ -1,3 +1,6 @@
 //! node-vm-agent: the module map.
 
+pub mod api;
+pub mod config;
 pub mod portmap;
+pub mod store;
