@@ -1,5 +1,6 @@
 //! node-vm-agent: the module map.
 
+pub mod agent;
 pub mod api;
 pub mod config;
 pub mod portmap;

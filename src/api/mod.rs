@@ -1,7 +1,7 @@
 //! HTTP only: the router, authentication, audit, error mapping; one file per resource.
 
 mod audit;
-mod auth;
+pub mod auth;
 pub mod body;
 pub mod error;
 mod health;
