@@ -1,3 +1,4 @@
 //! node-vm-agent: the module map.
 
+pub mod net;
 pub mod portmap;
