@@ -3,5 +3,6 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod net;
 pub mod portmap;
 pub mod store;
