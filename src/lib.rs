@@ -1,3 +1,8 @@
 //! node-vm-agent: the module map.
 
+pub mod agent;
+pub mod api;
+pub mod config;
+pub mod net;
 pub mod portmap;
+pub mod store;

@@ -54,3 +54,28 @@ pub struct PortMap {
     pub target_ip: Ipv4Addr,
     pub target_port: u16,
 }
+
+impl PortMap {
+    /// The id the original agent returned: the bare listen port for TCP; UDP maps get a
+    /// `/udp` suffix so both protocols can map the same port.
+    pub fn rule_id(&self) -> String {
+        rule_id(self.proto, self.listen_port)
+    }
+}
+
+pub fn rule_id(proto: Proto, listen_port: u16) -> String {
+    match proto {
+        Proto::Tcp => listen_port.to_string(),
+        Proto::Udp => format!("{listen_port}/udp"),
+    }
+}
+
+mod firewall;
+mod import;
+mod policy;
+mod service;
+
+pub use firewall::{Firewall, FirewallError, MemoryFirewall};
+pub use import::import_original_state;
+pub use policy::Policy;
+pub use service::{CreateOutcome, PortMapError, PortMaps, ReconcileReport};

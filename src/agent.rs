@@ -1,0 +1,176 @@
+//! The conductor: startup order, background loops, shutdown.
+
+use std::net::SocketAddr;
+use std::os::unix::fs::DirBuilderExt;
+use std::sync::Arc;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+use crate::api::{self, ApiToken};
+use crate::config::Settings;
+use crate::portmap::{self, Firewall, PortMaps, Policy};
+use crate::store::Store;
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error(transparent)]
+    Setting(#[from] crate::config::SettingError),
+    #[error("cannot create DATA_DIR {path}: {source}")]
+    DataDir {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+    #[error(transparent)]
+    Token(#[from] crate::api::auth::TokenError),
+    #[error("cannot apply the port maps to the kernel at startup: {0}")]
+    Startup(crate::portmap::PortMapError),
+    #[error("cannot listen on {addr} (API_LISTEN, NODE_API_PORT): {source}")]
+    Listen {
+        addr: SocketAddr,
+        source: std::io::Error,
+    },
+    #[error("the API server failed: {0}")]
+    Serve(std::io::Error),
+    #[error("{0}")]
+    Firewall(String),
+}
+
+/// Opens the state every command needs: DATA_DIR (created 0700), the database, and the
+/// one-time import of the original agent's portmap.json.
+pub fn open_state(settings: &Settings) -> Result<Store, AgentError> {
+    settings.validate()?;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(&settings.data_dir)
+        .map_err(|source| AgentError::DataDir {
+            path: settings.data_dir.display().to_string(),
+            source,
+        })?;
+    let store = Store::open(&settings.db_path())?;
+    let policy = Policy::from_settings(settings);
+    if let Some(report) = portmap::import_original_state(&store, &policy, &settings.data_dir)? {
+        tracing::info!(
+            imported = report.imported.len(),
+            skipped = ?report.skipped,
+            "imported the original agent's portmap.json"
+        );
+    }
+    Ok(store)
+}
+
+/// Runs the agent until SIGTERM/SIGINT.
+pub async fn serve(settings: Settings, fw: Arc<dyn Firewall>) -> Result<(), AgentError> {
+    let store = open_state(&settings)?;
+    let (token, source) = ApiToken::load_or_create(settings.configured_token(), &settings.data_dir)?;
+    match &source {
+        api::auth::TokenSource::Setting => tracing::info!("API token from API_TOKEN/PORTMAP_TOKEN"),
+        api::auth::TokenSource::File(p) => tracing::info!(path = %p.display(), "API token read from file"),
+        api::auth::TokenSource::Generated(p) => {
+            tracing::info!(path = %p.display(), "API token generated (mode 0600); clients send it as Authorization: Bearer")
+        }
+    }
+    let portmaps = Arc::new(PortMaps::new(
+        store.clone(),
+        fw,
+        Policy::from_settings(&settings),
+    ));
+
+    // The kernel is rebuilt from SQLite in one transaction before the API opens, so the
+    // first answer already reflects what is in force.
+    let pm = portmaps.clone();
+    let report = tokio::task::spawn_blocking(move || {
+        let n = pm.restore()?;
+        pm.reconcile().map(|r| (n, r))
+    })
+    .await
+    .map_err(|e| AgentError::Firewall(e.to_string()))?
+    .map_err(AgentError::Startup)?;
+    tracing::info!(
+        maps = report.0,
+        forward_accept = ?report.1.forward_accept,
+        "port maps applied to the kernel"
+    );
+
+    let addr = SocketAddr::new(settings.api_listen, settings.node_api_port);
+    let listener = TcpListener::bind(addr)
+        .await
+        .map_err(|source| AgentError::Listen { addr, source })?;
+    tracing::info!(%addr, "API listening");
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let reconciler = tokio::spawn(reconcile_loop(
+        portmaps.clone(),
+        settings.reconcile_every(),
+        stop_rx.clone(),
+    ));
+
+    let app = api::app(store, portmaps.clone(), Arc::new(token));
+    let served = axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await;
+
+    let _ = stop_tx.send(true);
+    let _ = reconciler.await;
+    if settings.cleanup_on_exit {
+        let pm = portmaps.clone();
+        match tokio::task::spawn_blocking(move || pm.cleanup()).await {
+            Ok(Ok(())) => tracing::info!("removed the agent's nftables table (CLEANUP_ON_EXIT)"),
+            other => tracing::error!(result = ?other, "cleanup on exit failed"),
+        }
+    }
+    tracing::info!("stopped");
+    served.map_err(AgentError::Serve)
+}
+
+/// Compares the kernel with the database every `every` and repairs drift.
+async fn reconcile_loop(
+    portmaps: Arc<PortMaps>,
+    every: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await; // the first tick is immediate; startup just reconciled
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let pm = portmaps.clone();
+        match tokio::task::spawn_blocking(move || pm.reconcile()).await {
+            Ok(Ok(r)) if r.changed() => tracing::warn!(
+                drift = ?r.drift,
+                rewritten = r.rewritten,
+                forward_accept = ?r.forward_accept,
+                maps = r.maps,
+                "reconcile repaired drift"
+            ),
+            Ok(Ok(_)) => tracing::debug!("reconcile: kernel in sync"),
+            Ok(Err(e)) => tracing::error!(error = %e, "reconcile failed; retrying next interval"),
+            Err(e) => tracing::error!(error = %e, "reconcile task failed"),
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let mut term = match signal(SignalKind::terminate()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot watch SIGTERM");
+            std::future::pending::<()>().await;
+            return;
+        }
+    };
+    tokio::select! {
+        _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
+        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+    }
+}

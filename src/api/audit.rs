@@ -1,0 +1,88 @@
+//! One audit row for every mutating call: who (address, identity), what (method, route,
+//! parameters), and what came of it (status, error). Also where bodies are limited.
+
+use std::net::SocketAddr;
+
+use axum::body::{Body, to_bytes};
+use axum::extract::{ConnectInfo, MatchedPath, Request, State};
+use axum::http::{Method, StatusCode};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+
+use super::error::{ApiError, ErrorMessage};
+use super::{AppState, Identity, MAX_BODY_BYTES};
+use crate::store::audit::{self, Entry, Outcome};
+
+pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
+        return next.run(req).await;
+    }
+    // Forwarding headers are ignored on purpose: only the socket's peer is known.
+    let client_addr = req
+        .extensions()
+        .get::<ConnectInfo<SocketAddr>>()
+        .map(|c| c.0.to_string());
+    let action = format!(
+        "{} {}",
+        req.method(),
+        req.extensions()
+            .get::<MatchedPath>()
+            .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string())
+    );
+    let uri = req.uri().to_string();
+    let (parts, body) = req.into_parts();
+    let (resp, body_text) = match to_bytes(body, MAX_BODY_BYTES).await {
+        Ok(bytes) => {
+            let text = String::from_utf8_lossy(&bytes).into_owned();
+            let resp = next
+                .run(Request::from_parts(parts, Body::from(bytes)))
+                .await;
+            (resp, text)
+        }
+        Err(_) => (
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {MAX_BODY_BYTES} bytes"),
+            )
+            .into_response(),
+            String::new(),
+        ),
+    };
+    let status = resp.status();
+    let entry = Entry {
+        client_addr,
+        identity: resp
+            .extensions()
+            .get::<Identity>()
+            .copied()
+            .unwrap_or(Identity::None)
+            .as_str()
+            .to_string(),
+        action,
+        parameters: Some(
+            serde_json::json!({
+                "uri": uri,
+                "body": serde_json::from_str::<serde_json::Value>(&body_text)
+                    .unwrap_or(serde_json::Value::String(body_text)),
+            })
+            .to_string(),
+        ),
+        outcome: if status.is_success() {
+            Outcome::Ok
+        } else if status.is_client_error() {
+            Outcome::Refused
+        } else {
+            Outcome::Failed
+        },
+        status: Some(status.as_u16()),
+        error: resp.extensions().get::<ErrorMessage>().map(|m| m.0.clone()),
+    };
+    let store = state.store.clone();
+    let written =
+        tokio::task::spawn_blocking(move || store.with(|c| audit::record(c, &entry))).await;
+    if !matches!(written, Ok(Ok(()))) {
+        // The change itself is done; losing its audit row is logged loudly, not hidden.
+        tracing::error!(result = ?written, "could not write the audit row");
+    }
+    resp
+}

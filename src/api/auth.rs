@@ -1,0 +1,172 @@
+//! Bearer-token authentication on everything but `GET /health`.
+
+use std::fs::OpenOptions;
+use std::io::Write;
+use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use axum::extract::{Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use subtle::ConstantTimeEq;
+
+use super::error::ApiError;
+use super::{AppState, Identity};
+
+/// The API token. Its `Debug` never shows the secret.
+pub struct ApiToken(String);
+
+impl std::fmt::Debug for ApiToken {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("ApiToken(<hidden>)")
+    }
+}
+
+/// Where the token came from, for the startup log.
+#[derive(Debug, PartialEq, Eq)]
+pub enum TokenSource {
+    Setting,
+    File(PathBuf),
+    Generated(PathBuf),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TokenError {
+    #[error("cannot read or write the API token file {path}: {source}")]
+    Io {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("the API token file {0} is empty or has fewer than 16 characters")]
+    Weak(String),
+}
+
+impl ApiToken {
+    pub fn new(token: impl Into<String>) -> Self {
+        Self(token.into())
+    }
+
+    /// The configured token, else the one in `$DATA_DIR/api.token`, else a new random one
+    /// written there with mode 0600.
+    pub fn load_or_create(
+        configured: Option<&str>,
+        data_dir: &Path,
+    ) -> Result<(Self, TokenSource), TokenError> {
+        if let Some(t) = configured {
+            return Ok((Self(t.to_string()), TokenSource::Setting));
+        }
+        let path = data_dir.join("api.token");
+        let io = |source| TokenError::Io {
+            path: path.display().to_string(),
+            source,
+        };
+        match std::fs::read_to_string(&path) {
+            Ok(text) => {
+                let token = text.trim().to_string();
+                if token.len() < 16 {
+                    return Err(TokenError::Weak(path.display().to_string()));
+                }
+                // A secret readable by others is repaired rather than refused: the node
+                // must keep serving its controller.
+                let meta = std::fs::metadata(&path).map_err(io)?;
+                if meta.permissions().mode() & 0o077 != 0 {
+                    tracing::warn!(path = %path.display(), "API token file was readable by others; set its mode to 0600");
+                    std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o600))
+                        .map_err(io)?;
+                }
+                Ok((Self(token), TokenSource::File(path)))
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                let token: String = rand::random::<[u8; 32]>()
+                    .iter()
+                    .map(|b| format!("{b:02x}"))
+                    .collect();
+                let mut f = OpenOptions::new()
+                    .write(true)
+                    .create_new(true)
+                    .mode(0o600)
+                    .open(&path)
+                    .map_err(io)?;
+                f.write_all(format!("{token}\n").as_bytes()).map_err(io)?;
+                f.sync_all().map_err(io)?;
+                Ok((Self(token), TokenSource::Generated(path)))
+            }
+            Err(e) => Err(io(e)),
+        }
+    }
+
+    /// Constant-time check of an `Authorization` header value.
+    pub fn matches_header(&self, value: &[u8]) -> bool {
+        let Some(given) = value.strip_prefix(b"Bearer ") else {
+            return false;
+        };
+        given.ct_eq(self.0.as_bytes()).into()
+    }
+}
+
+/// Lets `GET /health` through; everything else needs the token.
+pub async fn require_token(
+    State(state): State<AppState>,
+    mut req: Request,
+    next: Next,
+) -> Response {
+    if req.uri().path() == "/health" {
+        return next.run(req).await;
+    }
+    let ok = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .is_some_and(|v| state.token.matches_header(v.as_bytes()));
+    if !ok {
+        let mut resp = (
+            [(header::WWW_AUTHENTICATE, "Bearer")],
+            ApiError::new(
+                StatusCode::UNAUTHORIZED,
+                "missing or wrong API token: send Authorization: Bearer <token>",
+            ),
+        )
+            .into_response();
+        resp.extensions_mut().insert(Identity::None);
+        return resp;
+    }
+    req.extensions_mut().insert(Identity::Token);
+    let mut resp = next.run(req).await;
+    resp.extensions_mut().insert(Identity::Token);
+    resp
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn generates_a_private_token_once_and_reuses_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let (a, src) = ApiToken::load_or_create(None, dir.path()).unwrap();
+        assert!(matches!(src, TokenSource::Generated(_)));
+        let mode = std::fs::metadata(dir.path().join("api.token"))
+            .unwrap()
+            .permissions()
+            .mode();
+        assert_eq!(mode & 0o777, 0o600);
+        let (b, src) = ApiToken::load_or_create(None, dir.path()).unwrap();
+        assert!(matches!(src, TokenSource::File(_)));
+        assert_eq!(a.0, b.0);
+        assert_eq!(a.0.len(), 64);
+        assert!(!format!("{a:?}").contains(&a.0));
+    }
+
+    #[test]
+    fn a_configured_token_wins_and_headers_are_checked_exactly() {
+        let dir = tempfile::tempdir().unwrap();
+        let (t, src) = ApiToken::load_or_create(Some("0123456789abcdef"), dir.path()).unwrap();
+        assert_eq!(src, TokenSource::Setting);
+        assert!(!dir.path().join("api.token").exists());
+        assert!(t.matches_header(b"Bearer 0123456789abcdef"));
+        assert!(!t.matches_header(b"Bearer 0123456789abcde"));
+        assert!(!t.matches_header(b"Bearer 0123456789abcdefX"));
+        assert!(!t.matches_header(b"bearer 0123456789abcdef"));
+        assert!(!t.matches_header(b"0123456789abcdef"));
+    }
+}

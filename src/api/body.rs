@@ -1,0 +1,57 @@
+//! Request inputs read by us rather than by axum's extractors, so that every rejection
+//! (empty body, bad JSON, wrong types, unknown fields, bad query) is an `ApiError` with
+//! a message that says what to fix.
+
+use axum::body::Bytes;
+use serde::de::DeserializeOwned;
+
+use super::error::ApiError;
+
+/// Parses a JSON body. The original agent ignored Content-Type (`get_json(force=True)`)
+/// and so do we: existing clients send JSON without it.
+pub fn json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::bad_request(
+            "request body must be a JSON object, got an empty body",
+        ));
+    }
+    serde_json::from_slice(body).map_err(|e| {
+        let what = match e.classify() {
+            serde_json::error::Category::Data => "invalid request",
+            _ => "malformed JSON",
+        };
+        ApiError::bad_request(format!("{what}: {e}"))
+    })
+}
+
+/// Parses a JSON body that may be empty (then `T::default()`).
+pub fn optional_json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Ok(T::default());
+    }
+    json(body)
+}
+
+/// Parses a query string into `T` (use `deny_unknown_fields` on it).
+pub fn query<T: DeserializeOwned>(raw: Option<&str>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(raw.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("invalid query string: {e}")))
+}
+
+/// A port given as a JSON number or, as the original agent's `int()` accepted, a string
+/// of digits.
+pub fn port(field: &str, v: &serde_json::Value) -> Result<u16, String> {
+    let n = match v {
+        serde_json::Value::Number(n) => n.as_u64(),
+        serde_json::Value::String(s) if !s.is_empty() && s.bytes().all(|b| b.is_ascii_digit()) => {
+            s.parse::<u64>().ok()
+        }
+        _ => None,
+    };
+    match n {
+        Some(n @ 1..=65535) => Ok(n as u16),
+        _ => Err(format!(
+            "{field} must be a whole number from 1 to 65535, not {v}"
+        )),
+    }
+}

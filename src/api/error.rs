@@ -1,0 +1,103 @@
+//! The API's one error type and its mapping to status codes, in the original agent's
+//! shape `{"ok": false, "error": "..."}`.
+
+use axum::Json;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
+
+use crate::portmap::PortMapError;
+use crate::store::StoreError;
+
+/// The message of an error response, kept in the response's extensions so the audit
+/// layer can record it without parsing the body.
+#[derive(Clone, Debug)]
+pub struct ErrorMessage(pub String);
+
+#[derive(Debug)]
+pub struct ApiError {
+    pub status: StatusCode,
+    pub message: String,
+}
+
+impl ApiError {
+    pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
+        Self {
+            status,
+            message: message.into(),
+        }
+    }
+
+    pub fn bad_request(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, message)
+    }
+
+    pub fn internal(message: impl Into<String>) -> Self {
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, message)
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        if self.status.is_server_error() {
+            tracing::error!(status = self.status.as_u16(), error = %self.message, "request failed");
+        }
+        let mut resp = (
+            self.status,
+            Json(serde_json::json!({"ok": false, "error": self.message})),
+        )
+            .into_response();
+        resp.extensions_mut().insert(ErrorMessage(self.message));
+        resp
+    }
+}
+
+impl From<PortMapError> for ApiError {
+    fn from(e: PortMapError) -> Self {
+        let status = match &e {
+            PortMapError::Policy(_) => StatusCode::FORBIDDEN,
+            PortMapError::Conflict { .. } => StatusCode::CONFLICT,
+            PortMapError::Kernel(_) | PortMapError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, e.to_string())
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        Self::internal(e.to_string())
+    }
+}
+
+impl From<tokio::task::JoinError> for ApiError {
+    fn from(e: tokio::task::JoinError) -> Self {
+        Self::internal(format!("request task failed: {e}"))
+    }
+}
+
+/// Turns any error response that is not already JSON (axum's own rejections, a 405 from
+/// the router, ...) into the `{"ok": false, "error": ...}` shape.
+pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    if !(status.is_client_error() || status.is_server_error())
+        || resp.extensions().get::<ErrorMessage>().is_some()
+    {
+        return resp;
+    }
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096).await.unwrap_or_default();
+    let text = String::from_utf8_lossy(&text).trim().to_string();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_string()
+    } else {
+        text
+    };
+    let mut fixed = ApiError::new(status, message).into_response();
+    // Keep headers such as WWW-Authenticate or Allow.
+    for (name, value) in parts.headers.iter() {
+        if name != axum::http::header::CONTENT_TYPE && name != axum::http::header::CONTENT_LENGTH {
+            fixed.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    fixed
+}

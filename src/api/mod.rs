@@ -1,0 +1,162 @@
+//! HTTP only: the router, authentication, audit, error mapping; one file per resource.
+
+mod audit;
+pub mod auth;
+pub mod body;
+pub mod error;
+mod health;
+mod ports;
+
+use std::sync::Arc;
+
+use axum::Router;
+use axum::body::Bytes;
+use axum::extract::State;
+use axum::http::{StatusCode, header};
+use axum::middleware;
+use axum::response::IntoResponse;
+use serde::Serialize;
+use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
+use utoipa::{Modify, OpenApi, ToSchema};
+use utoipa_axum::router::OpenApiRouter;
+use utoipa_axum::routes;
+
+pub use auth::ApiToken;
+use error::ApiError;
+
+use crate::portmap::PortMaps;
+use crate::store::Store;
+
+/// Largest request body accepted; the API's bodies are a few hundred bytes.
+pub const MAX_BODY_BYTES: usize = 64 * 1024;
+
+/// How a request was authorised; recorded in the audit log and in `created_by`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// Not authorised (refused, or a public route).
+    None,
+    /// A valid bearer token.
+    Token,
+}
+
+impl Identity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Identity::None => "none",
+            Identity::Token => "token",
+        }
+    }
+}
+
+/// What every handler can reach.
+#[derive(Clone)]
+pub struct AppState {
+    pub store: Store,
+    pub portmaps: Arc<PortMaps>,
+    pub token: Arc<ApiToken>,
+    openapi: Bytes,
+}
+
+/// The error shape of every failing call.
+#[derive(Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Always false.
+    ok: bool,
+    /// What went wrong, for a person.
+    error: String,
+}
+
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "node-vm-agent",
+        description = "Node agent API: port maps (and, later, VMs). Every route but /health needs `Authorization: Bearer <token>`."
+    ),
+    modifiers(&BearerAuth),
+    tags((name = "ports", description = "Node port -> VM ip:port maps"), (name = "node"))
+)]
+struct ApiDoc;
+
+struct BearerAuth;
+
+impl Modify for BearerAuth {
+    fn modify(&self, openapi: &mut utoipa::openapi::OpenApi) {
+        let components = openapi.components.get_or_insert_with(Default::default);
+        components.add_security_scheme(
+            "bearer",
+            SecurityScheme::Http(HttpBuilder::new().scheme(HttpAuthScheme::Bearer).build()),
+        );
+    }
+}
+
+#[utoipa::path(
+    get, path = "/openapi.json", tag = "node",
+    responses((status = 200, description = "This document", body = serde_json::Value)),
+    security(("bearer" = []))
+)]
+async fn openapi_json(State(state): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/json")],
+        state.openapi.clone(),
+    )
+}
+
+/// The routes and their OpenAPI description, built from the same list so they cannot
+/// disagree.
+fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
+    OpenApiRouter::with_openapi(ApiDoc::openapi())
+        .routes(routes!(health::health))
+        .routes(routes!(openapi_json))
+        .routes(routes!(ports::list, ports::create))
+        .routes(routes!(ports::delete))
+        .routes(routes!(ports::restore))
+        .split_for_parts()
+}
+
+/// The OpenAPI document, as served at `/openapi.json`.
+pub fn openapi() -> utoipa::openapi::OpenApi {
+    routes().1
+}
+
+/// The whole HTTP application.
+pub fn app(store: Store, portmaps: Arc<PortMaps>, token: Arc<ApiToken>) -> Router {
+    let (router, doc) = routes();
+    let openapi = Bytes::from(doc.to_json().unwrap_or_else(|_| "{}".to_string()));
+    let state = AppState {
+        store,
+        portmaps,
+        token,
+        openapi,
+    };
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        // Layers run bottom-up on the way in: audit sees every mutating call, including
+        // the ones auth refuses; errors of any layer come out as JSON.
+        .layer(middleware::from_fn_with_state(
+            state.clone(),
+            auth::require_token,
+        ))
+        .layer(middleware::from_fn_with_state(state.clone(), audit::record))
+        .layer(middleware::from_fn(error::json_errors))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
+            |_: Box<dyn std::any::Any + Send>| {
+                ApiError::internal("internal error (panic); see the agent log").into_response()
+            },
+        ))
+        .with_state(state)
+}
+
+async fn not_found() -> ApiError {
+    ApiError::new(StatusCode::NOT_FOUND, "no such route")
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "method not allowed on this route",
+    )
+}
+
+#[cfg(test)]
+mod tests;

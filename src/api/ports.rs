@@ -1,0 +1,291 @@
+//! `/ports`: node port -> VM ip:port maps. Parse, call one `PortMaps` method, map.
+
+use std::net::Ipv4Addr;
+
+use axum::Json;
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
+use axum::http::header;
+use axum::response::{IntoResponse, Response};
+use serde::{Deserialize, Serialize};
+use utoipa::ToSchema;
+
+use super::body::{self, port};
+use super::error::ApiError;
+use super::{AppState, Identity};
+use crate::portmap::{CreateOutcome, PortMap, Proto};
+
+/// Body of `POST /ports`.
+#[derive(Debug, Deserialize, ToSchema)]
+#[serde(try_from = "RawCreate")]
+pub struct CreatePortMap {
+    /// Node port, 1..65535 (a string of digits is accepted too).
+    pub listen_port: u16,
+    /// VM address; must lie in VM_SUBNET (or ALLOWED_TARGETS).
+    #[schema(value_type = String, example = "192.168.122.50")]
+    pub target_ip: Ipv4Addr,
+    /// VM port, 1..65535.
+    pub target_port: u16,
+    /// `tcp` (default) or `udp`.
+    #[serde(default)]
+    #[schema(value_type = Option<String>, example = "tcp")]
+    pub proto: Proto,
+    /// Switch an existing map of this port to the new target (atomically) instead of
+    /// answering 409.
+    #[serde(default)]
+    pub replace: bool,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawCreate {
+    listen_port: serde_json::Value,
+    target_ip: serde_json::Value,
+    target_port: serde_json::Value,
+    #[serde(default)]
+    proto: Option<serde_json::Value>,
+    #[serde(default)]
+    replace: Option<serde_json::Value>,
+}
+
+impl TryFrom<RawCreate> for CreatePortMap {
+    type Error = String;
+    fn try_from(r: RawCreate) -> Result<Self, String> {
+        let target_ip = match &r.target_ip {
+            serde_json::Value::String(s) => s.trim().parse::<Ipv4Addr>().map_err(|_| {
+                format!("target_ip must be an IPv4 address like \"192.168.122.50\", not {s:?}")
+            })?,
+            other => return Err(format!("target_ip must be a string, not {other}")),
+        };
+        let proto = match &r.proto {
+            None | Some(serde_json::Value::Null) => Proto::Tcp,
+            Some(serde_json::Value::String(s)) => s.to_ascii_lowercase().parse()?,
+            Some(other) => return Err(format!("proto must be \"tcp\" or \"udp\", not {other}")),
+        };
+        let replace = match &r.replace {
+            None | Some(serde_json::Value::Null) => false,
+            Some(serde_json::Value::Bool(b)) => *b,
+            Some(other) => return Err(format!("replace must be true or false, not {other}")),
+        };
+        Ok(Self {
+            listen_port: port("listen_port", &r.listen_port)?,
+            target_ip,
+            target_port: port("target_port", &r.target_port)?,
+            proto,
+            replace,
+        })
+    }
+}
+
+/// A port map as `GET /ports` and `POST /ports` show it.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct PortMapView {
+    pub listen_port: u16,
+    #[schema(value_type = String)]
+    pub target_ip: Ipv4Addr,
+    pub target_port: u16,
+    #[schema(value_type = String)]
+    pub proto: Proto,
+}
+
+impl From<PortMap> for PortMapView {
+    fn from(m: PortMap) -> Self {
+        Self {
+            listen_port: m.listen_port,
+            target_ip: m.target_ip,
+            target_port: m.target_port,
+            proto: m.proto,
+        }
+    }
+}
+
+/// Answer of `POST /ports`.
+#[derive(Serialize, ToSchema)]
+pub struct CreatedPortMap {
+    ok: bool,
+    /// The bare listen port for TCP (as the original agent), `<port>/udp` for UDP.
+    rule_id: String,
+    /// `created`, `unchanged` or `replaced`.
+    result: &'static str,
+    rule: PortMapView,
+    /// The target before a replace.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    previous: Option<PortMapView>,
+}
+
+#[utoipa::path(
+    post, path = "/ports", tag = "ports",
+    request_body = CreatePortMap,
+    responses(
+        (status = 200, description = "Created, unchanged (same map again) or replaced", body = CreatedPortMap),
+        (status = 400, description = "Malformed or invalid body", body = super::ErrorBody),
+        (status = 403, description = "Reserved listen port or target outside the VM networks", body = super::ErrorBody),
+        (status = 409, description = "Listen port mapped elsewhere and `replace` not set", body = super::ErrorBody),
+        (status = 500, description = "The kernel refused; nothing changed", body = super::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    identity: axum::Extension<Identity>,
+    body: Bytes,
+) -> Result<Json<CreatedPortMap>, ApiError> {
+    let req: CreatePortMap = body::json(&body)?;
+    let map = PortMap {
+        proto: req.proto,
+        listen_port: req.listen_port,
+        target_ip: req.target_ip,
+        target_port: req.target_port,
+    };
+    let svc = state.portmaps.clone();
+    let by = identity.0.as_str().to_string();
+    let outcome = tokio::task::spawn_blocking(move || svc.create(map, req.replace, &by)).await??;
+    let (result, previous) = match outcome {
+        CreateOutcome::Created => ("created", None),
+        CreateOutcome::Unchanged => ("unchanged", None),
+        CreateOutcome::Replaced { previous } => ("replaced", Some(previous.into())),
+    };
+    Ok(Json(CreatedPortMap {
+        ok: true,
+        rule_id: map.rule_id(),
+        result,
+        rule: map.into(),
+        previous,
+    }))
+}
+
+#[utoipa::path(
+    get, path = "/ports", tag = "ports",
+    responses((status = 200, description = "Every map, keyed by rule id (`8080`, `8080/udp`)", body = serde_json::Value)),
+    security(("bearer" = []))
+)]
+pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
+    let svc = state.portmaps.clone();
+    // The rules object is cached until the next change, so this is a memcpy in the
+    // common case; on a miss it reads SQLite, which blocks.
+    let rules = match svc.cached_rules_json() {
+        Some(r) => r,
+        None => tokio::task::spawn_blocking(move || svc.rules_json()).await??,
+    };
+    let mut body = Vec::with_capacity(rules.len() + 24);
+    body.extend_from_slice(br#"{"ok":true,"rules":"#);
+    body.extend_from_slice(&rules);
+    body.push(b'}');
+    Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
+}
+
+/// Query of `DELETE /ports/{listen_port}`.
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// `tcp` (default) or `udp`.
+    #[param(value_type = Option<String>)]
+    proto: Option<String>,
+}
+
+/// Answer of `DELETE /ports/{listen_port}`.
+#[derive(Serialize, ToSchema)]
+pub struct DeletedPortMap {
+    ok: bool,
+    deleted: bool,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    rule: Option<PortMapView>,
+}
+
+#[utoipa::path(
+    delete, path = "/ports/{listen_port}", tag = "ports",
+    params(("listen_port" = u16, Path, description = "Node port"), DeleteQuery),
+    responses(
+        (status = 200, description = "`deleted` says whether a map existed", body = DeletedPortMap),
+        (status = 400, description = "Bad port or query", body = super::ErrorBody),
+        (status = 500, description = "The kernel refused; nothing changed", body = super::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(listen_port): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Json<DeletedPortMap>, ApiError> {
+    let listen_port = port(
+        "listen_port",
+        &serde_json::Value::String(listen_port.clone()),
+    )
+    .map_err(ApiError::bad_request)?;
+    let q: DeleteQuery = body::query(query.as_deref())?;
+    let proto = match q.proto {
+        None => Proto::Tcp,
+        Some(p) => p
+            .to_ascii_lowercase()
+            .parse()
+            .map_err(ApiError::bad_request)?,
+    };
+    let svc = state.portmaps.clone();
+    let deleted = tokio::task::spawn_blocking(move || svc.delete(proto, listen_port)).await??;
+    Ok(Json(match deleted {
+        Some(m) => DeletedPortMap {
+            ok: true,
+            deleted: true,
+            rule_id: Some(m.rule_id()),
+            rule: Some(m.into()),
+        },
+        None => DeletedPortMap {
+            ok: true,
+            deleted: false,
+            rule_id: None,
+            rule: None,
+        },
+    }))
+}
+
+/// Body of `POST /ports/restore` (optional; no fields).
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RestoreBody {}
+
+/// Answer of `POST /ports/restore`.
+#[derive(Serialize, ToSchema)]
+pub struct Restored {
+    ok: bool,
+    /// Maps written to the kernel.
+    restored: usize,
+    /// Differences found before the rewrite (empty when the kernel was in sync).
+    drift: Vec<String>,
+    /// Changes made to the accept rule ahead of libvirt's reject rules.
+    forward_accept: Vec<String>,
+}
+
+#[utoipa::path(
+    post, path = "/ports/restore", tag = "ports",
+    request_body(content = Option<serde_json::Value>, description = "Empty, or an empty JSON object"),
+    responses(
+        (status = 200, description = "The table was rewritten from the database in one transaction", body = Restored),
+        (status = 500, description = "The kernel refused", body = super::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn restore(
+    State(state): State<AppState>,
+    body: Bytes,
+) -> Result<Json<Restored>, ApiError> {
+    let _: RestoreBody = body::optional_json(&body)?;
+    let svc = state.portmaps.clone();
+    let (drift, restored, forward_accept) = tokio::task::spawn_blocking(move || {
+        let drift = svc
+            .drift()
+            .unwrap_or_else(|e| vec![format!("could not compare: {e}")]);
+        let restored = svc.restore()?;
+        let forward_accept = svc.reconcile()?.forward_accept;
+        Ok::<_, crate::portmap::PortMapError>((drift, restored, forward_accept))
+    })
+    .await??;
+    Ok(Json(Restored {
+        ok: true,
+        restored,
+        drift,
+        forward_accept,
+    }))
+}

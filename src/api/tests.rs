@@ -1,0 +1,571 @@
+//! The HTTP contract, in-process (`tower::ServiceExt::oneshot`) against an in-memory
+//! firewall: status codes, the error shape, and that refused requests change nothing.
+//! The same contract against the real kernel is in tests/.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::http::{Request, StatusCode};
+use http_body_util::BodyExt;
+use serde_json::{Value, json};
+use tower::ServiceExt;
+
+use super::*;
+use crate::portmap::{MemoryFirewall, Policy};
+
+/// identity, action, outcome, status, error
+type AuditRow = (String, String, String, Option<i64>, Option<String>);
+
+const TOKEN: &str = "test-token-0123456789";
+
+struct Harness {
+    app: Router,
+    fw: Arc<MemoryFirewall>,
+    store: Store,
+}
+
+fn harness() -> Harness {
+    let store = Store::open_in_memory().unwrap();
+    let fw = Arc::new(MemoryFirewall::default());
+    let mut reserved = BTreeMap::new();
+    reserved.insert(22, "SSH of the node".to_string());
+    reserved.insert(8000, "the node's own API (NODE_API_PORT)".to_string());
+    let policy = Policy::new(vec!["192.168.122.0/24".parse().unwrap()], reserved);
+    let pm = Arc::new(PortMaps::new(store.clone(), fw.clone(), policy));
+    pm.restore().unwrap();
+    Harness {
+        app: app(store.clone(), pm, Arc::new(ApiToken::new(TOKEN))),
+        fw,
+        store,
+    }
+}
+
+impl Harness {
+    async fn call(
+        &self,
+        method: &str,
+        uri: &str,
+        body: Option<&str>,
+        token: Option<&str>,
+    ) -> (StatusCode, Value) {
+        let mut req = Request::builder().method(method).uri(uri);
+        if let Some(t) = token {
+            req = req.header("authorization", format!("Bearer {t}"));
+        }
+        let req = req
+            .body(body.map_or_else(Body::empty, |b| Body::from(b.to_string())))
+            .unwrap();
+        let resp = self.app.clone().oneshot(req).await.unwrap();
+        let status = resp.status();
+        let ctype = resp
+            .headers()
+            .get("content-type")
+            .map(|v| v.to_str().unwrap().to_string());
+        let bytes = resp.into_body().collect().await.unwrap().to_bytes();
+        let v: Value = serde_json::from_slice(&bytes).unwrap_or_else(|_| {
+            panic!(
+                "{method} {uri}: not JSON ({status}): {}",
+                String::from_utf8_lossy(&bytes)
+            )
+        });
+        assert_eq!(ctype.as_deref(), Some("application/json"), "{method} {uri}");
+        (status, v)
+    }
+
+    async fn authed(&self, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value) {
+        self.call(method, uri, body, Some(TOKEN)).await
+    }
+
+    /// What a client and the kernel see: must not change on refused requests.
+    async fn snapshot(&self) -> (Value, Vec<crate::portmap::PortMap>) {
+        let (s, v) = self.authed("GET", "/ports", None).await;
+        assert_eq!(s, StatusCode::OK);
+        (v, self.fw.maps().unwrap().into_iter().collect())
+    }
+
+    fn audit_rows(&self) -> Vec<AuditRow> {
+        self.store
+            .with(|c| {
+                let mut st = c.prepare(
+                    "SELECT identity, action, outcome, status, error FROM audit_log ORDER BY id",
+                )?;
+                let rows = st.query_map([], |r| {
+                    Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?, r.get(4)?))
+                })?;
+                Ok::<_, crate::store::StoreError>(rows.collect::<Result<Vec<_>, _>>()?)
+            })
+            .unwrap()
+    }
+}
+
+fn assert_error(status: StatusCode, v: &Value, want: StatusCode, needle: &str) {
+    assert_eq!(status, want, "{v}");
+    assert_eq!(v["ok"], false, "{v}");
+    let msg = v["error"]
+        .as_str()
+        .unwrap_or_else(|| panic!("no error text: {v}"));
+    assert!(
+        msg.to_lowercase().contains(&needle.to_lowercase()),
+        "error {msg:?} should mention {needle:?}"
+    );
+}
+
+const GOOD: &str = r#"{"listen_port": 8080, "target_ip": "192.168.122.50", "target_port": 80}"#;
+
+#[tokio::test]
+async fn health_is_public_and_everything_else_needs_the_token() {
+    let h = harness();
+    let (s, v) = h.call("GET", "/health", None, None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["ok"], true);
+    for (m, uri, body) in [
+        ("GET", "/ports", None),
+        ("POST", "/ports", Some(GOOD)),
+        ("DELETE", "/ports/8080", None),
+        ("POST", "/ports/restore", None),
+        ("GET", "/openapi.json", None),
+        ("GET", "/nope", None),
+        ("POST", "/health/../ports", Some(GOOD)),
+    ] {
+        for token in [None, Some("wrong-token-0123456789"), Some("")] {
+            let (s, v) = h.call(m, uri, body, token).await;
+            assert_error(s, &v, StatusCode::UNAUTHORIZED, "token");
+        }
+    }
+    assert!(h.fw.maps().unwrap().is_empty());
+    // Refused mutating calls are audited as such.
+    let rows = h.audit_rows();
+    assert!(!rows.is_empty());
+    assert!(
+        rows.iter()
+            .all(|r| r.0 == "none" && r.2 == "refused" && r.3 == Some(401))
+    );
+}
+
+#[tokio::test]
+async fn create_list_replace_delete() {
+    let h = harness();
+    let (s, v) = h.authed("POST", "/ports", Some(GOOD)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["ok"], true);
+    assert_eq!(v["rule_id"], "8080");
+    assert_eq!(v["result"], "created");
+
+    // Same again: idempotent.
+    let (s, v) = h.authed("POST", "/ports", Some(GOOD)).await;
+    assert_eq!(
+        (s, v["result"].clone()),
+        (StatusCode::OK, json!("unchanged"))
+    );
+
+    // Another target: 409 unless replace.
+    let other = r#"{"listen_port": 8080, "target_ip": "192.168.122.51", "target_port": 80}"#;
+    let before = h.snapshot().await;
+    let (s, v) = h.authed("POST", "/ports", Some(other)).await;
+    assert_error(s, &v, StatusCode::CONFLICT, "replace");
+    assert_eq!(h.snapshot().await, before);
+    let replace = r#"{"listen_port": "8080", "target_ip": "192.168.122.51", "target_port": 80, "replace": true}"#;
+    let (s, v) = h.authed("POST", "/ports", Some(replace)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["result"], "replaced");
+    assert_eq!(v["previous"]["target_ip"], "192.168.122.50");
+
+    // UDP on the same port is its own map.
+    let udp = r#"{"listen_port": 8080, "target_ip": "192.168.122.52", "target_port": 53, "proto": "UDP"}"#;
+    let (s, v) = h.authed("POST", "/ports", Some(udp)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["rule_id"], "8080/udp");
+
+    let (s, v) = h.authed("GET", "/ports", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        v["rules"]["8080"],
+        json!({"listen_port": 8080, "target_ip": "192.168.122.51", "target_port": 80, "proto": "tcp",
+               "rule_id": "8080", "created_at": v["rules"]["8080"]["created_at"],
+               "updated_at": v["rules"]["8080"]["updated_at"], "created_by": "token", "updated_by": "token"})
+    );
+    assert_eq!(v["rules"]["8080/udp"]["target_port"], 53);
+    assert_eq!(h.fw.maps().unwrap().len(), 2);
+
+    let (s, v) = h.authed("DELETE", "/ports/8080?proto=udp", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(
+        v,
+        json!({"ok": true, "deleted": true, "rule_id": "8080/udp",
+        "rule": {"listen_port": 8080, "target_ip": "192.168.122.52", "target_port": 53, "proto": "udp"}})
+    );
+    let (s, v) = h.authed("DELETE", "/ports/8080", None).await;
+    assert_eq!((s, v["deleted"].clone()), (StatusCode::OK, json!(true)));
+    let (s, v) = h.authed("DELETE", "/ports/8080", None).await;
+    assert_eq!(
+        (s, v),
+        (StatusCode::OK, json!({"ok": true, "deleted": false}))
+    );
+    assert!(h.fw.maps().unwrap().is_empty());
+
+    let (s, v) = h.authed("POST", "/ports/restore", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(v["restored"], 0);
+
+    let ok_rows = h.audit_rows().iter().filter(|r| r.2 == "ok").count();
+    assert!(ok_rows >= 7, "{:?}", h.audit_rows());
+}
+
+#[tokio::test]
+async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
+    let h = harness();
+    let (s, _) = h
+        .authed(
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 9000, "target_ip": "192.168.122.9", "target_port": 90}"#),
+        )
+        .await;
+    assert_eq!(s, StatusCode::OK);
+    let before = h.snapshot().await;
+    let huge = format!(
+        r#"{{"listen_port": 8081, "target_ip": "192.168.122.50", "target_port": 80, "x": "{}"}}"#,
+        "a".repeat(MAX_BODY_BYTES)
+    );
+    let cases: Vec<(&str, &str, Option<&str>, StatusCode, &str)> = vec![
+        (
+            "POST",
+            "/ports",
+            Some("{"),
+            StatusCode::BAD_REQUEST,
+            "malformed JSON",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some("not json"),
+            StatusCode::BAD_REQUEST,
+            "malformed JSON",
+        ),
+        (
+            "POST",
+            "/ports",
+            None,
+            StatusCode::BAD_REQUEST,
+            "empty body",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some("[]"),
+            StatusCode::BAD_REQUEST,
+            "invalid",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 8081, "target_ip": "192.168.122.50"}"#),
+            StatusCode::BAD_REQUEST,
+            "target_port",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(
+                r#"{"listen_port": 8081, "target_ip": "192.168.122.50", "target_port": 80, "evil": 1}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 0, "target_ip": "192.168.122.50", "target_port": 80}"#),
+            StatusCode::BAD_REQUEST,
+            "listen_port",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 70000, "target_ip": "192.168.122.50", "target_port": 80}"#),
+            StatusCode::BAD_REQUEST,
+            "1 to 65535",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": -1, "target_ip": "192.168.122.50", "target_port": 80}"#),
+            StatusCode::BAD_REQUEST,
+            "listen_port",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 80.5, "target_ip": "192.168.122.50", "target_port": 80}"#),
+            StatusCode::BAD_REQUEST,
+            "listen_port",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": true, "target_ip": "192.168.122.50", "target_port": 80}"#),
+            StatusCode::BAD_REQUEST,
+            "listen_port",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": "80a", "target_ip": "192.168.122.50", "target_port": 80}"#),
+            StatusCode::BAD_REQUEST,
+            "listen_port",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(
+                r#"{"listen_port": 8081, "target_ip": "192.168.122.50", "target_port": 99999999999999999999}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            "target_port",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 8081, "target_ip": 5, "target_port": 80}"#),
+            StatusCode::BAD_REQUEST,
+            "target_ip",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 8081, "target_ip": "../etc/passwd", "target_port": 80}"#),
+            StatusCode::BAD_REQUEST,
+            "target_ip",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(
+                r#"{"listen_port": 8081, "target_ip": "192.168.122.50\"; flush ruleset", "target_port": 80}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            "target_ip",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 8081, "target_ip": "<x/>", "target_port": 80}"#),
+            StatusCode::BAD_REQUEST,
+            "target_ip",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 8081, "target_ip": "::1", "target_port": 80}"#),
+            StatusCode::BAD_REQUEST,
+            "IPv4",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(
+                r#"{"listen_port": 8081, "target_ip": "192.168.122.50", "target_port": 80, "proto": "sctp"}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            "proto",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(
+                r#"{"listen_port": 8081, "target_ip": "192.168.122.50", "target_port": 80, "replace": "yes"}"#,
+            ),
+            StatusCode::BAD_REQUEST,
+            "replace",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 8081, "target_ip": "8.8.8.8", "target_port": 80}"#),
+            StatusCode::FORBIDDEN,
+            "outside",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 8081, "target_ip": "127.0.0.1", "target_port": 80}"#),
+            StatusCode::FORBIDDEN,
+            "outside",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 22, "target_ip": "192.168.122.50", "target_port": 22}"#),
+            StatusCode::FORBIDDEN,
+            "SSH",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(r#"{"listen_port": 8000, "target_ip": "192.168.122.50", "target_port": 80}"#),
+            StatusCode::FORBIDDEN,
+            "NODE_API_PORT",
+        ),
+        (
+            "POST",
+            "/ports",
+            Some(huge.as_str()),
+            StatusCode::PAYLOAD_TOO_LARGE,
+            "larger than",
+        ),
+        (
+            "DELETE",
+            "/ports/abc",
+            None,
+            StatusCode::BAD_REQUEST,
+            "listen_port",
+        ),
+        (
+            "DELETE",
+            "/ports/0",
+            None,
+            StatusCode::BAD_REQUEST,
+            "listen_port",
+        ),
+        (
+            "DELETE",
+            "/ports/70000",
+            None,
+            StatusCode::BAD_REQUEST,
+            "listen_port",
+        ),
+        (
+            "DELETE",
+            "/ports/..%2F..%2Fetc",
+            None,
+            StatusCode::BAD_REQUEST,
+            "listen_port",
+        ),
+        (
+            "DELETE",
+            "/ports/9000?proto=icmp",
+            None,
+            StatusCode::BAD_REQUEST,
+            "proto",
+        ),
+        (
+            "DELETE",
+            "/ports/9000?force=1",
+            None,
+            StatusCode::BAD_REQUEST,
+            "unknown field",
+        ),
+        (
+            "POST",
+            "/ports/restore",
+            Some(r#"{"all": true}"#),
+            StatusCode::BAD_REQUEST,
+            "unknown field",
+        ),
+        ("GET", "/nope", None, StatusCode::NOT_FOUND, "no such route"),
+        (
+            "GET",
+            "/ports/9000/x",
+            None,
+            StatusCode::NOT_FOUND,
+            "no such route",
+        ),
+        (
+            "PUT",
+            "/ports",
+            Some(GOOD),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+        ),
+        (
+            "PATCH",
+            "/ports/9000",
+            Some(GOOD),
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+        ),
+        (
+            "POST",
+            "/health",
+            None,
+            StatusCode::METHOD_NOT_ALLOWED,
+            "method",
+        ),
+    ];
+    for (m, uri, body, want, needle) in cases {
+        let (s, v) = h.authed(m, uri, body).await;
+        assert_error(s, &v, want, needle);
+        assert_eq!(
+            h.snapshot().await,
+            before,
+            "{m} {uri} {body:?} changed state"
+        );
+    }
+    let refused = h
+        .audit_rows()
+        .into_iter()
+        .filter(|r| r.2 == "refused" && r.4.is_some())
+        .count();
+    assert!(
+        refused >= 30,
+        "refused calls must be audited with their error"
+    );
+}
+
+#[tokio::test]
+async fn a_kernel_refusal_is_a_5xx_with_the_reason_and_changes_nothing() {
+    let h = harness();
+    let before = h.snapshot().await;
+    h.fw.fail_next("Operation not permitted");
+    let (s, v) = h.authed("POST", "/ports", Some(GOOD)).await;
+    assert_error(
+        s,
+        &v,
+        StatusCode::INTERNAL_SERVER_ERROR,
+        "Operation not permitted",
+    );
+    assert_eq!(h.snapshot().await, before);
+    let rows = h.audit_rows();
+    let last = rows.last().unwrap();
+    assert_eq!((last.2.as_str(), last.3), ("failed", Some(500)));
+}
+
+#[tokio::test]
+async fn the_openapi_document_lists_exactly_the_served_routes() {
+    let h = harness();
+    let (s, doc) = h.authed("GET", "/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(doc["openapi"].as_str().unwrap().starts_with("3."));
+    let mut documented: Vec<(String, String)> = Vec::new();
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for method in item.as_object().unwrap().keys() {
+            documented.push((method.to_uppercase(), path.clone()));
+        }
+    }
+    documented.sort();
+    let want = [
+        ("DELETE", "/ports/{listen_port}"),
+        ("GET", "/health"),
+        ("GET", "/openapi.json"),
+        ("GET", "/ports"),
+        ("POST", "/ports"),
+        ("POST", "/ports/restore"),
+    ];
+    let want: Vec<(String, String)> = want
+        .iter()
+        .map(|(m, p)| (m.to_string(), p.to_string()))
+        .collect();
+    assert_eq!(documented, want);
+    // Every documented route answers something other than 404/405.
+    for (m, p) in &want {
+        let uri = p.replace("{listen_port}", "8080");
+        let body = (m == "POST" && p == "/ports").then_some(GOOD);
+        let (s, _) = h.authed(m, &uri, body).await;
+        assert!(
+            s != StatusCode::NOT_FOUND && s != StatusCode::METHOD_NOT_ALLOWED,
+            "{m} {p}: {s}"
+        );
+    }
+    assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}

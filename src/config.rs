@@ -1,0 +1,358 @@
+//! Every setting of the agent: environment variable, flag, default and validation, in one
+//! place. Names and defaults of the original agent's variables are kept as they were.
+
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+use ipnetwork::Ipv4Network;
+
+/// Log output format.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
+}
+
+/// Settings of `node-vm-agent serve` (and of the commands that read the same state).
+#[derive(Args, Clone, Debug)]
+pub struct Settings {
+    /// Directory for the SQLite database, keys, the generated API token and imports.
+    #[arg(
+        long,
+        env = "DATA_DIR",
+        value_name = "DATA_DIR",
+        default_value = "/data"
+    )]
+    pub data_dir: PathBuf,
+
+    /// TCP port of the REST API.
+    #[arg(
+        long,
+        env = "NODE_API_PORT",
+        value_name = "NODE_API_PORT",
+        default_value_t = 8000,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub node_api_port: u16,
+
+    /// Address the REST API listens on.
+    #[arg(
+        long,
+        env = "API_LISTEN",
+        value_name = "API_LISTEN",
+        default_value = "0.0.0.0"
+    )]
+    pub api_listen: IpAddr,
+
+    /// Bearer token required on every API call but /health. When neither this nor
+    /// PORTMAP_TOKEN is set, a token is generated into $DATA_DIR/api.token (mode 0600).
+    #[arg(
+        long,
+        env = "API_TOKEN",
+        value_name = "API_TOKEN",
+        hide_env_values = true
+    )]
+    pub api_token: Option<String>,
+
+    /// The original agent's name for API_TOKEN, accepted as an alias.
+    #[arg(
+        long,
+        env = "PORTMAP_TOKEN",
+        value_name = "PORTMAP_TOKEN",
+        hide_env_values = true
+    )]
+    pub portmap_token: Option<String>,
+
+    /// Controller API base URL (used by the mesh join).
+    #[arg(long, env = "CONTROLLER_URL", value_name = "CONTROLLER_URL")]
+    pub controller_url: Option<String>,
+
+    /// Join token sent as X-Join-Token (used by the mesh join).
+    #[arg(
+        long,
+        env = "JOIN_TOKEN",
+        value_name = "JOIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub join_token: Option<String>,
+
+    /// Unique node identifier (used by the mesh join).
+    #[arg(long, env = "NODE_ID", value_name = "NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// WireGuard interface name; traffic leaving through it is masqueraded.
+    #[arg(long, env = "WG_IFACE", value_name = "WG_IFACE", default_value = "wg0", value_parser = parse_ifname)]
+    pub wg_iface: String,
+
+    /// WireGuard listen port, refused as a port-map listen port when set.
+    #[arg(long, env = "WG_LISTEN_PORT", value_name = "WG_LISTEN_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub wg_listen_port: Option<u16>,
+
+    /// libvirt connection URI (used by the VM API).
+    #[arg(
+        long,
+        env = "LIBVIRT_URI",
+        value_name = "LIBVIRT_URI",
+        default_value = "qemu:///system"
+    )]
+    pub libvirt_uri: String,
+
+    /// Working directory for VM files (used by the VM API).
+    #[arg(
+        long,
+        env = "VMS_WORK_DIR",
+        value_name = "VMS_WORK_DIR",
+        default_value = "/srv/vms"
+    )]
+    pub vms_work_dir: PathBuf,
+
+    /// The same directory as the libvirt host sees it (used by the VM API).
+    #[arg(long, env = "VMS_HOST_DIR", value_name = "VMS_HOST_DIR")]
+    pub vms_host_dir: Option<PathBuf>,
+
+    /// libvirt network for new VMs (used by the VM API).
+    #[arg(
+        long,
+        env = "VMS_NETWORK",
+        value_name = "VMS_NETWORK",
+        default_value = "default"
+    )]
+    pub vms_network: String,
+
+    /// VM architecture (used by the VM API).
+    #[arg(
+        long,
+        env = "VMS_ARCH",
+        value_name = "VMS_ARCH",
+        default_value = "x86_64"
+    )]
+    pub vms_arch: String,
+
+    /// Bridge the VMs sit on: DNAT'd connections leaving through it are masqueraded.
+    #[arg(long, env = "VMS_BRIDGE", value_name = "VMS_BRIDGE", default_value = "virbr0", value_parser = parse_ifname)]
+    pub vms_bridge: String,
+
+    /// The VMs' subnet: port-map targets must lie in it; its internet egress is masqueraded.
+    #[arg(
+        long,
+        env = "VM_SUBNET",
+        value_name = "VM_SUBNET",
+        default_value = "192.168.122.0/24"
+    )]
+    pub vm_subnet: Ipv4Network,
+
+    /// Interface for VM internet egress NAT. Default: the interface of the IPv4 default
+    /// route; without one, any interface but VMS_BRIDGE.
+    #[arg(long, env = "EXTERNAL_IFACE", value_name = "EXTERNAL_IFACE", value_parser = parse_ifname)]
+    pub external_iface: Option<String>,
+
+    /// Extra networks (comma-separated CIDRs) that port maps may target besides VM_SUBNET.
+    #[arg(
+        long,
+        env = "ALLOWED_TARGETS",
+        value_name = "ALLOWED_TARGETS",
+        value_delimiter = ','
+    )]
+    pub allowed_targets: Vec<Ipv4Network>,
+
+    /// Listen ports (comma-separated) refused for port maps, in addition to 22,
+    /// NODE_API_PORT and WG_LISTEN_PORT.
+    #[arg(
+        long,
+        env = "RESERVED_PORTS",
+        value_name = "RESERVED_PORTS",
+        value_delimiter = ',',
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub reserved_ports: Vec<u16>,
+
+    /// Seconds between two comparisons of the kernel with the database (drift repair).
+    #[arg(
+        long,
+        env = "RECONCILE_INTERVAL",
+        value_name = "RECONCILE_INTERVAL",
+        default_value_t = 30,
+        value_parser = clap::value_parser!(u64).range(1..=86_400)
+    )]
+    pub reconcile_interval: u64,
+
+    /// On shutdown, delete the agent's nftables table and its accept rule in libvirt's
+    /// chains (default: keep them, so mapped traffic survives an agent restart).
+    #[arg(long, env = "CLEANUP_ON_EXIT", value_name = "CLEANUP_ON_EXIT", default_value_t = false, action = clap::ArgAction::Set)]
+    pub cleanup_on_exit: bool,
+
+    /// Log format.
+    #[arg(
+        long,
+        env = "LOG_FORMAT",
+        value_name = "LOG_FORMAT",
+        value_enum,
+        default_value = "text"
+    )]
+    pub log_format: LogFormat,
+}
+
+/// A setting that parsed but makes no sense together with the others.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid {variable}={value:?}: {reason}")]
+pub struct SettingError {
+    pub variable: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl Settings {
+    /// Checks that need more than one setting; single values are checked by their parser.
+    pub fn validate(&self) -> Result<(), SettingError> {
+        for (variable, value) in [
+            ("API_TOKEN", &self.api_token),
+            ("PORTMAP_TOKEN", &self.portmap_token),
+        ] {
+            if let Some(token) = value {
+                // The value itself is never echoed: it is a secret.
+                if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
+                    return Err(SettingError {
+                        variable,
+                        value: "<hidden>".into(),
+                        reason: "a token needs at least 16 characters and no whitespace".into(),
+                    });
+                }
+            }
+        }
+        if let (Some(a), Some(b)) = (&self.api_token, &self.portmap_token)
+            && a != b
+        {
+            return Err(SettingError {
+                variable: "PORTMAP_TOKEN",
+                value: "<hidden>".into(),
+                reason: "differs from API_TOKEN; set only one of them".into(),
+            });
+        }
+        if self.vm_subnet.prefix() == 0 {
+            return Err(SettingError {
+                variable: "VM_SUBNET",
+                value: self.vm_subnet.to_string(),
+                reason: "0.0.0.0/0 would make every address a port-map target".into(),
+            });
+        }
+        if let Some(ext) = &self.external_iface
+            && ext == &self.vms_bridge
+        {
+            return Err(SettingError {
+                variable: "EXTERNAL_IFACE",
+                value: ext.clone(),
+                reason: "is the VMS_BRIDGE itself".into(),
+            });
+        }
+        for net in &self.allowed_targets {
+            if net.prefix() == 0 {
+                return Err(SettingError {
+                    variable: "ALLOWED_TARGETS",
+                    value: net.to_string(),
+                    reason: "0.0.0.0/0 would turn the node into an open relay".into(),
+                });
+            }
+        }
+        Ok(())
+    }
+
+    /// The configured API token, from API_TOKEN or its alias.
+    pub fn configured_token(&self) -> Option<&str> {
+        self.api_token.as_deref().or(self.portmap_token.as_deref())
+    }
+
+    pub fn reconcile_every(&self) -> Duration {
+        Duration::from_secs(self.reconcile_interval)
+    }
+
+    pub fn db_path(&self) -> PathBuf {
+        self.data_dir.join("agent.db")
+    }
+}
+
+/// An interface name as the kernel accepts it (IFNAMSIZ, no '/', no whitespace).
+pub fn parse_ifname(s: &str) -> Result<String, String> {
+    if s.is_empty() || s.len() > 15 {
+        return Err("an interface name has 1 to 15 characters".into());
+    }
+    if s == "." || s == ".." {
+        return Err("not a valid interface name".into());
+    }
+    if let Some(c) = s
+        .chars()
+        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@')))
+    {
+        return Err(format!(
+            "character {c:?} is not allowed in an interface name"
+        ));
+    }
+    Ok(s.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        s: Settings,
+    }
+
+    fn parse(args: &[&str]) -> Result<Settings, String> {
+        let mut all = vec!["x"];
+        all.extend_from_slice(args);
+        Cli::try_parse_from(all)
+            .map(|c| c.s)
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn defaults_match_the_original_agent() {
+        let s = parse(&[]).unwrap();
+        assert_eq!(s.data_dir, PathBuf::from("/data"));
+        assert_eq!(s.node_api_port, 8000);
+        assert_eq!(s.wg_iface, "wg0");
+        assert_eq!(s.vms_bridge, "virbr0");
+        assert_eq!(s.vm_subnet.to_string(), "192.168.122.0/24");
+        assert_eq!(s.libvirt_uri, "qemu:///system");
+        assert_eq!(s.vms_work_dir, PathBuf::from("/srv/vms"));
+        assert_eq!(s.vms_network, "default");
+        assert_eq!(s.vms_arch, "x86_64");
+        assert_eq!(s.reconcile_interval, 30);
+        assert!(!s.cleanup_on_exit);
+        s.validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_name_the_variable_and_the_value() {
+        let e = parse(&["--node-api-port", "70000"]).unwrap_err();
+        assert!(e.contains("NODE_API_PORT") && e.contains("70000"), "{e}");
+        let e = parse(&["--vm-subnet", "10.0.0.0/33"]).unwrap_err();
+        assert!(e.contains("VM_SUBNET") && e.contains("10.0.0.0/33"), "{e}");
+        let e = parse(&["--vms-bridge", "br/../x"]).unwrap_err();
+        assert!(e.contains("VMS_BRIDGE"), "{e}");
+        let e = parse(&["--reserved-ports", "80,0"]).unwrap_err();
+        assert!(e.contains("RESERVED_PORTS"), "{e}");
+        let e = parse(&["--reconcile-interval", "0"]).unwrap_err();
+        assert!(e.contains("RECONCILE_INTERVAL"), "{e}");
+    }
+
+    #[test]
+    fn cross_checks_refuse_open_relays_and_weak_tokens() {
+        let s = parse(&["--allowed-targets", "10.0.0.0/8,0.0.0.0/0"]).unwrap();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("ALLOWED_TARGETS") && e.contains("0.0.0.0/0"),
+            "{e}"
+        );
+        let s = parse(&["--api-token", "short"]).unwrap();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(e.contains("API_TOKEN") && !e.contains("short"), "{e}");
+        let s = parse(&["--vm-subnet", "0.0.0.0/0"]).unwrap();
+        assert!(s.validate().is_err());
+    }
+}

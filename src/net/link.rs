@@ -1,0 +1,142 @@
+//! Link-level facts and settings the NAT rules depend on: the default route's
+//! interface (the natural `external_iface`) and IPv4 forwarding.
+
+use std::path::Path;
+
+use nlink::netlink::types::route::RouteType;
+use nlink::netlink::{Connection, Route};
+
+/// `RT_TABLE_MAIN`: the table `ip route` shows and default routes live in.
+const RT_TABLE_MAIN: u32 = 254;
+/// Per network namespace, so a test in its own namespace sees its own.
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    /// rtnetlink refused or failed; the text carries the kernel's reason.
+    #[error("{op}: {source}")]
+    Netlink {
+        op: &'static str,
+        #[source]
+        source: nlink::Error,
+    },
+    /// Reading or writing a sysctl under /proc/sys failed.
+    #[error("{path}: {source}")]
+    Sysctl {
+        path: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// The interface of the IPv4 default route in the main table, `None` without one.
+/// With several, the one with the lowest metric wins, as the kernel would choose.
+pub async fn default_route_iface() -> Result<Option<String>, LinkError> {
+    let conn = Connection::<Route>::new().map_err(|source| LinkError::Netlink {
+        op: "open rtnetlink socket",
+        source,
+    })?;
+    let routes = conn
+        .get_routes_for_table(RT_TABLE_MAIN)
+        .await
+        .map_err(|source| LinkError::Netlink {
+            op: "list routes",
+            source,
+        })?;
+    let best = routes
+        .iter()
+        .filter(|r| r.is_ipv4() && r.dst_len() == 0 && matches!(r.route_type(), RouteType::Unicast))
+        .filter_map(|r| {
+            // A multipath default has no RTA_OIF; its first hop's device stands for it.
+            let oif = r.oif().or_else(|| {
+                r.multipath()
+                    .and_then(|hops| hops.first())
+                    .map(|h| h.ifindex)
+            })?;
+            Some((r.priority().unwrap_or(0), oif))
+        })
+        .min();
+    let Some((_, ifindex)) = best else {
+        return Ok(None);
+    };
+    let link = conn
+        .get_link_by_index(ifindex)
+        .await
+        .map_err(|source| LinkError::Netlink {
+            op: "look up default route interface",
+            source,
+        })?;
+    Ok(link.and_then(|l| l.name().map(str::to_owned)))
+}
+
+/// Turns on IPv4 forwarding in the current network namespace; returns whether it
+/// was off. Without it, DNAT'd packets to VMs are dropped instead of routed.
+pub fn enable_ip_forward() -> Result<bool, LinkError> {
+    set_sysctl_flag(Path::new(IP_FORWARD), IP_FORWARD)
+}
+
+fn set_sysctl_flag(path: &Path, name: &'static str) -> Result<bool, LinkError> {
+    let err = |source| LinkError::Sysctl { path: name, source };
+    let current = std::fs::read_to_string(path).map_err(err)?;
+    if current.trim() == "1" {
+        return Ok(false);
+    }
+    std::fs::write(path, "1\n").map_err(err)?;
+    Ok(true)
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use std::process::Command;
+
+    use super::*;
+    use crate::net::testns::{in_private_netns, run};
+
+    #[test]
+    fn ip_forward_is_per_namespace_and_idempotent() {
+        in_private_netns(|| async {
+            // A fresh namespace starts with forwarding off.
+            assert_eq!(std::fs::read_to_string(IP_FORWARD).unwrap().trim(), "0");
+            assert!(enable_ip_forward().unwrap());
+            assert!(!enable_ip_forward().unwrap());
+            assert_eq!(std::fs::read_to_string(IP_FORWARD).unwrap().trim(), "1");
+        });
+    }
+
+    #[test]
+    fn default_route_iface_follows_the_lowest_metric() {
+        in_private_netns(|| async {
+            assert_eq!(default_route_iface().await.unwrap(), None);
+            // No dummy driver on these machines; a veth end works as well.
+            run("ip link add dummy-a type veth peer name peer-a");
+            run("ip link add dummy-b type veth peer name peer-b");
+            for dev in ["dummy-a", "peer-a", "dummy-b", "peer-b"] {
+                run(&format!("ip link set {dev} up"));
+            }
+            run("ip addr add 10.77.0.1/24 dev dummy-a");
+            run("ip addr add 10.78.0.1/24 dev dummy-b");
+            run("ip route add default via 10.77.0.254 dev dummy-a metric 200");
+            assert_eq!(
+                default_route_iface().await.unwrap().as_deref(),
+                Some("dummy-a")
+            );
+            run("ip route add default via 10.78.0.254 dev dummy-b metric 100");
+            assert_eq!(
+                default_route_iface().await.unwrap().as_deref(),
+                Some("dummy-b")
+            );
+            // Routes in other tables are not the default route.
+            let out = Command::new("ip")
+                .args(["route", "del", "default", "dev", "dummy-b"])
+                .status()
+                .unwrap();
+            assert!(out.success());
+            run("ip route add default via 10.78.0.254 dev dummy-b table 100");
+            assert_eq!(
+                default_route_iface().await.unwrap().as_deref(),
+                Some("dummy-a")
+            );
+        });
+    }
+}

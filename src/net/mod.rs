@@ -1,0 +1,7 @@
+//! Kernel networking: nftables port maps and link-level helpers, all over netlink/procfs.
+
+pub mod link;
+pub mod nft;
+
+#[cfg(test)]
+pub(crate) mod testns;

@@ -1,0 +1,438 @@
+//! nftables over netlink: the agent-owned port-map table, its read-back and drift
+//! check, and the accept rule that lets DNAT'd traffic past libvirt's reject rules.
+//!
+//! ```text
+//! table ip node_vm_agent {
+//!   map tcp_ports { type inet_service : ipv4_addr . inet_service; }
+//!   map udp_ports { type inet_service : ipv4_addr . inet_service; }
+//!   chain prerouting  { type nat hook prerouting priority dstnat; policy accept;
+//!     fib daddr type local meta l4proto tcp dnat ip to tcp dport map @tcp_ports
+//!     fib daddr type local meta l4proto udp dnat ip to udp dport map @udp_ports }
+//!   chain output      { type nat hook output priority -100; policy accept; (same two) }
+//!   chain forward     { type filter hook forward priority filter; policy accept;
+//!     ct status dnat accept }
+//!   chain postrouting { type nat hook postrouting priority srcnat; policy accept;
+//!     ct status dnat oifname "<vms_bridge>" masquerade
+//!     oifname "<wg_iface>" masquerade                       (only with a wg_iface)
+//!     ip saddr <vm_subnet> ip daddr != <vm_subnet> oifname "<external_iface>" masquerade }
+//! }
+//! ```
+//!
+//! Port maps are map elements, so a lookup costs the same for one map or 30,000,
+//! and adding or removing one is a one-element transaction.
+
+mod drift;
+mod forward;
+pub mod ruleset;
+
+#[cfg(test)]
+mod tests;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::os::fd::AsFd;
+
+use ipnetwork::Ipv4Network;
+use nlink::netlink::nftables::{RuleInfo, SetElementData, SetKeyType};
+use nlink::netlink::{Connection, Nftables};
+
+use crate::portmap::{PortMap, Proto};
+
+pub use drift::{Drift, diff};
+pub use forward::{ForwardAcceptReport, ForwardChainOutcome};
+
+use ruleset::{FAMILY, TABLE};
+
+/// Errors of the nftables driver. Kernel refusals keep nlink's error, whose text is
+/// the kernel's reason (`Operation not permitted (errno 1)`, the refused operation).
+#[derive(Debug, thiserror::Error)]
+pub enum NftError {
+    /// The nftables netlink socket could not be opened or configured.
+    #[error("nftables socket: {0}")]
+    Socket(String),
+    /// The kernel (or nlink, before sending) refused an operation.
+    #[error("{op}: {source}")]
+    Kernel {
+        op: &'static str,
+        #[source]
+        source: nlink::Error,
+    },
+    /// The request cannot be expressed as the agent's ruleset.
+    #[error("invalid: {0}")]
+    Invalid(String),
+    /// Several independent operations failed (teardown goes on after a failure).
+    #[error("{} operations failed: {}", .0.len(), join_errors(.0))]
+    Several(Vec<NftError>),
+}
+
+fn join_errors(errors: &[NftError]) -> String {
+    errors
+        .iter()
+        .map(ToString::to_string)
+        .collect::<Vec<_>>()
+        .join("; ")
+}
+
+impl NftError {
+    fn kernel(op: &'static str) -> impl FnOnce(nlink::Error) -> NftError {
+        move |source| NftError::Kernel { op, source }
+    }
+
+    /// The kernel's errno, when the kernel refused the operation.
+    pub fn errno(&self) -> Option<i32> {
+        match self {
+            NftError::Kernel { source, .. } => source.errno(),
+            NftError::Several(errors) => errors.iter().find_map(NftError::errno),
+            _ => None,
+        }
+    }
+
+    /// The kernel's reason as text (`No such file or directory`), for API replies.
+    pub fn reason(&self) -> String {
+        match self.errno() {
+            Some(errno) => nix::errno::Errno::from_raw(errno).desc().to_string(),
+            None => self.to_string(),
+        }
+    }
+
+    /// `ENOENT`: the table, map or element is not there.
+    pub fn is_not_found(&self) -> bool {
+        self.errno() == Some(libc::ENOENT)
+    }
+}
+
+/// What the NAT rules need to know about the node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct NatSettings {
+    /// Bridge the VMs are attached to.
+    pub vms_bridge: String,
+    /// The VMs' subnet, masqueraded when it leaves for the outside.
+    pub vm_subnet: Ipv4Network,
+    /// WireGuard interface of the mesh, masqueraded for multi-hop proxy chains.
+    pub wg_iface: Option<String>,
+    /// Interface to the internet; `None` means "anything but the VM bridge".
+    pub external_iface: Option<String>,
+}
+
+impl NatSettings {
+    fn validate(&self) -> Result<(), NftError> {
+        let names = std::iter::once(("vms_bridge", Some(&self.vms_bridge)))
+            .chain([
+                ("wg_iface", self.wg_iface.as_ref()),
+                ("external_iface", self.external_iface.as_ref()),
+            ])
+            .filter_map(|(what, name)| name.map(|n| (what, n)));
+        for (what, name) in names {
+            // The kernel compares oifname as IFNAMSIZ bytes including the NUL.
+            if name.is_empty() || name.len() >= ruleset::IFNAMSIZ || name.contains('\0') {
+                return Err(NftError::Invalid(format!(
+                    "{what} {name:?} is not an interface name (1 to 15 bytes)"
+                )));
+            }
+        }
+        Ok(())
+    }
+}
+
+/// The agent's table as read from the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelState {
+    /// Every element of both maps that decodes as a port map.
+    pub maps: BTreeSet<PortMap>,
+    /// Maps, chains and rules are exactly what [`Nft::apply_all`] writes.
+    pub structure_ok: bool,
+    /// Why `structure_ok` is false, one line each.
+    pub problems: Vec<String>,
+}
+
+/// The nftables driver: one netlink socket, bound to the network namespace of the
+/// thread that created it.
+pub struct Nft {
+    conn: Connection<Nftables>,
+    settings: NatSettings,
+}
+
+/// Bytes an element takes in a NEWSETELEM message (nests, key, concatenated value),
+/// rounded up; only used to size the socket's send buffer.
+const ELEMENT_WIRE_BYTES: usize = 64;
+/// Headroom for everything that is not an element: table, maps, chains, rules.
+const BATCH_OVERHEAD_BYTES: usize = 64 * 1024;
+
+impl Nft {
+    /// Opens the netlink socket in the calling thread's current network namespace.
+    pub fn new(settings: NatSettings) -> Result<Self, NftError> {
+        settings.validate()?;
+        let conn = Connection::<Nftables>::new().map_err(|e| NftError::Socket(e.to_string()))?;
+        Ok(Self { conn, settings })
+    }
+
+    pub fn settings(&self) -> &NatSettings {
+        &self.settings
+    }
+
+    /// Replaces the whole table in ONE transaction: destroy (if present), then table,
+    /// maps with every element, chains and rules. The kernel commits all or nothing, so
+    /// a refused batch leaves the previous table in place.
+    pub async fn apply_all(&self, maps: &[PortMap]) -> Result<(), NftError> {
+        let mut by_proto: BTreeMap<Proto, Vec<&PortMap>> = BTreeMap::new();
+        let mut seen = BTreeSet::new();
+        for m in maps {
+            if !seen.insert((m.proto, m.listen_port)) {
+                return Err(NftError::Invalid(format!(
+                    "{} port {} is mapped twice",
+                    m.proto, m.listen_port
+                )));
+            }
+            by_proto.entry(m.proto).or_default().push(m);
+        }
+
+        // The whole batch goes out in one sendmsg (nfnetlink only treats a batch
+        // atomically inside one skb), and a netlink sendmsg larger than the socket's
+        // send buffer fails with EMSGSIZE: grow the buffer to fit.
+        self.ensure_send_buffer(BATCH_OVERHEAD_BYTES + maps.len() * ELEMENT_WIRE_BYTES)?;
+
+        let mut tx = self
+            .conn
+            .transaction()
+            .destroy_table(TABLE, FAMILY)
+            .add_table(TABLE, FAMILY);
+        for proto in Proto::ALL {
+            let set = ruleset::map(proto);
+            tx = tx.add_set(set.clone());
+            let elements: Vec<_> = by_proto
+                .get(&proto)
+                .map(|ms| ms.iter().map(|m| ruleset::element(m)).collect())
+                .unwrap_or_default();
+            // One element list is a single attribute nest with a u16 length; split
+            // across several messages of the same batch.
+            for chunk in elements.chunks(ruleset::ELEMENTS_PER_MESSAGE) {
+                tx = tx.add_set_elements(&set, chunk);
+            }
+        }
+        for chain in ruleset::chains(&self.settings) {
+            tx = tx.add_chain(ruleset::chain(&chain).map_err(NftError::kernel("apply_all"))?);
+            for rule in &chain.rules {
+                tx = tx.add_rule(rule.to_rule(chain.name));
+            }
+        }
+        tx.commit(&self.conn)
+            .await
+            .map_err(NftError::kernel("apply_all"))
+    }
+
+    /// Adds one port map. Fails if its listen port is already mapped (use
+    /// [`replace`](Self::replace) to move it) or the table is absent.
+    pub async fn add(&self, m: &PortMap) -> Result<(), NftError> {
+        self.conn
+            .transaction()
+            .add_set_elements(&ruleset::map(m.proto), &[ruleset::element(m)])
+            .commit(&self.conn)
+            .await
+            .map_err(NftError::kernel("add port map"))
+    }
+
+    /// Removes one port map, by its protocol and listen port (the kernel deletes map
+    /// elements by key; the target is not compared).
+    ///
+    /// A missing element is an error (`ENOENT`, [`NftError::is_not_found`]): the
+    /// caller deletes only what it believes is there, so "not there" means the kernel
+    /// drifted from the database and a reconcile is due.
+    pub async fn remove(&self, m: &PortMap) -> Result<(), NftError> {
+        self.conn
+            .transaction()
+            .del_set_elements(&ruleset::map(m.proto), &[ruleset::element(m)])
+            .commit(&self.conn)
+            .await
+            .map_err(NftError::kernel("remove port map"))
+    }
+
+    /// Deletes `old` and adds `new` in one transaction: traffic switches target
+    /// atomically, and if either half is refused nothing changes.
+    pub async fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), NftError> {
+        self.conn
+            .transaction()
+            .del_set_elements(&ruleset::map(old.proto), &[ruleset::element(old)])
+            .add_set_elements(&ruleset::map(new.proto), &[ruleset::element(new)])
+            .commit(&self.conn)
+            .await
+            .map_err(NftError::kernel("replace port map"))
+    }
+
+    /// Deletes the agent's table; `false` if it was not there.
+    pub async fn delete_table(&self) -> Result<bool, NftError> {
+        self.conn
+            .del_table_if_exists(TABLE, FAMILY)
+            .await
+            .map_err(NftError::kernel("delete table"))
+    }
+
+    /// Reads the agent's table back; `None` when it does not exist.
+    pub async fn read(&self) -> Result<Option<KernelState>, NftError> {
+        let tables = self
+            .conn
+            .list_tables_in(FAMILY)
+            .await
+            .map_err(NftError::kernel("list tables"))?;
+        if !tables.iter().any(|t| t.name == TABLE) {
+            return Ok(None);
+        }
+
+        let mut state = KernelState::default();
+        self.read_maps(&mut state).await?;
+        self.check_chains(&mut state).await?;
+        state.structure_ok = state.problems.is_empty();
+        Ok(Some(state))
+    }
+
+    async fn read_maps(&self, state: &mut KernelState) -> Result<(), NftError> {
+        let sets = self
+            .conn
+            .list_sets_in(TABLE, FAMILY)
+            .await
+            .map_err(NftError::kernel("list maps"))?;
+        let value_type = ruleset::map_value_type();
+        for proto in Proto::ALL {
+            let name = ruleset::map_name(proto);
+            let Some(info) = sets.iter().find(|s| s.name == name) else {
+                state.problems.push(format!("map {name} is missing"));
+                continue;
+            };
+            let key_ok = info.key_type == SetKeyType::InetService.type_id()
+                && info.key_len == SetKeyType::InetService.len();
+            let data_ok = info.data_type == Some(value_type.type_id())
+                && info.data_len == Some(value_type.len());
+            if !key_ok || !data_ok {
+                state.problems.push(format!(
+                    "map {name} is not `type inet_service : ipv4_addr . inet_service`"
+                ));
+                continue;
+            }
+            let elements = self
+                .conn
+                .list_set_elements(TABLE, name, FAMILY)
+                .await
+                .map_err(NftError::kernel("list map elements"))?;
+            let mut unreadable = 0usize;
+            for e in &elements {
+                let decoded = match e.data() {
+                    Some(SetElementData::Value(v)) => ruleset::decode_element(proto, e.key(), v),
+                    _ => None,
+                };
+                match decoded {
+                    Some(m) => {
+                        state.maps.insert(m);
+                    }
+                    None => unreadable += 1,
+                }
+            }
+            if unreadable > 0 {
+                state
+                    .problems
+                    .push(format!("map {name} holds {unreadable} unreadable elements"));
+            }
+        }
+        for extra in sets
+            .iter()
+            .filter(|s| !Proto::ALL.iter().any(|p| ruleset::map_name(*p) == s.name))
+        {
+            state
+                .problems
+                .push(format!("unexpected set {} in the table", extra.name));
+        }
+        Ok(())
+    }
+
+    async fn check_chains(&self, state: &mut KernelState) -> Result<(), NftError> {
+        let chains = self
+            .conn
+            .list_chains_in(TABLE, FAMILY)
+            .await
+            .map_err(NftError::kernel("list chains"))?;
+        let rules = self
+            .conn
+            .list_rules(TABLE, FAMILY)
+            .await
+            .map_err(NftError::kernel("list rules"))?;
+        let expected = ruleset::chains(&self.settings);
+
+        for spec in &expected {
+            let Some(info) = chains.iter().find(|c| c.name == spec.name) else {
+                state
+                    .problems
+                    .push(format!("chain {} is missing", spec.name));
+                continue;
+            };
+            if info.kind().as_ref() != Some(&spec.kind) {
+                state.problems.push(format!(
+                    "chain {} has the wrong hook, type, priority or policy",
+                    spec.name
+                ));
+            }
+            let found: Vec<&RuleInfo> = rules.iter().filter(|r| r.chain == spec.name).collect();
+            for (i, want) in spec.rules.iter().enumerate() {
+                match found.get(i) {
+                    None => state.problems.push(format!(
+                        "chain {}: rule `{}` is missing",
+                        spec.name, want.nft
+                    )),
+                    Some(have) if have.expressions() != ruleset::decoded(&want.exprs) => {
+                        state.problems.push(format!(
+                            "chain {}: rule {} should be `{}`, found `{}`",
+                            spec.name,
+                            i + 1,
+                            want.nft,
+                            describe(have)
+                        ))
+                    }
+                    Some(_) => {}
+                }
+            }
+            for extra in found.iter().skip(spec.rules.len()) {
+                state.problems.push(format!(
+                    "chain {}: unexpected rule `{}`",
+                    spec.name,
+                    describe(extra)
+                ));
+            }
+        }
+        for extra in chains
+            .iter()
+            .filter(|c| !expected.iter().any(|e| e.name == c.name))
+        {
+            state
+                .problems
+                .push(format!("unexpected chain {} in the table", extra.name));
+        }
+        Ok(())
+    }
+
+    /// See [`forward`]: keeps `ct status dnat accept` first in libvirt's forward chains.
+    pub async fn ensure_forward_accept(&self) -> Result<ForwardAcceptReport, NftError> {
+        forward::ensure(&self.conn).await
+    }
+
+    /// Deletes every agent-tagged rule from libvirt's forward chains; how many went.
+    pub async fn remove_forward_accept(&self) -> Result<usize, NftError> {
+        forward::remove(&self.conn).await
+    }
+
+    fn ensure_send_buffer(&self, bytes: usize) -> Result<(), NftError> {
+        use nix::sys::socket::{getsockopt, setsockopt, sockopt};
+        let fd = self.conn.socket().as_fd();
+        let current = getsockopt(&fd, sockopt::SndBuf)
+            .map_err(|e| NftError::Socket(format!("SO_SNDBUF: {}", e.desc())))?;
+        // getsockopt reports the doubled size the kernel keeps; setsockopt takes half.
+        if current >= bytes {
+            return Ok(());
+        }
+        // FORCE: the plain option is capped by net.core.wmem_max (~200 KiB), far below
+        // what 30,000 elements need. The agent runs with CAP_NET_ADMIN anyway.
+        setsockopt(&fd, sockopt::SndBufForce, &bytes)
+            .map_err(|e| NftError::Socket(format!("SO_SNDBUFFORCE {bytes}: {}", e.desc())))
+    }
+}
+
+/// A rule read back, for humans: nft syntax when nlink can print it, else its handle.
+fn describe(rule: &RuleInfo) -> String {
+    rule.nft_syntax_stateless()
+        .unwrap_or_else(|| format!("handle {}", rule.handle))
+}

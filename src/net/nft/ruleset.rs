@@ -1,0 +1,492 @@
+//! The agent-owned table, built as nlink values without touching the kernel.
+//!
+//! Rules are written as explicit expression lists rather than through nlink's
+//! high-level matchers: the same list is both sent and used as the reference the
+//! read-back compares against, so "structure_ok" means "byte-for-byte what we
+//! would write", with no guessing about how a matcher lowers.
+
+use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
+use nlink::netlink::MessageBuilder;
+use nlink::netlink::nftables::{
+    BaseChain, Chain, ChainKind, CmpOp, CtKey, CtStatus, Expr, Family, FibFlags, FibResult,
+    LookupExpr, MasqExpr, MetaKey, NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED,
+    NFTA_NAT_FAMILY, NFTA_NAT_FLAGS, NFTA_NAT_REG_ADDR_MIN, NFTA_NAT_REG_PROTO_MIN, NFTA_NAT_TYPE,
+    NatHook, NatType, PayloadBase, Policy, Priority, RawExpr, Register, Rule, RuleExpr, Set,
+    SetDataType, SetElement, SetKeyType, Verdict, parse_expressions, write_expressions,
+};
+
+use crate::portmap::{PortMap, Proto};
+
+use super::NatSettings;
+
+/// The one table the agent owns; everything else on the node is someone else's.
+pub const TABLE: &str = "node_vm_agent";
+/// `ip`, not `inet`: port maps target IPv4 guests only, and an `ip` table keeps the
+/// DNAT family implicit.
+pub const FAMILY: Family = Family::Ip;
+
+pub const TCP_MAP: &str = "tcp_ports";
+pub const UDP_MAP: &str = "udp_ports";
+
+pub const CHAIN_PREROUTING: &str = "prerouting";
+pub const CHAIN_OUTPUT: &str = "output";
+pub const CHAIN_FORWARD: &str = "forward";
+pub const CHAIN_POSTROUTING: &str = "postrouting";
+
+/// `dstnat` (-100): after conntrack (-200), where nft puts DNAT.
+pub const PRIORITY_PREROUTING: Priority = Priority::DstNat;
+/// -100 on output, so locally generated connections to mapped ports (hairpin from the
+/// node itself) are translated like forwarded ones.
+pub const PRIORITY_OUTPUT: Priority = Priority::Custom(-100);
+pub const PRIORITY_FORWARD: Priority = Priority::Filter;
+/// `srcnat` (100): last, once routing has picked the output interface.
+pub const PRIORITY_POSTROUTING: Priority = Priority::SrcNat;
+
+/// Tag stored as the rule comment on every rule the agent writes, also outside its
+/// own table, so its rules can be told apart from everyone else's.
+pub const RULE_TAG: &str = "node-vm-agent";
+
+/// Elements per NEWSETELEM message. The element list is one netlink attribute
+/// nest whose length is a u16; at ~40 bytes an element, 1024 stays far below 64 KiB.
+pub const ELEMENTS_PER_MESSAGE: usize = 1024;
+
+/// `RTN_LOCAL`, the fib address type of addresses configured on this node.
+const RTN_LOCAL: u32 = 2;
+/// `NFPROTO_IPV4`, the family the NAT expression rewrites.
+const NFPROTO_IPV4: u32 = 2;
+const IPPROTO_TCP: u8 = 6;
+const IPPROTO_UDP: u8 = 17;
+/// `IFNAMSIZ`: interface names are compared as 16 zero-padded bytes, as nft does.
+pub const IFNAMSIZ: usize = 16;
+/// Offset of the destination port in both TCP and UDP headers.
+const L4_DPORT_OFFSET: u32 = 2;
+const IPV4_SADDR_OFFSET: u32 = 12;
+const IPV4_DADDR_OFFSET: u32 = 16;
+
+pub fn map_name(proto: Proto) -> &'static str {
+    match proto {
+        Proto::Tcp => TCP_MAP,
+        Proto::Udp => UDP_MAP,
+    }
+}
+
+fn l4proto(proto: Proto) -> u8 {
+    match proto {
+        Proto::Tcp => IPPROTO_TCP,
+        Proto::Udp => IPPROTO_UDP,
+    }
+}
+
+/// `map <name> { type inet_service : ipv4_addr . inet_service; }`
+pub fn map(proto: Proto) -> Set {
+    Set::new(TABLE, map_name(proto))
+        .family(FAMILY)
+        .key_type(SetKeyType::InetService)
+        .map(SetDataType::Value(map_value_type()))
+}
+
+pub fn map_value_type() -> SetKeyType {
+    SetKeyType::Concat(vec![SetKeyType::Ipv4Addr, SetKeyType::InetService])
+}
+
+/// `listen_port : target_ip . target_port`
+pub fn element(m: &PortMap) -> SetElement {
+    SetElement::port(m.listen_port).value(SetElement::concat([
+        SetElement::ipv4(m.target_ip),
+        SetElement::port(m.target_port),
+    ]))
+}
+
+/// The inverse of [`element`]: `None` for bytes that are not one of our elements.
+pub fn decode_element(proto: Proto, key: &[u8], value: &[u8]) -> Option<PortMap> {
+    let listen_port = u16::from_be_bytes(key.try_into().ok()?);
+    // ipv4_addr . inet_service: 4 address bytes, then the port padded to 4.
+    if value.len() != 8 {
+        return None;
+    }
+    let target_ip = Ipv4Addr::new(value[0], value[1], value[2], value[3]);
+    let target_port = u16::from_be_bytes([value[4], value[5]]);
+    Some(PortMap {
+        proto,
+        listen_port,
+        target_ip,
+        target_port,
+    })
+}
+
+/// One base chain of the table: name, what it hooks, and the rules it must hold.
+pub struct ChainSpec {
+    pub name: &'static str,
+    pub kind: ChainKind,
+    pub rules: Vec<RuleSpec>,
+}
+
+/// A rule as the agent writes it: the nft syntax it stands for (for humans, in
+/// drift reports) and the exact expressions.
+pub struct RuleSpec {
+    pub nft: String,
+    pub exprs: Vec<Expr>,
+}
+
+impl RuleSpec {
+    pub fn to_rule(&self, chain: &str) -> Rule {
+        Rule::new(TABLE, chain)
+            .family(FAMILY)
+            .expressions(self.exprs.clone())
+            .comment(RULE_TAG)
+    }
+}
+
+fn nat_chain(hook: NatHook, priority: Priority) -> ChainKind {
+    ChainKind::Base(BaseChain::nat(hook, priority).policy(Policy::Accept))
+}
+
+pub fn chain(spec: &ChainSpec) -> Result<Chain, nlink::Error> {
+    let ChainKind::Base(base) = &spec.kind else {
+        return Err(nlink::Error::invalid_message(format!(
+            "chain {} must be a base chain",
+            spec.name
+        )));
+    };
+    Ok(Chain::new(TABLE, spec.name)?
+        .family(FAMILY)
+        .base(base.clone()))
+}
+
+/// Every chain of the table, in the order they are created, with their rules.
+pub fn chains(settings: &NatSettings) -> Vec<ChainSpec> {
+    let dnat_rules = || -> Vec<RuleSpec> { Proto::ALL.iter().map(|p| dnat_rule(*p)).collect() };
+    vec![
+        ChainSpec {
+            name: CHAIN_PREROUTING,
+            kind: nat_chain(NatHook::Prerouting, PRIORITY_PREROUTING),
+            rules: dnat_rules(),
+        },
+        ChainSpec {
+            name: CHAIN_OUTPUT,
+            kind: nat_chain(NatHook::Output, PRIORITY_OUTPUT),
+            rules: dnat_rules(),
+        },
+        ChainSpec {
+            name: CHAIN_FORWARD,
+            kind: ChainKind::Base(
+                BaseChain::filter(
+                    nlink::netlink::nftables::FilterHook::Forward,
+                    PRIORITY_FORWARD,
+                )
+                .policy(Policy::Accept),
+            ),
+            rules: vec![ct_dnat_accept_rule()],
+        },
+        ChainSpec {
+            name: CHAIN_POSTROUTING,
+            kind: nat_chain(NatHook::Postrouting, PRIORITY_POSTROUTING),
+            rules: postrouting_rules(settings),
+        },
+    ]
+}
+
+/// `fib daddr type local meta l4proto <p> dnat ip to <p> dport map @<p>_ports`
+///
+/// One lookup per protocol, whatever the number of maps. The lookup writes
+/// `ipv4_addr . inet_service` into R0: the address in its first 32-bit word and the
+/// port in the second, which is where the NAT expression reads them.
+fn dnat_rule(proto: Proto) -> RuleSpec {
+    let map = map_name(proto);
+    let mut exprs = fib_daddr_local();
+    exprs.extend([
+        Expr::Meta {
+            dreg: Register::R0,
+            key: MetaKey::L4Proto,
+        },
+        Expr::Cmp {
+            sreg: Register::R0,
+            op: CmpOp::Eq,
+            data: vec![l4proto(proto)],
+        },
+        Expr::Payload {
+            dreg: Register::R0,
+            base: PayloadBase::Transport,
+            offset: L4_DPORT_OFFSET,
+            len: 2,
+        },
+        LookupExpr::new(map, Register::R0).dreg(Register::R0).into(),
+        dnat_from_registers(Register::R0, Register::Reg32_01),
+    ]);
+    RuleSpec {
+        nft: format!(
+            "fib daddr type local meta l4proto {proto} dnat ip to {proto} dport map @{map}"
+        ),
+        exprs,
+    }
+}
+
+fn fib_daddr_local() -> Vec<Expr> {
+    vec![
+        Expr::Fib {
+            dreg: Register::R0,
+            result: FibResult::AddrType,
+            flags: FibFlags::DADDR,
+        },
+        Expr::Cmp {
+            sreg: Register::R0,
+            op: CmpOp::Eq,
+            data: RTN_LOCAL.to_ne_bytes().to_vec(),
+        },
+    ]
+}
+
+/// `dnat ip to <addr reg>:<port reg>`, register form.
+///
+/// nlink 0.33 only builds NAT from immediates (`NatRegs` is `#[non_exhaustive]`
+/// with no constructor), so the expression is written raw. The flags are sent
+/// although the kernel would infer them, because the kernel always dumps them and
+/// the read-back compares what we send with what it dumps.
+fn dnat_from_registers(addr: Register, port: Register) -> Expr {
+    let mut b = MessageBuilder::new(0, 0);
+    b.append_attr_u32_be(NFTA_NAT_TYPE, NatType::Dnat as u32);
+    b.append_attr_u32_be(NFTA_NAT_FAMILY, NFPROTO_IPV4);
+    b.append_attr_u32_be(NFTA_NAT_REG_ADDR_MIN, addr.wire());
+    b.append_attr_u32_be(NFTA_NAT_REG_PROTO_MIN, port.wire());
+    b.append_attr_u32_be(
+        NFTA_NAT_FLAGS,
+        NF_NAT_RANGE_MAP_IPS | NF_NAT_RANGE_PROTO_SPECIFIED,
+    );
+    RawExpr::new("nat", attrs_of(b)).into()
+}
+
+/// The attribute bytes of a builder, without the netlink header it starts with.
+pub fn attrs_of(b: MessageBuilder) -> Vec<u8> {
+    b.finish().split_off(NLMSG_HDRLEN)
+}
+
+const NLMSG_HDRLEN: usize = 16;
+
+/// `ct status dnat accept`
+///
+/// Also the rule kept at the head of libvirt's forward chains, see `forward.rs`.
+pub fn ct_dnat_accept_rule() -> RuleSpec {
+    let mut exprs = ct_status_dnat();
+    exprs.push(Expr::Verdict(Verdict::Accept));
+    RuleSpec {
+        nft: "ct status dnat accept".into(),
+        exprs,
+    }
+}
+
+fn ct_status_dnat() -> Vec<Expr> {
+    vec![
+        Expr::Ct {
+            dreg: Register::R0,
+            key: CtKey::Status,
+        },
+        Expr::Bitwise {
+            sreg: Register::R0,
+            dreg: Register::R0,
+            len: 4,
+            mask: CtStatus::DST_NAT.bits().to_ne_bytes().to_vec(),
+            xor: 0u32.to_ne_bytes().to_vec(),
+        },
+        Expr::Cmp {
+            sreg: Register::R0,
+            op: CmpOp::Neq,
+            data: 0u32.to_ne_bytes().to_vec(),
+        },
+    ]
+}
+
+fn oifname(op: CmpOp, name: &str) -> Vec<Expr> {
+    let mut data = name.as_bytes().to_vec();
+    data.resize(IFNAMSIZ, 0);
+    vec![
+        Expr::Meta {
+            dreg: Register::R0,
+            key: MetaKey::OifName,
+        },
+        Expr::Cmp {
+            sreg: Register::R0,
+            op,
+            data,
+        },
+    ]
+}
+
+/// `ip saddr|daddr [!=] <net>`
+fn ip_addr_in(offset: u32, op: CmpOp, net: Ipv4Network) -> Vec<Expr> {
+    let mut exprs = vec![Expr::Payload {
+        dreg: Register::R0,
+        base: PayloadBase::Network,
+        offset,
+        len: 4,
+    }];
+    if net.prefix() < 32 {
+        exprs.push(Expr::Bitwise {
+            sreg: Register::R0,
+            dreg: Register::R0,
+            len: 4,
+            mask: net.mask().octets().to_vec(),
+            xor: vec![0; 4],
+        });
+    }
+    exprs.push(Expr::Cmp {
+        sreg: Register::R0,
+        op,
+        data: net.network().octets().to_vec(),
+    });
+    exprs
+}
+
+fn masquerade() -> Expr {
+    MasqExpr::new().into()
+}
+
+fn postrouting_rules(s: &NatSettings) -> Vec<RuleSpec> {
+    let mut rules = Vec::new();
+
+    // ct status dnat oifname "<vms_bridge>" masquerade
+    //
+    // Replies from a VM must come back through the node to be un-DNAT'd; making
+    // the node the source guarantees it, also for VM -> node -> VM hairpin.
+    let mut exprs = ct_status_dnat();
+    exprs.extend(oifname(CmpOp::Eq, &s.vms_bridge));
+    exprs.push(masquerade());
+    rules.push(RuleSpec {
+        nft: format!("ct status dnat oifname \"{}\" masquerade", s.vms_bridge),
+        exprs,
+    });
+
+    // oifname "<wg_iface>" masquerade
+    //
+    // Multi-hop proxy chains: the next node answers to this node's tunnel address.
+    if let Some(wg) = &s.wg_iface {
+        let mut exprs = oifname(CmpOp::Eq, wg);
+        exprs.push(masquerade());
+        rules.push(RuleSpec {
+            nft: format!("oifname \"{wg}\" masquerade"),
+            exprs,
+        });
+    }
+
+    // ip saddr <vm_subnet> ip daddr != <vm_subnet> oifname "<external_iface>" masquerade
+    // or, without a known external interface:
+    // ip saddr <vm_subnet> ip daddr != <vm_subnet> oifname != "<vms_bridge>" masquerade
+    //
+    // VM internet egress.
+    let subnet = s.vm_subnet;
+    let mut exprs = ip_addr_in(IPV4_SADDR_OFFSET, CmpOp::Eq, subnet);
+    exprs.extend(ip_addr_in(IPV4_DADDR_OFFSET, CmpOp::Neq, subnet));
+    let oif = match &s.external_iface {
+        Some(ext) => {
+            exprs.extend(oifname(CmpOp::Eq, ext));
+            format!("oifname \"{ext}\"")
+        }
+        None => {
+            exprs.extend(oifname(CmpOp::Neq, &s.vms_bridge));
+            format!("oifname != \"{}\"", s.vms_bridge)
+        }
+    };
+    exprs.push(masquerade());
+    rules.push(RuleSpec {
+        nft: format!("ip saddr {subnet} ip daddr != {subnet} {oif} masquerade"),
+        exprs,
+    });
+
+    rules
+}
+
+/// `exprs` as the kernel's dump of them decodes, for comparing with a rule read back.
+pub fn decoded(exprs: &[Expr]) -> Vec<RuleExpr> {
+    let mut b = MessageBuilder::new(0, 0);
+    write_expressions(&mut b, exprs);
+    let attrs = attrs_of(b);
+    // write_expressions wraps the list in one NFTA_RULE_EXPRESSIONS nest; the dump's
+    // expression bytes are that nest's payload.
+    parse_expressions(attrs.get(4..).unwrap_or_default())
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used, clippy::expect_used)]
+mod tests {
+    use super::*;
+
+    fn settings() -> NatSettings {
+        NatSettings {
+            vms_bridge: "vmbr0".into(),
+            vm_subnet: "10.10.0.0/24".parse().unwrap(),
+            wg_iface: Some("wg0".into()),
+            external_iface: None,
+        }
+    }
+
+    #[test]
+    fn element_round_trips() {
+        let m = PortMap {
+            proto: Proto::Udp,
+            listen_port: 40000,
+            target_ip: Ipv4Addr::new(10, 10, 0, 7),
+            target_port: 53,
+        };
+        let e = element(&m);
+        assert_eq!(e.key(), &40000u16.to_be_bytes());
+        let Some(nlink::netlink::nftables::SetElementData::Value(v)) = e.data() else {
+            panic!("element carries no value: {e:?}");
+        };
+        assert_eq!(v, &[10, 10, 0, 7, 0, 53, 0, 0]);
+        assert_eq!(decode_element(Proto::Udp, e.key(), v), Some(m));
+        assert_eq!(decode_element(Proto::Udp, &[1], v), None);
+        assert_eq!(decode_element(Proto::Udp, e.key(), &v[..6]), None);
+    }
+
+    #[test]
+    fn one_dnat_rule_per_protocol_and_optional_wg_rule() {
+        let c = chains(&settings());
+        let names: Vec<_> = c.iter().map(|c| c.name).collect();
+        assert_eq!(
+            names,
+            [
+                CHAIN_PREROUTING,
+                CHAIN_OUTPUT,
+                CHAIN_FORWARD,
+                CHAIN_POSTROUTING
+            ]
+        );
+        assert_eq!(c[0].rules.len(), 2);
+        assert_eq!(
+            c[0].rules[0].nft,
+            "fib daddr type local meta l4proto tcp dnat ip to tcp dport map @tcp_ports"
+        );
+        let post: Vec<_> = c[3].rules.iter().map(|r| r.nft.as_str()).collect();
+        assert_eq!(
+            post,
+            [
+                "ct status dnat oifname \"vmbr0\" masquerade",
+                "oifname \"wg0\" masquerade",
+                "ip saddr 10.10.0.0/24 ip daddr != 10.10.0.0/24 oifname != \"vmbr0\" masquerade",
+            ]
+        );
+
+        let mut s = settings();
+        s.wg_iface = None;
+        s.external_iface = Some("eth0".into());
+        let post: Vec<_> = chains(&s)[3].rules.iter().map(|r| r.nft.clone()).collect();
+        assert_eq!(post.len(), 2);
+        assert!(post[1].ends_with("oifname \"eth0\" masquerade"));
+    }
+
+    #[test]
+    fn host_subnet_has_no_mask() {
+        let net: Ipv4Network = "10.1.2.3/32".parse().unwrap();
+        assert_eq!(ip_addr_in(IPV4_SADDR_OFFSET, CmpOp::Eq, net).len(), 2);
+        let net: Ipv4Network = "10.1.2.0/24".parse().unwrap();
+        assert_eq!(ip_addr_in(IPV4_SADDR_OFFSET, CmpOp::Eq, net).len(), 3);
+    }
+
+    #[test]
+    fn raw_nat_decodes_as_register_dnat() {
+        let d = decoded(&[dnat_from_registers(Register::R0, Register::Reg32_01)]);
+        assert_eq!(d.len(), 1);
+        assert!(matches!(d[0], RuleExpr::Nat { .. }), "{d:?}");
+    }
+}

@@ -1,0 +1,611 @@
+//! Kernel tests, each in its own network namespace (see `crate::net::testns`).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::BTreeSet;
+use std::io::{Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream, UdpSocket};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use super::*;
+use crate::net::testns::{NamedNetns, in_private_netns, run, run_with_input, spawn_in_named};
+
+const BRIDGE: &str = "vmbr-t";
+
+fn settings() -> NatSettings {
+    NatSettings {
+        vms_bridge: BRIDGE.into(),
+        vm_subnet: "10.200.2.0/24".parse().unwrap(),
+        wg_iface: Some("wg-t".into()),
+        external_iface: None,
+    }
+}
+
+fn pm(proto: Proto, listen_port: u16, target_ip: [u8; 4], target_port: u16) -> PortMap {
+    PortMap {
+        proto,
+        listen_port,
+        target_ip: Ipv4Addr::from(target_ip),
+        target_port,
+    }
+}
+
+fn nft_json(args: &str) -> serde_json::Value {
+    serde_json::from_str(&run(&format!("nft -j {args}"))).unwrap()
+}
+
+/// The rules of one chain of our table, as `nft -j` lists them.
+fn listed_rules(chain: &str) -> Vec<serde_json::Value> {
+    let v = nft_json(&format!("list chain ip {} {chain}", ruleset::TABLE));
+    v["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("rule").cloned())
+        .collect()
+}
+
+#[test]
+fn apply_read_and_nft_agree() {
+    in_private_netns(|| async {
+        let nft = Nft::new(settings()).unwrap();
+        assert_eq!(nft.read().await.unwrap(), None);
+
+        let maps = [
+            pm(Proto::Tcp, 8080, [10, 200, 2, 10], 80),
+            pm(Proto::Tcp, 2222, [10, 200, 2, 11], 22),
+            pm(Proto::Udp, 5353, [10, 200, 2, 10], 53),
+        ];
+        nft.apply_all(&maps).await.unwrap();
+
+        let state = nft.read().await.unwrap().expect("table exists");
+        assert!(state.structure_ok, "{:?}", state.problems);
+        assert_eq!(state.maps, maps.iter().copied().collect::<BTreeSet<_>>());
+        assert!(diff(&maps, Some(&state)).is_empty());
+
+        // The nft CLI reads the same thing back.
+        let text = run(&format!("nft list table ip {}", ruleset::TABLE));
+        assert!(
+            text.contains("type inet_service : ipv4_addr . inet_service"),
+            "{text}"
+        );
+        assert!(text.contains("8080 : 10.200.2.10 . 80"), "{text}");
+        assert!(text.contains("5353 : 10.200.2.10 . 53"), "{text}");
+        assert!(
+            // nft elides `meta l4proto tcp`, implied by `tcp dport`.
+            text.contains("fib daddr type local dnat ip to tcp dport map @tcp_ports"),
+            "{text}"
+        );
+        assert!(
+            text.contains("ct status dnat oifname \"vmbr-t\" masquerade"),
+            "{text}"
+        );
+        assert!(text.contains("comment \"node-vm-agent\""), "{text}");
+        let pre = listed_rules("prerouting");
+        assert_eq!(pre.len(), 2, "one rule per protocol, not per port");
+        assert_eq!(listed_rules("output").len(), 2);
+        assert_eq!(listed_rules("forward").len(), 1);
+        assert_eq!(listed_rules("postrouting").len(), 3);
+        let chains = nft_json(&format!("list table ip {}", ruleset::TABLE));
+        let chain_of = |name: &str| {
+            chains["nftables"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find_map(|o| o.get("chain").filter(|c| c["name"] == name).cloned())
+                .unwrap()
+        };
+        assert_eq!(chain_of("prerouting")["hook"], "prerouting");
+        assert_eq!(chain_of("prerouting")["prio"], -100);
+        assert_eq!(chain_of("output")["prio"], -100);
+        assert_eq!(chain_of("postrouting")["prio"], 100);
+        assert_eq!(chain_of("forward")["type"], "filter");
+    });
+}
+
+#[test]
+fn apply_twice_and_single_element_changes() {
+    in_private_netns(|| async {
+        let nft = Nft::new(settings()).unwrap();
+        let a = pm(Proto::Tcp, 8080, [10, 200, 2, 10], 80);
+        let b = pm(Proto::Udp, 8080, [10, 200, 2, 10], 80);
+        let c = pm(Proto::Tcp, 9090, [10, 200, 2, 12], 90);
+        nft.apply_all(&[a, b]).await.unwrap();
+        // A second apply replaces the whole table, whatever was in it.
+        nft.apply_all(&[a, c]).await.unwrap();
+        let maps = |s: Option<KernelState>| s.unwrap().maps.into_iter().collect::<Vec<_>>();
+        assert_eq!(maps(nft.read().await.unwrap()), [a, c]);
+
+        nft.add(&b).await.unwrap();
+        assert_eq!(maps(nft.read().await.unwrap()), [a, c, b]);
+
+        // Adding the same key with another target is refused, not silently changed.
+        let err = nft
+            .add(&pm(Proto::Udp, 8080, [10, 200, 2, 99], 80))
+            .await
+            .unwrap_err();
+        assert!(err.errno().is_some(), "{err}");
+
+        nft.remove(&a).await.unwrap();
+        assert_eq!(maps(nft.read().await.unwrap()), [c, b]);
+        // Removing what is not there is ENOENT, with the kernel's reason.
+        let err = nft.remove(&a).await.unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        assert_eq!(err.reason(), "No such file or directory");
+
+        let c2 = pm(Proto::Tcp, 9090, [10, 200, 2, 13], 91);
+        nft.replace(&c, &c2).await.unwrap();
+        assert_eq!(maps(nft.read().await.unwrap()), [c2, b]);
+        // A replace whose delete half fails changes nothing.
+        let err = nft.replace(&a, &pm(Proto::Tcp, 1, [10, 0, 0, 1], 1)).await;
+        assert!(err.unwrap_err().is_not_found());
+        let state = nft.read().await.unwrap().unwrap();
+        assert!(state.structure_ok);
+        assert_eq!(state.maps.into_iter().collect::<Vec<_>>(), [c2, b]);
+
+        assert!(nft.delete_table().await.unwrap());
+        assert!(!nft.delete_table().await.unwrap());
+        assert_eq!(nft.read().await.unwrap(), None);
+        // Element operations on a missing table say so.
+        assert!(nft.add(&a).await.unwrap_err().is_not_found());
+    });
+}
+
+#[test]
+fn refused_apply_keeps_the_old_table() {
+    in_private_netns(|| async {
+        let nft = Nft::new(settings()).unwrap();
+        let a = pm(Proto::Tcp, 8080, [10, 200, 2, 10], 80);
+        let b = pm(Proto::Tcp, 9090, [10, 200, 2, 11], 90);
+        // Duplicate keys are caught before anything is sent.
+        let dup = [a, pm(Proto::Tcp, 8080, [10, 200, 2, 11], 81)];
+        assert!(matches!(
+            nft.apply_all(&dup).await,
+            Err(NftError::Invalid(_))
+        ));
+
+        // A table owned by another socket cannot be destroyed by ours: the kernel
+        // refuses the batch at its first operation and must roll back all of it.
+        let owner = Connection::<Nftables>::new().unwrap();
+        owner
+            .add_table_with_flags(
+                ruleset::TABLE,
+                ruleset::FAMILY,
+                nlink::netlink::nftables::NFT_TABLE_F_OWNER,
+            )
+            .await
+            .unwrap();
+        owner.add_set(ruleset::map(Proto::Tcp)).await.unwrap();
+        owner
+            .add_set_elements(&ruleset::map(Proto::Tcp), &[ruleset::element(&a)])
+            .await
+            .unwrap();
+        let err = nft.apply_all(&[b]).await.unwrap_err();
+        assert_eq!(err.errno(), Some(libc::EPERM), "{err}");
+        assert_eq!(err.reason(), "Operation not permitted");
+        assert!(err.to_string().contains("Operation not permitted"), "{err}");
+        let state = nft.read().await.unwrap().unwrap();
+        assert_eq!(state.maps.into_iter().collect::<Vec<_>>(), [a]);
+        assert!(!state.structure_ok);
+
+        // The owner's table goes with its socket; then apply_all works again.
+        drop(owner);
+        nft.apply_all(&[b]).await.unwrap();
+        assert_eq!(nft.read().await.unwrap().unwrap().maps.len(), 1);
+    });
+}
+
+#[test]
+fn diff_sees_outside_changes() {
+    in_private_netns(|| async {
+        let nft = Nft::new(settings()).unwrap();
+        let maps = [
+            pm(Proto::Tcp, 8080, [10, 200, 2, 10], 80),
+            pm(Proto::Udp, 5353, [10, 200, 2, 10], 53),
+        ];
+        nft.apply_all(&maps).await.unwrap();
+        assert!(diff(&maps, nft.read().await.unwrap().as_ref()).is_empty());
+
+        run(&format!(
+            "nft delete element ip {} tcp_ports {{ 8080 }}",
+            ruleset::TABLE
+        ));
+        let d = diff(&maps, nft.read().await.unwrap().as_ref());
+        assert_eq!(d.missing, [maps[0]]);
+        assert!(d.elements_only(), "{d}");
+
+        run(&format!(
+            "nft add element ip {} udp_ports {{ 7000 : 10.200.2.50 . 7000 }}",
+            ruleset::TABLE
+        ));
+        let d = diff(&maps, nft.read().await.unwrap().as_ref());
+        assert_eq!(d.extra, [pm(Proto::Udp, 7000, [10, 200, 2, 50], 7000)]);
+
+        run(&format!("nft flush chain ip {} prerouting", ruleset::TABLE));
+        let state = nft.read().await.unwrap().unwrap();
+        assert!(!state.structure_ok);
+        let d = diff(&maps, Some(&state));
+        assert!(!d.elements_only());
+        assert!(d.to_string().contains("chain prerouting: rule"), "{d}");
+
+        // A changed rule is caught too, not only a missing one.
+        nft.apply_all(&maps).await.unwrap();
+        run(&format!(
+            "nft add rule ip {} forward meta l4proto tcp accept",
+            ruleset::TABLE
+        ));
+        let d = diff(&maps, nft.read().await.unwrap().as_ref());
+        assert!(
+            d.to_string().contains("chain forward: unexpected rule"),
+            "{d}"
+        );
+
+        nft.apply_all(&maps).await.unwrap();
+        run(&format!("nft delete table ip {}", ruleset::TABLE));
+        let d = diff(&maps, nft.read().await.unwrap().as_ref());
+        assert!(d.table_missing);
+        assert_eq!(d.missing.len(), 2);
+    });
+}
+
+fn many_maps(n: usize) -> Vec<PortMap> {
+    (0..n)
+        .map(|i| {
+            let proto = if i % 2 == 0 { Proto::Tcp } else { Proto::Udp };
+            let port = 20000 + (i / 2) as u16;
+            pm(
+                proto,
+                port,
+                [10, 200, (i % 250) as u8, (i % 200 + 2) as u8],
+                (i % 60000 + 1) as u16,
+            )
+        })
+        .collect()
+}
+
+#[test]
+fn thirty_thousand_maps_in_one_transaction() {
+    in_private_netns(|| async {
+        let nft = Nft::new(settings()).unwrap();
+        let maps = many_maps(30_000);
+        let started = Instant::now();
+        nft.apply_all(&maps).await.unwrap();
+        let applied = started.elapsed();
+        let state = nft.read().await.unwrap().unwrap();
+        assert!(state.structure_ok, "{:?}", state.problems);
+        assert_eq!(state.maps.len(), 30_000);
+        assert_eq!(state.maps, maps.iter().copied().collect::<BTreeSet<_>>());
+        // And again over the existing table: still one transaction.
+        nft.apply_all(&maps[..10_000]).await.unwrap();
+        let reapplied = started.elapsed() - applied;
+        assert_eq!(nft.read().await.unwrap().unwrap().maps.len(), 10_000);
+        eprintln!("apply_all: 30,000 maps in {applied:?}; 10,000 over them in {reapplied:?}");
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Real traffic: client netns -- node (the test's private netns) -- bridge -- vm netns
+// ---------------------------------------------------------------------------
+
+const NODE_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 1, 1);
+const BRIDGE_IP: Ipv4Addr = Ipv4Addr::new(10, 200, 2, 1);
+const VM_IP: [u8; 4] = [10, 200, 2, 10];
+const VM_TCP_PORT: u16 = 80;
+const VM_UDP_PORT: u16 = 53;
+
+/// The two named namespaces around the node, and the VM's servers. Dropping it
+/// stops the servers and deletes the namespaces, also when the test panics.
+struct Topology {
+    client: NamedNetns,
+    vm: NamedNetns,
+    stop: Arc<AtomicBool>,
+}
+
+impl Topology {
+    /// Must be called on the node's (private) namespace thread.
+    fn new() -> Self {
+        let client = NamedNetns::new("c");
+        let vm = NamedNetns::new("v");
+        run(&format!(
+            "ip link add to-client type veth peer name eth0 netns {}",
+            client.name
+        ));
+        run(&format!("ip addr add {NODE_IP}/24 dev to-client"));
+        run("ip link set to-client up");
+        client.exec("ip addr add 10.200.1.2/24 dev eth0");
+        client.exec("ip link set eth0 up");
+        client.exec("ip link set lo up");
+
+        run(&format!("ip link add {BRIDGE} type bridge"));
+        run(&format!("ip addr add {BRIDGE_IP}/24 dev {BRIDGE}"));
+        run(&format!("ip link set {BRIDGE} up"));
+        run(&format!(
+            "ip link add to-vm type veth peer name eth0 netns {}",
+            vm.name
+        ));
+        run(&format!("ip link set to-vm master {BRIDGE}"));
+        run("ip link set to-vm up");
+        // Where br_netfilter is loaded (it is on these machines), a VM -> node -> VM
+        // connection is DNAT'd at bridge level and bridged back out of the port it
+        // came in on, which a bridge only does in hairpin mode. Without it only that
+        // hairpin case fails; client -> VM is unaffected.
+        run("ip link set to-vm type bridge_slave hairpin on");
+        vm.exec(&format!(
+            "ip addr add {}/24 dev eth0",
+            Ipv4Addr::from(VM_IP)
+        ));
+        vm.exec("ip link set eth0 up");
+        vm.exec("ip link set lo up");
+        vm.exec(&format!("ip route add default via {BRIDGE_IP}"));
+        assert!(crate::net::link::enable_ip_forward().unwrap());
+
+        let stop = Arc::new(AtomicBool::new(false));
+        let topo = Self { client, vm, stop };
+        topo.serve();
+        topo
+    }
+
+    /// A TCP server that answers `vm:<peer address>` (so a test sees the source the
+    /// VM saw) and a UDP echo, both inside the vm namespace, bounded by `stop`.
+    fn serve(&self) {
+        let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+        let (stop, ready) = (self.stop.clone(), ready_tx.clone());
+        spawn_in_named(&self.vm.name, move || {
+            let l = TcpListener::bind(("0.0.0.0", VM_TCP_PORT)).unwrap();
+            l.set_nonblocking(true).unwrap();
+            ready.send(()).unwrap();
+            while !stop.load(Ordering::Relaxed) {
+                match l.accept() {
+                    Ok((mut s, peer)) => {
+                        s.set_nonblocking(false).unwrap();
+                        let _ = write!(s, "vm:{peer}");
+                    }
+                    Err(_) => std::thread::sleep(Duration::from_millis(5)),
+                }
+            }
+        });
+        let stop = self.stop.clone();
+        spawn_in_named(&self.vm.name, move || {
+            let u = UdpSocket::bind(("0.0.0.0", VM_UDP_PORT)).unwrap();
+            u.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
+            ready_tx.send(()).unwrap();
+            let mut buf = [0u8; 512];
+            while !stop.load(Ordering::Relaxed) {
+                if let Ok((n, peer)) = u.recv_from(&mut buf) {
+                    let mut answer = b"vm-udp:".to_vec();
+                    answer.extend_from_slice(&buf[..n]);
+                    let _ = u.send_to(&answer, peer);
+                }
+            }
+        });
+        for _ in 0..2 {
+            ready_rx.recv_timeout(Duration::from_secs(5)).unwrap();
+        }
+    }
+}
+
+impl Drop for Topology {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+    }
+}
+
+fn tcp_get_here(addr: SocketAddr) -> Option<String> {
+    let mut s = TcpStream::connect_timeout(&addr, Duration::from_secs(1)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(2))).ok()?;
+    let mut answer = String::new();
+    s.read_to_string(&mut answer).ok()?;
+    Some(answer)
+}
+
+fn udp_ask_here(addr: SocketAddr) -> Option<String> {
+    let u = UdpSocket::bind("0.0.0.0:0").ok()?;
+    u.set_read_timeout(Some(Duration::from_millis(500))).ok()?;
+    u.send_to(b"ping", addr).ok()?;
+    let mut buf = [0u8; 512];
+    let (n, _) = u.recv_from(&mut buf).ok()?;
+    Some(String::from_utf8_lossy(&buf[..n]).into_owned())
+}
+
+/// TCP request from inside a named namespace.
+fn tcp_get(ns: &NamedNetns, port: u16) -> Option<String> {
+    let addr = SocketAddr::from((NODE_IP, port));
+    spawn_in_named(&ns.name, move || tcp_get_here(addr))
+        .join()
+        .unwrap()
+}
+
+fn udp_ask(ns: &NamedNetns, port: u16) -> Option<String> {
+    let addr = SocketAddr::from((NODE_IP, port));
+    spawn_in_named(&ns.name, move || udp_ask_here(addr))
+        .join()
+        .unwrap()
+}
+
+#[test]
+fn mapped_ports_carry_real_traffic() {
+    in_private_netns(|| async {
+        let topo = Topology::new();
+        let nft = Nft::new(settings()).unwrap();
+        let tcp = pm(Proto::Tcp, 18080, VM_IP, VM_TCP_PORT);
+        let udp = pm(Proto::Udp, 15353, VM_IP, VM_UDP_PORT);
+        nft.apply_all(&[tcp, udp]).await.unwrap();
+
+        // client -> node:18080 -> vm:80; the vm sees the node's bridge address.
+        let answer = tcp_get(&topo.client, 18080).expect("mapped tcp port answers");
+        assert!(answer.starts_with(&format!("vm:{BRIDGE_IP}:")), "{answer}");
+        assert_eq!(udp_ask(&topo.client, 15353).as_deref(), Some("vm-udp:ping"));
+        // Unmapped ports reach nothing.
+        assert_eq!(tcp_get(&topo.client, 18081), None);
+        assert_eq!(udp_ask(&topo.client, 15354), None);
+        // Hairpin: the node itself, and a VM through the node back to a VM.
+        let here = tcp_get_here(SocketAddr::from((NODE_IP, 18080)));
+        assert!(here.is_some_and(|a| a.starts_with("vm:")));
+        let from_vm = tcp_get(&topo.vm, 18080).expect("vm -> node -> vm hairpin");
+        assert!(
+            from_vm.starts_with(&format!("vm:{BRIDGE_IP}:")),
+            "{from_vm}"
+        );
+
+        // Removing the element stops new connections at once.
+        nft.remove(&tcp).await.unwrap();
+        assert_eq!(tcp_get(&topo.client, 18080), None);
+        nft.remove(&udp).await.unwrap();
+        assert_eq!(udp_ask(&topo.client, 15353), None);
+        // And a replace moves a port to another target atomically.
+        nft.add(&tcp).await.unwrap();
+        assert!(tcp_get(&topo.client, 18080).is_some());
+        let moved = pm(Proto::Tcp, 18080, VM_IP, 81);
+        nft.replace(&tcp, &moved).await.unwrap();
+        assert_eq!(tcp_get(&topo.client, 18080), None, "nothing listens on :81");
+    });
+}
+
+// ---------------------------------------------------------------------------
+// Next to libvirt's forward rejects
+// ---------------------------------------------------------------------------
+
+/// What libvirt 9 writes through iptables-nft, reduced to the part that matters.
+const IPTABLES_NFT_LIBVIRT: &str = r#"
+table ip filter {
+    chain LIBVIRT_FWI {
+        oifname "vmbr-t" ct state related,established counter accept
+        oifname "vmbr-t" counter reject
+    }
+    chain FORWARD {
+        type filter hook forward priority filter; policy accept;
+        counter comment "not-ours"
+        counter jump LIBVIRT_FWI
+    }
+}
+"#;
+
+/// The comments of a chain's rules, in order (`None` for a rule without one).
+fn chain_comments(table: &str, chain: &str) -> Vec<Option<String>> {
+    nft_json(&format!("list chain ip {table} {chain}"))["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .map(|r| r.get("comment").and_then(|c| c.as_str()).map(str::to_owned))
+        .collect()
+}
+
+fn tagged() -> Option<String> {
+    Some(ruleset::RULE_TAG.to_owned())
+}
+
+#[test]
+fn forward_accept_beats_iptables_nft_libvirt_reject() {
+    in_private_netns(|| async {
+        let topo = Topology::new();
+        let nft = Nft::new(settings()).unwrap();
+        // Neither libvirt table: nothing to do.
+        let report = nft.ensure_forward_accept().await.unwrap();
+        assert_eq!(report, ForwardAcceptReport::default());
+
+        nft.apply_all(&[
+            pm(Proto::Tcp, 18080, VM_IP, VM_TCP_PORT),
+            pm(Proto::Udp, 15353, VM_IP, VM_UDP_PORT),
+        ])
+        .await
+        .unwrap();
+        run_with_input("nft -f -", Some(IPTABLES_NFT_LIBVIRT));
+        assert_eq!(tcp_get(&topo.client, 18080), None, "libvirt rejects it");
+
+        let report = nft.ensure_forward_accept().await.unwrap();
+        assert_eq!(
+            report.touched,
+            [ForwardChainOutcome {
+                chain: "filter FORWARD".into(),
+                inserted: true,
+                removed_stale: 0
+            }]
+        );
+        assert!(tcp_get(&topo.client, 18080).is_some_and(|a| a.starts_with("vm:")));
+        assert_eq!(udp_ask(&topo.client, 15353).as_deref(), Some("vm-udp:ping"));
+        let not_ours = Some("not-ours".to_owned());
+        assert_eq!(
+            chain_comments("filter", "FORWARD"),
+            [tagged(), not_ours.clone(), None]
+        );
+
+        // Idempotent.
+        let report = nft.ensure_forward_accept().await.unwrap();
+        assert!(!report.changed(), "{report}");
+        assert_eq!(report.already_fine, ["filter FORWARD"]);
+
+        // Someone inserts ahead of ours: ours goes back to the head, the old copy goes.
+        run("nft insert rule ip filter FORWARD counter");
+        let report = nft.ensure_forward_accept().await.unwrap();
+        assert!(report.touched[0].inserted);
+        assert_eq!(report.touched[0].removed_stale, 1);
+        assert_eq!(
+            chain_comments("filter", "FORWARD"),
+            [tagged(), None, not_ours.clone(), None]
+        );
+
+        // A stale copy further down is removed, the head one kept.
+        run(&format!(
+            "nft add rule ip filter FORWARD ct status dnat accept comment {}",
+            ruleset::RULE_TAG
+        ));
+        let report = nft.ensure_forward_accept().await.unwrap();
+        assert_eq!(
+            report.touched,
+            [ForwardChainOutcome {
+                chain: "filter FORWARD".into(),
+                inserted: false,
+                removed_stale: 1
+            }]
+        );
+
+        // Removal takes ours only, and libvirt's reject is back in force.
+        assert_eq!(nft.remove_forward_accept().await.unwrap(), 1);
+        assert_eq!(chain_comments("filter", "FORWARD"), [None, not_ours, None]);
+        assert_eq!(chain_comments("filter", "LIBVIRT_FWI").len(), 2);
+        assert_eq!(tcp_get(&topo.client, 18080), None);
+        assert_eq!(nft.remove_forward_accept().await.unwrap(), 0);
+    });
+}
+
+#[test]
+fn forward_accept_in_libvirt_nftables_backend() {
+    in_private_netns(|| async {
+        run_with_input(
+            "nft -f -",
+            Some(
+                r#"
+table ip libvirt_network {
+    chain forward {
+        type filter hook forward priority filter; policy accept;
+        counter jump guest_input
+    }
+    chain guest_input {
+        oifname "virbr0" counter reject
+    }
+}
+"#,
+            ),
+        );
+        let nft = Nft::new(settings()).unwrap();
+        let report = nft.ensure_forward_accept().await.unwrap();
+        assert_eq!(report.touched.len(), 1);
+        assert_eq!(report.touched[0].chain, "libvirt_network forward");
+        assert_eq!(
+            chain_comments("libvirt_network", "forward"),
+            [tagged(), None]
+        );
+        let text = run("nft list chain ip libvirt_network forward");
+        assert!(
+            text.contains("ct status dnat accept comment \"node-vm-agent\""),
+            "{text}"
+        );
+        assert!(!nft.ensure_forward_accept().await.unwrap().changed());
+        assert_eq!(nft.remove_forward_accept().await.unwrap(), 1);
+        assert_eq!(chain_comments("libvirt_network", "forward"), [None]);
+        assert_eq!(chain_comments("libvirt_network", "guest_input"), [None]);
+    });
+}

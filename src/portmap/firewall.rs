@@ -1,0 +1,147 @@
+//! The port maps' view of the kernel: a small blocking trait, so the domain logic can be
+//! unit-tested against memory and run against nftables in production.
+
+use std::collections::BTreeSet;
+use std::sync::Mutex;
+
+use super::PortMap;
+
+/// Why the kernel (or the fake) refused a change; the text is shown to API clients.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{0}")]
+pub struct FirewallError(pub String);
+
+/// What the port-map logic needs from the packet filter. Every method is one atomic
+/// change; implementations block (call them off the async runtime).
+pub trait Firewall: Send + Sync + 'static {
+    /// Rewrites everything (table, maps with all elements, chains, rules) in one
+    /// transaction.
+    fn apply_all(&self, maps: &[PortMap]) -> Result<(), FirewallError>;
+    fn add(&self, map: &PortMap) -> Result<(), FirewallError>;
+    fn remove(&self, map: &PortMap) -> Result<(), FirewallError>;
+    /// Points `old.listen_port` at `new`'s target in one transaction.
+    fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), FirewallError>;
+    /// Human-readable differences between the kernel and `desired`; empty when in sync.
+    fn drift(&self, desired: &[PortMap]) -> Result<Vec<String>, FirewallError>;
+    /// Makes sure forwarded DNAT traffic gets past libvirt's reject rules; returns what it
+    /// changed.
+    fn ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError>;
+    /// Removes every trace of the agent from the kernel.
+    fn cleanup(&self) -> Result<(), FirewallError>;
+}
+
+/// An in-memory firewall for fast unit tests; `fail_next` makes the next change fail.
+#[derive(Default)]
+pub struct MemoryFirewall {
+    state: Mutex<(Option<BTreeSet<PortMap>>, Option<String>)>,
+}
+
+impl MemoryFirewall {
+    pub fn maps(&self) -> Option<BTreeSet<PortMap>> {
+        self.state.lock().ok().and_then(|s| s.0.clone())
+    }
+
+    pub fn fail_next(&self, reason: &str) {
+        if let Ok(mut s) = self.state.lock() {
+            s.1 = Some(reason.to_string());
+        }
+    }
+
+    /// Simulates someone deleting the table.
+    pub fn wipe(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.0 = None;
+        }
+    }
+
+    fn change(
+        &self,
+        f: impl FnOnce(&mut BTreeSet<PortMap>) -> Result<(), FirewallError>,
+    ) -> Result<(), FirewallError> {
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| FirewallError("poisoned".into()))?;
+        if let Some(reason) = s.1.take() {
+            return Err(FirewallError(reason));
+        }
+        let maps =
+            s.0.as_mut()
+                .ok_or_else(|| FirewallError("No such file or directory (table missing)".into()))?;
+        f(maps)
+    }
+}
+
+impl Firewall for MemoryFirewall {
+    fn apply_all(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
+        let mut s = self
+            .state
+            .lock()
+            .map_err(|_| FirewallError("poisoned".into()))?;
+        if let Some(reason) = s.1.take() {
+            return Err(FirewallError(reason));
+        }
+        s.0 = Some(maps.iter().copied().collect());
+        Ok(())
+    }
+
+    fn add(&self, map: &PortMap) -> Result<(), FirewallError> {
+        self.change(|m| {
+            if m.iter()
+                .any(|x| x.proto == map.proto && x.listen_port == map.listen_port)
+            {
+                return Err(FirewallError("File exists".into()));
+            }
+            m.insert(*map);
+            Ok(())
+        })
+    }
+
+    fn remove(&self, map: &PortMap) -> Result<(), FirewallError> {
+        self.change(|m| {
+            if m.remove(map) {
+                Ok(())
+            } else {
+                Err(FirewallError("No such file or directory".into()))
+            }
+        })
+    }
+
+    fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), FirewallError> {
+        self.change(|m| {
+            if !m.remove(old) {
+                return Err(FirewallError("No such file or directory".into()));
+            }
+            m.insert(*new);
+            Ok(())
+        })
+    }
+
+    fn drift(&self, desired: &[PortMap]) -> Result<Vec<String>, FirewallError> {
+        let s = self
+            .state
+            .lock()
+            .map_err(|_| FirewallError("poisoned".into()))?;
+        let Some(have) = &s.0 else {
+            return Ok(vec!["table missing".into()]);
+        };
+        let want: BTreeSet<PortMap> = desired.iter().copied().collect();
+        let mut out = Vec::new();
+        for m in want.difference(have) {
+            out.push(format!("missing {m:?}"));
+        }
+        for m in have.difference(&want) {
+            out.push(format!("unexpected {m:?}"));
+        }
+        Ok(out)
+    }
+
+    fn ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError> {
+        Ok(Vec::new())
+    }
+
+    fn cleanup(&self) -> Result<(), FirewallError> {
+        self.wipe();
+        Ok(())
+    }
+}

@@ -1,0 +1,434 @@
+//! Port-map operations: validate, write the desired state in one SQLite transaction, apply
+//! it to the kernel inside that transaction, commit only if the kernel agreed.
+//!
+//! Every method blocks; callers on the async runtime use `spawn_blocking`. The store's
+//! connection lock is held across the kernel change, so concurrent requests reach SQLite
+//! and the kernel in the same order and the two never disagree.
+
+use std::sync::{Arc, RwLock};
+
+use bytes::Bytes;
+
+use super::firewall::{Firewall, FirewallError};
+use super::policy::{Policy, PolicyError};
+use super::{PortMap, Proto};
+use crate::store::audit::{self, Entry, Outcome};
+use crate::store::portmaps::{self, PortMapRow};
+use crate::store::{Store, StoreError};
+
+#[derive(Debug, thiserror::Error)]
+pub enum PortMapError {
+    /// Refused by policy (reserved port, target outside the VM networks).
+    #[error(transparent)]
+    Policy(#[from] PolicyError),
+    /// The listen port is mapped to another target and the request did not ask to replace.
+    #[error(
+        "{proto} listen_port {listen_port} is already mapped to {target}; \
+         send \"replace\": true to switch it"
+    )]
+    Conflict {
+        proto: Proto,
+        listen_port: u16,
+        target: String,
+    },
+    /// The kernel refused the change; nothing was stored.
+    #[error("nftables refused the change: {0}")]
+    Kernel(#[from] FirewallError),
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+/// What a create did.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum CreateOutcome {
+    Created,
+    /// The same map existed already: nothing changed.
+    Unchanged,
+    /// The listen port pointed elsewhere and was switched.
+    Replaced {
+        previous: PortMap,
+    },
+}
+
+/// What a reconcile found and did.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ReconcileReport {
+    /// Differences found between the kernel and the database before repairing.
+    pub drift: Vec<String>,
+    /// Whether the whole table was rewritten.
+    pub rewritten: bool,
+    /// Changes made to keep forwarded DNAT traffic past libvirt's reject rules.
+    pub forward_accept: Vec<String>,
+    /// Maps in the database (and so in the kernel afterwards).
+    pub maps: usize,
+}
+
+impl ReconcileReport {
+    pub fn changed(&self) -> bool {
+        self.rewritten || !self.forward_accept.is_empty()
+    }
+}
+
+pub struct PortMaps {
+    store: Store,
+    fw: Arc<dyn Firewall>,
+    policy: Policy,
+    /// The serialized `GET /ports` rules object; filled and cleared under the store lock.
+    list_cache: RwLock<Option<Bytes>>,
+}
+
+impl PortMaps {
+    pub fn new(store: Store, fw: Arc<dyn Firewall>, policy: Policy) -> Self {
+        Self {
+            store,
+            fw,
+            policy,
+            list_cache: RwLock::new(None),
+        }
+    }
+
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn invalidate(&self) {
+        if let Ok(mut c) = self.list_cache.write() {
+            *c = None;
+        }
+    }
+
+    /// Creates (or, with `replace`, re-targets) a map.
+    pub fn create(
+        &self,
+        map: PortMap,
+        replace: bool,
+        by: &str,
+    ) -> Result<CreateOutcome, PortMapError> {
+        self.policy.check(&map)?;
+        let outcome = self.store.transaction(|tx| {
+            let outcome = match portmaps::get(tx, map.proto, map.listen_port)? {
+                Some(row) if row.map == map => return Ok(CreateOutcome::Unchanged),
+                Some(row) if !replace => {
+                    return Err(PortMapError::Conflict {
+                        proto: map.proto,
+                        listen_port: map.listen_port,
+                        target: format!("{}:{}", row.map.target_ip, row.map.target_port),
+                    });
+                }
+                Some(row) => CreateOutcome::Replaced { previous: row.map },
+                None => CreateOutcome::Created,
+            };
+            portmaps::upsert(tx, &map, by)?;
+            // The kernel goes last: if it refuses, the transaction rolls back.
+            match outcome {
+                CreateOutcome::Replaced { previous } => self.fw.replace(&previous, &map)?,
+                _ => self.fw.add(&map)?,
+            }
+            Ok(outcome)
+        });
+        match outcome {
+            Err(PortMapError::Store(e)) => {
+                // The commit itself failed after the kernel changed (disk full, I/O):
+                // put the kernel back so both still agree.
+                self.resync_after_failed_commit();
+                Err(e.into())
+            }
+            Ok(o) => {
+                if o != CreateOutcome::Unchanged {
+                    self.invalidate();
+                }
+                Ok(o)
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// Deletes a map; `None` when there was none.
+    pub fn delete(&self, proto: Proto, listen_port: u16) -> Result<Option<PortMap>, PortMapError> {
+        let deleted = self.store.transaction(|tx| {
+            let Some(row) = portmaps::get(tx, proto, listen_port)? else {
+                return Ok(None);
+            };
+            portmaps::delete(tx, proto, listen_port)?;
+            self.fw.remove(&row.map)?;
+            Ok(Some(row.map))
+        });
+        match deleted {
+            Err(PortMapError::Store(e)) => {
+                self.resync_after_failed_commit();
+                Err(e.into())
+            }
+            Ok(Some(m)) => {
+                self.invalidate();
+                Ok(Some(m))
+            }
+            other => other,
+        }
+    }
+
+    fn resync_after_failed_commit(&self) {
+        if let Err(e) = self.reconcile() {
+            tracing::error!(error = %e, "kernel and database may disagree until the next reconcile");
+        }
+    }
+
+    pub fn list(&self) -> Result<Vec<PortMapRow>, PortMapError> {
+        Ok(self.store.with(portmaps::list)?)
+    }
+
+    /// The `rules` object of `GET /ports` if it is cached (no blocking).
+    pub fn cached_rules_json(&self) -> Option<Bytes> {
+        self.list_cache.read().ok().and_then(|c| c.clone())
+    }
+
+    /// The `rules` object of `GET /ports` as JSON, keyed by rule id, cached until the
+    /// next change.
+    pub fn rules_json(&self) -> Result<Bytes, PortMapError> {
+        if let Some(v) = self.cached_rules_json() {
+            return Ok(v);
+        }
+        // Built under the store lock so that a change cannot slip in between reading the
+        // rows and filling the cache.
+        self.store.with(|conn| {
+            let rows = portmaps::list(conn)?;
+            let mut obj = serde_json::Map::with_capacity(rows.len());
+            for row in rows {
+                let mut v = serde_json::to_value(&row).map_err(|e| {
+                    PortMapError::Store(StoreError::Task(format!("serialize: {e}")))
+                })?;
+                if let Some(o) = v.as_object_mut() {
+                    o.insert("rule_id".into(), row.map.rule_id().into());
+                }
+                obj.insert(row.map.rule_id(), v);
+            }
+            let bytes =
+                Bytes::from(serde_json::to_vec(&obj).map_err(|e| {
+                    PortMapError::Store(StoreError::Task(format!("serialize: {e}")))
+                })?);
+            if let Ok(mut c) = self.list_cache.write() {
+                *c = Some(bytes.clone());
+            }
+            Ok(bytes)
+        })
+    }
+
+    /// Rewrites the kernel table from the database in one transaction; returns the number
+    /// of maps written.
+    pub fn restore(&self) -> Result<usize, PortMapError> {
+        self.store.with(|conn| {
+            let maps: Vec<PortMap> = portmaps::list(conn)?.into_iter().map(|r| r.map).collect();
+            self.fw.apply_all(&maps)?;
+            Ok(maps.len())
+        })
+    }
+
+    /// Compares the kernel with the database and repairs any difference (whole-table
+    /// rewrite, which is one cheap transaction), and keeps the libvirt accept in place.
+    pub fn reconcile(&self) -> Result<ReconcileReport, PortMapError> {
+        self.store.with(|conn| {
+            let maps: Vec<PortMap> = portmaps::list(conn)?.into_iter().map(|r| r.map).collect();
+            let drift = self.fw.drift(&maps)?;
+            let rewritten = !drift.is_empty();
+            if rewritten {
+                self.fw.apply_all(&maps)?;
+            }
+            let forward_accept = self.fw.ensure_forward_accept()?;
+            let report = ReconcileReport {
+                drift,
+                rewritten,
+                forward_accept,
+                maps: maps.len(),
+            };
+            if report.changed() {
+                audit::record(
+                    conn,
+                    &Entry {
+                        client_addr: None,
+                        identity: "agent".into(),
+                        action: "reconcile".into(),
+                        parameters: Some(
+                            serde_json::json!({
+                                "drift": report.drift,
+                                "forward_accept": report.forward_accept,
+                            })
+                            .to_string(),
+                        ),
+                        outcome: Outcome::Ok,
+                        status: None,
+                        error: None,
+                    },
+                )?;
+            }
+            Ok(report)
+        })
+    }
+
+    /// Differences between the kernel and the database, changing nothing.
+    pub fn drift(&self) -> Result<Vec<String>, PortMapError> {
+        self.store.with(|conn| {
+            let maps: Vec<PortMap> = portmaps::list(conn)?.into_iter().map(|r| r.map).collect();
+            Ok(self.fw.drift(&maps)?)
+        })
+    }
+
+    pub fn cleanup(&self) -> Result<(), PortMapError> {
+        Ok(self.fw.cleanup()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::portmap::MemoryFirewall;
+    use std::collections::BTreeMap;
+    use std::net::Ipv4Addr;
+
+    fn setup() -> (PortMaps, Arc<MemoryFirewall>) {
+        let fw = Arc::new(MemoryFirewall::default());
+        let mut reserved = BTreeMap::new();
+        reserved.insert(22, "SSH".to_string());
+        let svc = PortMaps::new(
+            Store::open_in_memory().unwrap(),
+            fw.clone(),
+            Policy::new(vec!["10.0.0.0/24".parse().unwrap()], reserved),
+        );
+        svc.restore().unwrap();
+        (svc, fw)
+    }
+
+    fn map(proto: Proto, port: u16, host: u8, target: u16) -> PortMap {
+        PortMap {
+            proto,
+            listen_port: port,
+            target_ip: Ipv4Addr::new(10, 0, 0, host),
+            target_port: target,
+        }
+    }
+
+    fn kernel(fw: &MemoryFirewall) -> Vec<PortMap> {
+        fw.maps().unwrap().into_iter().collect()
+    }
+
+    fn stored(svc: &PortMaps) -> Vec<PortMap> {
+        let mut v: Vec<_> = svc.list().unwrap().into_iter().map(|r| r.map).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn create_is_idempotent_and_conflicts_need_replace() {
+        let (svc, fw) = setup();
+        let a = map(Proto::Tcp, 8080, 2, 80);
+        assert_eq!(svc.create(a, false, "t").unwrap(), CreateOutcome::Created);
+        assert_eq!(svc.create(a, false, "t").unwrap(), CreateOutcome::Unchanged);
+        let b = map(Proto::Tcp, 8080, 3, 80);
+        assert!(matches!(
+            svc.create(b, false, "t"),
+            Err(PortMapError::Conflict { .. })
+        ));
+        assert_eq!(kernel(&fw), vec![a]);
+        assert_eq!(
+            svc.create(b, true, "t").unwrap(),
+            CreateOutcome::Replaced { previous: a }
+        );
+        assert_eq!(kernel(&fw), vec![b]);
+        assert_eq!(stored(&svc), vec![b]);
+        // The same port in UDP is another map.
+        let u = map(Proto::Udp, 8080, 2, 53);
+        svc.create(u, false, "t").unwrap();
+        assert_eq!(stored(&svc), kernel(&fw));
+    }
+
+    #[test]
+    fn a_kernel_refusal_leaves_the_database_untouched() {
+        let (svc, fw) = setup();
+        let a = map(Proto::Tcp, 8080, 2, 80);
+        svc.create(a, false, "t").unwrap();
+        fw.fail_next("Operation not permitted");
+        let err = svc
+            .create(map(Proto::Tcp, 8080, 3, 80), true, "t")
+            .unwrap_err();
+        assert!(err.to_string().contains("Operation not permitted"), "{err}");
+        assert_eq!(stored(&svc), vec![a]);
+        fw.fail_next("Operation not permitted");
+        svc.create(map(Proto::Tcp, 9090, 3, 80), false, "t")
+            .unwrap_err();
+        fw.fail_next("Operation not permitted");
+        svc.delete(Proto::Tcp, 8080).unwrap_err();
+        assert_eq!(stored(&svc), vec![a]);
+        assert_eq!(kernel(&fw), vec![a]);
+    }
+
+    #[test]
+    fn policy_refusals_change_nothing() {
+        let (svc, fw) = setup();
+        assert!(matches!(
+            svc.create(map(Proto::Tcp, 22, 2, 80), false, "t"),
+            Err(PortMapError::Policy(_))
+        ));
+        let outside = PortMap {
+            target_ip: Ipv4Addr::new(1, 1, 1, 1),
+            ..map(Proto::Tcp, 8080, 2, 80)
+        };
+        assert!(matches!(
+            svc.create(outside, false, "t"),
+            Err(PortMapError::Policy(_))
+        ));
+        assert!(stored(&svc).is_empty());
+        assert!(kernel(&fw).is_empty());
+    }
+
+    #[test]
+    fn delete_reports_whether_something_was_deleted() {
+        let (svc, fw) = setup();
+        let a = map(Proto::Udp, 5353, 2, 53);
+        svc.create(a, false, "t").unwrap();
+        assert_eq!(svc.delete(Proto::Tcp, 5353).unwrap(), None);
+        assert_eq!(svc.delete(Proto::Udp, 5353).unwrap(), Some(a));
+        assert_eq!(svc.delete(Proto::Udp, 5353).unwrap(), None);
+        assert!(kernel(&fw).is_empty());
+    }
+
+    #[test]
+    fn reconcile_repairs_a_wiped_table_and_is_quiet_when_in_sync() {
+        let (svc, fw) = setup();
+        let a = map(Proto::Tcp, 8080, 2, 80);
+        svc.create(a, false, "t").unwrap();
+        let r = svc.reconcile().unwrap();
+        assert!(!r.changed(), "{r:?}");
+        fw.wipe();
+        assert_eq!(svc.drift().unwrap(), vec!["table missing".to_string()]);
+        let r = svc.reconcile().unwrap();
+        assert!(r.rewritten);
+        assert_eq!(kernel(&fw), vec![a]);
+        let audited: i64 = svc
+            .store()
+            .with(|c| {
+                Ok::<_, StoreError>(c.query_row(
+                    "SELECT count(*) FROM audit_log WHERE action = 'reconcile'",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .unwrap();
+        assert_eq!(audited, 1);
+    }
+
+    #[test]
+    fn the_list_cache_follows_every_change() {
+        let (svc, _fw) = setup();
+        let json = |svc: &PortMaps| -> serde_json::Value {
+            serde_json::from_slice(&svc.rules_json().unwrap()).unwrap()
+        };
+        assert_eq!(json(&svc).as_object().unwrap().len(), 0);
+        svc.create(map(Proto::Tcp, 8080, 2, 80), false, "t")
+            .unwrap();
+        svc.create(map(Proto::Udp, 8080, 2, 53), false, "t")
+            .unwrap();
+        let v = json(&svc);
+        assert_eq!(v["8080"]["target_port"], 80);
+        assert_eq!(v["8080/udp"]["proto"], "udp");
+        svc.delete(Proto::Tcp, 8080).unwrap();
+        assert!(json(&svc).get("8080").is_none());
+    }
+}
