@@ -9,7 +9,7 @@ use tokio::sync::watch;
 
 use crate::api::{self, ApiToken};
 use crate::config::Settings;
-use crate::portmap::{self, Firewall, PortMaps, Policy};
+use crate::portmap::{self, Firewall, Policy, PortMaps};
 use crate::store::Store;
 
 #[derive(Debug, thiserror::Error)]
@@ -65,10 +65,13 @@ pub fn open_state(settings: &Settings) -> Result<Store, AgentError> {
 /// Runs the agent until SIGTERM/SIGINT.
 pub async fn serve(settings: Settings, fw: Arc<dyn Firewall>) -> Result<(), AgentError> {
     let store = open_state(&settings)?;
-    let (token, source) = ApiToken::load_or_create(settings.configured_token(), &settings.data_dir)?;
+    let (token, source) =
+        ApiToken::load_or_create(settings.configured_token(), &settings.data_dir)?;
     match &source {
         api::auth::TokenSource::Setting => tracing::info!("API token from API_TOKEN/PORTMAP_TOKEN"),
-        api::auth::TokenSource::File(p) => tracing::info!(path = %p.display(), "API token read from file"),
+        api::auth::TokenSource::File(p) => {
+            tracing::info!(path = %p.display(), "API token read from file")
+        }
         api::auth::TokenSource::Generated(p) => {
             tracing::info!(path = %p.display(), "API token generated (mode 0600); clients send it as Authorization: Bearer")
         }

@@ -1,1 +1,99 @@
-fn main() {}
+//! `node-vm-agent`: the command line.
+
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use clap::{Parser, Subcommand};
+use node_vm_agent::agent;
+use node_vm_agent::config::{LogFormat, Settings};
+use node_vm_agent::net::firewall::NftFirewall;
+use node_vm_agent::portmap::{Policy, PortMaps};
+
+/// Edge-node agent: maps node ports to VMs with one atomic nftables table, keeps its state
+/// in SQLite ($DATA_DIR/agent.db) and serves an authenticated REST API.
+#[derive(Parser)]
+#[command(version, about, long_about = None)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the agent: rebuild the kernel state from SQLite, serve the API, repair drift
+    /// every RECONCILE_INTERVAL seconds. Stops on SIGTERM/SIGINT.
+    Serve(Settings),
+    /// Print the differences between the database and the kernel, changing nothing.
+    /// Exit status 0: in sync; 1: drift found; 2: error.
+    Diff(Settings),
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let settings = match &cli.command {
+        Command::Serve(s) | Command::Diff(s) => s.clone(),
+    };
+    init_logging(settings.log_format);
+    let rt = match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
+        Ok(rt) => rt,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot start the async runtime");
+            return ExitCode::from(2);
+        }
+    };
+    let result = rt.block_on(async move {
+        match cli.command {
+            Command::Serve(s) => {
+                let fw = NftFirewall::from_settings(&s)
+                    .await
+                    .map_err(|e| agent::AgentError::Firewall(e.to_string()))?;
+                agent::serve(s, Arc::new(fw))
+                    .await
+                    .map(|()| ExitCode::SUCCESS)
+            }
+            Command::Diff(s) => diff(s).await,
+        }
+    });
+    match result {
+        Ok(code) => code,
+        Err(e) => {
+            tracing::error!(error = %e, "node-vm-agent failed");
+            eprintln!("node-vm-agent: {e}");
+            ExitCode::from(2)
+        }
+    }
+}
+
+async fn diff(s: Settings) -> Result<ExitCode, agent::AgentError> {
+    let store = agent::open_state(&s)?;
+    let fw = NftFirewall::from_settings_readonly(&s)
+        .await
+        .map_err(|e| agent::AgentError::Firewall(e.to_string()))?;
+    let pm = PortMaps::new(store, Arc::new(fw), Policy::from_settings(&s));
+    let lines = tokio::task::spawn_blocking(move || pm.drift())
+        .await
+        .map_err(|e| agent::AgentError::Firewall(e.to_string()))?
+        .map_err(|e| agent::AgentError::Firewall(e.to_string()))?;
+    if lines.is_empty() {
+        println!("in sync");
+        Ok(ExitCode::SUCCESS)
+    } else {
+        for l in &lines {
+            println!("{l}");
+        }
+        Ok(ExitCode::from(1))
+    }
+}

@@ -1,0 +1,132 @@
+//! The production `Firewall`: the port-map logic's blocking calls, carried out by the
+//! async nftables driver on the agent's runtime.
+
+use tokio::runtime::Handle;
+
+use super::link;
+use super::nft::{self, NatSettings, Nft, NftError};
+use crate::config::Settings;
+use crate::portmap::{Firewall, FirewallError, PortMap};
+
+pub struct NftFirewall {
+    nft: Nft,
+    rt: Handle,
+}
+
+fn err(e: NftError) -> FirewallError {
+    FirewallError(e.to_string())
+}
+
+impl NftFirewall {
+    /// Prepares the node for port maps: IPv4 forwarding on, the egress interface known
+    /// (EXTERNAL_IFACE, else the default route's), and a netlink socket in the current
+    /// network namespace. Must run on the runtime that will serve the calls.
+    pub async fn from_settings(s: &Settings) -> Result<Self, FirewallError> {
+        match link::enable_ip_forward() {
+            Ok(true) => tracing::info!("net.ipv4.ip_forward was 0; set to 1"),
+            Ok(false) => {}
+            Err(e) => return Err(FirewallError(format!("cannot enable IPv4 forwarding: {e}"))),
+        }
+        Self::from_settings_readonly(s).await
+    }
+
+    /// The same driver without touching the node's settings (for `node-vm-agent diff`).
+    pub async fn from_settings_readonly(s: &Settings) -> Result<Self, FirewallError> {
+        let external_iface = match &s.external_iface {
+            Some(i) => Some(i.clone()),
+            None => match link::default_route_iface().await {
+                Ok(Some(i)) => {
+                    tracing::info!(iface = %i, "EXTERNAL_IFACE unset: using the default route's interface");
+                    Some(i)
+                }
+                Ok(None) => {
+                    tracing::warn!(bridge = %s.vms_bridge, "EXTERNAL_IFACE unset and no default route: VM egress is masqueraded on every interface but the VM bridge");
+                    None
+                }
+                Err(e) => return Err(FirewallError(format!("cannot read the default route: {e}"))),
+            },
+        };
+        let nft = Nft::new(NatSettings {
+            vms_bridge: s.vms_bridge.clone(),
+            vm_subnet: s.vm_subnet,
+            wg_iface: Some(s.wg_iface.clone()),
+            external_iface,
+        })
+        .map_err(err)?;
+        Ok(Self {
+            nft,
+            rt: Handle::current(),
+        })
+    }
+}
+
+// Every method blocks on the runtime: callers are on blocking threads (spawn_blocking),
+// never on a runtime worker.
+impl Firewall for NftFirewall {
+    fn apply_all(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
+        self.rt.block_on(self.nft.apply_all(maps)).map_err(err)
+    }
+
+    fn add(&self, map: &PortMap) -> Result<(), FirewallError> {
+        self.rt.block_on(self.nft.add(map)).map_err(err)
+    }
+
+    fn remove(&self, map: &PortMap) -> Result<(), FirewallError> {
+        self.rt.block_on(self.nft.remove(map)).map_err(err)
+    }
+
+    fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), FirewallError> {
+        self.rt.block_on(self.nft.replace(old, new)).map_err(err)
+    }
+
+    fn drift(&self, desired: &[PortMap]) -> Result<Vec<String>, FirewallError> {
+        let kernel = self.rt.block_on(self.nft.read()).map_err(err)?;
+        let drift = nft::diff(desired, kernel.as_ref());
+        if drift.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(drift.to_string().lines().map(str::to_owned).collect())
+    }
+
+    fn ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError> {
+        let report = self
+            .rt
+            .block_on(self.nft.ensure_forward_accept())
+            .map_err(err)?;
+        if !report.changed() {
+            return Ok(Vec::new());
+        }
+        Ok(report
+            .touched
+            .iter()
+            .map(|o| {
+                format!(
+                    "ip {}: {}removed {} stale",
+                    o.chain,
+                    if o.inserted {
+                        "ct status dnat accept inserted at the head, "
+                    } else {
+                        ""
+                    },
+                    o.removed_stale
+                )
+            })
+            .collect())
+    }
+
+    fn cleanup(&self) -> Result<(), FirewallError> {
+        // Both are tried even if the first fails.
+        let accept = self.rt.block_on(self.nft.remove_forward_accept());
+        let table = self.rt.block_on(self.nft.delete_table());
+        let errors: Vec<String> = [accept.err(), table.err()]
+            .into_iter()
+            .flatten()
+            .map(|e| e.to_string())
+            .collect();
+        if errors.is_empty() {
+            Ok(())
+        } else {
+            Err(FirewallError(errors.join("; ")))
+        }
+    }
+}
