@@ -679,3 +679,70 @@ fn concurrent_mutations_leave_api_and_kernel_identical() {
     let (code, out) = agent.diff();
     assert_eq!(code, 0, "SQLite vs kernel after the storm: {out}");
 }
+
+#[test]
+fn generated_token_restore_and_cleanup_on_exit() {
+    use std::os::unix::fs::PermissionsExt;
+    let topo = Topology::new();
+    let _http = HttpServer::start(&topo.vm, sa(VM_IP, 80), "vm");
+    let mut agent = Agent::start_with(&topo, &[("API_TOKEN", ""), ("CLEANUP_ON_EXIT", "true")]);
+
+    // No token configured: one is generated into DATA_DIR, readable by root only.
+    let meta = std::fs::metadata(agent.data_dir().join("api.token")).unwrap();
+    assert_eq!(meta.permissions().mode() & 0o777, 0o600);
+    assert!(agent.token.len() >= 16, "weak generated token");
+    map_ok(&agent.api, "tcp", LISTEN, VM_IP, 80);
+    map_ok(&agent.api, "tcp", 9090, VM_IP, 80);
+
+    // POST /ports/restore rewrites the kernel from the database on demand.
+    topo.node
+        .exec_ok(&["nft", "delete", "table", "ip", "node_vm_agent"]);
+    let r = agent.api.call("POST", "/ports/restore", None);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["ok"], json!(true));
+    assert_eq!(r.json()["restored"], json!(2), "{r:?}");
+    assert_eq!(assert_in_sync(&topo, &agent).len(), 2);
+    assert_eq!(
+        who(&tcp_get(client(&topo), sa(NODE_IP, LISTEN)).unwrap()),
+        "vm"
+    );
+
+    // The same token survives a restart (it is read back from the file).
+    let token = agent.token.clone();
+    agent.restart();
+    assert_eq!(
+        agent.api.get("/ports").status,
+        200,
+        "token changed on restart"
+    );
+    assert_eq!(agent.token, token);
+
+    // CLEANUP_ON_EXIT: a clean stop removes the agent's table; the maps stay in SQLite.
+    assert!(agent.stop(), "agent did not exit on SIGTERM");
+    assert!(
+        !table_exists(&topo.node, "ip", "node_vm_agent"),
+        "table left after a clean stop with CLEANUP_ON_EXIT"
+    );
+    assert!(tcp_get(client(&topo), sa(NODE_IP, LISTEN)).is_err());
+    agent.start_again();
+    assert_eq!(assert_in_sync(&topo, &agent).len(), 2);
+}
+
+#[test]
+fn portmap_token_is_an_alias_of_api_token() {
+    let topo = Topology::new();
+    let agent = Agent::start_with(
+        &topo,
+        &[
+            ("API_TOKEN", ""),
+            ("PORTMAP_TOKEN", "alias-token-0123456789"),
+        ],
+    );
+    assert_eq!(agent.token, "alias-token-0123456789");
+    assert_eq!(agent.api.get("/ports").status, 200);
+    let r = agent
+        .api
+        .request("GET", "/ports", Some("wrong-token-0123456789"), None)
+        .unwrap();
+    assert_eq!(r.status, 401, "{r:?}");
+}

@@ -57,7 +57,8 @@ impl Agent {
         Agent::start_with(topo, &[])
     }
 
-    /// Starts with the harness's settings plus `extra` (which override them).
+    /// Starts with the harness's settings plus `extra` (which override them; an empty
+    /// value unsets the setting, e.g. `("API_TOKEN", "")` to let the agent make one).
     pub fn start_with(topo: &Topology, extra: &[(&str, &str)]) -> Agent {
         let data_dir = tempfile::Builder::new()
             .prefix("nva-agent-")
@@ -81,8 +82,13 @@ impl Agent {
         .collect();
         for (k, v) in extra {
             env.retain(|(ek, _)| ek != k);
-            env.push((k.to_string(), v.to_string()));
+            if !v.is_empty() {
+                env.push((k.to_string(), v.to_string()));
+            }
         }
+        let configured = ["API_TOKEN", "PORTMAP_TOKEN"]
+            .iter()
+            .find_map(|t| env.iter().find(|(k, _)| k == t).map(|(_, v)| v.clone()));
         let mut agent = Agent {
             node: topo.node.name().to_owned(),
             data_dir,
@@ -97,7 +103,21 @@ impl Agent {
             token,
         };
         agent.spawn_and_wait();
+        match configured {
+            Some(t) => agent.set_token(&t),
+            None => {
+                // /health needs no token, so the agent is up: it has written its own.
+                let generated = std::fs::read_to_string(agent.data_dir().join("api.token"))
+                    .unwrap_or_else(|e| panic!("no generated api.token: {e}"));
+                agent.set_token(generated.trim());
+            }
+        }
         agent
+    }
+
+    fn set_token(&mut self, token: &str) {
+        self.token = token.to_owned();
+        self.api.token = token.to_owned();
     }
 
     pub fn data_dir(&self) -> &Path {
