@@ -164,5 +164,7 @@ in_ns $NODE nft list table ip node_vm_agent
 if [[ -f $DATA/agent.db ]]; then
     say "the SQLite state ($DATA/agent.db)"
     sqlite3 "$DATA/agent.db" .tables
+    # The audit trail an operator reads; the table name is the agent's (port_maps today).
+    sqlite3 -header -column "$DATA/agent.db" 'select * from port_maps' 2>/dev/null || true
 fi
 say "demo OK"
