@@ -165,7 +165,8 @@ fn traffic_routed_through_the_node_is_not_hijacked() {
 fn hairpin_from_the_node_itself_reaches_the_vm() {
     let topo = Topology::new();
     let http = HttpServer::start(&topo.vm, sa(VM_IP, 80), "vm");
-    let agent = Agent::start(&topo);
+    // Also the EXTERNAL_IFACE=auto path: the node's default route leaves through ext0.
+    let agent = Agent::start_with(&topo, &[("EXTERNAL_IFACE", "")]);
     map_ok(&agent.api, "tcp", LISTEN, VM_IP, 80);
 
     let body = tcp_get(topo.node.name(), sa(NODE_IP, LISTEN)).unwrap();
@@ -745,4 +746,27 @@ fn portmap_token_is_an_alias_of_api_token() {
         .request("GET", "/ports", Some("wrong-token-0123456789"), None)
         .unwrap();
     assert_eq!(r.status, 401, "{r:?}");
+}
+
+#[test]
+fn vm_egress_is_masqueraded_without_any_port_map() {
+    let topo = Topology::new();
+    // The client stands in for "the internet": it has no route back to the VM subnet.
+    let outside = HttpServer::start(&topo.client, sa(CLIENT_IP, 8088), "outside");
+    assert!(
+        tcp_get(topo.vm.name(), sa(CLIENT_IP, 8088)).is_err(),
+        "without the agent the vm's traffic has no way back"
+    );
+    // EXTERNAL_IFACE=auto: found from the node's default route (ext0).
+    let _agent = Agent::start_with(&topo, &[("EXTERNAL_IFACE", "")]);
+
+    // The original agent only had egress NAT while some port map existed.
+    let body = tcp_get(topo.vm.name(), sa(CLIENT_IP, 8088)).unwrap();
+    assert_eq!(who(&body), "outside", "{body}");
+    assert_eq!(
+        peer_ip(&body),
+        NODE_IP.to_string(),
+        "egress not masqueraded: {body}"
+    );
+    assert_eq!(outside.hits(), 1);
 }
