@@ -411,6 +411,11 @@ impl Nft {
     }
 
     /// Deletes every agent-tagged rule from libvirt's forward chains; how many went.
+    /// What [`Nft::ensure_forward_accept`] would change, one line per chain.
+    pub async fn forward_accept_drift(&self) -> Result<Vec<String>, NftError> {
+        forward::drift(&self.conn).await
+    }
+
     pub async fn remove_forward_accept(&self) -> Result<usize, NftError> {
         forward::remove(&self.conn).await
     }

@@ -525,6 +525,9 @@ fn forward_accept_beats_iptables_nft_libvirt_reject() {
         .unwrap();
         run_with_input("nft -f -", Some(IPTABLES_NFT_LIBVIRT));
         assert_eq!(tcp_get(&topo.client, 18080), None, "libvirt rejects it");
+        let drift = nft.forward_accept_drift().await.unwrap();
+        assert_eq!(drift.len(), 1, "{drift:?}");
+        assert!(drift[0].contains("filter FORWARD"), "{drift:?}");
 
         let report = nft.ensure_forward_accept().await.unwrap();
         assert_eq!(
@@ -544,12 +547,17 @@ fn forward_accept_beats_iptables_nft_libvirt_reject() {
         );
 
         // Idempotent.
+        assert_eq!(
+            nft.forward_accept_drift().await.unwrap(),
+            Vec::<String>::new()
+        );
         let report = nft.ensure_forward_accept().await.unwrap();
         assert!(!report.changed(), "{report}");
         assert_eq!(report.already_fine, ["filter FORWARD"]);
 
         // Someone inserts ahead of ours: ours goes back to the head, the old copy goes.
         run("nft insert rule ip filter FORWARD counter");
+        assert!(nft.forward_accept_drift().await.unwrap()[0].contains("not the first rule"));
         let report = nft.ensure_forward_accept().await.unwrap();
         assert!(report.touched[0].inserted);
         assert_eq!(report.touched[0].removed_stale, 1);
