@@ -459,6 +459,17 @@ fn mapped_ports_carry_real_traffic() {
             from_vm.starts_with(&format!("vm:{BRIDGE_IP}:")),
             "{from_vm}"
         );
+        // Loopback is the node's own: a local service on 127.0.0.1 keeps its port.
+        let local = std::net::TcpListener::bind("127.0.0.1:18080").unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = local.accept().unwrap();
+            c.write_all(b"node-local").unwrap();
+        });
+        assert_eq!(
+            tcp_get_here(SocketAddr::from(([127, 0, 0, 1], 18080))).as_deref(),
+            Some("node-local")
+        );
+        server.join().unwrap();
 
         // Removing the element stops new connections at once.
         nft.remove(&tcp).await.unwrap();
