@@ -88,6 +88,12 @@ impl Firewall for NftFirewall {
         Ok(drift.to_string().lines().map(str::to_owned).collect())
     }
 
+    fn forward_accept_drift(&self) -> Result<Vec<String>, FirewallError> {
+        self.rt
+            .block_on(self.nft.forward_accept_drift())
+            .map_err(err)
+    }
+
     fn ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError> {
         let report = self
             .rt

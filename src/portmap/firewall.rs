@@ -23,6 +23,8 @@ pub trait Firewall: Send + Sync + 'static {
     fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), FirewallError>;
     /// Human-readable differences between the kernel and `desired`; empty when in sync.
     fn drift(&self, desired: &[PortMap]) -> Result<Vec<String>, FirewallError>;
+    /// What `ensure_forward_accept` would change; empty when nothing.
+    fn forward_accept_drift(&self) -> Result<Vec<String>, FirewallError>;
     /// Makes sure forwarded DNAT traffic gets past libvirt's reject rules; returns what it
     /// changed.
     fn ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError>;
@@ -134,6 +136,10 @@ impl Firewall for MemoryFirewall {
             out.push(format!("unexpected {m:?}"));
         }
         Ok(out)
+    }
+
+    fn forward_accept_drift(&self) -> Result<Vec<String>, FirewallError> {
+        Ok(Vec::new())
     }
 
     fn ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError> {

@@ -263,11 +263,14 @@ impl PortMaps {
         })
     }
 
-    /// Differences between the kernel and the database, changing nothing.
+    /// Differences between the kernel and the database (and the libvirt accept rule),
+    /// changing nothing.
     pub fn drift(&self) -> Result<Vec<String>, PortMapError> {
         self.store.with(|conn| {
             let maps: Vec<PortMap> = portmaps::list(conn)?.into_iter().map(|r| r.map).collect();
-            Ok(self.fw.drift(&maps)?)
+            let mut lines = self.fw.drift(&maps)?;
+            lines.extend(self.fw.forward_accept_drift()?);
+            Ok(lines)
         })
     }
 

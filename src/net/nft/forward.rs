@@ -136,11 +136,20 @@ fn insert_at_head(table: &str, chain: &str) -> RawMessage {
         .attrs(ruleset::attrs_of(b))
 }
 
-/// Makes our accept the first rule of each libvirt forward chain that exists, and the
-/// only tagged one. Idempotent: a second call finds everything fine and changes nothing.
-pub async fn ensure(conn: &Connection<Nftables>) -> Result<ForwardAcceptReport, NftError> {
-    let mut report = ForwardAcceptReport::default();
+/// What one libvirt forward chain looks like from our side.
+struct ChainCheck {
+    table: &'static str,
+    chain: &'static str,
+    /// Our accept is the chain's first rule, with the right body.
+    first_is_good: bool,
+    /// Tagged rules to delete: copies lower down, or a tagged rule someone changed.
+    stale: Vec<u64>,
+}
+
+/// Reads every libvirt forward chain that exists; changes nothing.
+async fn check(conn: &Connection<Nftables>) -> Result<Vec<ChainCheck>, NftError> {
     let want = ruleset::decoded(&ruleset::ct_dnat_accept_rule().exprs);
+    let mut out = Vec::new();
     for (table, chain) in LIBVIRT_FORWARD_CHAINS {
         let Some(rules) = chain_rules(conn, table, chain).await? else {
             continue;
@@ -148,14 +157,55 @@ pub async fn ensure(conn: &Connection<Nftables>) -> Result<ForwardAcceptReport, 
         let first_is_good = rules
             .first()
             .is_some_and(|r| is_ours(r) && r.expressions() == want);
-        // Every tagged rule except a good first one goes: stale copies lower down, and
-        // a tagged rule whose body someone changed.
-        let stale: Vec<&RuleInfo> = rules
+        let stale = rules
             .iter()
             .enumerate()
             .filter(|(i, r)| is_ours(r) && !(*i == 0 && first_is_good))
-            .map(|(_, r)| r)
+            .map(|(_, r)| r.handle)
             .collect();
+        out.push(ChainCheck {
+            table,
+            chain,
+            first_is_good,
+            stale,
+        });
+    }
+    Ok(out)
+}
+
+/// What [`ensure`] would change, one line per chain; empty when nothing.
+pub async fn drift(conn: &Connection<Nftables>) -> Result<Vec<String>, NftError> {
+    Ok(check(conn)
+        .await?
+        .into_iter()
+        .filter(|c| !c.first_is_good || !c.stale.is_empty())
+        .map(|c| {
+            format!(
+                "ip {} {}: {}{} stale tagged rule(s)",
+                c.table,
+                c.chain,
+                if c.first_is_good {
+                    ""
+                } else {
+                    "ct status dnat accept is not the first rule, "
+                },
+                c.stale.len()
+            )
+        })
+        .collect())
+}
+
+/// Makes our accept the first rule of each libvirt forward chain that exists, and the
+/// only tagged one. Idempotent: a second call finds everything fine and changes nothing.
+pub async fn ensure(conn: &Connection<Nftables>) -> Result<ForwardAcceptReport, NftError> {
+    let mut report = ForwardAcceptReport::default();
+    for ChainCheck {
+        table,
+        chain,
+        first_is_good,
+        stale,
+    } in check(conn).await?
+    {
         let name = format!("{table} {chain}");
         if first_is_good && stale.is_empty() {
             report.already_fine.push(name);
@@ -166,8 +216,8 @@ pub async fn ensure(conn: &Connection<Nftables>) -> Result<ForwardAcceptReport, 
         if !first_is_good {
             tx = tx.raw(insert_at_head(table, chain));
         }
-        for r in &stale {
-            tx = tx.del_rule(table, chain, FAMILY, r.handle);
+        for handle in &stale {
+            tx = tx.del_rule(table, chain, FAMILY, *handle);
         }
         tx.commit(conn)
             .await

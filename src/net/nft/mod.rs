@@ -8,7 +8,8 @@
 //!   chain prerouting  { type nat hook prerouting priority dstnat; policy accept;
 //!     fib daddr type local meta l4proto tcp dnat ip to tcp dport map @tcp_ports
 //!     fib daddr type local meta l4proto udp dnat ip to udp dport map @udp_ports }
-//!   chain output      { type nat hook output priority -100; policy accept; (same two) }
+//!   chain output      { type nat hook output priority -100; policy accept;
+//!     ip daddr != 127.0.0.0/8 (then the same two: loopback stays the node's own) }
 //!   chain forward     { type filter hook forward priority filter; policy accept;
 //!     ct status dnat accept }
 //!   chain postrouting { type nat hook postrouting priority srcnat; policy accept;
@@ -411,6 +412,11 @@ impl Nft {
     }
 
     /// Deletes every agent-tagged rule from libvirt's forward chains; how many went.
+    /// What [`Nft::ensure_forward_accept`] would change, one line per chain.
+    pub async fn forward_accept_drift(&self) -> Result<Vec<String>, NftError> {
+        forward::drift(&self.conn).await
+    }
+
     pub async fn remove_forward_accept(&self) -> Result<usize, NftError> {
         forward::remove(&self.conn).await
     }

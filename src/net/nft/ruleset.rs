@@ -157,17 +157,22 @@ pub fn chain(spec: &ChainSpec) -> Result<Chain, nlink::Error> {
 
 /// Every chain of the table, in the order they are created, with their rules.
 pub fn chains(settings: &NatSettings) -> Vec<ChainSpec> {
-    let dnat_rules = || -> Vec<RuleSpec> { Proto::ALL.iter().map(|p| dnat_rule(*p)).collect() };
+    let dnat_rules = |skip_loopback: bool| -> Vec<RuleSpec> {
+        Proto::ALL
+            .iter()
+            .map(|p| dnat_rule(*p, skip_loopback))
+            .collect()
+    };
     vec![
         ChainSpec {
             name: CHAIN_PREROUTING,
             kind: nat_chain(NatHook::Prerouting, PRIORITY_PREROUTING),
-            rules: dnat_rules(),
+            rules: dnat_rules(false),
         },
         ChainSpec {
             name: CHAIN_OUTPUT,
             kind: nat_chain(NatHook::Output, PRIORITY_OUTPUT),
-            rules: dnat_rules(),
+            rules: dnat_rules(true),
         },
         ChainSpec {
             name: CHAIN_FORWARD,
@@ -188,14 +193,22 @@ pub fn chains(settings: &NatSettings) -> Vec<ChainSpec> {
     ]
 }
 
-/// `fib daddr type local meta l4proto <p> dnat ip to <p> dport map @<p>_ports`
+/// `[ip daddr != 127.0.0.0/8] fib daddr type local meta l4proto <p> dnat ip to <p> dport map @<p>_ports`
 ///
 /// One lookup per protocol, whatever the number of maps. The lookup writes
 /// `ipv4_addr . inet_service` into R0: the address in its first 32-bit word and the
 /// port in the second, which is where the NAT expression reads them.
-fn dnat_rule(proto: Proto) -> RuleSpec {
+///
+/// In output, loopback destinations are left alone: a node-local service on
+/// 127.0.0.1:<port> stays reachable, and a DNAT'd packet with a 127/8 source would be
+/// dropped as martian on the VM bridge anyway (route_localnet is off).
+fn dnat_rule(proto: Proto, skip_loopback: bool) -> RuleSpec {
     let map = map_name(proto);
-    let mut exprs = fib_daddr_local();
+    let mut exprs = Vec::new();
+    if skip_loopback {
+        exprs.extend(ip_addr_in(IPV4_DADDR_OFFSET, CmpOp::Neq, loopback_net()));
+    }
+    exprs.extend(fib_daddr_local());
     exprs.extend([
         Expr::Meta {
             dreg: Register::R0,
@@ -217,10 +230,21 @@ fn dnat_rule(proto: Proto) -> RuleSpec {
     ]);
     RuleSpec {
         nft: format!(
-            "fib daddr type local meta l4proto {proto} dnat ip to {proto} dport map @{map}"
+            "{}fib daddr type local meta l4proto {proto} dnat ip to {proto} dport map @{map}",
+            if skip_loopback {
+                "ip daddr != 127.0.0.0/8 "
+            } else {
+                ""
+            }
         ),
         exprs,
     }
+}
+
+/// 127.0.0.0/8, the loopback network.
+fn loopback_net() -> Ipv4Network {
+    Ipv4Network::new_checked(std::net::Ipv4Addr::new(127, 0, 0, 0), 8)
+        .unwrap_or_else(|| unreachable!("127.0.0.0/8 is a valid network"))
 }
 
 fn fib_daddr_local() -> Vec<Expr> {

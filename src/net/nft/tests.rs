@@ -459,6 +459,17 @@ fn mapped_ports_carry_real_traffic() {
             from_vm.starts_with(&format!("vm:{BRIDGE_IP}:")),
             "{from_vm}"
         );
+        // Loopback is the node's own: a local service on 127.0.0.1 keeps its port.
+        let local = std::net::TcpListener::bind("127.0.0.1:18080").unwrap();
+        let server = std::thread::spawn(move || {
+            let (mut c, _) = local.accept().unwrap();
+            c.write_all(b"node-local").unwrap();
+        });
+        assert_eq!(
+            tcp_get_here(SocketAddr::from(([127, 0, 0, 1], 18080))).as_deref(),
+            Some("node-local")
+        );
+        server.join().unwrap();
 
         // Removing the element stops new connections at once.
         nft.remove(&tcp).await.unwrap();
@@ -525,6 +536,9 @@ fn forward_accept_beats_iptables_nft_libvirt_reject() {
         .unwrap();
         run_with_input("nft -f -", Some(IPTABLES_NFT_LIBVIRT));
         assert_eq!(tcp_get(&topo.client, 18080), None, "libvirt rejects it");
+        let drift = nft.forward_accept_drift().await.unwrap();
+        assert_eq!(drift.len(), 1, "{drift:?}");
+        assert!(drift[0].contains("filter FORWARD"), "{drift:?}");
 
         let report = nft.ensure_forward_accept().await.unwrap();
         assert_eq!(
@@ -544,12 +558,17 @@ fn forward_accept_beats_iptables_nft_libvirt_reject() {
         );
 
         // Idempotent.
+        assert_eq!(
+            nft.forward_accept_drift().await.unwrap(),
+            Vec::<String>::new()
+        );
         let report = nft.ensure_forward_accept().await.unwrap();
         assert!(!report.changed(), "{report}");
         assert_eq!(report.already_fine, ["filter FORWARD"]);
 
         // Someone inserts ahead of ours: ours goes back to the head, the old copy goes.
         run("nft insert rule ip filter FORWARD counter");
+        assert!(nft.forward_accept_drift().await.unwrap()[0].contains("not the first rule"));
         let report = nft.ensure_forward_accept().await.unwrap();
         assert!(report.touched[0].inserted);
         assert_eq!(report.touched[0].removed_stale, 1);
