@@ -450,11 +450,31 @@ fn mapped_traffic_passes_libvirt_reject_rules_and_survives_their_reinstall() {
     topo.client
         .exec_ok(&["ip", "route", "del", "10.77.2.0/24", "via", "10.77.1.1"]);
 
-    let agent = Agent::start_with(&topo, &[("RECONCILE_INTERVAL", "1")]);
+    let mut agent = Agent::start_with(&topo, &[("RECONCILE_INTERVAL", "1")]);
     map_ok(&agent.api, "tcp", LISTEN, VM_IP, 80);
     assert_eq!(
         who(&tcp_get(client(&topo), sa(NODE_IP, LISTEN)).unwrap()),
         "vm"
+    );
+    let (code, out) = agent.diff();
+    assert_eq!(code, 0, "in sync, but diff said: {out}");
+
+    // diff, race-free with the agent stopped, sees the accept rule gone.
+    assert!(agent.stop(), "agent did not exit on SIGTERM");
+    topo.node
+        .exec_ok(&["nft", "delete", "table", "ip", "filter"]);
+    topo.node.nft_apply(&libvirt_filter(&topo.bridge));
+    let (code, out) = agent.diff();
+    assert_eq!(
+        code, 1,
+        "libvirt's chain lost our accept, but diff said: {out}"
+    );
+    agent.start_again();
+    poll_until(
+        "startup reconcile of the forward accept",
+        50,
+        Duration::from_millis(200),
+        || tcp_get(client(&topo), sa(NODE_IP, LISTEN)).is_ok_and(|b| who(&b) == "vm"),
     );
 
     // libvirtd restarting re-creates its chains, dropping whatever the agent added.
