@@ -32,4 +32,6 @@ done
 start=$(date +%s)
 cargo build --locked --all-targets
 cargo test --locked
+# Every dependency's licence against deny.toml (installs cargo-deny on first use).
+scripts/check-licenses.sh
 echo "test.sh: build + tests took $(($(date +%s) - start)) s" >&2
