@@ -31,7 +31,12 @@ done
 
 start=$(date +%s)
 cargo build --locked --all-targets
-cargo test --locked
+log=$(mktemp)
+trap 'rm -f "$log"' EXIT
+# --all-targets: unit, integration and bench-target tests (there are no doctests).
+cargo test --locked --all-targets 2>&1 | tee "$log"
 # Every dependency's licence against deny.toml (installs cargo-deny on first use).
 scripts/check-licenses.sh
 echo "test.sh: build + tests took $(($(date +%s) - start)) s" >&2
+# One closing line for the whole suite, summed over every test binary.
+awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "test: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
