@@ -790,3 +790,58 @@ fn vm_egress_is_masqueraded_without_any_port_map() {
     );
     assert_eq!(outside.hits(), 1);
 }
+
+#[test]
+fn the_database_is_the_audit_trail_and_forwarding_headers_change_nothing() {
+    let topo = Topology::new();
+    let agent = Agent::start(&topo);
+    let forged: &[(&str, &str)] = &[
+        ("X-Forwarded-For", "203.0.113.9"),
+        ("Forwarded", "for=203.0.113.9"),
+        ("X-Real-IP", "203.0.113.9"),
+    ];
+    let body = map_body("tcp", 8088, VM_IP, 80, false).to_string();
+    let ok = agent
+        .api
+        .request_with_headers(
+            "POST",
+            "/ports",
+            Some(&agent.token),
+            forged,
+            Some(body.as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(ok.status, 200, "{ok:?}");
+    // Forwarding headers never stand in for the token.
+    let refused = agent
+        .api
+        .request_with_headers("DELETE", "/ports/8088", None, forged, None)
+        .unwrap();
+    assert_eq!(refused.status, 401, "{refused:?}");
+    assert_eq!(api_maps(&ports(&agent.api)).len(), 1);
+
+    // What an operator reads with sqlite3: the map, and who asked for what.
+    let maps =
+        agent.sql("select proto, listen_port, target_ip, target_port, created_by from port_maps");
+    assert_eq!(maps.trim(), format!("tcp|8088|{VM_IP}|80|token"));
+    let rows = agent.sql(
+        "select client_addr, identity, action, outcome, status, coalesce(error, '') \
+         from audit_log where action like '% /ports%' order by id",
+    );
+    let rows: Vec<Vec<&str>> = rows.lines().map(|l| l.split('|').collect()).collect();
+    assert_eq!(rows.len(), 2, "{rows:?}");
+    for row in &rows {
+        assert!(row[0].starts_with(&format!("{CLIENT_IP}:")), "{row:?}");
+    }
+    assert_eq!(rows[0][1..5], ["token", "POST /ports", "ok", "200"]);
+    assert_eq!(
+        rows[1][1..5],
+        ["none", "DELETE /ports/{listen_port}", "refused", "401"]
+    );
+    assert!(rows[1][5].contains("token"), "{rows:?}");
+    let at = agent.sql("select at from audit_log order by id limit 1");
+    assert!(
+        at.trim().ends_with('Z') && at.contains('T'),
+        "ISO-8601 UTC: {at}"
+    );
+}

@@ -125,6 +125,18 @@ impl Api {
         token: Option<&str>,
         body: Option<&[u8]>,
     ) -> io::Result<Response> {
+        self.request_with_headers(method, path, token, &[], body)
+    }
+
+    /// As `request_bytes`, with extra request headers (e.g. forged forwarding headers).
+    pub fn request_with_headers(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+    ) -> io::Result<Response> {
         let mut stream = connect_from(&self.ns, self.addr)?;
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n",
@@ -132,6 +144,9 @@ impl Api {
         );
         if let Some(t) = token {
             head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        for (name, value) in headers {
+            head.push_str(&format!("{name}: {value}\r\n"));
         }
         if let Some(b) = body {
             head.push_str(&format!(
