@@ -845,3 +845,52 @@ fn the_database_is_the_audit_trail_and_forwarding_headers_change_nothing() {
         "ISO-8601 UTC: {at}"
     );
 }
+
+#[test]
+fn an_original_nodes_portmap_json_is_imported_once() {
+    let topo = Topology::new();
+    let _http = HttpServer::start(&topo.vm, sa(VM_IP, 80), "vm");
+    let mut agent = Agent::start(&topo);
+    // Make the data dir look like an original agent's: no database, a portmap.json.
+    agent.stop();
+    for f in ["agent.db", "agent.db-wal", "agent.db-shm"] {
+        let _ = std::fs::remove_file(agent.data_dir().join(f));
+    }
+    std::fs::write(
+        agent.data_dir().join("portmap.json"),
+        format!(
+            r#"{{"rules": {{
+                "8090": {{"listen_port": 8090, "target_ip": "{VM_IP}", "target_port": 80, "proto": "tcp"}},
+                "22": {{"listen_port": 22, "target_ip": "{VM_IP}", "target_port": 22, "proto": "tcp"}}
+            }}}}"#
+        ),
+    )
+    .unwrap();
+    agent.start_again();
+
+    // The valid rule is in force at once; the one that would hijack SSH was skipped.
+    let maps = api_maps(&ports(&agent.api));
+    assert_eq!(maps.len(), 1, "{maps:?}");
+    assert!(
+        tcp_get(client(&topo), sa(NODE_IP, 8090))
+            .unwrap()
+            .starts_with("vm ")
+    );
+    assert_eq!(
+        agent.sql("select created_by from port_maps").trim(),
+        "import:portmap.json"
+    );
+    let audit = agent.sql("select parameters from audit_log where action = 'import portmap.json'");
+    assert!(
+        audit.contains("\"imported\":1") && audit.contains("22"),
+        "{audit}"
+    );
+
+    // Once only: deleting the map and restarting does not bring it back.
+    assert_eq!(
+        agent.api.delete("/ports/8090").json()["deleted"],
+        json!(true)
+    );
+    agent.restart();
+    assert!(api_maps(&ports(&agent.api)).is_empty());
+}
