@@ -1,0 +1,638 @@
+//! Port-map benchmarks that need Rust (run by `scripts/bench.sh`; see docs/benchmarks.md).
+//!
+//! `cargo bench --bench portmap -- <which> [options]`:
+//!
+//! - `apply`    (a) 10,000 maps: SQLite rows -> `Nft::apply_all`, next to `nft -f` loading
+//!   the same ruleset, interleaved, in a private network namespace this process creates.
+//! - `seed`     writes port-map rows into `$DATA_DIR/agent.db` before the agent starts.
+//! - `post`     (b) sequential `POST /ports` on one keep-alive connection, from inside a
+//!   named namespace (`ip netns add`), timing every request.
+//! - `connrate` (c) TCP connections per second through the agent's DNAT table, 1 map vs
+//!   10,000, alternated, across namespaces that `scripts/bench.sh` created.
+//!
+//! Every result line starts with `BENCH ` and is `key=value` pairs, for the script.
+//! Timings gate nothing: the binary exits 0 whenever it could measure.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+use std::collections::HashMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::AsFd;
+use std::process::Command;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use ipnetwork::Ipv4Network;
+use nix::sched::{CloneFlags, setns, unshare};
+use node_vm_agent::net::nft::{NatSettings, Nft, ruleset};
+use node_vm_agent::portmap::{PortMap, Proto};
+use node_vm_agent::store::{Store, StoreError, portmaps};
+
+type Opts = HashMap<String, String>;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    // `cargo bench` appends `--bench`; ignore it and anything cargo adds.
+    let args: Vec<String> = args.into_iter().filter(|a| a != "--bench").collect();
+    let Some(which) = args.first().cloned() else {
+        eprintln!("usage: portmap <apply|seed|post|connrate> [--key value ...]");
+        std::process::exit(2);
+    };
+    let mut opts = Opts::new();
+    let mut it = args[1..].iter();
+    while let Some(k) = it.next() {
+        let key = k.trim_start_matches("--").to_string();
+        let val = it.next().cloned().unwrap_or_default();
+        opts.insert(key, val);
+    }
+    match which.as_str() {
+        "apply" => apply(&opts),
+        "seed" => seed(&opts),
+        "post" => post(&opts),
+        "connrate" => connrate(&opts),
+        other => {
+            eprintln!("unknown benchmark {other:?}");
+            std::process::exit(2);
+        }
+    }
+}
+
+fn opt<T: std::str::FromStr>(o: &Opts, key: &str, default: T) -> T {
+    match o.get(key) {
+        Some(v) => v
+            .parse()
+            .unwrap_or_else(|_| panic!("--{key} {v:?} does not parse")),
+        None => default,
+    }
+}
+
+fn opt_str(o: &Opts, key: &str) -> String {
+    o.get(key)
+        .cloned()
+        .unwrap_or_else(|| panic!("--{key} is required"))
+}
+
+/// Nearest-rank percentile of sorted values.
+fn pct(sorted: &[f64], p: f64) -> f64 {
+    if sorted.is_empty() {
+        return f64::NAN;
+    }
+    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
+    sorted[rank.clamp(1, sorted.len()) - 1]
+}
+
+fn sorted(mut v: Vec<f64>) -> Vec<f64> {
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v
+}
+
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// The maps every benchmark uses: TCP listen ports `first..first+n`, targets spread over
+/// hosts .2 to .251 of the VM subnet.
+fn maps(n: usize, first: u16, subnet: Ipv4Network) -> Vec<PortMap> {
+    let base = u32::from(subnet.network());
+    (0..n)
+        .map(|i| PortMap {
+            proto: Proto::Tcp,
+            listen_port: first + i as u16,
+            target_ip: Ipv4Addr::from(base + 2 + (i as u32 % 250)),
+            target_port: 80 + (i % 1000) as u16,
+        })
+        .collect()
+}
+
+fn write_rows(store: &Store, maps: &[PortMap]) {
+    store
+        .transaction(|tx| {
+            for m in maps {
+                portmaps::upsert(tx, m, "bench")?;
+            }
+            Ok::<_, StoreError>(())
+        })
+        .expect("write rows");
+}
+
+fn run_cmd(cmd: &mut Command) -> String {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
+    assert!(
+        out.status.success(),
+        "{cmd:?} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+fn enter_named_netns(ns: &str) {
+    let f = std::fs::File::open(format!("/var/run/netns/{ns}"))
+        .unwrap_or_else(|e| panic!("netns {ns}: {e}"));
+    setns(f.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+}
+
+// ---------------------------------------------------------------------------------------
+// (a) apply_all from SQLite vs nft -f
+
+/// The agent's table in nft syntax, with the same maps, chains, rules and comments.
+fn nft_script(settings: &NatSettings, maps: &[PortMap]) -> String {
+    use std::fmt::Write as _;
+    let mut s = String::with_capacity(64 + maps.len() * 32);
+    // `destroy table` needs nft >= 1.0.8: create-then-delete makes the file replace the
+    // table in one transaction whether it exists or not, as apply_all does.
+    writeln!(
+        s,
+        "table ip {0}\ndelete table ip {0}\ntable ip {0} {{",
+        ruleset::TABLE
+    )
+    .unwrap();
+    for proto in Proto::ALL {
+        let name = ruleset::map_name(proto);
+        writeln!(
+            s,
+            "  map {name} {{\n    type inet_service : ipv4_addr . inet_service"
+        )
+        .unwrap();
+        let elems: Vec<String> = maps
+            .iter()
+            .filter(|m| m.proto == proto)
+            .map(|m| format!("{} : {} . {}", m.listen_port, m.target_ip, m.target_port))
+            .collect();
+        if !elems.is_empty() {
+            writeln!(s, "    elements = {{ {} }}", elems.join(",\n      ")).unwrap();
+        }
+        writeln!(s, "  }}").unwrap();
+    }
+    for chain in ruleset::chains(settings) {
+        let hook = match chain.name {
+            ruleset::CHAIN_PREROUTING => "type nat hook prerouting priority dstnat",
+            ruleset::CHAIN_OUTPUT => "type nat hook output priority -100",
+            ruleset::CHAIN_FORWARD => "type filter hook forward priority filter",
+            ruleset::CHAIN_POSTROUTING => "type nat hook postrouting priority srcnat",
+            other => panic!("unknown chain {other}"),
+        };
+        writeln!(s, "  chain {} {{\n    {hook}; policy accept;", chain.name).unwrap();
+        for rule in &chain.rules {
+            writeln!(s, "    {} comment \"{}\"", rule.nft, ruleset::RULE_TAG).unwrap();
+        }
+        writeln!(s, "  }}").unwrap();
+    }
+    writeln!(s, "}}").unwrap();
+    s
+}
+
+fn list_table() -> String {
+    run_cmd(Command::new("nft").args(["list", "table", "ip", ruleset::TABLE]))
+}
+
+fn apply(o: &Opts) {
+    let n: usize = opt(o, "maps", 10_000);
+    let runs: usize = opt(o, "runs", 20);
+    // Before any thread exists, so the runtime and every child process live in it.
+    unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+    run_cmd(Command::new("ip").args(["link", "set", "lo", "up"]));
+
+    let subnet: Ipv4Network = "10.77.0.0/24".parse().unwrap();
+    let settings = NatSettings {
+        vms_bridge: "vmbr0".into(),
+        vm_subnet: subnet,
+        wg_iface: Some("wg0".into()),
+        external_iface: Some("eth0".into()),
+    };
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = Store::open(&dir.path().join("agent.db")).expect("store");
+    let want = maps(n, 10_000, subnet);
+    write_rows(&store, &want);
+
+    let script_path = dir.path().join("ruleset.nft");
+    std::fs::write(&script_path, nft_script(&settings, &want)).unwrap();
+
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    // nlink registers its socket with the runtime it is created in.
+    let nft = {
+        let _guard = rt.enter();
+        Nft::new(settings.clone()).expect("nft socket")
+    };
+
+    // One SQLite read + apply_all: what restore does (portmaps::list, then apply_all).
+    let agent_once = || -> (Duration, Duration) {
+        let t0 = Instant::now();
+        let rows: Vec<PortMap> = store
+            .with(portmaps::list)
+            .expect("list")
+            .into_iter()
+            .map(|r| r.map)
+            .collect();
+        let t1 = Instant::now();
+        rt.block_on(nft.apply_all(&rows)).expect("apply_all");
+        let t2 = Instant::now();
+        assert_eq!(rows.len(), n);
+        (t1 - t0, t2 - t1)
+    };
+    let nft_once = || -> Duration {
+        let t0 = Instant::now();
+        run_cmd(Command::new("nft").arg("-f").arg(&script_path));
+        t0.elapsed()
+    };
+
+    // Equivalence check: both ways produce the same listing.
+    let (_, first_into_empty) = agent_once();
+    let by_agent = list_table();
+    nft_once();
+    let by_nft = list_table();
+    let equal = by_agent == by_nft;
+    if !equal {
+        let a: Vec<&str> = by_agent.lines().collect();
+        let b: Vec<&str> = by_nft.lines().collect();
+        let differing =
+            a.iter().zip(&b).filter(|(x, y)| x != y).count() + a.len().abs_diff(b.len());
+        eprintln!("nft listings differ in {differing} lines; first differences:");
+        for (x, y) in a.iter().zip(&b).filter(|(x, y)| x != y).take(5) {
+            eprintln!("  agent: {x}\n  nft:   {y}");
+        }
+    }
+    // " : " also appears once in each map's type line.
+    let elements_listed = by_nft.matches(" : ").count() - Proto::ALL.len();
+
+    // Interleaved so that drift on a noisy machine hits both alike. Every run replaces
+    // an existing table of n maps (as a restart or a drift repair does).
+    let (mut read, mut apply_only, mut total, mut nft_f) = (vec![], vec![], vec![], vec![]);
+    for _ in 0..runs {
+        let (r, a) = agent_once();
+        read.push(ms(r));
+        apply_only.push(ms(a));
+        total.push(ms(r + a));
+        nft_f.push(ms(nft_once()));
+    }
+    let (read, apply_only, total, nft_f) = (
+        sorted(read),
+        sorted(apply_only),
+        sorted(total),
+        sorted(nft_f),
+    );
+    println!(
+        "BENCH apply maps={n} runs={runs} total_p50_ms={:.2} total_p90_ms={:.2} total_min_ms={:.2} \
+         read_p50_ms={:.2} apply_p50_ms={:.2} apply_p90_ms={:.2} nft_f_p50_ms={:.2} nft_f_p90_ms={:.2} \
+         nft_f_min_ms={:.2} first_into_empty_ms={:.2} listings_equal={equal} elements_listed={elements_listed}",
+        pct(&total, 50.0),
+        pct(&total, 90.0),
+        total[0],
+        pct(&read, 50.0),
+        pct(&apply_only, 50.0),
+        pct(&apply_only, 90.0),
+        pct(&nft_f, 50.0),
+        pct(&nft_f, 90.0),
+        nft_f[0],
+        ms(first_into_empty),
+    );
+    rt.block_on(nft.delete_table()).ok();
+}
+
+// ---------------------------------------------------------------------------------------
+// seed
+
+fn seed(o: &Opts) {
+    let db = opt_str(o, "db");
+    let n: usize = opt(o, "maps", 10_000);
+    let first: u16 = opt(o, "first-port", 10_000);
+    let subnet: Ipv4Network = opt_str(o, "subnet").parse().expect("--subnet");
+    let mut want = maps(n, first, subnet);
+    // Optionally point one listen port at a given VM (the connection-rate target).
+    if let (Some(port), Some(ip)) = (o.get("special-port"), o.get("special-target")) {
+        let port: u16 = port.parse().unwrap();
+        let (ip, tport) = ip.split_once(':').expect("--special-target ip:port");
+        for m in want.iter_mut().filter(|m| m.listen_port == port) {
+            m.target_ip = ip.parse().unwrap();
+            m.target_port = tport.parse().unwrap();
+        }
+    }
+    let store = Store::open(std::path::Path::new(&db)).expect("open db");
+    write_rows(&store, &want);
+    println!("BENCH seed db={db} maps={n}");
+}
+
+// ---------------------------------------------------------------------------------------
+// (b) POST /ports latency
+
+/// One HTTP/1.1 request on a keep-alive connection; returns (status, body).
+fn http(
+    stream: &mut TcpStream,
+    reader: &mut BufReader<TcpStream>,
+    method: &str,
+    path: &str,
+    token: &str,
+    body: &str,
+) -> (u16, String) {
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: bench\r\nAuthorization: Bearer {token}\r\n\
+         Content-Type: application/json\r\nContent-Length: {}\r\n\r\n{body}",
+        body.len()
+    );
+    stream.write_all(req.as_bytes()).expect("send");
+    let mut line = String::new();
+    reader.read_line(&mut line).expect("status line");
+    let status: u16 = line
+        .split_whitespace()
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .unwrap_or_else(|| panic!("bad status line {line:?}"));
+    let mut len = 0usize;
+    loop {
+        line.clear();
+        reader.read_line(&mut line).expect("header");
+        let l = line.trim_end();
+        if l.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = l.split_once(':')
+            && k.eq_ignore_ascii_case("content-length")
+        {
+            len = v.trim().parse().expect("content-length");
+        }
+    }
+    let mut buf = vec![0u8; len];
+    reader.read_exact(&mut buf).expect("body");
+    (status, String::from_utf8_lossy(&buf).into_owned())
+}
+
+fn post(o: &Opts) {
+    let ns = opt_str(o, "ns");
+    let addr: SocketAddr = opt_str(o, "addr").parse().unwrap();
+    let token = opt_str(o, "token");
+    let n: usize = opt(o, "n", 500);
+    let first: u16 = opt(o, "first-port", 30_000);
+    let target = opt_str(o, "target");
+    let handle = std::thread::spawn(move || {
+        enter_named_netns(&ns);
+        let mut stream = TcpStream::connect(addr).expect("connect to the agent");
+        stream.set_nodelay(true).unwrap();
+        let mut reader = BufReader::new(stream.try_clone().unwrap());
+        let (status, body) = http(&mut stream, &mut reader, "GET", "/ports", &token, "");
+        assert_eq!(status, 200, "{body}");
+        let present = serde_json::from_str::<serde_json::Value>(&body)
+            .ok()
+            .and_then(|v| v["rules"].as_object().map(|o| o.len()))
+            .unwrap_or(0);
+        let mut lat = Vec::with_capacity(n);
+        let mut failures = 0usize;
+        for i in 0..n {
+            let body = format!(
+                r#"{{"listen_port":{},"target_ip":"{target}","target_port":80}}"#,
+                first as usize + i
+            );
+            let t0 = Instant::now();
+            let (status, resp) = http(&mut stream, &mut reader, "POST", "/ports", &token, &body);
+            lat.push(ms(t0.elapsed()));
+            if status != 200 || !resp.contains(r#""result":"created""#) {
+                failures += 1;
+                if failures <= 3 {
+                    eprintln!("POST {i}: {status} {resp}");
+                }
+            }
+        }
+        (present, lat, failures)
+    });
+    let (present, lat, failures) = handle.join().expect("client thread");
+    let lat = sorted(lat);
+    println!(
+        "BENCH post present_before={present} n={n} failures={failures} p50_ms={:.3} p90_ms={:.3} \
+         p99_ms={:.3} max_ms={:.3} min_ms={:.3}",
+        pct(&lat, 50.0),
+        pct(&lat, 90.0),
+        pct(&lat, 99.0),
+        lat.last().copied().unwrap_or(f64::NAN),
+        lat.first().copied().unwrap_or(f64::NAN),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// (c) connection rate through DNAT
+
+fn set_linger_zero(s: &impl AsFd) {
+    use nix::sys::socket::{setsockopt, sockopt};
+    let l = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    setsockopt(s, sockopt::Linger, &l).expect("SO_LINGER");
+}
+
+/// Connects to `addr` from `threads` threads in `ns` for `secs`; returns connects/s.
+fn measure_rate(ns: &str, addr: SocketAddr, threads: usize, secs: f64) -> (f64, u64) {
+    let ok = Arc::new(AtomicU64::new(0));
+    let errors = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let handles: Vec<_> = (0..threads)
+        .map(|_| {
+            let (ns, ok, errors, stop) = (ns.to_string(), ok.clone(), errors.clone(), stop.clone());
+            std::thread::spawn(move || {
+                enter_named_netns(&ns);
+                let mut mine = 0u64;
+                // Bounded by time; also by count, as a safety net.
+                for i in 0..50_000_000u64 {
+                    if i % 64 == 0 && (Instant::now() >= deadline || stop.load(Ordering::Relaxed)) {
+                        break;
+                    }
+                    match TcpStream::connect_timeout(&addr, Duration::from_secs(1)) {
+                        Ok(s) => {
+                            // RST on close: no TIME_WAIT, so client ports come back at once.
+                            set_linger_zero(&s);
+                            drop(s);
+                            mine += 1;
+                        }
+                        Err(e) => {
+                            if errors.fetch_add(1, Ordering::Relaxed) < 3 {
+                                eprintln!("connect: {e}");
+                            }
+                        }
+                    }
+                }
+                ok.fetch_add(mine, Ordering::Relaxed);
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("client thread");
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    (
+        ok.load(Ordering::Relaxed) as f64 / elapsed,
+        errors.load(Ordering::Relaxed),
+    )
+}
+
+fn connrate(o: &Opts) {
+    let client_ns = opt_str(o, "client-ns");
+    let node_ns = opt_str(o, "node-ns");
+    let vm_ns = opt_str(o, "vm-ns");
+    let node_addr: Ipv4Addr = opt_str(o, "node-addr").parse().unwrap();
+    let vm_ip: Ipv4Addr = opt_str(o, "vm-ip").parse().unwrap();
+    let vm_port: u16 = opt(o, "vm-port", 8080);
+    let subnet: Ipv4Network = opt_str(o, "subnet").parse().unwrap();
+    let bridge = opt_str(o, "bridge");
+    let n: usize = opt(o, "maps", 10_000);
+    let port: u16 = opt(o, "port", 15_000);
+    let secs: f64 = opt(o, "secs", 5.0);
+    let rounds: usize = opt(o, "rounds", 3);
+    let threads: usize = opt(o, "threads", 2);
+
+    // The VM: accept and close at once, on blocking threads in the vm namespace,
+    // with a deep accept queue so that the server is not what limits the rate.
+    let stop = Arc::new(AtomicBool::new(false));
+    let accepted = Arc::new(AtomicU64::new(0));
+    let vm_addr = SocketAddr::from((vm_ip, vm_port));
+    let listener = {
+        let (tx, rx) = std::sync::mpsc::channel();
+        let vm_ns = vm_ns.clone();
+        std::thread::spawn(move || {
+            enter_named_netns(&vm_ns);
+            let l = TcpListener::bind(vm_addr).expect("bind the VM server");
+            // listen() again on a listening socket changes its backlog.
+            nix::sys::socket::listen(&l, nix::sys::socket::Backlog::new(4096).unwrap())
+                .expect("listen backlog");
+            tx.send(l).unwrap();
+        })
+        .join()
+        .unwrap();
+        Arc::new(rx.recv().unwrap())
+    };
+    let servers: Vec<_> = (0..2)
+        .map(|_| {
+            let (stop, accepted, l) = (stop.clone(), accepted.clone(), listener.clone());
+            std::thread::spawn(move || {
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok((s, _)) = l.accept() {
+                        // A plain close (FIN): a RST from here could reach the client
+                        // before its connect() returns and turn a completed connection
+                        // into ECONNRESET. The client's RST then frees this side at once.
+                        drop(s);
+                        accepted.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+
+    // The node: the agent's driver in the node namespace, on its own thread.
+    let settings = NatSettings {
+        vms_bridge: bridge,
+        vm_subnet: subnet,
+        wg_iface: Some("wg0".into()),
+        external_iface: None,
+    };
+    let (req_tx, req_rx) = std::sync::mpsc::channel::<Vec<PortMap>>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<Duration>();
+    let node = {
+        let node_ns = node_ns.clone();
+        std::thread::spawn(move || {
+            enter_named_netns(&node_ns);
+            let rt = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let nft = {
+                let _guard = rt.enter();
+                Nft::new(settings).expect("nft socket")
+            };
+            for maps in req_rx {
+                let t0 = Instant::now();
+                rt.block_on(nft.apply_all(&maps)).expect("apply_all");
+                done_tx.send(t0.elapsed()).unwrap();
+            }
+            rt.block_on(nft.delete_table()).ok();
+        })
+    };
+
+    let special = PortMap {
+        proto: Proto::Tcp,
+        listen_port: port,
+        target_ip: vm_ip,
+        target_port: vm_port,
+    };
+    let mut many = maps(n, port - (n / 2) as u16, subnet);
+    for m in many.iter_mut().filter(|m| m.listen_port == port) {
+        *m = special;
+    }
+    assert!(many.contains(&special));
+    let addr = SocketAddr::from((node_addr, port));
+
+    let mut one_rates = vec![];
+    let mut many_rates = vec![];
+    let mut total_errors = 0;
+    // A short warm-up through one map (ARP, caches).
+    req_tx.send(vec![special]).unwrap();
+    done_rx.recv().unwrap();
+    let (warm, warm_err) = measure_rate(&client_ns, addr, threads, 1.0);
+    eprintln!("warm-up: {warm:.0} conn/s, {warm_err} errors");
+    for round in 0..rounds {
+        for (label, set) in [("1", vec![special]), ("10k", many.clone())] {
+            req_tx.send(set).unwrap();
+            let took = done_rx.recv().unwrap();
+            std::thread::sleep(Duration::from_millis(300));
+            let (rate, errors) = measure_rate(&client_ns, addr, threads, secs);
+            total_errors += errors;
+            eprintln!(
+                "round {round} maps={label}: {rate:.0} conn/s, {errors} errors (apply {:.1} ms)",
+                ms(took)
+            );
+            println!(
+                "BENCH connrate_run round={round} maps={label} rate={rate:.0} errors={errors}"
+            );
+            if label == "1" {
+                one_rates.push(rate);
+            } else {
+                many_rates.push(rate);
+            }
+        }
+    }
+    drop(req_tx);
+    node.join().expect("node thread");
+    stop.store(true, Ordering::Relaxed);
+    // Wake the blocked accepts (from inside the vm namespace, to the VM's own address).
+    let (vm_ns2, wakeups) = (vm_ns.clone(), servers.len());
+    std::thread::spawn(move || {
+        enter_named_netns(&vm_ns2);
+        for _ in 0..wakeups {
+            let _ = TcpStream::connect_timeout(&vm_addr, Duration::from_secs(1));
+        }
+    })
+    .join()
+    .unwrap();
+    for h in servers {
+        h.join().expect("server thread");
+    }
+
+    let fmt = |v: &[f64]| {
+        v.iter()
+            .map(|r| format!("{r:.0}"))
+            .collect::<Vec<_>>()
+            .join(",")
+    };
+    let (one, many_s) = (sorted(one_rates.clone()), sorted(many_rates.clone()));
+    let (m1, mk) = (pct(&one, 50.0), pct(&many_s, 50.0));
+    // Each 10k run over the 1-map run just before it: drift between rounds cancels out.
+    let pairs = sorted(
+        one_rates
+            .iter()
+            .zip(&many_rates)
+            .map(|(a, b)| b / a)
+            .collect(),
+    );
+    println!(
+        "BENCH connrate threads={threads} secs={secs} rounds={rounds} maps={n} port={port} \
+         one_runs={} many_runs={} one_median={m1:.0} many_median={mk:.0} ratio={:.3} pair_ratio_median={:.3} \
+         errors={total_errors} accepted={}",
+        fmt(&one_rates),
+        fmt(&many_rates),
+        mk / m1,
+        pct(&pairs, 50.0),
+        accepted.load(Ordering::Relaxed)
+    );
+}

@@ -1,0 +1,233 @@
+#!/usr/bin/env bash
+# The one command for the port-map benchmarks (a)-(e) of docs/benchmarks.md.
+#
+#   sudo scripts/bench.sh            # everything, ~3 minutes after the build
+#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e)
+#
+# Installs what it needs, builds --release once, runs every measurement inside network
+# namespaces it creates and deletes (trap), prints a results table and writes it as
+# markdown to target/bench-results.md. Timings gate nothing: the script exits 0 when the
+# measurements ran, and prints PASS/MISS per target as measured.
+#
+# Traffic stays on loopback or between namespaces created here (test-environment.md);
+# nothing is created in the root network namespace.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+ROOT=$PWD
+
+[ "$(id -u)" = 0 ] || { echo "bench.sh: needs root (network namespaces, nftables)" >&2; exit 1; }
+
+ONLY=${BENCH_ONLY:-"a b c d e"}
+want() { [[ " $ONLY " == *" $1 "* ]]; }
+
+# ---------------------------------------------------------------- dependencies and build
+if [ -x scripts/install-deps.sh ]; then scripts/install-deps.sh; fi
+missing=()
+command -v wrk >/dev/null || missing+=(wrk)
+command -v nft >/dev/null || missing+=(nftables)
+command -v ip >/dev/null || missing+=(iproute2)
+command -v curl >/dev/null || missing+=(curl)
+if [ ${#missing[@]} -gt 0 ]; then
+    echo "== installing ${missing[*]}"
+    apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}"
+fi
+
+echo "== building (release)"
+cargo build --release --quiet
+cargo bench --bench portmap --no-run --quiet 2>/dev/null || cargo bench --bench portmap --no-run
+AGENT_BIN=$ROOT/target/release/node-vm-agent
+bench() { cargo bench --quiet --bench portmap -- "$@"; }
+
+# ---------------------------------------------------------------- namespaces and cleanup
+P="nvab$$"                       # every namespace of this run starts with it
+NS_AGENT=${P}a NS_CLIENT=${P}c NS_NODE=${P}n NS_VM=${P}v
+WORK=$(mktemp -d /tmp/nva-bench.XXXXXX)
+AGENT_PID=""
+READY_MS=""
+TOKEN="bench-token-0123456789abcdef"
+SUBNET=10.77.0.0/24
+
+stop_agent() {
+    if [ -n "$AGENT_PID" ] && kill -0 "$AGENT_PID" 2>/dev/null; then
+        kill -TERM "$AGENT_PID" 2>/dev/null || true
+        for _ in $(seq 1 50); do kill -0 "$AGENT_PID" 2>/dev/null || break; sleep 0.1; done
+        kill -KILL "$AGENT_PID" 2>/dev/null || true
+    fi
+    AGENT_PID=""
+}
+cleanup() {
+    stop_agent
+    for ns in "$NS_AGENT" "$NS_CLIENT" "$NS_NODE" "$NS_VM"; do
+        ip netns del "$ns" 2>/dev/null || true
+    done
+    rm -rf "$WORK"
+}
+trap cleanup EXIT INT TERM
+
+nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+
+# start_agent NS DATA_DIR: the release agent in NS; sets AGENT_PID and READY_MS (not in a
+# subshell: it must set them here).
+start_agent() {
+    local ns=$1 data=$2
+    local t0; t0=$(date +%s%N)
+    ip netns exec "$ns" env -i PATH="$PATH" RUST_LOG="${AGENT_LOG:-info}" \
+        DATA_DIR="$data" API_TOKEN="$TOKEN" NODE_API_PORT=8000 API_LISTEN=0.0.0.0 \
+        VMS_BRIDGE=vmbr0 VM_SUBNET=$SUBNET RECONCILE_INTERVAL=30 \
+        "$AGENT_BIN" serve >"$data/agent.log" 2>&1 &
+    AGENT_PID=$!
+    # ip netns exec execs the agent, so $! is the agent's pid. Bounded wait: 30 s.
+    for _ in $(seq 1 300); do
+        if nsx "$ns" curl -fs -o /dev/null http://127.0.0.1:8000/health; then
+            READY_MS=$(( ($(date +%s%N) - t0) / 1000000 ))
+            return 0
+        fi
+        kill -0 "$AGENT_PID" 2>/dev/null || break
+        sleep 0.1
+    done
+    echo "agent did not come up; log:" >&2; cat "$data/agent.log" >&2
+    return 1
+}
+
+rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
+# kv "BENCH ... key=value ..." key
+kv() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -1; }
+le() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a+0 <= b+0) }'; }
+ge() { awk -v a="$1" -v b="$2" 'BEGIN { exit !(a != "" && a+0 >= b+0) }'; }
+verdict() { if "$@"; then echo PASS; else echo MISS; fi; }
+
+ROWS=()   # markdown table rows
+NOTES=()
+row() { ROWS+=("| $1 | $2 | $3 | $4 |"); }
+
+# The root namespace's ruleset must be the same at the end (nothing here touches it).
+ROOT_RULESET_BEFORE=$(nft list ruleset | sha256sum)
+
+echo "== machine: $(nproc) cores, kernel $(uname -r), $(nft --version), $(wrk --version 2>&1 | head -1 | cut -d' ' -f1-2)"
+
+# ---------------------------------------------------------------- (a) apply 10,000 maps
+if want a; then
+    echo "== (a) apply_all of 10,000 maps from SQLite vs nft -f (20 interleaved runs)"
+    A=$(bench apply --maps 10000 --runs 20 | grep '^BENCH apply')
+    echo "$A"
+    row "(a) 10,000 maps SQLite -> kernel, one transaction" "<= 50 ms" \
+        "p50 $(kv "$A" total_p50_ms) ms, p90 $(kv "$A" total_p90_ms) ms (read $(kv "$A" read_p50_ms) + apply_all $(kv "$A" apply_p50_ms)); \`nft -f\` same ruleset: p50 $(kv "$A" nft_f_p50_ms) ms, p90 $(kv "$A" nft_f_p90_ms) ms; listings equal: $(kv "$A" listings_equal)" \
+        "$(verdict le "$(kv "$A" total_p50_ms)" 50)"
+fi
+
+# ---------------------------------------------------------------- (e) + (b): agent with 10,000 maps
+if want b || want e; then
+    ip netns add "$NS_AGENT"; nsx "$NS_AGENT" ip link set lo up
+    D=$WORK/agent10k; mkdir -m 700 -p "$D"
+    bench seed --db "$D/agent.db" --maps 10000 --first-port 10000 --subnet $SUBNET >/dev/null
+    echo "== agent with 10,000 maps (rows written to SQLite before start; restore applies them)"
+    start_agent "$NS_AGENT" "$D"; READY=$READY_MS
+    echo "ready after $READY ms (restore + reconcile of 10,000 maps included)"
+    NOTES+=("agent with 10,000 maps: /health answered $READY ms after start")
+    if want e; then
+        sleep 5
+        RSS=$(rss_kib "$AGENT_PID"); HWM=$(hwm_kib "$AGENT_PID")
+        echo "(e) idle VmRSS $RSS KiB, VmHWM $HWM KiB"
+        row "(e) resident memory, idle, 10,000 maps" "<= 20 MiB (20480 KiB)" \
+            "VmRSS $RSS KiB ($(awk -v k="$RSS" 'BEGIN{printf "%.1f", k/1024}') MiB), peak VmHWM $HWM KiB" \
+            "$(verdict le "$RSS" 20480)"
+        # Not the target, but what a client sees next: one GET /ports of all 10,000 maps
+        # builds and caches the whole JSON object.
+        nsx "$NS_AGENT" curl -fs -o /dev/null -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8000/ports
+        sleep 1
+        NOTES+=("(e) idle VmRSS $RSS KiB 5 s after start; after one GET /ports of the 10,000 maps: VmRSS $(rss_kib "$AGENT_PID") KiB, VmHWM $(hwm_kib "$AGENT_PID") KiB")
+    fi
+    if want b; then
+        echo "== (b) 500 sequential POST /ports, 10,000 maps present, one keep-alive connection"
+        B=$(bench post --ns "$NS_AGENT" --addr 127.0.0.1:8000 --token "$TOKEN" --n 500 \
+            --first-port 30000 --target 10.77.0.3 | grep '^BENCH post')
+        echo "$B"
+        row "(b) POST /ports, one add, 10,000 present" "p50 <= 2 ms" \
+            "p50 $(kv "$B" p50_ms) ms, p90 $(kv "$B" p90_ms) ms, p99 $(kv "$B" p99_ms) ms, max $(kv "$B" max_ms) ms (n=$(kv "$B" n), failures $(kv "$B" failures), present before $(kv "$B" present_before))" \
+            "$(verdict le "$(kv "$B" p50_ms)" 2)"
+        KERNEL_N=$(nsx "$NS_AGENT" nft list map ip node_vm_agent tcp_ports | grep -o ' : ' | wc -l)
+        NOTES+=("after (b): $((KERNEL_N - 1)) elements in the kernel's tcp_ports map (10,500 expected); agent VmRSS $(rss_kib "$AGENT_PID") KiB, VmHWM $(hwm_kib "$AGENT_PID") KiB")
+    fi
+    stop_agent
+    ip netns del "$NS_AGENT"
+fi
+
+# ---------------------------------------------------------------- (d) GET /ports under load
+if want d; then
+    ip netns add "$NS_AGENT"; nsx "$NS_AGENT" ip link set lo up
+    D=$WORK/agent100; mkdir -m 700 -p "$D"
+    bench seed --db "$D/agent.db" --maps 100 --first-port 10000 --subnet $SUBNET >/dev/null
+    start_agent "$NS_AGENT" "$D"
+    SIZE=$(nsx "$NS_AGENT" curl -fs -H "Authorization: Bearer $TOKEN" http://127.0.0.1:8000/ports | wc -c)
+    echo "== (d) wrk -t2 -c64 -d10s GET /ports, 100 maps ($SIZE-byte body)"
+    W=$(nsx "$NS_AGENT" wrk -t2 -c64 -d10s --latency -H "Authorization: Bearer $TOKEN" \
+        http://127.0.0.1:8000/ports)
+    echo "$W"
+    RPS=$(awk '/^Requests\/sec:/ {print $2}' <<<"$W")
+    MEAN=$(awk '$1 == "Latency" {print $2; exit}' <<<"$W")
+    P99=$(awk '$1 == "99%" {print $2}' <<<"$W")
+    BAD=$(awk '/Non-2xx/ {print $NF}' <<<"$W"); BAD=${BAD:-0}
+    ERRS=$(grep -o 'Socket errors:.*' <<<"$W" || echo "Socket errors: none")
+    row "(d) GET /ports, 100 maps, 64 keep-alive conns (wrk -t2)" ">= 48,000 req/s (20x the original's 2,400)" \
+        "$RPS req/s, mean $MEAN, p99 $P99, body $SIZE bytes, non-2xx $BAD, $ERRS" \
+        "$(verdict ge "$RPS" 48000)"
+    stop_agent
+    ip netns del "$NS_AGENT"
+fi
+
+# ---------------------------------------------------------------- (c) connection rate through DNAT
+if want c; then
+    echo "== (c) TCP connections/s client -> node (agent's table, DNAT) -> bridge -> vm; 1 map vs 10,000"
+    for ns in "$NS_CLIENT" "$NS_NODE" "$NS_VM"; do ip netns add "$ns"; nsx "$ns" ip link set lo up; done
+    # client <-> node
+    ip link add c0 netns "$NS_CLIENT" type veth peer name n0 netns "$NS_NODE"
+    nsx "$NS_CLIENT" ip addr add 10.99.0.2/24 dev c0
+    nsx "$NS_NODE" ip addr add 10.99.0.1/24 dev n0
+    # node: bridge vmbr0 (VMS_BRIDGE) with 10.77.0.1; vm behind it with 10.77.0.2
+    nsx "$NS_NODE" ip link add vmbr0 type bridge
+    nsx "$NS_NODE" ip addr add 10.77.0.1/24 dev vmbr0
+    ip link add n1 netns "$NS_NODE" type veth peer name v0 netns "$NS_VM"
+    nsx "$NS_NODE" ip link set n1 master vmbr0
+    nsx "$NS_VM" ip addr add 10.77.0.2/24 dev v0
+    for l in n0 n1 vmbr0; do nsx "$NS_NODE" ip link set "$l" up; done
+    nsx "$NS_CLIENT" ip link set c0 up
+    nsx "$NS_VM" ip link set v0 up
+    nsx "$NS_NODE" sysctl -qw net.ipv4.ip_forward=1
+    nsx "$NS_CLIENT" sysctl -qw net.ipv4.ip_local_port_range="1024 65000"
+    C=$(bench connrate --client-ns "$NS_CLIENT" --node-ns "$NS_NODE" --vm-ns "$NS_VM" \
+        --node-addr 10.99.0.1 --vm-ip 10.77.0.2 --vm-port 8080 --subnet $SUBNET --bridge vmbr0 \
+        --maps 10000 --port 15000 --secs "${CONN_SECS:-5}" --rounds "${CONN_ROUNDS:-5}" --threads 2 \
+        | grep '^BENCH connrate ')
+    echo "$C"
+    row "(c) new TCP conns/s through DNAT, 10,000 maps vs 1" "ratio >= 0.95" \
+        "ratio of medians $(kv "$C" ratio): 1 map $(kv "$C" one_runs) (median $(kv "$C" one_median)); 10,000 maps $(kv "$C" many_runs) (median $(kv "$C" many_median)) conn/s; connect errors $(kv "$C" errors); median of per-round ratios (10k run / the 1-map run before it) $(kv "$C" pair_ratio_median)" \
+        "$(verdict ge "$(kv "$C" ratio)" 0.95)"
+    for ns in "$NS_CLIENT" "$NS_NODE" "$NS_VM"; do ip netns del "$ns"; done
+fi
+
+# ---------------------------------------------------------------- report
+if [ "$(nft list ruleset | sha256sum)" = "$ROOT_RULESET_BEFORE" ]; then
+    NOTES+=("the root namespace's nftables ruleset is unchanged")
+else
+    NOTES+=("WARNING: the root namespace's nftables ruleset changed during the run")
+fi
+mkdir -p target
+{
+    echo "# node-vm-agent benchmarks"
+    echo
+    echo "$(date -u +%Y-%m-%dT%H:%M:%SZ), commit $(git rev-parse --short HEAD 2>/dev/null || echo '?'), $(nproc) cores, kernel $(uname -r), $(nft --version)"
+    echo
+    echo "| benchmark | target | measured | verdict |"
+    echo "|---|---|---|---|"
+    for r in "${ROWS[@]}"; do echo "$r"; done
+    if [ ${#NOTES[@]} -gt 0 ]; then
+        echo
+        for n in "${NOTES[@]}"; do echo "- $n"; done
+    fi
+} > target/bench-results.md
+echo
+cat target/bench-results.md
+echo
+echo "(written to target/bench-results.md)"
+exit 0
