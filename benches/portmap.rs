@@ -219,15 +219,10 @@ fn apply(o: &Opts) {
         Nft::new(settings.clone()).expect("nft socket")
     };
 
-    // One SQLite read + apply_all: what restore does (portmaps::list, then apply_all).
+    // One SQLite read + apply_all: what restore does (portmaps::list_maps, then apply_all).
     let agent_once = || -> (Duration, Duration) {
         let t0 = Instant::now();
-        let rows: Vec<PortMap> = store
-            .with(portmaps::list)
-            .expect("list")
-            .into_iter()
-            .map(|r| r.map)
-            .collect();
+        let rows: Vec<PortMap> = store.with(portmaps::list_maps).expect("list");
         let t1 = Instant::now();
         rt.block_on(nft.apply_all(&rows)).expect("apply_all");
         let t2 = Instant::now();

@@ -92,6 +92,8 @@ pub async fn serve(settings: Settings, fw: Arc<dyn Firewall>) -> Result<(), Agen
     .await
     .map_err(|e| AgentError::Firewall(e.to_string()))?
     .map_err(AgentError::Startup)?;
+    // Building the 10,000-element batch is the agent's largest allocation; give it back.
+    crate::memory::release_free_heap();
     tracing::info!(
         maps = report.0,
         forward_accept = ?report.1.forward_accept,

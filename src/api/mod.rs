@@ -48,13 +48,23 @@ impl Identity {
     }
 }
 
-/// What every handler can reach.
+/// What every handler can reach; one `Arc`, so the per-request clone axum makes is a
+/// single reference-count bump.
 #[derive(Clone)]
-pub struct AppState {
+pub struct AppState(Arc<Shared>);
+
+pub struct Shared {
     pub store: Store,
     pub portmaps: Arc<PortMaps>,
     pub token: Arc<ApiToken>,
     openapi: Bytes,
+}
+
+impl std::ops::Deref for AppState {
+    type Target = Shared;
+    fn deref(&self) -> &Shared {
+        &self.0
+    }
 }
 
 /// The error shape of every failing call.
@@ -122,12 +132,12 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 pub fn app(store: Store, portmaps: Arc<PortMaps>, token: Arc<ApiToken>) -> Router {
     let (router, doc) = routes();
     let openapi = Bytes::from(doc.to_json().unwrap_or_else(|_| "{}".to_string()));
-    let state = AppState {
+    let state = AppState(Arc::new(Shared {
         store,
         portmaps,
         token,
         openapi,
-    };
+    }));
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)

@@ -161,16 +161,12 @@ pub async fn create(
 )]
 pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
     let svc = state.portmaps.clone();
-    // The rules object is cached until the next change, so this is a memcpy in the
-    // common case; on a miss it reads SQLite, which blocks.
-    let rules = match svc.cached_rules_json() {
-        Some(r) => r,
-        None => tokio::task::spawn_blocking(move || svc.rules_json()).await??,
+    // The body is cached until the next change, so this is a reference-count bump in
+    // the common case; on a miss it reads SQLite, which blocks.
+    let body = match svc.cached_list_body() {
+        Some(b) => b,
+        None => tokio::task::spawn_blocking(move || svc.list_body()).await??,
     };
-    let mut body = Vec::with_capacity(rules.len() + 24);
-    body.extend_from_slice(br#"{"ok":true,"rules":"#);
-    body.extend_from_slice(&rules);
-    body.push(b'}');
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 

@@ -16,6 +16,14 @@ use crate::store::audit::{self, Entry, Outcome};
 use crate::store::portmaps::{self, PortMapRow};
 use crate::store::{Store, StoreError};
 
+/// One rule of the `GET /ports` listing: the row plus its id.
+#[derive(serde::Serialize)]
+struct RuleView<'a> {
+    #[serde(flatten)]
+    row: &'a PortMapRow,
+    rule_id: &'a str,
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum PortMapError {
     /// Refused by policy (reserved port, target outside the VM networks).
@@ -176,47 +184,59 @@ impl PortMaps {
         Ok(self.store.with(portmaps::list)?)
     }
 
-    /// The `rules` object of `GET /ports` if it is cached (no blocking).
-    pub fn cached_rules_json(&self) -> Option<Bytes> {
+    /// The `GET /ports` body if it is cached (no blocking).
+    pub fn cached_list_body(&self) -> Option<Bytes> {
         self.list_cache.read().ok().and_then(|c| c.clone())
     }
 
-    /// The `rules` object of `GET /ports` as JSON, keyed by rule id, cached until the
-    /// next change.
-    pub fn rules_json(&self) -> Result<Bytes, PortMapError> {
-        if let Some(v) = self.cached_rules_json() {
+    /// The `GET /ports` body, `{"ok":true,"rules":{"<rule_id>":{...},...}}` (the original
+    /// agent's shape plus bookkeeping), cached until the next change.
+    pub fn list_body(&self) -> Result<Bytes, PortMapError> {
+        if let Some(v) = self.cached_list_body() {
             return Ok(v);
         }
         // Built under the store lock so that a change cannot slip in between reading the
-        // rows and filling the cache.
-        self.store.with(|conn| {
-            let rows = portmaps::list(conn)?;
-            let mut obj = serde_json::Map::with_capacity(rows.len());
-            for row in rows {
-                let mut v = serde_json::to_value(&row).map_err(|e| {
-                    PortMapError::Store(StoreError::Task(format!("serialize: {e}")))
-                })?;
-                if let Some(o) = v.as_object_mut() {
-                    o.insert("rule_id".into(), row.map.rule_id().into());
+        // rows and filling the cache. Rows are streamed into the buffer: with 10,000 maps
+        // a per-row JSON value tree would cost the idle agent megabytes of heap.
+        let body = self.store.with(|conn| {
+            let mut out = Vec::with_capacity(32 + 256 * portmaps::count(conn)?.max(0) as usize);
+            out.extend_from_slice(br#"{"ok":true,"rules":{"#);
+            let mut first = true;
+            portmaps::for_each(conn, |row| {
+                if !first {
+                    out.push(b',');
                 }
-                obj.insert(row.map.rule_id(), v);
-            }
-            let bytes =
-                Bytes::from(serde_json::to_vec(&obj).map_err(|e| {
-                    PortMapError::Store(StoreError::Task(format!("serialize: {e}")))
-                })?);
+                first = false;
+                let rule_id = row.map.rule_id();
+                serde_json::to_writer(&mut out, &rule_id)
+                    .and_then(|()| {
+                        out.push(b':');
+                        serde_json::to_writer(
+                            &mut out,
+                            &RuleView {
+                                row,
+                                rule_id: &rule_id,
+                            },
+                        )
+                    })
+                    .map_err(|e| StoreError::Task(format!("serialize: {e}")))
+            })?;
+            out.extend_from_slice(b"}}");
+            let bytes = Bytes::from(out);
             if let Ok(mut c) = self.list_cache.write() {
                 *c = Some(bytes.clone());
             }
-            Ok(bytes)
-        })
+            Ok::<_, PortMapError>(bytes)
+        })?;
+        crate::memory::release_free_heap();
+        Ok(body)
     }
 
     /// Rewrites the kernel table from the database in one transaction; returns the number
     /// of maps written.
     pub fn restore(&self) -> Result<usize, PortMapError> {
         self.store.with(|conn| {
-            let maps: Vec<PortMap> = portmaps::list(conn)?.into_iter().map(|r| r.map).collect();
+            let maps = portmaps::list_maps(conn)?;
             self.fw.apply_all(&maps)?;
             Ok(maps.len())
         })
@@ -226,7 +246,7 @@ impl PortMaps {
     /// rewrite, which is one cheap transaction), and keeps the libvirt accept in place.
     pub fn reconcile(&self) -> Result<ReconcileReport, PortMapError> {
         self.store.with(|conn| {
-            let maps: Vec<PortMap> = portmaps::list(conn)?.into_iter().map(|r| r.map).collect();
+            let maps = portmaps::list_maps(conn)?;
             let drift = self.fw.drift(&maps)?;
             let rewritten = !drift.is_empty();
             if rewritten {
@@ -267,7 +287,7 @@ impl PortMaps {
     /// changing nothing.
     pub fn drift(&self) -> Result<Vec<String>, PortMapError> {
         self.store.with(|conn| {
-            let maps: Vec<PortMap> = portmaps::list(conn)?.into_iter().map(|r| r.map).collect();
+            let maps = portmaps::list_maps(conn)?;
             let mut lines = self.fw.drift(&maps)?;
             lines.extend(self.fw.forward_accept_drift()?);
             Ok(lines)
@@ -421,7 +441,10 @@ mod tests {
     fn the_list_cache_follows_every_change() {
         let (svc, _fw) = setup();
         let json = |svc: &PortMaps| -> serde_json::Value {
-            serde_json::from_slice(&svc.rules_json().unwrap()).unwrap()
+            let body: serde_json::Value =
+                serde_json::from_slice(&svc.list_body().unwrap()).unwrap();
+            assert_eq!(body["ok"], true);
+            body["rules"].clone()
         };
         assert_eq!(json(&svc).as_object().unwrap().len(), 0);
         svc.create(map(Proto::Tcp, 8080, 2, 80), false, "t")

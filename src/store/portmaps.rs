@@ -51,6 +51,42 @@ pub fn list(conn: &Connection) -> Result<Vec<PortMapRow>, StoreError> {
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
+/// Calls `f` with every row in order (proto, listen port), without collecting them.
+pub fn for_each(
+    conn: &Connection,
+    mut f: impl FnMut(&PortMapRow) -> Result<(), StoreError>,
+) -> Result<(), StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM port_maps ORDER BY proto, listen_port"
+    ))?;
+    let mut rows = stmt.query([])?;
+    while let Some(r) = rows.next()? {
+        f(&from_row(r)?)?;
+    }
+    Ok(())
+}
+
+/// Just the maps, as the kernel needs them (no bookkeeping columns).
+pub fn list_maps(conn: &Connection) -> Result<Vec<PortMap>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT proto, listen_port, target_ip, target_port FROM port_maps ORDER BY proto, listen_port",
+    )?;
+    let rows = stmt.query_map([], |r| {
+        let proto: String = r.get(0)?;
+        let ip: String = r.get(2)?;
+        let bad = |i: usize, what: String| {
+            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.into())
+        };
+        Ok(PortMap {
+            proto: proto.parse().map_err(|e: String| bad(0, e))?,
+            listen_port: r.get(1)?,
+            target_ip: ip.parse::<Ipv4Addr>().map_err(|e| bad(2, e.to_string()))?,
+            target_port: r.get(3)?,
+        })
+    })?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 pub fn count(conn: &Connection) -> Result<i64, StoreError> {
     Ok(conn.query_row("SELECT count(*) FROM port_maps", [], |r| r.get(0))?)
 }
