@@ -201,7 +201,7 @@ if want c; then
     nsx "$NS_CLIENT" sysctl -qw net.ipv4.ip_local_port_range="1024 65000"
     C=$(bench connrate --client-ns "$NS_CLIENT" --node-ns "$NS_NODE" --vm-ns "$NS_VM" \
         --node-addr 10.99.0.1 --vm-ip 10.77.0.2 --vm-port 8080 --subnet $SUBNET --bridge vmbr0 \
-        --maps 10000 --port 15000 --secs "${CONN_SECS:-5}" --rounds "${CONN_ROUNDS:-5}" --threads 2 \
+        --maps 10000 --port 15000 --secs "${CONN_SECS:-5}" --rounds "${CONN_ROUNDS:-9}" --threads 2 \
         | grep '^BENCH connrate ')
     echo "$C"
     row "(c) new TCP conns/s through DNAT, 10,000 maps vs 1" "ratio >= 0.95" \
