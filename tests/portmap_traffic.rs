@@ -573,6 +573,17 @@ fn refused_inputs_change_nothing() {
             Box::new(|s| s == 400 || s == 403 || s == 422),
         ),
         (
+            // Inside VM_SUBNET, but the node's own bridge address: its local services.
+            "target is the node's bridge address",
+            bad(json!(8081), &BRIDGE_IP.to_string(), json!(22), "tcp"),
+            Box::new(|s| s == 403),
+        ),
+        (
+            "target is the VM subnet's broadcast address",
+            bad(json!(8081), "10.77.2.255", json!(80), "tcp"),
+            Box::new(|s| s == 403),
+        ),
+        (
             "listen on the API port",
             bad(json!(API_PORT), "10.77.2.2", json!(80), "tcp"),
             Box::new(|s| (400..500).contains(&s)),

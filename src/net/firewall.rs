@@ -1,6 +1,9 @@
 //! The production `Firewall`: the port-map logic's blocking calls, carried out by the
 //! async nftables driver on the agent's runtime.
 
+use std::net::Ipv4Addr;
+
+use nlink::netlink::{Connection, Route};
 use tokio::runtime::Handle;
 
 use super::link;
@@ -10,6 +13,8 @@ use crate::portmap::{Firewall, FirewallError, PortMap};
 
 pub struct NftFirewall {
     nft: Nft,
+    /// rtnetlink, for the node's own addresses.
+    route: Connection<Route>,
     rt: Handle,
 }
 
@@ -53,8 +58,11 @@ impl NftFirewall {
             external_iface,
         })
         .map_err(err)?;
+        let route = Connection::<Route>::new()
+            .map_err(|e| FirewallError(format!("cannot open rtnetlink: {e}")))?;
         Ok(Self {
             nft,
+            route,
             rt: Handle::current(),
         })
     }
@@ -118,6 +126,12 @@ impl Firewall for NftFirewall {
                 )
             })
             .collect())
+    }
+
+    fn is_local_address(&self, ip: Ipv4Addr) -> Result<bool, FirewallError> {
+        self.rt
+            .block_on(link::is_local_address(&self.route, ip))
+            .map_err(|e| FirewallError(e.to_string()))
     }
 
     fn cleanup(&self) -> Result<(), FirewallError> {

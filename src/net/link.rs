@@ -1,6 +1,7 @@
 //! Link-level facts and settings the NAT rules depend on: the default route's
 //! interface (the natural `external_iface`) and IPv4 forwarding.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::path::Path;
 
 use nlink::netlink::types::route::RouteType;
@@ -67,6 +68,23 @@ pub async fn default_route_iface() -> Result<Option<String>, LinkError> {
             source,
         })?;
     Ok(link.and_then(|l| l.name().map(str::to_owned)))
+}
+
+/// Whether `ip` is an address of one of this namespace's interfaces. A port map to the
+/// node's own address (say the bridge's 192.168.122.1) would expose the node's local
+/// services under another port.
+pub async fn is_local_address(conn: &Connection<Route>, ip: Ipv4Addr) -> Result<bool, LinkError> {
+    let addresses = conn
+        .get_addresses()
+        .await
+        .map_err(|source| LinkError::Netlink {
+            op: "list addresses",
+            source,
+        })?;
+    let ip = IpAddr::V4(ip);
+    Ok(addresses
+        .iter()
+        .any(|a| a.address() == Some(&ip) || a.local() == Some(&ip)))
 }
 
 /// Turns on IPv4 forwarding in the current network namespace; returns whether it

@@ -2,6 +2,7 @@
 //! unit-tested against memory and run against nftables in production.
 
 use std::collections::BTreeSet;
+use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
 use super::PortMap;
@@ -30,12 +31,15 @@ pub trait Firewall: Send + Sync + 'static {
     fn ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError>;
     /// Removes every trace of the agent from the kernel.
     fn cleanup(&self) -> Result<(), FirewallError>;
+    /// Whether `ip` is one of the node's own addresses (never a port-map target).
+    fn is_local_address(&self, ip: Ipv4Addr) -> Result<bool, FirewallError>;
 }
 
 /// An in-memory firewall for fast unit tests; `fail_next` makes the next change fail.
 #[derive(Default)]
 pub struct MemoryFirewall {
     state: Mutex<(Option<BTreeSet<PortMap>>, Option<String>)>,
+    local: Mutex<Vec<Ipv4Addr>>,
 }
 
 impl MemoryFirewall {
@@ -46,6 +50,13 @@ impl MemoryFirewall {
     pub fn fail_next(&self, reason: &str) {
         if let Ok(mut s) = self.state.lock() {
             s.1 = Some(reason.to_string());
+        }
+    }
+
+    /// Gives the fake node an address.
+    pub fn add_local_address(&self, ip: Ipv4Addr) {
+        if let Ok(mut l) = self.local.lock() {
+            l.push(ip);
         }
     }
 
@@ -149,5 +160,9 @@ impl Firewall for MemoryFirewall {
     fn cleanup(&self) -> Result<(), FirewallError> {
         self.wipe();
         Ok(())
+    }
+
+    fn is_local_address(&self, ip: Ipv4Addr) -> Result<bool, FirewallError> {
+        Ok(self.local.lock().is_ok_and(|l| l.contains(&ip)))
     }
 }

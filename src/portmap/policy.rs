@@ -17,6 +17,9 @@ pub enum PolicyError {
     /// target_ip outside every allowed network.
     #[error("target_ip {ip} is outside the allowed target networks ({allowed})")]
     TargetNotAllowed { ip: String, allowed: String },
+    /// One of the node's own addresses.
+    #[error("target_ip {ip} is an address of the node itself, not a VM")]
+    TargetIsNode { ip: String },
     /// The network or broadcast address of a VM network.
     #[error("target_ip {ip} is the network or broadcast address of {net}")]
     TargetNotHost { ip: String, net: String },

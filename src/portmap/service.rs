@@ -113,6 +113,12 @@ impl PortMaps {
         by: &str,
     ) -> Result<CreateOutcome, PortMapError> {
         self.policy.check(&map)?;
+        if self.fw.is_local_address(map.target_ip)? {
+            return Err(PolicyError::TargetIsNode {
+                ip: map.target_ip.to_string(),
+            }
+            .into());
+        }
         let outcome = self.store.transaction(|tx| {
             let outcome = match portmaps::get(tx, map.proto, map.listen_port)? {
                 Some(row) if row.map == map => return Ok(CreateOutcome::Unchanged),
@@ -397,6 +403,12 @@ mod tests {
             svc.create(outside, false, "t"),
             Err(PortMapError::Policy(_))
         ));
+        // The node's own address inside the VM subnet (the bridge's) is not a VM.
+        fw.add_local_address(Ipv4Addr::new(10, 0, 0, 1));
+        let e = svc
+            .create(map(Proto::Tcp, 8080, 1, 22), false, "t")
+            .unwrap_err();
+        assert!(e.to_string().contains("node itself"), "{e}");
         assert!(stored(&svc).is_empty());
         assert!(kernel(&fw).is_empty());
     }
