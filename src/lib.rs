@@ -3,6 +3,9 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod join;
+pub mod keys;
+pub mod mesh;
 pub mod net;
 pub mod portmap;
 pub mod store;

@@ -51,6 +51,7 @@ impl NftFirewall {
             vm_subnet: s.vm_subnet,
             wg_iface: Some(s.wg_iface.clone()),
             external_iface,
+            tunnel_sources: vec![],
         })
         .map_err(err)?;
         Ok(Self {
@@ -118,6 +119,10 @@ impl Firewall for NftFirewall {
                 )
             })
             .collect())
+    }
+
+    fn set_tunnel_sources(&self, nets: &[ipnetwork::Ipv4Network]) {
+        self.nft.set_tunnel_sources(nets.to_vec());
     }
 
     fn cleanup(&self) -> Result<(), FirewallError> {

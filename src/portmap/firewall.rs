@@ -30,6 +30,9 @@ pub trait Firewall: Send + Sync + 'static {
     fn ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError>;
     /// Removes every trace of the agent from the kernel.
     fn cleanup(&self) -> Result<(), FirewallError>;
+    /// Source networks that may only arrive through the WireGuard link (the controller's
+    /// tunnel addresses). Takes effect with the next `apply_all`.
+    fn set_tunnel_sources(&self, _nets: &[ipnetwork::Ipv4Network]) {}
 }
 
 /// An in-memory firewall for fast unit tests; `fail_next` makes the next change fail.
