@@ -1,0 +1,56 @@
+#!/usr/bin/env bash
+# Installs the Debian 12 packages that building and testing node-vm-agent need.
+# Idempotent: when every package is already installed it touches nothing (no apt-get
+# update), so reruns from scripts/test.sh cost well under a second.
+set -euo pipefail
+
+# What each package is for:
+#   build-essential pkg-config  C compiler/linker for the bundled SQLite and other -sys crates
+#   iproute2 nftables           `ip netns` / `nft -j` used by the integration tests and the demo
+#   sqlite3                     operators' (and the demo's) window into $DATA_DIR/agent.db
+#   curl ca-certificates        the demo's API calls
+#   python3                     the demo's HTTP server inside the "vm" namespace
+#   wrk                         load runs against the API
+#   procps                      pgrep/ps for scripts
+PACKAGES=(
+    build-essential pkg-config
+    iproute2 nftables
+    sqlite3
+    curl ca-certificates
+    python3
+    wrk
+    procps
+)
+
+missing=()
+for pkg in "${PACKAGES[@]}"; do
+    # `dpkg -s` succeeds for removed-but-configured packages too; check the status line.
+    if ! dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q 'install ok installed'; then
+        missing+=("$pkg")
+    fi
+done
+
+if ((${#missing[@]})); then
+    if [[ $(id -u) -ne 0 ]]; then
+        echo "install-deps: missing packages: ${missing[*]}; run as root to install them" >&2
+        exit 1
+    fi
+    echo "install-deps: installing ${missing[*]}" >&2
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update
+    apt-get install -y --no-install-recommends "${missing[@]}"
+else
+    echo "install-deps: all Debian packages present" >&2
+fi
+
+# The Rust toolchain comes from rustup, not apt: say so plainly instead of failing later
+# with "cargo: command not found" in the middle of another script.
+if ! command -v cargo >/dev/null 2>&1 && [[ -x "${HOME:-/root}/.cargo/bin/cargo" ]]; then
+    echo "install-deps: cargo is in ${HOME:-/root}/.cargo/bin but not on PATH; add it (source ~/.cargo/env)" >&2
+    exit 1
+fi
+if ! command -v cargo >/dev/null 2>&1; then
+    echo "install-deps: cargo not found. Install the Rust toolchain with rustup (https://rustup.rs), then rerun." >&2
+    exit 1
+fi
+echo "install-deps: $(cargo --version)" >&2

@@ -1,0 +1,264 @@
+//! The real agent binary, run inside a topology's node namespace.
+
+use std::fs::{File, OpenOptions};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use super::client::Api;
+use super::netns::run_ok;
+use super::topology::{API_PORT, EXTERNAL_IFACE, NODE_IP, Topology, VM_SUBNET, sa};
+
+pub const BIN: &str = env!("CARGO_BIN_EXE_node-vm-agent");
+
+/// The binary under test: NVA_AGENT_BIN overrides the one cargo built (e.g. to run the
+/// suite against a release build).
+pub fn agent_bin() -> String {
+    std::env::var("NVA_AGENT_BIN").unwrap_or_else(|_| BIN.to_owned())
+}
+
+/// Settings the agent reads from the environment; cleared before each start so the
+/// test process's own environment cannot leak into the agent.
+const AGENT_ENV: &[&str] = &[
+    "DATA_DIR",
+    "NODE_API_PORT",
+    "API_LISTEN",
+    "API_TOKEN",
+    "PORTMAP_TOKEN",
+    "VMS_BRIDGE",
+    "VM_SUBNET",
+    "EXTERNAL_IFACE",
+    "WG_IFACE",
+    "RECONCILE_INTERVAL",
+    "RESERVED_PORTS",
+    "ALLOWED_TARGETS",
+    "LOG_FORMAT",
+    "CLEANUP_ON_EXIT",
+    "CONTROLLER_URL",
+    "JOIN_TOKEN",
+];
+
+/// Bounded wait for `/health`: 300 polls, 100 ms apart.
+const HEALTH_POLLS: usize = 300;
+
+pub struct Agent {
+    node: String,
+    data_dir: tempfile::TempDir,
+    log_path: PathBuf,
+    env: Vec<(String, String)>,
+    child: Option<Child>,
+    pub token: String,
+    /// The API as a remote client sees it: from the client namespace to the node.
+    pub api: Api,
+}
+
+impl Agent {
+    pub fn start(topo: &Topology) -> Agent {
+        Agent::start_with(topo, &[])
+    }
+
+    /// Starts with the harness's settings plus `extra` (which override them; an empty
+    /// value unsets the setting, e.g. `("API_TOKEN", "")` to let the agent make one).
+    pub fn start_with(topo: &Topology, extra: &[(&str, &str)]) -> Agent {
+        let data_dir = tempfile::Builder::new()
+            .prefix("nva-agent-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        let log_path = data_dir.path().join("agent.log");
+        let token = format!("{:032x}", rand::random::<u128>());
+        let mut env: Vec<(String, String)> = [
+            ("DATA_DIR", data_dir.path().to_string_lossy().as_ref()),
+            ("NODE_API_PORT", &API_PORT.to_string()),
+            ("API_LISTEN", "0.0.0.0"),
+            ("API_TOKEN", &token),
+            ("VMS_BRIDGE", &topo.bridge),
+            ("VM_SUBNET", VM_SUBNET),
+            ("EXTERNAL_IFACE", EXTERNAL_IFACE),
+            ("LOG_FORMAT", "text"),
+            ("RUST_LOG", "info"),
+        ]
+        .iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect();
+        for (k, v) in extra {
+            env.retain(|(ek, _)| ek != k);
+            if !v.is_empty() {
+                env.push((k.to_string(), v.to_string()));
+            }
+        }
+        let configured = ["API_TOKEN", "PORTMAP_TOKEN"]
+            .iter()
+            .find_map(|t| env.iter().find(|(k, _)| k == t).map(|(_, v)| v.clone()));
+        let mut agent = Agent {
+            node: topo.node.name().to_owned(),
+            data_dir,
+            log_path,
+            env,
+            child: None,
+            api: Api {
+                ns: topo.client.name().to_owned(),
+                addr: sa(NODE_IP, API_PORT),
+                token: token.clone(),
+            },
+            token,
+        };
+        agent.spawn_and_wait();
+        match configured {
+            Some(t) => agent.set_token(&t),
+            None => {
+                // /health needs no token, so the agent is up: it has written its own.
+                let generated = std::fs::read_to_string(agent.data_dir().join("api.token"))
+                    .unwrap_or_else(|e| panic!("no generated api.token: {e}"));
+                agent.set_token(generated.trim());
+            }
+        }
+        agent
+    }
+
+    fn set_token(&mut self, token: &str) {
+        self.token = token.to_owned();
+        self.api.token = token.to_owned();
+    }
+
+    pub fn data_dir(&self) -> &Path {
+        self.data_dir.path()
+    }
+
+    fn command(&self, sub: &str) -> Command {
+        let mut c = Command::new("ip");
+        c.args(["netns", "exec", &self.node, &agent_bin(), sub]);
+        for k in AGENT_ENV {
+            c.env_remove(k);
+        }
+        c.envs(self.env.iter().map(|(k, v)| (k, v)));
+        c
+    }
+
+    fn log_file(&self) -> File {
+        OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&self.log_path)
+            .unwrap_or_else(|e| panic!("open {}: {e}", self.log_path.display()))
+    }
+
+    fn spawn_and_wait(&mut self) {
+        assert!(self.child.is_none(), "agent already running");
+        let log = self.log_file();
+        let log2 = log.try_clone().unwrap_or_else(|e| panic!("dup log: {e}"));
+        // `ip netns exec` execs the agent, so the child's pid is the agent's own.
+        let child = self
+            .command("serve")
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(log2)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn agent: {e}"));
+        self.child = Some(child);
+        for _ in 0..HEALTH_POLLS {
+            if let Some(status) = self
+                .child
+                .as_mut()
+                .and_then(|c| c.try_wait().ok().flatten())
+            {
+                self.child = None;
+                panic!(
+                    "agent exited during startup ({status}); log:\n{}",
+                    self.log()
+                );
+            }
+            if let Ok(r) = self.api.request("GET", "/health", None, None)
+                && r.status == 200
+            {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        panic!("agent not healthy after bounded wait; log:\n{}", self.log());
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().map(Child::id)
+    }
+
+    /// SIGKILL: no shutdown code runs, the kernel table stays as it was.
+    pub fn kill9(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and a bounded wait (then SIGKILL); returns whether it exited by itself.
+    pub fn stop(&mut self) -> bool {
+        let Some(mut c) = self.child.take() else {
+            return true;
+        };
+        let _ = Command::new("kill")
+            .args(["-TERM", &c.id().to_string()])
+            .status();
+        for _ in 0..200 {
+            if let Ok(Some(_)) = c.try_wait() {
+                return true;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = c.kill();
+        let _ = c.wait();
+        false
+    }
+
+    /// Starts again on the same data dir and settings (stopping it first if running).
+    pub fn restart(&mut self) {
+        self.stop();
+        self.spawn_and_wait();
+    }
+
+    /// Starts again after `kill9`/`stop`.
+    pub fn start_again(&mut self) {
+        self.spawn_and_wait();
+    }
+
+    /// `node-vm-agent diff` with the same settings: (exit code, stdout + stderr).
+    pub fn diff(&self) -> (i32, String) {
+        let out = self
+            .command("diff")
+            .output()
+            .unwrap_or_else(|e| panic!("spawn diff: {e}"));
+        (
+            out.status.code().unwrap_or(-1),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&out.stdout),
+                String::from_utf8_lossy(&out.stderr)
+            ),
+        )
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(&self.log_path).unwrap_or_default()
+    }
+
+    /// `sqlite3 agent.db QUERY` (tests only, for the audit trail).
+    pub fn sql(&self, query: &str) -> String {
+        let db = self.data_dir.path().join("agent.db");
+        run_ok(Command::new("sqlite3").arg(db).arg(query))
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        let clean = self.stop();
+        if std::thread::panicking() || !clean {
+            let log = self.log();
+            let tail: Vec<&str> = log.lines().rev().take(150).collect();
+            eprintln!(
+                "---- agent log (last {} lines, exited on SIGTERM: {clean}) ----",
+                tail.len()
+            );
+            for l in tail.iter().rev() {
+                eprintln!("{l}");
+            }
+        }
+    }
+}

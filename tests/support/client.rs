@@ -1,0 +1,240 @@
+//! Clients that run from inside a namespace: a plain TCP/HTTP GET, a UDP round trip, and
+//! the agent's JSON API. Timeouts are short and bounded; nothing here measures time.
+
+use std::io::{self, Read, Write};
+use std::net::{SocketAddr, TcpStream, UdpSocket};
+use std::time::Duration;
+
+use serde_json::Value;
+
+use super::netns::in_netns;
+
+const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
+const IO_TIMEOUT: Duration = Duration::from_secs(5);
+
+fn connect_from(ns: &str, addr: SocketAddr) -> io::Result<TcpStream> {
+    let stream = in_netns(ns, || TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))?;
+    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    Ok(stream)
+}
+
+/// `GET /` from namespace `ns` to `addr`; returns the body (a test server's reply).
+pub fn tcp_get(ns: &str, addr: SocketAddr) -> io::Result<String> {
+    let mut stream = connect_from(ns, addr)?;
+    stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    let mut resp = Vec::new();
+    stream.read_to_end(&mut resp)?;
+    let resp = String::from_utf8_lossy(&resp);
+    match resp.split_once("\r\n\r\n") {
+        Some((head, body)) if head.starts_with("HTTP/1.") => Ok(body.to_owned()),
+        _ => Err(io::Error::other(format!("not an HTTP response: {resp:?}"))),
+    }
+}
+
+/// One UDP datagram from a fresh socket in `ns` (a fresh source port, so no conntrack
+/// entry of an earlier test step is reused), up to 3 tries; returns the reply.
+pub fn udp_roundtrip(ns: &str, addr: SocketAddr, payload: &str) -> io::Result<String> {
+    let sock = in_netns(ns, || UdpSocket::bind("0.0.0.0:0"))?;
+    // connect(): only datagrams from `addr` are accepted, which is what a DNAT'd reply
+    // looks like once conntrack has reversed it.
+    sock.connect(addr)?;
+    sock.set_read_timeout(Some(Duration::from_millis(700)))?;
+    let mut buf = [0u8; 2048];
+    let mut last = io::Error::new(io::ErrorKind::TimedOut, "no reply");
+    for _ in 0..3 {
+        sock.send(payload.as_bytes())?;
+        match sock.recv(&mut buf) {
+            Ok(n) => return Ok(String::from_utf8_lossy(&buf[..n]).into_owned()),
+            Err(e) => last = e,
+        }
+    }
+    Err(last)
+}
+
+#[derive(Debug, Clone)]
+pub struct Response {
+    pub status: u16,
+    pub body: String,
+    /// The body parsed as JSON, when it is JSON.
+    pub json: Option<Value>,
+}
+
+impl Response {
+    /// The JSON body, panicking with the raw body when there is none.
+    pub fn json(&self) -> &Value {
+        self.json
+            .as_ref()
+            .unwrap_or_else(|| panic!("status {} non-JSON body {:?}", self.status, self.body))
+    }
+
+    /// Asserts the agent's error shape `{"ok":false,"error":"..."}`.
+    pub fn assert_error(&self, status_ok: impl Fn(u16) -> bool) {
+        assert!(status_ok(self.status), "unexpected status: {self:?}");
+        let j = self.json();
+        assert_eq!(j["ok"], Value::Bool(false), "error body: {self:?}");
+        assert!(
+            j["error"].as_str().is_some_and(|s| !s.is_empty()),
+            "error message missing: {self:?}"
+        );
+    }
+}
+
+/// An HTTP/1.1 client for the agent API that connects from inside a namespace.
+#[derive(Debug, Clone)]
+pub struct Api {
+    pub ns: String,
+    pub addr: SocketAddr,
+    pub token: String,
+}
+
+impl Api {
+    pub fn get(&self, path: &str) -> Response {
+        self.call("GET", path, None)
+    }
+
+    pub fn post(&self, path: &str, body: &Value) -> Response {
+        self.call("POST", path, Some(&body.to_string()))
+    }
+
+    pub fn delete(&self, path: &str) -> Response {
+        self.call("DELETE", path, None)
+    }
+
+    /// With the right token; panics on transport errors (the agent must answer).
+    pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Response {
+        self.request(method, path, Some(&self.token), body)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
+    /// The raw request: any token (or none), any body (not necessarily JSON).
+    pub fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&str>,
+    ) -> io::Result<Response> {
+        self.request_bytes(method, path, token, body.map(str::as_bytes))
+    }
+
+    pub fn request_bytes(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<&[u8]>,
+    ) -> io::Result<Response> {
+        let mut stream = connect_from(&self.ns, self.addr)?;
+        let mut head = format!(
+            "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n",
+            self.addr
+        );
+        if let Some(t) = token {
+            head.push_str(&format!("Authorization: Bearer {t}\r\n"));
+        }
+        if let Some(b) = body {
+            head.push_str(&format!(
+                "Content-Type: application/json\r\nContent-Length: {}\r\n",
+                b.len()
+            ));
+        }
+        head.push_str("\r\n");
+        stream.write_all(head.as_bytes())?;
+        if let Some(b) = body {
+            write_body(&mut stream, b)?;
+        }
+        let mut raw = Vec::new();
+        // A server that refuses a body early (413) may reset the connection after its
+        // answer; what was received before the reset is still the answer.
+        if let Err(e) = stream.read_to_end(&mut raw)
+            && raw.is_empty()
+        {
+            return Err(e);
+        }
+        parse_response(&raw)
+    }
+}
+
+/// Writes a body in pieces and stops as soon as the server has answered (it may refuse
+/// an oversized body without reading it) or stopped reading.
+fn write_body(stream: &mut TcpStream, body: &[u8]) -> io::Result<()> {
+    for chunk in body.chunks(64 * 1024) {
+        stream.set_nonblocking(true)?;
+        let mut probe = [0u8; 1];
+        let answered = matches!(stream.peek(&mut probe), Ok(n) if n > 0);
+        stream.set_nonblocking(false)?;
+        if answered {
+            return Ok(());
+        }
+        if stream.write_all(chunk).is_err() {
+            return Ok(());
+        }
+    }
+    Ok(())
+}
+
+pub fn parse_response(raw: &[u8]) -> io::Result<Response> {
+    let split = raw
+        .windows(4)
+        .position(|w| w == b"\r\n\r\n")
+        .ok_or_else(|| {
+            io::Error::other(format!(
+                "no header end in {:?}",
+                String::from_utf8_lossy(raw)
+            ))
+        })?;
+    let head = String::from_utf8_lossy(&raw[..split]).into_owned();
+    let rest = &raw[split + 4..];
+    let mut lines = head.split("\r\n");
+    let status_line = lines.next().unwrap_or("");
+    let status: u16 = status_line
+        .split(' ')
+        .nth(1)
+        .and_then(|s| s.parse().ok())
+        .ok_or_else(|| io::Error::other(format!("bad status line {status_line:?}")))?;
+    let mut chunked = false;
+    let mut length: Option<usize> = None;
+    for line in lines {
+        if let Some((k, v)) = line.split_once(':') {
+            let (k, v) = (k.trim().to_ascii_lowercase(), v.trim());
+            if k == "transfer-encoding" && v.eq_ignore_ascii_case("chunked") {
+                chunked = true;
+            } else if k == "content-length" {
+                length = v.parse().ok();
+            }
+        }
+    }
+    let body = if chunked {
+        dechunk(rest)?
+    } else if let Some(n) = length {
+        rest[..n.min(rest.len())].to_vec()
+    } else {
+        rest.to_vec()
+    };
+    let body = String::from_utf8_lossy(&body).into_owned();
+    let json = serde_json::from_str(&body).ok();
+    Ok(Response { status, body, json })
+}
+
+fn dechunk(mut data: &[u8]) -> io::Result<Vec<u8>> {
+    let mut out = Vec::new();
+    loop {
+        let eol = data
+            .windows(2)
+            .position(|w| w == b"\r\n")
+            .ok_or_else(|| io::Error::other("truncated chunk size"))?;
+        let size_str = String::from_utf8_lossy(&data[..eol]);
+        let size = usize::from_str_radix(size_str.split(';').next().unwrap_or("").trim(), 16)
+            .map_err(|e| io::Error::other(format!("chunk size {size_str:?}: {e}")))?;
+        data = &data[eol + 2..];
+        if size == 0 {
+            return Ok(out);
+        }
+        if data.len() < size {
+            return Err(io::Error::other("truncated chunk"));
+        }
+        out.extend_from_slice(&data[..size]);
+        data = data.get(size + 2..).unwrap_or(&[]);
+    }
+}

@@ -1,0 +1,18 @@
+//! Integration-test harness: namespaces, the test topology, servers, clients, the agent
+//! process and nftables read-back. Used by the tests through `mod support;`; each test
+//! binary uses a different part of it.
+#![allow(dead_code, unused_imports)]
+
+pub mod agent;
+pub mod client;
+pub mod netns;
+pub mod nft;
+pub mod servers;
+pub mod topology;
+
+pub use agent::Agent;
+pub use client::{Api, Response, tcp_get, udp_roundtrip};
+pub use netns::Netns;
+pub use nft::{MapEntry, api_maps, entry, nft_maps, table_exists};
+pub use servers::{HttpServer, UdpEcho, peer_ip, who};
+pub use topology::*;
