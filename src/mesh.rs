@@ -246,6 +246,8 @@ impl Mesh {
                             backoff.reset();
                             next_join = Instant::now() + refresh;
                             self.joined(&client, &mut link, &mut current, &mut applied, j).await;
+                            // A reconfigured peer needs a new handshake: look (and nudge) now.
+                            next_poll = Instant::now();
                         }
                         Err(e) => {
                             let msg = e.to_string();
@@ -354,6 +356,9 @@ impl Mesh {
         .await;
         match got {
             Ok(Ok(t)) => {
+                if t.is_none() {
+                    nudge(j);
+                }
                 let first = t.is_some() && self.snapshot_handshake().is_none();
                 if first {
                     tracing::info!("first handshake with the controller");
@@ -367,6 +372,21 @@ impl Mesh {
 
     fn snapshot_handshake(&self) -> Option<SystemTime> {
         self.status.snapshot().last_handshake
+    }
+}
+
+/// Sends one datagram to the controller's tunnel address (the discard port) so that the
+/// link starts its handshake now: boringtun, unlike the kernel, waits for traffic or the
+/// first keepalive (25 s) before initiating, and the original controller polls /health
+/// over the tunnel right after the join.
+fn nudge(j: &Join) {
+    let Some(net) = j.allowed_ips.first() else {
+        return;
+    };
+    let target = std::net::SocketAddr::from((net.ip(), 9));
+    if let Ok(sock) = std::net::UdpSocket::bind((j.node_ip, 0)) {
+        let _ = sock.set_nonblocking(true);
+        let _ = sock.send_to(b"", target);
     }
 }
 

@@ -287,11 +287,13 @@ impl WgLink {
         let mut changed = Vec::new();
         let endpoint = resolve(&spec.endpoint)?;
 
-        let host = self.read_host()?;
+        let mut host = self.read_host()?;
         let port_ok = spec.listen_port.is_none_or(|p| p == host.listen_port);
         if host.private_key.as_ref() != Some(&spec.private_key) || !port_ok {
             self.set_device(spec)?;
             changed.push("private key / listen port".to_string());
+            // Setting the device replaces its peers: compare against what is there now.
+            host = self.read_host()?;
         }
 
         let mut peer = Peer::new(spec.peer_key.clone());
@@ -316,6 +318,11 @@ impl WgLink {
                     == peer.allowed_ips.iter().map(IpAddrMask::to_string).collect()
         });
         if !peer_ok {
+            // boringtun panics when an existing peer is modified: remove it first (the
+            // kernel updates in place, keeping the session).
+            if matches!(self.api, Api::Userspace(_)) && host.peers.contains_key(&spec.peer_key) {
+                self.remove_peer(&spec.peer_key)?;
+            }
             self.configure_peer(&peer)?;
             changed.push(format!("peer (endpoint {endpoint})"));
         }
@@ -425,11 +432,13 @@ impl WgLink {
     /// A kernel link stays (the mesh stays reachable while the agent restarts); a
     /// userspace device is stopped and its control socket removed.
     pub fn shutdown(self) {
-        if let Api::Userspace(a) = &self.api
-            && let Err(e) = a.remove_interface()
-        {
-            tracing::warn!(error = %e, "stopping the userspace WireGuard device");
+        if let Api::Userspace(_) = &self.api {
+            // Dropping the device handle stops boringtun, closes the tun device (the link
+            // disappears) and removes the control socket. `remove_interface` is not used:
+            // it also tries to undo DNS settings the agent never made.
+            tracing::info!(iface = %self.ifname, "userspace WireGuard link goes down with the agent");
         }
+        drop(self.api);
     }
 }
 
