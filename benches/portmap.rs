@@ -205,6 +205,7 @@ fn apply(o: &Opts) {
         vm_subnet: subnet,
         wg_iface: Some("wg0".into()),
         external_iface: Some("eth0".into()),
+        tunnel_sources: vec![],
     };
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("agent.db")).expect("store");
@@ -526,6 +527,7 @@ fn connrate(o: &Opts) {
         vm_subnet: subnet,
         wg_iface: Some("wg0".into()),
         external_iface: None,
+        tunnel_sources: vec![],
     };
     let (req_tx, req_rx) = std::sync::mpsc::channel::<Vec<PortMap>>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Duration>();

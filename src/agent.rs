@@ -9,6 +9,8 @@ use tokio::sync::watch;
 
 use crate::api::{self, ApiToken};
 use crate::config::Settings;
+use crate::keys::{KeySource, NodeKeys};
+use crate::mesh::{JoinState, Mesh, MeshStatus};
 use crate::portmap::{self, Firewall, Policy, PortMaps};
 use crate::store::Store;
 
@@ -36,6 +38,8 @@ pub enum AgentError {
     Serve(std::io::Error),
     #[error("{0}")]
     Firewall(String),
+    #[error(transparent)]
+    Keys(#[from] crate::keys::KeyError),
 }
 
 /// Opens the state every command needs: DATA_DIR (created 0700), the database, and the
@@ -76,9 +80,31 @@ pub async fn serve(settings: Settings, fw: Arc<dyn Firewall>) -> Result<(), Agen
             tracing::info!(path = %p.display(), "API token generated (mode 0600); clients send it as Authorization: Bearer")
         }
     }
+    // The key pair is read (or made) even standalone: a node that joins later keeps
+    // the identity it was given.
+    let (keys, key_source) = NodeKeys::load_or_create(&settings.data_dir)?;
+    tracing::info!(
+        public_key = %keys.public_base64(),
+        generated = key_source == KeySource::Generated,
+        "WireGuard key pair ready ($DATA_DIR/node.key, node.pub)"
+    );
+    let joining = settings.join_settings()?.is_some();
+    if !joining {
+        tracing::info!(
+            "standalone: CONTROLLER_URL, JOIN_TOKEN and NODE_ID are unset, so no mesh join and no tunnel"
+        );
+    }
+    let mesh_status = Arc::new(MeshStatus::new(
+        settings.trust_controller_tunnel,
+        if joining {
+            JoinState::Joining
+        } else {
+            JoinState::Standalone
+        },
+    ));
     let portmaps = Arc::new(PortMaps::new(
         store.clone(),
-        fw,
+        fw.clone(),
         Policy::from_settings(&settings),
     ));
 
@@ -113,16 +139,31 @@ pub async fn serve(settings: Settings, fw: Arc<dyn Firewall>) -> Result<(), Agen
         stop_rx.clone(),
     ));
 
-    let app = api::app(store, portmaps.clone(), Arc::new(token));
+    // The join runs in the background: the API answers from the first second, whether
+    // the controller is there or not.
+    let mesh = tokio::spawn(
+        Mesh {
+            settings: settings.clone(),
+            store: store.clone(),
+            keys,
+            fw,
+            portmaps: portmaps.clone(),
+            status: mesh_status.clone(),
+        }
+        .run(stop_rx.clone()),
+    );
+
+    let app = api::app(store, portmaps.clone(), Arc::new(token), mesh_status);
     let served = axum::serve(
         listener,
-        app.into_make_service_with_connect_info::<SocketAddr>(),
+        app.into_make_service_with_connect_info::<api::ConnInfo>(),
     )
     .with_graceful_shutdown(shutdown_signal())
     .await;
 
     let _ = stop_tx.send(true);
     let _ = reconciler.await;
+    let _ = mesh.await;
     if settings.cleanup_on_exit {
         let pm = portmaps.clone();
         match tokio::task::spawn_blocking(move || pm.cleanup()).await {

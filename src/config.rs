@@ -15,6 +15,17 @@ pub enum LogFormat {
     Json,
 }
 
+/// How the WireGuard link is implemented.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WgMode {
+    /// The kernel module where it exists, else the embedded userspace implementation.
+    Auto,
+    /// The kernel module only (fails without it).
+    Kernel,
+    /// The embedded userspace implementation (boringtun over /dev/net/tun) only.
+    Userspace,
+}
+
 /// Settings of `node-vm-agent serve` (and of the commands that read the same state).
 #[derive(Args, Clone, Debug)]
 pub struct Settings {
@@ -89,6 +100,54 @@ pub struct Settings {
     /// WireGuard listen port, refused as a port-map listen port when set.
     #[arg(long, env = "WG_LISTEN_PORT", value_name = "WG_LISTEN_PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub wg_listen_port: Option<u16>,
+
+    /// WireGuard implementation: auto (kernel module where it exists, else userspace),
+    /// kernel, or userspace. A userspace link goes down with the agent process.
+    #[arg(
+        long,
+        env = "WG_MODE",
+        value_name = "WG_MODE",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub wg_mode: WgMode,
+
+    /// MTU of the WireGuard link.
+    #[arg(long, env = "WG_MTU", value_name = "WG_MTU", default_value_t = 1420, value_parser = clap::value_parser!(u32).range(576..=9000))]
+    pub wg_mtu: u32,
+
+    /// Persistent keepalive towards the controller, in seconds (0: off).
+    #[arg(
+        long,
+        env = "WG_KEEPALIVE",
+        value_name = "WG_KEEPALIVE",
+        default_value_t = 25
+    )]
+    pub wg_keepalive: u16,
+
+    /// First delay between two join attempts, in milliseconds; doubled after every
+    /// failure (with jitter) up to JOIN_RETRY_MAX.
+    #[arg(long, env = "JOIN_RETRY_INITIAL_MS", value_name = "JOIN_RETRY_INITIAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub join_retry_initial_ms: u64,
+
+    /// Longest delay between two join attempts, in seconds.
+    #[arg(long, env = "JOIN_RETRY_MAX", value_name = "JOIN_RETRY_MAX", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub join_retry_max: u64,
+
+    /// Seconds between two re-joins once joined: a changed node_ip, endpoint or
+    /// controller key is applied then, without a restart.
+    #[arg(long, env = "JOIN_REFRESH_INTERVAL", value_name = "JOIN_REFRESH_INTERVAL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub join_refresh_interval: u64,
+
+    /// Timeout of one join request, in seconds.
+    #[arg(long, env = "JOIN_TIMEOUT", value_name = "JOIN_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub join_timeout: u64,
+
+    /// Authorise, without a token, requests that arrive through WG_IFACE from the
+    /// controller's tunnel address (allowed_ips of the join response), as the original
+    /// controller's proxy sends no authentication header.
+    #[arg(long, env = "TRUST_CONTROLLER_TUNNEL", value_name = "TRUST_CONTROLLER_TUNNEL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub trust_controller_tunnel: bool,
 
     /// libvirt connection URI (used by the VM API).
     #[arg(
@@ -206,6 +265,25 @@ pub struct SettingError {
 impl Settings {
     /// Checks that need more than one setting; single values are checked by their parser.
     pub fn validate(&self) -> Result<(), SettingError> {
+        self.join_settings()?;
+        if let Some(url) = &self.controller_url
+            && !(url.starts_with("http://") || url.starts_with("https://"))
+        {
+            return Err(SettingError {
+                variable: "CONTROLLER_URL",
+                value: url.clone(),
+                reason: "must start with http:// or https://".into(),
+            });
+        }
+        if let Some(id) = &self.node_id
+            && (id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()))
+        {
+            return Err(SettingError {
+                variable: "NODE_ID",
+                value: id.clone(),
+                reason: "1 to 128 printable characters".into(),
+            });
+        }
         for (variable, value) in [
             ("API_TOKEN", &self.api_token),
             ("PORTMAP_TOKEN", &self.portmap_token),
@@ -258,6 +336,36 @@ impl Settings {
         Ok(())
     }
 
+    /// The three join settings, when all are set; `None` when none is (standalone). One
+    /// or two of them is an error: the operator meant to join and forgot something.
+    pub fn join_settings(&self) -> Result<Option<JoinSettings<'_>>, SettingError> {
+        match (&self.controller_url, &self.join_token, &self.node_id) {
+            (Some(url), Some(token), Some(node_id)) => Ok(Some(JoinSettings {
+                url,
+                token,
+                node_id,
+            })),
+            (None, None, None) => Ok(None),
+            (url, token, node_id) => {
+                let missing: Vec<&str> = [
+                    ("CONTROLLER_URL", url.is_none()),
+                    ("JOIN_TOKEN", token.is_none()),
+                    ("NODE_ID", node_id.is_none()),
+                ]
+                .iter()
+                .filter(|(_, m)| *m)
+                .map(|(v, _)| *v)
+                .collect();
+                Err(SettingError {
+                    variable: "CONTROLLER_URL/JOIN_TOKEN/NODE_ID",
+                    value: format!("missing {}", missing.join(", ")),
+                    reason: "joining the mesh needs all three; set none of them to run standalone"
+                        .into(),
+                })
+            }
+        }
+    }
+
     /// The configured API token, from API_TOKEN or its alias.
     pub fn configured_token(&self) -> Option<&str> {
         self.api_token.as_deref().or(self.portmap_token.as_deref())
@@ -270,6 +378,14 @@ impl Settings {
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("agent.db")
     }
+}
+
+/// The settings of the mesh join, all three present.
+#[derive(Clone, Copy, Debug)]
+pub struct JoinSettings<'a> {
+    pub url: &'a str,
+    pub token: &'a str,
+    pub node_id: &'a str,
 }
 
 /// An interface name as the kernel accepts it (IFNAMSIZ, no '/', no whitespace).
@@ -324,7 +440,12 @@ mod tests {
         assert_eq!(s.vms_arch, "x86_64");
         assert_eq!(s.reconcile_interval, 30);
         assert!(!s.cleanup_on_exit);
+        assert_eq!(s.wg_mode, WgMode::Auto);
+        assert_eq!(s.wg_mtu, 1420);
+        assert_eq!(s.wg_keepalive, 25);
+        assert!(s.trust_controller_tunnel);
         s.validate().unwrap();
+        assert!(s.join_settings().unwrap().is_none());
     }
 
     #[test]
@@ -339,6 +460,42 @@ mod tests {
         assert!(e.contains("RESERVED_PORTS"), "{e}");
         let e = parse(&["--reconcile-interval", "0"]).unwrap_err();
         assert!(e.contains("RECONCILE_INTERVAL"), "{e}");
+    }
+
+    #[test]
+    fn join_settings_are_all_or_nothing() {
+        let s = parse(&["--controller-url", "http://c:5000", "--node-id", "n1"]).unwrap();
+        let e = s.validate().unwrap_err().to_string();
+        assert!(
+            e.contains("missing JOIN_TOKEN") && !e.contains("NODE_ID,"),
+            "{e}"
+        );
+        let s = parse(&[
+            "--controller-url",
+            "http://c:5000",
+            "--node-id",
+            "n1",
+            "--join-token",
+            "t",
+        ])
+        .unwrap();
+        s.validate().unwrap();
+        assert_eq!(s.join_settings().unwrap().unwrap().node_id, "n1");
+        let s = parse(&[
+            "--controller-url",
+            "ftp://c",
+            "--node-id",
+            "n1",
+            "--join-token",
+            "t",
+        ])
+        .unwrap();
+        assert!(
+            s.validate()
+                .unwrap_err()
+                .to_string()
+                .contains("CONTROLLER_URL")
+        );
     }
 
     #[test]

@@ -3,7 +3,10 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod join;
+pub mod keys;
 pub mod memory;
+pub mod mesh;
 pub mod net;
 pub mod portmap;
 pub mod store;

@@ -1,8 +1,6 @@
 //! One audit row for every mutating call: who (address, identity), what (method, route,
 //! parameters), and what came of it (status, error). Also where bodies are limited.
 
-use std::net::SocketAddr;
-
 use axum::body::{Body, to_bytes};
 use axum::extract::{ConnectInfo, MatchedPath, Request, State};
 use axum::http::{Method, StatusCode};
@@ -10,7 +8,7 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
 use super::error::{ApiError, ErrorMessage};
-use super::{AppState, Identity, MAX_BODY_BYTES};
+use super::{AppState, ConnInfo, Identity, MAX_BODY_BYTES};
 use crate::store::audit::{self, Entry, Outcome};
 
 pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
@@ -20,8 +18,8 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
     // Forwarding headers are ignored on purpose: only the socket's peer is known.
     let client_addr = req
         .extensions()
-        .get::<ConnectInfo<SocketAddr>>()
-        .map(|c| c.0.to_string());
+        .get::<ConnectInfo<ConnInfo>>()
+        .map(|c| c.0.peer.to_string());
     let action = format!(
         "{} {}",
         req.method(),

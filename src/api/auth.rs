@@ -105,7 +105,8 @@ impl ApiToken {
     }
 }
 
-/// Lets `GET /health` through; everything else needs the token.
+/// Lets `GET /health` through; everything else needs the token, or must come through
+/// the WireGuard tunnel from the controller (see `MeshStatus::is_controller_tunnel`).
 pub async fn require_token(
     State(state): State<AppState>,
     mut req: Request,
@@ -114,11 +115,18 @@ pub async fn require_token(
     if req.uri().path() == "/health" {
         return next.run(req).await;
     }
-    let ok = req
+    let token_ok = req
         .headers()
         .get(header::AUTHORIZATION)
         .is_some_and(|v| state.token.matches_header(v.as_bytes()));
-    if !ok {
+    // Only the socket's addresses count; X-Forwarded-For / Forwarded are never read.
+    let tunnel_ok = !token_ok
+        && req
+            .extensions()
+            .get::<axum::extract::ConnectInfo<super::ConnInfo>>()
+            .and_then(|c| c.0.local.map(|local| (local.ip(), c.0.peer.ip())))
+            .is_some_and(|(local, peer)| state.mesh.is_controller_tunnel(local, peer));
+    if !token_ok && !tunnel_ok {
         let mut resp = (
             [(header::WWW_AUTHENTICATE, "Bearer")],
             ApiError::new(
@@ -130,9 +138,14 @@ pub async fn require_token(
         resp.extensions_mut().insert(Identity::None);
         return resp;
     }
-    req.extensions_mut().insert(Identity::Token);
+    let identity = if token_ok {
+        Identity::Token
+    } else {
+        Identity::Controller
+    };
+    req.extensions_mut().insert(identity);
     let mut resp = next.run(req).await;
-    resp.extensions_mut().insert(Identity::Token);
+    resp.extensions_mut().insert(identity);
     resp
 }
 

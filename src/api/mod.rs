@@ -24,8 +24,29 @@ use utoipa_axum::routes;
 pub use auth::ApiToken;
 use error::ApiError;
 
+use crate::mesh::MeshStatus;
 use crate::portmap::PortMaps;
 use crate::store::Store;
+
+/// The connection a request came on: the peer and the local address it was accepted
+/// on (the tunnel address, for the controller). Forwarding headers are never read.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub peer: std::net::SocketAddr,
+    pub local: Option<std::net::SocketAddr>,
+}
+
+impl
+    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
+    for ConnInfo
+{
+    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
+        Self {
+            peer: *stream.remote_addr(),
+            local: stream.io().local_addr().ok(),
+        }
+    }
+}
 
 /// Largest request body accepted; the API's bodies are a few hundred bytes.
 pub const MAX_BODY_BYTES: usize = 64 * 1024;
@@ -37,6 +58,9 @@ pub enum Identity {
     None,
     /// A valid bearer token.
     Token,
+    /// No token, but the request came through the WireGuard tunnel from the
+    /// controller's address (TRUST_CONTROLLER_TUNNEL).
+    Controller,
 }
 
 impl Identity {
@@ -44,6 +68,7 @@ impl Identity {
         match self {
             Identity::None => "none",
             Identity::Token => "token",
+            Identity::Controller => "controller-tunnel",
         }
     }
 }
@@ -57,6 +82,7 @@ pub struct Shared {
     pub store: Store,
     pub portmaps: Arc<PortMaps>,
     pub token: Arc<ApiToken>,
+    pub mesh: Arc<MeshStatus>,
     openapi: Bytes,
 }
 
@@ -129,13 +155,19 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
 }
 
 /// The whole HTTP application.
-pub fn app(store: Store, portmaps: Arc<PortMaps>, token: Arc<ApiToken>) -> Router {
+pub fn app(
+    store: Store,
+    portmaps: Arc<PortMaps>,
+    token: Arc<ApiToken>,
+    mesh: Arc<MeshStatus>,
+) -> Router {
     let (router, doc) = routes();
     let openapi = Bytes::from(doc.to_json().unwrap_or_else(|_| "{}".to_string()));
     let state = AppState(Arc::new(Shared {
         store,
         portmaps,
         token,
+        mesh,
         openapi,
     }));
     router

@@ -35,7 +35,12 @@ fn harness() -> Harness {
     let pm = Arc::new(PortMaps::new(store.clone(), fw.clone(), policy));
     pm.restore().unwrap();
     Harness {
-        app: app(store.clone(), pm, Arc::new(ApiToken::new(TOKEN))),
+        app: app(
+            store.clone(),
+            pm,
+            Arc::new(ApiToken::new(TOKEN)),
+            Arc::new(crate::mesh::MeshStatus::default()),
+        ),
         fw,
         store,
     }

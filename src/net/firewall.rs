@@ -56,6 +56,7 @@ impl NftFirewall {
             vm_subnet: s.vm_subnet,
             wg_iface: Some(s.wg_iface.clone()),
             external_iface,
+            tunnel_sources: vec![],
         })
         .map_err(err)?;
         let route = Connection::<Route>::new()
@@ -132,6 +133,10 @@ impl Firewall for NftFirewall {
         self.rt
             .block_on(link::is_local_address(&self.route, ip))
             .map_err(|e| FirewallError(e.to_string()))
+    }
+
+    fn set_tunnel_sources(&self, nets: &[ipnetwork::Ipv4Network]) {
+        self.nft.set_tunnel_sources(nets.to_vec());
     }
 
     fn cleanup(&self) -> Result<(), FirewallError> {

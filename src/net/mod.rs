@@ -3,6 +3,7 @@
 pub mod firewall;
 pub mod link;
 pub mod nft;
+pub mod wireguard;
 
 #[cfg(test)]
 pub(crate) mod testns;

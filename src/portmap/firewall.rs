@@ -33,6 +33,9 @@ pub trait Firewall: Send + Sync + 'static {
     fn cleanup(&self) -> Result<(), FirewallError>;
     /// Whether `ip` is one of the node's own addresses (never a port-map target).
     fn is_local_address(&self, ip: Ipv4Addr) -> Result<bool, FirewallError>;
+    /// Source networks that may only arrive through the WireGuard link (the controller's
+    /// tunnel addresses). Takes effect with the next `apply_all`.
+    fn set_tunnel_sources(&self, _nets: &[ipnetwork::Ipv4Network]) {}
 }
 
 /// An in-memory firewall for fast unit tests; `fail_next` makes the next change fail.

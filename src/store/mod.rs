@@ -4,6 +4,7 @@
 //! through `spawn_blocking` (see `Store::run`).
 
 pub mod audit;
+pub mod mesh;
 pub mod portmaps;
 pub mod settings;
 
@@ -15,7 +16,10 @@ use rusqlite::{Connection, Transaction};
 
 /// Numbered migrations; index + 1 is the schema version they produce. Never edit one that
 /// has been released: add a new file.
-const MIGRATIONS: &[&str] = &[include_str!("../../migrations/0001_init.sql")];
+const MIGRATIONS: &[&str] = &[
+    include_str!("../../migrations/0001_init.sql"),
+    include_str!("../../migrations/0002_mesh_join.sql"),
+];
 
 /// The current time as SQLite writes it into every `*_at` column.
 pub const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";

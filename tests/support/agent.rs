@@ -36,6 +36,16 @@ const AGENT_ENV: &[&str] = &[
     "CLEANUP_ON_EXIT",
     "CONTROLLER_URL",
     "JOIN_TOKEN",
+    "NODE_ID",
+    "WG_MODE",
+    "WG_MTU",
+    "WG_KEEPALIVE",
+    "WG_LISTEN_PORT",
+    "JOIN_RETRY_INITIAL_MS",
+    "JOIN_RETRY_MAX",
+    "JOIN_REFRESH_INTERVAL",
+    "JOIN_TIMEOUT",
+    "TRUST_CONTROLLER_TUNNEL",
 ];
 
 /// Bounded wait for `/health`: 300 polls, 100 ms apart.

@@ -5,6 +5,7 @@
 
 pub mod agent;
 pub mod client;
+pub mod controller;
 pub mod netns;
 pub mod nft;
 pub mod servers;

@@ -12,6 +12,8 @@
 //!     ip daddr != 127.0.0.0/8 (then the same two: loopback stays the node's own) }
 //!   chain forward     { type filter hook forward priority filter; policy accept;
 //!     ct status dnat accept }
+//!   chain antispoof   { type filter hook prerouting priority raw; policy accept;
+//!     iifname != "<wg_iface>" ip saddr <controller net> drop }  (one per net, once joined)
 //!   chain postrouting { type nat hook postrouting priority srcnat; policy accept;
 //!     ct status dnat oifname "<vms_bridge>" masquerade
 //!     oifname "<wg_iface>" masquerade                       (only with a wg_iface)
@@ -112,6 +114,9 @@ pub struct NatSettings {
     pub wg_iface: Option<String>,
     /// Interface to the internet; `None` means "anything but the VM bridge".
     pub external_iface: Option<String>,
+    /// Source networks that may only arrive through `wg_iface` (the controller's tunnel
+    /// addresses, trusted by the API): dropped from any other interface.
+    pub tunnel_sources: Vec<Ipv4Network>,
 }
 
 impl NatSettings {
@@ -149,7 +154,7 @@ pub struct KernelState {
 /// thread that created it.
 pub struct Nft {
     conn: Connection<Nftables>,
-    settings: NatSettings,
+    settings: std::sync::RwLock<NatSettings>,
 }
 
 /// Bytes an element takes in a NEWSETELEM message (nests, key, concatenated value),
@@ -163,11 +168,27 @@ impl Nft {
     pub fn new(settings: NatSettings) -> Result<Self, NftError> {
         settings.validate()?;
         let conn = Connection::<Nftables>::new().map_err(|e| NftError::Socket(e.to_string()))?;
-        Ok(Self { conn, settings })
+        Ok(Self {
+            conn,
+            settings: std::sync::RwLock::new(settings),
+        })
     }
 
-    pub fn settings(&self) -> &NatSettings {
-        &self.settings
+    pub fn settings(&self) -> NatSettings {
+        match self.settings.read() {
+            Ok(s) => s.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Changes the networks of the anti-spoofing chain. Takes effect in the kernel with
+    /// the next [`apply_all`](Self::apply_all); until then the read-back reports drift.
+    pub fn set_tunnel_sources(&self, nets: Vec<Ipv4Network>) {
+        let mut s = match self.settings.write() {
+            Ok(s) => s,
+            Err(poisoned) => poisoned.into_inner(),
+        };
+        s.tunnel_sources = nets;
     }
 
     /// Replaces the whole table in ONE transaction: destroy (if present), then table,
@@ -209,7 +230,7 @@ impl Nft {
                 tx = tx.add_set_elements(&set, chunk);
             }
         }
-        for chain in ruleset::chains(&self.settings) {
+        for chain in ruleset::chains(&self.settings()) {
             tx = tx.add_chain(ruleset::chain(&chain).map_err(NftError::kernel("apply_all"))?);
             for rule in &chain.rules {
                 tx = tx.add_rule(rule.to_rule(chain.name));
@@ -353,7 +374,7 @@ impl Nft {
             .list_rules(TABLE, FAMILY)
             .await
             .map_err(NftError::kernel("list rules"))?;
-        let expected = ruleset::chains(&self.settings);
+        let expected = ruleset::chains(&self.settings());
 
         for spec in &expected {
             let Some(info) = chains.iter().find(|c| c.name == spec.name) else {

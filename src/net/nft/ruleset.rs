@@ -34,6 +34,7 @@ pub const CHAIN_PREROUTING: &str = "prerouting";
 pub const CHAIN_OUTPUT: &str = "output";
 pub const CHAIN_FORWARD: &str = "forward";
 pub const CHAIN_POSTROUTING: &str = "postrouting";
+pub const CHAIN_ANTISPOOF: &str = "antispoof";
 
 /// `dstnat` (-100): after conntrack (-200), where nft puts DNAT.
 pub const PRIORITY_PREROUTING: Priority = Priority::DstNat;
@@ -43,6 +44,9 @@ pub const PRIORITY_OUTPUT: Priority = Priority::Custom(-100);
 pub const PRIORITY_FORWARD: Priority = Priority::Filter;
 /// `srcnat` (100): last, once routing has picked the output interface.
 pub const PRIORITY_POSTROUTING: Priority = Priority::SrcNat;
+
+/// `raw` (-300): before conntrack, so a forged packet never creates a connection.
+pub const PRIORITY_ANTISPOOF: Priority = Priority::Raw;
 
 /// Tag stored as the rule comment on every rule the agent writes, also outside its
 /// own table, so its rules can be told apart from everyone else's.
@@ -190,7 +194,41 @@ pub fn chains(settings: &NatSettings) -> Vec<ChainSpec> {
             kind: nat_chain(NatHook::Postrouting, PRIORITY_POSTROUTING),
             rules: postrouting_rules(settings),
         },
+        ChainSpec {
+            name: CHAIN_ANTISPOOF,
+            kind: ChainKind::Base(
+                BaseChain::filter(
+                    nlink::netlink::nftables::FilterHook::Prerouting,
+                    PRIORITY_ANTISPOOF,
+                )
+                .policy(Policy::Accept),
+            ),
+            rules: antispoof_rules(settings),
+        },
     ]
+}
+
+/// `iifname != "<wg_iface>" ip saddr <net> drop`, one per controller network.
+///
+/// The API trusts the controller's tunnel address without a token; WireGuard
+/// authenticates that address only on the tunnel, so the same source arriving through
+/// any other interface is forged and never reaches a socket.
+fn antispoof_rules(s: &NatSettings) -> Vec<RuleSpec> {
+    let Some(wg) = &s.wg_iface else {
+        return Vec::new();
+    };
+    s.tunnel_sources
+        .iter()
+        .map(|net| {
+            let mut exprs = ifname(MetaKey::IifName, CmpOp::Neq, wg);
+            exprs.extend(ip_addr_in(IPV4_SADDR_OFFSET, CmpOp::Eq, *net));
+            exprs.push(Expr::Verdict(Verdict::Drop));
+            RuleSpec {
+                nft: format!("iifname != \"{wg}\" ip saddr {net} drop"),
+                exprs,
+            }
+        })
+        .collect()
 }
 
 /// `[ip daddr != 127.0.0.0/8] fib daddr type local meta l4proto <p> dnat ip to <p> dport map @<p>_ports`
@@ -322,12 +360,16 @@ fn ct_status_dnat() -> Vec<Expr> {
 }
 
 fn oifname(op: CmpOp, name: &str) -> Vec<Expr> {
+    ifname(MetaKey::OifName, op, name)
+}
+
+fn ifname(key: MetaKey, op: CmpOp, name: &str) -> Vec<Expr> {
     let mut data = name.as_bytes().to_vec();
     data.resize(IFNAMSIZ, 0);
     vec![
         Expr::Meta {
             dreg: Register::R0,
-            key: MetaKey::OifName,
+            key,
         },
         Expr::Cmp {
             sreg: Register::R0,
@@ -441,6 +483,7 @@ mod tests {
             vm_subnet: "10.10.0.0/24".parse().unwrap(),
             wg_iface: Some("wg0".into()),
             external_iface: None,
+            tunnel_sources: vec![],
         }
     }
 
@@ -473,9 +516,11 @@ mod tests {
                 CHAIN_PREROUTING,
                 CHAIN_OUTPUT,
                 CHAIN_FORWARD,
-                CHAIN_POSTROUTING
+                CHAIN_POSTROUTING,
+                CHAIN_ANTISPOOF
             ]
         );
+        assert!(c[4].rules.is_empty());
         assert_eq!(c[0].rules.len(), 2);
         assert_eq!(
             c[0].rules[0].nft,
@@ -497,6 +542,17 @@ mod tests {
         let post: Vec<_> = chains(&s)[3].rules.iter().map(|r| r.nft.clone()).collect();
         assert_eq!(post.len(), 2);
         assert!(post[1].ends_with("oifname \"eth0\" masquerade"));
+    }
+
+    #[test]
+    fn antispoof_drops_controller_sources_from_other_interfaces() {
+        let mut s = settings();
+        s.tunnel_sources = vec!["10.50.0.1/32".parse().unwrap()];
+        let c = chains(&s);
+        let rules: Vec<_> = c[4].rules.iter().map(|r| r.nft.as_str()).collect();
+        assert_eq!(rules, ["iifname != \"wg0\" ip saddr 10.50.0.1/32 drop"]);
+        s.wg_iface = None;
+        assert!(chains(&s)[4].rules.is_empty());
     }
 
     #[test]

@@ -20,6 +20,7 @@ fn settings() -> NatSettings {
         vm_subnet: "10.200.2.0/24".parse().unwrap(),
         wg_iface: Some("wg-t".into()),
         external_iface: None,
+        tunnel_sources: vec![],
     }
 }
 
@@ -648,6 +649,7 @@ fn other_settings_round_trip_through_the_kernel() {
             vm_subnet: "192.0.2.7/32".parse().unwrap(),
             wg_iface: None,
             external_iface: Some("eth-out".into()),
+            tunnel_sources: vec![],
         })
         .unwrap();
         nft.apply_all(&[]).await.unwrap();

@@ -1,0 +1,425 @@
+//! The mesh conductor: joins the controller in the background, brings the tunnel up from
+//! the cached join when the controller is away, follows changes on re-join, and keeps
+//! the status `/health` shows and the API's trusted-tunnel check reads.
+
+use std::net::{IpAddr, Ipv4Addr};
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::{Duration, SystemTime};
+
+use ipnetwork::Ipv4Network;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::config::Settings;
+use crate::join::{self, Backoff, Client, Join, Retry};
+use crate::keys::NodeKeys;
+use crate::net::wireguard::{LinkSpec, TunnelMode, WgLink};
+use crate::portmap::{Firewall, PortMaps};
+use crate::store::Store;
+
+/// Where the node stands with the mesh.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum JoinState {
+    /// No CONTROLLER_URL/JOIN_TOKEN/NODE_ID: no tunnel.
+    #[default]
+    Standalone,
+    /// Trying to join; no tunnel yet.
+    Joining,
+    /// The controller answered during this run; the tunnel follows its answer.
+    Joined,
+    /// The tunnel runs from a previous join; re-joining in the background.
+    Cached,
+}
+
+impl JoinState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            JoinState::Standalone => "standalone",
+            JoinState::Joining => "joining",
+            JoinState::Joined => "joined",
+            JoinState::Cached => "cached",
+        }
+    }
+}
+
+/// What `/health` reports and the trusted-tunnel check reads. Never a secret.
+#[derive(Clone, Debug, Default)]
+pub struct Status {
+    pub state: JoinState,
+    pub node_ip: Option<Ipv4Addr>,
+    pub controller_nets: Vec<Ipv4Network>,
+    pub tunnel: Option<TunnelMode>,
+    pub last_handshake: Option<SystemTime>,
+    /// The last join or tunnel error, for operators.
+    pub error: Option<String>,
+}
+
+/// Shared, cheap to read from request handlers.
+#[derive(Debug, Default)]
+pub struct MeshStatus {
+    trust_tunnel: bool,
+    inner: RwLock<Status>,
+}
+
+impl MeshStatus {
+    pub fn new(trust_tunnel: bool, state: JoinState) -> Self {
+        Self {
+            trust_tunnel,
+            inner: RwLock::new(Status {
+                state,
+                ..Status::default()
+            }),
+        }
+    }
+
+    pub fn snapshot(&self) -> Status {
+        match self.inner.read() {
+            Ok(s) => s.clone(),
+            Err(p) => p.into_inner().clone(),
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        match self.inner.write() {
+            Ok(mut s) => f(&mut s),
+            Err(p) => f(&mut p.into_inner()),
+        }
+    }
+
+    /// Whether a connection accepted on `local` from `peer` came through the tunnel from
+    /// the controller: its local address is the node's tunnel address and its peer one
+    /// of the controller's allowed IPs. The agent's anti-spoofing rule drops those source
+    /// addresses on every other interface, so they cannot be forged from outside.
+    pub fn is_controller_tunnel(&self, local: IpAddr, peer: IpAddr) -> bool {
+        if !self.trust_tunnel {
+            return false;
+        }
+        let (IpAddr::V4(local), IpAddr::V4(peer)) = (to_v4(local), to_v4(peer)) else {
+            return false;
+        };
+        let s = self.snapshot();
+        s.node_ip == Some(local) && s.controller_nets.iter().any(|n| n.contains(peer))
+    }
+}
+
+/// IPv4-mapped IPv6 (a dual-stack listener) as plain IPv4.
+fn to_v4(ip: IpAddr) -> IpAddr {
+    match ip {
+        IpAddr::V6(v6) => v6.to_ipv4_mapped().map_or(ip, IpAddr::V4),
+        v4 => v4,
+    }
+}
+
+/// Everything the background task needs.
+pub struct Mesh {
+    pub settings: Settings,
+    pub store: Store,
+    pub keys: NodeKeys,
+    pub fw: Arc<dyn Firewall>,
+    pub portmaps: Arc<PortMaps>,
+    pub status: Arc<MeshStatus>,
+}
+
+type SharedLink = Arc<Mutex<WgLink>>;
+
+impl Mesh {
+    fn spec(&self, j: &Join) -> LinkSpec {
+        LinkSpec {
+            ifname: self.settings.wg_iface.clone(),
+            private_key: self.keys.private().clone(),
+            listen_port: self.settings.wg_listen_port,
+            address: j.node_ip,
+            peer_key: j.controller_pubkey.clone(),
+            endpoint: j.endpoint.clone(),
+            keepalive: Some(self.settings.wg_keepalive).filter(|k| *k > 0),
+            mesh: j.wg_net,
+            mtu: self.settings.wg_mtu,
+        }
+    }
+
+    /// Makes the link, and the anti-spoofing rule, match `j`; then trusts the tunnel.
+    async fn apply(&self, link: &mut Option<SharedLink>, j: &Join) -> Result<(), String> {
+        let spec = self.spec(j);
+        let existing = link.clone();
+        let ifname = self.settings.wg_iface.clone();
+        let mode = self.settings.wg_mode;
+        let rt = tokio::runtime::Handle::current();
+        let (shared, changed) = tokio::task::spawn_blocking(move || {
+            let shared = match existing {
+                Some(l) => l,
+                None => Arc::new(Mutex::new(
+                    WgLink::open(&ifname, mode, rt).map_err(|e| e.to_string())?,
+                )),
+            };
+            let changed = {
+                let l = shared
+                    .lock()
+                    .map_err(|_| "link mutex poisoned".to_string())?;
+                l.apply(&spec).map_err(|e| e.to_string())
+            };
+            // Keep the link even if configuring failed: a userspace device must not be
+            // dropped, and the next attempt retries the configuration.
+            Ok::<_, String>((shared, changed))
+        })
+        .await
+        .map_err(|e| e.to_string())??;
+        let tunnel = shared.lock().map(|l| l.mode()).ok();
+        *link = Some(shared);
+        let changed = changed?;
+        if changed.is_empty() {
+            tracing::info!(iface = %self.settings.wg_iface, "WireGuard link already as wanted; left alone");
+        } else {
+            tracing::info!(iface = %self.settings.wg_iface, changed = ?changed, node_ip = %j.node_ip, "WireGuard link configured");
+        }
+
+        // The anti-spoofing rule goes into the kernel before the API trusts the address.
+        self.fw.set_tunnel_sources(&j.allowed_ips);
+        let pm = self.portmaps.clone();
+        tokio::task::spawn_blocking(move || pm.restore())
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| format!("cannot install the anti-spoofing rule: {e}"))?;
+        self.status.update(|s| {
+            s.node_ip = Some(j.node_ip);
+            s.controller_nets = j.allowed_ips.clone();
+            s.tunnel = tunnel;
+        });
+        Ok(())
+    }
+
+    /// Runs until `stop` turns true.
+    pub async fn run(self, mut stop: watch::Receiver<bool>) {
+        let Ok(Some(join_settings)) = self.settings.join_settings() else {
+            return;
+        };
+        let client = match Client::new(
+            join_settings,
+            self.keys.public_base64(),
+            Duration::from_secs(self.settings.join_timeout),
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::error!(error = %e, "mesh join disabled");
+                return;
+            }
+        };
+        let mut link: Option<SharedLink> = None;
+        let mut current: Option<Join> = None;
+        let mut applied = false;
+
+        let store = self.store.clone();
+        match tokio::task::spawn_blocking(move || join::load_cached(&store)).await {
+            Ok(Ok(Some(j))) => {
+                tracing::info!(node_ip = %j.node_ip, endpoint = %j.endpoint, "bringing the tunnel up from the previous join; re-joining in the background");
+                match self.apply(&mut link, &j).await {
+                    Ok(()) => {
+                        applied = true;
+                        self.status.update(|s| s.state = JoinState::Cached);
+                    }
+                    Err(e) => {
+                        tracing::error!(error = %e, "cannot bring the tunnel up from the previous join");
+                        self.status.update(|s| s.error = Some(e));
+                    }
+                }
+                current = Some(j);
+            }
+            Ok(Ok(None)) => {}
+            other => {
+                tracing::warn!(result = ?other.map(|r| r.map(|_| ())), "cannot read the cached join")
+            }
+        }
+
+        let mut backoff = Backoff::new(
+            Duration::from_millis(self.settings.join_retry_initial_ms),
+            Duration::from_secs(self.settings.join_retry_max),
+        );
+        let refresh = Duration::from_secs(self.settings.join_refresh_interval);
+        let mut joining = true;
+        let mut next_join = Instant::now();
+        let mut next_poll = Instant::now();
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = tokio::time::sleep_until(next_join), if joining => {
+                    match client.join_once().await {
+                        Ok(j) => {
+                            backoff.reset();
+                            next_join = Instant::now() + refresh;
+                            self.joined(&client, &mut link, &mut current, &mut applied, j).await;
+                            // A reconfigured peer needs a new handshake: look (and nudge) now.
+                            next_poll = Instant::now();
+                        }
+                        Err(e) => {
+                            let msg = e.to_string();
+                            match e.kind() {
+                                Retry::Backoff => {
+                                    let d = backoff.next_delay();
+                                    tracing::warn!(error = %msg, retry_in_ms = d.as_millis() as u64, url = client.url(), "join failed; retrying");
+                                    next_join = Instant::now() + d;
+                                }
+                                Retry::Slow => {
+                                    tracing::error!(error = %msg, retry_in_s = backoff.max().as_secs(), "join refused by the controller's configuration; retrying slowly");
+                                    next_join = Instant::now() + backoff.max();
+                                }
+                                Retry::Never => {
+                                    tracing::error!(error = %msg, "join stopped; no further attempt until the agent restarts");
+                                    joining = false;
+                                }
+                            }
+                            self.status.update(|s| s.error = Some(msg));
+                        }
+                    }
+                }
+                _ = tokio::time::sleep_until(next_poll) => {
+                    let has_handshake = self.poll_handshake(&link, &current).await;
+                    // Often until the first handshake (health shows it at once), then rarely.
+                    next_poll = Instant::now() + if has_handshake { Duration::from_secs(5) } else { Duration::from_millis(200) };
+                }
+            }
+        }
+        if let Some(l) = link
+            && let Ok(m) = Arc::try_unwrap(l)
+            && let Ok(l) = m.into_inner()
+        {
+            let _ = tokio::task::spawn_blocking(move || l.shutdown()).await;
+        }
+    }
+
+    async fn joined(
+        &self,
+        client: &Client,
+        link: &mut Option<SharedLink>,
+        current: &mut Option<Join>,
+        applied: &mut bool,
+        j: Join,
+    ) {
+        let _ = client;
+        let (store, dir, jc) = (
+            self.store.clone(),
+            self.settings.data_dir.clone(),
+            j.clone(),
+        );
+        let (node_id, pubkey, url) = (
+            self.settings.node_id.clone().unwrap_or_default(),
+            self.keys.public_base64(),
+            self.settings.controller_url.clone().unwrap_or_default(),
+        );
+        match tokio::task::spawn_blocking(move || {
+            join::save(&store, &dir, &jc, &node_id, &pubkey, &url)
+        })
+        .await
+        {
+            Ok(Ok(())) => {}
+            other => {
+                tracing::error!(result = ?other.map(|r| r.map_err(|e| e.to_string())), "cannot keep the join response")
+            }
+        }
+        let differs = current.as_ref().is_none_or(|c| c.link_differs(&j));
+        if differs || !*applied {
+            if let Some(old) = current.as_ref().filter(|_| differs) {
+                tracing::info!(old_ip = %old.node_ip, new_ip = %j.node_ip, old_endpoint = %old.endpoint, new_endpoint = %j.endpoint, "the controller changed the tunnel; applying without restart");
+            }
+            match self.apply(link, &j).await {
+                Ok(()) => {
+                    *applied = true;
+                    tracing::info!(node_ip = %j.node_ip, endpoint = %j.endpoint, "joined the mesh");
+                    self.status.update(|s| {
+                        s.state = JoinState::Joined;
+                        s.error = None;
+                    });
+                }
+                Err(e) => {
+                    *applied = false;
+                    tracing::error!(error = %e, "joined, but the tunnel cannot be configured");
+                    self.status.update(|s| s.error = Some(e));
+                }
+            }
+        } else {
+            self.status.update(|s| {
+                s.state = JoinState::Joined;
+                s.error = None;
+            });
+        }
+        *current = Some(j);
+    }
+
+    async fn poll_handshake(&self, link: &Option<SharedLink>, current: &Option<Join>) -> bool {
+        let (Some(link), Some(j)) = (link.clone(), current.as_ref()) else {
+            return false;
+        };
+        let key = j.controller_pubkey.clone();
+        let got = tokio::task::spawn_blocking(move || {
+            link.lock()
+                .map_err(|_| "poisoned".to_string())
+                .and_then(|l| l.last_handshake(&key).map_err(|e| e.to_string()))
+        })
+        .await;
+        match got {
+            Ok(Ok(t)) => {
+                if t.is_none() {
+                    nudge(j);
+                }
+                let first = t.is_some() && self.snapshot_handshake().is_none();
+                if first {
+                    tracing::info!("first handshake with the controller");
+                }
+                self.status.update(|s| s.last_handshake = t);
+                t.is_some()
+            }
+            _ => false,
+        }
+    }
+
+    fn snapshot_handshake(&self) -> Option<SystemTime> {
+        self.status.snapshot().last_handshake
+    }
+}
+
+/// Sends one datagram to the controller's tunnel address (the discard port) so that the
+/// link starts its handshake now: boringtun, unlike the kernel, waits for traffic or the
+/// first keepalive (25 s) before initiating, and the original controller polls /health
+/// over the tunnel right after the join.
+fn nudge(j: &Join) {
+    let Some(net) = j.allowed_ips.first() else {
+        return;
+    };
+    let target = std::net::SocketAddr::from((net.ip(), 9));
+    if let Ok(sock) = std::net::UdpSocket::bind((j.node_ip, 0)) {
+        let _ = sock.set_nonblocking(true);
+        let _ = sock.send_to(b"", target);
+    }
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_tunnel_is_trusted_only_on_the_tunnel_address_from_the_controller() {
+        let m = MeshStatus::new(true, JoinState::Joining);
+        let local: IpAddr = "10.50.0.2".parse().unwrap();
+        let ctl: IpAddr = "10.50.0.1".parse().unwrap();
+        assert!(
+            !m.is_controller_tunnel(local, ctl),
+            "nothing trusted before the join"
+        );
+        m.update(|s| {
+            s.node_ip = Some(Ipv4Addr::new(10, 50, 0, 2));
+            s.controller_nets = vec!["10.50.0.1/32".parse().unwrap()];
+        });
+        assert!(m.is_controller_tunnel(local, ctl));
+        assert!(m.is_controller_tunnel(
+            "::ffff:10.50.0.2".parse().unwrap(),
+            "::ffff:10.50.0.1".parse().unwrap()
+        ));
+        assert!(!m.is_controller_tunnel(local, "10.50.0.3".parse().unwrap()));
+        assert!(!m.is_controller_tunnel("192.0.2.1".parse().unwrap(), ctl));
+        let off = MeshStatus::new(false, JoinState::Joined);
+        off.update(|s| {
+            s.node_ip = Some(Ipv4Addr::new(10, 50, 0, 2));
+            s.controller_nets = vec!["10.50.0.1/32".parse().unwrap()];
+        });
+        assert!(!off.is_controller_tunnel(local, ctl));
+    }
+}

@@ -1,0 +1,227 @@
+//! The mesh join through the real agent binary and a real (userspace) WireGuard tunnel to
+//! a test controller that speaks the original protocol (tests/support/controller.rs).
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::controller::{
+    Answer, CTL_TUNNEL_IP, Controller, NODE_TUNNEL_IP, tunnel_api, unique_ifname,
+};
+use support::*;
+
+fn wait_for(what: &str, bound: Duration, mut f: impl FnMut() -> bool) {
+    let start = Instant::now();
+    while start.elapsed() < bound {
+        if f() {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    panic!("timed out waiting for {what}");
+}
+
+fn health(agent: &Agent) -> Value {
+    let r = agent.api.request("GET", "/health", None, None).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    r.json().clone()
+}
+
+fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
+    env.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect()
+}
+
+fn wait_joined_with_handshake(agent: &Agent) {
+    wait_for("join and first handshake", Duration::from_secs(15), || {
+        let h = health(agent);
+        h["join"] == json!("joined") && h["last_handshake_s"].is_u64()
+    });
+}
+
+#[test]
+fn joins_over_a_real_tunnel_trusts_only_the_tunnel_and_follows_changes() {
+    let topo = Topology::new();
+    let mut ctl = Controller::new(&topo);
+    ctl.serve();
+    let iface = unique_ifname("wgn");
+    let mut env = Controller::agent_env(&iface);
+    env.push(("JOIN_REFRESH_INTERVAL".into(), "1".into()));
+    let mut agent = Agent::start_with(&topo, &env_refs(&env));
+    wait_joined_with_handshake(&agent);
+    let h = health(&agent);
+    assert_eq!(h["ok"], json!(true));
+    assert_eq!(h["node_ip"], json!("10.50.0.2"));
+    assert_eq!(h["tunnel"], json!("userspace"));
+    assert!(!h.to_string().contains(&agent.token));
+
+    eprintln!("step: The controller reaches /health");
+    // The controller reaches /health and /ports over the tunnel without a token.
+    let tunnel = tunnel_api(&ctl, &agent.token);
+    let r = tunnel.request("GET", "/health", None, None).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = tunnel.request("GET", "/ports", None, None).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    // ... and changes things, audited as the tunnel path.
+    let body = json!({"listen_port": 8080, "target_ip": VM_IP.to_string(), "target_port": 80});
+    let r = tunnel
+        .request("POST", "/ports", None, Some(&body.to_string()))
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        agent
+            .sql("SELECT identity FROM audit_log ORDER BY id DESC LIMIT 1")
+            .trim(),
+        "controller-tunnel"
+    );
+    // The same request without a token from a non-tunnel address is refused.
+    let r = agent.api.request("GET", "/ports", None, None).unwrap();
+    assert_eq!(r.status, 401, "{r:?}");
+
+    eprintln!("step: A request crossing the tunnel");
+    // A request crossing the tunnel into the mapped port reaches the VM...
+    let _vm_http = HttpServer::start(&topo.vm, sa(VM_IP, 80), "vm");
+    let reply = tcp_get(ctl.ns.name(), sa(NODE_TUNNEL_IP, 8080)).unwrap();
+    assert_eq!(who(&reply), "vm", "{reply}");
+    eprintln!("step: ... and the VM reaches");
+    // ... and the VM reaches the controller through the tunnel, masqueraded on WG_IFACE
+    // to the node's tunnel address (the controller only routes that one back).
+    let _ctl_http = HttpServer::start(&ctl.ns, sa(CTL_TUNNEL_IP, 9000), "ctl");
+    let reply = tcp_get(topo.vm.name(), sa(CTL_TUNNEL_IP, 9000)).unwrap();
+    assert_eq!(peer_ip(&reply), NODE_TUNNEL_IP.to_string(), "{reply}");
+
+    eprintln!("step: A new endpoint");
+    // A new endpoint handed out on a re-join is followed without a restart.
+    ctl.move_endpoint();
+    // (The live endpoint is not compared: WireGuard roams to wherever the controller
+    // answers from.) The desired state and the log show it was applied.
+    wait_for("the new endpoint", Duration::from_secs(10), || {
+        agent.sql("SELECT endpoint FROM mesh_join").trim() == "10.77.4.3:51820"
+            && agent.log().contains("the controller changed the tunnel")
+    });
+    // boringtun re-creates the peer, so the session is renegotiated: bounded wait.
+    wait_for(
+        "the tunnel after the endpoint change",
+        Duration::from_secs(15),
+        || {
+            tunnel
+                .request("GET", "/health", None, None)
+                .is_ok_and(|r| r.status == 200)
+        },
+    );
+
+    eprintln!("step: A restart reuses");
+    // A restart reuses the key and keeps node_ip and the tunnel.
+    let pubkey = std::fs::read_to_string(agent.data_dir().join("node.pub")).unwrap();
+    agent.restart();
+    assert_eq!(
+        std::fs::read_to_string(agent.data_dir().join("node.pub")).unwrap(),
+        pubkey
+    );
+    wait_joined_with_handshake(&agent);
+    assert_eq!(health(&agent)["node_ip"], json!("10.50.0.2"));
+    let r = tunnel.request("GET", "/ports", None, None).unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(agent.data_dir().join("join.json").exists());
+
+    eprintln!("step: The controller's address forged");
+    // The controller's address forged from another interface is dropped, even when the
+    // forger would see the replies (a route back to it through the client side).
+    let rules = topo
+        .node
+        .exec_ok(&["nft", "list", "chain", "ip", "node_vm_agent", "antispoof"]);
+    assert!(
+        rules.contains(&format!("iifname != \"{iface}\" ip saddr 10.50.0.1 drop")),
+        "{rules}"
+    );
+    topo.client
+        .exec_ok(&["ip", "addr", "add", "10.50.0.1/32", "dev", "eth0"]);
+    topo.client
+        .exec_ok(&["ip", "route", "add", "10.50.0.2/32", "via", "10.77.1.1"]);
+    topo.node.exec_ok(&[
+        "ip",
+        "route",
+        "add",
+        "10.50.0.1/32",
+        "via",
+        "10.77.1.2",
+        "dev",
+        "ext0",
+    ]);
+    let out = topo.client.exec(&[
+        "curl",
+        "-s",
+        "-m",
+        "3",
+        "-H",
+        "X-Forwarded-For: 10.50.0.1",
+        "--interface",
+        "10.50.0.1",
+        "http://10.50.0.2:8000/ports",
+    ]);
+    assert!(
+        !out.status.success(),
+        "forged request answered: {}",
+        String::from_utf8_lossy(&out.stdout)
+    );
+    // Forwarding headers grant nothing from a plain client address either.
+    let out = topo.client.exec(&[
+        "curl",
+        "-s",
+        "-o",
+        "/dev/null",
+        "-w",
+        "%{http_code}",
+        "-m",
+        "3",
+        "-H",
+        "X-Forwarded-For: 10.50.0.1",
+        "-H",
+        "Forwarded: for=10.50.0.1",
+        "http://10.77.1.1:8000/ports",
+    ]);
+    assert_eq!(String::from_utf8_lossy(&out.stdout), "401");
+    drop(agent);
+}
+
+#[test]
+fn controller_down_at_boot_then_joins_and_403_stops_at_once() {
+    let topo = Topology::new();
+    let mut ctl = Controller::new(&topo);
+    let iface = unique_ifname("wgn");
+    let env = Controller::agent_env(&iface);
+    // Agent::start_with returns once /health answers: the API is up without a controller.
+    let started = Instant::now();
+    let agent = Agent::start_with(&topo, &env_refs(&env));
+    let h = health(&agent);
+    assert_eq!(h["join"], json!("joining"), "{h}");
+    eprintln!("API up after {:?} without a controller", started.elapsed());
+    ctl.serve();
+    wait_joined_with_handshake(&agent);
+    let r = tunnel_api(&ctl, &agent.token)
+        .request("GET", "/health", None, None)
+        .unwrap();
+    assert_eq!(r.status, 200);
+    drop(agent);
+
+    // A bad join token: one request, a clear log line, no retry storm.
+    let topo2 = Topology::new();
+    let mut ctl2 = Controller::new(&topo2);
+    ctl2.set_answer(Answer::Forbidden);
+    ctl2.serve();
+    let iface2 = unique_ifname("wgn");
+    let agent2 = Agent::start_with(&topo2, &env_refs(&Controller::agent_env(&iface2)));
+    wait_for("the refused join", Duration::from_secs(5), || {
+        ctl2.requests() >= 1
+    });
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(ctl2.requests(), 1, "retried after 403");
+    let h = health(&agent2);
+    assert_eq!(h["join"], json!("joining"));
+    assert!(
+        h["join_error"].as_str().unwrap().contains("JOIN_TOKEN"),
+        "{h}"
+    );
+    assert!(agent2.log().contains("set JOIN_TOKEN"), "{}", agent2.log());
+}
