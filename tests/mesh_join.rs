@@ -225,3 +225,66 @@ fn controller_down_at_boot_then_joins_and_403_stops_at_once() {
     );
     assert!(agent2.log().contains("set JOIN_TOKEN"), "{}", agent2.log());
 }
+
+#[test]
+fn an_original_nodes_wg_keys_are_used_as_they_are() {
+    // RFC 7748's test key pair, in the `wg genkey` / `wg pubkey` base64 format, as an
+    // original node left them (written by a shell redirect: mode 0644, trailing newline).
+    const PRIVATE: &str = "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=";
+    const PUBLIC: &str = "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=";
+    use std::os::unix::fs::PermissionsExt;
+
+    let topo = Topology::new();
+    let mut ctl = Controller::new(&topo);
+    let iface = unique_ifname("wgn");
+    let mut agent = Agent::start_with(&topo, &env_refs(&Controller::agent_env(&iface)));
+    // Turn the data dir into an original node's: its keys, no database yet.
+    assert!(agent.stop(), "the joining agent exits on SIGTERM");
+    let dir = agent.data_dir().to_path_buf();
+    for f in ["agent.db", "agent.db-wal", "agent.db-shm", "join.json"] {
+        let _ = std::fs::remove_file(dir.join(f));
+    }
+    std::fs::write(dir.join("node.key"), format!("{PRIVATE}\n")).unwrap();
+    std::fs::write(dir.join("node.pub"), format!("{PUBLIC}\n")).unwrap();
+    std::fs::set_permissions(dir.join("node.key"), std::fs::Permissions::from_mode(0o644)).unwrap();
+
+    ctl.serve();
+    agent.start_again();
+    wait_joined_with_handshake(&agent);
+    // The controller was sent the original public key, and the handshake proves the
+    // agent holds the matching private key.
+    assert_eq!(
+        ctl.state.lock().unwrap().node_pubkey.as_deref(),
+        Some(PUBLIC)
+    );
+    assert!(ctl.handshake_with(PUBLIC).is_some());
+    // Reused as they are: same content; only the private key's mode was tightened.
+    assert_eq!(
+        std::fs::read_to_string(dir.join("node.key"))
+            .unwrap()
+            .trim(),
+        PRIVATE
+    );
+    assert_eq!(
+        std::fs::read_to_string(dir.join("node.pub"))
+            .unwrap()
+            .trim(),
+        PUBLIC
+    );
+    let mode = std::fs::metadata(dir.join("node.key"))
+        .unwrap()
+        .permissions()
+        .mode();
+    assert_eq!(mode & 0o777, 0o600);
+
+    // A malformed key file stops the agent with an error naming the file, and is kept.
+    assert!(agent.stop(), "the joined agent exits on SIGTERM");
+    std::fs::write(dir.join("node.key"), "not a key\n").unwrap();
+    let (code, out) = agent.serve_expecting_exit();
+    assert_ne!(code, 0);
+    assert!(out.contains("node.key"), "{out}");
+    assert_eq!(
+        std::fs::read_to_string(dir.join("node.key")).unwrap(),
+        "not a key\n"
+    );
+}

@@ -209,6 +209,15 @@ impl WgLink {
                 let mut api = WGApi::<Userspace>::new(ifname).map_err(wg(ifname, "open"))?;
                 api.create_interface()
                     .map_err(wg(ifname, "create userspace device"))?;
+                match disarm_boringtun_signal_handlers() {
+                    Ok(n) => tracing::debug!(
+                        signalfds = n,
+                        "boringtun's SIGTERM/SIGINT handlers disarmed"
+                    ),
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot disarm boringtun's signal handlers: SIGTERM may stop the tunnel instead of the agent")
+                    }
+                }
                 tracing::info!(
                     iface = ifname,
                     "created a userspace WireGuard link (boringtun)"
@@ -487,6 +496,53 @@ fn wg<'a>(
         op,
         reason: e.to_string(),
     }
+}
+
+/// boringtun (behind defguard's userspace API) is written for its own binary: creating
+/// a device blocks SIGTERM and SIGINT in the calling thread and reads them from
+/// signalfds in its event loop, where either one stops the device. In the agent those
+/// signalfds race tokio's handler for the same process-wide signals: a SIGTERM could
+/// stop the tunnel and never reach the agent's graceful shutdown (seen in the tests).
+/// defguard offers no way to create the device without them, so they are disarmed here:
+/// every signalfd of the process (only boringtun makes them) is replaced by /dev/null,
+/// which drops it from boringtun's epoll set (boringtun later closes /dev/null instead),
+/// and the calling thread's mask is restored. Returns how many were replaced.
+fn disarm_boringtun_signal_handlers() -> std::io::Result<usize> {
+    use std::os::fd::AsRawFd;
+    let devnull = std::fs::File::open("/dev/null")?;
+    let mut replaced = 0;
+    for entry in std::fs::read_dir("/proc/self/fd")? {
+        let entry = entry?;
+        let Ok(target) = std::fs::read_link(entry.path()) else {
+            continue;
+        };
+        if target.as_os_str() != "anon_inode:[signalfd]" {
+            continue;
+        }
+        let Some(fd) = entry
+            .file_name()
+            .to_str()
+            .and_then(|n| n.parse::<std::os::fd::RawFd>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: dup2 atomically points `fd`, a descriptor boringtun owns and keeps
+        // using only through epoll (which forgets a file once its last descriptor is
+        // gone) and close(), at /dev/null. No memory is involved, and the number stays
+        // open, so boringtun's eventual close() closes this copy and nothing else.
+        #[allow(unsafe_code)]
+        let rc = unsafe { libc::dup2(devnull.as_raw_fd(), fd) };
+        if rc < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        replaced += 1;
+    }
+    let mut set = nix::sys::signal::SigSet::empty();
+    set.add(nix::sys::signal::Signal::SIGTERM);
+    set.add(nix::sys::signal::Signal::SIGINT);
+    nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_UNBLOCK, Some(&set), None)
+        .map_err(std::io::Error::from)?;
+    Ok(replaced)
 }
 
 #[cfg(test)]

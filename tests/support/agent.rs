@@ -229,6 +229,32 @@ impl Agent {
         self.spawn_and_wait();
     }
 
+    /// `node-vm-agent serve` with the same settings, for a start that must fail: waits
+    /// (bounded) for it to exit; (exit code, stdout + stderr), code -1 if it kept running.
+    pub fn serve_expecting_exit(&self) -> (i32, String) {
+        let out_path = self.data_dir.path().join("failed-start.log");
+        let out = File::create(&out_path).unwrap();
+        let mut child = self
+            .command("serve")
+            .stdout(out.try_clone().unwrap())
+            .stderr(out)
+            .spawn()
+            .unwrap_or_else(|e| panic!("spawn serve: {e}"));
+        let mut code = -1;
+        for _ in 0..200 {
+            if let Ok(Some(status)) = child.try_wait() {
+                code = status.code().unwrap_or(-1);
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        if code == -1 {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+        (code, std::fs::read_to_string(&out_path).unwrap_or_default())
+    }
+
     /// `node-vm-agent diff` with the same settings: (exit code, stdout + stderr).
     pub fn diff(&self) -> (i32, String) {
         let out = self
