@@ -288,3 +288,43 @@ fn an_original_nodes_wg_keys_are_used_as_they_are() {
         "not a key\n"
     );
 }
+
+#[test]
+fn a_previous_join_brings_the_tunnel_up_while_the_controller_api_is_down() {
+    let topo = Topology::new();
+    let mut ctl = Controller::new(&topo);
+    ctl.serve();
+    let iface = unique_ifname("wgn");
+    let mut agent = Agent::start_with(&topo, &env_refs(&Controller::agent_env(&iface)));
+    wait_joined_with_handshake(&agent);
+    let joins = ctl.requests();
+
+    // The controller's API fails from now on (its WireGuard side stays up).
+    ctl.set_answer(Answer::ServerError);
+    agent.restart();
+    // From the cached join: the tunnel is back, the controller reaches the node through
+    // it, and the agent keeps re-joining in the background.
+    wait_for(
+        "the tunnel from the cached join",
+        Duration::from_secs(15),
+        || {
+            let h = health(&agent);
+            h["join"] == json!("cached") && h["last_handshake_s"].is_u64()
+        },
+    );
+    assert_eq!(health(&agent)["node_ip"], json!(NODE_TUNNEL_IP.to_string()));
+    let r = tunnel_api(&ctl, &agent.token)
+        .request("GET", "/ports", None, None)
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    wait_for("a retried join", Duration::from_secs(10), || {
+        ctl.requests() > joins + 1
+    });
+    assert_eq!(health(&agent)["join"], json!("cached"));
+
+    // When the controller answers again, the node is joined again.
+    ctl.set_answer(Answer::Ok);
+    wait_for("the re-join", Duration::from_secs(15), || {
+        health(&agent)["join"] == json!("joined")
+    });
+}
