@@ -245,7 +245,7 @@ impl Mesh {
                         Ok(j) => {
                             backoff.reset();
                             next_join = Instant::now() + refresh;
-                            self.joined(&client, &mut link, &mut current, &mut applied, j).await;
+                            self.joined(&mut link, &mut current, &mut applied, j).await;
                             // A reconfigured peer needs a new handshake: look (and nudge) now.
                             next_poll = Instant::now();
                         }
@@ -287,13 +287,11 @@ impl Mesh {
 
     async fn joined(
         &self,
-        client: &Client,
         link: &mut Option<SharedLink>,
         current: &mut Option<Join>,
         applied: &mut bool,
         j: Join,
     ) {
-        let _ = client;
         let (store, dir, jc) = (
             self.store.clone(),
             self.settings.data_dir.clone(),

@@ -70,9 +70,10 @@ impl MemoryFirewall {
         }
     }
 
-    fn change(
+    /// Runs `f` on the whole state unless a failure was queued with `fail_next`.
+    fn write(
         &self,
-        f: impl FnOnce(&mut BTreeSet<PortMap>) -> Result<(), FirewallError>,
+        f: impl FnOnce(&mut Option<BTreeSet<PortMap>>) -> Result<(), FirewallError>,
     ) -> Result<(), FirewallError> {
         let mut s = self
             .state
@@ -81,24 +82,29 @@ impl MemoryFirewall {
         if let Some(reason) = s.1.take() {
             return Err(FirewallError(reason));
         }
-        let maps =
-            s.0.as_mut()
+        f(&mut s.0)
+    }
+
+    /// An element change: fails like the kernel when the table is missing.
+    fn change(
+        &self,
+        f: impl FnOnce(&mut BTreeSet<PortMap>) -> Result<(), FirewallError>,
+    ) -> Result<(), FirewallError> {
+        self.write(|table| {
+            let maps = table
+                .as_mut()
                 .ok_or_else(|| FirewallError("No such file or directory (table missing)".into()))?;
-        f(maps)
+            f(maps)
+        })
     }
 }
 
 impl Firewall for MemoryFirewall {
     fn apply_all(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
-        let mut s = self
-            .state
-            .lock()
-            .map_err(|_| FirewallError("poisoned".into()))?;
-        if let Some(reason) = s.1.take() {
-            return Err(FirewallError(reason));
-        }
-        s.0 = Some(maps.iter().copied().collect());
-        Ok(())
+        self.write(|table| {
+            *table = Some(maps.iter().copied().collect());
+            Ok(())
+        })
     }
 
     fn add(&self, map: &PortMap) -> Result<(), FirewallError> {
