@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# The one command for the port-map benchmarks (a)-(e) of docs/benchmarks.md.
+# The one command for the benchmarks of docs/benchmarks.md: port maps (a)-(e) and the
+# mesh join (f).
 #
-#   sudo scripts/bench.sh            # everything, ~3 minutes after the build
-#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e)
+#   sudo scripts/bench.sh            # everything, ~4 minutes after the build
+#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f)
 #
 # Installs what it needs, builds --release once, runs every measurement inside network
 # namespaces it creates and deletes (trap), prints a results table and writes it as
@@ -17,7 +18,7 @@ ROOT=$PWD
 
 [ "$(id -u)" = 0 ] || { echo "bench.sh: needs root (network namespaces, nftables)" >&2; exit 1; }
 
-ONLY=${BENCH_ONLY:-"a b c d e"}
+ONLY=${BENCH_ONLY:-"a b c d e f"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- dependencies and build
@@ -208,6 +209,38 @@ if want c; then
         "ratio of medians $(kv "$C" ratio): 1 map $(kv "$C" one_runs) (median $(kv "$C" one_median)); 10,000 maps $(kv "$C" many_runs) (median $(kv "$C" many_median)) conn/s; connect errors $(kv "$C" errors); median of per-round ratios (10k run / the 1-map run before it) $(kv "$C" pair_ratio_median)" \
         "$(verdict ge "$(kv "$C" ratio)" 0.95)"
     for ns in "$NS_CLIENT" "$NS_NODE" "$NS_VM"; do ip netns del "$ns"; done
+fi
+
+# ---------------------------------------------------------------- (f) mesh join
+if want f; then
+    echo "== (f) process start -> first WireGuard handshake with a local test controller; VmRSS once joined and idle"
+    # The harness (tests/bench_join.rs + tests/support) builds its own namespaces and
+    # the controller's; NVA_AGENT_BIN makes it start the release agent built above.
+    cargo test --release --test bench_join --no-run --quiet 2>/dev/null \
+        || cargo test --release --test bench_join --no-run
+    JLOG=$WORK/bench_join.log
+    J=$(NVA_AGENT_BIN=$AGENT_BIN BENCH_JOIN_RUNS="${JOIN_RUNS:-10}" \
+        cargo test --release --quiet --test bench_join -- --ignored --nocapture 2>"$JLOG" \
+        | grep '^BENCH join' || true)
+    if [ -z "$J" ]; then
+        echo "(f) the join benchmark did not produce its BENCH line; last lines of its output:" >&2
+        tail -40 "$JLOG" >&2
+        row "(f) start -> first handshake; VmRSS joined" "<= 1 s; <= 20 MiB" "not measured: bench_join failed (see the output above)" "MISS"
+    else
+        grep -E '^(fresh|restart|after|agent binary)' "$JLOG" || true
+        echo "$J"
+        row "(f) process start -> first completed handshake (controller's view), fresh DATA_DIR: new key + first /join, n=$(kv "$J" runs)" "<= 1 s, every run (max)" \
+            "p50 $(kv "$J" fresh_handshake_p50_ms) ms, p90 $(kv "$J" fresh_handshake_p90_ms) ms, max $(kv "$J" fresh_handshake_max_ms) ms (runs $(kv "$J" fresh_handshake_runs_ms)); /health first answered p50 $(kv "$J" fresh_health_p50_ms) ms (max $(kv "$J" fresh_health_max_ms)); join=joined p50 $(kv "$J" fresh_joined_p50_ms) ms (max $(kv "$J" fresh_joined_max_ms)); polled every $(kv "$J" poll_ms) ms; t0 includes \`ip netns exec\` (alone: p50 $(kv "$J" netns_exec_true_p50_ms) ms)" \
+            "$(verdict le "$(kv "$J" fresh_handshake_max_ms)" 1000)"
+        row "(f) the same, restart on the same DATA_DIR (key + cached join), n=$(kv "$J" runs)" "<= 1 s, every run (max)" \
+            "p50 $(kv "$J" restart_handshake_p50_ms) ms, p90 $(kv "$J" restart_handshake_p90_ms) ms, max $(kv "$J" restart_handshake_max_ms) ms (runs $(kv "$J" restart_handshake_runs_ms)); /health p50 $(kv "$J" restart_health_p50_ms) ms; join=joined p50 $(kv "$J" restart_joined_p50_ms) ms (max $(kv "$J" restart_joined_max_ms))" \
+            "$(verdict le "$(kv "$J" restart_handshake_max_ms)" 1000)"
+        RSS_MAX=$(( $(kv "$J" rss_fresh_kib) > $(kv "$J" rss_restart_kib) ? $(kv "$J" rss_fresh_kib) : $(kv "$J" rss_restart_kib) ))
+        row "(f) resident memory, joined (userspace WireGuard), idle 5 s" "<= 20 MiB (20480 KiB)" \
+            "VmRSS $(kv "$J" rss_fresh_kib) KiB after a fresh start, $(kv "$J" rss_restart_kib) KiB after a restart ($(awk -v k="$RSS_MAX" 'BEGIN{printf "%.1f", k/1024}') MiB at most); peak VmHWM $(kv "$J" hwm_fresh_kib) / $(kv "$J" hwm_restart_kib) KiB" \
+            "$(verdict le "$RSS_MAX" 20480)"
+        NOTES+=("(f): $(kv "$J" sigterm_ignored) of $(kv "$J" stops) SIGTERMs between starts did not stop the agent within 3 s (SIGKILLed): boringtun's own signalfd can take the SIGTERM (docs/benchmarks.md, (f))")
+    fi
 fi
 
 # ---------------------------------------------------------------- report

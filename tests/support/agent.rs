@@ -70,6 +70,39 @@ impl Agent {
     /// Starts with the harness's settings plus `extra` (which override them; an empty
     /// value unsets the setting, e.g. `("API_TOKEN", "")` to let the agent make one).
     pub fn start_with(topo: &Topology, extra: &[(&str, &str)]) -> Agent {
+        let (mut agent, configured) = Agent::prepare(topo, extra);
+        agent.spawn_and_wait();
+        match configured {
+            Some(t) => agent.set_token(&t),
+            None => {
+                // /health needs no token, so the agent is up: it has written its own.
+                let generated = std::fs::read_to_string(agent.data_dir().join("api.token"))
+                    .unwrap_or_else(|e| panic!("no generated api.token: {e}"));
+                agent.set_token(generated.trim());
+            }
+        }
+        agent
+    }
+
+    /// Like [`Agent::start_with`], but returns as soon as the process is spawned, without
+    /// waiting for `/health` (for timing the startup). The token must be configured
+    /// (the harness sets API_TOKEN unless `extra` unsets it).
+    pub fn spawn_with(topo: &Topology, extra: &[(&str, &str)]) -> Agent {
+        let (mut agent, configured) = Agent::prepare(topo, extra);
+        let token = configured.unwrap_or_else(|| panic!("spawn_with needs API_TOKEN"));
+        agent.set_token(&token);
+        agent.spawn();
+        agent
+    }
+
+    /// Starts the process again on the same data dir and settings (after `stop`/`kill9`),
+    /// without waiting for `/health`.
+    pub fn spawn_again(&mut self) {
+        self.spawn();
+    }
+
+    /// The agent's settings and fresh data dir, not started; plus the configured token.
+    fn prepare(topo: &Topology, extra: &[(&str, &str)]) -> (Agent, Option<String>) {
         let data_dir = tempfile::Builder::new()
             .prefix("nva-agent-")
             .tempdir()
@@ -99,7 +132,7 @@ impl Agent {
         let configured = ["API_TOKEN", "PORTMAP_TOKEN"]
             .iter()
             .find_map(|t| env.iter().find(|(k, _)| k == t).map(|(_, v)| v.clone()));
-        let mut agent = Agent {
+        let agent = Agent {
             node: topo.node.name().to_owned(),
             data_dir,
             log_path,
@@ -112,17 +145,7 @@ impl Agent {
             },
             token,
         };
-        agent.spawn_and_wait();
-        match configured {
-            Some(t) => agent.set_token(&t),
-            None => {
-                // /health needs no token, so the agent is up: it has written its own.
-                let generated = std::fs::read_to_string(agent.data_dir().join("api.token"))
-                    .unwrap_or_else(|e| panic!("no generated api.token: {e}"));
-                agent.set_token(generated.trim());
-            }
-        }
-        agent
+        (agent, configured)
     }
 
     fn set_token(&mut self, token: &str) {
@@ -152,7 +175,7 @@ impl Agent {
             .unwrap_or_else(|e| panic!("open {}: {e}", self.log_path.display()))
     }
 
-    fn spawn_and_wait(&mut self) {
+    fn spawn(&mut self) {
         assert!(self.child.is_none(), "agent already running");
         let log = self.log_file();
         let log2 = log.try_clone().unwrap_or_else(|e| panic!("dup log: {e}"));
@@ -165,6 +188,10 @@ impl Agent {
             .spawn()
             .unwrap_or_else(|e| panic!("spawn agent: {e}"));
         self.child = Some(child);
+    }
+
+    fn spawn_and_wait(&mut self) {
+        self.spawn();
         for _ in 0..HEALTH_POLLS {
             if let Some(status) = self
                 .child
@@ -187,6 +214,13 @@ impl Agent {
         panic!("agent not healthy after bounded wait; log:\n{}", self.log());
     }
 
+    /// The exit status, if the process has exited.
+    pub fn exited(&mut self) -> Option<std::process::ExitStatus> {
+        self.child
+            .as_mut()
+            .and_then(|c| c.try_wait().ok().flatten())
+    }
+
     pub fn pid(&self) -> Option<u32> {
         self.child.as_ref().map(Child::id)
     }
@@ -201,17 +235,24 @@ impl Agent {
 
     /// SIGTERM and a bounded wait (then SIGKILL); returns whether it exited by itself.
     pub fn stop(&mut self) -> bool {
+        self.stop_within(Duration::from_secs(10))
+    }
+
+    /// SIGTERM, then SIGKILL if it has not exited within `bound`; returns whether it
+    /// exited by itself.
+    pub fn stop_within(&mut self, bound: Duration) -> bool {
         let Some(mut c) = self.child.take() else {
             return true;
         };
         let _ = Command::new("kill")
             .args(["-TERM", &c.id().to_string()])
             .status();
-        for _ in 0..200 {
+        let start = std::time::Instant::now();
+        while start.elapsed() < bound {
             if let Ok(Some(_)) = c.try_wait() {
                 return true;
             }
-            std::thread::sleep(Duration::from_millis(50));
+            std::thread::sleep(Duration::from_millis(20));
         }
         let _ = c.kill();
         let _ = c.wait();

@@ -191,6 +191,23 @@ impl Controller {
         endpoint
     }
 
+    /// Forgets the node's peer (its session and handshake).
+    pub fn remove_peer(&self, node_pubkey: &str) {
+        let key = Key::try_from(node_pubkey).unwrap();
+        self.wg.as_ref().unwrap().remove_peer(&key).unwrap();
+    }
+
+    /// Removes and re-adds the node's peer as `/join` adds it: the same key and allowed
+    /// IP, but no session, so [`Controller::handshake_with`] shows `None` until the node
+    /// completes a new handshake. (boringtun's handshake time is only as fine as its
+    /// 1 s timer tick, so a new handshake cannot be told from an old one by its time.)
+    pub fn reset_peer(&self, node_pubkey: &str) {
+        self.remove_peer(node_pubkey);
+        let mut peer = Peer::new(Key::try_from(node_pubkey).unwrap());
+        peer.allowed_ips = vec![IpAddrMask::new(NODE_TUNNEL_IP.into(), 32)];
+        self.wg.as_ref().unwrap().configure_peer(&peer).unwrap();
+    }
+
     /// The last handshake with the node's key, if any.
     pub fn handshake_with(&self, node_pubkey: &str) -> Option<std::time::SystemTime> {
         let key = Key::try_from(node_pubkey).ok()?;
