@@ -502,15 +502,13 @@ fn wg<'a>(
 /// a device blocks SIGTERM and SIGINT in the calling thread and reads them from
 /// signalfds in its event loop, where either one stops the device. In the agent those
 /// signalfds race tokio's handler for the same process-wide signals: a SIGTERM could
-/// stop the tunnel and never reach the agent's graceful shutdown (seen in the tests).
-/// defguard offers no way to create the device without them, so they are disarmed here:
-/// every signalfd of the process (only boringtun makes them) is replaced by /dev/null,
-/// which drops it from boringtun's epoll set (boringtun later closes /dev/null instead),
-/// and the calling thread's mask is restored. Returns how many were replaced.
+/// stop the tunnel and never reach the agent's graceful shutdown (seen in the tests and
+/// the join benchmark). defguard offers no way to create the device without them, so
+/// they are disarmed here: every signalfd of the process (only boringtun makes them) gets
+/// an empty mask, so it stays in boringtun's epoll set but never fires, and the calling
+/// thread's mask is restored. Returns how many were disarmed.
 fn disarm_boringtun_signal_handlers() -> std::io::Result<usize> {
-    use std::os::fd::AsRawFd;
-    let devnull = std::fs::File::open("/dev/null")?;
-    let mut replaced = 0;
+    let mut disarmed = 0;
     for entry in std::fs::read_dir("/proc/self/fd")? {
         let entry = entry?;
         let Ok(target) = std::fs::read_link(entry.path()) else {
@@ -526,23 +524,26 @@ fn disarm_boringtun_signal_handlers() -> std::io::Result<usize> {
         else {
             continue;
         };
-        // SAFETY: dup2 atomically points `fd`, a descriptor boringtun owns and keeps
-        // using only through epoll (which forgets a file once its last descriptor is
-        // gone) and close(), at /dev/null. No memory is involved, and the number stays
-        // open, so boringtun's eventual close() closes this copy and nothing else.
+        // SAFETY: signalfd() on an existing signalfd descriptor only replaces the set of
+        // signals it reports (here: none); the descriptor, its owner and its epoll
+        // registration stay as they are. `empty` is a valid, initialised sigset_t.
         #[allow(unsafe_code)]
-        let rc = unsafe { libc::dup2(devnull.as_raw_fd(), fd) };
+        let rc = unsafe {
+            let mut empty: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut empty);
+            libc::signalfd(fd, &empty, 0)
+        };
         if rc < 0 {
             return Err(std::io::Error::last_os_error());
         }
-        replaced += 1;
+        disarmed += 1;
     }
     let mut set = nix::sys::signal::SigSet::empty();
     set.add(nix::sys::signal::Signal::SIGTERM);
     set.add(nix::sys::signal::Signal::SIGINT);
     nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_UNBLOCK, Some(&set), None)
         .map_err(std::io::Error::from)?;
-    Ok(replaced)
+    Ok(disarmed)
 }
 
 #[cfg(test)]
