@@ -239,7 +239,7 @@ if want f; then
         row "(f) resident memory, joined (userspace WireGuard), idle 5 s" "<= 20 MiB (20480 KiB)" \
             "VmRSS $(kv "$J" rss_fresh_kib) KiB after a fresh start, $(kv "$J" rss_restart_kib) KiB after a restart ($(awk -v k="$RSS_MAX" 'BEGIN{printf "%.1f", k/1024}') MiB at most); peak VmHWM $(kv "$J" hwm_fresh_kib) / $(kv "$J" hwm_restart_kib) KiB" \
             "$(verdict le "$RSS_MAX" 20480)"
-        NOTES+=("(f): $(kv "$J" sigterm_ignored) of $(kv "$J" stops) SIGTERMs between starts did not stop the agent within 3 s (SIGKILLed): boringtun's own signalfd can take the SIGTERM (docs/benchmarks.md, (f))")
+        NOTES+=("(f): $(kv "$J" sigterm_ignored) of $(kv "$J" stops) SIGTERMs between starts did not stop the agent within 3 s and needed SIGKILL (docs/benchmarks.md, (f): boringtun's signalfds)")
     fi
 fi
 
