@@ -4,6 +4,3 @@ pub mod firewall;
 pub mod link;
 pub mod nft;
 pub mod wireguard;
-
-#[cfg(test)]
-pub(crate) mod testns;

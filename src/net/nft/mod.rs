@@ -28,9 +28,6 @@ mod drift;
 mod forward;
 pub mod ruleset;
 
-#[cfg(test)]
-mod tests;
-
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 

@@ -1,6 +1,9 @@
-//! Kernel tests, each in its own network namespace (see `crate::net::testns`).
+//! The nftables driver and the link helpers against the real kernel, each test in its
+//! own network namespace (tests/kernel). Tests may run `ip` and `nft`; the agent never does.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod kernel;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -9,8 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use super::*;
-use crate::net::testns::{NamedNetns, in_private_netns, run, run_with_input, spawn_in_named};
+use kernel::{NamedNetns, in_private_netns, run, run_with_input, spawn_in_named};
+use nlink::netlink::{Connection, Nftables};
+use node_vm_agent::net::link;
+use node_vm_agent::net::nft::*;
+use node_vm_agent::portmap::{PortMap, Proto};
 
 const BRIDGE: &str = "vmbr-t";
 
@@ -351,7 +357,7 @@ impl Topology {
         vm.exec("ip link set eth0 up");
         vm.exec("ip link set lo up");
         vm.exec(&format!("ip route add default via {BRIDGE_IP}"));
-        assert!(crate::net::link::enable_ip_forward().unwrap());
+        assert!(link::enable_ip_forward().unwrap());
 
         let stop = Arc::new(AtomicBool::new(false));
         let topo = Self { client, vm, stop };
@@ -682,4 +688,61 @@ fn interface_names_are_validated_before_any_socket() {
     let mut s = settings();
     s.external_iface = Some("x".repeat(16));
     assert!(matches!(Nft::new(s), Err(NftError::Invalid(_))));
+}
+
+#[test]
+fn ip_forward_is_per_namespace_and_idempotent() {
+    in_private_netns(|| async {
+        // A fresh namespace starts with forwarding off.
+        assert_eq!(
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+                .unwrap()
+                .trim(),
+            "0"
+        );
+        assert!(link::enable_ip_forward().unwrap());
+        assert!(!link::enable_ip_forward().unwrap());
+        assert_eq!(
+            std::fs::read_to_string("/proc/sys/net/ipv4/ip_forward")
+                .unwrap()
+                .trim(),
+            "1"
+        );
+    });
+}
+
+#[test]
+fn default_route_iface_follows_the_lowest_metric() {
+    in_private_netns(|| async {
+        assert_eq!(link::default_route_iface().await.unwrap(), None);
+        // No dummy driver on these machines; a veth end works as well.
+        run("ip link add dummy-a type veth peer name peer-a");
+        run("ip link add dummy-b type veth peer name peer-b");
+        for dev in ["dummy-a", "peer-a", "dummy-b", "peer-b"] {
+            run(&format!("ip link set {dev} up"));
+        }
+        run("ip addr add 10.77.0.1/24 dev dummy-a");
+        run("ip addr add 10.78.0.1/24 dev dummy-b");
+        run("ip route add default via 10.77.0.254 dev dummy-a metric 200");
+        assert_eq!(
+            link::default_route_iface().await.unwrap().as_deref(),
+            Some("dummy-a")
+        );
+        run("ip route add default via 10.78.0.254 dev dummy-b metric 100");
+        assert_eq!(
+            link::default_route_iface().await.unwrap().as_deref(),
+            Some("dummy-b")
+        );
+        // Routes in other tables are not the default route.
+        let out = std::process::Command::new("ip")
+            .args(["route", "del", "default", "dev", "dummy-b"])
+            .status()
+            .unwrap();
+        assert!(out.success());
+        run("ip route add default via 10.78.0.254 dev dummy-b table 100");
+        assert_eq!(
+            link::default_route_iface().await.unwrap().as_deref(),
+            Some("dummy-a")
+        );
+    });
 }
