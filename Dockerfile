@@ -1,6 +1,7 @@
 # node-vm-agent: build with the Rust toolchain, run on a slim Debian.
 # docker build -t node-vm-agent .
 # docker run -d --network host --cap-add NET_ADMIN -v node_agent_data:/data node-vm-agent
+# (add --device /dev/net/tun on hosts without the WireGuard kernel module)
 FROM rust:1-bookworm AS build
 WORKDIR /src
 COPY Cargo.toml Cargo.lock ./
