@@ -1,0 +1,191 @@
+#!/usr/bin/env bash
+# Builds the tiny test guest that the VM-lifecycle tests boot under libvirt/TCG:
+#   OUTDIR/vmlinuz            a copy of a Debian kernel (/boot/vmlinuz-<ver>)
+#   OUTDIR/initramfs.cpio.gz  busybox-static + the virtio NIC modules + an /init that
+#                             runs udhcpc on eth0, serves its hostname with `httpd -p 80`
+#                             and prints `TINY-GUEST-READY <ip>` on the serial console.
+# Nothing is downloaded except Debian packages through apt-get (only when missing):
+# a guest image from the internet would be an unreviewed binary in the test path.
+#
+# Usage: scripts/build-tiny-guest.sh OUTDIR
+#   KVER=<version>  pick a kernel; default: the newest /boot/vmlinuz-* whose
+#                   /lib/modules/<version> exists.
+# Boot with: -kernel OUTDIR/vmlinuz -initrd OUTDIR/initramfs.cpio.gz
+#            -append 'console=ttyS0 tinyguest.hostname=NAME'   (hostname optional)
+#
+# Idempotent: when OUTDIR already holds both files and the stamp written next to them
+# matches this script's hash and the kernel version, it does nothing.
+set -euo pipefail
+
+OUTDIR=${1:?usage: build-tiny-guest.sh OUTDIR}
+SELF=$(readlink -f "$0")
+
+log() { echo "build-tiny-guest: $*" >&2; }
+
+# --- packages (Debian only) --------------------------------------------------------
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+newest_kernel() {
+    local v best=""
+    for k in /boot/vmlinuz-*; do
+        [[ -e $k ]] || continue
+        v=${k#/boot/vmlinuz-}
+        [[ -d /lib/modules/$v ]] || continue
+        best=$(printf '%s\n%s\n' "$best" "$v" | sed '/^$/d' | sort -V | tail -n1)
+    done
+    echo "$best"
+}
+
+missing=()
+have_pkg busybox-static || missing+=(busybox-static)
+have_pkg cpio || missing+=(cpio)
+have_pkg kmod || missing+=(kmod)          # modinfo, only for a sanity check
+if [[ -z ${KVER:-} && -z $(newest_kernel) ]]; then missing+=(linux-image-amd64); fi
+if ((${#missing[@]})); then
+    [[ $(id -u) -eq 0 ]] || { log "missing packages: ${missing[*]}; run as root"; exit 1; }
+    log "installing ${missing[*]}"
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+fi
+
+KVER=${KVER:-$(newest_kernel)}
+[[ -n $KVER && -e /boot/vmlinuz-$KVER && -d /lib/modules/$KVER ]] \
+    || { log "no usable kernel (KVER=$KVER)"; exit 1; }
+MODDIR=/lib/modules/$KVER
+
+# --- idempotence -------------------------------------------------------------------
+STAMP_WANT="$(sha256sum "$SELF" | cut -d' ' -f1) $KVER"
+if [[ -f $OUTDIR/vmlinuz && -f $OUTDIR/initramfs.cpio.gz && -f $OUTDIR/.stamp ]] \
+    && [[ $(cat "$OUTDIR/.stamp") == "$STAMP_WANT" ]]; then
+    log "up to date in $OUTDIR (kernel $KVER)"
+    exit 0
+fi
+
+mkdir -p "$OUTDIR"
+WORK=$(mktemp -d)
+trap 'rm -rf "$WORK"' EXIT
+ROOT=$WORK/root
+mkdir -p "$ROOT"/{bin,sbin,etc,proc,sys,dev,tmp,run,www,lib/modules,usr/share/udhcpc}
+
+# --- busybox ------------------------------------------------------------------------
+BB=/bin/busybox
+[[ -x $BB ]] || BB=$(command -v busybox)
+# ldd fails on a static binary; the initramfs has no libc, so a dynamic one would not run.
+if ldd "$BB" >/dev/null 2>&1; then log "$BB is dynamically linked"; exit 1; fi
+cp "$BB" "$ROOT/bin/busybox"
+for app in sh mount mkdir cat echo ip udhcpc httpd insmod hostname sleep ls dmesg \
+           ifconfig route sed grep ps poweroff reboot uname mknod; do
+    ln -s busybox "$ROOT/bin/$app"
+done
+
+# --- modules, in dependency order ---------------------------------------------------
+# Wanted: the virtio NIC and what it needs. Each is skipped when the kernel has it
+# built in (modules.builtin). virtio_pci pulls virtio/virtio_ring and the
+# virtio_pci_*_dev helpers through modules.dep.
+WANT=(virtio_pci failover net_failover virtio_net)
+declare -A DEPS=() PATHOF=() SEEN=()
+while IFS= read -r line; do
+    mod_path=${line%%:*}
+    name=$(basename "$mod_path"); name=${name%%.ko*}; name=${name//-/_}
+    PATHOF[$name]=$mod_path
+    DEPS[$name]=${line#*:}
+done < "$MODDIR/modules.dep"
+is_builtin() { grep -Eq "/$1\.ko\$" "$MODDIR/modules.builtin" 2>/dev/null \
+               || grep -Eq "/${1//_/-}\.ko\$" "$MODDIR/modules.builtin" 2>/dev/null; }
+ORDER=()
+visit() {
+    local m=$1 d dn
+    [[ -n ${SEEN[$m]:-} ]] && return 0
+    SEEN[$m]=1
+    if [[ -z ${PATHOF[$m]:-} ]]; then
+        is_builtin "$m" && { log "module $m: built in"; return 0; }
+        log "module $m: neither a module nor built in for $KVER"; exit 1
+    fi
+    for d in ${DEPS[$m]}; do
+        dn=$(basename "$d"); dn=${dn%%.ko*}; dn=${dn//-/_}
+        visit "$dn"
+    done
+    ORDER+=("$m")
+}
+for m in "${WANT[@]}"; do visit "$m"; done
+
+: > "$ROOT/etc/modules.order"
+for m in "${ORDER[@]}"; do
+    src=$MODDIR/${PATHOF[$m]}
+    dst=$ROOT/lib/modules/$m.ko
+    case $src in
+        *.ko.xz)  xz -dc "$src" > "$dst" ;;
+        *.ko.zst) zstd -qdc "$src" > "$dst" ;;
+        *.ko.gz)  gzip -dc "$src" > "$dst" ;;
+        *.ko)     cp "$src" "$dst" ;;
+        *) log "unknown module format: $src"; exit 1 ;;
+    esac
+    echo "$m" >> "$ROOT/etc/modules.order"
+done
+log "modules (load order): ${ORDER[*]:-none}"
+
+# --- udhcpc hook and /init ----------------------------------------------------------
+cat > "$ROOT/usr/share/udhcpc/default.script" <<'EOF'
+#!/bin/sh
+# Minimal udhcpc hook: configure address, default route, and remember the address.
+case "$1" in
+    deconfig) ip addr flush dev "$interface"; ip link set "$interface" up ;;
+    bound|renew)
+        ip addr flush dev "$interface"
+        ip addr add "$ip/${mask:-24}" dev "$interface"
+        for r in $router; do ip route replace default via "$r" dev "$interface"; break; done
+        echo "$ip" > /run/ip
+        ;;
+esac
+exit 0
+EOF
+chmod +x "$ROOT/usr/share/udhcpc/default.script"
+
+cat > "$ROOT/init" <<'EOF'
+#!/bin/sh
+export PATH=/bin:/sbin
+mount -t proc proc /proc
+mount -t sysfs sysfs /sys
+mount -t devtmpfs devtmpfs /dev 2>/dev/null || mount -t tmpfs tmpfs /dev
+mkdir -p /dev/pts /run /tmp
+[ -e /dev/console ] || mknod /dev/console c 5 1
+exec </dev/console >/dev/console 2>&1
+echo "tiny-guest: init on $(uname -r)"
+
+for m in $(cat /etc/modules.order); do
+    insmod /lib/modules/$m.ko || echo "tiny-guest: insmod $m failed"
+done
+
+name=tiny-guest
+for arg in $(cat /proc/cmdline); do
+    case "$arg" in tinyguest.hostname=*) name=${arg#tinyguest.hostname=} ;; esac
+done
+hostname "$name"
+
+ip link set lo up
+i=0
+while [ ! -e /sys/class/net/eth0 ] && [ $i -lt 50 ]; do sleep 0.1; i=$((i+1)); done
+ip link set eth0 up
+# -t 20 -T 1: ~20 s of DISCOVERs; -n: give up (not daemonize) if no lease; stays a
+# daemon after the lease so renewals work.
+udhcpc -i eth0 -t 20 -T 1 -n -S -s /usr/share/udhcpc/default.script \
+    || echo "tiny-guest: DHCP failed"
+
+echo "<html><body>hostname: $name</body></html>" > /www/index.html
+echo "$name" > /www/hostname
+httpd -p 80 -h /www
+
+echo "TINY-GUEST-READY $(cat /run/ip 2>/dev/null || echo none) $name"
+# PID 1 must not exit; keep a shell on the console for debugging.
+while true; do sh </dev/console >/dev/console 2>&1 || sleep 1; done
+EOF
+chmod +x "$ROOT/init"
+
+# --- pack ----------------------------------------------------------------------------
+(cd "$ROOT" && find . -print0 | cpio --null -o -H newc --quiet --owner 0:0) \
+    | gzip -9 > "$WORK/initramfs.cpio.gz"
+cp "/boot/vmlinuz-$KVER" "$WORK/vmlinuz"
+mv "$WORK/initramfs.cpio.gz" "$OUTDIR/initramfs.cpio.gz"
+mv "$WORK/vmlinuz" "$OUTDIR/vmlinuz"
+echo "$STAMP_WANT" > "$OUTDIR/.stamp"
+log "built $OUTDIR/vmlinuz ($KVER) and $OUTDIR/initramfs.cpio.gz ($(du -h "$OUTDIR/initramfs.cpio.gz" | cut -f1))"

@@ -1,0 +1,140 @@
+#!/usr/bin/env bash
+# Runs a private libvirtd for tests inside network namespace NAME, so its bridge
+# (virbr0 192.168.122.1/24), dnsmasq, firewall rules and guests exist only there and
+# never in the machine's root namespace (docs/test-environment.md, hard network rule).
+#
+# Usage: scripts/libvirt-netns.sh start NAME   # install if missing, netns, daemons, net
+#        scripts/libvirt-netns.sh stop  NAME   # destroy domains + network, kill, delete netns
+# Afterwards (while started): virsh -c qemu:///system ...   (the control socket
+# /var/run/libvirt/libvirt-sock is machine-wide, so virsh works from any namespace,
+# and only one such daemon can run on the machine at a time.)
+#
+# Env: LIBVIRT_WAIT_SECS (default 30) bound on waiting for the daemon to answer.
+set -euo pipefail
+
+CMD=${1:?usage: libvirt-netns.sh start|stop NAME}
+NAME=${2:?usage: libvirt-netns.sh start|stop NAME}
+URI=qemu:///system
+WAIT=${LIBVIRT_WAIT_SECS:-30}
+STATE=/run/libvirt-netns
+PACKAGES=(libvirt-daemon-system qemu-system-x86 dnsmasq-base)
+
+log() { echo "libvirt-netns: $*" >&2; }
+die() { log "$*"; exit 1; }
+[[ $(id -u) -eq 0 ]] || die "must run as root"
+virsh_() { virsh -q -c "$URI" "$@"; }
+have_pkg() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q 'install ok installed'; }
+pid_alive() { [[ -n ${1:-} ]] && kill -0 "$1" 2>/dev/null; }
+pidfile_pid() { [[ -f $1 ]] && cat "$1" || true; }
+
+install_missing() {
+    local missing=() p
+    for p in "${PACKAGES[@]}"; do have_pkg "$p" || missing+=("$p"); done
+    ((${#missing[@]})) || return 0
+    log "installing ${missing[*]}"
+    # Keep maintainer scripts from starting libvirtd/virtlogd in the ROOT namespace
+    # (on a systemd or sysvinit host their postinst would start the daemon, and an
+    # autostarted `default` network would put virbr0 in the root namespace).
+    local rc_added=0
+    if [[ ! -e /usr/sbin/policy-rc.d ]]; then
+        printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d
+        chmod +x /usr/sbin/policy-rc.d
+        rc_added=1
+    fi
+    export DEBIAN_FRONTEND=noninteractive
+    apt-get update -q
+    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    ((rc_added)) && rm -f /usr/sbin/policy-rc.d
+    # Never autostart the default network: it must only come up inside NAME, by us.
+    rm -f /etc/libvirt/qemu/networks/autostart/default.xml
+}
+
+root_has_virbr() { ip -o link show 2>/dev/null | grep -q ': virbr'; }
+
+start() {
+    install_missing
+    [[ -f /etc/libvirt/qemu/networks/autostart/default.xml ]] \
+        && rm -f /etc/libvirt/qemu/networks/autostart/default.xml
+    if pid_alive "$(pidfile_pid /var/run/libvirtd.pid)"; then
+        die "a libvirtd is already running (pid $(cat /var/run/libvirtd.pid)); its socket is machine-wide, stop it first"
+    fi
+    root_has_virbr && die "a virbr* already exists in the root namespace; refusing"
+
+    if ! ip netns list | grep -qw "^$NAME"; then
+        ip netns add "$NAME"
+    fi
+    ip -n "$NAME" link set lo up
+    mkdir -p /var/log/libvirt /var/run/libvirt "$STATE"
+    echo "$NAME" > "$STATE/current"
+
+    pid_alive "$(pidfile_pid /var/run/virtlogd.pid)" \
+        || ip netns exec "$NAME" virtlogd -d
+    ip netns exec "$NAME" libvirtd -d
+
+    local deadline=$((SECONDS + WAIT))
+    until virsh -c "$URI" version >/dev/null 2>&1; do
+        ((SECONDS < deadline)) || die "libvirtd did not answer within ${WAIT}s (see /var/log/libvirt)"
+        sleep 0.2
+    done
+    log "libvirtd answers after ~$((SECONDS - deadline + WAIT))s"
+
+    if ! virsh_ net-info default >/dev/null 2>&1; then
+        virsh_ net-define /etc/libvirt/qemu/networks/default.xml >/dev/null \
+            || die "no 'default' network definition"
+    fi
+    if ! virsh_ net-info default | grep -Eq '^Active:\s+yes'; then
+        virsh_ net-start default >/dev/null
+    fi
+    virsh_ net-autostart --disable default >/dev/null 2>&1 || true
+
+    ip -n "$NAME" -o link show virbr0 >/dev/null || die "virbr0 missing in netns $NAME"
+    if root_has_virbr; then
+        log "virbr* appeared in the ROOT namespace; tearing down"
+        stop
+        exit 1
+    fi
+    log "started: netns $NAME, virbr0 $(ip -n "$NAME" -o -4 addr show virbr0 | awk '{print $4}'), uri $URI"
+}
+
+stop() {
+    # Domains and networks: everything this daemon runs is ours (it serves only tests).
+    if virsh -c "$URI" version >/dev/null 2>&1; then
+        local d n
+        for d in $(virsh_ list --name --all); do
+            virsh_ destroy "$d" >/dev/null 2>&1 || true
+            virsh_ undefine --nvram "$d" >/dev/null 2>&1 \
+                || virsh_ undefine "$d" >/dev/null 2>&1 || true
+        done
+        for n in $(virsh_ net-list --name); do
+            virsh_ net-destroy "$n" >/dev/null 2>&1 || true
+        done
+    fi
+    # libvirt keeps the default network's leases across daemon runs; a later run would
+    # list this run's (dead) guests in net-dhcp-leases. Only our daemons use virbr0.
+    rm -f /var/lib/libvirt/dnsmasq/virbr0.status
+    local p
+    for f in /var/run/libvirtd.pid /var/run/virtlogd.pid; do
+        p=$(pidfile_pid "$f")
+        if pid_alive "$p"; then
+            kill "$p"
+            for _ in $(seq 50); do pid_alive "$p" || break; sleep 0.1; done
+            pid_alive "$p" && kill -9 "$p"
+        fi
+    done
+    if ip netns list | grep -qw "^$NAME"; then
+        # Anything left inside (qemu, dnsmasq) was started by this script's daemon.
+        for p in $(ip netns pids "$NAME"); do kill "$p" 2>/dev/null || true; done
+        sleep 0.3
+        for p in $(ip netns pids "$NAME"); do kill -9 "$p" 2>/dev/null || true; done
+        ip netns delete "$NAME"
+    fi
+    rm -f "$STATE/current"
+    root_has_virbr && log "WARNING: a virbr* is present in the root namespace"
+    log "stopped: $NAME"
+}
+
+case $CMD in
+    start) start ;;
+    stop) stop ;;
+    *) die "usage: libvirt-netns.sh start|stop NAME" ;;
+esac
