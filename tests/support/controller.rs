@@ -71,24 +71,7 @@ impl Controller {
     /// starts with [`Controller::serve`] (so a test can start the agent before it).
     pub fn new(topo: &Topology) -> Controller {
         let ns = Netns::new("ctl");
-        topo.node.exec_ok(&[
-            "ip",
-            "link",
-            "add",
-            "ctl0",
-            "type",
-            "veth",
-            "peer",
-            "name",
-            "eth0",
-            "netns",
-            ns.name(),
-        ]);
-        topo.node
-            .exec_ok(&["ip", "addr", "add", "10.77.4.1/24", "dev", "ctl0"]);
-        topo.node.exec_ok(&["ip", "link", "set", "ctl0", "up"]);
-        ns.exec_ok(&["ip", "addr", "add", "10.77.4.2/24", "dev", "eth0"]);
-        ns.exec_ok(&["ip", "link", "set", "eth0", "up"]);
+        topo.veth_pair("ctl0", &ns, "10.77.4.1/24", "10.77.4.2/24");
 
         let wg_name = unique_ifname("wgc");
         let key = Key::generate();

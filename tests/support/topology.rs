@@ -71,19 +71,7 @@ impl Topology {
             ("vmp0", &self.vm, "10.77.2.2/24"),
             ("vmp1", &self.vm2, "10.77.2.3/24"),
         ] {
-            node.exec_ok(&[
-                "ip",
-                "link",
-                "add",
-                port,
-                "type",
-                "veth",
-                "peer",
-                "name",
-                "eth0",
-                "netns",
-                ns.name(),
-            ]);
+            self.veth_to(port, ns);
             node.exec_ok(&["ip", "link", "set", port, "master", &self.bridge]);
             node.exec_ok(&["ip", "link", "set", port, "up"]);
             ns.exec_ok(&["ip", "addr", "add", addr, "dev", "eth0"]);
@@ -101,7 +89,9 @@ impl Topology {
             .exec_ok(&["ip", "route", "add", "default", "via", "10.77.3.1"]);
     }
 
-    fn veth_pair(&self, node_if: &str, peer: &Netns, node_addr: &str, peer_addr: &str) {
+    /// A veth from the node (`node_if`) to `peer` (`eth0` there), made from inside the
+    /// node namespace with its peer end placed straight into `peer`.
+    fn veth_to(&self, node_if: &str, peer: &Netns) {
         self.node.exec_ok(&[
             "ip",
             "link",
@@ -115,6 +105,11 @@ impl Topology {
             "netns",
             peer.name(),
         ]);
+    }
+
+    /// A routed link between the node and `peer`, both ends addressed and up.
+    pub fn veth_pair(&self, node_if: &str, peer: &Netns, node_addr: &str, peer_addr: &str) {
+        self.veth_to(node_if, peer);
         self.node
             .exec_ok(&["ip", "addr", "add", node_addr, "dev", node_if]);
         self.node.exec_ok(&["ip", "link", "set", node_if, "up"]);
