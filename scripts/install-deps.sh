@@ -12,6 +12,10 @@ set -euo pipefail
 #   python3                     the demo's HTTP server inside the "vm" namespace
 #   wrk                         load runs against the API
 #   procps                      pgrep/ps for scripts
+#   libvirt-dev                 libvirt's client library and its pkg-config file, linked by the virt crate
+# The daemon side for the VM tests (libvirtd, QEMU, dnsmasq) and the tiny guest's parts are
+# installed by scripts/libvirt-netns.sh and scripts/build-tiny-guest.sh, which take care
+# that no libvirtd or default network ever starts in the root namespace.
 PACKAGES=(
     build-essential pkg-config
     iproute2 nftables
@@ -20,6 +24,7 @@ PACKAGES=(
     python3
     wrk
     procps
+    libvirt-dev
 )
 
 missing=()
