@@ -10,3 +10,4 @@ pub mod mesh;
 pub mod net;
 pub mod portmap;
 pub mod store;
+pub mod vm;
