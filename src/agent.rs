@@ -13,6 +13,7 @@ use crate::keys::{KeySource, NodeKeys};
 use crate::mesh::{JoinState, Mesh, MeshStatus};
 use crate::portmap::{self, Firewall, Policy, PortMaps};
 use crate::store::Store;
+use crate::vm;
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -153,7 +154,27 @@ pub async fn serve(settings: Settings, fw: Arc<dyn Firewall>) -> Result<(), Agen
         .run(stop_rx.clone()),
     );
 
-    let app = api::app(store, portmaps.clone(), Arc::new(token), mesh_status);
+    let (vms, images) = vm_layer(&settings, &store, &portmaps);
+    // libvirt may be slow or away at boot: the VM reconcile runs beside the API, never
+    // before it.
+    let vm_reconciler = tokio::spawn(vm_reconcile_loop(
+        vms.clone(),
+        images.clone(),
+        settings.reconcile_every(),
+        stop_rx.clone(),
+    ));
+
+    let app = api::app(
+        store,
+        portmaps.clone(),
+        Arc::new(token),
+        mesh_status,
+        api::VmApi {
+            vms,
+            images,
+            stats_dir: stats_dir(&settings),
+        },
+    );
     let served = axum::serve(
         listener,
         app.into_make_service_with_connect_info::<api::ConnInfo>(),
@@ -163,6 +184,7 @@ pub async fn serve(settings: Settings, fw: Arc<dyn Firewall>) -> Result<(), Agen
 
     let _ = stop_tx.send(true);
     let _ = reconciler.await;
+    let _ = vm_reconciler.await;
     let _ = mesh.await;
     if settings.cleanup_on_exit {
         let pm = portmaps.clone();
@@ -176,6 +198,103 @@ pub async fn serve(settings: Settings, fw: Arc<dyn Firewall>) -> Result<(), Agen
 }
 
 /// Compares the kernel with the database every `every` and repairs drift.
+/// The VM service and the image store over one lazily opened libvirt connection.
+fn vm_layer(
+    settings: &Settings,
+    store: &Store,
+    portmaps: &Arc<PortMaps>,
+) -> (Arc<vm::service::Vms>, Arc<vm::images::Images>) {
+    let lv = vm::Libvirt::new(
+        settings.libvirt_uri.clone(),
+        std::time::Duration::from_secs(settings.libvirt_timeout),
+    );
+    let pool_dir = settings.pool_dir().to_string_lossy().into_owned();
+    let images = vm::images::Images::new(
+        lv.clone(),
+        store.clone(),
+        settings.vms_pool.clone(),
+        pool_dir.clone(),
+        settings.vm_max_disk_gb * vm::storage::GIB,
+    );
+    let cfg = vm::service::VmConfig {
+        pool: settings.vms_pool.clone(),
+        pool_dir,
+        domain_type: settings.vms_domain_type.clone(),
+        default_network: settings.vms_network.clone(),
+        default_arch: settings.vms_arch.clone(),
+        default_image: settings.vms_default_image.clone(),
+        default_image_url: settings.vms_default_image_url.clone(),
+        default_keys: settings.default_ssh_keys(),
+        limits: vm::spec::Limits {
+            max_memory_mib: settings.vm_max_memory_mib,
+            max_vcpus: settings.vm_max_vcpus,
+            max_disk_gb: settings.vm_max_disk_gb,
+        },
+        stop_timeout: std::time::Duration::from_secs(settings.vm_stop_timeout),
+        lease_poll: std::time::Duration::from_millis(200),
+    };
+    let vms = vm::service::Vms::new(lv, store.clone(), cfg, Some(portmaps.clone()))
+        .with_images(images.clone());
+    (Arc::new(vms), images)
+}
+
+/// `GET /stats` reports the filesystem of VMS_WORK_DIR when the agent can see it (the
+/// pool's directory in the usual setup), else of DATA_DIR.
+fn stats_dir(settings: &Settings) -> std::path::PathBuf {
+    if settings.vms_work_dir.is_dir() {
+        settings.vms_work_dir.clone()
+    } else {
+        settings.data_dir.clone()
+    }
+}
+
+/// At startup: unfinished image transfers are cleaned up; then, at startup and every
+/// interval, VMs whose domain vanished from libvirt are defined again.
+async fn vm_reconcile_loop(
+    vms: Arc<vm::service::Vms>,
+    images: Arc<vm::images::Images>,
+    every: std::time::Duration,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut cleaned = false;
+    let mut tick = tokio::time::interval(every);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        if !cleaned {
+            match images.cleanup_interrupted().await {
+                Ok(n) => {
+                    cleaned = true;
+                    if n > 0 {
+                        tracing::warn!(
+                            removed = n,
+                            "removed unfinished image transfers of the last run"
+                        );
+                    }
+                }
+                Err(vm::VmError::Unavailable(e)) => {
+                    tracing::warn!(error = %e, "libvirt unavailable; VM reconcile retries next interval");
+                    continue;
+                }
+                Err(e) => tracing::error!(error = %e, "cleaning up image transfers failed"),
+            }
+        }
+        match vms.reconcile().await {
+            Ok(r) if !r.is_empty() => {
+                tracing::warn!(repaired = ?r, "VM reconcile repaired libvirt")
+            }
+            Ok(_) => tracing::debug!("VM reconcile: libvirt in sync"),
+            Err(vm::VmError::Unavailable(e)) => {
+                tracing::debug!(error = %e, "libvirt unavailable; VM reconcile retries next interval")
+            }
+            Err(e) => tracing::error!(error = %e, "VM reconcile failed"),
+        }
+    }
+}
+
 async fn reconcile_loop(
     portmaps: Arc<PortMaps>,
     every: std::time::Duration,

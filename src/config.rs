@@ -189,6 +189,60 @@ pub struct Settings {
     )]
     pub vms_arch: String,
 
+    /// libvirt storage pool holding base images, VM disks, seeds and console logs. Created
+    /// (type dir, at VMS_HOST_DIR or else VMS_WORK_DIR) when missing.
+    #[arg(long, env = "VMS_POOL", value_name = "VMS_POOL", default_value = "node-vm-agent", value_parser = parse_name)]
+    pub vms_pool: String,
+
+    /// libvirt domain type of new VMs: `kvm`, or `qemu` (TCG) on hosts without usable KVM.
+    #[arg(long, env = "VMS_DOMAIN_TYPE", value_name = "VMS_DOMAIN_TYPE", default_value = "kvm", value_parser = ["kvm", "qemu"])]
+    pub vms_domain_type: String,
+
+    /// Image used when `POST /vms` names none (and boots no kernel of its own).
+    #[arg(long, env = "VMS_DEFAULT_IMAGE", value_name = "VMS_DEFAULT_IMAGE", default_value = "ubuntu-22.04", value_parser = parse_name)]
+    pub vms_default_image: String,
+
+    /// Where VMS_DEFAULT_IMAGE is downloaded from on first use, when it is not there yet
+    /// (empty: never download it; it must be uploaded or added with `POST /images`).
+    #[arg(
+        long,
+        env = "VMS_DEFAULT_IMAGE_URL",
+        value_name = "VMS_DEFAULT_IMAGE_URL",
+        default_value = "https://cloud-images.ubuntu.com/jammy/current/jammy-server-cloudimg-amd64.img"
+    )]
+    pub vms_default_image_url: String,
+
+    /// SSH public keys (one per line) given to every new VM that brings none of its own.
+    /// Default: none; the agent has no built-in key or password.
+    #[arg(
+        long,
+        env = "SSH_AUTHORIZED_KEYS",
+        value_name = "SSH_AUTHORIZED_KEYS",
+        default_value = ""
+    )]
+    pub ssh_authorized_keys: String,
+
+    /// Largest memory of one VM, MiB (also bounded by the host's memory).
+    #[arg(long, env = "VM_MAX_MEMORY_MIB", value_name = "VM_MAX_MEMORY_MIB", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
+    pub vm_max_memory_mib: u64,
+
+    /// Most vCPUs of one VM (also bounded by libvirt's maximum for the domain type).
+    #[arg(long, env = "VM_MAX_VCPUS", value_name = "VM_MAX_VCPUS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
+    pub vm_max_vcpus: u32,
+
+    /// Largest disk of one VM, GB.
+    #[arg(long, env = "VM_MAX_DISK_GB", value_name = "VM_MAX_DISK_GB", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
+    pub vm_max_disk_gb: u64,
+
+    /// Seconds a graceful `stop` waits for the guest to power off before forcing it.
+    #[arg(long, env = "VM_STOP_TIMEOUT", value_name = "VM_STOP_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=3600))]
+    pub vm_stop_timeout: u64,
+
+    /// Seconds one libvirt call may take before the request gets a 503 (libvirtd hung or
+    /// unreachable); the connection's keepalive drops a dead daemon in about 15 s.
+    #[arg(long, env = "LIBVIRT_TIMEOUT", value_name = "LIBVIRT_TIMEOUT", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub libvirt_timeout: u64,
+
     /// Bridge the VMs sit on: DNAT'd connections leaving through it are masqueraded.
     #[arg(long, env = "VMS_BRIDGE", value_name = "VMS_BRIDGE", default_value = "virbr0", value_parser = parse_ifname)]
     pub vms_bridge: String,
@@ -324,6 +378,15 @@ impl Settings {
                 reason: "is the VMS_BRIDGE itself".into(),
             });
         }
+        for (i, key) in self.default_ssh_keys().iter().enumerate() {
+            if let Err(reason) = crate::vm::seed::validate_ssh_key(key) {
+                return Err(SettingError {
+                    variable: "SSH_AUTHORIZED_KEYS",
+                    value: format!("line {}", i + 1),
+                    reason,
+                });
+            }
+        }
         for net in &self.allowed_targets {
             if net.prefix() == 0 {
                 return Err(SettingError {
@@ -375,6 +438,21 @@ impl Settings {
         Duration::from_secs(self.reconcile_interval)
     }
 
+    /// The keys of SSH_AUTHORIZED_KEYS, one per non-empty line.
+    pub fn default_ssh_keys(&self) -> Vec<String> {
+        self.ssh_authorized_keys
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_string)
+            .collect()
+    }
+
+    /// The pool's directory as the libvirt host sees it.
+    pub fn pool_dir(&self) -> &std::path::Path {
+        self.vms_host_dir.as_deref().unwrap_or(&self.vms_work_dir)
+    }
+
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("agent.db")
     }
@@ -386,6 +464,28 @@ pub struct JoinSettings<'a> {
     pub url: &'a str,
     pub token: &'a str,
     pub node_id: &'a str,
+}
+
+/// A VM, image, pool or network name: `[A-Za-z0-9][A-Za-z0-9_.-]{0,62}`. Safe as a
+/// libvirt object name and inside a volume name; never a path component like `..`.
+pub fn parse_name(s: &str) -> Result<String, String> {
+    let mut chars = s.chars();
+    match chars.next() {
+        None => return Err("a name must not be empty".into()),
+        Some(c) if !c.is_ascii_alphanumeric() => {
+            return Err("a name must start with a letter or digit".into());
+        }
+        Some(_) => {}
+    }
+    if s.len() > 63 {
+        return Err("a name has at most 63 characters".into());
+    }
+    if let Some(c) = chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
+        return Err(format!(
+            "character {c:?} is not allowed in a name (letters, digits, '_', '.', '-')"
+        ));
+    }
+    Ok(s.to_string())
 }
 
 /// An interface name as the kernel accepts it (IFNAMSIZ, no '/', no whitespace).

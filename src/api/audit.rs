@@ -11,6 +11,9 @@ use super::error::{ApiError, ErrorMessage};
 use super::{AppState, ConnInfo, Identity, MAX_BODY_BYTES};
 use crate::store::audit::{self, Entry, Outcome};
 
+/// The route whose body is streamed (`POST /images/{name}`).
+pub const UPLOAD_ROUTE: &str = "/images/{name}";
+
 pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(req).await;
@@ -29,22 +32,35 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
     );
     let uri = req.uri().to_string();
     let (parts, body) = req.into_parts();
-    let (resp, body_text) = match to_bytes(body, MAX_BODY_BYTES).await {
-        Ok(bytes) => {
-            let text = String::from_utf8_lossy(&bytes).into_owned();
-            let resp = next
-                .run(Request::from_parts(parts, Body::from(bytes)))
-                .await;
-            (resp, text)
+    // An image upload is a stream of any size into libvirt: it is neither buffered nor
+    // limited here, and the audit row records its size, not its bytes.
+    let streamed = parts.method == Method::POST && action == format!("POST {UPLOAD_ROUTE}");
+    let (resp, body_text) = if streamed {
+        let size = parts
+            .headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .map_or_else(|| "unknown".to_string(), str::to_string);
+        let resp = next.run(Request::from_parts(parts, body)).await;
+        (resp, format!("<binary upload, content-length {size}>"))
+    } else {
+        match to_bytes(body, MAX_BODY_BYTES).await {
+            Ok(bytes) => {
+                let text = String::from_utf8_lossy(&bytes).into_owned();
+                let resp = next
+                    .run(Request::from_parts(parts, Body::from(bytes)))
+                    .await;
+                (resp, text)
+            }
+            Err(_) => (
+                ApiError::new(
+                    StatusCode::PAYLOAD_TOO_LARGE,
+                    format!("request body larger than {MAX_BODY_BYTES} bytes"),
+                )
+                .into_response(),
+                String::new(),
+            ),
         }
-        Err(_) => (
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body larger than {MAX_BODY_BYTES} bytes"),
-            )
-            .into_response(),
-            String::new(),
-        ),
     };
     let status = resp.status();
     let entry = Entry {

@@ -101,3 +101,18 @@ pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Ne
     }
     fixed
 }
+
+impl From<crate::vm::VmError> for ApiError {
+    fn from(e: crate::vm::VmError) -> Self {
+        use crate::vm::VmError;
+        let status = match &e {
+            VmError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
+            VmError::NotFound(_) => StatusCode::NOT_FOUND,
+            VmError::Invalid(_) => StatusCode::BAD_REQUEST,
+            VmError::Conflict(_) => StatusCode::CONFLICT,
+            VmError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            VmError::Libvirt(_) | VmError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+        };
+        Self::new(status, e.to_string())
+    }
+}

@@ -6,6 +6,7 @@ pub mod body;
 pub mod error;
 mod health;
 mod ports;
+mod vms;
 
 use std::sync::Arc;
 
@@ -83,7 +84,18 @@ pub struct Shared {
     pub portmaps: Arc<PortMaps>,
     pub token: Arc<ApiToken>,
     pub mesh: Arc<MeshStatus>,
+    pub vms: Arc<crate::vm::service::Vms>,
+    pub images: Arc<crate::vm::images::Images>,
+    /// Directory whose filesystem `GET /stats` reports as `disk`.
+    pub stats_dir: std::path::PathBuf,
     openapi: Bytes,
+}
+
+/// The VM side of the API.
+pub struct VmApi {
+    pub vms: Arc<crate::vm::service::Vms>,
+    pub images: Arc<crate::vm::images::Images>,
+    pub stats_dir: std::path::PathBuf,
 }
 
 impl std::ops::Deref for AppState {
@@ -106,10 +118,10 @@ pub struct ErrorBody {
 #[openapi(
     info(
         title = "node-vm-agent",
-        description = "Node agent API: port maps (and, later, VMs). Every route but /health needs `Authorization: Bearer <token>`."
+        description = "Node agent API: VMs, images and port maps. Every route but /health needs `Authorization: Bearer <token>`."
     ),
     modifiers(&BearerAuth),
-    tags((name = "ports", description = "Node port -> VM ip:port maps"), (name = "node"))
+    tags((name = "ports", description = "Node port -> VM ip:port maps"), (name = "vms", description = "libvirt VMs"), (name = "images", description = "Base images"), (name = "node"))
 )]
 struct ApiDoc;
 
@@ -146,6 +158,17 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(ports::list, ports::create))
         .routes(routes!(ports::delete))
         .routes(routes!(ports::restore))
+        .routes(routes!(vms::list, vms::create))
+        .routes(routes!(vms::status))
+        .routes(routes!(vms::start))
+        .routes(routes!(vms::stop))
+        .routes(routes!(vms::reboot))
+        .routes(routes!(vms::delete))
+        .routes(routes!(vms::ip))
+        .routes(routes!(vms::console))
+        .routes(routes!(vms::stats))
+        .routes(routes!(vms::images, vms::add_image))
+        .routes(routes!(vms::upload_image, vms::delete_image))
         .split_for_parts()
 }
 
@@ -160,6 +183,7 @@ pub fn app(
     portmaps: Arc<PortMaps>,
     token: Arc<ApiToken>,
     mesh: Arc<MeshStatus>,
+    vm: VmApi,
 ) -> Router {
     let (router, doc) = routes();
     let openapi = Bytes::from(doc.to_json().unwrap_or_else(|_| "{}".to_string()));
@@ -168,6 +192,9 @@ pub fn app(
         portmaps,
         token,
         mesh,
+        vms: vm.vms,
+        images: vm.images,
+        stats_dir: vm.stats_dir,
         openapi,
     }));
     router

@@ -7,6 +7,7 @@ pub mod audit;
 pub mod mesh;
 pub mod portmaps;
 pub mod settings;
+pub mod vms;
 
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -19,6 +20,7 @@ use rusqlite::{Connection, Transaction};
 const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_mesh_join.sql"),
+    include_str!("../../migrations/0003_vms.sql"),
 ];
 
 /// The current time as SQLite writes it into every `*_at` column.

@@ -1,6 +1,16 @@
 //! Virtual machines through libvirt's API only: the connection, storage pool and volumes,
 //! domain XML, the in-memory cloud-init seed, DHCP leases, and host statistics.
 
+pub mod conn;
+mod error;
 pub mod hoststats;
+pub mod images;
+pub mod leases;
 pub mod seed;
+pub mod service;
+pub mod spec;
+pub mod storage;
 pub mod xml;
+
+pub use conn::Libvirt;
+pub use error::VmError;

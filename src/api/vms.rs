@@ -1,0 +1,371 @@
+//! `/vms`, `/images`, `/stats`: parse, call one `Vms`/`Images` method, map.
+
+use std::time::Duration;
+
+use axum::Json;
+use axum::body::{Body, Bytes};
+use axum::extract::{Path, RawQuery, State};
+use axum::http::HeaderMap;
+use futures_util::StreamExt;
+use serde::Deserialize;
+use serde_json::{Value, json};
+
+use super::body;
+use super::error::ApiError;
+use super::{AppState, Identity};
+use crate::vm::hoststats;
+use crate::vm::spec::{CreateVm, check_name};
+
+/// Longest `/ip` wait, seconds.
+pub const MAX_IP_TIMEOUT_S: u64 = 600;
+/// Largest console tail, bytes.
+pub const MAX_CONSOLE_BYTES: u64 = 1 << 20;
+
+fn name_ok(name: &str) -> Result<(), ApiError> {
+    check_name("VM name", name).map_err(ApiError::from)
+}
+
+#[utoipa::path(
+    post, path = "/vms", tag = "vms",
+    request_body = CreateVm,
+    responses(
+        (status = 200, description = "Created and started: `{ok, name, uuid, mac, instance_id, hostname, image, recreated}`", body = Value),
+        (status = 400, description = "Invalid body, name, network or bounds; nothing created", body = super::ErrorBody),
+        (status = 404, description = "Image not found", body = super::ErrorBody),
+        (status = 409, description = "VM exists (without `recreate`), is not the agent's, or is busy", body = super::ErrorBody),
+        (status = 503, description = "libvirt unavailable, or the default image is being fetched", body = super::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn create(
+    State(state): State<AppState>,
+    identity: axum::Extension<Identity>,
+    body: Bytes,
+) -> Result<Json<Value>, ApiError> {
+    let req: CreateVm = body::json(&body)?;
+    let created = state.vms.create(req, identity.0.as_str()).await?;
+    let mut v = serde_json::to_value(created).map_err(|e| ApiError::internal(e.to_string()))?;
+    v["ok"] = json!(true);
+    Ok(Json(v))
+}
+
+#[utoipa::path(
+    get, path = "/vms", tag = "vms",
+    responses((status = 200, description = "`{ok, vms: [{name, active, state, uuid, managed, ip, ...}]}`; domains the agent did not create have `managed: false`", body = Value)),
+    security(("bearer" = []))
+)]
+pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let vms = state.vms.list().await?;
+    Ok(Json(json!({"ok": true, "vms": vms})))
+}
+
+#[utoipa::path(
+    get, path = "/vms/{name}/status", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses(
+        (status = 200, description = "`{ok, status: {name, active, state, uuid, managed, ...}}`", body = Value),
+        (status = 404, description = "No such VM", body = super::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn status(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    name_ok(&name)?;
+    let s = state.vms.status(&name).await?;
+    Ok(Json(json!({"ok": true, "status": s})))
+}
+
+#[utoipa::path(
+    post, path = "/vms/{name}/start", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "`{ok, name, was_running}`", body = Value), (status = 404, description = "No such VM", body = super::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn start(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    name_ok(&name)?;
+    let was_running = state.vms.start(&name).await?;
+    Ok(Json(
+        json!({"ok": true, "name": name, "was_running": was_running}),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct StopQuery {
+    /// Power off at once instead of an ACPI shutdown.
+    force: Option<bool>,
+}
+
+#[utoipa::path(
+    post, path = "/vms/{name}/stop", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), StopQuery),
+    responses((status = 200, description = "`{ok, name, forced}`: ACPI shutdown, forced off after VM_STOP_TIMEOUT", body = Value), (status = 404, description = "No such VM", body = super::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn stop(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    name_ok(&name)?;
+    let q: StopQuery = body::query(q.as_deref())?;
+    let forced = state.vms.stop(&name, q.force.unwrap_or(false)).await?;
+    Ok(Json(json!({"ok": true, "name": name, "forced": forced})))
+}
+
+#[utoipa::path(
+    post, path = "/vms/{name}/reboot", tag = "vms",
+    params(("name" = String, Path, description = "VM name")),
+    responses((status = 200, description = "`{ok, name}`", body = Value), (status = 409, description = "Not running", body = super::ErrorBody)),
+    security(("bearer" = []))
+)]
+pub async fn reboot(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    name_ok(&name)?;
+    state.vms.reboot(&name).await?;
+    Ok(Json(json!({"ok": true, "name": name})))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct DeleteQuery {
+    /// Also delete the disk, seed and console volumes.
+    delete_files: Option<bool>,
+}
+
+#[utoipa::path(
+    delete, path = "/vms/{name}", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), DeleteQuery),
+    responses(
+        (status = 200, description = "`{ok, name, deleted_files, removed_port_maps}`; port maps to the VM's address are removed with it", body = Value),
+        (status = 404, description = "No such VM", body = super::ErrorBody),
+        (status = 409, description = "Not created by this agent", body = super::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    name_ok(&name)?;
+    let q: DeleteQuery = body::query(q.as_deref())?;
+    let d = state
+        .vms
+        .delete(&name, q.delete_files.unwrap_or(false))
+        .await?;
+    let mut v = serde_json::to_value(d).map_err(|e| ApiError::internal(e.to_string()))?;
+    v["ok"] = json!(true);
+    Ok(Json(v))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct IpQuery {
+    /// Seconds to wait for a lease, 0..=600 (default 120).
+    timeout: Option<u64>,
+    /// Network whose leases to read (default: the VM's).
+    network: Option<String>,
+}
+
+#[utoipa::path(
+    get, path = "/vms/{name}/ip", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), IpQuery),
+    responses(
+        (status = 200, description = "`{ok, name, ip}` as soon as the DHCP lease exists", body = Value),
+        (status = 504, description = "No lease within `timeout`", body = super::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn ip(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    name_ok(&name)?;
+    let q: IpQuery = body::query(q.as_deref())?;
+    let timeout = q.timeout.unwrap_or(120);
+    if timeout > MAX_IP_TIMEOUT_S {
+        return Err(ApiError::bad_request(format!(
+            "timeout must be 0..={MAX_IP_TIMEOUT_S} seconds, not {timeout}"
+        )));
+    }
+    if let Some(n) = &q.network {
+        check_name("network", n)?;
+    }
+    let ip = state
+        .vms
+        .ip(&name, q.network, Duration::from_secs(timeout))
+        .await?;
+    Ok(Json(json!({"ok": true, "name": name, "ip": ip})))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct ConsoleQuery {
+    /// How many bytes of the end of the log (default 16384, at most 1 MiB).
+    bytes: Option<u64>,
+}
+
+#[utoipa::path(
+    get, path = "/vms/{name}/console", tag = "vms",
+    params(("name" = String, Path, description = "VM name"), ConsoleQuery),
+    responses((status = 200, description = "`{ok, name, console}`: the end of the serial console log", body = Value)),
+    security(("bearer" = []))
+)]
+pub async fn console(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+) -> Result<Json<Value>, ApiError> {
+    name_ok(&name)?;
+    let q: ConsoleQuery = body::query(q.as_deref())?;
+    let bytes = q.bytes.unwrap_or(16384);
+    if bytes == 0 || bytes > MAX_CONSOLE_BYTES {
+        return Err(ApiError::bad_request(format!(
+            "bytes must be 1..={MAX_CONSOLE_BYTES}"
+        )));
+    }
+    let text = state.vms.console(&name, bytes).await?;
+    Ok(Json(json!({"ok": true, "name": name, "console": text})))
+}
+
+#[utoipa::path(
+    get, path = "/stats", tag = "node",
+    responses((status = 200, description = "`{ok, cpu: {cores, load1, load5, load15}, ram: {total_mb, free_mb}, disk: {total_gb, free_gb}, vms: {total, running}}`", body = Value)),
+    security(("bearer" = []))
+)]
+pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let dir = state.stats_dir.clone();
+    let host = tokio::task::spawn_blocking(move || hoststats::collect(&dir))
+        .await?
+        .map_err(|e| ApiError::internal(format!("reading host figures: {e}")))?;
+    let (total, running) = state.vms.counts().await?;
+    let mut v = serde_json::to_value(host).map_err(|e| ApiError::internal(e.to_string()))?;
+    v["ok"] = json!(true);
+    v["vms"] = json!({"total": total, "running": running});
+    Ok(Json(v))
+}
+
+#[utoipa::path(
+    get, path = "/images", tag = "images",
+    responses((status = 200, description = "`{ok, images: [{name, state, format, size_bytes, sha256, received_bytes, total_bytes, used_by, ...}]}`", body = Value)),
+    security(("bearer" = []))
+)]
+pub async fn images(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let list = state.images.list().await?;
+    Ok(Json(json!({"ok": true, "images": list})))
+}
+
+/// Body of `POST /images`.
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct AddImage {
+    /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,62}`.
+    name: String,
+    /// http:// or https://
+    url: String,
+    /// Hex SHA-256 of the file; the download is refused if it differs.
+    sha256: String,
+}
+
+#[utoipa::path(
+    post, path = "/images", tag = "images",
+    request_body = AddImage,
+    responses(
+        (status = 202, description = "Download started: `{ok, name, state: \"downloading\"}`; follow it in GET /images", body = Value),
+        (status = 409, description = "Exists or in transfer", body = super::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn add_image(
+    State(state): State<AppState>,
+    identity: axum::Extension<Identity>,
+    body: Bytes,
+) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+    let req: AddImage = body::json(&body)?;
+    state
+        .images
+        .download(&req.name, &req.url, Some(&req.sha256), identity.0.as_str())
+        .await?;
+    Ok((
+        axum::http::StatusCode::ACCEPTED,
+        Json(json!({"ok": true, "name": req.name, "state": "downloading"})),
+    ))
+}
+
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct UploadQuery {
+    /// Hex SHA-256 to check the upload against (optional).
+    sha256: Option<String>,
+}
+
+#[utoipa::path(
+    post, path = "/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "Image name"), UploadQuery),
+    request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The image file (qcow2 or raw)"),
+    responses(
+        (status = 200, description = "Stored: `{ok, image: {...}}`", body = Value),
+        (status = 409, description = "Exists or in transfer", body = super::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn upload_image(
+    State(state): State<AppState>,
+    identity: axum::Extension<Identity>,
+    Path(name): Path<String>,
+    RawQuery(q): RawQuery,
+    headers: HeaderMap,
+    body: Body,
+) -> Result<Json<Value>, ApiError> {
+    check_name("image name", &name)?;
+    let q: UploadQuery = body::query(q.as_deref())?;
+    let total = headers
+        .get(axum::http::header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok());
+    let stream = body
+        .into_data_stream()
+        .map(|r| r.map_err(|e| format!("upload interrupted: {e}")));
+    let row = state
+        .images
+        .upload(
+            &name,
+            stream,
+            total,
+            q.sha256.as_deref(),
+            identity.0.as_str(),
+        )
+        .await?;
+    Ok(Json(json!({"ok": true, "image": row})))
+}
+
+#[utoipa::path(
+    delete, path = "/images/{name}", tag = "images",
+    params(("name" = String, Path, description = "Image name")),
+    responses(
+        (status = 200, description = "`{ok, name, deleted: true}`", body = Value),
+        (status = 409, description = "A VM's disk is backed by it, or it is in transfer", body = super::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn delete_image(
+    State(state): State<AppState>,
+    Path(name): Path<String>,
+) -> Result<Json<Value>, ApiError> {
+    state.images.delete(&name).await?;
+    Ok(Json(json!({"ok": true, "name": name, "deleted": true})))
+}

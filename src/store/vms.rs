@@ -1,0 +1,268 @@
+//! `vms` and `images`: the desired VMs and base images.
+
+use rusqlite::{Connection, OptionalExtension, Row, params};
+use serde::Serialize;
+
+use super::{NOW, StoreError};
+
+/// One VM as the operator asked for it, plus what the agent last saw.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct VmRow {
+    pub name: String,
+    pub uuid: String,
+    pub instance_id: String,
+    pub hostname: String,
+    pub memory_mib: u32,
+    pub vcpus: u32,
+    pub disk_size_gb: u32,
+    pub network_name: String,
+    pub os_arch: String,
+    pub domain_type: String,
+    pub image: Option<String>,
+    pub mac: String,
+    pub kernel: Option<String>,
+    pub initrd: Option<String>,
+    pub cmdline: Option<String>,
+    /// How many SSH keys went into the seed (the keys themselves are in the seed).
+    pub ssh_keys: u32,
+    /// Whether the seed's user-data came verbatim from the request.
+    pub user_data: bool,
+    pub disk_volume: String,
+    pub seed_volume: String,
+    pub desired_state: String,
+    pub last_state: Option<String>,
+    pub last_ip: Option<String>,
+    pub last_ip_at: Option<String>,
+    pub created_at: String,
+    pub updated_at: String,
+    pub created_by: String,
+}
+
+const VM_COLUMNS: &str = "name, uuid, instance_id, hostname, memory_mib, vcpus, disk_size_gb, \
+    network_name, os_arch, domain_type, image, mac, kernel, initrd, cmdline, ssh_keys, user_data, \
+    disk_volume, seed_volume, desired_state, last_state, last_ip, last_ip_at, created_at, \
+    updated_at, created_by";
+
+fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
+    Ok(VmRow {
+        name: r.get(0)?,
+        uuid: r.get(1)?,
+        instance_id: r.get(2)?,
+        hostname: r.get(3)?,
+        memory_mib: r.get(4)?,
+        vcpus: r.get(5)?,
+        disk_size_gb: r.get(6)?,
+        network_name: r.get(7)?,
+        os_arch: r.get(8)?,
+        domain_type: r.get(9)?,
+        image: r.get(10)?,
+        mac: r.get(11)?,
+        kernel: r.get(12)?,
+        initrd: r.get(13)?,
+        cmdline: r.get(14)?,
+        ssh_keys: r.get(15)?,
+        user_data: r.get(16)?,
+        disk_volume: r.get(17)?,
+        seed_volume: r.get(18)?,
+        desired_state: r.get(19)?,
+        last_state: r.get(20)?,
+        last_ip: r.get(21)?,
+        last_ip_at: r.get(22)?,
+        created_at: r.get(23)?,
+        updated_at: r.get(24)?,
+        created_by: r.get(25)?,
+    })
+}
+
+pub fn list(conn: &Connection) -> Result<Vec<VmRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {VM_COLUMNS} FROM vms ORDER BY name"))?;
+    let rows = stmt.query_map([], vm_from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn get(conn: &Connection, name: &str) -> Result<Option<VmRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!("SELECT {VM_COLUMNS} FROM vms WHERE name = ?1"))?;
+    Ok(stmt.query_row([name], vm_from_row).optional()?)
+}
+
+pub fn mac_in_use(conn: &Connection, mac: &str) -> Result<bool, StoreError> {
+    let n: i64 = conn.query_row("SELECT count(*) FROM vms WHERE mac = ?1", [mac], |r| {
+        r.get(0)
+    })?;
+    Ok(n > 0)
+}
+
+/// Inserts a new row, or replaces the row of the same name (recreate). `created_at`,
+/// `updated_at` are set here; the caller's values for them are ignored.
+pub fn upsert(conn: &Connection, vm: &VmRow) -> Result<(), StoreError> {
+    conn.execute(
+        &format!(
+            "INSERT OR REPLACE INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
+             ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, {NOW}, {NOW}, ?24)"
+        ),
+        params![
+            vm.name,
+            vm.uuid,
+            vm.instance_id,
+            vm.hostname,
+            vm.memory_mib,
+            vm.vcpus,
+            vm.disk_size_gb,
+            vm.network_name,
+            vm.os_arch,
+            vm.domain_type,
+            vm.image,
+            vm.mac,
+            vm.kernel,
+            vm.initrd,
+            vm.cmdline,
+            vm.ssh_keys,
+            vm.user_data,
+            vm.disk_volume,
+            vm.seed_volume,
+            vm.desired_state,
+            vm.last_state,
+            vm.last_ip,
+            vm.last_ip_at,
+            vm.created_by,
+        ],
+    )?;
+    Ok(())
+}
+
+pub fn delete(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+    Ok(conn.execute("DELETE FROM vms WHERE name = ?1", [name])? > 0)
+}
+
+pub fn set_desired_state(conn: &Connection, name: &str, state: &str) -> Result<(), StoreError> {
+    conn.execute(
+        &format!("UPDATE vms SET desired_state = ?2, updated_at = {NOW} WHERE name = ?1"),
+        params![name, state],
+    )?;
+    Ok(())
+}
+
+/// Records libvirt's state as last seen (no `updated_at` change: not an operator's act).
+pub fn set_last_state(conn: &Connection, name: &str, state: &str) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE vms SET last_state = ?2 WHERE name = ?1 AND last_state IS NOT ?2",
+        params![name, state],
+    )?;
+    Ok(())
+}
+
+pub fn set_last_ip(conn: &Connection, name: &str, ip: &str) -> Result<(), StoreError> {
+    conn.execute(
+        &format!("UPDATE vms SET last_ip = ?2, last_ip_at = {NOW} WHERE name = ?1"),
+        params![name, ip],
+    )?;
+    Ok(())
+}
+
+/// Names of the VMs whose disk is backed by `image`.
+pub fn using_image(conn: &Connection, image: &str) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT name FROM vms WHERE image = ?1 ORDER BY name")?;
+    let rows = stmt.query_map([image], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// One base image.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct ImageRow {
+    pub name: String,
+    pub source: String,
+    pub sha256_expected: Option<String>,
+    pub sha256: Option<String>,
+    pub format: Option<String>,
+    pub size_bytes: Option<i64>,
+    pub state: String,
+    pub error: Option<String>,
+    pub volume: String,
+    pub created_at: String,
+    pub updated_at: String,
+    pub created_by: String,
+}
+
+const IMAGE_COLUMNS: &str = "name, source, sha256_expected, sha256, format, size_bytes, state, \
+    error, volume, created_at, updated_at, created_by";
+
+fn image_from_row(r: &Row<'_>) -> rusqlite::Result<ImageRow> {
+    Ok(ImageRow {
+        name: r.get(0)?,
+        source: r.get(1)?,
+        sha256_expected: r.get(2)?,
+        sha256: r.get(3)?,
+        format: r.get(4)?,
+        size_bytes: r.get(5)?,
+        state: r.get(6)?,
+        error: r.get(7)?,
+        volume: r.get(8)?,
+        created_at: r.get(9)?,
+        updated_at: r.get(10)?,
+        created_by: r.get(11)?,
+    })
+}
+
+pub fn images(conn: &Connection) -> Result<Vec<ImageRow>, StoreError> {
+    let mut stmt =
+        conn.prepare_cached(&format!("SELECT {IMAGE_COLUMNS} FROM images ORDER BY name"))?;
+    let rows = stmt.query_map([], image_from_row)?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+pub fn image(conn: &Connection, name: &str) -> Result<Option<ImageRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {IMAGE_COLUMNS} FROM images WHERE name = ?1"
+    ))?;
+    Ok(stmt.query_row([name], image_from_row).optional()?)
+}
+
+/// A new image row in state `downloading` (replacing a failed one of the same name).
+pub fn image_begin(
+    conn: &Connection,
+    name: &str,
+    source: &str,
+    sha256_expected: Option<&str>,
+    volume: &str,
+    created_by: &str,
+) -> Result<(), StoreError> {
+    conn.execute(
+        &format!(
+            "INSERT OR REPLACE INTO images (name, source, sha256_expected, state, volume, created_at, updated_at, created_by)
+             VALUES (?1, ?2, ?3, 'downloading', ?4, {NOW}, {NOW}, ?5)"
+        ),
+        params![name, source, sha256_expected, volume, created_by],
+    )?;
+    Ok(())
+}
+
+pub fn image_ready(
+    conn: &Connection,
+    name: &str,
+    sha256: &str,
+    format: &str,
+    size_bytes: i64,
+) -> Result<(), StoreError> {
+    conn.execute(
+        &format!(
+            "UPDATE images SET state = 'ready', error = NULL, sha256 = ?2, format = ?3, size_bytes = ?4, updated_at = {NOW}
+             WHERE name = ?1"
+        ),
+        params![name, sha256, format, size_bytes],
+    )?;
+    Ok(())
+}
+
+pub fn image_failed(conn: &Connection, name: &str, error: &str) -> Result<(), StoreError> {
+    conn.execute(
+        &format!(
+            "UPDATE images SET state = 'failed', error = ?2, updated_at = {NOW} WHERE name = ?1"
+        ),
+        params![name, error],
+    )?;
+    Ok(())
+}
+
+pub fn image_delete(conn: &Connection, name: &str) -> Result<bool, StoreError> {
+    Ok(conn.execute("DELETE FROM images WHERE name = ?1", [name])? > 0)
+}

@@ -1,0 +1,140 @@
+//! One long-lived connection to LIBVIRT_URI, opened lazily and reopened after libvirtd
+//! goes away. Every call runs on a blocking thread and is bounded by LIBVIRT_TIMEOUT, so
+//! a dead or hung daemon gives the caller a 503, never a hung request or a stalled
+//! runtime.
+
+use std::sync::{Arc, Mutex, Once};
+use std::time::Duration;
+
+use virt::connect::Connect;
+
+use super::VmError;
+
+/// Seconds between keepalive probes, and probes missed before libvirt closes the
+/// connection: a daemon that stops answering is noticed in about 15 s.
+const KEEPALIVE_INTERVAL_S: i32 = 5;
+const KEEPALIVE_COUNT: u32 = 3;
+
+static EVENT_LOOP: Once = Once::new();
+
+/// libvirt's client needs an event loop for keepalive and to notice a closed socket
+/// (which is what turns `is_alive` false when libvirtd exits). One thread per process.
+fn start_event_loop() {
+    EVENT_LOOP.call_once(|| {
+        if let Err(e) = virt::event::event_register_default_impl() {
+            tracing::warn!(error = %e, "libvirt event loop unavailable; a dead daemon is noticed only on the next failed call");
+            return;
+        }
+        let spawned = std::thread::Builder::new()
+            .name("libvirt-events".into())
+            .spawn(|| {
+                loop {
+                    if let Err(e) = virt::event::event_run_default_impl() {
+                        tracing::warn!(error = %e, "libvirt event loop iteration failed");
+                        std::thread::sleep(Duration::from_millis(100));
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::warn!(error = %e, "cannot start the libvirt event thread");
+        }
+    });
+}
+
+pub struct Libvirt {
+    uri: String,
+    timeout: Duration,
+    cached: Mutex<Option<Connect>>,
+}
+
+impl Libvirt {
+    pub fn new(uri: impl Into<String>, timeout: Duration) -> Arc<Self> {
+        Arc::new(Self {
+            uri: uri.into(),
+            timeout,
+            cached: Mutex::new(None),
+        })
+    }
+
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The open connection, or a new one when there is none or the old one died.
+    /// Blocking.
+    fn connection(&self) -> Result<Connect, VmError> {
+        let mut cached = self
+            .cached
+            .lock()
+            .map_err(|_| VmError::Unavailable("connection lock poisoned".into()))?;
+        if let Some(conn) = cached.as_ref() {
+            if conn.is_alive().unwrap_or(false) {
+                return Ok(conn.clone());
+            }
+            tracing::warn!(uri = %self.uri, "libvirt connection lost; reconnecting");
+            *cached = None;
+        }
+        start_event_loop();
+        let conn = Connect::open(Some(&self.uri)).map_err(|e| {
+            VmError::Unavailable(format!("cannot connect to {}: {}", self.uri, e.message()))
+        })?;
+        // Local drivers (test:///, qemu:///embed) have no keepalive; that is fine.
+        if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
+            tracing::debug!(error = %e.message(), "libvirt keepalive not available on this connection");
+        }
+        tracing::info!(uri = %self.uri, "connected to libvirt");
+        *cached = Some(conn.clone());
+        Ok(conn)
+    }
+
+    /// Runs `f` with the connection, on the calling (blocking) thread. When `f` fails and
+    /// the connection turns out dead, the failure is reported as `Unavailable` and the
+    /// next call reconnects.
+    pub fn call_blocking<T>(
+        &self,
+        f: impl FnOnce(&Connect) -> Result<T, VmError>,
+    ) -> Result<T, VmError> {
+        let conn = self.connection()?;
+        match f(&conn) {
+            Ok(v) => Ok(v),
+            Err(e) => {
+                if !conn.is_alive().unwrap_or(false) {
+                    if let Ok(mut cached) = self.cached.lock() {
+                        *cached = None;
+                    }
+                    return Err(VmError::Unavailable(e.to_string()));
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// Runs `f` with the connection on a blocking thread, bounded by LIBVIRT_TIMEOUT.
+    pub async fn call<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Connect) -> Result<T, VmError> + Send + 'static,
+    ) -> Result<T, VmError> {
+        let this = Arc::clone(self);
+        let task = tokio::task::spawn_blocking(move || this.call_blocking(f));
+        match tokio::time::timeout(self.timeout, task).await {
+            Ok(Ok(result)) => result,
+            Ok(Err(join)) => Err(VmError::Libvirt(format!("libvirt call failed: {join}"))),
+            Err(_) => Err(VmError::Unavailable(format!(
+                "libvirt did not answer within {} s",
+                self.timeout.as_secs()
+            ))),
+        }
+    }
+
+    /// Like `call`, without the time bound: for streams whose length depends on the
+    /// caller (image transfers), where the caller bounds the work itself.
+    pub async fn call_unbounded<T: Send + 'static>(
+        self: &Arc<Self>,
+        f: impl FnOnce(&Connect) -> Result<T, VmError> + Send + 'static,
+    ) -> Result<T, VmError> {
+        let this = Arc::clone(self);
+        tokio::task::spawn_blocking(move || this.call_blocking(f))
+            .await
+            .map_err(|join| VmError::Libvirt(format!("libvirt call failed: {join}")))?
+    }
+}

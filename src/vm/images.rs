@@ -1,0 +1,459 @@
+//! Base images: downloaded (in the background, checksum verified) or uploaded, always
+//! into a temporary `partial.*` volume first. Only a complete, verified file becomes the
+//! volume `image.<name>`: libvirt cannot rename a volume, so it copies the partial one
+//! (`virStorageVolCreateXMLFrom`, done by libvirtd) and the partial one is deleted. An
+//! interrupted transfer therefore never leaves an image behind, and at startup any
+//! leftover partial volume is removed and its row marked failed.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use futures_util::{Stream, StreamExt};
+use serde::Serialize;
+use sha2::{Digest, Sha256};
+use virt::storage_vol::StorageVol;
+
+use super::{Libvirt, VmError, storage, xml};
+use crate::store::Store;
+use crate::store::vms::{self, ImageRow};
+
+/// An image as `GET /images` shows it.
+#[derive(Debug, Clone, Serialize)]
+pub struct ImageInfo {
+    #[serde(flatten)]
+    pub row: ImageRow,
+    /// Bytes received so far, while downloading.
+    pub received_bytes: Option<u64>,
+    /// Expected size, while downloading (when the server said).
+    pub total_bytes: Option<u64>,
+    /// Managed VMs whose disk is backed by this image.
+    pub used_by: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, Default)]
+struct Progress {
+    received: u64,
+    total: Option<u64>,
+}
+
+pub struct Images {
+    lv: Arc<Libvirt>,
+    store: Store,
+    pool: String,
+    pool_dir: String,
+    http: reqwest::Client,
+    progress: Mutex<HashMap<String, Progress>>,
+    /// Largest image accepted, bytes.
+    max_bytes: u64,
+}
+
+/// What a finished transfer produced.
+struct Stored {
+    sha256: String,
+    format: &'static str,
+    size: u64,
+}
+
+fn check_sha256(s: &str) -> Result<String, VmError> {
+    let s = s.trim().to_ascii_lowercase();
+    if s.len() != 64 || !s.chars().all(|c| c.is_ascii_hexdigit()) {
+        return Err(VmError::Invalid(
+            "sha256 must be 64 hexadecimal digits".into(),
+        ));
+    }
+    Ok(s)
+}
+
+impl Images {
+    pub fn new(
+        lv: Arc<Libvirt>,
+        store: Store,
+        pool: String,
+        pool_dir: String,
+        max_bytes: u64,
+    ) -> Arc<Self> {
+        let http = reqwest::Client::builder()
+            .connect_timeout(std::time::Duration::from_secs(30))
+            .build()
+            .unwrap_or_default();
+        Arc::new(Self {
+            lv,
+            store,
+            pool,
+            pool_dir,
+            http,
+            progress: Mutex::new(HashMap::new()),
+            max_bytes,
+        })
+    }
+
+    pub async fn list(&self) -> Result<Vec<ImageInfo>, VmError> {
+        let (rows, vms) = self
+            .store
+            .run(|s| {
+                s.with(|c| Ok::<_, crate::store::StoreError>((vms::images(c)?, vms::list(c)?)))
+            })
+            .await?;
+        let progress = self.progress.lock().map(|p| p.clone()).unwrap_or_default();
+        Ok(rows
+            .into_iter()
+            .map(|row| {
+                let p = progress.get(&row.name).copied();
+                let used_by = vms
+                    .iter()
+                    .filter(|v| v.image.as_deref() == Some(row.name.as_str()))
+                    .map(|v| v.name.clone())
+                    .collect();
+                ImageInfo {
+                    received_bytes: p.map(|p| p.received).filter(|_| row.state == "downloading"),
+                    total_bytes: p
+                        .and_then(|p| p.total)
+                        .filter(|_| row.state == "downloading"),
+                    row,
+                    used_by,
+                }
+            })
+            .collect())
+    }
+
+    /// Claims `name` for a new transfer: 409 while it exists or is in transfer.
+    async fn begin(
+        &self,
+        name: &str,
+        source: &str,
+        sha256: Option<&str>,
+        by: &str,
+    ) -> Result<(), VmError> {
+        super::spec::check_name("image name", name)?;
+        let (n, src, sha, by) = (
+            name.to_string(),
+            source.to_string(),
+            sha256.map(str::to_string),
+            by.to_string(),
+        );
+        self.store
+            .run(move |s| {
+                s.transaction(|tx| {
+                    match vms::image(tx, &n)? {
+                        Some(r) if r.state == "ready" => {
+                            return Err(VmError::Conflict(format!(
+                                "image {n} already exists; delete it first"
+                            )));
+                        }
+                        Some(r) if r.state == "downloading" => {
+                            return Err(VmError::Conflict(format!(
+                                "image {n} is being transferred already"
+                            )));
+                        }
+                        _ => {}
+                    }
+                    vms::image_begin(
+                        tx,
+                        &n,
+                        &src,
+                        sha.as_deref(),
+                        &storage::image_volume(&n),
+                        &by,
+                    )?;
+                    Ok(())
+                })
+            })
+            .await?;
+        if let Ok(mut p) = self.progress.lock() {
+            p.insert(name.to_string(), Progress::default());
+        }
+        Ok(())
+    }
+
+    async fn finish(&self, name: &str, result: &Result<Stored, VmError>) {
+        if let Ok(mut p) = self.progress.lock() {
+            p.remove(name);
+        }
+        let n = name.to_string();
+        let outcome = match result {
+            Ok(s) => {
+                let (sha, fmt, size) = (s.sha256.clone(), s.format, s.size as i64);
+                tracing::info!(image = name, size, format = fmt, "image stored");
+                self.store
+                    .run(move |st| st.with(|c| vms::image_ready(c, &n, &sha, fmt, size)))
+                    .await
+            }
+            Err(e) => {
+                let msg = e.to_string();
+                tracing::warn!(image = name, error = %msg, "image transfer failed; nothing was kept");
+                self.store
+                    .run(move |st| st.with(|c| vms::image_failed(c, &n, &msg)))
+                    .await
+            }
+        };
+        if let Err(e) = outcome {
+            tracing::error!(image = name, error = %e, "cannot record the image's state");
+        }
+    }
+
+    /// `POST /images`: starts a background download and returns at once.
+    pub async fn download(
+        self: &Arc<Self>,
+        name: &str,
+        url: &str,
+        sha256: Option<&str>,
+        by: &str,
+    ) -> Result<(), VmError> {
+        let parsed = reqwest::Url::parse(url)
+            .map_err(|e| VmError::Invalid(format!("url is not a valid URL: {e}")))?;
+        if !matches!(parsed.scheme(), "http" | "https") {
+            return Err(VmError::Invalid("url must be http:// or https://".into()));
+        }
+        let sha = sha256.map(check_sha256).transpose()?;
+        self.begin(name, url, sha.as_deref(), by).await?;
+        let this = Arc::clone(self);
+        let (name, url) = (name.to_string(), url.to_string());
+        tokio::spawn(async move {
+            let result = this.fetch(&name, &url, sha.as_deref()).await;
+            this.finish(&name, &result).await;
+        });
+        Ok(())
+    }
+
+    async fn fetch(&self, name: &str, url: &str, sha256: Option<&str>) -> Result<Stored, VmError> {
+        let resp = self
+            .http
+            .get(url)
+            .send()
+            .await
+            .map_err(|e| VmError::Libvirt(format!("download of {url} failed: {e}")))?;
+        if !resp.status().is_success() {
+            return Err(VmError::Libvirt(format!(
+                "download of {url} failed: HTTP {}",
+                resp.status()
+            )));
+        }
+        let total = resp.content_length();
+        let stream = resp
+            .bytes_stream()
+            .map(|r| r.map_err(|e| format!("download interrupted: {e}")));
+        self.ingest(name, stream, total, sha256).await
+    }
+
+    /// `POST /images/{name}`: stores the request body as the image (in the request).
+    pub async fn upload<S>(
+        &self,
+        name: &str,
+        body: S,
+        total: Option<u64>,
+        sha256: Option<&str>,
+        by: &str,
+    ) -> Result<ImageRow, VmError>
+    where
+        S: Stream<Item = Result<Bytes, String>> + Send + Unpin + 'static,
+    {
+        let sha = sha256.map(check_sha256).transpose()?;
+        self.begin(name, "upload", sha.as_deref(), by).await?;
+        let result = self.ingest(name, body, total, sha.as_deref()).await;
+        self.finish(name, &result).await;
+        result?;
+        let n = name.to_string();
+        self.store
+            .run(move |s| s.with(|c| vms::image(c, &n)))
+            .await?
+            .ok_or_else(|| VmError::NotFound(format!("image {name} vanished")))
+    }
+
+    /// Streams `body` into a partial volume, checks it, and turns it into the image.
+    async fn ingest<S>(
+        &self,
+        name: &str,
+        mut body: S,
+        total: Option<u64>,
+        sha256: Option<&str>,
+    ) -> Result<Stored, VmError>
+    where
+        S: Stream<Item = Result<Bytes, String>> + Send + Unpin + 'static,
+    {
+        if let Some(t) = total
+            && t > self.max_bytes
+        {
+            return Err(VmError::Invalid(format!(
+                "image is larger than {} bytes",
+                self.max_bytes
+            )));
+        }
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(16);
+        let partial = storage::partial_volume(name);
+        let final_name = storage::image_volume(name);
+        let (pool_name, pool_dir) = (self.pool.clone(), self.pool_dir.clone());
+        let expected = sha256.map(str::to_string);
+        let writer = self.lv.call_unbounded(move |conn| {
+            let pool = storage::ensure_pool(conn, &pool_name, &pool_dir)?;
+            let vol =
+                storage::create_volume(&pool, &partial, &xml::volume(&partial, 0, "raw", None))?;
+            let mut hasher = Sha256::new();
+            let mut head: Vec<u8> = Vec::with_capacity(8);
+            let chunks = std::iter::from_fn(|| rx.blocking_recv()).inspect(|c| {
+                if let Ok(c) = c {
+                    hasher.update(c);
+                    if head.len() < 4 {
+                        head.extend_from_slice(&c[..c.len().min(4 - head.len())]);
+                    }
+                }
+            });
+            let uploaded = storage::upload(conn, &vol, chunks);
+            let stored = (|| {
+                let size = uploaded?;
+                let sha = hex::encode(hasher.finalize());
+                if let Some(want) = &expected
+                    && want != &sha
+                {
+                    return Err(VmError::Invalid(format!(
+                        "sha256 mismatch: expected {want}, got {sha}"
+                    )));
+                }
+                if size == 0 {
+                    return Err(VmError::Invalid("the image is empty".into()));
+                }
+                let format: &'static str = if head.starts_with(b"QFI\xfb") {
+                    "qcow2"
+                } else {
+                    "raw"
+                };
+                // Let libvirt see the file as it is now (format, virtual size).
+                let _ = pool.refresh(0);
+                let vol = storage::find_volume(&pool, &partial)?
+                    .ok_or_else(|| VmError::Libvirt("the partial volume vanished".into()))?;
+                let capacity = vol.info().map(|i| i.capacity).unwrap_or(size).max(size);
+                let _ = storage::delete_volume(&pool, &final_name);
+                StorageVol::create_xml_from(
+                    &pool,
+                    &xml::volume(&final_name, capacity, format, None),
+                    &vol,
+                    0,
+                )
+                .map_err(|e| VmError::libvirt(format!("storing image volume {final_name}"), e))?;
+                Ok(Stored {
+                    sha256: sha,
+                    format,
+                    size,
+                })
+            })();
+            let _ = storage::delete_volume(&pool, &partial);
+            stored
+        });
+        let name_owned = name.to_string();
+        let progress = &self.progress;
+        let max_bytes = self.max_bytes;
+        let feeder = async move {
+            let mut received = 0u64;
+            while let Some(chunk) = body.next().await {
+                let failed = chunk.is_err();
+                if let Ok(c) = &chunk {
+                    received += c.len() as u64;
+                    if let Ok(mut p) = progress.lock() {
+                        p.insert(name_owned.clone(), Progress { received, total });
+                    }
+                    if received > max_bytes {
+                        let _ = tx
+                            .send(Err(format!("image is larger than {max_bytes} bytes")))
+                            .await;
+                        return;
+                    }
+                }
+                if tx.send(chunk).await.is_err() || failed {
+                    return;
+                }
+            }
+            if let Some(t) = total
+                && received != t
+            {
+                let _ = tx
+                    .send(Err(format!("transfer ended after {received} of {t} bytes")))
+                    .await;
+            }
+        };
+        let (_, stored) = tokio::join!(feeder, writer);
+        stored
+    }
+
+    /// `DELETE /images/{name}`: refused while a VM uses it or while it is in transfer.
+    pub async fn delete(&self, name: &str) -> Result<(), VmError> {
+        super::spec::check_name("image name", name)?;
+        let n = name.to_string();
+        let (row, users) = self
+            .store
+            .run(move |s| {
+                s.with(|c| {
+                    Ok::<_, crate::store::StoreError>((
+                        vms::image(c, &n)?,
+                        vms::using_image(c, &n)?,
+                    ))
+                })
+            })
+            .await?;
+        let row = row.ok_or_else(|| VmError::NotFound(format!("no image named {name}")))?;
+        if row.state == "downloading" {
+            return Err(VmError::Conflict(format!(
+                "image {name} is being transferred"
+            )));
+        }
+        if !users.is_empty() {
+            return Err(VmError::Conflict(format!(
+                "image {name} backs the disk of {}; delete those VMs first",
+                users.join(", ")
+            )));
+        }
+        let (pool_name, pool_dir, vol) =
+            (self.pool.clone(), self.pool_dir.clone(), row.volume.clone());
+        self.lv
+            .call(move |conn| {
+                let pool = storage::ensure_pool(conn, &pool_name, &pool_dir)?;
+                storage::delete_volume(&pool, &vol).map(|_| ())
+            })
+            .await?;
+        let n = name.to_string();
+        self.store
+            .run(move |s| s.with(|c| vms::image_delete(c, &n)))
+            .await?;
+        Ok(())
+    }
+
+    /// At startup: transfers the last run did not finish are failed, and their partial
+    /// volumes removed.
+    pub async fn cleanup_interrupted(&self) -> Result<usize, VmError> {
+        let rows = self.store.run(|s| s.with(vms::images)).await?;
+        for r in rows.iter().filter(|r| r.state == "downloading") {
+            let n = r.name.clone();
+            self.store
+                .run(move |s| {
+                    s.with(|c| {
+                        vms::image_failed(
+                            c,
+                            &n,
+                            "interrupted: the agent stopped during the transfer",
+                        )
+                    })
+                })
+                .await?;
+        }
+        let (pool_name, pool_dir) = (self.pool.clone(), self.pool_dir.clone());
+        self.lv
+            .call(move |conn| {
+                let pool = storage::ensure_pool(conn, &pool_name, &pool_dir)?;
+                let _ = pool.refresh(0);
+                let names = pool
+                    .list_volumes()
+                    .map_err(|e| VmError::libvirt("listing volumes", e))?;
+                let mut removed = 0;
+                for v in names
+                    .iter()
+                    .filter(|v| v.starts_with(storage::PARTIAL_PREFIX))
+                {
+                    if storage::delete_volume(&pool, v)? {
+                        tracing::info!(volume = %v, "removed an unfinished image transfer");
+                        removed += 1;
+                    }
+                }
+                Ok(removed)
+            })
+            .await
+    }
+}

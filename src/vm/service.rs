@@ -1,0 +1,1053 @@
+//! The VM lifecycle: SQLite holds each VM as the operator asked for it, libvirt is made
+//! to match. Handlers call one method each; every libvirt call runs through `Libvirt`
+//! (off the runtime, bounded, reconnecting).
+
+use std::collections::HashSet;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+use virt::connect::Connect;
+use virt::domain::Domain;
+use virt::sys;
+
+use super::images::Images;
+use super::spec::{CreateVm, Limits};
+use super::{Libvirt, VmError, leases, seed, storage, xml};
+use crate::portmap::PortMaps;
+use crate::store::Store;
+use crate::store::vms::{self, ImageRow, VmRow};
+
+/// The settings the VM layer needs, taken from `Settings` once.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub pool: String,
+    /// The pool's directory as the libvirt host sees it.
+    pub pool_dir: String,
+    pub domain_type: String,
+    pub default_network: String,
+    pub default_arch: String,
+    pub default_image: String,
+    /// Where the default image comes from on first use ("" = never downloaded).
+    pub default_image_url: String,
+    pub default_keys: Vec<String>,
+    pub limits: Limits,
+    pub stop_timeout: Duration,
+    /// How often `/ip` asks libvirt for the lease while waiting.
+    pub lease_poll: Duration,
+}
+
+/// What `POST /vms` answers.
+#[derive(Debug, Clone, Serialize)]
+pub struct Created {
+    pub name: String,
+    pub uuid: String,
+    pub mac: String,
+    pub instance_id: String,
+    pub hostname: String,
+    pub image: Option<String>,
+    pub recreated: bool,
+}
+
+/// One VM as `GET /vms` and `/status` show it.
+#[derive(Debug, Clone, Serialize, PartialEq)]
+pub struct VmStatus {
+    pub name: String,
+    pub active: bool,
+    pub state: String,
+    pub uuid: String,
+    /// Created (and so deletable) by this agent.
+    pub managed: bool,
+    pub ip: Option<String>,
+    pub mac: Option<String>,
+    pub network: Option<String>,
+    pub memory_mib: Option<u32>,
+    pub vcpus: Option<u32>,
+    pub image: Option<String>,
+    pub desired_state: Option<String>,
+    pub created_at: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Deleted {
+    pub name: String,
+    pub deleted_files: bool,
+    /// Port maps that targeted the VM's address, removed with it (see docs/decisions.md).
+    pub removed_port_maps: Vec<String>,
+}
+
+pub struct Vms {
+    lv: Arc<Libvirt>,
+    store: Store,
+    cfg: VmConfig,
+    portmaps: Option<Arc<PortMaps>>,
+    images: Option<Arc<Images>>,
+    /// Names with an operation in progress: a second one gets 409 instead of racing.
+    busy: Mutex<HashSet<String>>,
+}
+
+/// Releases a claimed name when the operation ends, however it ends.
+struct Claim<'a> {
+    vms: &'a Vms,
+    name: String,
+}
+
+impl Drop for Claim<'_> {
+    fn drop(&mut self) {
+        if let Ok(mut b) = self.vms.busy.lock() {
+            b.remove(&self.name);
+        }
+    }
+}
+
+pub fn state_name(state: sys::virDomainState) -> &'static str {
+    match state {
+        sys::VIR_DOMAIN_RUNNING => "running",
+        sys::VIR_DOMAIN_BLOCKED => "blocked",
+        sys::VIR_DOMAIN_PAUSED => "paused",
+        sys::VIR_DOMAIN_SHUTDOWN => "shutdown",
+        sys::VIR_DOMAIN_SHUTOFF => "shutoff",
+        sys::VIR_DOMAIN_CRASHED => "crashed",
+        sys::VIR_DOMAIN_PMSUSPENDED => "pmsuspended",
+        _ => "nostate",
+    }
+}
+
+fn domain_state(dom: &Domain) -> Result<(bool, &'static str), VmError> {
+    let info = dom
+        .info()
+        .map_err(|e| VmError::libvirt("domain state", e))?;
+    let active = dom
+        .is_active()
+        .map_err(|e| VmError::libvirt("domain state", e))?;
+    Ok((active, state_name(info.state.to_raw())))
+}
+
+fn lookup(conn: &Connect, name: &str) -> Result<Option<Domain>, VmError> {
+    match conn.lookup_domain_by_name(name) {
+        Ok(d) => Ok(Some(d)),
+        Err(e) => {
+            let e = VmError::libvirt(format!("domain {name}"), e);
+            if e.is_not_found() { Ok(None) } else { Err(e) }
+        }
+    }
+}
+
+fn facts(dom: &Domain) -> Result<xml::DomainFacts, VmError> {
+    let text = dom
+        .xml_desc(0)
+        .map_err(|e| VmError::libvirt("domain XML", e))?;
+    xml::parse_domain(&text).map_err(|e| VmError::Libvirt(e.to_string()))
+}
+
+fn random_mac() -> String {
+    let b: [u8; 3] = rand::random();
+    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
+}
+
+/// The network, started and set to autostart if it was not (as the original did).
+fn ensure_network(conn: &Connect, name: &str) -> Result<(), VmError> {
+    let net = conn.lookup_network_by_name(name).map_err(|e| {
+        let e = VmError::libvirt(format!("network {name}"), e);
+        if e.is_not_found() {
+            VmError::Invalid(format!("network {name:?} does not exist in libvirt"))
+        } else {
+            e
+        }
+    })?;
+    if !net
+        .is_active()
+        .map_err(|e| VmError::libvirt("network state", e))?
+    {
+        tracing::info!(network = name, "starting inactive network");
+        net.create()
+            .map_err(|e| VmError::libvirt(format!("starting network {name}"), e))?;
+    }
+    if !net.autostart().unwrap_or(true) {
+        let _ = net.set_autostart(true);
+    }
+    Ok(())
+}
+
+fn domain_xml(cfg: &VmConfig, row: &VmRow, pool_dir: &str) -> String {
+    let console = format!(
+        "{}/{}",
+        pool_dir.trim_end_matches('/'),
+        storage::console_volume(&row.name)
+    );
+    xml::domain(&xml::DomainSpec {
+        name: &row.name,
+        uuid: &row.uuid,
+        domain_type: &row.domain_type,
+        memory_mib: u64::from(row.memory_mib),
+        vcpus: row.vcpus,
+        arch: &row.os_arch,
+        pool: &cfg.pool,
+        disk_volume: &row.disk_volume,
+        seed_volume: &row.seed_volume,
+        network: &row.network_name,
+        mac: &row.mac,
+        console_log: Some(&console),
+        kernel: row.kernel.as_deref(),
+        initrd: row.initrd.as_deref(),
+        cmdline: row.cmdline.as_deref(),
+        instance_id: &row.instance_id,
+    })
+}
+
+/// Creates the disk (backed by the image) and the seed, defines the domain and starts
+/// it. On failure everything it made is removed again.
+fn build_vm(
+    conn: &Connect,
+    cfg: &VmConfig,
+    row: &VmRow,
+    image: Option<&ImageRow>,
+    seed_bytes: &[u8],
+    start: bool,
+) -> Result<(), VmError> {
+    let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
+    let backing = match image {
+        Some(img) => {
+            let vol = storage::find_volume(&pool, &img.volume)?.ok_or_else(|| {
+                VmError::NotFound(format!(
+                    "image {} has no volume {} in pool {}; add the image again",
+                    img.name, img.volume, cfg.pool
+                ))
+            })?;
+            let info = vol.info().map_err(|e| VmError::libvirt("image size", e))?;
+            let want = u64::from(row.disk_size_gb) * storage::GIB;
+            if info.capacity > want {
+                return Err(VmError::Invalid(format!(
+                    "disk_size_gb {} is smaller than image {} ({} GiB)",
+                    row.disk_size_gb,
+                    img.name,
+                    info.capacity.div_ceil(storage::GIB)
+                )));
+            }
+            Some((
+                storage::volume_path(&vol)?,
+                img.format.clone().unwrap_or_else(|| "qcow2".into()),
+            ))
+        }
+        None => None,
+    };
+    let mut made: Vec<String> = Vec::new();
+    let result = (|| {
+        let disk_xml = xml::volume(
+            &row.disk_volume,
+            u64::from(row.disk_size_gb) * storage::GIB,
+            "qcow2",
+            backing.as_ref().map(|(p, f)| (p.as_str(), f.as_str())),
+        );
+        storage::create_volume(&pool, &row.disk_volume, &disk_xml)?;
+        made.push(row.disk_volume.clone());
+        let seed_xml = xml::volume(&row.seed_volume, seed_bytes.len() as u64, "raw", None);
+        let seed_vol = storage::create_volume(&pool, &row.seed_volume, &seed_xml)?;
+        made.push(row.seed_volume.clone());
+        storage::upload(
+            conn,
+            &seed_vol,
+            std::iter::once(Ok(bytes::Bytes::copy_from_slice(seed_bytes))),
+        )?;
+        let dom = conn
+            .define_domain_xml(&domain_xml(cfg, row, &cfg.pool_dir))
+            .map_err(|e| VmError::libvirt(format!("defining domain {}", row.name), e))?;
+        let started = (|| {
+            dom.set_autostart(start)
+                .map_err(|e| VmError::libvirt("domain autostart", e))?;
+            if start {
+                dom.create()
+                    .map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
+            }
+            Ok(())
+        })();
+        if let Err(e) = started {
+            let _ = dom.undefine();
+            return Err(e);
+        }
+        Ok(())
+    })();
+    if result.is_err() {
+        for v in made {
+            let _ = storage::delete_volume(&pool, &v);
+        }
+    }
+    result
+}
+
+/// Stops and undefines the domain, and with `files` deletes its volumes.
+fn remove_vm(
+    conn: &Connect,
+    cfg: &VmConfig,
+    name: &str,
+    dom: Option<Domain>,
+    files: bool,
+) -> Result<(), VmError> {
+    if let Some(dom) = dom {
+        if dom.is_active().unwrap_or(false) {
+            dom.destroy()
+                .map_err(|e| VmError::libvirt(format!("stopping {name}"), e))?;
+        }
+        let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
+            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
+            | sys::VIR_DOMAIN_UNDEFINE_NVRAM;
+        dom.undefine_flags(flags)
+            .map_err(|e| VmError::libvirt(format!("undefining {name}"), e))?;
+    }
+    if files {
+        let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
+        // The console log only shows up as a volume after a refresh.
+        let _ = pool.refresh(0);
+        for v in [
+            storage::disk_volume(name),
+            storage::seed_volume(name),
+            storage::console_volume(name),
+        ] {
+            storage::delete_volume(&pool, &v)?;
+        }
+    }
+    Ok(())
+}
+
+impl Vms {
+    pub fn new(
+        lv: Arc<Libvirt>,
+        store: Store,
+        cfg: VmConfig,
+        portmaps: Option<Arc<PortMaps>>,
+    ) -> Self {
+        Self {
+            lv,
+            store,
+            cfg,
+            portmaps,
+            images: None,
+            busy: Mutex::new(HashSet::new()),
+        }
+    }
+
+    /// Lets `create` fetch the default image on first use.
+    pub fn with_images(mut self, images: Arc<Images>) -> Self {
+        self.images = Some(images);
+        self
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    pub fn libvirt(&self) -> &Arc<Libvirt> {
+        &self.lv
+    }
+
+    fn claim(&self, name: &str) -> Result<Claim<'_>, VmError> {
+        let mut busy = self
+            .busy
+            .lock()
+            .map_err(|_| VmError::Libvirt("lock poisoned".into()))?;
+        if !busy.insert(name.to_string()) {
+            return Err(VmError::Conflict(format!(
+                "another operation on {name} is in progress"
+            )));
+        }
+        Ok(Claim {
+            vms: self,
+            name: name.to_string(),
+        })
+    }
+
+    async fn row(&self, name: &str) -> Result<Option<VmRow>, VmError> {
+        let name = name.to_string();
+        self.store
+            .run(move |s| s.with(|c| vms::get(c, &name)))
+            .await
+            .map_err(VmError::from)
+    }
+
+    /// `POST /vms`.
+    pub async fn create(&self, req: CreateVm, by: &str) -> Result<Created, VmError> {
+        req.validate(&self.cfg.limits)?;
+        let _claim = self.claim(&req.name)?;
+        let image_name = match (&req.image, &req.kernel) {
+            (Some(i), _) => Some(i.clone()),
+            (None, Some(_)) => None,
+            (None, None) => Some(self.cfg.default_image.clone()),
+        };
+        let image = match &image_name {
+            None => None,
+            Some(n) => {
+                let n2 = n.clone();
+                let row = self
+                    .store
+                    .run(move |s| s.with(|c| vms::image(c, &n2)))
+                    .await?;
+                match row {
+                    Some(r) if r.state == "ready" => Some(r),
+                    Some(r) if r.state == "downloading" => {
+                        return Err(VmError::Conflict(format!(
+                            "image {n} is still downloading; see GET /images"
+                        )));
+                    }
+                    _ if *n == self.cfg.default_image
+                        && !self.cfg.default_image_url.is_empty()
+                        && self.images.is_some() =>
+                    {
+                        if let Some(images) = &self.images {
+                            images
+                                .download(n, &self.cfg.default_image_url, None, "agent (first use)")
+                                .await?;
+                        }
+                        return Err(VmError::Unavailable(format!(
+                            "the default image {n} is being downloaded from {}; retry when GET /images shows it ready",
+                            self.cfg.default_image_url
+                        )));
+                    }
+                    _ => {
+                        return Err(VmError::NotFound(format!(
+                            "image {n} is not available; add it with POST /images (see GET /images)"
+                        )));
+                    }
+                }
+            }
+        };
+        let existing = self.row(&req.name).await?;
+        let keys = req
+            .ssh_authorized_keys
+            .clone()
+            .unwrap_or_else(|| self.cfg.default_keys.clone());
+        let uuid = uuid::Uuid::new_v4().to_string();
+        let instance_id = format!("iid-{uuid}");
+        let hostname = req.effective_hostname();
+        let seed_bytes = seed::build(&seed::SeedSpec {
+            instance_id: &instance_id,
+            hostname: &hostname,
+            ssh_authorized_keys: &keys,
+            user_data: req.user_data.as_deref(),
+            network_config: req.network_config.as_deref(),
+        })
+        .map_err(|e| VmError::Libvirt(e.to_string()))?;
+        let mut mac = random_mac();
+        {
+            let store = self.store.clone();
+            for _ in 0..16 {
+                let m = mac.clone();
+                let s = store.clone();
+                let used = tokio::task::spawn_blocking(move || s.with(|c| vms::mac_in_use(c, &m)))
+                    .await
+                    .map_err(|e| VmError::Libvirt(e.to_string()))??;
+                if !used {
+                    break;
+                }
+                mac = random_mac();
+            }
+        }
+        let row = VmRow {
+            name: req.name.clone(),
+            uuid: uuid.clone(),
+            instance_id: instance_id.clone(),
+            hostname: hostname.clone(),
+            memory_mib: req.memory_mib,
+            vcpus: req.vcpus,
+            disk_size_gb: req.disk_size_gb,
+            network_name: req
+                .network_name
+                .clone()
+                .unwrap_or_else(|| self.cfg.default_network.clone()),
+            os_arch: req
+                .os_arch
+                .clone()
+                .unwrap_or_else(|| self.cfg.default_arch.clone()),
+            domain_type: self.cfg.domain_type.clone(),
+            image: image_name.clone(),
+            mac: mac.clone(),
+            kernel: req.kernel.clone(),
+            initrd: req.initrd.clone(),
+            cmdline: req.cmdline.clone(),
+            ssh_keys: keys.len() as u32,
+            user_data: req.user_data.is_some(),
+            disk_volume: storage::disk_volume(&req.name),
+            seed_volume: storage::seed_volume(&req.name),
+            desired_state: "running".into(),
+            last_state: None,
+            last_ip: None,
+            last_ip_at: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+            created_by: by.to_string(),
+        };
+        let cfg = self.cfg.clone();
+        let recreate = req.recreate;
+        let had_row = existing.is_some();
+        let row2 = row.clone();
+        let recreated = self
+            .lv
+            .call(move |conn| {
+                ensure_network(conn, &row2.network_name)?;
+                let node = conn.node_info().map_err(|e| VmError::libvirt("host memory", e))?;
+                if u64::from(row2.memory_mib) * 1024 > node.memory {
+                    return Err(VmError::Invalid(format!(
+                        "memory_mib {} is more than the host has ({} MiB)",
+                        row2.memory_mib,
+                        node.memory / 1024
+                    )));
+                }
+                if let Ok(max) = conn.max_vcpus(Some(&row2.domain_type))
+                    && row2.vcpus > max
+                {
+                    return Err(VmError::Invalid(format!(
+                        "vcpus {} is more than libvirt allows for {} domains ({max})",
+                        row2.vcpus, row2.domain_type
+                    )));
+                }
+                let dom = lookup(conn, &row2.name)?;
+                let ours = match &dom {
+                    Some(d) => had_row || facts(d)?.instance_id.is_some(),
+                    None => had_row,
+                };
+                let exists = dom.is_some() || had_row;
+                if exists && !recreate {
+                    return Err(VmError::Conflict(format!(
+                        "VM {} already exists; pass \"recreate\": true to replace it with a fresh one",
+                        row2.name
+                    )));
+                }
+                if dom.is_some() && !ours {
+                    return Err(VmError::Conflict(format!(
+                        "domain {} was not created by this agent; it is never replaced or deleted by it",
+                        row2.name
+                    )));
+                }
+                // Fresh disk and seed, always: leftovers of a VM deleted without its
+                // files, or of the VM being recreated, must not be reused.
+                remove_vm(conn, &cfg, &row2.name, dom, true)?;
+                build_vm(conn, &cfg, &row2, image.as_ref(), &seed_bytes, true)?;
+                Ok(exists)
+            })
+            .await?;
+        let row3 = row.clone();
+        let saved = self
+            .store
+            .run(move |s| s.with(|c| vms::upsert(c, &row3)))
+            .await;
+        if let Err(e) = saved {
+            // The database refused: take the VM away again so both agree.
+            let cfg = self.cfg.clone();
+            let name = row.name.clone();
+            let _ = self
+                .lv
+                .call(move |conn| {
+                    let dom = lookup(conn, &name)?;
+                    remove_vm(conn, &cfg, &name, dom, true)
+                })
+                .await;
+            return Err(e.into());
+        }
+        tracing::info!(vm = %row.name, uuid = %uuid, mac = %mac, recreated, "VM created");
+        Ok(Created {
+            name: row.name,
+            uuid,
+            mac,
+            instance_id,
+            hostname,
+            image: image_name,
+            recreated,
+        })
+    }
+
+    /// `GET /vms`: the agent's VMs and every other domain libvirt knows.
+    pub async fn list(&self) -> Result<Vec<VmStatus>, VmError> {
+        let rows = self.store.run(|s| s.with(vms::list)).await?;
+        let listed = self
+            .lv
+            .call(|conn| {
+                let doms = conn
+                    .list_all_domains(0)
+                    .map_err(|e| VmError::libvirt("listing domains", e))?;
+                let mut out = Vec::new();
+                for d in doms {
+                    let name = d.name().map_err(|e| VmError::libvirt("domain name", e))?;
+                    let (active, state) = domain_state(&d)?;
+                    let f = facts(&d).unwrap_or_default();
+                    out.push((name, active, state, f));
+                }
+                Ok(out)
+            })
+            .await?;
+        let mut result = Vec::new();
+        for (name, active, state, f) in listed {
+            let row = rows.iter().find(|r| r.name == name);
+            result.push(status_of(&name, active, state, &f, row));
+        }
+        for r in &rows {
+            if !result.iter().any(|s| s.name == r.name) {
+                result.push(missing_status(r));
+            }
+        }
+        result.sort_by(|a, b| a.name.cmp(&b.name));
+        let store = self.store.clone();
+        let seen: Vec<(String, String)> = result
+            .iter()
+            .filter(|s| s.managed)
+            .map(|s| (s.name.clone(), s.state.clone()))
+            .collect();
+        let _ = store
+            .run(move |s| {
+                s.with(|c| {
+                    for (n, st) in &seen {
+                        vms::set_last_state(c, n, st)?;
+                    }
+                    Ok::<_, crate::store::StoreError>(())
+                })
+            })
+            .await;
+        Ok(result)
+    }
+
+    /// `GET /vms/{name}/status`.
+    pub async fn status(&self, name: &str) -> Result<VmStatus, VmError> {
+        let row = self.row(name).await?;
+        let n = name.to_string();
+        let found = self
+            .lv
+            .call(move |conn| match lookup(conn, &n)? {
+                Some(d) => {
+                    let (active, state) = domain_state(&d)?;
+                    Ok(Some((active, state, facts(&d).unwrap_or_default())))
+                }
+                None => Ok(None),
+            })
+            .await?;
+        match (found, row) {
+            (Some((active, state, f)), row) => Ok(status_of(name, active, state, &f, row.as_ref())),
+            (None, Some(row)) => Ok(missing_status(&row)),
+            (None, None) => Err(VmError::NotFound(format!("no VM named {name}"))),
+        }
+    }
+
+    async fn set_desired(&self, name: &str, state: &'static str) -> Result<(), VmError> {
+        let n = name.to_string();
+        self.store
+            .run(move |s| s.with(|c| vms::set_desired_state(c, &n, state)))
+            .await
+            .map_err(VmError::from)
+    }
+
+    /// `POST /vms/{name}/start`; true when it was already running.
+    pub async fn start(&self, name: &str) -> Result<bool, VmError> {
+        let _claim = self.claim(name)?;
+        let n = name.to_string();
+        let was_running = self
+            .lv
+            .call(move |conn| {
+                let d = lookup(conn, &n)?
+                    .ok_or_else(|| VmError::NotFound(format!("no VM named {n}")))?;
+                if d.is_active()
+                    .map_err(|e| VmError::libvirt("domain state", e))?
+                {
+                    return Ok(true);
+                }
+                d.create()
+                    .map_err(|e| VmError::libvirt(format!("starting {n}"), e))?;
+                Ok(false)
+            })
+            .await?;
+        self.set_desired(name, "running").await?;
+        Ok(was_running)
+    }
+
+    /// `POST /vms/{name}/stop`: ACPI shutdown, forced off after VM_STOP_TIMEOUT (or at
+    /// once with `force`). Returns whether it had to be forced.
+    pub async fn stop(&self, name: &str, force: bool) -> Result<bool, VmError> {
+        let _claim = self.claim(name)?;
+        let n = name.to_string();
+        let active = self
+            .lv
+            .call(move |conn| {
+                let d = lookup(conn, &n)?
+                    .ok_or_else(|| VmError::NotFound(format!("no VM named {n}")))?;
+                let active = d
+                    .is_active()
+                    .map_err(|e| VmError::libvirt("domain state", e))?;
+                if active && !force {
+                    d.shutdown()
+                        .map_err(|e| VmError::libvirt(format!("shutting {n} down"), e))?;
+                }
+                Ok(active)
+            })
+            .await?;
+        let mut forced = false;
+        if active {
+            let deadline = Instant::now()
+                + if force {
+                    Duration::ZERO
+                } else {
+                    self.cfg.stop_timeout
+                };
+            loop {
+                let n = name.to_string();
+                let still = self
+                    .lv
+                    .call(move |conn| match lookup(conn, &n)? {
+                        Some(d) => d
+                            .is_active()
+                            .map_err(|e| VmError::libvirt("domain state", e)),
+                        None => Ok(false),
+                    })
+                    .await?;
+                if !still {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let n = name.to_string();
+                    self.lv
+                        .call(move |conn| {
+                            if let Some(d) = lookup(conn, &n)?
+                                && d.is_active().unwrap_or(false)
+                            {
+                                d.destroy()
+                                    .map_err(|e| VmError::libvirt(format!("forcing {n} off"), e))?;
+                            }
+                            Ok(())
+                        })
+                        .await?;
+                    forced = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        self.set_desired(name, "stopped").await?;
+        Ok(forced)
+    }
+
+    /// `POST /vms/{name}/reboot` (ACPI; the guest decides how).
+    pub async fn reboot(&self, name: &str) -> Result<(), VmError> {
+        let _claim = self.claim(name)?;
+        let n = name.to_string();
+        self.lv
+            .call(move |conn| {
+                let d = lookup(conn, &n)?
+                    .ok_or_else(|| VmError::NotFound(format!("no VM named {n}")))?;
+                if !d
+                    .is_active()
+                    .map_err(|e| VmError::libvirt("domain state", e))?
+                {
+                    return Err(VmError::Conflict(format!(
+                        "{n} is not running; start it instead"
+                    )));
+                }
+                d.reboot(0)
+                    .map_err(|e| VmError::libvirt(format!("rebooting {n}"), e))
+            })
+            .await
+    }
+
+    /// `DELETE /vms/{name}`. Domains the agent did not create are refused.
+    pub async fn delete(&self, name: &str, delete_files: bool) -> Result<Deleted, VmError> {
+        let _claim = self.claim(name)?;
+        let row = self.row(name).await?;
+        let n = name.to_string();
+        let cfg = self.cfg.clone();
+        let had_row = row.is_some();
+        let row_ip = row.as_ref().and_then(|r| r.last_ip.clone());
+        let (mac, network) = match &row {
+            Some(r) => (Some(r.mac.clone()), Some(r.network_name.clone())),
+            None => (None, None),
+        };
+        let lease_ip = self
+            .lv
+            .call(move |conn| {
+                let dom = lookup(conn, &n)?;
+                let ours = match &dom {
+                    Some(d) => had_row || facts(d)?.instance_id.is_some(),
+                    None => had_row,
+                };
+                if dom.is_none() && !had_row {
+                    return Err(VmError::NotFound(format!("no VM named {n}")));
+                }
+                if !ours {
+                    return Err(VmError::Conflict(format!(
+                        "domain {n} was not created by this agent; it is never deleted by it"
+                    )));
+                }
+                // The address it holds now, so port maps to it can go with it.
+                let mut ip = None;
+                if let (Some(mac), Some(net)) = (&mac, &network)
+                    && let Ok(net) = conn.lookup_network_by_name(net)
+                {
+                    ip = leases::leases(&net, Some(mac))
+                        .ok()
+                        .and_then(|l| leases::ipv4_of(&l, mac));
+                }
+                remove_vm(conn, &cfg, &n, dom, delete_files)?;
+                Ok(ip)
+            })
+            .await?;
+        let n = name.to_string();
+        self.store
+            .run(move |s| s.with(|c| vms::delete(c, &n)))
+            .await?;
+        let mut removed = Vec::new();
+        if let Some(pm) = &self.portmaps {
+            let ips: Vec<String> = [row_ip, lease_ip].into_iter().flatten().collect();
+            if !ips.is_empty() {
+                let pm = Arc::clone(pm);
+                removed = tokio::task::spawn_blocking(move || {
+                    let mut removed = Vec::new();
+                    for m in pm.list().unwrap_or_default() {
+                        if ips.contains(&m.map.target_ip.to_string())
+                            && let Ok(Some(gone)) = pm.delete(m.map.proto, m.map.listen_port)
+                        {
+                            removed.push(format!(
+                                "{}/{} -> {}:{}",
+                                gone.listen_port, gone.proto, gone.target_ip, gone.target_port
+                            ));
+                        }
+                    }
+                    removed
+                })
+                .await
+                .unwrap_or_default();
+            }
+        }
+        tracing::info!(
+            vm = name,
+            delete_files,
+            removed_port_maps = removed.len(),
+            "VM deleted"
+        );
+        Ok(Deleted {
+            name: name.to_string(),
+            deleted_files: delete_files,
+            removed_port_maps: removed,
+        })
+    }
+
+    /// `GET /vms/{name}/ip`: waits (without holding a thread) until the network's DHCP
+    /// server has a lease for the VM's MAC, up to `timeout`.
+    pub async fn ip(
+        &self,
+        name: &str,
+        network: Option<String>,
+        timeout: Duration,
+    ) -> Result<String, VmError> {
+        let row = self.row(name).await?;
+        let (mac, net) = match &row {
+            Some(r) => (
+                r.mac.clone(),
+                network.unwrap_or_else(|| r.network_name.clone()),
+            ),
+            None => {
+                let n = name.to_string();
+                let f = self
+                    .lv
+                    .call(move |conn| {
+                        let d = lookup(conn, &n)?
+                            .ok_or_else(|| VmError::NotFound(format!("no VM named {n}")))?;
+                        facts(&d)
+                    })
+                    .await?;
+                let (mac, fnet) =
+                    f.interfaces.first().cloned().ok_or_else(|| {
+                        VmError::NotFound(format!("{name} has no network interface"))
+                    })?;
+                (mac, network.unwrap_or(fnet))
+            }
+        };
+        super::spec::check_name("network", &net)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (m, n) = (mac.clone(), net.clone());
+            let found = self
+                .lv
+                .call(move |conn| {
+                    let netw = conn.lookup_network_by_name(&n).map_err(|e| {
+                        let e = VmError::libvirt(format!("network {n}"), e);
+                        if e.is_not_found() {
+                            VmError::NotFound(format!("no network named {n}"))
+                        } else {
+                            e
+                        }
+                    })?;
+                    Ok(leases::ipv4_of(&leases::leases(&netw, Some(&m))?, &m))
+                })
+                .await?;
+            if let Some(ip) = found {
+                if row.is_some() {
+                    let (n, i) = (name.to_string(), ip.clone());
+                    let _ = self
+                        .store
+                        .run(move |s| s.with(|c| vms::set_last_ip(c, &n, &i)))
+                        .await;
+                }
+                return Ok(ip);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VmError::Timeout(format!(
+                    "no DHCP lease for {name} ({mac}) on network {net} within {} s",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(self.cfg.lease_poll.min(deadline - now)).await;
+        }
+    }
+
+    /// `GET /vms/{name}/console`: the last `max` bytes of the serial console log.
+    pub async fn console(&self, name: &str, max: u64) -> Result<String, VmError> {
+        let n = name.to_string();
+        let cfg = self.cfg.clone();
+        let row = self.row(name).await?;
+        if row.is_none() {
+            return Err(VmError::NotFound(format!(
+                "no VM named {name} managed by this agent"
+            )));
+        }
+        let bytes = self
+            .lv
+            .call(move |conn| {
+                let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
+                let _ = pool.refresh(0);
+                match storage::find_volume(&pool, &storage::console_volume(&n))? {
+                    Some(v) => storage::tail(conn, &v, max),
+                    None => Ok(Vec::new()),
+                }
+            })
+            .await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// (total, running) domains, for `GET /stats`.
+    pub async fn counts(&self) -> Result<(usize, usize), VmError> {
+        self.lv
+            .call(|conn| {
+                let doms = conn
+                    .list_all_domains(0)
+                    .map_err(|e| VmError::libvirt("listing domains", e))?;
+                let running = doms
+                    .iter()
+                    .filter(|d| d.is_active().unwrap_or(false))
+                    .count();
+                Ok((doms.len(), running))
+            })
+            .await
+    }
+
+    /// Makes libvirt match the rows: a VM whose domain vanished is defined again (its
+    /// volumes re-created if they vanished too) and started if it should run. Domains
+    /// the agent did not create are never touched. Returns what was repaired.
+    pub async fn reconcile(&self) -> Result<Vec<String>, VmError> {
+        let rows = self.store.run(|s| s.with(vms::list)).await?;
+        let images = self.store.run(|s| s.with(vms::images)).await?;
+        let cfg = self.cfg.clone();
+        let busy: HashSet<String> = self.busy.lock().map(|b| b.clone()).unwrap_or_default();
+        self.lv
+            .call(move |conn| {
+                let mut repaired = Vec::new();
+                for row in rows.iter().filter(|r| !busy.contains(&r.name)) {
+                    if lookup(conn, &row.name)?.is_some() {
+                        continue;
+                    }
+                    let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
+                    let start = row.desired_state == "running";
+                    let disk = storage::find_volume(&pool, &row.disk_volume)?;
+                    let seed_vol = storage::find_volume(&pool, &row.seed_volume)?;
+                    let result = if disk.is_some() && seed_vol.is_some() {
+                        conn.define_domain_xml(&domain_xml(&cfg, row, &cfg.pool_dir))
+                            .map_err(|e| VmError::libvirt(format!("defining domain {}", row.name), e))
+                            .and_then(|d| {
+                                let _ = d.set_autostart(start);
+                                if start {
+                                    d.create().map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
+                                }
+                                Ok(())
+                            })
+                    } else {
+                        // The disk is gone too: rebuild it from the image. The seed gets the
+                        // default keys (the request's keys and user-data are not kept).
+                        let image = row
+                            .image
+                            .as_ref()
+                            .and_then(|n| images.iter().find(|i| &i.name == n && i.state == "ready"));
+                        if row.image.is_some() && image.is_none() {
+                            Err(VmError::NotFound(format!("image {:?} is gone", row.image)))
+                        } else {
+                            remove_vm(conn, &cfg, &row.name, None, true).and_then(|_| {
+                                let seed_bytes = seed::build(&seed::SeedSpec {
+                                    instance_id: &row.instance_id,
+                                    hostname: &row.hostname,
+                                    ssh_authorized_keys: &cfg.default_keys,
+                                    user_data: None,
+                                    network_config: None,
+                                })
+                                .map_err(|e| VmError::Libvirt(e.to_string()))?;
+                                build_vm(conn, &cfg, row, image, &seed_bytes, start)
+                            })
+                        }
+                    };
+                    match result {
+                        Ok(()) => {
+                            tracing::warn!(vm = %row.name, "domain was missing in libvirt; defined again from the database");
+                            repaired.push(format!("defined missing domain {}", row.name));
+                        }
+                        Err(e) => {
+                            tracing::error!(vm = %row.name, error = %e, "cannot restore the VM's domain");
+                        }
+                    }
+                }
+                Ok(repaired)
+            })
+            .await
+    }
+}
+
+fn status_of(
+    name: &str,
+    active: bool,
+    state: &str,
+    f: &xml::DomainFacts,
+    row: Option<&VmRow>,
+) -> VmStatus {
+    let iface = f.interfaces.first();
+    VmStatus {
+        name: name.to_string(),
+        active,
+        state: state.to_string(),
+        uuid: if f.uuid.is_empty() {
+            row.map(|r| r.uuid.clone()).unwrap_or_default()
+        } else {
+            f.uuid.clone()
+        },
+        managed: row.is_some(),
+        ip: row.and_then(|r| r.last_ip.clone()),
+        mac: iface
+            .map(|i| i.0.clone())
+            .or_else(|| row.map(|r| r.mac.clone())),
+        network: iface
+            .map(|i| i.1.clone())
+            .or_else(|| row.map(|r| r.network_name.clone())),
+        memory_mib: row.map(|r| r.memory_mib),
+        vcpus: row.map(|r| r.vcpus),
+        image: row.and_then(|r| r.image.clone()),
+        desired_state: row.map(|r| r.desired_state.clone()),
+        created_at: row.map(|r| r.created_at.clone()),
+    }
+}
+
+fn missing_status(r: &VmRow) -> VmStatus {
+    VmStatus {
+        name: r.name.clone(),
+        active: false,
+        state: "missing".into(),
+        uuid: r.uuid.clone(),
+        managed: true,
+        ip: r.last_ip.clone(),
+        mac: Some(r.mac.clone()),
+        network: Some(r.network_name.clone()),
+        memory_mib: Some(r.memory_mib),
+        vcpus: Some(r.vcpus),
+        image: r.image.clone(),
+        desired_state: Some(r.desired_state.clone()),
+        created_at: Some(r.created_at.clone()),
+    }
+}

@@ -1,0 +1,302 @@
+//! The body of `POST /vms` and its validation: everything that can be checked without
+//! asking libvirt.
+
+use serde::Deserialize;
+use utoipa::ToSchema;
+
+use super::{VmError, seed, xml};
+use crate::config::parse_name;
+
+/// `POST /vms`. Unknown fields are refused.
+#[derive(Debug, Clone, Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct CreateVm {
+    /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,62}`.
+    pub name: String,
+    /// Default 1024.
+    #[serde(default = "default_memory")]
+    pub memory_mib: u32,
+    /// Default 1.
+    #[serde(default = "default_vcpus")]
+    pub vcpus: u32,
+    /// GiB, default 10; at least the image's virtual size.
+    #[serde(default = "default_disk")]
+    pub disk_size_gb: u32,
+    /// libvirt network; default VMS_NETWORK. Started and set to autostart if inactive.
+    #[serde(default)]
+    pub network_name: Option<String>,
+    /// Default VMS_ARCH.
+    #[serde(default)]
+    pub os_arch: Option<String>,
+    /// Destroy an existing VM of this name (domain, disk, seed) and start afresh.
+    #[serde(default)]
+    pub recreate: bool,
+    /// Base image name (`GET /images`); default VMS_DEFAULT_IMAGE, or a blank disk when
+    /// `kernel` is given.
+    #[serde(default)]
+    pub image: Option<String>,
+    /// Public keys for the image's default user; default SSH_AUTHORIZED_KEYS.
+    #[serde(default)]
+    pub ssh_authorized_keys: Option<Vec<String>>,
+    /// Raw cloud-init user-data, used verbatim instead of the generated one.
+    #[serde(default)]
+    pub user_data: Option<String>,
+    /// Raw cloud-init network-config.
+    #[serde(default)]
+    pub network_config: Option<String>,
+    /// Default: the VM's name.
+    #[serde(default)]
+    pub hostname: Option<String>,
+    /// Direct kernel boot: absolute paths the libvirt host can read.
+    #[serde(default)]
+    pub kernel: Option<String>,
+    #[serde(default)]
+    pub initrd: Option<String>,
+    #[serde(default)]
+    pub cmdline: Option<String>,
+}
+
+fn default_memory() -> u32 {
+    1024
+}
+fn default_vcpus() -> u32 {
+    1
+}
+fn default_disk() -> u32 {
+    10
+}
+
+/// Largest raw user-data or network-config accepted (the seed is built in memory).
+pub const MAX_CLOUD_INIT_BYTES: usize = 32 * 1024;
+/// Smallest memory a VM may have, MiB.
+pub const MIN_MEMORY_MIB: u32 = 64;
+
+/// Bounds from the settings (the host's capacity is checked against libvirt later).
+#[derive(Clone, Debug)]
+pub struct Limits {
+    pub max_memory_mib: u64,
+    pub max_vcpus: u32,
+    pub max_disk_gb: u64,
+}
+
+/// Checks a VM or image name and says which field was wrong.
+pub fn check_name(field: &str, value: &str) -> Result<(), VmError> {
+    parse_name(value)
+        .map(|_| ())
+        .map_err(|reason| VmError::Invalid(format!("{field} {value:?} is not valid: {reason}")))
+}
+
+/// A hostname: dot-separated RFC 1123 labels, at most 253 characters.
+pub fn check_hostname(h: &str) -> Result<(), VmError> {
+    let bad = || {
+        VmError::Invalid(format!(
+            "hostname {h:?} is not valid: labels of letters, digits and '-', separated by dots"
+        ))
+    };
+    if h.is_empty() || h.len() > 253 {
+        return Err(bad());
+    }
+    for label in h.split('.') {
+        if label.is_empty()
+            || label.len() > 63
+            || label.starts_with('-')
+            || label.ends_with('-')
+            || !label.chars().all(|c| c.is_ascii_alphanumeric() || c == '-')
+        {
+            return Err(bad());
+        }
+    }
+    Ok(())
+}
+
+fn check_host_path(field: &str, p: &str) -> Result<(), VmError> {
+    if !p.starts_with('/') || p.len() > 4096 || p.chars().any(|c| c.is_control()) {
+        return Err(VmError::Invalid(format!(
+            "{field} must be an absolute path on the libvirt host"
+        )));
+    }
+    if p.split('/').any(|c| c == "..") {
+        return Err(VmError::Invalid(format!("{field} must not contain '..'")));
+    }
+    Ok(())
+}
+
+impl CreateVm {
+    /// Everything that needs no libvirt: names, bounds, keys, sizes.
+    pub fn validate(&self, limits: &Limits) -> Result<(), VmError> {
+        check_name("name", &self.name)?;
+        if let Some(n) = &self.network_name {
+            check_name("network_name", n)?;
+        }
+        if let Some(i) = &self.image {
+            check_name("image", i)?;
+        }
+        if let Some(a) = &self.os_arch
+            && !xml::ARCHES.contains(&a.as_str())
+        {
+            return Err(VmError::Invalid(format!(
+                "os_arch {a:?} is not supported; one of {}",
+                xml::ARCHES.join(", ")
+            )));
+        }
+        if self.memory_mib < MIN_MEMORY_MIB || u64::from(self.memory_mib) > limits.max_memory_mib {
+            return Err(VmError::Invalid(format!(
+                "memory_mib must be {MIN_MEMORY_MIB}..={} (VM_MAX_MEMORY_MIB), not {}",
+                limits.max_memory_mib, self.memory_mib
+            )));
+        }
+        if self.vcpus < 1 || self.vcpus > limits.max_vcpus {
+            return Err(VmError::Invalid(format!(
+                "vcpus must be 1..={} (VM_MAX_VCPUS), not {}",
+                limits.max_vcpus, self.vcpus
+            )));
+        }
+        if self.disk_size_gb < 1 || u64::from(self.disk_size_gb) > limits.max_disk_gb {
+            return Err(VmError::Invalid(format!(
+                "disk_size_gb must be 1..={} (VM_MAX_DISK_GB), not {}",
+                limits.max_disk_gb, self.disk_size_gb
+            )));
+        }
+        check_hostname(
+            self.hostname
+                .as_deref()
+                .unwrap_or(&self.name)
+                .trim_end_matches('.'),
+        )
+        .or_else(|e| {
+            // A name like "web_1" is a fine VM name but not a hostname: say so only
+            // when the hostname was given; otherwise derive one.
+            if self.hostname.is_some() {
+                Err(e)
+            } else {
+                Ok(())
+            }
+        })?;
+        if let Some(keys) = &self.ssh_authorized_keys {
+            if keys.len() > 64 {
+                return Err(VmError::Invalid("at most 64 ssh_authorized_keys".into()));
+            }
+            for (i, k) in keys.iter().enumerate() {
+                seed::validate_ssh_key(k)
+                    .map_err(|e| VmError::Invalid(format!("ssh_authorized_keys[{i}]: {e}")))?;
+            }
+        }
+        for (field, v) in [
+            ("user_data", &self.user_data),
+            ("network_config", &self.network_config),
+        ] {
+            if let Some(v) = v
+                && v.len() > MAX_CLOUD_INIT_BYTES
+            {
+                return Err(VmError::Invalid(format!(
+                    "{field} is larger than {MAX_CLOUD_INIT_BYTES} bytes"
+                )));
+            }
+        }
+        if let Some(k) = &self.kernel {
+            check_host_path("kernel", k)?;
+        }
+        if let Some(i) = &self.initrd {
+            check_host_path("initrd", i)?;
+            if self.kernel.is_none() {
+                return Err(VmError::Invalid("initrd needs kernel".into()));
+            }
+        }
+        if let Some(c) = &self.cmdline {
+            if self.kernel.is_none() {
+                return Err(VmError::Invalid("cmdline needs kernel".into()));
+            }
+            if c.len() > 4096 || c.chars().any(|c| c.is_control()) {
+                return Err(VmError::Invalid(
+                    "cmdline must be one line of at most 4096 characters".into(),
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// The hostname the guest gets: the one asked for, else the name made valid.
+    pub fn effective_hostname(&self) -> String {
+        match &self.hostname {
+            Some(h) => h.trim_end_matches('.').to_string(),
+            None => {
+                let h: String = self
+                    .name
+                    .chars()
+                    .map(|c| {
+                        if c.is_ascii_alphanumeric() || c == '-' || c == '.' {
+                            c
+                        } else {
+                            '-'
+                        }
+                    })
+                    .collect();
+                let h = h.trim_matches(|c| c == '-' || c == '.').to_string();
+                if h.is_empty() { "vm".into() } else { h }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn limits() -> Limits {
+        Limits {
+            max_memory_mib: 4096,
+            max_vcpus: 4,
+            max_disk_gb: 100,
+        }
+    }
+
+    fn vm(json: serde_json::Value) -> Result<CreateVm, serde_json::Error> {
+        serde_json::from_value(json)
+    }
+
+    #[test]
+    fn defaults_and_a_valid_request() {
+        let v = vm(serde_json::json!({"name": "web-1"})).unwrap();
+        assert_eq!((v.memory_mib, v.vcpus, v.disk_size_gb), (1024, 1, 10));
+        v.validate(&limits()).unwrap();
+        assert_eq!(v.effective_hostname(), "web-1");
+        let v = vm(serde_json::json!({"name": "web_1.a"})).unwrap();
+        v.validate(&limits()).unwrap();
+        assert_eq!(v.effective_hostname(), "web-1.a");
+    }
+
+    #[test]
+    fn hostile_or_out_of_range_input_is_refused() {
+        for bad in [
+            serde_json::json!({"name": "../x"}),
+            serde_json::json!({"name": "a'b"}),
+            serde_json::json!({"name": "a<b"}),
+            serde_json::json!({"name": "x".repeat(200)}),
+            serde_json::json!({"name": ""}),
+            serde_json::json!({"name": "a", "memory_mib": 0}),
+            serde_json::json!({"name": "a", "memory_mib": 4097}),
+            serde_json::json!({"name": "a", "vcpus": 0}),
+            serde_json::json!({"name": "a", "vcpus": 5}),
+            serde_json::json!({"name": "a", "disk_size_gb": 0}),
+            serde_json::json!({"name": "a", "disk_size_gb": 101}),
+            serde_json::json!({"name": "a", "network_name": "x/../y"}),
+            serde_json::json!({"name": "a", "os_arch": "x86_64'"}),
+            serde_json::json!({"name": "a", "image": "../etc"}),
+            serde_json::json!({"name": "a", "hostname": "-bad"}),
+            serde_json::json!({"name": "a", "kernel": "relative/vmlinuz"}),
+            serde_json::json!({"name": "a", "kernel": "/a/../b"}),
+            serde_json::json!({"name": "a", "initrd": "/x"}),
+            serde_json::json!({"name": "a", "kernel": "/k", "cmdline": "a\nb"}),
+            serde_json::json!({"name": "a", "user_data": "x".repeat(MAX_CLOUD_INIT_BYTES + 1)}),
+        ] {
+            let v = vm(bad.clone()).unwrap();
+            assert!(
+                matches!(v.validate(&limits()), Err(VmError::Invalid(_))),
+                "{bad} was accepted"
+            );
+        }
+        assert!(vm(serde_json::json!({"name": "a", "colour": "red"})).is_err());
+        assert!(vm(serde_json::json!({"name": "a", "memory_mib": "lots"})).is_err());
+        assert!(vm(serde_json::json!({"name": "a", "memory_mib": -1})).is_err());
+    }
+}
