@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
 # Builds the tiny test guest that the VM-lifecycle tests boot under libvirt/TCG:
 #   OUTDIR/vmlinuz            a copy of a Debian kernel (/boot/vmlinuz-<ver>)
-#   OUTDIR/initramfs.cpio.gz  busybox-static + the virtio NIC modules + an /init that
-#                             runs udhcpc on eth0, serves its hostname with `httpd -p 80`
-#                             and prints `TINY-GUEST-READY <ip>` on the serial console.
+#   OUTDIR/initramfs.cpio.gz  busybox-static + the virtio NIC, virtio disk and FAT modules
+#                             + an /init that reads a cloud-init NoCloud seed (a disk
+#                             labelled CIDATA: instance-id, local-hostname) if one is
+#                             attached, runs udhcpc on eth0, serves its hostname and
+#                             instance-id with `httpd -p 80` and prints
+#                             `TINY-GUEST-READY <ip> <hostname> <instance-id>` on the
+#                             serial console.
 # Nothing is downloaded except Debian packages through apt-get (only when missing):
 # a guest image from the internet would be an unreviewed binary in the test path.
 #
@@ -12,6 +16,8 @@
 #                   /lib/modules/<version> exists.
 # Boot with: -kernel OUTDIR/vmlinuz -initrd OUTDIR/initramfs.cpio.gz
 #            -append 'console=ttyS0 tinyguest.hostname=NAME'   (hostname optional)
+#            [-drive file=SEED,format=raw,if=virtio,readonly=on]  (the seed's
+#            local-hostname beats tinyguest.hostname=)
 #
 # Idempotent: when OUTDIR already holds both files and the stamp written next to them
 # matches this script's hash and the kernel version, it does nothing.
@@ -65,7 +71,7 @@ mkdir -p "$OUTDIR"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 ROOT=$WORK/root
-mkdir -p "$ROOT"/{bin,sbin,etc,proc,sys,dev,tmp,run,www,lib/modules,usr/share/udhcpc}
+mkdir -p "$ROOT"/{bin,sbin,etc,proc,sys,dev,tmp,run,www,seed,lib/modules,usr/share/udhcpc}
 
 # --- busybox ------------------------------------------------------------------------
 BB=/bin/busybox
@@ -73,8 +79,8 @@ BB=/bin/busybox
 # ldd fails on a static binary; the initramfs has no libc, so a dynamic one would not run.
 if ldd "$BB" >/dev/null 2>&1; then log "$BB is dynamically linked"; exit 1; fi
 cp "$BB" "$ROOT/bin/busybox"
-for app in sh mount mkdir cat echo ip udhcpc httpd insmod hostname sleep ls dmesg \
-           ifconfig route sed grep ps poweroff reboot uname mknod; do
+for app in sh mount umount mkdir cat echo ip udhcpc httpd insmod hostname sleep ls dmesg \
+           ifconfig route sed grep ps poweroff reboot uname mknod findfs head tr; do
     ln -s busybox "$ROOT/bin/$app"
 done
 
@@ -82,7 +88,22 @@ done
 # Wanted: the virtio NIC and what it needs. Each is skipped when the kernel has it
 # built in (modules.builtin). virtio_pci pulls virtio/virtio_ring and the
 # virtio_pci_*_dev helpers through modules.dep.
-WANT=(virtio_pci failover net_failover virtio_net)
+# Then the seed disk: virtio_blk, vfat (pulls fat) and the two NLS tables vfat loads at
+# mount time without asking: the codepage (FAT_DEFAULT_CODEPAGE, `cp437` -> nls_cp437)
+# and the iocharset (FAT_DEFAULT_IOCHARSET, `ascii` on Debian -> nls_ascii). There is no
+# modprobe in the initramfs, so a table that is not loaded beforehand makes the mount
+# fail. FAT_DEFAULT_UTF8 needs no module (the UTF-8 helpers are in nls_base, built in).
+KCONFIG=/boot/config-$KVER
+kconfig() {  # kconfig NAME DEFAULT -> the value of CONFIG_NAME, unquoted
+    local v
+    v=$(sed -n "s/^CONFIG_$1=//p" "$KCONFIG" 2>/dev/null | tr -d '"')
+    echo "${v:-$2}"
+}
+[[ -f $KCONFIG ]] || log "no $KCONFIG; assuming the kernel's FAT defaults (cp437, iso8859-1)"
+FAT_CP=$(kconfig FAT_DEFAULT_CODEPAGE 437)
+FAT_IO=$(kconfig FAT_DEFAULT_IOCHARSET iso8859-1)
+WANT=(virtio_pci failover net_failover virtio_net
+      virtio_blk vfat "nls_cp$FAT_CP" "nls_${FAT_IO//-/_}")
 declare -A DEPS=() PATHOF=() SEEN=()
 while IFS= read -r line; do
     mod_path=${line%%:*}
@@ -160,6 +181,54 @@ name=tiny-guest
 for arg in $(cat /proc/cmdline); do
     case "$arg" in tinyguest.hostname=*) name=${arg#tinyguest.hostname=} ;; esac
 done
+
+# --- cloud-init NoCloud seed: a FAT disk labelled CIDATA -------------------------
+# seed_get KEY FILE: the value of KEY from the one-line JSON meta-data the agent writes
+# ({"instance-id":"...","local-hostname":"..."}) or from simple YAML `key: value` lines.
+seed_get() {
+    v=$(sed -n "s/.*\"$1\"[[:space:]]*:[[:space:]]*\"\([^\"]*\)\".*/\1/p" "$2" | head -n 1)
+    [ -n "$v" ] || v=$(sed -n "s/^[[:space:]]*$1[[:space:]]*:[[:space:]]*//p" "$2" | head -n 1 \
+        | sed "s/[[:space:]]*\$//; s/^[\"']//; s/[\"']\$//")
+    echo "$v"
+}
+# Only wait for a disk when the machine has a virtio block device (virtio id 2).
+has_vblk=
+for d in /sys/bus/virtio/devices/*; do
+    [ "$(cat "$d/device" 2>/dev/null)" = 0x0002 ] && has_vblk=1
+done
+seed_dev=
+seed_how="label (findfs)"
+if [ -n "$has_vblk" ]; then
+    i=0
+    while [ -z "$seed_dev" ] && [ $i -lt 30 ]; do
+        seed_dev=$(findfs LABEL=CIDATA 2>/dev/null)
+        if [ -z "$seed_dev" ]; then
+            # findfs may not know the label (or the disk is not probed yet): try each disk.
+            for dev in /dev/vd*; do
+                [ -b "$dev" ] || continue
+                if mount -t vfat -o ro "$dev" /seed 2>/dev/null; then
+                    [ -f /seed/meta-data ] && { seed_dev=$dev; seed_how="trying each disk"; }
+                    umount /seed
+                    [ -n "$seed_dev" ] && break
+                fi
+            done
+        fi
+        [ -n "$seed_dev" ] || { sleep 0.1; i=$((i+1)); }
+    done
+fi
+instance_id=none
+if [ -n "$seed_dev" ] && mount -t vfat -o ro "$seed_dev" /seed; then
+    if [ -f /seed/meta-data ]; then
+        v=$(seed_get instance-id /seed/meta-data); [ -n "$v" ] && instance_id=$v
+        v=$(seed_get local-hostname /seed/meta-data); [ -n "$v" ] && name=$v
+        echo "tiny-guest: seed on $seed_dev (found by $seed_how, try $i): instance-id=$instance_id local-hostname=$v"
+    else
+        echo "tiny-guest: $seed_dev has no meta-data"
+    fi
+    # Stays mounted read-only (/seed) for inspection from the console.
+elif [ -n "$has_vblk" ]; then
+    echo "tiny-guest: no CIDATA seed found"
+fi
 hostname "$name"
 
 ip link set lo up
@@ -173,9 +242,10 @@ udhcpc -i eth0 -t 20 -T 1 -n -S -s /usr/share/udhcpc/default.script \
 
 echo "<html><body>hostname: $name</body></html>" > /www/index.html
 echo "$name" > /www/hostname
+echo "$instance_id" > /www/instance-id
 httpd -p 80 -h /www
 
-echo "TINY-GUEST-READY $(cat /run/ip 2>/dev/null || echo none) $name"
+echo "TINY-GUEST-READY $(cat /run/ip 2>/dev/null || echo none) $name $instance_id"
 # PID 1 must not exit; keep a shell on the console for debugging.
 while true; do sh </dev/console >/dev/console 2>&1 || sleep 1; done
 EOF

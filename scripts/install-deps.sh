@@ -13,6 +13,7 @@ set -euo pipefail
 #   wrk                         load runs against the API
 #   procps                      pgrep/ps for scripts
 #   libvirt-dev                 libvirt's client library and its pkg-config file, linked by the virt crate
+#   dosfstools                  `fsck.fat -n`, which the seed unit tests run on the in-memory FAT image
 # The daemon side for the VM tests (libvirtd, QEMU, dnsmasq) and the tiny guest's parts are
 # installed by scripts/libvirt-netns.sh and scripts/build-tiny-guest.sh, which take care
 # that no libvirtd or default network ever starts in the root namespace.
@@ -25,6 +26,7 @@ PACKAGES=(
     wrk
     procps
     libvirt-dev
+    dosfstools
 )
 
 missing=()

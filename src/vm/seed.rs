@@ -1,5 +1,15 @@
-//! The cloud-init NoCloud seed, built in memory (a small FAT image labelled CIDATA).
-//! Interface stub: the implementation lands with branch `seed`.
+//! The cloud-init NoCloud seed, built in memory (a small FAT12 image labelled CIDATA).
+//!
+//! The image holds `meta-data` (JSON, which is valid YAML), `user-data` (the request's
+//! verbatim, or a generated `#cloud-config` that only sets the hostname and the SSH
+//! keys: never a password, never a built-in key) and, when given, `network-config`.
+//! Every generated value goes through serde_json, so no hostname or instance-id can
+//! break out of its string.
+
+use std::io::{Cursor, Read, Seek, SeekFrom, Write};
+
+use base64::Engine as _;
+use sha2::{Digest, Sha256};
 
 /// What goes into one VM's seed.
 #[derive(Debug, Clone)]
@@ -23,13 +33,528 @@ pub enum SeedError {
     Build(String),
 }
 
+/// The volume label cloud-init's NoCloud datasource looks for (11 bytes, space padded).
+pub const VOLUME_LABEL: [u8; 11] = *b"CIDATA     ";
+
+/// The smallest image: 32 KiB. fatfs refuses to format FAT12 below 21 KiB ("unfortunate
+/// disk size": the boot sector, two FATs and the 512-entry root directory take 17.5 KiB);
+/// 32 KiB, the next power of two, leaves 29 clusters of 512 bytes (one per small file),
+/// plenty for a typical seed, and checks clean with `fsck.fat`. Larger content doubles the
+/// size until it fits.
+pub const MIN_IMAGE_BYTES: u64 = 32 * 1024;
+
+/// The largest image: FAT12 with fatfs's cluster size for 64 MiB (32 KiB) has ~2000
+/// clusters; at 128 MiB it would exceed FAT12's 4084. Content that large is not a seed.
+pub const MAX_IMAGE_BYTES: u64 = 64 * 1024 * 1024;
+
+/// Longest accepted SSH public key line (an 16384-bit RSA key is ~2.8 KiB).
+pub const MAX_SSH_KEY_BYTES: usize = 16 * 1024;
+
+/// Key types accepted in `ssh_authorized_keys` (OpenSSH's names).
+pub const SSH_KEY_TYPES: &[&str] = &[
+    "ssh-ed25519",
+    "ssh-rsa",
+    "ecdsa-sha2-nistp256",
+    "ecdsa-sha2-nistp384",
+    "ecdsa-sha2-nistp521",
+    "sk-ssh-ed25519@openssh.com",
+    "sk-ecdsa-sha2-nistp256@openssh.com",
+    "ssh-dss",
+];
+
 /// The seed image's bytes, ready to be uploaded as a raw volume.
-pub fn build(_spec: &SeedSpec<'_>) -> Result<Vec<u8>, SeedError> {
-    Err(SeedError::Build("not implemented yet".into()))
+pub fn build(spec: &SeedSpec<'_>) -> Result<Vec<u8>, SeedError> {
+    let meta = meta_data(spec);
+    let user = match spec.user_data {
+        Some(raw) => raw.as_bytes().to_vec(),
+        None => generated_user_data(spec).into_bytes(),
+    };
+    let mut files: Vec<(&str, &[u8])> = vec![("meta-data", &meta), ("user-data", &user)];
+    if let Some(net) = spec.network_config {
+        files.push(("network-config", net.as_bytes()));
+    }
+    build_image(&files, volume_id(spec.instance_id))
+}
+
+/// `meta-data`: `{"instance-id":"…","local-hostname":"…"}` plus a newline.
+pub fn meta_data(spec: &SeedSpec<'_>) -> Vec<u8> {
+    let value = serde_json::json!({
+        "instance-id": spec.instance_id,
+        "local-hostname": spec.hostname,
+    });
+    let mut out = yaml_safe_json(&value).into_bytes();
+    out.push(b'\n');
+    out
+}
+
+/// The generated `user-data`: `#cloud-config`, then one JSON object (valid YAML).
+pub fn generated_user_data(spec: &SeedSpec<'_>) -> String {
+    let mut config = serde_json::Map::new();
+    config.insert("hostname".into(), spec.hostname.into());
+    config.insert("preserve_hostname".into(), false.into());
+    config.insert("ssh_pwauth".into(), false.into());
+    config.insert("disable_root".into(), true.into());
+    if !spec.ssh_authorized_keys.is_empty() {
+        config.insert(
+            "ssh_authorized_keys".into(),
+            spec.ssh_authorized_keys.iter().map(|k| k.trim()).collect(),
+        );
+    }
+    format!(
+        "#cloud-config\n{}\n",
+        yaml_safe_json(&serde_json::Value::Object(config))
+    )
+}
+
+/// serde_json's compact output with the characters escaped that JSON allows raw but a
+/// YAML 1.1 reader (PyYAML, which cloud-init uses) rejects as non-printable: DEL, the C1
+/// controls other than NEL, and U+FFFE/U+FFFF. Non-ASCII text appears only inside JSON
+/// strings, where `\uXXXX` means the same to both readers.
+fn yaml_safe_json(value: &serde_json::Value) -> String {
+    let raw = value.to_string();
+    let mut out = String::with_capacity(raw.len());
+    for c in raw.chars() {
+        let n = c as u32;
+        if n == 0x7f || ((0x80..=0x9f).contains(&n) && n != 0x85) || n == 0xfffe || n == 0xffff {
+            out.push_str(&format!("\\u{n:04x}"));
+        } else {
+            out.push(c);
+        }
+    }
+    out
+}
+
+/// A volume serial derived from the instance-id: stable for one VM, different between
+/// VMs, and the same bytes for the same spec (reproducible images).
+fn volume_id(instance_id: &str) -> u32 {
+    let digest = Sha256::digest(instance_id.as_bytes());
+    u32::from_le_bytes([digest[0], digest[1], digest[2], digest[3]])
+}
+
+/// Formats the smallest FAT12 image (from [`MIN_IMAGE_BYTES`], doubling) that holds
+/// `files` in its root directory.
+fn build_image(files: &[(&str, &[u8])], volume_id: u32) -> Result<Vec<u8>, SeedError> {
+    let content: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+    if content > MAX_IMAGE_BYTES / 2 {
+        return Err(SeedError::Build(format!(
+            "the seed's files are {content} bytes; at most {} fit",
+            MAX_IMAGE_BYTES / 2
+        )));
+    }
+    // A failed try costs one allocation and a few writes; even the largest accepted
+    // content needs at most 11 doublings.
+    let mut size = MIN_IMAGE_BYTES;
+    loop {
+        match image_of_size(size, files, volume_id) {
+            Ok(image) => return Ok(image),
+            Err(e) if size >= MAX_IMAGE_BYTES => {
+                return Err(SeedError::Build(format!(
+                    "FAT image of {size} bytes for {content} bytes of content: {e}"
+                )));
+            }
+            // Out of space (or an unlucky geometry): the next size up.
+            Err(_) => size *= 2,
+        }
+    }
+}
+
+fn image_of_size(size: u64, files: &[(&str, &[u8])], volume_id: u32) -> std::io::Result<Vec<u8>> {
+    let len = usize::try_from(size).map_err(std::io::Error::other)?;
+    let mut disk = Cursor::new(vec![0u8; len]);
+    fatfs::format_volume(
+        &mut disk,
+        fatfs::FormatVolumeOptions::new()
+            .fat_type(fatfs::FatType::Fat12)
+            .volume_label(VOLUME_LABEL)
+            .volume_id(volume_id),
+    )?;
+    disk.seek(SeekFrom::Start(0))?;
+    {
+        let fs = fatfs::FileSystem::new(&mut disk, fatfs::FsOptions::new())?;
+        {
+            let root = fs.root_dir();
+            for (name, data) in files {
+                let mut file = root.create_file(name)?;
+                file.truncate()?;
+                file.write_all(data)?;
+                file.flush()?;
+                // Read back the length: fatfs reports "no space" as a short write only
+                // in some paths, so check that everything landed.
+                file.seek(SeekFrom::Start(0))?;
+                let mut back = Vec::with_capacity(data.len());
+                file.read_to_end(&mut back)?;
+                if back.as_slice() != *data {
+                    return Err(std::io::Error::other(format!("{name} did not fit")));
+                }
+            }
+        }
+        fs.unmount()?;
+    }
+    Ok(disk.into_inner())
 }
 
 /// Checks one SSH public key line: a known key type, base64 body, one line, no control
 /// characters. Returns the trimmed key.
 pub fn validate_ssh_key(key: &str) -> Result<String, String> {
-    Ok(key.trim().to_string())
+    if key.len() > MAX_SSH_KEY_BYTES {
+        return Err(format!(
+            "is {} bytes long; at most {MAX_SSH_KEY_BYTES} are accepted",
+            key.len()
+        ));
+    }
+    let key = key.trim();
+    if key.is_empty() {
+        return Err("is empty".into());
+    }
+    if key.contains(['\n', '\r']) {
+        return Err("must be a single line (found a line break)".into());
+    }
+    if let Some((pos, c)) = key.char_indices().find(|(_, c)| c.is_control()) {
+        return Err(format!(
+            "contains control character U+{:04X} at byte {pos}; fields must be separated by spaces",
+            c as u32
+        ));
+    }
+    let mut fields = key.split(' ').filter(|f| !f.is_empty());
+    let key_type = fields.next().unwrap_or_default();
+    if !SSH_KEY_TYPES.contains(&key_type) {
+        return Err(format!(
+            "unknown key type {} (expected one of: {})",
+            quoted_prefix(key_type),
+            SSH_KEY_TYPES.join(", ")
+        ));
+    }
+    let Some(body) = fields.next() else {
+        return Err(format!("has no base64 key data after \"{key_type}\""));
+    };
+    let blob = base64::engine::general_purpose::STANDARD
+        .decode(body)
+        .map_err(|e| format!("key data after \"{key_type}\" is not valid base64: {e}"))?;
+    // The blob starts with the key type as an SSH string (u32 length, then the name).
+    let blob_type = blob
+        .get(..4)
+        .map(|n| u32::from_be_bytes([n[0], n[1], n[2], n[3]]) as usize)
+        .and_then(|n| blob.get(4..4usize.saturating_add(n)));
+    match blob_type {
+        Some(t) if t == key_type.as_bytes() => Ok(key.to_string()),
+        Some(t) => Err(format!(
+            "key type is \"{key_type}\" but the key data is a {} key",
+            quoted_prefix(&String::from_utf8_lossy(t))
+        )),
+        None => Err(format!(
+            "key data after \"{key_type}\" is not an SSH public key (too short)"
+        )),
+    }
+}
+
+/// `s` quoted and escaped for an error message, cut to 40 characters.
+fn quoted_prefix(s: &str) -> String {
+    const MAX: usize = 40;
+    if s.chars().count() > MAX {
+        let cut: String = s.chars().take(MAX).collect();
+        format!("{cut:?}…")
+    } else {
+        format!("{s:?}")
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    // Real public keys, made with ssh-keygen for these tests (private halves discarded).
+    const ED25519: &str = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBdMCdPexVOBbnwk88Mu0xzRCNPTt7FdrDtvNeHvBpso alice@example";
+    const RSA: &str = "ssh-rsa AAAAB3NzaC1yc2EAAAADAQABAAABAQDW18kOx/mrOdJ2piu2SsxNkIvjWgPuqf4jOSVVp7qxs90hhgfLcTjE4QZpiEjX5kl+pGllM/MWes4iCrcdwjx8DrdagfTbY/ui0tcmv3QH7RcA/ISxtA1Od347+rTY9KY1P03rkEv/2alB1MvlPN2zQsEZf4TNo/+NJAObp6wm/ZxrzrUsFjgwjt9Hf+cUM7XkYOZodzMuCMiJQ5DQdfKtSE0/ag7Pcx11jKe0wHl0oPq2dvvEjYhyLXifUdS09yxtIslbAa6yIPwnO124XkYxKAUkH3LE54Za3R3i0sYwQB7Jkamvk2liTY9EjyulA3r2sfls1pRQas0PeNUWM6Jn";
+    const ECDSA: &str = "ecdsa-sha2-nistp256 AAAAE2VjZHNhLXNoYTItbmlzdHAyNTYAAAAIbmlzdHAyNTYAAABBBIITcIgFl0bdDCkTL17h1pNpKJegKrjLfDhC6+uOp+9nvE4wqEjrIzq1R5nASF9ZrO1UfZFOZGQDyN2hny9BPOg= bob laptop";
+
+    fn spec<'a>(keys: &'a [String]) -> SeedSpec<'a> {
+        SeedSpec {
+            instance_id: "i-0123",
+            hostname: "web-1",
+            ssh_authorized_keys: keys,
+            user_data: None,
+            network_config: None,
+        }
+    }
+
+    /// Every file in the image's root directory (name → bytes), and the root-dir label.
+    fn read_back(image: &[u8]) -> (String, String, Vec<(String, Vec<u8>)>) {
+        let fs = fatfs::FileSystem::new(Cursor::new(image.to_vec()), fatfs::FsOptions::new())
+            .expect("image mounts");
+        let bpb_label = fs.volume_label();
+        let dir_label = fs
+            .read_volume_label_from_root_dir()
+            .expect("read root dir")
+            .expect("a label entry in the root dir");
+        let mut files = Vec::new();
+        for entry in fs.root_dir().iter() {
+            let entry = entry.expect("dir entry");
+            let mut data = Vec::new();
+            entry.to_file().read_to_end(&mut data).expect("read file");
+            files.push((entry.file_name(), data));
+        }
+        (bpb_label, dir_label, files)
+    }
+
+    fn file<'a>(files: &'a [(String, Vec<u8>)], name: &str) -> &'a [u8] {
+        files
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, d)| d.as_slice())
+            .unwrap_or_else(|| panic!("{name} missing; have {files:?}"))
+    }
+
+    #[test]
+    fn image_is_a_cidata_fat12_volume_with_the_three_files() {
+        let keys = vec![ED25519.to_string()];
+        let mut s = spec(&keys);
+        s.network_config = Some("version: 2\nethernets:\n  eth0:\n    dhcp4: true\n");
+        let image = build(&s).expect("build");
+        assert_eq!(image.len() as u64, MIN_IMAGE_BYTES);
+        let fs = fatfs::FileSystem::new(Cursor::new(image.clone()), fatfs::FsOptions::new())
+            .expect("mount");
+        assert_eq!(fs.fat_type(), fatfs::FatType::Fat12);
+        drop(fs);
+        let (bpb_label, dir_label, files) = read_back(&image);
+        assert_eq!(bpb_label, "CIDATA");
+        assert_eq!(dir_label, "CIDATA");
+        let mut names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["meta-data", "network-config", "user-data"]);
+        assert_eq!(
+            file(&files, "meta-data"),
+            b"{\"instance-id\":\"i-0123\",\"local-hostname\":\"web-1\"}\n"
+        );
+        assert_eq!(
+            file(&files, "network-config"),
+            s.network_config.unwrap_or_default().as_bytes()
+        );
+        assert_eq!(
+            file(&files, "user-data"),
+            generated_user_data(&s).as_bytes()
+        );
+    }
+
+    #[test]
+    fn no_network_config_unless_given() {
+        let image = build(&spec(&[])).expect("build");
+        let (_, _, files) = read_back(&image);
+        let mut names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["meta-data", "user-data"]);
+    }
+
+    #[test]
+    fn same_spec_same_bytes_and_instance_id_sets_the_serial() {
+        let a = build(&spec(&[])).expect("build");
+        let b = build(&spec(&[])).expect("build");
+        assert_eq!(a, b);
+        let mut other = spec(&[]);
+        other.instance_id = "i-0124";
+        let c = build(&other).expect("build");
+        let serial = |img: &[u8]| {
+            fatfs::FileSystem::new(Cursor::new(img.to_vec()), fatfs::FsOptions::new())
+                .expect("mount")
+                .volume_id()
+        };
+        assert_ne!(serial(&a), serial(&c));
+    }
+
+    #[test]
+    fn hostile_values_stay_inside_their_json_strings() {
+        let hostile = [
+            "a\"b",
+            "line1\nline2",
+            "</x><script>",
+            "back\\slash",
+            "tab\there",
+            "{\"instance-id\": \"evil\"}",
+            "nul\u{0}del\u{7f}c1\u{9f}nel\u{85}",
+            "ünïcødé 🦀 \u{2028}",
+            "- item\n# comment\n---\nkey: value",
+        ];
+        for id in hostile {
+            for name in hostile {
+                let s = SeedSpec {
+                    instance_id: id,
+                    hostname: name,
+                    ssh_authorized_keys: &[],
+                    user_data: None,
+                    network_config: None,
+                };
+                let image = build(&s).expect("build");
+                let (_, _, files) = read_back(&image);
+                let meta = file(&files, "meta-data");
+                let text = std::str::from_utf8(meta).expect("utf-8");
+                // One line: no raw line break (YAML and the tiny guest read it as such).
+                assert_eq!(text.matches('\n').count(), 1, "{text:?}");
+                assert!(!text.contains('\u{7f}') && !text.contains('\u{9f}'));
+                let v: serde_json::Value = serde_json::from_slice(meta).expect("JSON");
+                let obj = v.as_object().expect("object");
+                assert_eq!(obj.len(), 2, "{text}");
+                assert_eq!(obj["instance-id"], id);
+                assert_eq!(obj["local-hostname"], name);
+
+                let user = file(&files, "user-data");
+                let user = std::str::from_utf8(user).expect("utf-8");
+                let body = user.strip_prefix("#cloud-config\n").expect("header");
+                let v: serde_json::Value = serde_json::from_str(body).expect("JSON");
+                assert_eq!(v["hostname"], name);
+            }
+        }
+    }
+
+    #[test]
+    fn generated_user_data_sets_hostname_and_keys_and_no_password() {
+        let keys = vec![ED25519.to_string(), format!("  {RSA}\n")];
+        let s = spec(&keys);
+        let image = build(&s).expect("build");
+        let (_, _, files) = read_back(&image);
+        let user = std::str::from_utf8(file(&files, "user-data")).expect("utf-8");
+        assert!(user.starts_with("#cloud-config\n"), "{user}");
+        let lower = user.to_lowercase();
+        assert!(
+            !lower.contains("password") && !lower.contains("passwd"),
+            "{user}"
+        );
+        let v: serde_json::Value =
+            serde_json::from_str(&user["#cloud-config\n".len()..]).expect("JSON");
+        assert_eq!(
+            v,
+            serde_json::json!({
+                "hostname": "web-1",
+                "preserve_hostname": false,
+                "ssh_pwauth": false,
+                "disable_root": true,
+                "ssh_authorized_keys": [ED25519, RSA],
+            })
+        );
+    }
+
+    #[test]
+    fn generated_user_data_without_keys_has_no_key_list() {
+        let user = generated_user_data(&spec(&[]));
+        let v: serde_json::Value =
+            serde_json::from_str(user.trim_start_matches("#cloud-config\n")).expect("JSON");
+        assert!(v.get("ssh_authorized_keys").is_none(), "{user}");
+        assert!(!user.to_lowercase().contains("pass"), "{user}");
+        assert_eq!(v["ssh_pwauth"], false);
+    }
+
+    #[test]
+    fn verbatim_user_data_is_byte_identical() {
+        let raw = "#cloud-config\r\nusers: []\n# ünïcødé, no trailing newline\tend";
+        let mut s = spec(&[]);
+        s.user_data = Some(raw);
+        let (_, _, files) = read_back(&build(&s).expect("build"));
+        assert_eq!(file(&files, "user-data"), raw.as_bytes());
+        // An empty one stays empty (cloud-init then does nothing).
+        s.user_data = Some("");
+        let (_, _, files) = read_back(&build(&s).expect("build"));
+        assert_eq!(file(&files, "user-data"), b"");
+    }
+
+    #[test]
+    fn large_content_grows_the_image() {
+        let big = "#cloud-config\n".to_string() + &"# filler line\n".repeat(20_000); // ~280 KB
+        let mut s = spec(&[]);
+        s.user_data = Some(&big);
+        let image = build(&s).expect("build");
+        assert!(image.len() as u64 > MIN_IMAGE_BYTES);
+        assert!(image.len() <= 1024 * 1024, "{}", image.len());
+        let (_, _, files) = read_back(&image);
+        assert_eq!(file(&files, "user-data"), big.as_bytes());
+    }
+
+    #[test]
+    fn content_beyond_the_limit_is_refused() {
+        let huge = "x".repeat((MAX_IMAGE_BYTES / 2 + 1) as usize);
+        let mut s = spec(&[]);
+        s.user_data = Some(&huge);
+        let err = build(&s).expect_err("too large").to_string();
+        assert!(err.contains("at most"), "{err}");
+    }
+
+    #[test]
+    fn fsck_fat_finds_no_errors() {
+        // dosfstools comes from scripts/install-deps.sh.
+        let keys = vec![ED25519.to_string(), ECDSA.to_string()];
+        let mut s = spec(&keys);
+        s.network_config = Some("version: 1\n");
+        let big = "#cloud-config\n".to_string() + &"# filler\n".repeat(10_000);
+        let mut s_big = spec(&[]);
+        s_big.user_data = Some(&big);
+        for (what, spec) in [("small", s), ("grown", s_big)] {
+            let image = build(&spec).expect("build");
+            let tmp = tempfile::NamedTempFile::new().expect("temp file");
+            std::fs::write(tmp.path(), &image).expect("write image");
+            let out = std::process::Command::new("fsck.fat")
+                .arg("-n")
+                .arg(tmp.path())
+                .output()
+                .expect("fsck.fat (Debian dosfstools; scripts/install-deps.sh installs it)");
+            let text = String::from_utf8_lossy(&out.stdout).into_owned()
+                + &String::from_utf8_lossy(&out.stderr);
+            assert!(out.status.success(), "{what}: fsck.fat -n: {text}");
+            // fsck.fat counts the volume label entry as a file.
+            assert!(
+                text.contains("4 files") || text.contains("3 files"),
+                "{what}: {text}"
+            );
+        }
+    }
+
+    #[test]
+    fn real_keys_are_accepted_and_trimmed() {
+        for key in [ED25519, RSA, ECDSA] {
+            assert_eq!(validate_ssh_key(key).as_deref(), Ok(key));
+            assert_eq!(validate_ssh_key(&format!(" {key}\n")).as_deref(), Ok(key));
+        }
+        // No comment at all, and a comment with spaces.
+        let bare = ED25519.rsplit_once(' ').map(|(k, _)| k).unwrap_or(ED25519);
+        assert_eq!(validate_ssh_key(bare).as_deref(), Ok(bare));
+        let spaced = format!("{bare} my key  with   spaces");
+        assert_eq!(validate_ssh_key(&spaced).as_deref(), Ok(spaced.as_str()));
+    }
+
+    #[test]
+    fn bad_keys_are_rejected_with_a_precise_reason() {
+        let cases: &[(String, &str)] = &[
+            (String::new(), "is empty"),
+            ("   \n".into(), "is empty"),
+            ("foo AAAA".into(), "unknown key type \"foo\""),
+            ("garbage".into(), "unknown key type \"garbage\""),
+            (
+                "ssh-ed25519".into(),
+                "has no base64 key data after \"ssh-ed25519\"",
+            ),
+            ("ssh-ed25519 not*base64!".into(), "is not valid base64"),
+            ("ssh-ed25519 AAAA".into(), "too short"),
+            (format!("{ED25519}\n{RSA}"), "single line"),
+            (format!("{ED25519}\r{RSA}"), "single line"),
+            (ED25519.replace(' ', "\t"), "control character U+0009"),
+            (format!("{ED25519}\u{1b}[31m"), "control character U+001B"),
+            // The right base64 under the wrong name.
+            (
+                ED25519.replacen("ssh-ed25519", "ssh-rsa", 1),
+                "key type is \"ssh-rsa\" but the key data is a \"ssh-ed25519\" key",
+            ),
+            (
+                format!("ssh-rsa {}", "A".repeat(MAX_SSH_KEY_BYTES)),
+                "bytes long; at most 16384",
+            ),
+            // authorized_keys options are not accepted.
+            (
+                format!("from=\"10.0.0.1\" {ED25519}"),
+                "unknown key type \"from=\\\"10.0.0.1\\\"\"",
+            ),
+        ];
+        for (key, want) in cases {
+            let err = validate_ssh_key(key).expect_err(key);
+            assert!(err.contains(want), "{key:?}: got {err:?}, want {want:?}");
+        }
+        // Long garbage is cut in the message.
+        let err = validate_ssh_key(&"x".repeat(1000)).expect_err("garbage");
+        assert!(err.len() < 300, "{err}");
+    }
 }

@@ -21,8 +21,15 @@ fn connect_from(ns: &str, addr: SocketAddr) -> io::Result<TcpStream> {
 
 /// `GET /` from namespace `ns` to `addr`; returns the body (a test server's reply).
 pub fn tcp_get(ns: &str, addr: SocketAddr) -> io::Result<String> {
+    http_get(ns, addr, "/")
+}
+
+/// `GET path` (HTTP/1.0) from namespace `ns` to `addr`; returns the body.
+pub fn http_get(ns: &str, addr: SocketAddr, path: &str) -> io::Result<String> {
     let mut stream = connect_from(ns, addr)?;
-    stream.write_all(b"GET / HTTP/1.0\r\nHost: test\r\nConnection: close\r\n\r\n")?;
+    stream.write_all(
+        format!("GET {path} HTTP/1.0\r\nHost: test\r\nConnection: close\r\n\r\n").as_bytes(),
+    )?;
     let mut resp = Vec::new();
     stream.read_to_end(&mut resp)?;
     let resp = String::from_utf8_lossy(&resp);

@@ -12,7 +12,7 @@ pub mod servers;
 pub mod topology;
 
 pub use agent::Agent;
-pub use client::{Api, Response, tcp_get, udp_roundtrip};
+pub use client::{Api, Response, http_get, tcp_get, udp_roundtrip};
 pub use netns::Netns;
 pub use nft::{MapEntry, api_maps, entry, nft_maps, table_exists};
 pub use servers::{HttpServer, UdpEcho, peer_ip, who};
