@@ -17,7 +17,7 @@ NAME=${2:?usage: libvirt-netns.sh start|stop NAME}
 URI=qemu:///system
 WAIT=${LIBVIRT_WAIT_SECS:-30}
 STATE=/run/libvirt-netns
-PACKAGES=(libvirt-daemon-system qemu-system-x86 dnsmasq-base)
+PACKAGES=(libvirt-daemon-system qemu-system-x86 qemu-utils dnsmasq-base)
 
 log() { echo "libvirt-netns: $*" >&2; }
 die() { log "$*"; exit 1; }

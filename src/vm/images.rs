@@ -437,7 +437,13 @@ impl Images {
         let (pool_name, pool_dir) = (self.pool.clone(), self.pool_dir.clone());
         self.lv
             .call(move |conn| {
-                let pool = storage::ensure_pool(conn, &pool_name, &pool_dir)?;
+                // Nothing to clean where the pool was never made (and it is not made
+                // just for this: an agent that never ran a VM leaves libvirt alone).
+                let _ = &pool_dir;
+                let pool = match conn.lookup_storage_pool_by_name(&pool_name) {
+                    Ok(p) if p.is_active().unwrap_or(false) => p,
+                    _ => return Ok(0),
+                };
                 let _ = pool.refresh(0);
                 let names = pool
                     .list_volumes()

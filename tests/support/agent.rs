@@ -46,6 +46,21 @@ const AGENT_ENV: &[&str] = &[
     "JOIN_REFRESH_INTERVAL",
     "JOIN_TIMEOUT",
     "TRUST_CONTROLLER_TUNNEL",
+    "LIBVIRT_URI",
+    "LIBVIRT_TIMEOUT",
+    "VMS_WORK_DIR",
+    "VMS_HOST_DIR",
+    "VMS_NETWORK",
+    "VMS_ARCH",
+    "VMS_POOL",
+    "VMS_DOMAIN_TYPE",
+    "VMS_DEFAULT_IMAGE",
+    "VMS_DEFAULT_IMAGE_URL",
+    "SSH_AUTHORIZED_KEYS",
+    "VM_MAX_MEMORY_MIB",
+    "VM_MAX_VCPUS",
+    "VM_MAX_DISK_GB",
+    "VM_STOP_TIMEOUT",
 ];
 
 /// Bounded wait for `/health`: 300 polls, 100 ms apart.
@@ -119,6 +134,10 @@ impl Agent {
             ("EXTERNAL_IFACE", EXTERNAL_IFACE),
             ("LOG_FORMAT", "text"),
             ("RUST_LOG", "info"),
+            // libvirt's in-process test driver: agents of tests that are not about VMs
+            // never touch the machine's (test) libvirtd.
+            ("LIBVIRT_URI", "test:///default"),
+            ("VMS_DEFAULT_IMAGE_URL", ""),
         ]
         .iter()
         .map(|(k, v)| (k.to_string(), v.to_string()))
