@@ -68,12 +68,20 @@ pub(crate) fn test_vm_api(store: &Store) -> VmApi {
         default_image: "base".into(),
         default_image_url: String::new(),
         default_keys: Vec::new(),
-        limits: vm::spec::Limits { max_memory_mib: 4096, max_vcpus: 4, max_disk_gb: 100 },
+        limits: vm::spec::Limits {
+            max_memory_mib: 4096,
+            max_vcpus: 4,
+            max_disk_gb: 100,
+        },
         stop_timeout: std::time::Duration::from_secs(1),
         lease_poll: std::time::Duration::from_millis(50),
     };
     let vms = vm::service::Vms::new(lv, store.clone(), cfg, None).with_images(images.clone());
-    VmApi { vms: Arc::new(vms), images, stats_dir: std::env::temp_dir() }
+    VmApi {
+        vms: Arc::new(vms),
+        images,
+        stats_dir: std::env::temp_dir(),
+    }
 }
 
 impl Harness {
@@ -621,4 +629,284 @@ async fn the_openapi_document_lists_exactly_the_served_routes() {
         );
     }
     assert!(doc["components"]["securitySchemes"]["bearer"].is_object());
+}
+
+/// What the VM side shows a client: the VM list, the image list, and the rows.
+async fn vm_snapshot(h: &Harness) -> (Value, Value, i64) {
+    let (s, vms) = h.authed("GET", "/vms", None).await;
+    assert_eq!(s, StatusCode::OK, "{vms}");
+    let (s, images) = h.authed("GET", "/images", None).await;
+    assert_eq!(s, StatusCode::OK, "{images}");
+    let rows = h
+        .store
+        .with(|c| {
+            c.query_row("SELECT count(*) FROM vms", [], |r| r.get::<_, i64>(0))
+                .map_err(crate::store::StoreError::from)
+        })
+        .unwrap();
+    (vms["vms"].clone(), images["images"].clone(), rows)
+}
+
+#[tokio::test]
+async fn bad_vm_requests_get_a_json_4xx_and_change_nothing() {
+    let h = harness();
+    let before = vm_snapshot(&h).await;
+    let long = "x".repeat(200);
+    let cases: Vec<(&str, String, Option<String>, StatusCode)> = vec![
+        (
+            "POST",
+            "/vms".into(),
+            Some("{".into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some("[]".into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some("".into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"../x"}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a'b"}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a\"b"}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"<x>"}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(format!(r#"{{"name":"{long}"}}"#)),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","memory_mib":0}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","memory_mib":99999999999}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","memory_mib":"1024"}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","vcpus":-1}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","disk_size_gb":0}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","os_arch":"z80"}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","network_name":"../n"}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","ssh_authorized_keys":["not a key"]}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a","extra":true}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        // No such image (the default image has no URL here): 404, nothing made.
+        (
+            "POST",
+            "/vms".into(),
+            Some(r#"{"name":"a"}"#.into()),
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "GET",
+            "/vms/..%2Fx/status".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/vms/a'b/status".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/vms/nope/status".into(),
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "POST",
+            "/vms/nope/start".into(),
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "POST",
+            "/vms/nope/stop?force=yes".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/vms/nope/stop?colour=red".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "DELETE",
+            "/vms/nope?delete_files=true".into(),
+            None,
+            StatusCode::NOT_FOUND,
+        ),
+        (
+            "GET",
+            "/vms/nope/ip?timeout=601".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/vms/nope/ip?timeout=-1".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/vms/nope/ip?network=../x".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "GET",
+            "/vms/nope/console?bytes=0".into(),
+            None,
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/images".into(),
+            Some(r#"{"name":"../i","url":"http://h/x","sha256":"00"}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/images".into(),
+            Some(format!(
+                r#"{{"name":"i","url":"ftp://h/x","sha256":"{}"}}"#,
+                "0".repeat(64)
+            )),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/images".into(),
+            Some(r#"{"name":"i","url":"http://h/x","sha256":"zz"}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/images".into(),
+            Some(r#"{"name":"i","url":"http://h/x"}"#.into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        (
+            "POST",
+            "/images/..%2Fi".into(),
+            Some("data".into()),
+            StatusCode::BAD_REQUEST,
+        ),
+        ("DELETE", "/images/nope".into(), None, StatusCode::NOT_FOUND),
+    ];
+    for (method, uri, body, want) in &cases {
+        let (s, v) = h.authed(method, uri, body.as_deref()).await;
+        assert_eq!(s, *want, "{method} {uri} {body:?}: {v}");
+        assert_eq!(v["ok"], false, "{method} {uri}: {v}");
+        assert!(v["error"].as_str().is_some_and(|e| !e.is_empty()), "{v}");
+    }
+    assert_eq!(vm_snapshot(&h).await, before);
+    // Every route needs the token.
+    for (m, u) in [
+        ("GET", "/vms"),
+        ("POST", "/vms"),
+        ("GET", "/images"),
+        ("GET", "/stats"),
+        ("POST", "/images/x"),
+    ] {
+        let (s, v) = h.call(m, u, None, None).await;
+        assert_eq!(s, StatusCode::UNAUTHORIZED, "{m} {u}: {v}");
+    }
+}
+
+#[tokio::test]
+async fn the_vm_list_and_stats_come_from_libvirt() {
+    let h = harness();
+    let (s, v) = h.authed("GET", "/vms", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    // libvirt's test driver always has its domain "test", which the agent did not make.
+    let test = v["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|d| d["name"] == "test")
+        .cloned()
+        .unwrap_or_else(|| panic!("{v}"));
+    assert_eq!(test["managed"], false);
+    assert_eq!(test["state"], "running");
+    // ... and the agent never deletes it.
+    let (s, e) = h
+        .authed("DELETE", "/vms/test?delete_files=true", None)
+        .await;
+    assert_error(s, &e, StatusCode::CONFLICT, "not created by this agent");
+    let (s, st) = h.authed("GET", "/stats", None).await;
+    assert_eq!(s, StatusCode::OK, "{st}");
+    assert_eq!(st["ok"], true);
+    assert!(st["cpu"]["cores"].as_u64().unwrap() >= 1);
+    assert!(st["ram"]["total_mb"].as_u64().unwrap() >= st["ram"]["free_mb"].as_u64().unwrap());
+    assert!(st["vms"]["total"].as_u64().unwrap() >= 1, "{st}");
 }

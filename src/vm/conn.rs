@@ -21,6 +21,9 @@ static EVENT_LOOP: Once = Once::new();
 /// (which is what turns `is_alive` false when libvirtd exits). One thread per process.
 fn start_event_loop() {
     EVENT_LOOP.call_once(|| {
+        // libvirt's default handler prints every error (a lookup of a missing object
+        // included) to stderr; the agent reports errors itself, with context.
+        virt::error::clear_error_callback();
         if let Err(e) = virt::event::event_register_default_impl() {
             tracing::warn!(error = %e, "libvirt event loop unavailable; a dead daemon is noticed only on the next failed call");
             return;

@@ -13,8 +13,12 @@ const CONNECT_TIMEOUT: Duration = Duration::from_secs(2);
 const IO_TIMEOUT: Duration = Duration::from_secs(5);
 
 fn connect_from(ns: &str, addr: SocketAddr) -> io::Result<TcpStream> {
+    connect_with_timeout(ns, addr, IO_TIMEOUT)
+}
+
+fn connect_with_timeout(ns: &str, addr: SocketAddr, io_timeout: Duration) -> io::Result<TcpStream> {
     let stream = in_netns(ns, || TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))?;
-    stream.set_read_timeout(Some(IO_TIMEOUT))?;
+    stream.set_read_timeout(Some(io_timeout))?;
     stream.set_write_timeout(Some(IO_TIMEOUT))?;
     Ok(stream)
 }
@@ -135,6 +139,13 @@ impl Api {
         self.request_with_headers(method, path, token, &[], body)
     }
 
+    /// A call whose answer may take up to `wait` (e.g. `/vms/{name}/ip` waiting for a
+    /// lease); panics on transport errors.
+    pub fn call_waiting(&self, method: &str, path: &str, wait: Duration) -> Response {
+        self.request_timed(method, path, Some(&self.token), &[], None, wait)
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+    }
+
     /// As `request_bytes`, with extra request headers (e.g. forged forwarding headers).
     pub fn request_with_headers(
         &self,
@@ -144,7 +155,19 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> io::Result<Response> {
-        let mut stream = connect_from(&self.ns, self.addr)?;
+        self.request_timed(method, path, token, headers, body, IO_TIMEOUT)
+    }
+
+    fn request_timed(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        headers: &[(&str, &str)],
+        body: Option<&[u8]>,
+        io_timeout: Duration,
+    ) -> io::Result<Response> {
+        let mut stream = connect_with_timeout(&self.ns, self.addr, io_timeout)?;
         let mut head = format!(
             "{method} {path} HTTP/1.1\r\nHost: {}\r\nConnection: close\r\nAccept: application/json\r\n",
             self.addr
