@@ -6,6 +6,7 @@
 pub mod agent;
 pub mod client;
 pub mod controller;
+pub mod libvirt;
 pub mod netns;
 pub mod nft;
 pub mod servers;

@@ -1,0 +1,259 @@
+//! A real libvirtd inside a test namespace (scripts/libvirt-netns.sh), the tiny guest
+//! (scripts/build-tiny-guest.sh), and an agent that manages VMs through it.
+//!
+//! libvirtd's control socket is machine-wide: tests that use it take turns through
+//! [`LIBVIRTD`].
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Mutex;
+use std::time::{Duration, Instant};
+
+use super::agent::Agent;
+use super::client::{Response, http_get};
+use super::netns::{Netns, run_ok};
+use super::topology::{Topology, sa};
+use std::net::Ipv4Addr;
+
+pub static LIBVIRTD: Mutex<()> = Mutex::new(());
+
+pub const URI: &str = "qemu:///system";
+/// Bounds for a TCG guest on 2 shared cores; they only decide when a hung step fails.
+pub const BOOT: Duration = Duration::from_secs(120);
+
+pub fn script(name: &str) -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("scripts")
+        .join(name)
+}
+
+pub fn virsh(args: &[&str]) -> String {
+    let out = Command::new("virsh")
+        .args(["-q", "-c", URI])
+        .args(args)
+        .output()
+        .unwrap_or_else(|e| panic!("virsh: {e}"));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// libvirtd (and virtlogd) inside the node namespace; stopped on Drop, which also
+/// destroys every domain and network of that daemon.
+pub struct Libvirtd {
+    ns: String,
+}
+
+impl Libvirtd {
+    pub fn start(ns: &Netns) -> Libvirtd {
+        run_ok(Command::new(script("libvirt-netns.sh")).args(["start", ns.name()]));
+        Libvirtd {
+            ns: ns.name().to_owned(),
+        }
+    }
+
+    fn pid() -> Option<i32> {
+        std::fs::read_to_string("/var/run/libvirtd.pid")
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+    }
+
+    /// Kills libvirtd (not virtlogd, not the guests) and waits until it is gone.
+    pub fn kill(&self) {
+        if let Some(pid) = Libvirtd::pid() {
+            let _ = Command::new("kill").arg(pid.to_string()).status();
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Path::new(&format!("/proc/{pid}")).exists() && Instant::now() < deadline {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+        }
+    }
+
+    /// Starts libvirtd again in the same namespace and waits until it answers.
+    pub fn revive(&self) {
+        run_ok(Command::new("ip").args(["netns", "exec", &self.ns, "libvirtd", "-d"]));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < deadline {
+            let ok = Command::new("virsh")
+                .args(["-c", URI, "version"])
+                .output()
+                .map(|o| o.status.success())
+                .unwrap_or(false);
+            if ok {
+                return;
+            }
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        panic!("libvirtd did not come back");
+    }
+}
+
+impl Drop for Libvirtd {
+    fn drop(&mut self) {
+        let _ = Command::new(script("libvirt-netns.sh"))
+            .args(["stop", &self.ns])
+            .status();
+    }
+}
+
+/// A world-traversable scratch directory: libvirt's QEMU runs as another user and must
+/// reach the pool and the guest's kernel.
+pub struct Scratch {
+    dir: tempfile::TempDir,
+}
+
+impl Scratch {
+    pub fn new() -> Scratch {
+        let dir = tempfile::Builder::new()
+            .prefix("nva-vmtest-")
+            .tempdir()
+            .unwrap_or_else(|e| panic!("tempdir: {e}"));
+        use std::os::unix::fs::PermissionsExt;
+        std::fs::set_permissions(dir.path(), std::fs::Permissions::from_mode(0o755))
+            .unwrap_or_else(|e| panic!("chmod: {e}"));
+        Scratch { dir }
+    }
+
+    pub fn path(&self, rel: &str) -> PathBuf {
+        self.dir.path().join(rel)
+    }
+
+    /// The tiny guest's kernel and initramfs, copied here (libvirt chowns what it boots).
+    pub fn guest(&self) -> (String, String) {
+        let built = PathBuf::from(env!("CARGO_TARGET_TMPDIR")).join("tiny-guest");
+        run_ok(Command::new(script("build-tiny-guest.sh")).arg(&built));
+        let boot = self.path("boot");
+        std::fs::create_dir_all(&boot).unwrap_or_else(|e| panic!("mkdir: {e}"));
+        for f in ["vmlinuz", "initramfs.cpio.gz"] {
+            std::fs::copy(built.join(f), boot.join(f)).unwrap_or_else(|e| panic!("copy {f}: {e}"));
+        }
+        (
+            boot.join("vmlinuz").to_string_lossy().into_owned(),
+            boot.join("initramfs.cpio.gz")
+                .to_string_lossy()
+                .into_owned(),
+        )
+    }
+}
+
+/// Everything one test needs: topology, libvirtd in its node namespace, the agent.
+/// Field order is drop order: agent first, then libvirtd, then the namespaces.
+pub struct Env {
+    pub agent: Agent,
+    pub libvirtd: Libvirtd,
+    pub scratch: Scratch,
+    pub pool: String,
+    pub topo: Topology,
+}
+
+pub fn env(extra: &[(&str, &str)]) -> Env {
+    let topo = Topology::new();
+    let scratch = Scratch::new();
+    let libvirtd = Libvirtd::start(&topo.node);
+    let pool = format!("nva-test-{}", std::process::id());
+    let pool_dir = scratch.path("pool");
+    let pool_dir = pool_dir.to_string_lossy().into_owned();
+    let mut settings: Vec<(&str, &str)> = vec![
+        ("LIBVIRT_URI", URI),
+        ("VMS_DOMAIN_TYPE", "qemu"),
+        ("VMS_WORK_DIR", &pool_dir),
+        ("VMS_POOL", &pool),
+        ("VMS_BRIDGE", "virbr0"),
+        ("VM_SUBNET", "192.168.122.0/24"),
+        ("VMS_DEFAULT_IMAGE", "tiny"),
+        ("VM_STOP_TIMEOUT", "60"),
+    ];
+    settings.extend_from_slice(extra);
+    let agent = Agent::start_with(&topo, &settings);
+    Env {
+        agent,
+        libvirtd,
+        scratch,
+        pool,
+        topo,
+    }
+}
+
+impl Env {
+    pub fn volumes(&self) -> Vec<String> {
+        let _ = virsh(&["pool-refresh", &self.pool]);
+        virsh(&["vol-list", &self.pool])
+            .lines()
+            .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+            .collect()
+    }
+
+    pub fn domains(&self) -> Vec<String> {
+        virsh(&["list", "--all", "--name"])
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect()
+    }
+
+    /// Uploads `bytes` as image `name` through `POST /images/{name}`.
+    pub fn upload_image(&self, name: &str, bytes: &[u8]) -> Response {
+        self.agent
+            .api
+            .request_bytes(
+                "POST",
+                &format!("/images/{name}"),
+                Some(&self.agent.token),
+                Some(bytes),
+            )
+            .unwrap_or_else(|e| panic!("upload: {e}"))
+    }
+
+    pub fn console(&self, vm: &str) -> String {
+        let r = self
+            .agent
+            .api
+            .get(&format!("/vms/{vm}/console?bytes=65536"));
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json()["console"].as_str().unwrap_or_default().to_owned()
+    }
+
+    /// Waits until the console shows `n` READY markers; returns the last one's fields.
+    pub fn wait_ready(&self, vm: &str, n: usize) -> Vec<String> {
+        let deadline = Instant::now() + BOOT;
+        loop {
+            let c = self.console(vm);
+            let markers: Vec<&str> = c
+                .lines()
+                .filter_map(|l| l.trim().strip_prefix("TINY-GUEST-READY "))
+                .collect();
+            if markers.len() >= n {
+                return markers[n - 1]
+                    .split_whitespace()
+                    .map(str::to_owned)
+                    .collect();
+            }
+            assert!(
+                Instant::now() < deadline,
+                "{vm}: {n} READY markers not seen within {BOOT:?}; console:\n{c}\nagent log:\n{}",
+                self.agent.log()
+            );
+            std::thread::sleep(Duration::from_millis(250));
+        }
+    }
+
+    pub fn state(&self, vm: &str) -> String {
+        let r = self.agent.api.get(&format!("/vms/{vm}/status"));
+        assert_eq!(r.status, 200, "{r:?}");
+        r.json()["status"]["state"]
+            .as_str()
+            .unwrap_or_default()
+            .to_owned()
+    }
+
+    pub fn guest_http(&self, ip: Ipv4Addr, path: &str) -> String {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            match http_get(self.topo.node.name(), sa(ip, 80), path) {
+                Ok(b) => return b,
+                Err(e) if Instant::now() > deadline => panic!("guest HTTP {path}: {e}"),
+                Err(_) => std::thread::sleep(Duration::from_millis(250)),
+            }
+        }
+    }
+}
+
