@@ -68,12 +68,20 @@ pub(crate) fn test_vm_api(store: &Store) -> VmApi {
         default_image: "base".into(),
         default_image_url: String::new(),
         default_keys: Vec::new(),
-        limits: vm::spec::Limits { max_memory_mib: 4096, max_vcpus: 4, max_disk_gb: 100 },
+        limits: vm::spec::Limits {
+            max_memory_mib: 4096,
+            max_vcpus: 4,
+            max_disk_gb: 100,
+        },
         stop_timeout: std::time::Duration::from_secs(1),
         lease_poll: std::time::Duration::from_millis(50),
     };
     let vms = vm::service::Vms::new(lv, store.clone(), cfg, None).with_images(images.clone());
-    VmApi { vms: Arc::new(vms), images, stats_dir: std::env::temp_dir() }
+    VmApi {
+        vms: Arc::new(vms),
+        images,
+        stats_dir: std::env::temp_dir(),
+    }
 }
 
 impl Harness {
