@@ -7,7 +7,9 @@
 #                             attached, runs udhcpc on eth0, serves its hostname and
 #                             instance-id with `httpd -p 80` and prints
 #                             `TINY-GUEST-READY <ip> <hostname> <instance-id>` on the
-#                             serial console.
+#                             serial console. On the ACPI power button (QEMU
+#                             system_powerdown, libvirt shutdown/reboot) it syncs,
+#                             prints `TINY-GUEST-POWEROFF` and powers off.
 # Nothing is downloaded except Debian packages through apt-get (only when missing):
 # a guest image from the internet would be an unreviewed binary in the test path.
 #
@@ -71,7 +73,8 @@ mkdir -p "$OUTDIR"
 WORK=$(mktemp -d)
 trap 'rm -rf "$WORK"' EXIT
 ROOT=$WORK/root
-mkdir -p "$ROOT"/{bin,sbin,etc,proc,sys,dev,tmp,run,www,seed,lib/modules,usr/share/udhcpc}
+mkdir -p "$ROOT"/{bin,sbin,etc/acpi/PWRF,proc,sys,dev,tmp,run,www,seed,lib/modules}
+mkdir -p "$ROOT/usr/share/udhcpc"
 
 # --- busybox ------------------------------------------------------------------------
 BB=/bin/busybox
@@ -80,7 +83,8 @@ BB=/bin/busybox
 if ldd "$BB" >/dev/null 2>&1; then log "$BB is dynamically linked"; exit 1; fi
 cp "$BB" "$ROOT/bin/busybox"
 for app in sh mount umount mkdir cat echo ip udhcpc httpd insmod hostname sleep ls dmesg \
-           ifconfig route sed grep ps poweroff reboot uname mknod findfs head tr; do
+           ifconfig route sed grep ps poweroff reboot uname mknod findfs head tr \
+           acpid stty sync; do
     ln -s busybox "$ROOT/bin/$app"
 done
 
@@ -93,6 +97,10 @@ done
 # and the iocharset (FAT_DEFAULT_IOCHARSET, `ascii` on Debian -> nls_ascii). There is no
 # modprobe in the initramfs, so a table that is not loaded beforehand makes the mount
 # fail. FAT_DEFAULT_UTF8 needs no module (the UTF-8 helpers are in nls_base, built in).
+# Then the ACPI power button: `button` (CONFIG_ACPI_BUTTON, =m on Debian) turns the
+# fixed-hardware power button into an input device that reports KEY_POWER, and `evdev`
+# (CONFIG_INPUT_EVDEV, =m) gives it a /dev/input/event* node for busybox acpid. Without
+# them the guest ignores QEMU's system_powerdown (libvirt's ACPI shutdown and reboot).
 KCONFIG=/boot/config-$KVER
 kconfig() {  # kconfig NAME DEFAULT -> the value of CONFIG_NAME, unquoted
     local v
@@ -103,7 +111,8 @@ kconfig() {  # kconfig NAME DEFAULT -> the value of CONFIG_NAME, unquoted
 FAT_CP=$(kconfig FAT_DEFAULT_CODEPAGE 437)
 FAT_IO=$(kconfig FAT_DEFAULT_IOCHARSET iso8859-1)
 WANT=(virtio_pci failover net_failover virtio_net
-      virtio_blk vfat "nls_cp$FAT_CP" "nls_${FAT_IO//-/_}")
+      virtio_blk vfat "nls_cp$FAT_CP" "nls_${FAT_IO//-/_}"
+      button evdev)
 declare -A DEPS=() PATHOF=() SEEN=()
 while IFS= read -r line; do
     mod_path=${line%%:*}
@@ -162,6 +171,26 @@ exit 0
 EOF
 chmod +x "$ROOT/usr/share/udhcpc/default.script"
 
+# busybox acpid maps EV_KEY KEY_POWER (value 1) to the action PWRF/00000080 (its built-in
+# tables; there is no /etc/acpid.conf or /etc/acpi.map) and, run in /etc/acpi, executes
+# that file directly (a directory would need run-parts).
+cat > "$ROOT/etc/acpi/PWRF/00000080" <<'EOF'
+#!/bin/sh
+# ACPI power button: a clean, immediate power off. `poweroff -f` calls reboot(2)
+# itself; plain `poweroff` would signal PID 1, a shell script that would just die.
+exec </dev/null >/dev/console 2>&1
+sync
+umount /seed 2>/dev/null
+# One write, starting with a newline: the console shell's prompt (printed after the READY
+# marker) may have left the cursor mid-line, and the marker must be a line of its own.
+printf '\nTINY-GUEST-POWEROFF\n'
+# The console tty is held open by init, so the line may still sit in the UART's buffer;
+# stty applies its (unchanged) setting with TCSADRAIN, i.e. waits until it was sent.
+stty -F /dev/console onlcr
+poweroff -f
+EOF
+chmod +x "$ROOT/etc/acpi/PWRF/00000080"
+
 cat > "$ROOT/init" <<'EOF'
 #!/bin/sh
 export PATH=/bin:/sbin
@@ -176,6 +205,17 @@ echo "tiny-guest: init on $(uname -r)"
 for m in $(cat /etc/modules.order); do
     insmod /lib/modules/$m.ko || echo "tiny-guest: insmod $m failed"
 done
+
+# ACPI power button -> /etc/acpi/PWRF/00000080 (sync, TINY-GUEST-POWEROFF, poweroff -f).
+# acpid opens /dev/input/event0, event1, ... once, at start; button and evdev are loaded
+# above and devtmpfs creates the nodes synchronously, so all of them exist by now.
+# Started early so that a shutdown requested during the boot is not lost either.
+if grep -q 'Power Button' /proc/bus/input/devices 2>/dev/null && [ -e /dev/input/event0 ]; then
+    acpid -d -c /etc/acpi </dev/null &
+    echo "tiny-guest: acpid listening for the ACPI power button"
+else
+    echo "tiny-guest: no ACPI power button input device; shutdown requests are ignored"
+fi
 
 name=tiny-guest
 for arg in $(cat /proc/cmdline); do
