@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
-# The one command for the benchmarks of docs/benchmarks.md: port maps (a)-(e) and the
-# mesh join (f).
+# The one command for the benchmarks of docs/benchmarks.md: port maps (a)-(e), the
+# mesh join (f), and VMs (g: POST /vms latency, h: lease -> /ip delay).
 #
-#   sudo scripts/bench.sh            # everything, ~4 minutes after the build
-#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f)
+#   sudo scripts/bench.sh            # everything, ~6 minutes after the build
+#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f g h)
 #
 # Installs what it needs, builds --release once, runs every measurement inside network
 # namespaces it creates and deletes (trap), prints a results table and writes it as
@@ -18,7 +18,7 @@ ROOT=$PWD
 
 [ "$(id -u)" = 0 ] || { echo "bench.sh: needs root (network namespaces, nftables)" >&2; exit 1; }
 
-ONLY=${BENCH_ONLY:-"a b c d e f"}
+ONLY=${BENCH_ONLY:-"a b c d e f g h"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- dependencies and build
@@ -240,6 +240,37 @@ if want f; then
             "VmRSS $(kv "$J" rss_fresh_kib) KiB after a fresh start, $(kv "$J" rss_restart_kib) KiB after a restart ($(awk -v k="$RSS_MAX" 'BEGIN{printf "%.1f", k/1024}') MiB at most); peak VmHWM $(kv "$J" hwm_fresh_kib) / $(kv "$J" hwm_restart_kib) KiB" \
             "$(verdict le "$RSS_MAX" 20480)"
         NOTES+=("(f): $(kv "$J" sigterm_ignored) of $(kv "$J" stops) SIGTERMs between starts did not stop the agent within 3 s and needed SIGKILL (docs/benchmarks.md, (f): boringtun's signalfds)")
+    fi
+fi
+
+# ---------------------------------------------------------------- (g)/(h) VMs
+if want g || want h; then
+    echo "== (g) POST /vms with a 10 GB disk (guest boot excluded); (h) DHCP lease -> GET /vms/{name}/ip"
+    # tests/bench_vm.rs starts libvirtd inside a test namespace (scripts/libvirt-netns.sh)
+    # and boots the tiny TCG guest (scripts/build-tiny-guest.sh), one VM at a time.
+    cargo test --release --test bench_vm --no-run --quiet 2>/dev/null \
+        || cargo test --release --test bench_vm --no-run
+    VLOG=$WORK/bench_vm.log
+    V=$(NVA_AGENT_BIN=$AGENT_BIN BENCH_VM_RUNS="${VM_RUNS:-10}" \
+        cargo test --release --quiet --test bench_vm -- --ignored --nocapture 2>"$VLOG" \
+        | grep '^BENCH vm' || true)
+    if [ -z "$V" ]; then
+        echo "(g/h) the VM benchmark did not produce its BENCH line; last lines of its output:" >&2
+        tail -40 "$VLOG" >&2
+        row "(g)/(h) VMs" "<= 150 ms; <= 1 s" "not measured: bench_vm failed (see the output above)" "MISS"
+    else
+        grep -E '^run ' "$VLOG" || true
+        echo "$V"
+        if want g; then
+            row "(g) POST /vms, 10 GiB qcow2 disk backed by an image, seed upload, define + start, n=$(kv "$V" runs)" "<= 150 ms" \
+                "whole request p50 $(kv "$V" create_p50_ms) ms, p90 $(kv "$V" create_p90_ms) ms, max $(kv "$V" create_max_ms) ms; of which the agent's own steps (all but libvirt's domain start) p50 $(kv "$V" agent_steps_p50_ms) ms; \\`virsh start\\` of the same domain alone, same run: p50 $(kv "$V" virsh_start_p50_ms) ms" \
+                "$(verdict le "$(kv "$V" create_p50_ms)" 150)"
+        fi
+        if want h; then
+            row "(h) lease in libvirt's lease file -> GET /ip answers, n=$(kv "$V" runs)" "<= 1 s" \
+                "p50 $(kv "$V" lease_ip_p50_ms) ms, p90 $(kv "$V" lease_ip_p90_ms) ms, max $(kv "$V" lease_ip_max_ms) ms" \
+                "$(verdict le "$(kv "$V" lease_ip_max_ms)" 1000)"
+        fi
     fi
 fi
 

@@ -239,8 +239,11 @@ fn build_vm(
             "qcow2",
             backing.as_ref().map(|(p, f)| (p.as_str(), f.as_str())),
         );
+        let t = Instant::now();
         storage::create_volume(&pool, &row.disk_volume, &disk_xml)?;
         made.push(row.disk_volume.clone());
+        let disk_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let t = Instant::now();
         let seed_xml = xml::volume(&row.seed_volume, seed_bytes.len() as u64, "raw", None);
         let seed_vol = storage::create_volume(&pool, &row.seed_volume, &seed_xml)?;
         made.push(row.seed_volume.clone());
@@ -249,6 +252,8 @@ fn build_vm(
             &seed_vol,
             std::iter::once(Ok(bytes::Bytes::copy_from_slice(seed_bytes))),
         )?;
+        let seed_ms = t.elapsed().as_secs_f64() * 1000.0;
+        let t = Instant::now();
         let dom = conn
             .define_domain_xml(&domain_xml(cfg, row, &cfg.pool_dir))
             .map_err(|e| VmError::libvirt(format!("defining domain {}", row.name), e))?;
@@ -265,6 +270,12 @@ fn build_vm(
             let _ = dom.undefine();
             return Err(e);
         }
+        tracing::debug!(
+            disk_ms,
+            seed_ms,
+            define_start_ms = t.elapsed().as_secs_f64() * 1000.0,
+            "VM build steps"
+        );
         Ok(())
     })();
     if result.is_err() {
@@ -499,6 +510,7 @@ impl Vms {
                         row2.vcpus, row2.domain_type
                     )));
                 }
+                let t0 = Instant::now();
                 let dom = lookup(conn, &row2.name)?;
                 let ours = match &dom {
                     Some(d) => had_row || facts(d)?.instance_id.is_some(),
@@ -520,7 +532,13 @@ impl Vms {
                 // Fresh disk and seed, always: leftovers of a VM deleted without its
                 // files, or of the VM being recreated, must not be reused.
                 remove_vm(conn, &cfg, &row2.name, dom, true)?;
+                let t1 = Instant::now();
                 build_vm(conn, &cfg, &row2, image.as_ref(), &seed_bytes, true)?;
+                tracing::debug!(
+                    clear_ms = (t1 - t0).as_secs_f64() * 1000.0,
+                    build_ms = t1.elapsed().as_secs_f64() * 1000.0,
+                    "VM create steps"
+                );
                 Ok(exists)
             })
             .await?;
