@@ -263,7 +263,7 @@ if want g || want h; then
         echo "$V"
         if want g; then
             row "(g) POST /vms, 10 GiB qcow2 disk backed by an image, seed upload, define + start, n=$(kv "$V" runs)" "<= 150 ms" \
-                "whole request p50 $(kv "$V" create_p50_ms) ms, p90 $(kv "$V" create_p90_ms) ms, max $(kv "$V" create_max_ms) ms; of which the agent's own steps (all but libvirt's domain start) p50 $(kv "$V" agent_steps_p50_ms) ms; \\`virsh start\\` of the same domain alone, same run: p50 $(kv "$V" virsh_start_p50_ms) ms" \
+                "whole request p50 $(kv "$V" create_p50_ms) ms, p90 $(kv "$V" create_p90_ms) ms, max $(kv "$V" create_max_ms) ms; of which the agent's own steps (all but libvirt's domain start) p50 $(kv "$V" agent_steps_p50_ms) ms; virsh start of the same domain alone, same run: p50 $(kv "$V" virsh_start_p50_ms) ms" \
                 "$(verdict le "$(kv "$V" create_p50_ms)" 150)"
         fi
         if want h; then

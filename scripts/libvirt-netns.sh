@@ -108,6 +108,12 @@ stop() {
         for n in $(virsh_ net-list --name); do
             virsh_ net-destroy "$n" >/dev/null 2>&1 || true
         done
+        # Pools the tests (and the agent under test) defined: their directories are
+        # temporary, and libvirt keeps pool definitions in /etc/libvirt/storage.
+        for n in $(virsh_ pool-list --all --name | grep -E '^(nva-|node-vm-agent)' || true); do
+            virsh_ pool-destroy "$n" >/dev/null 2>&1 || true
+            virsh_ pool-undefine "$n" >/dev/null 2>&1 || true
+        done
     fi
     # libvirt keeps the default network's leases across daemon runs; a later run would
     # list this run's (dead) guests in net-dhcp-leases. Only our daemons use virbr0.

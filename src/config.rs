@@ -149,7 +149,7 @@ pub struct Settings {
     #[arg(long, env = "TRUST_CONTROLLER_TUNNEL", value_name = "TRUST_CONTROLLER_TUNNEL", default_value_t = true, action = clap::ArgAction::Set)]
     pub trust_controller_tunnel: bool,
 
-    /// libvirt connection URI (used by the VM API).
+    /// libvirt connection URI: one long-lived connection, reopened after libvirtd restarts.
     #[arg(
         long,
         env = "LIBVIRT_URI",
@@ -158,7 +158,8 @@ pub struct Settings {
     )]
     pub libvirt_uri: String,
 
-    /// Working directory for VM files (used by the VM API).
+    /// Directory of the storage pool (when VMS_HOST_DIR is unset); `GET /stats` reports
+    /// its filesystem.
     #[arg(
         long,
         env = "VMS_WORK_DIR",
@@ -167,25 +168,28 @@ pub struct Settings {
     )]
     pub vms_work_dir: PathBuf,
 
-    /// The same directory as the libvirt host sees it (used by the VM API).
+    /// The pool's directory as the libvirt host sees it (an agent in a container); the
+    /// agent itself never opens it.
     #[arg(long, env = "VMS_HOST_DIR", value_name = "VMS_HOST_DIR")]
     pub vms_host_dir: Option<PathBuf>,
 
-    /// libvirt network for new VMs (used by the VM API).
+    /// libvirt network of new VMs (started and set to autostart if inactive).
     #[arg(
         long,
         env = "VMS_NETWORK",
         value_name = "VMS_NETWORK",
-        default_value = "default"
+        default_value = "default",
+        value_parser = parse_name
     )]
     pub vms_network: String,
 
-    /// VM architecture (used by the VM API).
+    /// Architecture of new VMs (x86_64, aarch64).
     #[arg(
         long,
         env = "VMS_ARCH",
         value_name = "VMS_ARCH",
-        default_value = "x86_64"
+        default_value = "x86_64",
+        value_parser = ["x86_64", "aarch64"]
     )]
     pub vms_arch: String,
 

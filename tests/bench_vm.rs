@@ -43,7 +43,11 @@ fn agent_steps(log: &str) -> Vec<f64> {
         .filter_map(|l| serde_json::from_str(l).ok())
         .collect();
     let pick = |msg: &str| -> Vec<&serde_json::Value> {
-        events.iter().filter(|e| e["fields"]["message"] == msg).map(|e| &e["fields"]).collect()
+        events
+            .iter()
+            .filter(|e| e["fields"]["message"] == msg)
+            .map(|e| &e["fields"])
+            .collect()
     };
     let (builds, creates) = (pick("VM build steps"), pick("VM create steps"));
     builds
@@ -70,7 +74,10 @@ fn bench_vm_create_and_lease_to_ip() {
         .ok()
         .and_then(|v| v.parse().ok())
         .unwrap_or(10);
-    let e = env(&[("RUST_LOG", "info,node_vm_agent::vm=debug"), ("LOG_FORMAT", "json")]);
+    let e = env(&[
+        ("RUST_LOG", "info,node_vm_agent::vm=debug"),
+        ("LOG_FORMAT", "json"),
+    ]);
     let api = &e.agent.api;
     let (kernel, initrd) = e.scratch.guest();
     assert_eq!(e.upload_image("tiny", &vec![0u8; 4 << 20]).status, 200);
@@ -113,12 +120,16 @@ fn bench_vm_create_and_lease_to_ip() {
         stop.store(true, Ordering::Relaxed);
         watcher.join().unwrap();
         assert_eq!(r.status, 200, "{r:?}");
-        let seen = seen.lock().unwrap().expect("lease never seen in the lease file");
+        let seen = seen
+            .lock()
+            .unwrap()
+            .expect("lease never seen in the lease file");
         delay_ms.push(answered.saturating_duration_since(seen).as_secs_f64() * 1000.0);
         // Baseline in the same run: libvirt starting the very same domain for `virsh`
         // (the qemu launch that POST /vms waits for), with no agent involved.
         assert_eq!(
-            api.call_waiting("POST", &format!("/vms/{name}/stop?force=true"), BOOT).status,
+            api.call_waiting("POST", &format!("/vms/{name}/stop?force=true"), BOOT)
+                .status,
             200
         );
         let t = Instant::now();
@@ -128,7 +139,10 @@ fn bench_vm_create_and_lease_to_ip() {
             .unwrap();
         virsh_start_ms.push(t.elapsed().as_secs_f64() * 1000.0);
         assert!(out.status.success(), "{out:?}");
-        assert_eq!(api.delete(&format!("/vms/{name}?delete_files=true")).status, 200);
+        assert_eq!(
+            api.delete(&format!("/vms/{name}?delete_files=true")).status,
+            200
+        );
         eprintln!(
             "run {i}: POST /vms {:.1} ms, lease -> /ip {:.1} ms, virsh start {:.1} ms",
             create_ms[i], delay_ms[i], virsh_start_ms[i]

@@ -94,6 +94,21 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         assert!(vols.contains(&v.to_owned()), "{v} missing: {vols:?}");
     }
 
+    // Its tap is a bridge port here, so it gets hairpin mode (a VM reaching a node port
+    // mapped back to a VM on the same bridge, with br_netfilter loaded).
+    let iflist = virsh(&["domiflist", "tiny1"]);
+    let tap = iflist
+        .lines()
+        .find(|l| l.contains(&mac))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no tap for {mac}: {iflist}"))
+        .to_owned();
+    let hairpin = e
+        .topo
+        .node
+        .exec_ok(&["cat", &format!("/sys/class/net/{tap}/brport/hairpin_mode")]);
+    assert_eq!(hairpin.trim(), "1", "hairpin on {tap}");
+
     // The IP comes from the DHCP lease of the VM's MAC.
     let r = api.call_waiting("GET", "/vms/tiny1/ip?timeout=120&network=default", BOOT);
     assert_eq!(r.status, 200, "{r:?}");

@@ -102,3 +102,20 @@ fn set_sysctl_flag(path: &Path, name: &'static str) -> Result<bool, LinkError> {
     std::fs::write(path, "1\n").map_err(err)?;
     Ok(true)
 }
+
+/// Turns on hairpin mode of bridge port `ifname` (a VM's tap), so that a VM's packet
+/// DNAT'd at bridge level (br_netfilter) may leave through the port it came in by: what
+/// a VM reaching a node port mapped back to a VM on the same bridge needs (docs/
+/// decisions.md §4). `Ok(None)` when there is no such bridge port in this namespace (a
+/// remote libvirt host, or no bridge); otherwise whether it was off.
+pub fn enable_hairpin(ifname: &str) -> Result<Option<bool>, LinkError> {
+    if crate::config::parse_ifname(ifname).is_err() {
+        return Ok(None);
+    }
+    let path = format!("/sys/class/net/{ifname}/brport/hairpin_mode");
+    let path = Path::new(&path);
+    if !path.exists() {
+        return Ok(None);
+    }
+    set_sysctl_flag(path, "brport/hairpin_mode").map(Some)
+}

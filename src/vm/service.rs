@@ -140,6 +140,19 @@ fn facts(dom: &Domain) -> Result<xml::DomainFacts, VmError> {
     xml::parse_domain(&text).map_err(|e| VmError::Libvirt(e.to_string()))
 }
 
+/// Hairpin mode on the running domain's taps, where they are bridge ports in the
+/// agent's own namespace (a local libvirt); elsewhere nothing to do.
+fn hairpin(dom: &Domain) {
+    let Ok(f) = facts(dom) else { return };
+    for tap in &f.taps {
+        match crate::net::link::enable_hairpin(tap) {
+            Ok(Some(true)) => tracing::debug!(tap = %tap, "hairpin mode on"),
+            Ok(_) => {}
+            Err(e) => tracing::warn!(tap = %tap, error = %e, "cannot set hairpin mode"),
+        }
+    }
+}
+
 fn random_mac() -> String {
     let b: [u8; 3] = rand::random();
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
@@ -263,6 +276,7 @@ fn build_vm(
             if start {
                 dom.create()
                     .map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
+                hairpin(&dom);
             }
             Ok(())
         })();
@@ -666,6 +680,7 @@ impl Vms {
                 }
                 d.create()
                     .map_err(|e| VmError::libvirt(format!("starting {n}"), e))?;
+                hairpin(&d);
                 Ok(false)
             })
             .await?;
@@ -963,7 +978,11 @@ impl Vms {
             .call(move |conn| {
                 let mut repaired = Vec::new();
                 for row in rows.iter().filter(|r| !busy.contains(&r.name)) {
-                    if lookup(conn, &row.name)?.is_some() {
+                    if let Some(d) = lookup(conn, &row.name)? {
+                        // A domain started by someone else gets a new tap without hairpin.
+                        if d.is_active().unwrap_or(false) {
+                            hairpin(&d);
+                        }
                         continue;
                     }
                     let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
@@ -977,6 +996,7 @@ impl Vms {
                                 let _ = d.set_autostart(start);
                                 if start {
                                     d.create().map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
+                                    hairpin(&d);
                                 }
                                 Ok(())
                             })

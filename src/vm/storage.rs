@@ -67,7 +67,11 @@ pub fn ensure_pool(conn: &Connect, name: &str, dir: &str) -> Result<StoragePool,
     if !pool
         .is_active()
         .map_err(|e| VmError::libvirt("storage pool state", e))?
+        && pool.create(0).is_err()
     {
+        // Its directory may be gone (a wiped disk, a new host dir): build makes it.
+        pool.build(0)
+            .map_err(|e| VmError::libvirt(format!("building storage pool {name}"), e))?;
         pool.create(0)
             .map_err(|e| VmError::libvirt(format!("starting storage pool {name}"), e))?;
     }

@@ -315,6 +315,9 @@ pub struct DomainFacts {
     pub console_log: Option<String>,
     /// The instance-id in the agent's metadata element; `None` = not the agent's domain.
     pub instance_id: Option<String>,
+    /// Host-side device (`<target dev>`, e.g. `vnet3`) of each network interface of a
+    /// running domain, in the order of `interfaces`.
+    pub taps: Vec<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -508,6 +511,13 @@ pub fn parse_domain(xml: &str) -> Result<DomainFacts, XmlError> {
                     (["domain", "devices", "interface"], "mac") => {
                         if let Some(pair) = iface.as_mut() {
                             pair.first = attr(&start, "address")?;
+                        }
+                    }
+                    (["domain", "devices", "interface"], "target") => {
+                        if iface.is_some()
+                            && let Some(dev) = attr(&start, "dev")?
+                        {
+                            facts.taps.push(dev);
                         }
                     }
                     (["domain", "devices", "interface"], "source") => {
@@ -724,6 +734,7 @@ mod tests {
                 volumes: vec![(pool.clone(), disk.clone()), (pool.clone(), seed.clone())],
                 console_log: Some(log.clone()),
                 instance_id: Some(id.clone()),
+                taps: vec![],
             }
         );
         // Fields parse_domain does not return come back unchanged too.
@@ -952,6 +963,7 @@ mod tests {
                 volumes: vec![("agent".into(), "web-1.qcow2".into())],
                 console_log: Some("/var/log/web-1.log".into()),
                 instance_id: Some("i-<42>".into()),
+                taps: vec!["vnet3".into()],
             }
         );
     }
@@ -1047,6 +1059,8 @@ mod tests {
                 ],
                 console_log: Some("/tmp/nva-console.log".into()),
                 instance_id: Some("i-test-driver".into()),
+                // The test driver names the host side of a defined interface itself.
+                taps: facts.taps.clone(),
             },
             "{back}"
         );

@@ -148,7 +148,11 @@ pub fn env(extra: &[(&str, &str)]) -> Env {
     let topo = Topology::new();
     let scratch = Scratch::new();
     let libvirtd = Libvirtd::start(&topo.node);
-    let pool = format!("nva-test-{}", std::process::id());
+    let pool = format!(
+        "nva-test-{}-{}",
+        std::process::id(),
+        super::netns::unique_id()
+    );
     let pool_dir = scratch.path("pool");
     let pool_dir = pool_dir.to_string_lossy().into_owned();
     let mut settings: Vec<(&str, &str)> = vec![
@@ -256,4 +260,3 @@ impl Env {
         }
     }
 }
-
