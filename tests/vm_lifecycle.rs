@@ -38,7 +38,7 @@ fn tiny_vm(name: &str, kernel: &str, initrd: &str) -> Value {
 #[test]
 fn a_vm_lives_its_whole_life_through_the_api() {
     let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
-    let e = env(&[]);
+    let e = env(&[("RECONCILE_INTERVAL", "2")]);
     let api = &e.agent.api;
     let (kernel, initrd) = e.scratch.guest();
 
@@ -154,7 +154,9 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     std::fs::write(
         &foreign,
         "<domain type='qemu'><name>foreign1</name><memory unit='MiB'>64</memory>\
-         <os><type arch='x86_64'>hvm</type></os></domain>",
+         <os><type arch='x86_64'>hvm</type></os><devices><interface type='network'>\
+         <source network='default'/><mac address='52:54:00:99:99:99'/></interface>\
+         </devices></domain>",
     )
     .unwrap();
     virsh(&["define", &foreign.to_string_lossy()]);
@@ -173,6 +175,11 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     api.delete("/vms/foreign1?delete_files=true")
         .assert_error(|s| s == 409);
     assert!(e.domains().contains(&"foreign1".to_owned()));
+    // No lease for its MAC: a bounded wait, then 504.
+    let t = Instant::now();
+    api.call_waiting("GET", "/vms/foreign1/ip?timeout=1", BOOT)
+        .assert_error(|s| s == 504);
+    assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
 
     // Graceful stop: the guest powers off on the ACPI button, nothing is forced.
     let r = api.call_waiting("POST", "/vms/tiny1/stop", BOOT);
@@ -200,6 +207,59 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     assert_eq!(r.status, 200, "{r:?}");
     e.wait_ready("tiny1", 3);
     assert_eq!(e.state("tiny1"), "running");
+
+    // The image backs the VM's disk: it cannot go.
+    api.delete("/images/tiny").assert_error(|s| s == 409);
+
+    // Someone undefines the running domain behind the agent's back: reconcile defines
+    // it again from its row and starts it (desired state: running).
+    virsh(&["destroy", "tiny1"]);
+    virsh(&["undefine", "tiny1"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(e.domains().contains(&"tiny1".to_owned()) && e.state("tiny1") == "running") {
+        assert!(
+            Instant::now() < deadline,
+            "not redefined:\n{}",
+            e.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    e.wait_ready("tiny1", 4);
+
+    // The same name again is a conflict; with "recreate" it is a fresh VM: new
+    // instance-id, new disk and seed, and the guest boots with the new identity.
+    api.post("/vms", &tiny_vm("tiny1", &kernel, &initrd))
+        .assert_error(|s| s == 409);
+    let mut again = tiny_vm("tiny1", &kernel, &initrd);
+    again["recreate"] = json!(true);
+    let r = api.post("/vms", &again);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["recreated"], true);
+    let new_id = r.json()["instance_id"].as_str().unwrap().to_owned();
+    assert_ne!(new_id, instance_id);
+    // The console log went with the old disk, so this is the first boot of the new VM.
+    let marker = e.wait_ready("tiny1", 1);
+    assert_eq!(marker.get(2), Some(&new_id), "{marker:?}");
+    assert_eq!(
+        e.agent
+            .sql("select instance_id from vms where name='tiny1'")
+            .trim(),
+        new_id
+    );
+    // It kept its MAC, so it has its address again and the port map reaches the new VM.
+    assert_eq!(r.json()["mac"], mac.as_str());
+    let r = api.call_waiting("GET", "/vms/tiny1/ip?timeout=120", BOOT);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["ip"], ip.to_string());
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let body = loop {
+        match http_get(e.topo.client.name(), sa(NODE_IP, 18080), "/instance-id") {
+            Ok(b) => break b,
+            Err(err) if Instant::now() > deadline => panic!("through the port map: {err}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
+        }
+    };
+    assert_eq!(body.trim(), new_id);
 
     // Delete with files: domain, disk, seed and console go, and so does the port map
     // that pointed at the VM's address.
@@ -230,11 +290,16 @@ fn a_vm_lives_its_whole_life_through_the_api() {
 /// Serves `bytes` once per connection, announcing `announce` bytes and closing after
 /// `send` of them (an interrupted download when `send < announce`).
 fn serve_once(ns: &Netns, bytes: Vec<u8>, announce: usize, send: usize) -> u16 {
+    serve_on(ns, 0, bytes, announce, send)
+}
+
+/// As [`serve_once`], on a given port of the namespace's loopback (0: any).
+fn serve_on(ns: &Netns, port: u16, bytes: Vec<u8>, announce: usize, send: usize) -> u16 {
     let (tx, rx) = std::sync::mpsc::channel();
     let name = ns.name().to_owned();
     std::thread::spawn(move || {
         enter_netns(&name).unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        let l = TcpListener::bind(("127.0.0.1", port)).unwrap();
         tx.send(l.local_addr().unwrap().port()).unwrap();
         for conn in l.incoming().take(4) {
             let Ok(mut c) = conn else { continue };
@@ -278,7 +343,11 @@ fn wait_image(api: &Api, name: &str) -> Value {
 #[test]
 fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_are_survived() {
     let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
-    let e = env(&[]);
+    let e = env(&[
+        ("LIBVIRT_TIMEOUT", "3"),
+        ("VMS_DEFAULT_IMAGE", "deflt"),
+        ("VMS_DEFAULT_IMAGE_URL", "http://127.0.0.1:18999/deflt.img"),
+    ]);
     let api = &e.agent.api;
     let content: Vec<u8> = (0..(6u32 << 20)).map(|i| (i % 251) as u8).collect();
     let sha = sha256_hex(&content);
@@ -345,6 +414,32 @@ fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_a
             .assert_error(|s| (400..500).contains(&s));
     }
 
+    // A create that names no image fetches the default image on first use: 503 while
+    // it downloads, then the image is there.
+    serve_on(&e.topo.node, 18999, content.clone(), content.len(), content.len());
+    let r = api.post("/vms", &json!({"name": "needs-default"}));
+    r.assert_error(|s| s == 503);
+    assert!(r.json()["error"].as_str().unwrap().contains("being downloaded"), "{r:?}");
+    let img = wait_image(api, "deflt");
+    assert_eq!(img["state"], "ready", "{img}");
+    assert_eq!(img["source"], "http://127.0.0.1:18999/deflt.img");
+    assert!(e.domains().is_empty());
+
+    // libvirtd hangs: requests get a 503 after LIBVIRT_TIMEOUT, /health stays instant.
+    let pid = support::libvirt::Libvirtd::pid().unwrap();
+    let _ = Command::new("kill").args(["-STOP", &pid.to_string()]).status();
+    let t = Instant::now();
+    let r = api.call_waiting("GET", "/vms", Duration::from_secs(30));
+    let hung = t.elapsed();
+    let t = Instant::now();
+    let health = api.get("/health");
+    let health_ms = t.elapsed();
+    let _ = Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+    r.assert_error(|s| s == 503);
+    assert!(hung < Duration::from_secs(10), "{hung:?}");
+    assert_eq!(health.status, 200);
+    assert!(health_ms < Duration::from_secs(1), "{health_ms:?}");
+
     // libvirtd goes away: a clear 503, quickly; back: the next request works.
     e.libvirtd.kill();
     let t = Instant::now();
@@ -358,4 +453,5 @@ fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_a
     let r = api.get("/images");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(api.delete("/images/good").status, 200);
+    assert_eq!(api.delete("/images/deflt").status, 200);
 }

@@ -451,8 +451,14 @@ impl Vms {
             network_config: req.network_config.as_deref(),
         })
         .map_err(|e| VmError::Libvirt(e.to_string()))?;
-        let mut mac = random_mac();
-        {
+        // A recreated VM keeps its MAC, so DHCP gives it its address again and the
+        // port maps that point at it keep working; everything else is new.
+        let keep_mac = existing
+            .as_ref()
+            .filter(|_| req.recreate)
+            .map(|r| r.mac.clone());
+        let mut mac = keep_mac.clone().unwrap_or_else(random_mac);
+        if keep_mac.is_none() {
             let store = self.store.clone();
             for _ in 0..16 {
                 let m = mac.clone();
@@ -971,72 +977,85 @@ impl Vms {
     /// the agent did not create are never touched. Returns what was repaired.
     pub async fn reconcile(&self) -> Result<Vec<String>, VmError> {
         let rows = self.store.run(|s| s.with(vms::list)).await?;
-        let images = self.store.run(|s| s.with(vms::images)).await?;
-        let cfg = self.cfg.clone();
-        let busy: HashSet<String> = self.busy.lock().map(|b| b.clone()).unwrap_or_default();
-        self.lv
-            .call(move |conn| {
-                let mut repaired = Vec::new();
-                for row in rows.iter().filter(|r| !busy.contains(&r.name)) {
-                    if let Some(d) = lookup(conn, &row.name)? {
-                        // A domain started by someone else gets a new tap without hairpin.
-                        if d.is_active().unwrap_or(false) {
-                            hairpin(&d);
-                        }
-                        continue;
-                    }
-                    let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
-                    let start = row.desired_state == "running";
-                    let disk = storage::find_volume(&pool, &row.disk_volume)?;
-                    let seed_vol = storage::find_volume(&pool, &row.seed_volume)?;
-                    let result = if disk.is_some() && seed_vol.is_some() {
-                        conn.define_domain_xml(&domain_xml(&cfg, row, &cfg.pool_dir))
-                            .map_err(|e| VmError::libvirt(format!("defining domain {}", row.name), e))
-                            .and_then(|d| {
-                                let _ = d.set_autostart(start);
-                                if start {
-                                    d.create().map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
-                                    hairpin(&d);
-                                }
-                                Ok(())
-                            })
-                    } else {
-                        // The disk is gone too: rebuild it from the image. The seed gets the
-                        // default keys (the request's keys and user-data are not kept).
-                        let image = row
-                            .image
-                            .as_ref()
-                            .and_then(|n| images.iter().find(|i| &i.name == n && i.state == "ready"));
-                        if row.image.is_some() && image.is_none() {
-                            Err(VmError::NotFound(format!("image {:?} is gone", row.image)))
-                        } else {
-                            remove_vm(conn, &cfg, &row.name, None, true).and_then(|_| {
-                                let seed_bytes = seed::build(&seed::SeedSpec {
-                                    instance_id: &row.instance_id,
-                                    hostname: &row.hostname,
-                                    ssh_authorized_keys: &cfg.default_keys,
-                                    user_data: None,
-                                    network_config: None,
-                                })
-                                .map_err(|e| VmError::Libvirt(e.to_string()))?;
-                                build_vm(conn, &cfg, row, image, &seed_bytes, start)
-                            })
-                        }
-                    };
-                    match result {
-                        Ok(()) => {
-                            tracing::warn!(vm = %row.name, "domain was missing in libvirt; defined again from the database");
-                            repaired.push(format!("defined missing domain {}", row.name));
-                        }
-                        Err(e) => {
-                            tracing::error!(vm = %row.name, error = %e, "cannot restore the VM's domain");
-                        }
-                    }
+        let images = Arc::new(self.store.run(|s| s.with(vms::images)).await?);
+        let mut repaired = Vec::new();
+        for row in rows {
+            // A VM with an operation in flight is that operation's business; holding the
+            // claim keeps a create or delete from starting while this repairs the row.
+            let Ok(_claim) = self.claim(&row.name) else {
+                continue;
+            };
+            let cfg = self.cfg.clone();
+            let images = Arc::clone(&images);
+            let name = row.name.clone();
+            let result = self
+                .lv
+                .call(move |conn| reconcile_one(conn, &cfg, &row, &images))
+                .await;
+            match result {
+                Ok(true) => {
+                    tracing::warn!(vm = %name, "domain was missing in libvirt; defined again from the database");
+                    repaired.push(format!("defined missing domain {name}"));
                 }
-                Ok(repaired)
-            })
-            .await
+                Ok(false) => {}
+                Err(e @ VmError::Unavailable(_)) => return Err(e),
+                Err(e) => tracing::error!(vm = %name, error = %e, "cannot restore the VM's domain"),
+            }
+        }
+        Ok(repaired)
     }
+}
+
+/// One row of the reconcile: true when its domain had to be defined again.
+fn reconcile_one(
+    conn: &Connect,
+    cfg: &VmConfig,
+    row: &VmRow,
+    images: &[ImageRow],
+) -> Result<bool, VmError> {
+    if let Some(d) = lookup(conn, &row.name)? {
+        // A domain started by someone else gets a new tap without hairpin.
+        if d.is_active().unwrap_or(false) {
+            hairpin(&d);
+        }
+        return Ok(false);
+    }
+    let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
+    let start = row.desired_state == "running";
+    let disk = storage::find_volume(&pool, &row.disk_volume)?;
+    let seed_vol = storage::find_volume(&pool, &row.seed_volume)?;
+    if disk.is_some() && seed_vol.is_some() {
+        let d = conn
+            .define_domain_xml(&domain_xml(cfg, row, &cfg.pool_dir))
+            .map_err(|e| VmError::libvirt(format!("defining domain {}", row.name), e))?;
+        let _ = d.set_autostart(start);
+        if start {
+            d.create()
+                .map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
+            hairpin(&d);
+        }
+        return Ok(true);
+    }
+    // The disk is gone too: rebuild it from the image. The seed gets the default keys
+    // (the request's keys and user-data are not kept).
+    let image = row
+        .image
+        .as_ref()
+        .and_then(|n| images.iter().find(|i| &i.name == n && i.state == "ready"));
+    if row.image.is_some() && image.is_none() {
+        return Err(VmError::NotFound(format!("image {:?} is gone", row.image)));
+    }
+    remove_vm(conn, cfg, &row.name, None, true)?;
+    let seed_bytes = seed::build(&seed::SeedSpec {
+        instance_id: &row.instance_id,
+        hostname: &row.hostname,
+        ssh_authorized_keys: &cfg.default_keys,
+        user_data: None,
+        network_config: None,
+    })
+    .map_err(|e| VmError::Libvirt(e.to_string()))?;
+    build_vm(conn, cfg, row, image, &seed_bytes, start)?;
+    Ok(true)
 }
 
 fn status_of(

@@ -50,7 +50,7 @@ impl Libvirtd {
         }
     }
 
-    fn pid() -> Option<i32> {
+    pub fn pid() -> Option<i32> {
         std::fs::read_to_string("/var/run/libvirtd.pid")
             .ok()
             .and_then(|p| p.trim().parse().ok())
