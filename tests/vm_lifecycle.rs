@@ -416,10 +416,22 @@ fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_a
 
     // A create that names no image fetches the default image on first use: 503 while
     // it downloads, then the image is there.
-    serve_on(&e.topo.node, 18999, content.clone(), content.len(), content.len());
+    serve_on(
+        &e.topo.node,
+        18999,
+        content.clone(),
+        content.len(),
+        content.len(),
+    );
     let r = api.post("/vms", &json!({"name": "needs-default"}));
     r.assert_error(|s| s == 503);
-    assert!(r.json()["error"].as_str().unwrap().contains("being downloaded"), "{r:?}");
+    assert!(
+        r.json()["error"]
+            .as_str()
+            .unwrap()
+            .contains("being downloaded"),
+        "{r:?}"
+    );
     let img = wait_image(api, "deflt");
     assert_eq!(img["state"], "ready", "{img}");
     assert_eq!(img["source"], "http://127.0.0.1:18999/deflt.img");
@@ -427,14 +439,18 @@ fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_a
 
     // libvirtd hangs: requests get a 503 after LIBVIRT_TIMEOUT, /health stays instant.
     let pid = support::libvirt::Libvirtd::pid().unwrap();
-    let _ = Command::new("kill").args(["-STOP", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-STOP", &pid.to_string()])
+        .status();
     let t = Instant::now();
     let r = api.call_waiting("GET", "/vms", Duration::from_secs(30));
     let hung = t.elapsed();
     let t = Instant::now();
     let health = api.get("/health");
     let health_ms = t.elapsed();
-    let _ = Command::new("kill").args(["-CONT", &pid.to_string()]).status();
+    let _ = Command::new("kill")
+        .args(["-CONT", &pid.to_string()])
+        .status();
     r.assert_error(|s| s == 503);
     assert!(hung < Duration::from_secs(10), "{hung:?}");
     assert_eq!(health.status, 200);

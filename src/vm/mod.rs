@@ -2,6 +2,7 @@
 //! domain XML, the in-memory cloud-init seed, DHCP leases, and host statistics.
 
 pub mod conn;
+mod domain;
 mod error;
 pub mod hoststats;
 pub mod images;

@@ -7,16 +7,17 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
-use virt::connect::Connect;
-use virt::domain::Domain;
-use virt::sys;
 
+use super::domain::{
+    build_vm, domain_state, ensure_network, existing, facts, hairpin, lookup, random_mac,
+    reconcile_one, remove_vm,
+};
 use super::images::Images;
 use super::spec::{CreateVm, Limits};
 use super::{Libvirt, VmError, leases, seed, storage, xml};
 use crate::portmap::PortMaps;
 use crate::store::Store;
-use crate::store::vms::{self, ImageRow, VmRow};
+use crate::store::vms::{self, VmRow};
 
 /// The settings the VM layer needs, taken from `Settings` once.
 #[derive(Clone, Debug)]
@@ -98,240 +99,6 @@ impl Drop for Claim<'_> {
             b.remove(&self.name);
         }
     }
-}
-
-pub fn state_name(state: sys::virDomainState) -> &'static str {
-    match state {
-        sys::VIR_DOMAIN_RUNNING => "running",
-        sys::VIR_DOMAIN_BLOCKED => "blocked",
-        sys::VIR_DOMAIN_PAUSED => "paused",
-        sys::VIR_DOMAIN_SHUTDOWN => "shutdown",
-        sys::VIR_DOMAIN_SHUTOFF => "shutoff",
-        sys::VIR_DOMAIN_CRASHED => "crashed",
-        sys::VIR_DOMAIN_PMSUSPENDED => "pmsuspended",
-        _ => "nostate",
-    }
-}
-
-fn domain_state(dom: &Domain) -> Result<(bool, &'static str), VmError> {
-    let info = dom
-        .info()
-        .map_err(|e| VmError::libvirt("domain state", e))?;
-    let active = dom
-        .is_active()
-        .map_err(|e| VmError::libvirt("domain state", e))?;
-    Ok((active, state_name(info.state.to_raw())))
-}
-
-fn lookup(conn: &Connect, name: &str) -> Result<Option<Domain>, VmError> {
-    match conn.lookup_domain_by_name(name) {
-        Ok(d) => Ok(Some(d)),
-        Err(e) => {
-            let e = VmError::libvirt(format!("domain {name}"), e);
-            if e.is_not_found() { Ok(None) } else { Err(e) }
-        }
-    }
-}
-
-fn facts(dom: &Domain) -> Result<xml::DomainFacts, VmError> {
-    let text = dom
-        .xml_desc(0)
-        .map_err(|e| VmError::libvirt("domain XML", e))?;
-    xml::parse_domain(&text).map_err(|e| VmError::Libvirt(e.to_string()))
-}
-
-/// Hairpin mode on the running domain's taps, where they are bridge ports in the
-/// agent's own namespace (a local libvirt); elsewhere nothing to do.
-fn hairpin(dom: &Domain) {
-    let Ok(f) = facts(dom) else { return };
-    for tap in &f.taps {
-        match crate::net::link::enable_hairpin(tap) {
-            Ok(Some(true)) => tracing::debug!(tap = %tap, "hairpin mode on"),
-            Ok(_) => {}
-            Err(e) => tracing::warn!(tap = %tap, error = %e, "cannot set hairpin mode"),
-        }
-    }
-}
-
-fn random_mac() -> String {
-    let b: [u8; 3] = rand::random();
-    format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
-}
-
-/// The network, started and set to autostart if it was not (as the original did).
-fn ensure_network(conn: &Connect, name: &str) -> Result<(), VmError> {
-    let net = conn.lookup_network_by_name(name).map_err(|e| {
-        let e = VmError::libvirt(format!("network {name}"), e);
-        if e.is_not_found() {
-            VmError::Invalid(format!("network {name:?} does not exist in libvirt"))
-        } else {
-            e
-        }
-    })?;
-    if !net
-        .is_active()
-        .map_err(|e| VmError::libvirt("network state", e))?
-    {
-        tracing::info!(network = name, "starting inactive network");
-        net.create()
-            .map_err(|e| VmError::libvirt(format!("starting network {name}"), e))?;
-    }
-    if !net.autostart().unwrap_or(true) {
-        let _ = net.set_autostart(true);
-    }
-    Ok(())
-}
-
-fn domain_xml(cfg: &VmConfig, row: &VmRow, pool_dir: &str) -> String {
-    let console = format!(
-        "{}/{}",
-        pool_dir.trim_end_matches('/'),
-        storage::console_volume(&row.name)
-    );
-    xml::domain(&xml::DomainSpec {
-        name: &row.name,
-        uuid: &row.uuid,
-        domain_type: &row.domain_type,
-        memory_mib: u64::from(row.memory_mib),
-        vcpus: row.vcpus,
-        arch: &row.os_arch,
-        pool: &cfg.pool,
-        disk_volume: &row.disk_volume,
-        seed_volume: &row.seed_volume,
-        network: &row.network_name,
-        mac: &row.mac,
-        console_log: Some(&console),
-        kernel: row.kernel.as_deref(),
-        initrd: row.initrd.as_deref(),
-        cmdline: row.cmdline.as_deref(),
-        instance_id: &row.instance_id,
-    })
-}
-
-/// Creates the disk (backed by the image) and the seed, defines the domain and starts
-/// it. On failure everything it made is removed again.
-fn build_vm(
-    conn: &Connect,
-    cfg: &VmConfig,
-    row: &VmRow,
-    image: Option<&ImageRow>,
-    seed_bytes: &[u8],
-    start: bool,
-) -> Result<(), VmError> {
-    let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
-    let backing = match image {
-        Some(img) => {
-            let vol = storage::find_volume(&pool, &img.volume)?.ok_or_else(|| {
-                VmError::NotFound(format!(
-                    "image {} has no volume {} in pool {}; add the image again",
-                    img.name, img.volume, cfg.pool
-                ))
-            })?;
-            let info = vol.info().map_err(|e| VmError::libvirt("image size", e))?;
-            let want = u64::from(row.disk_size_gb) * storage::GIB;
-            if info.capacity > want {
-                return Err(VmError::Invalid(format!(
-                    "disk_size_gb {} is smaller than image {} ({} GiB)",
-                    row.disk_size_gb,
-                    img.name,
-                    info.capacity.div_ceil(storage::GIB)
-                )));
-            }
-            Some((
-                storage::volume_path(&vol)?,
-                img.format.clone().unwrap_or_else(|| "qcow2".into()),
-            ))
-        }
-        None => None,
-    };
-    let mut made: Vec<String> = Vec::new();
-    let result = (|| {
-        let disk_xml = xml::volume(
-            &row.disk_volume,
-            u64::from(row.disk_size_gb) * storage::GIB,
-            "qcow2",
-            backing.as_ref().map(|(p, f)| (p.as_str(), f.as_str())),
-        );
-        let t = Instant::now();
-        storage::create_volume(&pool, &row.disk_volume, &disk_xml)?;
-        made.push(row.disk_volume.clone());
-        let disk_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let t = Instant::now();
-        let seed_xml = xml::volume(&row.seed_volume, seed_bytes.len() as u64, "raw", None);
-        let seed_vol = storage::create_volume(&pool, &row.seed_volume, &seed_xml)?;
-        made.push(row.seed_volume.clone());
-        storage::upload(
-            conn,
-            &seed_vol,
-            std::iter::once(Ok(bytes::Bytes::copy_from_slice(seed_bytes))),
-        )?;
-        let seed_ms = t.elapsed().as_secs_f64() * 1000.0;
-        let t = Instant::now();
-        let dom = conn
-            .define_domain_xml(&domain_xml(cfg, row, &cfg.pool_dir))
-            .map_err(|e| VmError::libvirt(format!("defining domain {}", row.name), e))?;
-        let started = (|| {
-            dom.set_autostart(start)
-                .map_err(|e| VmError::libvirt("domain autostart", e))?;
-            if start {
-                dom.create()
-                    .map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
-                hairpin(&dom);
-            }
-            Ok(())
-        })();
-        if let Err(e) = started {
-            let _ = dom.undefine();
-            return Err(e);
-        }
-        tracing::debug!(
-            disk_ms,
-            seed_ms,
-            define_start_ms = t.elapsed().as_secs_f64() * 1000.0,
-            "VM build steps"
-        );
-        Ok(())
-    })();
-    if result.is_err() {
-        for v in made {
-            let _ = storage::delete_volume(&pool, &v);
-        }
-    }
-    result
-}
-
-/// Stops and undefines the domain, and with `files` deletes its volumes.
-fn remove_vm(
-    conn: &Connect,
-    cfg: &VmConfig,
-    name: &str,
-    dom: Option<Domain>,
-    files: bool,
-) -> Result<(), VmError> {
-    if let Some(dom) = dom {
-        if dom.is_active().unwrap_or(false) {
-            dom.destroy()
-                .map_err(|e| VmError::libvirt(format!("stopping {name}"), e))?;
-        }
-        let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-            | sys::VIR_DOMAIN_UNDEFINE_NVRAM;
-        dom.undefine_flags(flags)
-            .map_err(|e| VmError::libvirt(format!("undefining {name}"), e))?;
-    }
-    if files {
-        let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
-        // The console log only shows up as a volume after a refresh.
-        let _ = pool.refresh(0);
-        for v in [
-            storage::disk_volume(name),
-            storage::seed_volume(name),
-            storage::console_volume(name),
-        ] {
-            storage::delete_volume(&pool, &v)?;
-        }
-    }
-    Ok(())
 }
 
 impl Vms {
@@ -677,8 +444,7 @@ impl Vms {
         let was_running = self
             .lv
             .call(move |conn| {
-                let d = lookup(conn, &n)?
-                    .ok_or_else(|| VmError::NotFound(format!("no VM named {n}")))?;
+                let d = existing(conn, &n)?;
                 if d.is_active()
                     .map_err(|e| VmError::libvirt("domain state", e))?
                 {
@@ -702,8 +468,7 @@ impl Vms {
         let active = self
             .lv
             .call(move |conn| {
-                let d = lookup(conn, &n)?
-                    .ok_or_else(|| VmError::NotFound(format!("no VM named {n}")))?;
+                let d = existing(conn, &n)?;
                 let active = d
                     .is_active()
                     .map_err(|e| VmError::libvirt("domain state", e))?;
@@ -765,8 +530,7 @@ impl Vms {
         let n = name.to_string();
         self.lv
             .call(move |conn| {
-                let d = lookup(conn, &n)?
-                    .ok_or_else(|| VmError::NotFound(format!("no VM named {n}")))?;
+                let d = existing(conn, &n)?;
                 if !d
                     .is_active()
                     .map_err(|e| VmError::libvirt("domain state", e))?
@@ -881,8 +645,7 @@ impl Vms {
                 let f = self
                     .lv
                     .call(move |conn| {
-                        let d = lookup(conn, &n)?
-                            .ok_or_else(|| VmError::NotFound(format!("no VM named {n}")))?;
+                        let d = existing(conn, &n)?;
                         facts(&d)
                     })
                     .await?;
@@ -1004,58 +767,6 @@ impl Vms {
         }
         Ok(repaired)
     }
-}
-
-/// One row of the reconcile: true when its domain had to be defined again.
-fn reconcile_one(
-    conn: &Connect,
-    cfg: &VmConfig,
-    row: &VmRow,
-    images: &[ImageRow],
-) -> Result<bool, VmError> {
-    if let Some(d) = lookup(conn, &row.name)? {
-        // A domain started by someone else gets a new tap without hairpin.
-        if d.is_active().unwrap_or(false) {
-            hairpin(&d);
-        }
-        return Ok(false);
-    }
-    let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
-    let start = row.desired_state == "running";
-    let disk = storage::find_volume(&pool, &row.disk_volume)?;
-    let seed_vol = storage::find_volume(&pool, &row.seed_volume)?;
-    if disk.is_some() && seed_vol.is_some() {
-        let d = conn
-            .define_domain_xml(&domain_xml(cfg, row, &cfg.pool_dir))
-            .map_err(|e| VmError::libvirt(format!("defining domain {}", row.name), e))?;
-        let _ = d.set_autostart(start);
-        if start {
-            d.create()
-                .map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
-            hairpin(&d);
-        }
-        return Ok(true);
-    }
-    // The disk is gone too: rebuild it from the image. The seed gets the default keys
-    // (the request's keys and user-data are not kept).
-    let image = row
-        .image
-        .as_ref()
-        .and_then(|n| images.iter().find(|i| &i.name == n && i.state == "ready"));
-    if row.image.is_some() && image.is_none() {
-        return Err(VmError::NotFound(format!("image {:?} is gone", row.image)));
-    }
-    remove_vm(conn, cfg, &row.name, None, true)?;
-    let seed_bytes = seed::build(&seed::SeedSpec {
-        instance_id: &row.instance_id,
-        hostname: &row.hostname,
-        ssh_authorized_keys: &cfg.default_keys,
-        user_data: None,
-        network_config: None,
-    })
-    .map_err(|e| VmError::Libvirt(e.to_string()))?;
-    build_vm(conn, cfg, row, image, &seed_bytes, start)?;
-    Ok(true)
 }
 
 fn status_of(
