@@ -343,7 +343,7 @@ fn wait_image(api: &Api, name: &str) -> Value {
 #[test]
 fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_are_survived() {
     let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
-    let e = env(&[
+    let mut e = env(&[
         ("LIBVIRT_TIMEOUT", "3"),
         ("VMS_DEFAULT_IMAGE", "deflt"),
         ("VMS_DEFAULT_IMAGE_URL", "http://127.0.0.1:18999/deflt.img"),
@@ -470,4 +470,74 @@ fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_a
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(api.delete("/images/good").status, 200);
     assert_eq!(api.delete("/images/deflt").status, 200);
+
+    // A download in flight: its progress is visible and it cannot be deleted. Then the
+    // agent is killed: after the restart its partial volume is gone and the image is
+    // failed, not half there.
+    let port = serve_stalling(&e.topo.node, content.clone(), content.len(), 1 << 20);
+    let r = e.agent.api.post(
+        "/images",
+        &json!({"name": "stalled", "url": format!("http://127.0.0.1:{port}/img"), "sha256": sha}),
+    );
+    assert_eq!(r.status, 202, "{r:?}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let r = e.agent.api.get("/images");
+        let img = r.json()["images"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|i| i["name"] == "stalled")
+            .cloned()
+            .unwrap();
+        if img["received_bytes"] == json!(1 << 20) {
+            assert_eq!(img["state"], "downloading", "{img}");
+            assert_eq!(img["total_bytes"], json!(content.len()), "{img}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no progress: {img}");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    e.agent
+        .api
+        .delete("/images/stalled")
+        .assert_error(|s| s == 409);
+    assert!(
+        e.volumes()
+            .iter()
+            .any(|v| v.starts_with("partial.stalled."))
+    );
+    e.agent.kill9();
+    e.agent.start_again();
+    let img = wait_image(&e.agent.api, "stalled");
+    assert_eq!(img["state"], "failed", "{img}");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while e.volumes().iter().any(|v| v.starts_with("partial.")) {
+        assert!(Instant::now() < deadline, "{:?}", e.volumes());
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert!(!e.volumes().contains(&"image.stalled".to_owned()));
+}
+
+/// Serves `send` of `announce` bytes, then holds the connection open without sending
+/// more (a download that stalls).
+fn serve_stalling(ns: &Netns, bytes: Vec<u8>, announce: usize, send: usize) -> u16 {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let name = ns.name().to_owned();
+    std::thread::spawn(move || {
+        enter_netns(&name).unwrap();
+        let l = TcpListener::bind("127.0.0.1:0").unwrap();
+        tx.send(l.local_addr().unwrap().port()).unwrap();
+        if let Some(Ok(mut c)) = l.incoming().next() {
+            let mut req = [0u8; 4096];
+            let _ = c.read(&mut req);
+            let head = format!(
+                "HTTP/1.1 200 OK\r\nContent-Length: {announce}\r\nConnection: close\r\n\r\n"
+            );
+            let _ = c.write_all(head.as_bytes());
+            let _ = c.write_all(&bytes[..send.min(bytes.len())]);
+            std::thread::sleep(Duration::from_secs(120));
+        }
+    });
+    rx.recv().unwrap()
 }
