@@ -118,6 +118,9 @@ stop() {
     # libvirt keeps the default network's leases across daemon runs; a later run would
     # list this run's (dead) guests in net-dhcp-leases. Only our daemons use virbr0.
     rm -f /var/lib/libvirt/dnsmasq/virbr0.status
+    # The agent under test sets the network to autostart (as it should on a node); on
+    # this machine it must never come up outside a test namespace.
+    rm -f /etc/libvirt/qemu/networks/autostart/default.xml
     local p
     for f in /var/run/libvirtd.pid /var/run/virtlogd.pid; do
         p=$(pidfile_pid "$f")

@@ -77,6 +77,11 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     );
     assert_eq!(e.agent.sql("select count(*) from vms").trim(), "0");
 
+    // An inactive network is started (and set to autostart) by the create, as the
+    // original did.
+    virsh(&["net-destroy", "default"]);
+    assert!(virsh(&["net-info", "default"]).contains("Active:         no"));
+
     // Create: the answer comes before the guest boots.
     let t = Instant::now();
     let r = api.post("/vms", &tiny_vm("tiny1", &kernel, &initrd));
@@ -89,6 +94,9 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     let instance_id = created["instance_id"].as_str().unwrap().to_owned();
     let mac = created["mac"].as_str().unwrap().to_owned();
     assert_eq!(e.state("tiny1"), "running");
+    let net = virsh(&["net-info", "default"]);
+    assert!(net.contains("Active:         yes"), "{net}");
+    assert!(net.contains("Autostart:      yes"), "{net}");
     let vols = e.volumes();
     for v in ["vm.tiny1.disk.qcow2", "vm.tiny1.seed.img"] {
         assert!(vols.contains(&v.to_owned()), "{v} missing: {vols:?}");
