@@ -2,19 +2,25 @@
 # The agent's main job, end to end, in a throw-away sandbox:
 #   client ns --(10.77.1.0/24)-- node ns [agent, bridge] --(10.77.2.0/24)-- vm ns (HTTP)
 # A TCP port map created through the authenticated API takes the client's request to
-# the node's port 8080 to the vm's HTTP server. Everything lives in namespaces this
-# script creates, and is removed on exit unless --keep is given.
+# the node's port 8080 to the vm's HTTP server. Then a real libvirtd inside the node
+# namespace (scripts/libvirt-netns.sh) boots a real VM created through the API (the tiny
+# TCG guest of scripts/build-tiny-guest.sh, with its cloud-init seed), the agent finds
+# its address in the DHCP leases, and a second port map reaches the VM's own HTTP server.
+# Everything lives in namespaces this script creates, and is removed on exit unless
+# --keep is given.
 #
-# Usage: scripts/demo.sh [--keep]
+# Usage: scripts/demo.sh [--keep] [--no-vm]
 #   AGENT_BIN=path   use this binary instead of building target/release/node-vm-agent
 set -euo pipefail
 
 cd "$(dirname "$0")/.."
 
 KEEP=0
+WITH_VM=1
 for arg in "$@"; do
     case "$arg" in
         --keep) KEEP=1 ;;
+        --no-vm) WITH_VM=0 ;;
         -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
         *) echo "demo.sh: unknown argument $arg" >&2; exit 2 ;;
     esac
@@ -49,6 +55,7 @@ WORK=$(mktemp -d /tmp/nva-demo.XXXXXX)
 DATA=$WORK/data
 TOKEN=
 mkdir -p "$DATA" "$WORK/www"
+chmod 755 "$WORK"   # libvirt's QEMU (another user) reads the pool and the guest's kernel
 AGENT_PID=
 HTTP_PID=
 
@@ -58,6 +65,7 @@ cat > "$WORK/cleanup.sh" <<CLEAN
 # Removes the demo sandbox $ID.
 kill \$(cat "$WORK/agent.pid" 2>/dev/null) \$(cat "$WORK/http.pid" 2>/dev/null) 2>/dev/null || true
 sleep 0.5
+if [ -f "$WORK/libvirtd.on" ]; then "$PWD/scripts/libvirt-netns.sh" stop $NODE || true; fi
 for ns in $CLIENT $NODE $VM; do ip netns delete "\$ns" 2>/dev/null || true; done
 rm -rf "$WORK"
 CLEAN
@@ -128,10 +136,20 @@ for _ in $(seq 1 50); do
     sleep 0.2
 done
 
+VM_ENV=()
+if ((WITH_VM)); then
+    say "libvirtd inside $NODE (its bridge virbr0 and DHCP exist only there) and the tiny guest"
+    touch "$WORK/libvirtd.on"
+    scripts/libvirt-netns.sh start $NODE
+    scripts/build-tiny-guest.sh "$WORK/guest"
+    VM_ENV=(LIBVIRT_URI=qemu:///system VMS_DOMAIN_TYPE=qemu VMS_WORK_DIR="$WORK/pool"
+        VMS_POOL=nva-demo-$ID ALLOWED_TARGETS=192.168.122.0/24 VMS_DEFAULT_IMAGE_URL=)
+fi
+
 say "starting the agent in $NODE"
 # No API_TOKEN: the agent generates one into $DATA/api.token (mode 0600), as on a node.
 ip netns exec $NODE env -u API_TOKEN -u PORTMAP_TOKEN DATA_DIR="$DATA" NODE_API_PORT=8000 API_LISTEN=0.0.0.0 \
-    VMS_BRIDGE=$BRIDGE VM_SUBNET=10.77.2.0/24 EXTERNAL_IFACE=ext0 \
+    VMS_BRIDGE=$BRIDGE VM_SUBNET=10.77.2.0/24 EXTERNAL_IFACE=ext0 "${VM_ENV[@]}" \
     "$AGENT_BIN" serve > "$WORK/agent.log" 2>&1 &
 AGENT_PID=$!
 echo $AGENT_PID > "$WORK/agent.pid"
@@ -164,10 +182,47 @@ echo
 say "nft list table ip node_vm_agent (in $NODE)"
 in_ns $NODE nft list table ip node_vm_agent
 
+if ((WITH_VM)); then
+    say "POST /images/tiny: a 4 MiB raw disk image, streamed into libvirt's pool"
+    head -c $((4 << 20)) /dev/zero > "$WORK/tiny.img"
+    in_ns $CLIENT curl -fsS --max-time 60 "${auth[@]}" --data-binary @"$WORK/tiny.img" \
+        -H 'Content-Type: application/octet-stream' $API/images/tiny
+    echo
+    say "POST /vms: demo1 (256 MiB, 1 vCPU, 1 GiB qcow2 disk backed by the image, direct kernel boot)"
+    in_ns $CLIENT curl -fsS --max-time 60 "${auth[@]}" -H 'Content-Type: application/json' -d "{
+        \"name\": \"demo1\", \"memory_mib\": 256, \"vcpus\": 1, \"disk_size_gb\": 1, \"image\": \"tiny\",
+        \"kernel\": \"$WORK/guest/vmlinuz\", \"initrd\": \"$WORK/guest/initramfs.cpio.gz\",
+        \"cmdline\": \"console=ttyS0 loglevel=4 panic=-1\"}" $API/vms
+    echo
+    say "GET /vms/demo1/ip: waits for the DHCP lease of the VM's MAC"
+    IPJSON=$(in_ns $CLIENT curl -fsS --max-time 150 "${auth[@]}" "$API/vms/demo1/ip?timeout=120")
+    echo "$IPJSON"
+    VMIP=$(sed -n 's/.*"ip":"\([0-9.]*\)".*/\1/p' <<<"$IPJSON")
+    say "POST /ports: node port 8081/tcp -> $VMIP:80 (the VM's HTTP server)"
+    in_ns $CLIENT curl -fsS --max-time 5 "${auth[@]}" -H 'Content-Type: application/json' \
+        -d "{\"listen_port\":8081,\"target_ip\":\"$VMIP\",\"target_port\":80}" $API/ports
+    echo
+    say "curl from the client to the node's 10.77.1.1:8081: the VM answers with the hostname and instance-id from its seed"
+    for _ in $(seq 1 60); do
+        if in_ns $CLIENT curl -fsS --max-time 2 http://10.77.1.1:8081/hostname > /dev/null 2>&1; then break; fi
+        sleep 0.5
+    done
+    echo "hostname:    $(in_ns $CLIENT curl -fsS --max-time 5 http://10.77.1.1:8081/hostname)"
+    echo "instance-id: $(in_ns $CLIENT curl -fsS --max-time 5 http://10.77.1.1:8081/instance-id)"
+    say "GET /vms"
+    in_ns $CLIENT curl -fsS --max-time 10 "${auth[@]}" $API/vms
+    echo
+    say "DELETE /vms/demo1?delete_files=true (its port map goes with it)"
+    in_ns $CLIENT curl -fsS --max-time 60 "${auth[@]}" -X DELETE "$API/vms/demo1?delete_files=true"
+    echo
+fi
+
 if [[ -f $DATA/agent.db ]]; then
     say "the SQLite state ($DATA/agent.db)"
     sqlite3 "$DATA/agent.db" .tables
     # The audit trail an operator reads; the table name is the agent's (port_maps today).
     sqlite3 -header -column "$DATA/agent.db" 'select * from port_maps' 2>/dev/null || true
+    sqlite3 -header -column "$DATA/agent.db" 'select name, state, source, size_bytes, sha256 from images' 2>/dev/null || true
+    sqlite3 -header -column "$DATA/agent.db" 'select at, identity, action, outcome, status from audit_log' 2>/dev/null || true
 fi
 say "demo OK"

@@ -276,6 +276,12 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     assert_eq!(r.json()["deleted_files"], true);
     let removed = r.json()["removed_port_maps"].as_array().unwrap().clone();
     assert_eq!(removed.len(), 1, "{removed:?}");
+    assert_eq!(
+        e.agent
+            .sql("select identity, parameters like '%\"vm\":\"tiny1\"%' from audit_log where action = 'DELETE /ports (VM deleted)'")
+            .trim(),
+        "agent|1"
+    );
     assert!(!e.domains().contains(&"tiny1".to_owned()));
     let vols = e.volumes();
     assert!(!vols.iter().any(|v| v.starts_with("vm.tiny1")), "{vols:?}");

@@ -16,8 +16,8 @@ use super::images::Images;
 use super::spec::{CreateVm, Limits};
 use super::{Libvirt, VmError, leases, seed, storage, xml};
 use crate::portmap::PortMaps;
-use crate::store::Store;
 use crate::store::vms::{self, VmRow};
+use crate::store::{Store, audit};
 
 /// The settings the VM layer needs, taken from `Settings` once.
 #[derive(Clone, Debug)]
@@ -595,6 +595,7 @@ impl Vms {
             let ips: Vec<String> = [row_ip, lease_ip].into_iter().flatten().collect();
             if !ips.is_empty() {
                 let pm = Arc::clone(pm);
+                let vm = name.to_string();
                 removed = tokio::task::spawn_blocking(move || {
                     let mut removed = Vec::new();
                     for m in pm.list().unwrap_or_default() {
@@ -605,6 +606,28 @@ impl Vms {
                                 "{}/{} -> {}:{}",
                                 gone.listen_port, gone.proto, gone.target_ip, gone.target_port
                             ));
+                            // The operator asked for the VM's deletion, not for this:
+                            // say in the audit trail why the map went.
+                            let entry = audit::Entry {
+                                client_addr: None,
+                                identity: "agent".into(),
+                                action: "DELETE /ports (VM deleted)".into(),
+                                parameters: Some(
+                                    serde_json::json!({
+                                        "vm": vm,
+                                        "listen_port": gone.listen_port,
+                                        "proto": gone.proto.to_string(),
+                                        "target": format!("{}:{}", gone.target_ip, gone.target_port),
+                                    })
+                                    .to_string(),
+                                ),
+                                outcome: audit::Outcome::Ok,
+                                status: None,
+                                error: None,
+                            };
+                            if let Err(e) = pm.store().with(|c| audit::record(c, &entry)) {
+                                tracing::error!(error = %e, "could not write the audit row");
+                            }
                         }
                     }
                     removed
