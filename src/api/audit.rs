@@ -77,6 +77,7 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
             serde_json::json!({
                 "uri": uri,
                 "body": serde_json::from_str::<serde_json::Value>(&body_text)
+                    .map(redact)
                     .unwrap_or(serde_json::Value::String(body_text)),
             })
             .to_string(),
@@ -99,4 +100,34 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         tracing::error!(result = ?written, "could not write the audit row");
     }
     resp
+}
+
+/// Request fields that may carry secrets (cloud-init user-data often holds passwords or
+/// tokens): the audit row keeps their size, not their content.
+const REDACTED_FIELDS: &[&str] = &["user_data", "network_config"];
+
+fn redact(mut body: serde_json::Value) -> serde_json::Value {
+    if let Some(obj) = body.as_object_mut() {
+        for field in REDACTED_FIELDS {
+            if let Some(v) = obj.get_mut(*field)
+                && let Some(text) = v.as_str()
+            {
+                *v = serde_json::Value::String(format!("<{} bytes, not recorded>", text.len()));
+            }
+        }
+    }
+    body
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn user_data_is_not_recorded() {
+        let body =
+            serde_json::json!({"name": "vm1", "user_data": "#cloud-config\npassword: hunter2"});
+        let r = super::redact(body);
+        assert_eq!(r["name"], "vm1");
+        assert_eq!(r["user_data"], "<31 bytes, not recorded>");
+        assert!(!r.to_string().contains("hunter2"));
+    }
 }

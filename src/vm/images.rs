@@ -75,6 +75,9 @@ impl Images {
     ) -> Arc<Self> {
         let http = reqwest::Client::builder()
             .connect_timeout(std::time::Duration::from_secs(30))
+            // A server that stops sending fails the download instead of holding the
+            // image name in "downloading" for ever.
+            .read_timeout(std::time::Duration::from_secs(60))
             .build()
             .unwrap_or_default();
         Arc::new(Self {
