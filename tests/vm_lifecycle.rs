@@ -82,11 +82,26 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     virsh(&["net-destroy", "default"]);
     assert!(virsh(&["net-info", "default"]).contains("Active:         no"));
 
-    // Create: the answer comes before the guest boots.
-    let t = Instant::now();
-    let r = api.post("/vms", &tiny_vm("tiny1", &kernel, &initrd));
-    let create_ms = t.elapsed().as_secs_f64() * 1000.0;
+    // Create, twice at once: one wins, the other gets a 409 (busy, or exists).
+    let body = tiny_vm("tiny1", &kernel, &initrd);
+    let (r, other) = std::thread::scope(|s| {
+        let a = s.spawn(|| {
+            let t = Instant::now();
+            (api.post("/vms", &body), t.elapsed())
+        });
+        let b = s.spawn(|| api.post("/vms", &body));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    let (r, took) = r;
+    let (r, other) = if r.status == 200 {
+        (r, other)
+    } else {
+        (other, r)
+    };
+    let create_ms = took.as_secs_f64() * 1000.0;
     assert_eq!(r.status, 200, "{r:?}\n{}", e.agent.log());
+    other.assert_error(|s| s == 409);
+    assert_eq!(e.domains(), vec!["tiny1".to_owned()]);
     let created = r.json().clone();
     assert_eq!(created["ok"], true);
     assert_eq!(created["name"], "tiny1");
