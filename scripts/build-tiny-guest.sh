@@ -5,7 +5,7 @@
 #                             + an /init that reads a cloud-init NoCloud seed (a disk
 #                             labelled CIDATA: instance-id, local-hostname) if one is
 #                             attached, runs udhcpc on eth0, serves its hostname and
-#                             instance-id with `httpd -p 80` and prints
+#                             instance-id (and /user-data) with `httpd -p 80` and prints
 #                             `TINY-GUEST-READY <ip> <hostname> <instance-id>` on the
 #                             serial console. On the ACPI power button (QEMU
 #                             system_powerdown, libvirt shutdown/reboot) it syncs,
@@ -283,6 +283,9 @@ udhcpc -i eth0 -t 20 -T 1 -n -S -s /usr/share/udhcpc/default.script \
 echo "<html><body>hostname: $name</body></html>" > /www/index.html
 echo "$name" > /www/hostname
 echo "$instance_id" > /www/instance-id
+# The seed's user-data as the guest read it (empty without a seed), for tests that check
+# what the agent put there (keys, verbatim user-data).
+cat /seed/user-data > /www/user-data 2>/dev/null || : > /www/user-data
 httpd -p 80 -h /www
 
 echo "TINY-GUEST-READY $(cat /run/ip 2>/dev/null || echo none) $name $instance_id"

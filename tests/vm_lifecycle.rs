@@ -20,6 +20,10 @@ use support::libvirt::{BOOT, LIBVIRTD, env, virsh};
 use support::netns::enter_netns;
 use support::*;
 
+/// SSH_AUTHORIZED_KEYS of the lifecycle test's agent; a create may bring its own.
+const DEFAULT_KEY: &str =
+    "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBdMCdPexVOBbnwk88Mu0xzRCNPTt7FdrDtvNeHvBpso ops@node";
+
 fn tiny_vm(name: &str, kernel: &str, initrd: &str) -> Value {
     json!({
         "name": name,
@@ -38,7 +42,10 @@ fn tiny_vm(name: &str, kernel: &str, initrd: &str) -> Value {
 #[test]
 fn a_vm_lives_its_whole_life_through_the_api() {
     let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
-    let e = env(&[("RECONCILE_INTERVAL", "2")]);
+    let e = env(&[
+        ("RECONCILE_INTERVAL", "2"),
+        ("SSH_AUTHORIZED_KEYS", DEFAULT_KEY),
+    ]);
     let api = &e.agent.api;
     let (kernel, initrd) = e.scratch.guest();
 
@@ -155,6 +162,13 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     );
     assert_eq!(e.guest_http(ip, "/hostname").trim(), "tiny1");
     assert_eq!(e.guest_http(ip, "/instance-id").trim(), instance_id);
+    // The generated user-data carries the default key (the request brought none), sets
+    // the hostname, and has no password of any kind.
+    let user_data = e.guest_http(ip, "/user-data");
+    assert!(user_data.starts_with("#cloud-config\n"), "{user_data}");
+    assert!(user_data.contains(DEFAULT_KEY), "{user_data}");
+    assert!(user_data.contains("\"hostname\":\"tiny1\""), "{user_data}");
+    assert!(!user_data.contains("passw"), "{user_data}");
 
     // A port map reaches the guest's HTTP server from the client namespace.
     let r = api.post(
@@ -255,6 +269,9 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         .assert_error(|s| s == 409);
     let mut again = tiny_vm("tiny1", &kernel, &initrd);
     again["recreate"] = json!(true);
+    // This time with the operator's own user-data, which the seed carries verbatim.
+    let raw = "#cloud-config\nruncmd:\n  - [\"echo\", \"<hi & 'bye'>\"]\n";
+    again["user_data"] = json!(raw);
     let r = api.post("/vms", &again);
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["recreated"], true);
@@ -283,6 +300,7 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         }
     };
     assert_eq!(body.trim(), new_id);
+    assert_eq!(e.guest_http(ip, "/user-data"), raw);
 
     // Delete with files: domain, disk, seed and console go, and so does the port map
     // that pointed at the VM's address.
