@@ -176,14 +176,7 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         &json!({"listen_port": 18080, "target_ip": ip.to_string(), "target_port": 80}),
     );
     assert_eq!(r.status, 200, "{r:?}");
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
-        match http_get(e.topo.client.name(), sa(NODE_IP, 18080), "/hostname") {
-            Ok(b) => break b,
-            Err(err) if Instant::now() > deadline => panic!("through the port map: {err}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(250)),
-        }
-    };
+    let body = e.via_node_port(18080, "/hostname");
     assert_eq!(body.trim(), "tiny1");
 
     // Listed as the agent's, next to a domain someone else defined.
@@ -291,14 +284,7 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     let r = api.call_waiting("GET", "/vms/tiny1/ip?timeout=120", BOOT);
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["ip"], ip.to_string());
-    let deadline = Instant::now() + Duration::from_secs(20);
-    let body = loop {
-        match http_get(e.topo.client.name(), sa(NODE_IP, 18080), "/instance-id") {
-            Ok(b) => break b,
-            Err(err) if Instant::now() > deadline => panic!("through the port map: {err}"),
-            Err(_) => std::thread::sleep(Duration::from_millis(250)),
-        }
-    };
+    let body = e.via_node_port(18080, "/instance-id");
     assert_eq!(body.trim(), new_id);
     assert_eq!(e.guest_http(ip, "/user-data"), raw);
 

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant};
 use super::agent::Agent;
 use super::client::{Response, http_get};
 use super::netns::{Netns, run_ok};
-use super::topology::{Topology, sa};
+use super::topology::{NODE_IP, Topology, sa};
 use std::net::Ipv4Addr;
 
 pub static LIBVIRTD: Mutex<()> = Mutex::new(());
@@ -249,14 +249,26 @@ impl Env {
             .to_owned()
     }
 
+    /// `GET path` of the guest's HTTP server at `ip`, from the node (retried for 30 s).
     pub fn guest_http(&self, ip: Ipv4Addr, path: &str) -> String {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        loop {
-            match http_get(self.topo.node.name(), sa(ip, 80), path) {
-                Ok(b) => return b,
-                Err(e) if Instant::now() > deadline => panic!("guest HTTP {path}: {e}"),
-                Err(_) => std::thread::sleep(Duration::from_millis(250)),
-            }
+        http_retrying(self.topo.node.name(), sa(ip, 80), path)
+    }
+
+    /// `GET path` from the client namespace to the node's `port` (a port map).
+    pub fn via_node_port(&self, port: u16, path: &str) -> String {
+        http_retrying(self.topo.client.name(), sa(NODE_IP, port), path)
+    }
+}
+
+/// `GET path` from `ns` to `addr`, retried for up to 30 s (a guest still booting, a
+/// lease or map not yet in place).
+fn http_retrying(ns: &str, addr: std::net::SocketAddr, path: &str) -> String {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        match http_get(ns, addr, path) {
+            Ok(b) => return b,
+            Err(e) if Instant::now() > deadline => panic!("HTTP {addr}{path} from {ns}: {e}"),
+            Err(_) => std::thread::sleep(Duration::from_millis(250)),
         }
     }
 }
