@@ -160,6 +160,13 @@ impl Vms {
     pub async fn create(&self, req: CreateVm, by: &str) -> Result<Created, VmError> {
         req.validate(&self.cfg.limits)?;
         let _claim = self.claim(&req.name)?;
+        let existing = self.row(&req.name).await?;
+        if existing.is_some() && !req.recreate {
+            return Err(VmError::Conflict(format!(
+                "VM {} already exists; pass \"recreate\": true to replace it with a fresh one",
+                req.name
+            )));
+        }
         let image_name = match (&req.image, &req.kernel) {
             (Some(i), _) => Some(i.clone()),
             (None, Some(_)) => None,
@@ -202,7 +209,6 @@ impl Vms {
                 }
             }
         };
-        let existing = self.row(&req.name).await?;
         let keys = req
             .ssh_authorized_keys
             .clone()
