@@ -323,11 +323,30 @@ fn a_vm_lives_its_whole_life_through_the_api() {
 /// Serves `bytes` once per connection, announcing `announce` bytes and closing after
 /// `send` of them (an interrupted download when `send < announce`).
 fn serve_once(ns: &Netns, bytes: Vec<u8>, announce: usize, send: usize) -> u16 {
-    serve_on(ns, 0, bytes, announce, send)
+    serve(ns, 0, bytes, announce, send, Duration::ZERO)
 }
 
 /// As [`serve_once`], on a given port of the namespace's loopback (0: any).
 fn serve_on(ns: &Netns, port: u16, bytes: Vec<u8>, announce: usize, send: usize) -> u16 {
+    serve(ns, port, bytes, announce, send, Duration::ZERO)
+}
+
+/// Serves `send` of `announce` bytes, then holds the connection open without sending
+/// more (a download that stalls).
+fn serve_stalling(ns: &Netns, bytes: Vec<u8>, announce: usize, send: usize) -> u16 {
+    serve(ns, 0, bytes, announce, send, Duration::from_secs(120))
+}
+
+/// The test download server: up to 4 connections, each answered with `send` of
+/// `announce` bytes, then held open for `hold` before it is closed.
+fn serve(
+    ns: &Netns,
+    port: u16,
+    bytes: Vec<u8>,
+    announce: usize,
+    send: usize,
+    hold: Duration,
+) -> u16 {
     let (tx, rx) = std::sync::mpsc::channel();
     let name = ns.name().to_owned();
     std::thread::spawn(move || {
@@ -343,6 +362,7 @@ fn serve_on(ns: &Netns, port: u16, bytes: Vec<u8>, announce: usize, send: usize)
             );
             let _ = c.write_all(head.as_bytes());
             let _ = c.write_all(&bytes[..send.min(bytes.len())]);
+            std::thread::sleep(hold);
         }
     });
     rx.recv().unwrap()
@@ -550,27 +570,4 @@ fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_a
         std::thread::sleep(Duration::from_millis(200));
     }
     assert!(!e.volumes().contains(&"image.stalled".to_owned()));
-}
-
-/// Serves `send` of `announce` bytes, then holds the connection open without sending
-/// more (a download that stalls).
-fn serve_stalling(ns: &Netns, bytes: Vec<u8>, announce: usize, send: usize) -> u16 {
-    let (tx, rx) = std::sync::mpsc::channel();
-    let name = ns.name().to_owned();
-    std::thread::spawn(move || {
-        enter_netns(&name).unwrap();
-        let l = TcpListener::bind("127.0.0.1:0").unwrap();
-        tx.send(l.local_addr().unwrap().port()).unwrap();
-        if let Some(Ok(mut c)) = l.incoming().next() {
-            let mut req = [0u8; 4096];
-            let _ = c.read(&mut req);
-            let head = format!(
-                "HTTP/1.1 200 OK\r\nContent-Length: {announce}\r\nConnection: close\r\n\r\n"
-            );
-            let _ = c.write_all(head.as_bytes());
-            let _ = c.write_all(&bytes[..send.min(bytes.len())]);
-            std::thread::sleep(Duration::from_secs(120));
-        }
-    });
-    rx.recv().unwrap()
 }
