@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::libvirt::{BOOT, LIBVIRTD, env, virsh};
+use support::libvirt::{BOOT, Env, LIBVIRTD, env, virsh};
 use support::netns::enter_netns;
 use support::*;
 
@@ -245,15 +245,7 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     // it again from its row and starts it (desired state: running).
     virsh(&["destroy", "tiny1"]);
     virsh(&["undefine", "tiny1"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(e.domains().contains(&"tiny1".to_owned()) && e.state("tiny1") == "running") {
-        assert!(
-            Instant::now() < deadline,
-            "not redefined:\n{}",
-            e.agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_redefined(&e, "tiny1");
     e.wait_ready("tiny1", 4);
 
     // The same name again is a conflict; with "recreate" it is a fresh VM: new
@@ -288,6 +280,44 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     assert_eq!(body.trim(), new_id);
     assert_eq!(e.guest_http(ip, "/user-data"), raw);
 
+    // Someone deletes the seed volume and undefines the domain: reconcile builds the
+    // same seed again from the database (same instance-id, the operator's user-data, not
+    // the defaults) and keeps the disk, which is the VM's data. A hard link holds the
+    // disk's inode, so a re-created disk could not get the same one.
+    use std::os::unix::fs::MetadataExt;
+    let disk = e.scratch.path("pool").join("vm.tiny1.disk.qcow2");
+    let held = e.scratch.path("disk-held");
+    std::fs::hard_link(&disk, &held).unwrap();
+    virsh(&["destroy", "tiny1"]);
+    virsh(&["undefine", "tiny1"]);
+    virsh(&["vol-delete", "--pool", &e.pool, "vm.tiny1.seed.img"]);
+    wait_redefined(&e, "tiny1");
+    assert_eq!(
+        std::fs::metadata(&disk).unwrap().ino(),
+        std::fs::metadata(&held).unwrap().ino(),
+        "the VM's disk was re-created"
+    );
+    std::fs::remove_file(&held).unwrap();
+    assert!(e.volumes().contains(&"vm.tiny1.seed.img".to_owned()));
+    let marker = e.wait_ready("tiny1", 2);
+    assert_eq!(marker.get(2), Some(&new_id), "{marker:?}");
+    let r = api.call_waiting("GET", "/vms/tiny1/ip?timeout=120", BOOT);
+    assert_eq!(r.json()["ip"], ip.to_string());
+    assert_eq!(e.guest_http(ip, "/user-data"), raw);
+    // The seed's inputs are in the database, never in an answer or the audit log.
+    let listed = api.get("/vms").body;
+    let status = api.get("/vms/tiny1/status").body;
+    let audit = e.agent.sql("select parameters from audit_log");
+    for text in [&listed, &status, &audit] {
+        assert!(!text.contains("bye'>"), "user-data leaked: {text}");
+    }
+    assert_eq!(
+        e.agent
+            .sql("select user_data from vm_seeds where name='tiny1'")
+            .trim_end(),
+        raw.trim_end()
+    );
+
     // Delete with files: domain, disk, seed and console go, and so does the port map
     // that pointed at the VM's address.
     let r = api.delete("/vms/tiny1?delete_files=true");
@@ -318,6 +348,19 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         !String::from_utf8_lossy(&root.stdout).contains("node_vm_agent"),
         "the agent's table leaked into the root namespace"
     );
+}
+
+/// Waits for reconcile to define `vm` again and start it.
+fn wait_redefined(e: &Env, vm: &str) {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !(e.domains().contains(&vm.to_owned()) && e.state(vm) == "running") {
+        assert!(
+            Instant::now() < deadline,
+            "{vm} not redefined:\n{}",
+            e.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
 }
 
 /// Serves `bytes` once per connection, announcing `announce` bytes and closing after

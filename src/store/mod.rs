@@ -21,6 +21,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0001_init.sql"),
     include_str!("../../migrations/0002_mesh_join.sql"),
     include_str!("../../migrations/0003_vms.sql"),
+    include_str!("../../migrations/0004_vm_seeds.sql"),
 ];
 
 /// The current time as SQLite writes it into every `*_at` column.
@@ -41,6 +42,12 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
+    /// The database file's mode could not be set to 0600.
+    #[error("cannot make {path} private (mode 0600): {source}")]
+    Mode {
+        path: String,
+        source: std::io::Error,
+    },
     /// A blocking task panicked or was cancelled.
     #[error("database task failed: {0}")]
     Task(String),
@@ -58,9 +65,20 @@ pub struct Store {
 impl Store {
     /// Opens (or creates) the database, sets WAL, foreign keys and a busy timeout, and
     /// applies pending migrations in one transaction each.
+    ///
+    /// The file and its -wal and -shm companions are made mode 0600: the database keeps
+    /// the VMs' cloud-init user-data, which may hold secrets.
     pub fn open(path: &Path) -> Result<Self, StoreError> {
         let conn = Connection::open(path)?;
-        Self::prepare(conn, &path.display().to_string())
+        // Before WAL is switched on, so SQLite creates -wal and -shm with this mode.
+        restrict(path)?;
+        let store = Self::prepare(conn, &path.display().to_string())?;
+        for suffix in ["-wal", "-shm"] {
+            let mut p = path.as_os_str().to_owned();
+            p.push(suffix);
+            restrict(Path::new(&p))?;
+        }
+        Ok(store)
     }
 
     /// An in-memory database, for unit tests.
@@ -123,6 +141,18 @@ impl Store {
     }
 }
 
+/// Sets mode 0600 on `path` if it exists.
+fn restrict(path: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::PermissionsExt;
+    match std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)) {
+        Err(e) if e.kind() != std::io::ErrorKind::NotFound => Err(StoreError::Mode {
+            path: path.display().to_string(),
+            source: e,
+        }),
+        _ => Ok(()),
+    }
+}
+
 fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
     let known = MIGRATIONS.len() as i64;
     let found: i64 = conn.pragma_query_value(None, "user_version", |r| r.get(0))?;
@@ -168,6 +198,31 @@ mod tests {
         drop(conn);
         let err = Store::open(&path).err().unwrap().to_string();
         assert!(err.contains("schema version 99"), "{err}");
+    }
+
+    #[test]
+    fn the_database_files_are_private() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        // An older agent left the file world-readable.
+        drop(Connection::open(&path).unwrap());
+        std::fs::set_permissions(&path, std::fs::Permissions::from_mode(0o644)).unwrap();
+        let store = Store::open(&path).unwrap();
+        store
+            .with(|c| {
+                Ok::<_, StoreError>(
+                    c.execute_batch("CREATE TABLE t (x); INSERT INTO t VALUES (1);")?,
+                )
+            })
+            .unwrap();
+        for name in ["agent.db", "agent.db-wal", "agent.db-shm"] {
+            let mode = std::fs::metadata(dir.path().join(name))
+                .unwrap()
+                .permissions()
+                .mode();
+            assert_eq!(mode & 0o777, 0o600, "{name}: {mode:o}");
+        }
     }
 
     #[test]

@@ -92,9 +92,56 @@ pub fn mac_in_use(conn: &Connection, mac: &str) -> Result<bool, StoreError> {
     Ok(n > 0)
 }
 
-/// Inserts a new row, or replaces the row of the same name (recreate). `created_at`,
-/// `updated_at` are set here; the caller's values for them are ignored.
-pub fn upsert(conn: &Connection, vm: &VmRow) -> Result<(), StoreError> {
+/// What a VM's cloud-init seed was built from (`vm_seeds`), kept so that reconcile can
+/// build the same seed again. `user_data` may hold secrets: this is never serialized
+/// into an answer or the audit log.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct SeedInputs {
+    pub ssh_authorized_keys: Vec<String>,
+    pub user_data: Option<String>,
+    pub network_config: Option<String>,
+}
+
+/// Inserts a new VM, or replaces the VM of the same name (recreate), with its seed
+/// inputs. `created_at`, `updated_at` are set here; the caller's values are ignored.
+/// Call it inside a transaction: it writes two tables.
+pub fn upsert(conn: &Connection, vm: &VmRow, seed: &SeedInputs) -> Result<(), StoreError> {
+    upsert_row(conn, vm)?;
+    let keys = serde_json::to_string(&seed.ssh_authorized_keys)
+        .map_err(|e| rusqlite::Error::ToSqlConversionFailure(Box::new(e)))?;
+    conn.execute(
+        "INSERT OR REPLACE INTO vm_seeds (name, ssh_authorized_keys, user_data, network_config) \
+         VALUES (?1, ?2, ?3, ?4)",
+        params![vm.name, keys, seed.user_data, seed.network_config],
+    )?;
+    Ok(())
+}
+
+/// The seed inputs of a VM; None for a VM created before schema 4.
+pub fn seed(conn: &Connection, name: &str) -> Result<Option<SeedInputs>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT ssh_authorized_keys, user_data, network_config FROM vm_seeds WHERE name = ?1",
+    )?;
+    Ok(stmt
+        .query_row([name], |r| {
+            let keys: String = r.get(0)?;
+            let keys = serde_json::from_str(&keys).map_err(|e| {
+                rusqlite::Error::FromSqlConversionFailure(
+                    0,
+                    rusqlite::types::Type::Text,
+                    Box::new(e),
+                )
+            })?;
+            Ok(SeedInputs {
+                ssh_authorized_keys: keys,
+                user_data: r.get(1)?,
+                network_config: r.get(2)?,
+            })
+        })
+        .optional()?)
+}
+
+fn upsert_row(conn: &Connection, vm: &VmRow) -> Result<(), StoreError> {
     conn.execute(
         &format!(
             "INSERT OR REPLACE INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
@@ -265,4 +312,80 @@ pub fn image_failed(conn: &Connection, name: &str, error: &str) -> Result<(), St
 
 pub fn image_delete(conn: &Connection, name: &str) -> Result<bool, StoreError> {
     Ok(conn.execute("DELETE FROM images WHERE name = ?1", [name])? > 0)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::store::Store;
+
+    fn row(name: &str, mac: &str) -> VmRow {
+        VmRow {
+            name: name.into(),
+            uuid: format!("uuid-{name}-{mac}"),
+            instance_id: format!("iid-{mac}"),
+            hostname: name.into(),
+            memory_mib: 128,
+            vcpus: 1,
+            disk_size_gb: 1,
+            network_name: "default".into(),
+            os_arch: "x86_64".into(),
+            domain_type: "qemu".into(),
+            image: None,
+            mac: mac.into(),
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            ssh_keys: 1,
+            user_data: true,
+            disk_volume: format!("vm.{name}.disk.qcow2"),
+            seed_volume: format!("vm.{name}.seed.img"),
+            desired_state: "running".into(),
+            last_state: None,
+            last_ip: None,
+            last_ip_at: None,
+            created_at: String::new(),
+            updated_at: String::new(),
+            created_by: "test".into(),
+        }
+    }
+
+    #[test]
+    fn seed_inputs_follow_their_vm() {
+        let store = Store::open_in_memory().unwrap();
+        let first = SeedInputs {
+            ssh_authorized_keys: vec!["ssh-ed25519 AAAA a \"quoted\" comment".into()],
+            user_data: Some("#cloud-config\nbootcmd: [x]\n".into()),
+            network_config: None,
+        };
+        store
+            .transaction(|tx| upsert(tx, &row("a", "52:54:00:00:00:01"), &first))
+            .unwrap();
+        assert_eq!(store.with(|c| seed(c, "a")).unwrap(), Some(first));
+
+        // Recreate replaces both the row and its seed inputs.
+        let second = SeedInputs {
+            ssh_authorized_keys: vec![],
+            user_data: None,
+            network_config: Some("version: 2\n".into()),
+        };
+        store
+            .transaction(|tx| upsert(tx, &row("a", "52:54:00:00:00:01"), &second))
+            .unwrap();
+        assert_eq!(store.with(|c| seed(c, "a")).unwrap(), Some(second));
+
+        // Delete takes them too; a VM without any (created before schema 4) has None.
+        assert!(store.with(|c| delete(c, "a")).unwrap());
+        assert_eq!(store.with(|c| seed(c, "a")).unwrap(), None);
+        store
+            .with(|c| upsert_row(c, &row("old", "52:54:00:00:00:02")))
+            .unwrap();
+        assert_eq!(store.with(|c| seed(c, "old")).unwrap(), None);
+        let n: i64 = store
+            .with(|c| {
+                Ok::<_, StoreError>(c.query_row("SELECT count(*) FROM vm_seeds", [], |r| r.get(0))?)
+            })
+            .unwrap();
+        assert_eq!(n, 0);
+    }
 }

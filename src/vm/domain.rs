@@ -6,11 +6,12 @@ use std::time::Instant;
 
 use virt::connect::Connect;
 use virt::domain::Domain;
+use virt::storage_pool::StoragePool;
 use virt::sys;
 
 use super::service::VmConfig;
 use super::{VmError, seed, storage, xml};
-use crate::store::vms::{ImageRow, VmRow};
+use crate::store::vms::{ImageRow, SeedInputs, VmRow};
 
 pub fn state_name(state: sys::virDomainState) -> &'static str {
     match state {
@@ -125,6 +126,24 @@ pub(super) fn domain_xml(cfg: &VmConfig, row: &VmRow, pool_dir: &str) -> String 
     })
 }
 
+/// Creates the seed volume and uploads `seed_bytes` into it through a libvirt stream;
+/// removes the volume again if the upload fails.
+fn make_seed(
+    conn: &Connect,
+    pool: &StoragePool,
+    row: &VmRow,
+    seed_bytes: &[u8],
+) -> Result<(), VmError> {
+    let seed_xml = xml::volume(&row.seed_volume, seed_bytes.len() as u64, "raw", None);
+    let seed_vol = storage::create_volume(pool, &row.seed_volume, &seed_xml)?;
+    let once = std::iter::once(Ok(bytes::Bytes::copy_from_slice(seed_bytes)));
+    if let Err(e) = storage::upload(conn, &seed_vol, once) {
+        let _ = storage::delete_volume(pool, &row.seed_volume);
+        return Err(e);
+    }
+    Ok(())
+}
+
 /// Creates the disk (backed by the image) and the seed, defines the domain and starts
 /// it. On failure everything it made is removed again.
 pub(super) fn build_vm(
@@ -174,14 +193,8 @@ pub(super) fn build_vm(
         made.push(row.disk_volume.clone());
         let disk_ms = t.elapsed().as_secs_f64() * 1000.0;
         let t = Instant::now();
-        let seed_xml = xml::volume(&row.seed_volume, seed_bytes.len() as u64, "raw", None);
-        let seed_vol = storage::create_volume(&pool, &row.seed_volume, &seed_xml)?;
+        make_seed(conn, &pool, row, seed_bytes)?;
         made.push(row.seed_volume.clone());
-        storage::upload(
-            conn,
-            &seed_vol,
-            std::iter::once(Ok(bytes::Bytes::copy_from_slice(seed_bytes))),
-        )?;
         let seed_ms = t.elapsed().as_secs_f64() * 1000.0;
         let t = Instant::now();
         let dom = conn
@@ -256,6 +269,7 @@ pub(super) fn reconcile_one(
     conn: &Connect,
     cfg: &VmConfig,
     row: &VmRow,
+    inputs: Option<&SeedInputs>,
     images: &[ImageRow],
 ) -> Result<bool, VmError> {
     if let Some(d) = lookup(conn, &row.name)? {
@@ -267,38 +281,59 @@ pub(super) fn reconcile_one(
     }
     let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
     let start = row.desired_state == "running";
-    let disk = storage::find_volume(&pool, &row.disk_volume)?;
-    let seed_vol = storage::find_volume(&pool, &row.seed_volume)?;
-    if disk.is_some() && seed_vol.is_some() {
-        let d = conn
-            .define_domain_xml(&domain_xml(cfg, row, &cfg.pool_dir))
-            .map_err(|e| VmError::libvirt(format!("defining domain {}", row.name), e))?;
-        let _ = d.set_autostart(start);
-        if start {
-            d.create()
-                .map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
-            hairpin(&d);
+    // The same seed as at create: same instance-id (so cloud-init does not run again on
+    // a disk it already set up), keys, user-data and network-config. A VM created before
+    // the inputs were kept gets the default keys.
+    let seed_bytes = || {
+        let defaults = SeedInputs {
+            ssh_authorized_keys: cfg.default_keys.clone(),
+            ..SeedInputs::default()
+        };
+        let inputs = inputs.unwrap_or(&defaults);
+        seed::build(&seed::SeedSpec {
+            instance_id: &row.instance_id,
+            hostname: &row.hostname,
+            ssh_authorized_keys: &inputs.ssh_authorized_keys,
+            user_data: inputs.user_data.as_deref(),
+            network_config: inputs.network_config.as_deref(),
+        })
+        .map_err(|e| VmError::Libvirt(e.to_string()))
+    };
+    if storage::find_volume(&pool, &row.disk_volume)?.is_none() {
+        // The disk is gone: the VM starts again from its image, with its seed.
+        let image = row
+            .image
+            .as_ref()
+            .and_then(|n| images.iter().find(|i| &i.name == n && i.state == "ready"));
+        if row.image.is_some() && image.is_none() {
+            return Err(VmError::NotFound(format!("image {:?} is gone", row.image)));
         }
+        remove_vm(conn, cfg, &row.name, None, true)?;
+        build_vm(conn, cfg, row, image, &seed_bytes()?, start)?;
         return Ok(true);
     }
-    // The disk is gone too: rebuild it from the image. The seed gets the default keys
-    // (the request's keys and user-data are not kept).
-    let image = row
-        .image
-        .as_ref()
-        .and_then(|n| images.iter().find(|i| &i.name == n && i.state == "ready"));
-    if row.image.is_some() && image.is_none() {
-        return Err(VmError::NotFound(format!("image {:?} is gone", row.image)));
+    // The disk is there and is the VM's data: it is never rebuilt here. Only a
+    // vanished seed is made again.
+    let mut made_seed = false;
+    if storage::find_volume(&pool, &row.seed_volume)?.is_none() {
+        make_seed(conn, &pool, row, &seed_bytes()?)?;
+        made_seed = true;
     }
-    remove_vm(conn, cfg, &row.name, None, true)?;
-    let seed_bytes = seed::build(&seed::SeedSpec {
-        instance_id: &row.instance_id,
-        hostname: &row.hostname,
-        ssh_authorized_keys: &cfg.default_keys,
-        user_data: None,
-        network_config: None,
-    })
-    .map_err(|e| VmError::Libvirt(e.to_string()))?;
-    build_vm(conn, cfg, row, image, &seed_bytes, start)?;
+    let d = match conn.define_domain_xml(&domain_xml(cfg, row, &cfg.pool_dir)) {
+        Ok(d) => d,
+        Err(e) => {
+            if made_seed {
+                let _ = storage::delete_volume(&pool, &row.seed_volume);
+            }
+            return Err(VmError::libvirt(format!("defining domain {}", row.name), e));
+        }
+    };
+    let _ = d.set_autostart(start);
+    if start {
+        // A failed start leaves the domain defined, for the operator to see and fix.
+        d.create()
+            .map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
+        hairpin(&d);
+    }
     Ok(true)
 }

@@ -16,7 +16,7 @@ use super::images::Images;
 use super::spec::{CreateVm, Limits};
 use super::{Libvirt, VmError, leases, seed, storage, xml};
 use crate::portmap::PortMaps;
-use crate::store::vms::{self, VmRow};
+use crate::store::vms::{self, SeedInputs, VmRow};
 use crate::store::{Store, audit};
 
 /// The settings the VM layer needs, taken from `Settings` once.
@@ -336,9 +336,14 @@ impl Vms {
             })
             .await?;
         let row3 = row.clone();
+        let inputs = SeedInputs {
+            ssh_authorized_keys: keys,
+            user_data: req.user_data.clone(),
+            network_config: req.network_config.clone(),
+        };
         let saved = self
             .store
-            .run(move |s| s.with(|c| vms::upsert(c, &row3)))
+            .run(move |s| s.transaction(|tx| vms::upsert(tx, &row3, &inputs)))
             .await;
         if let Err(e) = saved {
             // The database refused: take the VM away again so both agree.
@@ -777,12 +782,26 @@ impl Vms {
             let Ok(_claim) = self.claim(&row.name) else {
                 continue;
             };
+            // Read again under the claim: a delete that finished since the list above
+            // must not be undone.
+            let name = row.name.clone();
+            let n = name.clone();
+            let fresh = self
+                .store
+                .run(move |s| {
+                    s.with(|c| {
+                        Ok::<_, crate::store::StoreError>((vms::get(c, &n)?, vms::seed(c, &n)?))
+                    })
+                })
+                .await?;
+            let (Some(row), seed) = fresh else {
+                continue;
+            };
             let cfg = self.cfg.clone();
             let images = Arc::clone(&images);
-            let name = row.name.clone();
             let result = self
                 .lv
-                .call(move |conn| reconcile_one(conn, &cfg, &row, &images))
+                .call(move |conn| reconcile_one(conn, &cfg, &row, seed.as_ref(), &images))
                 .await;
             match result {
                 Ok(true) => {
