@@ -10,6 +10,9 @@
 # and only one such daemon can run on the machine at a time.)
 #
 # Env: LIBVIRT_WAIT_SECS (default 30) bound on waiting for the daemon to answer.
+#      LIBVIRT_TCP=1 also serves libvirt's RPC on TCP port 16509 without authentication,
+#      on the addresses of namespace NAME only (the remote-URI test: qemu+tcp://ADDR/system
+#      from another test namespace). Never reachable from the root namespace.
 set -euo pipefail
 
 CMD=${1:?usage: libvirt-netns.sh start|stop NAME}
@@ -69,7 +72,14 @@ start() {
 
     pid_alive "$(pidfile_pid /var/run/virtlogd.pid)" \
         || ip netns exec "$NAME" virtlogd -d
-    ip netns exec "$NAME" libvirtd -d
+    if [[ ${LIBVIRT_TCP:-0} == 1 ]]; then
+        # Not in /etc/libvirt: a config of our own, used by this daemon only.
+        printf 'listen_tls = 0\nlisten_tcp = 1\nauth_tcp = "none"\ntcp_port = "16509"\n' \
+            > "$STATE/libvirtd-tcp.conf"
+        ip netns exec "$NAME" libvirtd -d --listen -f "$STATE/libvirtd-tcp.conf"
+    else
+        ip netns exec "$NAME" libvirtd -d
+    fi
 
     local deadline=$((SECONDS + WAIT))
     until virsh -c "$URI" version >/dev/null 2>&1; do
@@ -137,7 +147,7 @@ stop() {
         for p in $(ip netns pids "$NAME"); do kill -9 "$p" 2>/dev/null || true; done
         ip netns delete "$NAME"
     fi
-    rm -f "$STATE/current"
+    rm -f "$STATE/current" "$STATE/libvirtd-tcp.conf"
     root_has_virbr && log "WARNING: a virbr* is present in the root namespace"
     log "stopped: $NAME"
 }

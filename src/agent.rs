@@ -232,6 +232,7 @@ fn vm_layer(
         },
         stop_timeout: std::time::Duration::from_secs(settings.vm_stop_timeout),
         lease_poll: std::time::Duration::from_millis(200),
+        local: vm::conn::is_local_uri(&settings.libvirt_uri),
     };
     let vms = vm::service::Vms::new(lv, store.clone(), cfg, Some(portmaps.clone()))
         .with_images(images.clone());

@@ -150,6 +150,8 @@ pub struct Settings {
     pub trust_controller_tunnel: bool,
 
     /// libvirt connection URI: one long-lived connection, reopened after libvirtd restarts.
+    /// A remote one (qemu+ssh://host/system) works the same; set VMS_HOST_DIR to the
+    /// pool's directory on that host.
     #[arg(
         long,
         env = "LIBVIRT_URI",

@@ -16,7 +16,7 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::libvirt::{BOOT, Env, LIBVIRTD, env, virsh};
+use support::libvirt::{BOOT, Env, LIBVIRTD, env, remote_env, virsh};
 use support::netns::enter_netns;
 use support::*;
 
@@ -126,13 +126,7 @@ fn a_vm_lives_its_whole_life_through_the_api() {
 
     // Its tap is a bridge port here, so it gets hairpin mode (a VM reaching a node port
     // mapped back to a VM on the same bridge, with br_netfilter loaded).
-    let iflist = virsh(&["domiflist", "tiny1"]);
-    let tap = iflist
-        .lines()
-        .find(|l| l.contains(&mac))
-        .and_then(|l| l.split_whitespace().next())
-        .unwrap_or_else(|| panic!("no tap for {mac}: {iflist}"))
-        .to_owned();
+    let tap = tap_of("tiny1", &mac);
     let hairpin = e
         .topo
         .node
@@ -348,6 +342,102 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         !String::from_utf8_lossy(&root.stdout).contains("node_vm_agent"),
         "the agent's table leaked into the root namespace"
     );
+}
+
+/// The agent drives a libvirtd on another host through its URI alone (`qemu+tcp://`
+/// here; `qemu+ssh://` and `qemu+tls://` differ only in libvirt's transport). Nothing is
+/// shared with that host but the RPC: the pool directory is the host's path and does
+/// not exist in the agent's VMS_WORK_DIR, the image and the seed go up and the console
+/// comes back through libvirt streams, the lease is read over RPC, and the guest's
+/// network lives only on that host.
+#[test]
+fn a_remote_libvirtd_is_driven_through_its_uri_alone() {
+    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let e = remote_env(&[("RECONCILE_INTERVAL", "1")]);
+    let api = &e.agent.api;
+    let (kernel, initrd) = e.scratch.guest();
+    assert!(!e.scratch.path("not-on-the-agent-host").exists());
+    // No libvirt network in the agent's namespace: the guest's bridge is remote.
+    let links = e.topo.node.exec_ok(&["ip", "-o", "link", "show"]);
+    assert!(!links.contains("virbr0"), "{links}");
+
+    let r = e.upload_image("tiny", &vec![0u8; 4 << 20]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = api.post("/vms", &tiny_vm("far1", &kernel, &initrd));
+    assert_eq!(r.status, 200, "{r:?}");
+    let instance_id = r.json()["instance_id"].as_str().unwrap().to_owned();
+    let mac = r.json()["mac"].as_str().unwrap().to_owned();
+    assert_eq!(e.state("far1"), "running");
+    let vols = e.volumes();
+    for v in ["image.tiny", "vm.far1.disk.qcow2", "vm.far1.seed.img"] {
+        assert!(vols.contains(&v.to_owned()), "{v} missing: {vols:?}");
+    }
+
+    // The seed arrived: the guest reports its own identity on the console, which the
+    // agent reads back through a download stream.
+    let marker = e.wait_ready("far1", 1);
+    assert_eq!(
+        marker.get(1).map(String::as_str),
+        Some("far1"),
+        "{marker:?}"
+    );
+    assert_eq!(marker.get(2), Some(&instance_id), "{marker:?}");
+
+    // The lease, read on the remote host over RPC, is the guest's address there.
+    let r = api.call_waiting("GET", "/vms/far1/ip?timeout=120", BOOT);
+    assert_eq!(r.status, 200, "{r:?}");
+    let ip: Ipv4Addr = r.json()["ip"].as_str().unwrap().parse().unwrap();
+    let lease = virsh(&["net-dhcp-leases", "default", "--mac", &mac]);
+    assert!(lease.contains(&ip.to_string()), "{lease}");
+    assert_eq!(e.guest_http(ip, "/instance-id").trim(), instance_id);
+
+    // The guest's tap is a device of the remote host. A bridge port of the same name
+    // here is somebody else's: reconcile (every second) leaves its hairpin mode alone.
+    let tap = tap_of("far1", &mac);
+    let node = &e.topo.node;
+    let peer = format!("{tap}p");
+    node.exec_ok(&[
+        "ip", "link", "add", &tap, "type", "veth", "peer", "name", &peer,
+    ]);
+    node.exec_ok(&["ip", "link", "set", &tap, "master", &e.topo.bridge]);
+    let hairpin = format!("/sys/class/net/{tap}/brport/hairpin_mode");
+    assert_eq!(node.exec_ok(&["cat", &hairpin]).trim(), "0");
+    std::thread::sleep(Duration::from_secs(3));
+    assert_eq!(
+        node.exec_ok(&["cat", &hairpin]).trim(),
+        "0",
+        "{}",
+        e.agent.log()
+    );
+
+    let listed = api.get("/vms");
+    assert_eq!(listed.status, 200, "{listed:?}");
+    assert!(listed.body.contains("\"far1\""), "{listed:?}");
+    let stats = api.get("/stats");
+    assert_eq!(stats.status, 200, "{stats:?}");
+    assert_eq!(stats.json()["vms"]["running"], 1, "{stats:?}");
+    let r = api.post("/vms/far1/stop", &json!({}));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(e.state("far1"), "shutoff");
+
+    let r = api.delete("/vms/far1?delete_files=true");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert!(!e.domains().contains(&"far1".to_owned()));
+    let vols = e.volumes();
+    assert!(!vols.iter().any(|v| v.starts_with("vm.far1")), "{vols:?}");
+    assert_eq!(api.delete("/images/tiny").status, 200);
+    assert!(e.volumes().is_empty(), "{:?}", e.volumes());
+}
+
+/// The tap device of `vm`'s NIC with `mac`, as libvirt reports it.
+fn tap_of(vm: &str, mac: &str) -> String {
+    let iflist = virsh(&["domiflist", vm]);
+    iflist
+        .lines()
+        .find(|l| l.contains(mac))
+        .and_then(|l| l.split_whitespace().next())
+        .unwrap_or_else(|| panic!("no tap for {mac}: {iflist}"))
+        .to_owned()
 }
 
 /// Waits for reconcile to define `vm` again and start it.

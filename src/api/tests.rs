@@ -75,6 +75,7 @@ pub(crate) fn test_vm_api(store: &Store) -> VmApi {
         },
         stop_timeout: std::time::Duration::from_secs(1),
         lease_poll: std::time::Duration::from_millis(50),
+        local: true,
     };
     let vms = vm::service::Vms::new(lv, store.clone(), cfg, None).with_images(images.clone());
     VmApi {

@@ -141,3 +141,49 @@ impl Libvirt {
             .map_err(|join| VmError::Libvirt(format!("libvirt call failed: {join}")))?
     }
 }
+
+/// Whether `uri` reaches a libvirtd on this host (no host part, or a loopback one):
+/// only then are its domains' taps network devices the agent can see, and touch.
+/// `qemu:///system`, `qemu+unix:///system?socket=/run/x` (a mounted socket) are local;
+/// `qemu+ssh://node2/system`, `qemu+tcp://10.0.0.2/system` are not.
+pub fn is_local_uri(uri: &str) -> bool {
+    let Some((_, rest)) = uri.split_once("://") else {
+        // No authority at all ("test:///default" has one, empty): local.
+        return true;
+    };
+    let authority = rest.split(['/', '?']).next().unwrap_or("");
+    let host = authority.rsplit_once('@').map_or(authority, |(_, h)| h);
+    let host = match host.strip_prefix('[') {
+        Some(v6) => v6.split(']').next().unwrap_or(""),
+        None => host.split(':').next().unwrap_or(""),
+    };
+    matches!(host, "" | "localhost" | "127.0.0.1" | "::1")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::is_local_uri;
+
+    #[test]
+    fn a_uri_with_a_remote_host_is_not_local() {
+        for uri in [
+            "qemu:///system",
+            "qemu:///session",
+            "qemu+unix:///system?socket=/run/libvirt/libvirt-sock",
+            "test:///default",
+            "qemu+ssh://root@localhost/system",
+            "qemu+tcp://127.0.0.1:16509/system",
+            "qemu+tls://[::1]/system",
+        ] {
+            assert!(is_local_uri(uri), "{uri}");
+        }
+        for uri in [
+            "qemu+ssh://root@node2/system",
+            "qemu+ssh://node2:2222/system?keyfile=/k",
+            "qemu+tcp://10.77.3.2/system",
+            "qemu+tls://[fd00::2]:16514/system",
+        ] {
+            assert!(!is_local_uri(uri), "{uri}");
+        }
+    }
+}

@@ -60,7 +60,11 @@ pub(super) fn facts(dom: &Domain) -> Result<xml::DomainFacts, VmError> {
 
 /// Hairpin mode on the running domain's taps, where they are bridge ports in the
 /// agent's own namespace (a local libvirt); elsewhere nothing to do.
-pub(super) fn hairpin(dom: &Domain) {
+pub(super) fn hairpin(cfg: &VmConfig, dom: &Domain) {
+    if !cfg.local {
+        // The taps are on another host; a local device of the same name is not ours.
+        return;
+    }
     let Ok(f) = facts(dom) else { return };
     for tap in &f.taps {
         match crate::net::link::enable_hairpin(tap) {
@@ -211,7 +215,7 @@ pub(super) fn build_vm(
                 dom.create()
                     .map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
                 start_ms = t.elapsed().as_secs_f64() * 1000.0;
-                hairpin(&dom);
+                hairpin(cfg, &dom);
             }
             Ok(())
         })();
@@ -275,7 +279,7 @@ pub(super) fn reconcile_one(
     if let Some(d) = lookup(conn, &row.name)? {
         // A domain started by someone else gets a new tap without hairpin.
         if d.is_active().unwrap_or(false) {
-            hairpin(&d);
+            hairpin(cfg, &d);
         }
         return Ok(false);
     }
@@ -333,7 +337,7 @@ pub(super) fn reconcile_one(
         // A failed start leaves the domain defined, for the operator to see and fix.
         d.create()
             .map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
-        hairpin(&d);
+        hairpin(cfg, &d);
     }
     Ok(true)
 }

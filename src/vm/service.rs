@@ -36,6 +36,9 @@ pub struct VmConfig {
     pub stop_timeout: Duration,
     /// How often `/ip` asks libvirt for the lease while waiting.
     pub lease_poll: Duration,
+    /// LIBVIRT_URI reaches a libvirtd on this host ([`super::conn::is_local_uri`]), so
+    /// the domains' taps may be bridge ports here (hairpin mode is set on them).
+    pub local: bool,
 }
 
 /// What `POST /vms` answers.
@@ -452,6 +455,7 @@ impl Vms {
     pub async fn start(&self, name: &str) -> Result<bool, VmError> {
         let _claim = self.claim(name)?;
         let n = name.to_string();
+        let cfg = self.cfg.clone();
         let was_running = self
             .lv
             .call(move |conn| {
@@ -463,7 +467,7 @@ impl Vms {
                 }
                 d.create()
                     .map_err(|e| VmError::libvirt(format!("starting {n}"), e))?;
-                hairpin(&d);
+                hairpin(&cfg, &d);
                 Ok(false)
             })
             .await?;

@@ -18,6 +18,8 @@ use std::net::Ipv4Addr;
 pub static LIBVIRTD: Mutex<()> = Mutex::new(());
 
 pub const URI: &str = "qemu:///system";
+/// libvirtd in the topology's far namespace, over TCP from the node namespace.
+pub const REMOTE_URI: &str = "qemu+tcp://10.77.3.2/system";
 /// Bounds for a TCG guest on 2 shared cores; they only decide when a hung step fails.
 pub const BOOT: Duration = Duration::from_secs(120);
 
@@ -44,7 +46,17 @@ pub struct Libvirtd {
 
 impl Libvirtd {
     pub fn start(ns: &Netns) -> Libvirtd {
-        run_ok(Command::new(script("libvirt-netns.sh")).args(["start", ns.name()]));
+        Libvirtd::start_serving(ns, false)
+    }
+
+    /// With `tcp`, libvirtd also serves its RPC on TCP port 16509 (no authentication),
+    /// on the addresses of `ns` only: [`REMOTE_URI`] from the node namespace.
+    pub fn start_serving(ns: &Netns, tcp: bool) -> Libvirtd {
+        run_ok(
+            Command::new(script("libvirt-netns.sh"))
+                .args(["start", ns.name()])
+                .env("LIBVIRT_TCP", if tcp { "1" } else { "0" }),
+        );
         Libvirtd {
             ns: ns.name().to_owned(),
         }
@@ -134,20 +146,36 @@ impl Scratch {
     }
 }
 
-/// Everything one test needs: topology, libvirtd in its node namespace, the agent.
+/// Everything one test needs: topology, libvirtd (in the node namespace, or in the far
+/// one for a remote URI), the agent in the node namespace.
 /// Field order is drop order: agent first, then libvirtd, then the namespaces.
 pub struct Env {
     pub agent: Agent,
     pub libvirtd: Libvirtd,
     pub scratch: Scratch,
     pub pool: String,
+    /// The namespace of libvirtd, its network and its guests.
+    pub guest_ns: String,
     pub topo: Topology,
 }
 
+/// libvirtd in the node namespace, reached through its local socket.
 pub fn env(extra: &[(&str, &str)]) -> Env {
+    env_at(false, extra)
+}
+
+/// libvirtd on another host (the far namespace), reached only through
+/// [`REMOTE_URI`]: the agent shares no network, bridge or lease file with it.
+pub fn remote_env(extra: &[(&str, &str)]) -> Env {
+    env_at(true, extra)
+}
+
+fn env_at(remote: bool, extra: &[(&str, &str)]) -> Env {
     let topo = Topology::new();
     let scratch = Scratch::new();
-    let libvirtd = Libvirtd::start(&topo.node);
+    let host = if remote { &topo.far } else { &topo.node };
+    let libvirtd = Libvirtd::start_serving(host, remote);
+    let guest_ns = host.name().to_owned();
     let pool = format!(
         "nva-test-{}-{}",
         std::process::id(),
@@ -155,16 +183,23 @@ pub fn env(extra: &[(&str, &str)]) -> Env {
     );
     let pool_dir = scratch.path("pool");
     let pool_dir = pool_dir.to_string_lossy().into_owned();
+    // Remote: the pool's directory is the libvirt host's path (VMS_HOST_DIR); the
+    // agent's own VMS_WORK_DIR does not even exist.
+    let missing = scratch.path("not-on-the-agent-host");
+    let missing = missing.to_string_lossy().into_owned();
     let mut settings: Vec<(&str, &str)> = vec![
-        ("LIBVIRT_URI", URI),
+        ("LIBVIRT_URI", if remote { REMOTE_URI } else { URI }),
         ("VMS_DOMAIN_TYPE", "qemu"),
-        ("VMS_WORK_DIR", &pool_dir),
+        ("VMS_WORK_DIR", if remote { &missing } else { &pool_dir }),
         ("VMS_POOL", &pool),
         ("VMS_BRIDGE", "virbr0"),
         ("VM_SUBNET", "192.168.122.0/24"),
         ("VMS_DEFAULT_IMAGE", "tiny"),
         ("VM_STOP_TIMEOUT", "60"),
     ];
+    if remote {
+        settings.push(("VMS_HOST_DIR", &pool_dir));
+    }
     settings.extend_from_slice(extra);
     let agent = Agent::start_with(&topo, &settings);
     Env {
@@ -172,6 +207,7 @@ pub fn env(extra: &[(&str, &str)]) -> Env {
         libvirtd,
         scratch,
         pool,
+        guest_ns,
         topo,
     }
 }
@@ -249,9 +285,10 @@ impl Env {
             .to_owned()
     }
 
-    /// `GET path` of the guest's HTTP server at `ip`, from the node (retried for 30 s).
+    /// `GET path` of the guest's HTTP server at `ip`, from libvirtd's host (retried for
+    /// 30 s).
     pub fn guest_http(&self, ip: Ipv4Addr, path: &str) -> String {
-        http_retrying(self.topo.node.name(), sa(ip, 80), path)
+        http_retrying(&self.guest_ns, sa(ip, 80), path)
     }
 
     /// `GET path` from the client namespace to the node's `port` (a port map).
