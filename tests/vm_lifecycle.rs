@@ -241,6 +241,13 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     virsh(&["undefine", "tiny1"]);
     wait_redefined(&e, "tiny1");
     e.wait_ready("tiny1", 4);
+    // What the agent did on its own is in the audit trail.
+    assert_eq!(
+        e.agent
+            .sql("select identity, parameters from audit_log where action = 'reconcile VM'")
+            .trim(),
+        r#"agent|{"repaired":["domain defined again","domain started"],"vm":"tiny1"}"#
+    );
 
     // The same name again is a conflict; with "recreate" it is a fresh VM: new
     // instance-id, new disk and seed, and the guest boots with the new identity.
@@ -274,10 +281,24 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     assert_eq!(body.trim(), new_id);
     assert_eq!(e.guest_http(ip, "/user-data"), raw);
 
-    // Someone deletes the seed volume and undefines the domain: reconcile builds the
-    // same seed again from the database (same instance-id, the operator's user-data, not
-    // the defaults) and keeps the disk, which is the VM's data. A hard link holds the
-    // disk's inode, so a re-created disk could not get the same one.
+    // Someone deletes the running VM's seed volume: the next boot needs it, so
+    // reconcile makes it again.
+    virsh(&["vol-delete", "--pool", &e.pool, "vm.tiny1.seed.img"]);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !e.volumes().contains(&"vm.tiny1.seed.img".to_owned()) {
+        assert!(
+            Instant::now() < deadline,
+            "seed not made again:\n{}",
+            e.agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    assert_eq!(e.state("tiny1"), "running");
+
+    // Then the domain is undefined and the seed deleted again: reconcile builds the
+    // same seed from the database (same instance-id, the operator's user-data, not the
+    // defaults) and keeps the disk, which is the VM's data. A hard link holds the disk's
+    // inode, so a re-created disk could not get the same one.
     use std::os::unix::fs::MetadataExt;
     let disk = e.scratch.path("pool").join("vm.tiny1.disk.qcow2");
     let held = e.scratch.path("disk-held");
@@ -292,6 +313,16 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         "the VM's disk was re-created"
     );
     std::fs::remove_file(&held).unwrap();
+    assert_eq!(
+        e.agent
+            .sql("select parameters from audit_log where action = 'reconcile VM' order by id desc limit 2")
+            .trim(),
+        concat!(
+            r#"{"repaired":["seed volume made again","domain defined again","domain started"],"vm":"tiny1"}"#,
+            "\n",
+            r#"{"repaired":["seed volume made again"],"vm":"tiny1"}"#
+        )
+    );
     assert!(e.volumes().contains(&"vm.tiny1.seed.img".to_owned()));
     let marker = e.wait_ready("tiny1", 2);
     assert_eq!(marker.get(2), Some(&new_id), "{marker:?}");

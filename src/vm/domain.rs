@@ -268,26 +268,25 @@ pub(super) fn remove_vm(
     Ok(())
 }
 
-/// One row of the reconcile: true when its domain had to be defined again.
+/// One row of the reconcile; returns what it repaired (empty: libvirt matched).
+///
+/// - The domain exists: only a vanished seed volume is made again (the next boot
+///   needs it); a running domain's tap gets hairpin mode again.
+/// - The domain vanished, its disk is there: the disk is the VM's data and is kept; the
+///   seed is made again if it vanished; the domain is defined, and started if it
+///   should run.
+/// - The disk vanished too: a new disk from the image, with the same seed.
+///
+/// The seed is the create's: same instance-id (so cloud-init does not run again on a
+/// disk it already set up), keys, user-data and network-config; a VM created before
+/// they were kept gets the default keys.
 pub(super) fn reconcile_one(
     conn: &Connect,
     cfg: &VmConfig,
     row: &VmRow,
     inputs: Option<&SeedInputs>,
     images: &[ImageRow],
-) -> Result<bool, VmError> {
-    if let Some(d) = lookup(conn, &row.name)? {
-        // A domain started by someone else gets a new tap without hairpin.
-        if d.is_active().unwrap_or(false) {
-            hairpin(cfg, &d);
-        }
-        return Ok(false);
-    }
-    let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
-    let start = row.desired_state == "running";
-    // The same seed as at create: same instance-id (so cloud-init does not run again on
-    // a disk it already set up), keys, user-data and network-config. A VM created before
-    // the inputs were kept gets the default keys.
+) -> Result<Vec<&'static str>, VmError> {
     let seed_bytes = || {
         let defaults = SeedInputs {
             ssh_authorized_keys: cfg.default_keys.clone(),
@@ -303,8 +302,24 @@ pub(super) fn reconcile_one(
         })
         .map_err(|e| VmError::Libvirt(e.to_string()))
     };
-    if storage::find_volume(&pool, &row.disk_volume)?.is_none() {
-        // The disk is gone: the VM starts again from its image, with its seed.
+    let mut repaired = Vec::new();
+    let dom = lookup(conn, &row.name)?;
+    let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
+    let has_disk = storage::find_volume(&pool, &row.disk_volume)?.is_some();
+    let has_seed = storage::find_volume(&pool, &row.seed_volume)?.is_some();
+    if let Some(d) = dom {
+        if !has_seed {
+            make_seed(conn, &pool, row, &seed_bytes()?)?;
+            repaired.push("seed volume made again");
+        }
+        // A domain started by someone else gets a new tap without hairpin.
+        if d.is_active().unwrap_or(false) {
+            hairpin(cfg, &d);
+        }
+        return Ok(repaired);
+    }
+    let start = row.desired_state == "running";
+    if !has_disk {
         let image = row
             .image
             .as_ref()
@@ -314,30 +329,34 @@ pub(super) fn reconcile_one(
         }
         remove_vm(conn, cfg, &row.name, None, true)?;
         build_vm(conn, cfg, row, image, &seed_bytes()?, start)?;
-        return Ok(true);
+        repaired.push("disk and seed made again from the image");
+        repaired.push("domain defined again");
+        if start {
+            repaired.push("domain started");
+        }
+        return Ok(repaired);
     }
-    // The disk is there and is the VM's data: it is never rebuilt here. Only a
-    // vanished seed is made again.
-    let mut made_seed = false;
-    if storage::find_volume(&pool, &row.seed_volume)?.is_none() {
+    if !has_seed {
         make_seed(conn, &pool, row, &seed_bytes()?)?;
-        made_seed = true;
+        repaired.push("seed volume made again");
     }
     let d = match conn.define_domain_xml(&domain_xml(cfg, row, &cfg.pool_dir)) {
         Ok(d) => d,
         Err(e) => {
-            if made_seed {
+            if !has_seed {
                 let _ = storage::delete_volume(&pool, &row.seed_volume);
             }
             return Err(VmError::libvirt(format!("defining domain {}", row.name), e));
         }
     };
+    repaired.push("domain defined again");
     let _ = d.set_autostart(start);
     if start {
         // A failed start leaves the domain defined, for the operator to see and fix.
         d.create()
             .map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
         hairpin(cfg, &d);
+        repaired.push("domain started");
     }
-    Ok(true)
+    Ok(repaired)
 }

@@ -808,11 +808,31 @@ impl Vms {
                 .call(move |conn| reconcile_one(conn, &cfg, &row, seed.as_ref(), &images))
                 .await;
             match result {
-                Ok(true) => {
-                    tracing::warn!(vm = %name, "domain was missing in libvirt; defined again from the database");
-                    repaired.push(format!("defined missing domain {name}"));
+                Ok(done) if done.is_empty() => {}
+                Ok(done) => {
+                    tracing::warn!(vm = %name, repaired = ?done, "libvirt did not match the database; repaired");
+                    // The operator did not ask for this: the audit trail says what the
+                    // agent did on its own.
+                    let entry = audit::Entry {
+                        client_addr: None,
+                        identity: "agent".into(),
+                        action: "reconcile VM".into(),
+                        parameters: Some(
+                            serde_json::json!({"vm": name, "repaired": done}).to_string(),
+                        ),
+                        outcome: audit::Outcome::Ok,
+                        status: None,
+                        error: None,
+                    };
+                    let written = self
+                        .store
+                        .run(move |s| s.with(|c| audit::record(c, &entry)))
+                        .await;
+                    if let Err(e) = written {
+                        tracing::error!(error = %e, "could not write the audit row");
+                    }
+                    repaired.extend(done.iter().map(|d| format!("{name}: {d}")));
                 }
-                Ok(false) => {}
                 Err(e @ VmError::Unavailable(_)) => return Err(e),
                 Err(e) => tracing::error!(vm = %name, error = %e, "cannot restore the VM's domain"),
             }
