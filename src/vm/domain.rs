@@ -80,6 +80,34 @@ pub(super) fn random_mac() -> String {
     format!("52:54:00:{:02x}:{:02x}:{:02x}", b[0], b[1], b[2])
 }
 
+/// Refuses (400) an architecture and domain type the libvirt host has no emulator for
+/// (aarch64 without qemu-system-arm, kvm without usable /dev/kvm), before anything is
+/// made, instead of a libvirt error at define or start.
+pub(super) fn check_guest_support(
+    conn: &Connect,
+    arch: &str,
+    domain_type: &str,
+) -> Result<(), VmError> {
+    let caps = conn
+        .capabilities()
+        .map_err(|e| VmError::libvirt("host capabilities", e))?;
+    let support = xml::guest_support(&caps)
+        .map_err(|e| VmError::Libvirt(format!("reading host capabilities: {}", e.0)))?;
+    if support.iter().any(|(a, t)| a == arch && t == domain_type) {
+        return Ok(());
+    }
+    let offered: Vec<String> = support.iter().map(|(a, t)| format!("{a}/{t}")).collect();
+    Err(VmError::Invalid(format!(
+        "this libvirt host cannot run {arch} guests with domain type {domain_type} \
+         (VMS_DOMAIN_TYPE); it offers {}",
+        if offered.is_empty() {
+            "none".to_owned()
+        } else {
+            offered.join(", ")
+        }
+    )))
+}
+
 /// The network, started and set to autostart if it was not (as the original did).
 pub(super) fn ensure_network(conn: &Connect, name: &str) -> Result<(), VmError> {
     let net = conn.lookup_network_by_name(name).map_err(|e| {

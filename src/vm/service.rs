@@ -9,8 +9,8 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 
 use super::domain::{
-    build_vm, domain_state, ensure_network, existing, facts, hairpin, lookup, random_mac,
-    reconcile_one, remove_vm,
+    build_vm, check_guest_support, domain_state, ensure_network, existing, facts, hairpin, lookup,
+    random_mac, reconcile_one, remove_vm,
 };
 use super::images::Images;
 use super::spec::{CreateVm, Limits};
@@ -289,6 +289,7 @@ impl Vms {
         let recreated = self
             .lv
             .call(move |conn| {
+                check_guest_support(conn, &row2.os_arch, &row2.domain_type)?;
                 ensure_network(conn, &row2.network_name)?;
                 let node = conn.node_info().map_err(|e| VmError::libvirt("host memory", e))?;
                 if u64::from(row2.memory_mib) * 1024 > node.memory {

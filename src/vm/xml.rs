@@ -594,6 +594,44 @@ pub fn pool_path(xml: &str) -> Result<String, XmlError> {
     path.ok_or_else(|| XmlError("no <target><path> in <pool>".into()))
 }
 
+/// The `(arch, domain type)` pairs of hvm guests a libvirt host can run, from its
+/// capabilities XML (`capabilities/guest[os_type=hvm]/arch[@name]/domain[@type]`).
+pub fn guest_support(xml: &str) -> Result<Vec<(String, String)>, XmlError> {
+    let mut walk = Walk::new(xml);
+    let mut out = Vec::new();
+    let mut hvm = false;
+    let mut arch: Option<String> = None;
+    let mut found: Vec<(String, String)> = Vec::new();
+    loop {
+        match walk.next()? {
+            Step::Eof => break,
+            Step::Open(start) => {
+                if walk.path_is(&["capabilities", "guest"]) {
+                    hvm = false;
+                    found.clear();
+                } else if walk.path_is(&["capabilities", "guest", "arch"]) {
+                    arch = attr(&start, "name")?;
+                } else if walk.path_is(&["capabilities", "guest", "arch", "domain"])
+                    && let (Some(a), Some(t)) = (&arch, attr(&start, "type")?)
+                {
+                    found.push((a.clone(), t));
+                }
+            }
+            Step::Close { text } => {
+                if walk.path_is(&["capabilities", "guest", "os_type"]) {
+                    hvm = text.trim() == "hvm";
+                } else if walk.path_is(&["capabilities", "guest"]) && hvm {
+                    out.append(&mut found);
+                }
+                walk.pop();
+            }
+        }
+    }
+    out.sort();
+    out.dedup();
+    Ok(out)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1126,5 +1164,31 @@ mod tests {
         let back = pool.xml_desc(0).unwrap();
         pool.undefine().unwrap();
         assert_eq!(pool_path(&back).unwrap(), path, "{back}");
+    }
+
+    #[test]
+    fn guest_support_lists_hvm_arches_with_their_domain_types() {
+        let caps = "<capabilities><host><cpu><arch>x86_64</arch></cpu></host>\
+            <guest><os_type>hvm</os_type><arch name='x86_64'><wordsize>64</wordsize>\
+            <domain type='qemu'/><domain type='kvm'><emulator>/x</emulator></domain></arch></guest>\
+            <guest><os_type>hvm</os_type><arch name='i686'><domain type='qemu'/></arch></guest>\
+            <guest><os_type>xen</os_type><arch name='aarch64'><domain type='xen'/></arch></guest>\
+            </capabilities>";
+        assert_eq!(
+            guest_support(caps).unwrap(),
+            [
+                ("i686".to_owned(), "qemu".to_owned()),
+                ("x86_64".to_owned(), "kvm".to_owned()),
+                ("x86_64".to_owned(), "qemu".to_owned()),
+            ]
+        );
+        // libvirt's test driver: its own domain type.
+        let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
+        let support = guest_support(&conn.capabilities().unwrap()).unwrap();
+        assert!(
+            support.contains(&("i686".to_owned(), "test".to_owned())),
+            "{support:?}"
+        );
+        assert!(guest_support("<capabilities><guest>").is_err());
     }
 }
