@@ -88,6 +88,14 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         assert!(msg.contains("cannot run aarch64 guests"), "{msg}");
         assert!(msg.contains("x86_64/qemu"), "{msg}");
     }
+    // A start that fails is the create's own error, and what the create made is gone
+    // again; a kernel the libvirt host cannot read is the request's fault (400).
+    let mut unbootable = tiny_vm("ok8", "/nonexistent/vmlinuz", &initrd);
+    unbootable["initrd"] = json!(initrd);
+    let r = api.post("/vms", &unbootable);
+    r.assert_error(|s| s == 400);
+    let msg = r.json()["error"].as_str().unwrap_or_default();
+    assert!(msg.contains("/nonexistent/vmlinuz"), "{msg}");
     assert!(e.domains().is_empty(), "{:?}", e.domains());
     assert!(
         !e.volumes().iter().any(|v| v.starts_with("vm.")),

@@ -255,6 +255,10 @@ pub(super) fn build_vm(
         Ok(())
     })();
     if result.is_err() {
+        // A start that failed may have opened the console log (a file the pool only
+        // lists after a refresh).
+        let _ = pool.refresh(0);
+        made.push(storage::console_volume(&row.name));
         for v in made {
             let _ = storage::delete_volume(&pool, &v);
         }

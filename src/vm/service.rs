@@ -338,7 +338,8 @@ impl Vms {
                 );
                 Ok(exists)
             })
-            .await?;
+            .await
+            .map_err(|e| blame_boot_files(e, &row))?;
         let row3 = row.clone();
         let inputs = SeedInputs {
             ssh_authorized_keys: keys,
@@ -839,6 +840,24 @@ impl Vms {
             }
         }
         Ok(repaired)
+    }
+}
+
+/// A libvirt failure that names the request's `kernel` or `initrd` (libvirt could not
+/// stat or read it) is the request's fault: 400, not 500.
+fn blame_boot_files(e: VmError, row: &VmRow) -> VmError {
+    match e {
+        VmError::Libvirt(m)
+            if [&row.kernel, &row.initrd]
+                .into_iter()
+                .flatten()
+                .any(|p| m.contains(p.as_str())) =>
+        {
+            VmError::Invalid(format!(
+                "{m} (kernel and initrd must be files the libvirt host can read)"
+            ))
+        }
+        e => e,
     }
 }
 
