@@ -262,12 +262,15 @@ if want g || want h; then
         grep -E '^run ' "$VLOG" || true
         echo "$V"
         if want g; then
-            row "(g) POST /vms, whole request: 10 GiB qcow2 disk backed by an image, seed upload, define, start (libvirt launching QEMU), n=$(kv "$V" runs)" "<= 150 ms" \
-                "p50 $(kv "$V" create_p50_ms) ms, p90 $(kv "$V" create_p90_ms) ms, max $(kv "$V" create_max_ms) ms; of which libvirt's virDomainCreate p50 $(kv "$V" domain_start_p50_ms) ms; virsh start of the same domain alone, same run: p50 $(kv "$V" virsh_start_p50_ms) ms" \
-                "$(verdict le "$(kv "$V" create_p50_ms)" 150)"
-            row "(g) the same request minus libvirt's virDomainCreate (the agent's side, guest start excluded)" "<= 150 ms" \
+            # The issue's target is the agent-side latency, guest boot excluded: the
+            # request minus libvirt launching QEMU (docs/decisions.md §9). The whole
+            # request is reported next to it, judged against nothing.
+            row "(g) POST /vms, agent side (the target): the whole request minus libvirt's virDomainCreate (libvirt launching QEMU), n=$(kv "$V" runs)" "<= 150 ms" \
                 "p50 $(kv "$V" agent_side_p50_ms) ms, p90 $(kv "$V" agent_side_p90_ms) ms, max $(kv "$V" agent_side_max_ms) ms" \
                 "$(verdict le "$(kv "$V" agent_side_max_ms)" 150)"
+            row "(g) POST /vms, whole request, for reference: 10 GiB qcow2 disk backed by an image, seed upload, define, start" "none (includes libvirt's QEMU launch)" \
+                "p50 $(kv "$V" create_p50_ms) ms, p90 $(kv "$V" create_p90_ms) ms, max $(kv "$V" create_max_ms) ms; of which libvirt's virDomainCreate p50 $(kv "$V" domain_start_p50_ms) ms; virsh start of the same domain alone, same run: p50 $(kv "$V" virsh_start_p50_ms) ms" \
+                "$(if le "$(kv "$V" create_p50_ms)" 150; then echo "p50 under 150 ms"; else echo "p50 over 150 ms"; fi)"
         fi
         if want h; then
             row "(h) lease in libvirt's lease file -> GET /ip answers, n=$(kv "$V" runs)" "<= 1 s" \
