@@ -23,7 +23,7 @@ pub struct VmRow {
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
-    /// How many SSH keys went into the seed (the keys themselves are in the seed).
+    /// How many SSH keys went into the seed (the keys themselves are in `vm_seeds`).
     pub ssh_keys: u32,
     /// Whether the seed's user-data came verbatim from the request.
     pub user_data: bool,

@@ -337,7 +337,6 @@ pub(super) fn reconcile_one(
     let mut repaired = Vec::new();
     let dom = lookup(conn, &row.name)?;
     let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
-    let has_disk = storage::find_volume(&pool, &row.disk_volume)?.is_some();
     let has_seed = storage::find_volume(&pool, &row.seed_volume)?.is_some();
     if let Some(d) = dom {
         if !has_seed {
@@ -351,7 +350,7 @@ pub(super) fn reconcile_one(
         return Ok(repaired);
     }
     let start = row.desired_state == "running";
-    if !has_disk {
+    if storage::find_volume(&pool, &row.disk_volume)?.is_none() {
         let image = row
             .image
             .as_ref()
