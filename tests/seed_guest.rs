@@ -153,11 +153,7 @@ impl Qemu {
         let deadline = self.started + BOOT_TIMEOUT;
         loop {
             let console = self.console();
-            if let Some(line) = console
-                .lines()
-                .find_map(|l| l.trim().strip_prefix("TINY-GUEST-READY "))
-            {
-                let fields = line.split_whitespace().map(String::from).collect();
+            if let Some(fields) = support::ready_markers(&console).into_iter().next() {
                 return (fields, self.started.elapsed());
             }
             let stderr = fs::read_to_string(work.join("qemu.stderr")).unwrap_or_default();

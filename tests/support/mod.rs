@@ -18,3 +18,18 @@ pub use netns::Netns;
 pub use nft::{MapEntry, api_maps, entry, nft_maps, table_exists};
 pub use servers::{HttpServer, UdpEcho, peer_ip, who};
 pub use topology::*;
+
+/// The fields of every `TINY-GUEST-READY ...` marker in a console log, oldest first.
+/// Only complete lines count: the log is read while the guest writes it, and a marker
+/// caught half-written would have lost its last fields.
+pub fn ready_markers(console: &str) -> Vec<Vec<String>> {
+    let complete = match console.rfind('\n') {
+        Some(end) => &console[..end],
+        None => "",
+    };
+    complete
+        .lines()
+        .filter_map(|l| l.trim().strip_prefix("TINY-GUEST-READY "))
+        .map(|m| m.split_whitespace().map(str::to_owned).collect())
+        .collect()
+}
