@@ -52,8 +52,8 @@ if ((${#missing[@]})); then
     [[ $(id -u) -eq 0 ]] || { log "missing packages: ${missing[*]}; run as root"; exit 1; }
     log "installing ${missing[*]}"
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    apt-get -o DPkg::Lock::Timeout=600 update -q
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
 fi
 
 KVER=${KVER:-$(newest_kernel)}

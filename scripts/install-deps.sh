@@ -44,8 +44,10 @@ if ((${#missing[@]})); then
     fi
     echo "install-deps: installing ${missing[*]}" >&2
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update
-    apt-get install -y --no-install-recommends "${missing[@]}"
+    # A fresh machine's unattended upgrades may hold dpkg's lock for a while: wait for it
+    # rather than fail.
+    apt-get -o DPkg::Lock::Timeout=600 update
+    apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "${missing[@]}"
 else
     echo "install-deps: all Debian packages present" >&2
 fi

@@ -9,7 +9,15 @@
 # /var/run/libvirt/libvirt-sock is machine-wide, so virsh works from any namespace,
 # and only one such daemon can run on the machine at a time.)
 #
-# Env: LIBVIRT_WAIT_SECS (default 30) bound on waiting for the daemon to answer.
+# Before the daemon starts, /dev/kvm is given to the `kvm` group (mode g+rw) when it
+# carries another group, and libvirt's QEMU user is put in that group: otherwise libvirtd
+# sees KVM as usable when it probes QEMU but not as that user, throws its capability cache
+# away and probes QEMU again on almost every call (seconds each). What was changed is said.
+# After the start, a second `virsh version` must answer within LIBVIRT_FAST_MS, else the
+# script stops the daemon and fails saying what was slow.
+#
+# Env: LIBVIRT_WAIT_SECS (default 120) bound on waiting for the daemon to answer.
+#      LIBVIRT_FAST_MS (default 2000) bound on a plain `virsh version` once it answers.
 #      LIBVIRT_TCP=1 also serves libvirt's RPC on TCP port 16509 without authentication,
 #      on the addresses of namespace NAME only (the remote-URI test: qemu+tcp://ADDR/system
 #      from another test namespace). Never reachable from the root namespace.
@@ -18,7 +26,8 @@ set -euo pipefail
 CMD=${1:?usage: libvirt-netns.sh start|stop NAME}
 NAME=${2:?usage: libvirt-netns.sh start|stop NAME}
 URI=qemu:///system
-WAIT=${LIBVIRT_WAIT_SECS:-30}
+WAIT=${LIBVIRT_WAIT_SECS:-120}
+FAST_MS=${LIBVIRT_FAST_MS:-2000}
 STATE=/run/libvirt-netns
 PACKAGES=(libvirt-daemon-system qemu-system-x86 qemu-utils dnsmasq-base)
 
@@ -45,11 +54,68 @@ install_missing() {
         rc_added=1
     fi
     export DEBIAN_FRONTEND=noninteractive
-    apt-get update -q
-    apt-get install -y -q --no-install-recommends "${missing[@]}"
+    # A fresh machine's unattended upgrades may hold dpkg's lock for a while: wait for it.
+    apt-get -o DPkg::Lock::Timeout=600 update -q
+    apt-get -o DPkg::Lock::Timeout=600 install -y -q --no-install-recommends "${missing[@]}"
     ((rc_added)) && rm -f /usr/sbin/policy-rc.d
     # Never autostart the default network: it must only come up inside NAME, by us.
     rm -f /etc/libvirt/qemu/networks/autostart/default.xml
+}
+
+# libvirtd decides whether KVM is usable by checking /dev/kvm as QEMU's user
+# (libvirt-qemu, a member of `kvm`), while it probes QEMU's capabilities with root's view.
+# A device node carrying another group (seen: gid 103 while kvm is 107; it depends on
+# the machine image and on the order packages were installed) makes the two disagree.
+# udev's rule on a normal host gives /dev/kvm to root:kvm 0660; make it so.
+make_kvm_consistent() {
+    if [[ ! -c /dev/kvm ]]; then
+        log "/dev/kvm absent: libvirtd sees no KVM (guests run under TCG); nothing to change"
+        return 0
+    fi
+    local kvm_gid qemu_user gid mode
+    kvm_gid=$(getent group kvm | cut -d: -f3)
+    [[ -n $kvm_gid ]] || die "/dev/kvm exists but there is no 'kvm' group (the qemu/libvirt packages create it); cannot make libvirt's view of KVM consistent"
+    gid=$(stat -c %g /dev/kvm)
+    mode=$(stat -c %a /dev/kvm)
+    if [[ $gid != "$kvm_gid" ]]; then
+        chgrp kvm /dev/kvm
+        log "changed /dev/kvm's group from gid $gid to kvm (gid $kvm_gid), so that libvirtd and its QEMU user agree on whether KVM is usable"
+    fi
+    if (( (8#$mode & 8#060) != 8#060 )); then
+        chmod g+rw /dev/kvm
+        log "changed /dev/kvm's mode from $mode to $(stat -c %a /dev/kvm) (group kvm may read and write it)"
+    fi
+    qemu_user=$(awk -F'"' '/^[[:space:]]*user[[:space:]]*=/ {print $2}' /etc/libvirt/qemu.conf 2>/dev/null | tail -n1)
+    qemu_user=${qemu_user:-libvirt-qemu}
+    if id "$qemu_user" >/dev/null 2>&1 && ! id -nG "$qemu_user" | tr ' ' '\n' | grep -qx kvm; then
+        usermod -aG kvm "$qemu_user"
+        log "added $qemu_user (the user libvirt runs QEMU as) to group kvm"
+    fi
+}
+
+# Milliseconds of one `virsh version`.
+virsh_version_ms() {
+    local t0 t1
+    t0=$(date +%s%N)
+    virsh -c "$URI" version >/dev/null 2>&1 || return 1
+    t1=$(date +%s%N)
+    echo $(((t1 - t0) / 1000000))
+}
+
+# The daemon must answer a plain call fast: the better of two calls (the first may carry
+# the one legitimate capability probe of a fresh daemon) within FAST_MS.
+check_fast() {
+    local a b best
+    a=$(virsh_version_ms) || { stop; die "libvirtd stopped answering 'virsh version' right after it started (see /var/log/libvirt)"; }
+    b=$(virsh_version_ms) || { stop; die "libvirtd stopped answering 'virsh version' right after it started (see /var/log/libvirt)"; }
+    best=$((a < b ? a : b))
+    if ((best > FAST_MS)); then
+        local kvm
+        kvm=$(ls -ln /dev/kvm 2>/dev/null || echo "/dev/kvm absent")
+        stop
+        die "libvirtd answered 'virsh version' in ${a} ms and ${b} ms (limit ${FAST_MS} ms, LIBVIRT_FAST_MS): it is probably probing QEMU again on every call; /dev/kvm: $kvm; kvm group: $(getent group kvm || echo none)"
+    fi
+    log "libvirtd answers 'virsh version' in ${best} ms"
 }
 
 root_has_virbr() { ip -o link show 2>/dev/null | grep -q ': virbr'; }
@@ -67,6 +133,7 @@ start() {
         ip netns add "$NAME"
     fi
     ip -n "$NAME" link set lo up
+    make_kvm_consistent
     mkdir -p /var/log/libvirt /var/run/libvirt "$STATE"
     echo "$NAME" > "$STATE/current"
 
@@ -87,6 +154,7 @@ start() {
         sleep 0.2
     done
     log "libvirtd answers after ~$((SECONDS - deadline + WAIT))s"
+    check_fast
 
     if ! virsh_ net-info default >/dev/null 2>&1; then
         virsh_ net-define /etc/libvirt/qemu/networks/default.xml >/dev/null \

@@ -16,7 +16,9 @@ use std::process::Command;
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use support::libvirt::{BOOT, Env, LIBVIRTD, env, remote_env, virsh};
+use support::libvirt::{
+    BOOT, Env, LIBVIRTD, WAIT, env, libvirtd_speed, remote_env, virsh, wait_until,
+};
 use support::netns::enter_netns;
 use support::*;
 
@@ -304,15 +306,11 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     // Someone deletes the running VM's seed volume: the next boot needs it, so
     // reconcile makes it again.
     virsh(&["vol-delete", "--pool", &e.pool, "vm.tiny1.seed.img"]);
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !e.volumes().contains(&"vm.tiny1.seed.img".to_owned()) {
-        assert!(
-            Instant::now() < deadline,
-            "seed not made again:\n{}",
-            e.agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_until(
+        "the deleted seed made again by reconcile",
+        || e.volumes().contains(&"vm.tiny1.seed.img".to_owned()),
+        || e.agent.log(),
+    );
     assert_eq!(e.state("tiny1"), "running");
 
     // Then the domain is undefined and the seed deleted again: reconcile builds the
@@ -493,15 +491,11 @@ fn tap_of(vm: &str, mac: &str) -> String {
 
 /// Waits for reconcile to define `vm` again and start it.
 fn wait_redefined(e: &Env, vm: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !(e.domains().contains(&vm.to_owned()) && e.state(vm) == "running") {
-        assert!(
-            Instant::now() < deadline,
-            "{vm} not redefined:\n{}",
-            e.agent.log()
-        );
-        std::thread::sleep(Duration::from_millis(250));
-    }
+    wait_until(
+        &format!("{vm} defined again and running"),
+        || e.domains().contains(&vm.to_owned()) && e.state(vm) == "running",
+        || e.agent.log(),
+    );
 }
 
 /// Serves `bytes` once per connection, announcing `announce` bytes and closing after
@@ -558,7 +552,7 @@ fn sha256_hex(b: &[u8]) -> String {
 }
 
 fn wait_image(api: &Api, name: &str) -> Value {
-    let deadline = Instant::now() + Duration::from_secs(60);
+    let deadline = Instant::now() + WAIT;
     loop {
         let r = api.get("/images");
         assert_eq!(r.status, 200, "{r:?}");
@@ -572,7 +566,12 @@ fn wait_image(api: &Api, name: &str) -> Value {
         if img["state"] != "downloading" {
             return img;
         }
-        assert!(Instant::now() < deadline, "{name} still downloading");
+        assert!(
+            Instant::now() < deadline,
+            "{name} still downloading after {} s; {}",
+            WAIT.as_secs(),
+            libvirtd_speed()
+        );
         std::thread::sleep(Duration::from_millis(100));
     }
 }
@@ -717,7 +716,7 @@ fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_a
         &json!({"name": "stalled", "url": format!("http://127.0.0.1:{port}/img"), "sha256": sha}),
     );
     assert_eq!(r.status, 202, "{r:?}");
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + WAIT;
     loop {
         let r = e.agent.api.get("/images");
         let img = r.json()["images"]
@@ -748,10 +747,94 @@ fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_a
     e.agent.start_again();
     let img = wait_image(&e.agent.api, "stalled");
     assert_eq!(img["state"], "failed", "{img}");
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while e.volumes().iter().any(|v| v.starts_with("partial.")) {
-        assert!(Instant::now() < deadline, "{:?}", e.volumes());
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        "the partial volume of the killed download removed",
+        || !e.volumes().iter().any(|v| v.starts_with("partial.")),
+        || format!("{:?}\n{}", e.volumes(), e.agent.log()),
+    );
     assert!(!e.volumes().contains(&"image.stalled".to_owned()));
+}
+
+/// `/dev/kvm`'s group and mode, put back as they were on drop.
+struct KvmNode {
+    gid: u32,
+    mode: u32,
+}
+
+const KVM: &str = "/dev/kvm";
+
+impl KvmNode {
+    fn save() -> KvmNode {
+        use std::os::unix::fs::MetadataExt;
+        let m = std::fs::metadata(KVM).unwrap();
+        KvmNode {
+            gid: m.gid(),
+            mode: m.mode() & 0o7777,
+        }
+    }
+
+    fn set(gid: u32, mode: u32) {
+        use std::os::unix::fs::PermissionsExt;
+        std::os::unix::fs::chown(KVM, None, Some(gid)).unwrap();
+        std::fs::set_permissions(KVM, std::fs::Permissions::from_mode(mode)).unwrap();
+    }
+}
+
+impl Drop for KvmNode {
+    fn drop(&mut self) {
+        KvmNode::set(self.gid, self.mode);
+    }
+}
+
+/// On some machines `/dev/kvm` carries a group that is not `kvm`; libvirtd then re-probes
+/// QEMU on almost every call (seconds each, a define about a minute). The setup script
+/// gives the device to the `kvm` group before it starts the daemon, says so, and checks
+/// that libvirtd answers a plain call fast.
+#[test]
+fn the_libvirt_setup_makes_kvm_consistent_before_it_starts_the_daemon() {
+    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    if !std::path::Path::new(KVM).exists() {
+        eprintln!("skipped: this machine has no {KVM}, so libvirt has no view of KVM to fix");
+        return;
+    }
+    let _restore = KvmNode::save();
+    // `nogroup`: certainly not the kvm group; and no access for the group either.
+    KvmNode::set(65534, 0o600);
+    let ns = Netns::new("kvmfix");
+    let libvirtd = support::libvirt::Libvirtd::start(&ns);
+    let said = &libvirtd.setup_log;
+    assert!(
+        said.contains("changed /dev/kvm's group from gid 65534 to kvm"),
+        "{said}"
+    );
+    assert!(
+        said.contains("changed /dev/kvm's mode from 600 to 660"),
+        "{said}"
+    );
+    assert!(
+        said.contains("libvirtd answers 'virsh version' in"),
+        "{said}"
+    );
+    let kvm_gid = support::netns::run_ok(Command::new("getent").args(["group", "kvm"]));
+    let kvm_gid: u32 = kvm_gid.split(':').nth(2).unwrap().trim().parse().unwrap();
+    let now = KvmNode::save();
+    assert_eq!((now.gid, now.mode & 0o060), (kvm_gid, 0o060));
+    // A define is one of the calls that took a minute with the wrong group.
+    let dir = tempfile::tempdir().unwrap();
+    let xml = dir.path().join("probe.xml");
+    std::fs::write(
+        &xml,
+        "<domain type='qemu'><name>kvmprobe</name><memory unit='MiB'>64</memory>\
+         <os><type arch='x86_64'>hvm</type></os></domain>",
+    )
+    .unwrap();
+    let t = Instant::now();
+    virsh(&["define", &xml.to_string_lossy()]);
+    eprintln!("define after the fix: {:.2} s", t.elapsed().as_secs_f64());
+    assert!(virsh(&["list", "--all", "--name"]).contains("kvmprobe"));
+    drop(libvirtd);
+
+    // Already consistent: nothing to change, nothing said about it.
+    let again = support::libvirt::Libvirtd::start(&ns);
+    assert!(!again.setup_log.contains("/dev/kvm"), "{}", again.setup_log);
 }

@@ -157,11 +157,7 @@ impl Agent {
             log_path,
             env,
             child: None,
-            api: Api {
-                ns: topo.client.name().to_owned(),
-                addr: sa(NODE_IP, API_PORT),
-                token: token.clone(),
-            },
+            api: Api::new(topo.client.name(), sa(NODE_IP, API_PORT), &token),
             token,
         };
         (agent, configured)

@@ -1,5 +1,6 @@
 //! Clients that run from inside a namespace: a plain TCP/HTTP GET, a UDP round trip, and
-//! the agent's JSON API. Timeouts are short and bounded; nothing here measures time.
+//! the agent's JSON API. Timeouts are bounded (5 s unless a test allows more); nothing
+//! here measures time.
 
 use std::io::{self, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
@@ -19,7 +20,7 @@ fn connect_from(ns: &str, addr: SocketAddr) -> io::Result<TcpStream> {
 fn connect_with_timeout(ns: &str, addr: SocketAddr, io_timeout: Duration) -> io::Result<TcpStream> {
     let stream = in_netns(ns, || TcpStream::connect_timeout(&addr, CONNECT_TIMEOUT))?;
     stream.set_read_timeout(Some(io_timeout))?;
-    stream.set_write_timeout(Some(IO_TIMEOUT))?;
+    stream.set_write_timeout(Some(io_timeout))?;
     Ok(stream)
 }
 
@@ -97,9 +98,40 @@ pub struct Api {
     pub ns: String,
     pub addr: SocketAddr,
     pub token: String,
+    /// How long an answer may take before the call fails (5 s; the VM tests allow
+    /// minutes: a slow libvirtd is not a failure of the agent).
+    pub timeout: Duration,
+    /// Says what else was slow when a call times out (e.g. libvirtd's own answer time).
+    pub diagnose: Option<fn() -> String>,
 }
 
 impl Api {
+    pub fn new(ns: &str, addr: SocketAddr, token: &str) -> Api {
+        Api {
+            ns: ns.to_owned(),
+            addr,
+            token: token.to_owned(),
+            timeout: IO_TIMEOUT,
+            diagnose: None,
+        }
+    }
+
+    /// The panic message of a call that got no answer: what was asked, how long it was
+    /// given, and (through `diagnose`) what else was slow.
+    fn no_answer(&self, method: &str, path: &str, e: &io::Error, waited: Duration) -> String {
+        let what = match e.kind() {
+            io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut => format!(
+                "{method} {path} did not answer within {} s",
+                waited.as_secs()
+            ),
+            _ => format!("{method} {path}: {e}"),
+        };
+        match self.diagnose {
+            Some(d) => format!("{what}; {}", d()),
+            None => what,
+        }
+    }
+
     pub fn get(&self, path: &str) -> Response {
         self.call("GET", path, None)
     }
@@ -115,7 +147,7 @@ impl Api {
     /// With the right token; panics on transport errors (the agent must answer).
     pub fn call(&self, method: &str, path: &str, body: Option<&str>) -> Response {
         self.request(method, path, Some(&self.token), body)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+            .unwrap_or_else(|e| panic!("{}", self.no_answer(method, path, &e, self.timeout)))
     }
 
     /// The raw request: any token (or none), any body (not necessarily JSON).
@@ -143,7 +175,7 @@ impl Api {
     /// lease); panics on transport errors.
     pub fn call_waiting(&self, method: &str, path: &str, wait: Duration) -> Response {
         self.request_timed(method, path, Some(&self.token), &[], None, wait)
-            .unwrap_or_else(|e| panic!("{method} {path}: {e}"))
+            .unwrap_or_else(|e| panic!("{}", self.no_answer(method, path, &e, wait)))
     }
 
     /// As `request_bytes`, with extra request headers (e.g. forged forwarding headers).
@@ -155,7 +187,7 @@ impl Api {
         headers: &[(&str, &str)],
         body: Option<&[u8]>,
     ) -> io::Result<Response> {
-        self.request_timed(method, path, token, headers, body, IO_TIMEOUT)
+        self.request_timed(method, path, token, headers, body, self.timeout)
     }
 
     fn request_timed(

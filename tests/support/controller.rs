@@ -301,9 +301,9 @@ fn answer(
 
 /// The agent's API as the controller reaches it: over the tunnel, without a token.
 pub fn tunnel_api(ctl: &Controller, token: &str) -> super::client::Api {
-    super::client::Api {
-        ns: ctl.ns.name().to_owned(),
-        addr: SocketAddr::from((NODE_TUNNEL_IP, super::topology::API_PORT)),
-        token: token.to_owned(),
-    }
+    super::client::Api::new(
+        ctl.ns.name(),
+        SocketAddr::from((NODE_TUNNEL_IP, super::topology::API_PORT)),
+        token,
+    )
 }

@@ -21,7 +21,47 @@ pub const URI: &str = "qemu:///system";
 /// libvirtd in the topology's far namespace, over TCP from the node namespace.
 pub const REMOTE_URI: &str = "qemu+tcp://10.77.3.2/system";
 /// Bounds for a TCG guest on 2 shared cores; they only decide when a hung step fails.
-pub const BOOT: Duration = Duration::from_secs(120);
+pub const BOOT: Duration = Duration::from_secs(180);
+/// How long one API call that goes through libvirt may take before the test gives up:
+/// more than the agent's own LIBVIRT_TIMEOUT (120 s), so its 503 would come first.
+pub const CALL: Duration = Duration::from_secs(180);
+/// Deadline of a wait for something libvirt does (a redefinition, a download, a volume
+/// made again): minutes, since a slow libvirtd is slow, not wrong.
+pub const WAIT: Duration = Duration::from_secs(300);
+
+/// How long libvirtd takes to answer `virsh version` right now, for failure messages:
+/// a slow libvirtd, not the agent, is the usual reason a VM call times out.
+pub fn libvirtd_speed() -> String {
+    let t = Instant::now();
+    // Bounded: a stopped (SIGSTOP) or hung libvirtd must not hang the failure message.
+    let ok = Command::new("timeout")
+        .args(["60", "virsh", "-c", URI, "version"])
+        .output()
+        .map(|o| o.status.success())
+        .unwrap_or(false);
+    let took = t.elapsed().as_secs_f64();
+    if ok {
+        format!("libvirtd answered virsh version in {took:.1} s")
+    } else {
+        format!("libvirtd did not answer virsh version (gave up after {took:.1} s)")
+    }
+}
+
+/// Waits until `ok()` holds, up to [`WAIT`]; the panic says what was awaited, how long,
+/// how fast libvirtd answers, and `context()` (e.g. the agent's log).
+pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
+    let start = Instant::now();
+    while !ok() {
+        assert!(
+            start.elapsed() < WAIT,
+            "{what}: not within {} s; {}\n{}",
+            WAIT.as_secs(),
+            libvirtd_speed(),
+            context()
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+}
 
 pub fn script(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
@@ -42,6 +82,8 @@ pub fn virsh(args: &[&str]) -> String {
 /// destroys every domain and network of that daemon.
 pub struct Libvirtd {
     ns: String,
+    /// What scripts/libvirt-netns.sh said while it started the daemon.
+    pub setup_log: String,
 }
 
 impl Libvirtd {
@@ -52,13 +94,25 @@ impl Libvirtd {
     /// With `tcp`, libvirtd also serves its RPC on TCP port 16509 (no authentication),
     /// on the addresses of `ns` only: [`REMOTE_URI`] from the node namespace.
     pub fn start_serving(ns: &Netns, tcp: bool) -> Libvirtd {
-        run_ok(
-            Command::new(script("libvirt-netns.sh"))
-                .args(["start", ns.name()])
-                .env("LIBVIRT_TCP", if tcp { "1" } else { "0" }),
+        let out = Command::new(script("libvirt-netns.sh"))
+            .args(["start", ns.name()])
+            .env("LIBVIRT_TCP", if tcp { "1" } else { "0" })
+            .output()
+            .unwrap_or_else(|e| panic!("spawn libvirt-netns.sh: {e}"));
+        let setup_log = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(
+            out.status.success(),
+            "libvirt-netns.sh start {} failed ({}):\n{setup_log}",
+            ns.name(),
+            out.status
         );
         Libvirtd {
             ns: ns.name().to_owned(),
+            setup_log,
         }
     }
 
@@ -82,19 +136,17 @@ impl Libvirtd {
     /// Starts libvirtd again in the same namespace and waits until it answers.
     pub fn revive(&self) {
         run_ok(Command::new("ip").args(["netns", "exec", &self.ns, "libvirtd", "-d"]));
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while Instant::now() < deadline {
-            let ok = Command::new("virsh")
-                .args(["-c", URI, "version"])
-                .output()
-                .map(|o| o.status.success())
-                .unwrap_or(false);
-            if ok {
-                return;
-            }
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        panic!("libvirtd did not come back");
+        wait_until(
+            "libvirtd answering again after a restart",
+            || {
+                Command::new("virsh")
+                    .args(["-c", URI, "version"])
+                    .output()
+                    .map(|o| o.status.success())
+                    .unwrap_or(false)
+            },
+            || "see /var/log/libvirt".to_owned(),
+        );
     }
 }
 
@@ -201,7 +253,9 @@ fn env_at(remote: bool, extra: &[(&str, &str)]) -> Env {
         settings.push(("VMS_HOST_DIR", &pool_dir));
     }
     settings.extend_from_slice(extra);
-    let agent = Agent::start_with(&topo, &settings);
+    let mut agent = Agent::start_with(&topo, &settings);
+    agent.api.timeout = CALL;
+    agent.api.diagnose = Some(libvirtd_speed);
     Env {
         agent,
         libvirtd,
@@ -240,7 +294,13 @@ impl Env {
                 Some(&self.agent.token),
                 Some(bytes),
             )
-            .unwrap_or_else(|e| panic!("upload: {e}"))
+            .unwrap_or_else(|e| {
+                panic!(
+                    "POST /images/{name} ({} bytes): {e}; {}",
+                    bytes.len(),
+                    libvirtd_speed()
+                )
+            })
     }
 
     pub fn console(&self, vm: &str) -> String {
@@ -257,19 +317,14 @@ impl Env {
         let deadline = Instant::now() + BOOT;
         loop {
             let c = self.console(vm);
-            let markers: Vec<&str> = c
-                .lines()
-                .filter_map(|l| l.trim().strip_prefix("TINY-GUEST-READY "))
-                .collect();
+            let mut markers = super::ready_markers(&c);
             if markers.len() >= n {
-                return markers[n - 1]
-                    .split_whitespace()
-                    .map(str::to_owned)
-                    .collect();
+                return markers.swap_remove(n - 1);
             }
             assert!(
                 Instant::now() < deadline,
-                "{vm}: {n} READY markers not seen within {BOOT:?}; console:\n{c}\nagent log:\n{}",
+                "{vm}: {n} READY markers not seen within {BOOT:?}; {}; console:\n{c}\nagent log:\n{}",
+                libvirtd_speed(),
                 self.agent.log()
             );
             std::thread::sleep(Duration::from_millis(250));
@@ -286,7 +341,7 @@ impl Env {
     }
 
     /// `GET path` of the guest's HTTP server at `ip`, from libvirtd's host (retried for
-    /// 30 s).
+    /// up to [`BOOT`]).
     pub fn guest_http(&self, ip: Ipv4Addr, path: &str) -> String {
         http_retrying(&self.guest_ns, sa(ip, 80), path)
     }
@@ -297,10 +352,10 @@ impl Env {
     }
 }
 
-/// `GET path` from `ns` to `addr`, retried for up to 30 s (a guest still booting, a
+/// `GET path` from `ns` to `addr`, retried for up to [`BOOT`] (a guest still booting, a
 /// lease or map not yet in place).
 fn http_retrying(ns: &str, addr: std::net::SocketAddr, path: &str) -> String {
-    let deadline = Instant::now() + Duration::from_secs(30);
+    let deadline = Instant::now() + BOOT;
     loop {
         match http_get(ns, addr, path) {
             Ok(b) => return b,
