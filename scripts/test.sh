@@ -30,14 +30,38 @@ for ns in $(ip netns list 2>/dev/null | awk '{print $1}' | grep -E '^nva-[0-9]+-
 done
 
 start=$(date +%s)
-cargo build --locked --all-targets
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
-# Unit and integration tests (no doctests: the crate has none; the bench target is
-# built above and run by scripts/bench.sh, not here).
-cargo test --locked --lib --bins --tests 2>&1 | tee "$log"
+# From here on every step runs even when an earlier one failed, so that the run always
+# ends with the licence check and one summary line; the exit status says whether all passed.
+set +e
+cargo build --locked --all-targets
+build_rc=$?
+tests_rc=0
+if ((build_rc == 0)); then
+    # Unit and integration tests (no doctests: the crate has none; the bench target is
+    # built above and run by scripts/bench.sh, not here). --no-fail-fast: a failing test
+    # binary must not keep the others from running.
+    cargo test --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$log"
+    tests_rc=${PIPESTATUS[0]}
+fi
 # Every dependency's licence against deny.toml (installs cargo-deny on first use).
 scripts/check-licenses.sh
+deny_rc=$?
+set -e
+
 echo "test.sh: build + tests took $(($(date +%s) - start)) s" >&2
-# One closing line for the whole suite, summed over every test binary.
-awk '/^test result:/ { p += $4; f += $6; s += $8 } END { printf "test: %d passed, %d failed, %d skipped\n", p, f, s }' "$log"
+((build_rc == 0)) || echo "test.sh: the build failed (exit $build_rc); no test ran" >&2
+((tests_rc == 0)) || echo "test.sh: cargo test failed (exit $tests_rc)" >&2
+((deny_rc == 0)) || echo "test.sh: the licence check failed (exit $deny_rc)" >&2
+# One closing line for the whole suite, summed over every test binary. A failed build,
+# or a binary that died without its result line (a crash), counts as one failure.
+awk -v rc="$tests_rc" -v build="$build_rc" '
+    /^test result:/ { p += $4; f += $6; s += $8 }
+    END {
+        if (build != 0 || (rc != 0 && f == 0)) f += 1
+        printf "test: %d passed, %d failed, %d skipped\n", p, f, s
+    }' "$log"
+if ((build_rc || tests_rc || deny_rc)); then
+    exit 1
+fi
