@@ -11,6 +11,7 @@ use crate::api::{self, ApiToken};
 use crate::config::Settings;
 use crate::keys::{KeySource, NodeKeys};
 use crate::mesh::{JoinState, Mesh, MeshStatus};
+use crate::net::firewall::NftFirewall;
 use crate::portmap::{self, Firewall, Policy, PortMaps};
 use crate::store::Store;
 use crate::vm;
@@ -18,7 +19,7 @@ use crate::vm;
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
-    Setting(#[from] crate::config::SettingError),
+    Preflight(#[from] crate::preflight::PreflightError),
     #[error("cannot create DATA_DIR {path}: {source}")]
     DataDir {
         path: String,
@@ -30,23 +31,20 @@ pub enum AgentError {
     Token(#[from] crate::api::auth::TokenError),
     #[error("cannot apply the port maps to the kernel at startup: {0}")]
     Startup(crate::portmap::PortMapError),
-    #[error("cannot listen on {addr} (API_LISTEN, NODE_API_PORT): {source}")]
-    Listen {
-        addr: SocketAddr,
-        source: std::io::Error,
-    },
     #[error("the API server failed: {0}")]
     Serve(std::io::Error),
     #[error("{0}")]
     Firewall(String),
     #[error(transparent)]
     Keys(#[from] crate::keys::KeyError),
+    #[error(transparent)]
+    Setting(#[from] crate::config::SettingError),
 }
 
 /// Opens the state every command needs: DATA_DIR (created 0700), the database, and the
-/// one-time import of the original agent's portmap.json.
+/// one-time import of the original agent's portmap.json. Runs after the command's
+/// preflight checks (`crate::preflight`).
 pub fn open_state(settings: &Settings) -> Result<Store, AgentError> {
-    settings.validate()?;
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
@@ -67,8 +65,22 @@ pub fn open_state(settings: &Settings) -> Result<Store, AgentError> {
     Ok(store)
 }
 
-/// Runs the agent until SIGTERM/SIGINT.
-pub async fn serve(settings: Settings, fw: Arc<dyn Firewall>) -> Result<(), AgentError> {
+/// Runs the agent until SIGTERM/SIGINT: first every check that needs no change to the
+/// machine, then the changes (IPv4 forwarding, DATA_DIR, the database, the token, the
+/// key pair, nftables), then the API.
+pub async fn run(settings: Settings) -> Result<(), AgentError> {
+    let listener = crate::preflight::serve(&settings).await?;
+    let fw = NftFirewall::from_settings(&settings)
+        .await
+        .map_err(|e| AgentError::Firewall(e.to_string()))?;
+    serve(settings, Arc::new(fw), listener).await
+}
+
+async fn serve(
+    settings: Settings,
+    fw: Arc<dyn Firewall>,
+    listener: TcpListener,
+) -> Result<(), AgentError> {
     let store = open_state(&settings)?;
     let (token, source) =
         ApiToken::load_or_create(settings.configured_token(), &settings.data_dir)?;
@@ -127,10 +139,8 @@ pub async fn serve(settings: Settings, fw: Arc<dyn Firewall>) -> Result<(), Agen
         "port maps applied to the kernel"
     );
 
+    // Bound by the preflight; connections waited in its backlog until now.
     let addr = SocketAddr::new(settings.api_listen, settings.node_api_port);
-    let listener = TcpListener::bind(addr)
-        .await
-        .map_err(|source| AgentError::Listen { addr, source })?;
     tracing::info!(%addr, "API listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -197,7 +207,6 @@ pub async fn serve(settings: Settings, fw: Arc<dyn Firewall>) -> Result<(), Agen
     served.map_err(AgentError::Serve)
 }
 
-/// Compares the kernel with the database every `every` and repairs drift.
 /// The VM service and the image store over one lazily opened libvirt connection.
 fn vm_layer(
     settings: &Settings,
@@ -249,15 +258,31 @@ fn stats_dir(settings: &Settings) -> std::path::PathBuf {
     }
 }
 
-/// At startup: unfinished image transfers are cleaned up; then, at startup and every
-/// interval, VMs whose domain vanished from libvirt are defined again.
+/// At startup: unfinished image transfers are failed and, once libvirt answers, their
+/// partial volumes removed; then, at startup and every interval, VMs whose domain
+/// vanished from libvirt are defined again. A node without VM or transfer rows never
+/// connects to libvirt here (a port-map-only node leaves its libvirtd alone).
 async fn vm_reconcile_loop(
     vms: Arc<vm::service::Vms>,
     images: Arc<vm::images::Images>,
     every: std::time::Duration,
     mut stop: watch::Receiver<bool>,
 ) {
-    let mut cleaned = false;
+    let mut partial_volumes_due = match images.fail_interrupted().await {
+        Ok(n) => {
+            if n > 0 {
+                tracing::warn!(
+                    images = n,
+                    "image transfers of the last run did not finish; marked failed"
+                );
+            }
+            n > 0
+        }
+        Err(e) => {
+            tracing::error!(error = %e, "cannot read the image transfers of the last run");
+            false
+        }
+    };
     let mut tick = tokio::time::interval(every);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     loop {
@@ -265,10 +290,10 @@ async fn vm_reconcile_loop(
             _ = tick.tick() => {}
             _ = stop.changed() => return,
         }
-        if !cleaned {
-            match images.cleanup_interrupted().await {
+        if partial_volumes_due {
+            match images.remove_partial_volumes().await {
                 Ok(n) => {
-                    cleaned = true;
+                    partial_volumes_due = false;
                     if n > 0 {
                         tracing::warn!(
                             removed = n,
@@ -280,7 +305,10 @@ async fn vm_reconcile_loop(
                     tracing::warn!(error = %e, "libvirt unavailable; VM reconcile retries next interval");
                     continue;
                 }
-                Err(e) => tracing::error!(error = %e, "cleaning up image transfers failed"),
+                Err(e) => {
+                    partial_volumes_due = false;
+                    tracing::error!(error = %e, "cleaning up image transfers failed");
+                }
             }
         }
         match vms.reconcile().await {
@@ -296,6 +324,7 @@ async fn vm_reconcile_loop(
     }
 }
 
+/// Compares the kernel with the database every `every` and repairs drift.
 async fn reconcile_loop(
     portmaps: Arc<PortMaps>,
     every: std::time::Duration,

@@ -151,7 +151,9 @@ pub struct Settings {
 
     /// libvirt connection URI: one long-lived connection, reopened after libvirtd restarts.
     /// A remote one (qemu+ssh://host/system) works the same; set VMS_HOST_DIR to the
-    /// pool's directory on that host.
+    /// pool's directory on that host. The driver is qemu (or test, libvirt's in-process
+    /// test driver); anything else is refused at startup. Connected only once the node
+    /// has VMs or image transfers, or a VM call arrives.
     #[arg(
         long,
         env = "LIBVIRT_URI",
@@ -160,8 +162,8 @@ pub struct Settings {
     )]
     pub libvirt_uri: String,
 
-    /// Directory of the storage pool (when VMS_HOST_DIR is unset); `GET /stats` reports
-    /// its filesystem.
+    /// Directory of the storage pool (when VMS_HOST_DIR is unset), an absolute path;
+    /// `GET /stats` reports its filesystem.
     #[arg(
         long,
         env = "VMS_WORK_DIR",
@@ -170,8 +172,8 @@ pub struct Settings {
     )]
     pub vms_work_dir: PathBuf,
 
-    /// The pool's directory as the libvirt host sees it (an agent in a container); the
-    /// agent itself never opens it.
+    /// The pool's directory as the libvirt host sees it (an agent in a container), an
+    /// absolute path; the agent itself never opens it.
     #[arg(long, env = "VMS_HOST_DIR", value_name = "VMS_HOST_DIR")]
     pub vms_host_dir: Option<PathBuf>,
 
@@ -253,7 +255,8 @@ pub struct Settings {
     #[arg(long, env = "VMS_BRIDGE", value_name = "VMS_BRIDGE", default_value = "virbr0", value_parser = parse_ifname)]
     pub vms_bridge: String,
 
-    /// The VMs' subnet: port-map targets must lie in it; its internet egress is masqueraded.
+    /// The VMs' subnet, as a network address (10.0.0.0/8, not 10.0.0.5/8): port-map targets
+    /// must lie in it; its internet egress is masqueraded.
     #[arg(
         long,
         env = "VM_SUBNET",
@@ -262,8 +265,8 @@ pub struct Settings {
     )]
     pub vm_subnet: Ipv4Network,
 
-    /// Interface for VM internet egress NAT. Default: the interface of the IPv4 default
-    /// route; without one, any interface but VMS_BRIDGE.
+    /// Interface for VM internet egress NAT; it must exist when the agent starts. Default:
+    /// the interface of the IPv4 default route; without one, any interface but VMS_BRIDGE.
     #[arg(long, env = "EXTERNAL_IFACE", value_name = "EXTERNAL_IFACE", value_parser = parse_ifname)]
     pub external_iface: Option<String>,
 
@@ -283,7 +286,7 @@ pub struct Settings {
         env = "RESERVED_PORTS",
         value_name = "RESERVED_PORTS",
         value_delimiter = ',',
-        value_parser = clap::value_parser!(u16).range(1..)
+        value_parser = parse_port
     )]
     pub reserved_ports: Vec<u16>,
 
@@ -313,94 +316,148 @@ pub struct Settings {
     pub log_format: LogFormat,
 }
 
-/// A setting that parsed but makes no sense together with the others.
+/// A setting that parsed but makes no sense on its own terms or with the others.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid {variable}={value:?}: {reason}")]
-pub struct SettingError {
-    pub variable: &'static str,
-    pub value: String,
-    pub reason: String,
+pub enum SettingError {
+    #[error("invalid {variable}={value:?}: {reason}")]
+    Invalid {
+        variable: &'static str,
+        value: String,
+        reason: String,
+    },
+    /// One or two of the three join settings: the operator meant to join and forgot one.
+    #[error(
+        "{set} set but {missing} not: joining the mesh needs CONTROLLER_URL, JOIN_TOKEN \
+         and NODE_ID together; unset {set_names} to run standalone"
+    )]
+    IncompleteJoin {
+        set: String,
+        missing: String,
+        set_names: String,
+    },
+}
+
+fn invalid(
+    variable: &'static str,
+    value: impl Into<String>,
+    reason: impl Into<String>,
+) -> SettingError {
+    SettingError::Invalid {
+        variable,
+        value: value.into(),
+        reason: reason.into(),
+    }
+}
+
+/// `A`, `A and B`, `A, B and C`, with the verb that agrees with the count.
+fn names_with_verb(names: &[&str]) -> String {
+    let list = match names {
+        [] => String::new(),
+        [one] => (*one).to_string(),
+        [init @ .., last] => format!("{} and {last}", init.join(", ")),
+    };
+    format!("{list} {}", if names.len() == 1 { "is" } else { "are" })
 }
 
 impl Settings {
-    /// Checks that need more than one setting; single values are checked by their parser.
+    /// Checks of values that need more than their parser, and of settings together;
+    /// pure (nothing on the machine is looked at: see `agent::preflight`).
     pub fn validate(&self) -> Result<(), SettingError> {
         self.join_settings()?;
         if let Some(url) = &self.controller_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
-            return Err(SettingError {
-                variable: "CONTROLLER_URL",
-                value: url.clone(),
-                reason: "must start with http:// or https://".into(),
-            });
+            return Err(invalid(
+                "CONTROLLER_URL",
+                url,
+                "must start with http:// or https://",
+            ));
         }
         if let Some(id) = &self.node_id
             && (id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()))
         {
-            return Err(SettingError {
-                variable: "NODE_ID",
-                value: id.clone(),
-                reason: "1 to 128 printable characters".into(),
-            });
+            return Err(invalid("NODE_ID", id, "1 to 128 printable characters"));
         }
+        self.validate_tokens()?;
+        self.validate_networks()?;
+        for (i, key) in self.default_ssh_keys().iter().enumerate() {
+            if let Err(reason) = crate::vm::seed::validate_ssh_key(key) {
+                return Err(invalid(
+                    "SSH_AUTHORIZED_KEYS",
+                    format!("line {}", i + 1),
+                    reason,
+                ));
+            }
+        }
+        for (variable, dir) in [
+            ("VMS_WORK_DIR", Some(&self.vms_work_dir)),
+            ("VMS_HOST_DIR", self.vms_host_dir.as_ref()),
+        ] {
+            if let Some(dir) = dir
+                && !dir.is_absolute()
+            {
+                return Err(invalid(
+                    variable,
+                    dir.display().to_string(),
+                    "must be an absolute path (libvirt's storage pool lives there)",
+                ));
+            }
+        }
+        check_libvirt_uri(&self.libvirt_uri)
+            .map_err(|reason| invalid("LIBVIRT_URI", &self.libvirt_uri, reason))
+    }
+
+    fn validate_tokens(&self) -> Result<(), SettingError> {
         for (variable, value) in [
             ("API_TOKEN", &self.api_token),
             ("PORTMAP_TOKEN", &self.portmap_token),
         ] {
-            if let Some(token) = value {
-                // The value itself is never echoed: it is a secret.
-                if token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()) {
-                    return Err(SettingError {
-                        variable,
-                        value: "<hidden>".into(),
-                        reason: "a token needs at least 16 characters and no whitespace".into(),
-                    });
-                }
+            // The value itself is never echoed: it is a secret.
+            if let Some(token) = value
+                && (token.len() < 16 || token.chars().any(|c| c.is_whitespace() || c.is_control()))
+            {
+                return Err(invalid(
+                    variable,
+                    "<hidden>",
+                    "a token needs at least 16 characters and no whitespace",
+                ));
             }
         }
         if let (Some(a), Some(b)) = (&self.api_token, &self.portmap_token)
             && a != b
         {
-            return Err(SettingError {
-                variable: "PORTMAP_TOKEN",
-                value: "<hidden>".into(),
-                reason: "differs from API_TOKEN; set only one of them".into(),
-            });
+            return Err(invalid(
+                "PORTMAP_TOKEN",
+                "<hidden>",
+                "differs from API_TOKEN; set only one of them",
+            ));
         }
+        Ok(())
+    }
+
+    fn validate_networks(&self) -> Result<(), SettingError> {
         if self.vm_subnet.prefix() == 0 {
-            return Err(SettingError {
-                variable: "VM_SUBNET",
-                value: self.vm_subnet.to_string(),
-                reason: "0.0.0.0/0 would make every address a port-map target".into(),
-            });
+            return Err(invalid(
+                "VM_SUBNET",
+                self.vm_subnet.to_string(),
+                "0.0.0.0/0 would make every address a port-map target",
+            ));
         }
+        check_no_host_bits("VM_SUBNET", &self.vm_subnet)?;
         if let Some(ext) = &self.external_iface
             && ext == &self.vms_bridge
         {
-            return Err(SettingError {
-                variable: "EXTERNAL_IFACE",
-                value: ext.clone(),
-                reason: "is the VMS_BRIDGE itself".into(),
-            });
-        }
-        for (i, key) in self.default_ssh_keys().iter().enumerate() {
-            if let Err(reason) = crate::vm::seed::validate_ssh_key(key) {
-                return Err(SettingError {
-                    variable: "SSH_AUTHORIZED_KEYS",
-                    value: format!("line {}", i + 1),
-                    reason,
-                });
-            }
+            return Err(invalid("EXTERNAL_IFACE", ext, "is the VMS_BRIDGE itself"));
         }
         for net in &self.allowed_targets {
             if net.prefix() == 0 {
-                return Err(SettingError {
-                    variable: "ALLOWED_TARGETS",
-                    value: net.to_string(),
-                    reason: "0.0.0.0/0 would turn the node into an open relay".into(),
-                });
+                return Err(invalid(
+                    "ALLOWED_TARGETS",
+                    net.to_string(),
+                    "0.0.0.0/0 would turn the node into an open relay",
+                ));
             }
+            check_no_host_bits("ALLOWED_TARGETS", net)?;
         }
         Ok(())
     }
@@ -416,25 +473,25 @@ impl Settings {
             })),
             (None, None, None) => Ok(None),
             (url, token, node_id) => {
-                let missing: Vec<&str> = [
-                    ("CONTROLLER_URL", url.is_none()),
-                    ("JOIN_TOKEN", token.is_none()),
-                    ("NODE_ID", node_id.is_none()),
-                ]
-                .iter()
-                .filter(|(_, m)| *m)
-                .map(|(v, _)| *v)
-                .collect();
-                Err(SettingError {
-                    variable: "CONTROLLER_URL/JOIN_TOKEN/NODE_ID",
-                    value: format!("missing {}", missing.join(", ")),
-                    reason: "joining the mesh needs all three; set none of them to run standalone"
-                        .into(),
+                let all = [
+                    ("CONTROLLER_URL", url.is_some()),
+                    ("JOIN_TOKEN", token.is_some()),
+                    ("NODE_ID", node_id.is_some()),
+                ];
+                let names = |present: bool| -> Vec<&str> {
+                    all.iter()
+                        .filter(|(_, p)| *p == present)
+                        .map(|(v, _)| *v)
+                        .collect()
+                };
+                Err(SettingError::IncompleteJoin {
+                    set: names_with_verb(&names(true)),
+                    missing: names_with_verb(&names(false)),
+                    set_names: names(true).join(" and "),
                 })
             }
         }
     }
-
     /// The configured API token, from API_TOKEN or its alias.
     pub fn configured_token(&self) -> Option<&str> {
         self.api_token.as_deref().or(self.portmap_token.as_deref())
@@ -513,6 +570,82 @@ pub fn parse_ifname(s: &str) -> Result<String, String> {
     Ok(s.to_string())
 }
 
+/// A network setting written with host bits (`10.0.0.5/8`) is most likely a typo for
+/// an address, or for another prefix: refuse it rather than guess.
+fn check_no_host_bits(variable: &'static str, net: &Ipv4Network) -> Result<(), SettingError> {
+    if net.ip() == net.network() {
+        return Ok(());
+    }
+    Err(invalid(
+        variable,
+        net.to_string(),
+        format!(
+            "host bits are set; the network is {}/{}",
+            net.network(),
+            net.prefix()
+        ),
+    ))
+}
+
+/// libvirt drivers the agent can drive: QEMU, and libvirt's in-process test driver.
+const LIBVIRT_DRIVERS: [&str; 2] = ["qemu", "test"];
+/// libvirt's remote transports (`qemu+ssh://...`).
+const LIBVIRT_TRANSPORTS: [&str; 7] = ["unix", "ssh", "libssh", "libssh2", "tcp", "tls", "ext"];
+
+/// `driver[+transport]://[user@][host][:port]/path[?query]` as libvirt parses it, with a
+/// driver the agent can use; libvirt itself would only fail later, at the first VM call.
+pub fn check_libvirt_uri(uri: &str) -> Result<(), String> {
+    const FORM: &str = "expected driver[+transport]://[host]/path, e.g. qemu:///system or \
+                        qemu+ssh://root@host/system";
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return Err(format!("not a libvirt URI: {FORM}"));
+    };
+    let (driver, transport) = match scheme.split_once('+') {
+        Some((d, t)) => (d, Some(t)),
+        None => (scheme, None),
+    };
+    if !LIBVIRT_DRIVERS.contains(&driver) {
+        return Err(format!(
+            "driver {driver:?} is not one of {}: {FORM}",
+            LIBVIRT_DRIVERS.join(", ")
+        ));
+    }
+    if let Some(t) = transport
+        && !LIBVIRT_TRANSPORTS.contains(&t)
+    {
+        return Err(format!(
+            "transport {t:?} is not one of {}",
+            LIBVIRT_TRANSPORTS.join(", ")
+        ));
+    }
+    let path = rest.split_once('?').map_or(rest, |(p, _)| p);
+    let Some(slash) = path.find('/') else {
+        return Err(format!("no path: {FORM}"));
+    };
+    let (authority, path) = path.split_at(slash);
+    if authority
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err("the host part has whitespace or control characters".into());
+    }
+    if driver == "qemu" && !matches!(path, "/system" | "/session" | "/embed") {
+        return Err(format!(
+            "path {path:?}: the QEMU driver's are /system, /session and /embed"
+        ));
+    }
+    Ok(())
+}
+
+/// A port number of a list setting (clap's own parser says only "invalid digit found in
+/// string").
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(p) if p >= 1 => Ok(p),
+        _ => Err(format!("{s:?} is not a port number (1..65535)")),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -572,8 +705,16 @@ mod tests {
     fn join_settings_are_all_or_nothing() {
         let s = parse(&["--controller-url", "http://c:5000", "--node-id", "n1"]).unwrap();
         let e = s.validate().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "CONTROLLER_URL and NODE_ID are set but JOIN_TOKEN is not: joining the mesh needs \
+             CONTROLLER_URL, JOIN_TOKEN and NODE_ID together; unset CONTROLLER_URL and NODE_ID \
+             to run standalone"
+        );
+        let s = parse(&["--controller-url", "http://c:5000"]).unwrap();
+        let e = s.validate().unwrap_err().to_string();
         assert!(
-            e.contains("missing JOIN_TOKEN") && !e.contains("NODE_ID,"),
+            e.starts_with("CONTROLLER_URL is set but JOIN_TOKEN and NODE_ID are not:"),
             "{e}"
         );
         let s = parse(&[
@@ -617,5 +758,80 @@ mod tests {
         assert!(e.contains("API_TOKEN") && !e.contains("short"), "{e}");
         let s = parse(&["--vm-subnet", "0.0.0.0/0"]).unwrap();
         assert!(s.validate().is_err());
+    }
+
+    #[test]
+    fn values_that_parse_but_cannot_work_are_refused_by_name() {
+        let refused = |args: &[&str], variable: &str, says: &str| {
+            let e = parse(args).unwrap().validate().unwrap_err().to_string();
+            assert!(e.contains(variable) && e.contains(says), "{args:?}: {e}");
+        };
+        refused(
+            &["--vm-subnet", "10.0.0.5/8"],
+            "VM_SUBNET=\"10.0.0.5/8\"",
+            "host bits are set; the network is 10.0.0.0/8",
+        );
+        refused(
+            &["--allowed-targets", "10.1.2.3/16"],
+            "ALLOWED_TARGETS",
+            "the network is 10.1.0.0/16",
+        );
+        refused(
+            &["--vms-work-dir", "relative/dir"],
+            "VMS_WORK_DIR=\"relative/dir\"",
+            "absolute path",
+        );
+        refused(&["--vms-host-dir", "pool"], "VMS_HOST_DIR", "absolute path");
+        refused(
+            &["--libvirt-uri", "banana"],
+            "LIBVIRT_URI=\"banana\"",
+            "not a libvirt URI",
+        );
+        refused(
+            &["--libvirt-uri", "xen:///system"],
+            "LIBVIRT_URI",
+            "driver \"xen\"",
+        );
+        refused(
+            &["--libvirt-uri", "qemu+carrier://h/system"],
+            "LIBVIRT_URI",
+            "transport \"carrier\"",
+        );
+        refused(
+            &["--libvirt-uri", "qemu:///sytem"],
+            "LIBVIRT_URI",
+            "/system",
+        );
+        refused(&["--libvirt-uri", "qemu://"], "LIBVIRT_URI", "no path");
+        for ok in [
+            "qemu:///system",
+            "qemu:///session",
+            "qemu+ssh://root@node-7:2222/system?keyfile=/k",
+            "qemu+tcp://10.77.3.2/system",
+            "qemu+unix:///system?socket=/run/libvirt/libvirt-sock",
+            "test:///default",
+        ] {
+            parse(&["--libvirt-uri", ok]).unwrap().validate().unwrap();
+        }
+        parse(&["--vm-subnet", "10.0.0.0/8"])
+            .unwrap()
+            .validate()
+            .unwrap();
+    }
+
+    #[test]
+    fn a_bad_port_in_a_list_says_which_value() {
+        let e = parse(&["--reserved-ports", "80,abc"]).unwrap_err();
+        assert!(
+            e.contains("RESERVED_PORTS") && e.contains("\"abc\" is not a port number (1..65535)"),
+            "{e}"
+        );
+        assert!(!e.contains("invalid digit"), "{e}");
+        assert_eq!(
+            parse(&["--reserved-ports", "80, 443"])
+                .unwrap()
+                .reserved_ports,
+            [80, 443]
+        );
     }
 }

@@ -9,5 +9,6 @@ pub mod memory;
 pub mod mesh;
 pub mod net;
 pub mod portmap;
+pub mod preflight;
 pub mod store;
 pub mod vm;

@@ -1,5 +1,6 @@
 //! `node-vm-agent`: the command line.
 
+use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
@@ -28,10 +29,15 @@ enum Command {
     Diff(Settings),
 }
 
+/// Logs go to stderr (stdout is `diff`'s answer), coloured only on a terminal.
 fn init_logging(format: LogFormat) {
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let builder = tracing_subscriber::fmt().with_env_filter(filter);
+    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(colour);
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
@@ -49,35 +55,33 @@ fn main() -> ExitCode {
         .build()
     {
         Ok(rt) => rt,
-        Err(e) => {
-            tracing::error!(error = %e, "cannot start the async runtime");
-            return ExitCode::from(2);
-        }
+        Err(e) => return fatal(&format!("cannot start the async runtime: {e}")),
     };
     let result = rt.block_on(async move {
         match cli.command {
-            Command::Serve(s) => {
-                let fw = NftFirewall::from_settings(&s)
-                    .await
-                    .map_err(|e| agent::AgentError::Firewall(e.to_string()))?;
-                agent::serve(s, Arc::new(fw))
-                    .await
-                    .map(|()| ExitCode::SUCCESS)
-            }
+            Command::Serve(s) => agent::run(s).await.map(|()| ExitCode::SUCCESS),
             Command::Diff(s) => diff(s).await,
         }
     });
     match result {
         Ok(code) => code,
-        Err(e) => {
-            tracing::error!(error = %e, "node-vm-agent failed");
-            eprintln!("node-vm-agent: {e}");
-            ExitCode::from(2)
-        }
+        Err(e) => fatal(&e.to_string()),
     }
 }
 
+/// A fatal error, said once: in the log (text or JSON), or on stderr when the log
+/// filter hides errors.
+fn fatal(message: &str) -> ExitCode {
+    if tracing::enabled!(tracing::Level::ERROR) {
+        tracing::error!(error = %message, "node-vm-agent stopped");
+    } else {
+        eprintln!("node-vm-agent: {message}");
+    }
+    ExitCode::from(2)
+}
+
 async fn diff(s: Settings) -> Result<ExitCode, agent::AgentError> {
+    node_vm_agent::preflight::diff(&s)?;
     let store = agent::open_state(&s)?;
     let fw = NftFirewall::from_settings_readonly(&s)
         .await

@@ -56,7 +56,9 @@ impl From<PortMapError> for ApiError {
         let status = match &e {
             PortMapError::Policy(_) => StatusCode::FORBIDDEN,
             PortMapError::Conflict { .. } => StatusCode::CONFLICT,
-            PortMapError::Kernel(_) | PortMapError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            PortMapError::Kernel(_) | PortMapError::Read(_) | PortMapError::Store(_) => {
+                StatusCode::INTERNAL_SERVER_ERROR
+            }
         };
         Self::new(status, e.to_string())
     }

@@ -140,10 +140,13 @@ impl Firewall for MemoryFirewall {
     }
 
     fn drift(&self, desired: &[PortMap]) -> Result<Vec<String>, FirewallError> {
-        let s = self
+        let mut s = self
             .state
             .lock()
             .map_err(|_| FirewallError("poisoned".into()))?;
+        if let Some(reason) = s.1.take() {
+            return Err(FirewallError(reason));
+        }
         let Some(have) = &s.0 else {
             return Ok(vec!["table missing".into()]);
         };

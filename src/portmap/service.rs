@@ -42,6 +42,9 @@ pub enum PortMapError {
     /// The kernel refused the change; nothing was stored.
     #[error("nftables refused the change: {0}")]
     Kernel(#[from] FirewallError),
+    /// The kernel's state could not be read (a comparison, which changes nothing).
+    #[error("cannot read the kernel's nftables state: {0}")]
+    Read(FirewallError),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -294,8 +297,8 @@ impl PortMaps {
     pub fn drift(&self) -> Result<Vec<String>, PortMapError> {
         self.store.with(|conn| {
             let maps = portmaps::list_maps(conn)?;
-            let mut lines = self.fw.drift(&maps)?;
-            lines.extend(self.fw.forward_accept_drift()?);
+            let mut lines = self.fw.drift(&maps).map_err(PortMapError::Read)?;
+            lines.extend(self.fw.forward_accept_drift().map_err(PortMapError::Read)?);
             Ok(lines)
         })
     }
@@ -342,6 +345,17 @@ mod tests {
         let mut v: Vec<_> = svc.list().unwrap().into_iter().map(|r| r.map).collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn a_comparison_that_cannot_read_the_kernel_says_so_and_not_refused() {
+        let (svc, fw) = setup();
+        fw.fail_next("Operation not permitted (errno 1)");
+        let e = svc.drift().unwrap_err().to_string();
+        assert_eq!(
+            e,
+            "cannot read the kernel's nftables state: Operation not permitted (errno 1)"
+        );
     }
 
     #[test]

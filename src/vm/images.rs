@@ -419,11 +419,13 @@ impl Images {
         Ok(())
     }
 
-    /// At startup: transfers the last run did not finish are failed, and their partial
-    /// volumes removed.
-    pub async fn cleanup_interrupted(&self) -> Result<usize, VmError> {
+    /// At startup, in SQLite only: transfers the last run did not finish are failed.
+    /// Returns how many; only then can the pool hold partial volumes of ours (the row is
+    /// written before its volume), see [`Images::remove_partial_volumes`].
+    pub async fn fail_interrupted(&self) -> Result<usize, VmError> {
         let rows = self.store.run(|s| s.with(vms::images)).await?;
-        for r in rows.iter().filter(|r| r.state == "downloading") {
+        let interrupted: Vec<_> = rows.iter().filter(|r| r.state == "downloading").collect();
+        for r in &interrupted {
             let n = r.name.clone();
             self.store
                 .run(move |s| {
@@ -437,6 +439,11 @@ impl Images {
                 })
                 .await?;
         }
+        Ok(interrupted.len())
+    }
+
+    /// Removes the partial volumes of transfers that did not finish.
+    pub async fn remove_partial_volumes(&self) -> Result<usize, VmError> {
         let (pool_name, pool_dir) = (self.pool.clone(), self.pool_dir.clone());
         self.lv
             .call(move |conn| {

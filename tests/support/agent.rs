@@ -99,6 +99,12 @@ impl Agent {
         agent
     }
 
+    /// The harness's settings plus `extra`, with a fresh data dir, not started (for
+    /// starts that must fail: [`Agent::serve_expecting_exit`]).
+    pub fn unstarted(topo: &Topology, extra: &[(&str, &str)]) -> Agent {
+        Agent::prepare(topo, extra).0
+    }
+
     /// Like [`Agent::start_with`], but returns as soon as the process is spawned, without
     /// waiting for `/health` (for timing the startup). The token must be configured
     /// (the harness sets API_TOKEN unless `extra` unsets it).
@@ -173,8 +179,15 @@ impl Agent {
     }
 
     fn command(&self, sub: &str) -> Command {
+        self.command_via(&[], sub)
+    }
+
+    /// `ip netns exec <node> [wrapper...] node-vm-agent <sub>` with the agent's settings.
+    fn command_via(&self, wrapper: &[&str], sub: &str) -> Command {
         let mut c = Command::new("ip");
-        c.args(["netns", "exec", &self.node, &agent_bin(), sub]);
+        c.args(["netns", "exec", &self.node]);
+        c.args(wrapper);
+        c.args([agent_bin().as_str(), sub]);
         for k in AGENT_ENV {
             c.env_remove(k);
         }
@@ -288,10 +301,21 @@ impl Agent {
     /// `node-vm-agent serve` with the same settings, for a start that must fail: waits
     /// (bounded) for it to exit; (exit code, stdout + stderr), code -1 if it kept running.
     pub fn serve_expecting_exit(&self) -> (i32, String) {
-        let out_path = self.data_dir.path().join("failed-start.log");
+        self.serve_via_expecting_exit(&[])
+    }
+
+    /// As [`Agent::serve_expecting_exit`], started through `wrapper` (e.g. `setpriv` to
+    /// drop root). The output goes to a file outside the data dir, which the start
+    /// must leave as it found it.
+    pub fn serve_via_expecting_exit(&self, wrapper: &[&str]) -> (i32, String) {
+        let out_path = std::env::temp_dir().join(format!(
+            "nva-failed-start-{}-{}.log",
+            std::process::id(),
+            super::netns::unique_id()
+        ));
         let out = File::create(&out_path).unwrap();
         let mut child = self
-            .command("serve")
+            .command_via(wrapper, "serve")
             .stdout(out.try_clone().unwrap())
             .stderr(out)
             .spawn()
@@ -308,22 +332,27 @@ impl Agent {
             let _ = child.kill();
             let _ = child.wait();
         }
-        (code, std::fs::read_to_string(&out_path).unwrap_or_default())
+        let said = std::fs::read_to_string(&out_path).unwrap_or_default();
+        let _ = std::fs::remove_file(&out_path);
+        (code, said)
     }
 
     /// `node-vm-agent diff` with the same settings: (exit code, stdout + stderr).
     pub fn diff(&self) -> (i32, String) {
+        let (code, stdout, stderr) = self.diff_streams();
+        (code, format!("{stdout}{stderr}"))
+    }
+
+    /// `node-vm-agent diff`: (exit code, stdout, stderr).
+    pub fn diff_streams(&self) -> (i32, String, String) {
         let out = self
             .command("diff")
             .output()
             .unwrap_or_else(|e| panic!("spawn diff: {e}"));
         (
             out.status.code().unwrap_or(-1),
-            format!(
-                "{}{}",
-                String::from_utf8_lossy(&out.stdout),
-                String::from_utf8_lossy(&out.stderr)
-            ),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
         )
     }
 

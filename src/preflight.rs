@@ -1,0 +1,203 @@
+//! Checks of the machine before the agent changes anything on it. A start that cannot
+//! work fails here, saying why, before it has set a sysctl, created a database, written
+//! a token or a key, or touched nftables.
+
+use std::io;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+
+use nix::unistd::{AccessFlags, access};
+use tokio::net::TcpListener;
+
+use crate::config::{SettingError, Settings};
+
+/// `CAP_NET_ADMIN` (linux/capability.h): nftables, the WireGuard link, routes.
+const CAP_NET_ADMIN: u32 = 12;
+const IP_FORWARD: &str = "/proc/sys/net/ipv4/ip_forward";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PreflightError {
+    #[error(transparent)]
+    Setting(#[from] SettingError),
+    #[error("DATA_DIR {0} exists and is not a directory")]
+    DataDirNotADirectory(PathBuf),
+    #[error("DATA_DIR {path} cannot be created: {file} is not a directory")]
+    DataDirBelowAFile { path: PathBuf, file: PathBuf },
+    #[error("DATA_DIR {path} cannot be used: {path_checked} is not writable ({source})")]
+    DataDirNotWritable {
+        path: PathBuf,
+        path_checked: PathBuf,
+        source: nix::Error,
+    },
+    #[error(
+        "no database {0}: `diff` compares an agent's database with the kernel; \
+         point DATA_DIR at the directory of an agent that has run"
+    )]
+    NoDatabase(PathBuf),
+    #[error(
+        "EXTERNAL_IFACE={0:?}: no such interface in this network namespace; name an \
+         existing interface, or leave it unset to use the default route's"
+    )]
+    NoExternalIface(String),
+    #[error(
+        "node-vm-agent {command} needs CAP_NET_ADMIN (run it as root, or grant the \
+         capability, e.g. systemd's AmbientCapabilities=CAP_NET_ADMIN): it {why}"
+    )]
+    NoNetAdmin {
+        command: &'static str,
+        why: &'static str,
+    },
+    #[error("cannot read this process's capabilities from /proc/self/status: {0}")]
+    Capabilities(io::Error),
+    #[error(
+        "net.ipv4.ip_forward is 0 and this process cannot set it ({0}): port maps \
+         need IPv4 forwarding; run the agent as root or set the sysctl before it starts"
+    )]
+    IpForward(nix::Error),
+    #[error("cannot read {IP_FORWARD}: {0}")]
+    IpForwardUnreadable(io::Error),
+    #[error("cannot listen on {addr} (API_LISTEN, NODE_API_PORT): {source}")]
+    Listen { addr: SocketAddr, source: io::Error },
+}
+
+/// Everything `serve` needs, checked without changing anything; the API's listening
+/// socket is bound (a port in use is the most common failed start) and handed back.
+pub async fn serve(settings: &Settings) -> Result<TcpListener, PreflightError> {
+    settings.validate()?;
+    check_data_dir(&settings.data_dir)?;
+    check_net_admin(
+        "serve",
+        "writes an nftables table and brings up the WireGuard link",
+    )?;
+    check_ip_forward()?;
+    if let Some(iface) = &settings.external_iface {
+        check_interface(iface)?;
+    }
+    let addr = SocketAddr::new(settings.api_listen, settings.node_api_port);
+    TcpListener::bind(addr)
+        .await
+        .map_err(|source| PreflightError::Listen { addr, source })
+}
+
+/// Everything `diff` needs: it reads an existing database and the kernel's tables.
+pub fn diff(settings: &Settings) -> Result<(), PreflightError> {
+    settings.validate()?;
+    let db = settings.db_path();
+    if !db.is_file() {
+        return Err(PreflightError::NoDatabase(db));
+    }
+    check_net_admin("diff", "reads the kernel's nftables tables")
+}
+
+/// DATA_DIR is a directory the agent may write, or can be created: the nearest existing
+/// ancestor is a writable directory.
+fn check_data_dir(path: &Path) -> Result<(), PreflightError> {
+    let mut existing = path;
+    while !existing.exists() {
+        match existing.parent() {
+            Some(p) if !p.as_os_str().is_empty() => existing = p,
+            _ => {
+                existing = Path::new(".");
+                break;
+            }
+        }
+    }
+    if !existing.is_dir() {
+        return Err(if existing == path {
+            PreflightError::DataDirNotADirectory(path.to_path_buf())
+        } else {
+            PreflightError::DataDirBelowAFile {
+                path: path.to_path_buf(),
+                file: existing.to_path_buf(),
+            }
+        });
+    }
+    access(existing, AccessFlags::W_OK | AccessFlags::X_OK).map_err(|source| {
+        PreflightError::DataDirNotWritable {
+            path: path.to_path_buf(),
+            path_checked: existing.to_path_buf(),
+            source,
+        }
+    })
+}
+
+fn check_net_admin(command: &'static str, why: &'static str) -> Result<(), PreflightError> {
+    let status =
+        std::fs::read_to_string("/proc/self/status").map_err(PreflightError::Capabilities)?;
+    let effective = effective_capabilities(&status)
+        .ok_or_else(|| PreflightError::Capabilities(io::Error::other("no CapEff line")))?;
+    if effective & (1 << CAP_NET_ADMIN) == 0 {
+        return Err(PreflightError::NoNetAdmin { command, why });
+    }
+    Ok(())
+}
+
+/// The `CapEff:` bit set of a `/proc/<pid>/status` text.
+fn effective_capabilities(status: &str) -> Option<u64> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))
+        .and_then(|v| u64::from_str_radix(v.trim(), 16).ok())
+}
+
+/// Forwarding is on already, or this process may turn it on (the agent does so later).
+fn check_ip_forward() -> Result<(), PreflightError> {
+    let current =
+        std::fs::read_to_string(IP_FORWARD).map_err(PreflightError::IpForwardUnreadable)?;
+    if current.trim() == "1" {
+        return Ok(());
+    }
+    access(IP_FORWARD, AccessFlags::W_OK).map_err(PreflightError::IpForward)
+}
+
+/// The interface exists in this process's network namespace (`if_nametoindex`, so not
+/// the root namespace's /sys when the agent runs in another one).
+fn check_interface(name: &str) -> Result<(), PreflightError> {
+    nix::net::if_::if_nametoindex(name)
+        .map(|_| ())
+        .map_err(|_| PreflightError::NoExternalIface(name.to_owned()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn effective_capabilities_come_from_the_capeff_line() {
+        let status = "Name:\tx\nCapInh:\t0000000000000000\nCapPrm:\t000001ffffffffff\n\
+                      CapEff:\t0000000000001000\nCapBnd:\t000001ffffffffff\n";
+        assert_eq!(effective_capabilities(status), Some(1 << CAP_NET_ADMIN));
+        assert_eq!(effective_capabilities("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn a_data_dir_that_is_a_file_is_named_as_such() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("data");
+        std::fs::write(&file, "").unwrap();
+        let e = check_data_dir(&file).unwrap_err().to_string();
+        assert_eq!(
+            e,
+            format!("DATA_DIR {} exists and is not a directory", file.display())
+        );
+        // A directory below a file cannot be created either; the file is named.
+        let e = check_data_dir(&file.join("sub")).unwrap_err().to_string();
+        assert!(
+            e.contains("cannot be created")
+                && e.ends_with(&format!("{} is not a directory", file.display())),
+            "{e}"
+        );
+        check_data_dir(&dir.path().join("new/deeper")).unwrap();
+        check_data_dir(dir.path()).unwrap();
+    }
+
+    #[test]
+    fn a_missing_interface_is_refused_by_name() {
+        let e = check_interface("nosuchif0").unwrap_err().to_string();
+        assert!(
+            e.starts_with("EXTERNAL_IFACE=\"nosuchif0\": no such interface"),
+            "{e}"
+        );
+        check_interface("lo").unwrap();
+    }
+}

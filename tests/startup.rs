@@ -1,0 +1,170 @@
+//! A start that cannot work fails before it changes anything, and says why once: the
+//! real agent binary in the test topology's node namespace, with settings, privileges
+//! and a machine that are wrong in one way each.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::net::TcpListener;
+use std::path::Path;
+
+use support::netns::in_netns;
+use support::*;
+
+/// `net.ipv4.ip_forward` of the node namespace.
+fn ip_forward(topo: &Topology) -> String {
+    topo.node
+        .exec_ok(&["cat", "/proc/sys/net/ipv4/ip_forward"])
+        .trim()
+        .to_owned()
+}
+
+/// What is in `dir` (names only).
+fn entries(dir: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(dir)
+        .map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .collect()
+        })
+        .unwrap_or_default();
+    v.sort();
+    v
+}
+
+/// Starts an agent with `extra` (through `wrapper`), expects it to stop with exit status
+/// 2 saying `says` exactly once, and checks that nothing was changed: forwarding still
+/// off, no nftables table, nothing in the data dir, no colour codes in the output.
+fn refused(topo: &Topology, extra: &[(&str, &str)], wrapper: &[&str], says: &str) -> Agent {
+    topo.node
+        .exec_ok(&["sh", "-c", "echo 0 > /proc/sys/net/ipv4/ip_forward"]);
+    let agent = Agent::unstarted(topo, extra);
+    let (code, out) = agent.serve_via_expecting_exit(wrapper);
+    assert_eq!(code, 2, "{extra:?}: {out}");
+    assert_eq!(out.matches(says).count(), 1, "{extra:?}: said once? {out}");
+    assert!(
+        !out.contains('\u{1b}'),
+        "colour codes without a terminal: {out:?}"
+    );
+    assert_eq!(ip_forward(topo), "0", "{extra:?} turned forwarding on");
+    assert!(
+        !table_exists(&topo.node, "ip", "node_vm_agent"),
+        "{extra:?} wrote the nftables table"
+    );
+    assert_eq!(
+        entries(agent.data_dir()),
+        Vec::<String>::new(),
+        "{extra:?} left files in DATA_DIR"
+    );
+    agent
+}
+
+#[test]
+fn bad_settings_stop_the_agent_before_it_changes_anything() {
+    let topo = Topology::new();
+    let file = tempfile::NamedTempFile::new().unwrap();
+    let file_path = file.path().to_string_lossy().into_owned();
+    let cases: Vec<(Vec<(&str, &str)>, String)> = vec![
+        (
+            vec![("DATA_DIR", &file_path)],
+            format!("DATA_DIR {file_path} exists and is not a directory"),
+        ),
+        (
+            vec![("VM_SUBNET", "10.0.0.5/8")],
+            "invalid VM_SUBNET=\"10.0.0.5/8\": host bits are set; the network is 10.0.0.0/8".into(),
+        ),
+        (
+            vec![("EXTERNAL_IFACE", "nosuchif0")],
+            "EXTERNAL_IFACE=\"nosuchif0\": no such interface in this network namespace".into(),
+        ),
+        (
+            vec![("VMS_WORK_DIR", "relative/dir")],
+            "invalid VMS_WORK_DIR=\"relative/dir\": must be an absolute path".into(),
+        ),
+        (
+            vec![("LIBVIRT_URI", "banana")],
+            "invalid LIBVIRT_URI=\"banana\": not a libvirt URI".into(),
+        ),
+        (
+            vec![("RESERVED_PORTS", "abc")],
+            "\"abc\" is not a port number (1..65535)".into(),
+        ),
+        (
+            vec![("CONTROLLER_URL", "http://10.77.1.2:5000")],
+            "CONTROLLER_URL is set but JOIN_TOKEN and NODE_ID are not".into(),
+        ),
+    ];
+    for (extra, says) in &cases {
+        refused(&topo, extra, &[], says);
+    }
+
+    // The API port taken by another process: the agent finds out before acting.
+    let _taken = in_netns(topo.node.name(), || {
+        TcpListener::bind(("0.0.0.0", API_PORT))
+    })
+    .unwrap();
+    refused(
+        &topo,
+        &[],
+        &[],
+        &format!("cannot listen on 0.0.0.0:{API_PORT} (API_LISTEN, NODE_API_PORT)"),
+    );
+}
+
+#[test]
+fn without_cap_net_admin_the_agent_says_so_and_creates_nothing() {
+    let topo = Topology::new();
+    let agent = Agent::unstarted(&topo, &[("API_TOKEN", "")]);
+    // A data dir the unprivileged user owns, so that only the missing capability can
+    // stop it (before, it created agent.db, api.token and node.key, then failed).
+    std::os::unix::fs::chown(agent.data_dir(), Some(65534), Some(65534)).unwrap();
+    refused(
+        &topo,
+        &[("DATA_DIR", &agent.data_dir().to_string_lossy())],
+        &[
+            "setpriv",
+            "--reuid=65534",
+            "--regid=65534",
+            "--clear-groups",
+        ],
+        "node-vm-agent serve needs CAP_NET_ADMIN (run it as root, or grant the capability",
+    );
+}
+
+#[test]
+fn diff_without_a_database_says_so_and_creates_none() {
+    let topo = Topology::new();
+    let agent = Agent::unstarted(&topo, &[]);
+    let (code, out) = agent.diff();
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains("no database"), "{out}");
+    assert_eq!(out.matches("no database").count(), 1, "{out}");
+    assert_eq!(entries(agent.data_dir()), Vec::<String>::new());
+}
+
+/// A node that maps ports and has no VMs (the demo's `--no-vm`) never connects to
+/// libvirt; its log is plain text on stderr, and stdout stays free for `diff`'s answer.
+#[test]
+fn a_port_map_node_leaves_libvirt_alone_and_logs_plain_text_to_stderr() {
+    let topo = Topology::new();
+    let mut agent = Agent::start_with(&topo, &[("RECONCILE_INTERVAL", "1")]);
+    let r = agent.api.post(
+        "/ports",
+        &serde_json::json!({"listen_port": 8080, "target_ip": VM_IP.to_string(), "target_port": 80}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    // A few reconcile passes.
+    std::thread::sleep(std::time::Duration::from_millis(2500));
+    assert!(agent.stop(), "the agent exits on SIGTERM");
+    let log = agent.log();
+    assert!(log.contains("API listening"), "{log}");
+    assert!(!log.contains("connected to libvirt"), "{log}");
+    assert!(
+        !log.contains('\u{1b}'),
+        "colour codes in a log file: {log:?}"
+    );
+    let (code, stdout, stderr) = agent.diff_streams();
+    assert_eq!(code, 0, "{stdout}{stderr}");
+    assert_eq!(stdout, "in sync\n", "{stderr}");
+}
