@@ -7,6 +7,9 @@ set -euo pipefail
 # What each package is for:
 #   build-essential pkg-config  C compiler/linker for the bundled SQLite and other -sys crates
 #   iproute2 nftables           `ip netns` / `nft -j` used by the integration tests and the demo
+#   iptables                    iptables-nft, which the tests use to build libvirt 9's `ip filter`
+#                               chains and to prove `iptables -L` / `iptables-save` still read
+#                               them with the agent's accept inside (the agent never runs it)
 #   sqlite3                     operators' (and the demo's) window into $DATA_DIR/agent.db
 #   curl ca-certificates        the demo's API calls
 #   python3                     the demo's HTTP server inside the "vm" namespace
@@ -20,6 +23,7 @@ set -euo pipefail
 PACKAGES=(
     build-essential pkg-config
     iproute2 nftables
+    iptables
     sqlite3
     curl ca-certificates
     python3

@@ -496,34 +496,69 @@ fn mapped_ports_carry_real_traffic() {
 // Next to libvirt's forward rejects
 // ---------------------------------------------------------------------------
 
-/// What libvirt 9 writes through iptables-nft, reduced to the part that matters.
-const IPTABLES_NFT_LIBVIRT: &str = r#"
-table ip filter {
-    chain LIBVIRT_FWI {
-        oifname "vmbr-t" ct state related,established counter accept
-        oifname "vmbr-t" counter reject
-    }
-    chain FORWARD {
-        type filter hook forward priority filter; policy accept;
-        counter comment "not-ours"
-        counter jump LIBVIRT_FWI
-    }
-}
-"#;
+/// What libvirt 9.0 writes through iptables-nft (Debian 12) for a NAT network on the
+/// test's bridge, reduced to the chains that decide forwarded traffic, plus one rule of
+/// someone else. Loaded with `iptables-restore`, so the table is iptables-nft's own.
+const IPTABLES_NFT_LIBVIRT: &str = "\
+*filter
+:INPUT ACCEPT [0:0]
+:FORWARD ACCEPT [0:0]
+:OUTPUT ACCEPT [0:0]
+:LIBVIRT_FWI - [0:0]
+:LIBVIRT_FWO - [0:0]
+:LIBVIRT_FWX - [0:0]
+-A FORWARD -m comment --comment not-ours
+-A FORWARD -j LIBVIRT_FWX
+-A FORWARD -j LIBVIRT_FWI
+-A FORWARD -j LIBVIRT_FWO
+-A LIBVIRT_FWI -d 10.200.2.0/24 -o vmbr-t -m conntrack --ctstate RELATED,ESTABLISHED -j ACCEPT
+-A LIBVIRT_FWI -o vmbr-t -j REJECT --reject-with icmp-port-unreachable
+-A LIBVIRT_FWO -s 10.200.2.0/24 -i vmbr-t -j ACCEPT
+-A LIBVIRT_FWO -i vmbr-t -j REJECT --reject-with icmp-port-unreachable
+-A LIBVIRT_FWX -i vmbr-t -o vmbr-t -j ACCEPT
+COMMIT
+";
 
-/// The comments of a chain's rules, in order (`None` for a rule without one).
-fn chain_comments(table: &str, chain: &str) -> Vec<Option<String>> {
-    nft_json(&format!("list chain ip {table} {chain}"))["nftables"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .filter_map(|o| o.get("rule"))
-        .map(|r| r.get("comment").and_then(|c| c.as_str()).map(str::to_owned))
+/// Our accept as iptables spells it: iptables-nft reads it back as its own rule.
+const OURS: &str = "-m conntrack --ctstate DNAT -m comment --comment node-vm-agent -j ACCEPT";
+const OURS_SAVED: &str =
+    "-A FORWARD -m conntrack --ctstate DNAT -m comment --comment node-vm-agent -j ACCEPT";
+const NOT_OURS_SAVED: &str = "-A FORWARD -m comment --comment not-ours";
+const LIBVIRT_JUMPS_SAVED: [&str; 3] = [
+    "-A FORWARD -j LIBVIRT_FWX",
+    "-A FORWARD -j LIBVIRT_FWI",
+    "-A FORWARD -j LIBVIRT_FWO",
+];
+
+/// `iptables-save`'s `-A <chain>` lines; panics if iptables-nft cannot read the table
+/// (it then prints "# Table `filter' is incompatible" and still exits 0).
+fn iptables_saved(chain: &str) -> Vec<String> {
+    let out = run("iptables-save -t filter");
+    assert!(!out.contains("incompatible"), "{out}");
+    let prefix = format!("-A {chain} ");
+    out.lines()
+        .filter(|l| l.starts_with(&prefix))
+        .map(str::to_owned)
         .collect()
 }
 
-fn tagged() -> Option<String> {
-    Some(ruleset::RULE_TAG.to_owned())
+/// `iptables -L FORWARD`, which fails outright on a rule iptables-nft cannot parse.
+fn iptables_list_forward() -> std::process::Output {
+    std::process::Command::new("iptables")
+        .args(["-L", "FORWARD", "-n", "-v"])
+        .output()
+        .unwrap()
+}
+
+/// The FORWARD rules `iptables-save` shows, ours expected first.
+fn expect_forward(first: &[&str]) -> Vec<String> {
+    first
+        .iter()
+        .copied()
+        .chain([NOT_OURS_SAVED])
+        .chain(LIBVIRT_JUMPS_SAVED)
+        .map(str::to_owned)
+        .collect()
 }
 
 #[test]
@@ -541,7 +576,7 @@ fn forward_accept_beats_iptables_nft_libvirt_reject() {
         ])
         .await
         .unwrap();
-        run_with_input("nft -f -", Some(IPTABLES_NFT_LIBVIRT));
+        run_with_input("iptables-restore", Some(IPTABLES_NFT_LIBVIRT));
         assert_eq!(tcp_get(&topo.client, 18080), None, "libvirt rejects it");
         let drift = nft.forward_accept_drift().await.unwrap();
         assert_eq!(drift.len(), 1, "{drift:?}");
@@ -558,11 +593,23 @@ fn forward_accept_beats_iptables_nft_libvirt_reject() {
         );
         assert!(tcp_get(&topo.client, 18080).is_some_and(|a| a.starts_with("vm:")));
         assert_eq!(udp_ask(&topo.client, 15353).as_deref(), Some("vm-udp:ping"));
-        let not_ours = Some("not-ours".to_owned());
-        assert_eq!(
-            chain_comments("filter", "FORWARD"),
-            [tagged(), not_ours.clone(), None]
+
+        // iptables-nft reads the chain, ours included, comment and all: libvirt, Docker,
+        // ufw or fail2ban can go on using iptables next to the agent.
+        assert_eq!(iptables_saved("FORWARD"), expect_forward(&[OURS_SAVED]));
+        let listed = iptables_list_forward();
+        let text = String::from_utf8_lossy(&listed.stdout);
+        assert!(
+            listed.status.success(),
+            "{}",
+            String::from_utf8_lossy(&listed.stderr)
         );
+        let first = text.lines().nth(2).unwrap_or_default();
+        assert!(first.contains("ACCEPT"), "{text}");
+        assert!(first.contains("ctstate DNAT /* node-vm-agent */"), "{text}");
+        // The mapped connections above went through it.
+        let packets: u64 = first.split_whitespace().next().unwrap().parse().unwrap();
+        assert!(packets > 0, "{text}");
 
         // Idempotent.
         assert_eq!(
@@ -573,22 +620,22 @@ fn forward_accept_beats_iptables_nft_libvirt_reject() {
         assert!(!report.changed(), "{report}");
         assert_eq!(report.already_fine, ["filter FORWARD"]);
 
-        // Someone inserts ahead of ours: ours goes back to the head, the old copy goes.
-        run("nft insert rule ip filter FORWARD counter");
+        // Someone inserts ahead of ours (libvirt does on a network restart): ours goes
+        // back to the head, the old copy goes.
+        run("iptables -I FORWARD -m comment --comment someone-else");
         assert!(nft.forward_accept_drift().await.unwrap()[0].contains("not the first rule"));
         let report = nft.ensure_forward_accept().await.unwrap();
         assert!(report.touched[0].inserted);
         assert_eq!(report.touched[0].removed_stale, 1);
         assert_eq!(
-            chain_comments("filter", "FORWARD"),
-            [tagged(), None, not_ours.clone(), None]
+            iptables_saved("FORWARD"),
+            expect_forward(&[OURS_SAVED, "-A FORWARD -m comment --comment someone-else"])
         );
+        run("iptables -D FORWARD -m comment --comment someone-else");
 
-        // A stale copy further down is removed, the head one kept.
-        run(&format!(
-            "nft add rule ip filter FORWARD ct status dnat accept comment {}",
-            ruleset::RULE_TAG
-        ));
+        // A copy further down, written by iptables itself, is ours too: removed, the
+        // head one kept.
+        run(&format!("iptables -A FORWARD {OURS}"));
         let report = nft.ensure_forward_accept().await.unwrap();
         assert_eq!(
             report.touched,
@@ -598,14 +645,174 @@ fn forward_accept_beats_iptables_nft_libvirt_reject() {
                 removed_stale: 1
             }]
         );
+        assert_eq!(iptables_saved("FORWARD"), expect_forward(&[OURS_SAVED]));
 
         // Removal takes ours only, and libvirt's reject is back in force.
         assert_eq!(nft.remove_forward_accept().await.unwrap(), 1);
-        assert_eq!(chain_comments("filter", "FORWARD"), [None, not_ours, None]);
-        assert_eq!(chain_comments("filter", "LIBVIRT_FWI").len(), 2);
+        assert_eq!(iptables_saved("FORWARD"), expect_forward(&[]));
+        assert_eq!(iptables_saved("LIBVIRT_FWI").len(), 2);
         assert_eq!(tcp_get(&topo.client, 18080), None);
         assert_eq!(nft.remove_forward_accept().await.unwrap(), 0);
     });
+}
+
+/// The rules of one chain as the kernel dumps them, in chain order.
+async fn dumped_rules(table: &str, chain: &str) -> Vec<nlink::netlink::nftables::RuleInfo> {
+    let conn = Connection::<Nftables>::new().unwrap();
+    conn.list_rules(table, nlink::netlink::nftables::Family::Ip)
+        .await
+        .unwrap()
+        .into_iter()
+        .filter(|r| r.chain == chain)
+        .collect()
+}
+
+#[test]
+fn forward_accept_is_what_iptables_nft_writes_byte_for_byte() {
+    in_private_netns(|| async {
+        run_with_input("iptables-restore", Some(IPTABLES_NFT_LIBVIRT));
+        let nft = Nft::new(settings()).unwrap();
+        assert!(nft.ensure_forward_accept().await.unwrap().touched[0].inserted);
+        // iptables' own copy of the same rule, second in the chain; no traffic has
+        // touched either counter.
+        run(&format!("iptables -I FORWARD 2 {OURS}"));
+        let rules = dumped_rules("filter", "FORWARD").await;
+        let (ours, theirs) = (&rules[0], &rules[1]);
+        assert!(!ours.expression_bytes.is_empty());
+        assert_eq!(
+            hex::encode(&ours.expression_bytes),
+            hex::encode(&theirs.expression_bytes)
+        );
+        assert_eq!(ours.userdata_raw, theirs.userdata_raw);
+        assert_eq!(ours.userdata_raw, None);
+
+        // Written by iptables at the head, it is ours and fine: nothing to change.
+        assert_eq!(nft.remove_forward_accept().await.unwrap(), 2);
+        run(&format!("iptables -I FORWARD {OURS}"));
+        assert!(nft.forward_accept_drift().await.unwrap().is_empty());
+        let report = nft.ensure_forward_accept().await.unwrap();
+        assert_eq!(report.already_fine, ["filter FORWARD"], "{report}");
+    });
+}
+
+#[test]
+fn forward_accept_of_an_older_agent_is_replaced() {
+    in_private_netns(|| async {
+        run_with_input("iptables-restore", Some(IPTABLES_NFT_LIBVIRT));
+        // What agents before the iptables-nft form wrote: native nft, comment in userdata.
+        // iptables-nft cannot parse it, so every iptables user of the table fails.
+        run(&format!(
+            "nft insert rule ip filter FORWARD ct status dnat accept comment {}",
+            ruleset::RULE_TAG
+        ));
+        let listed = iptables_list_forward();
+        assert!(!listed.status.success());
+        assert!(
+            String::from_utf8_lossy(&listed.stderr).contains("incompatible"),
+            "{listed:?}"
+        );
+
+        let nft = Nft::new(settings()).unwrap();
+        let drift = nft.forward_accept_drift().await.unwrap();
+        assert_eq!(drift.len(), 1, "{drift:?}");
+        assert!(drift[0].contains("not the first rule"), "{drift:?}");
+        let report = nft.ensure_forward_accept().await.unwrap();
+        assert_eq!(
+            report.touched,
+            [ForwardChainOutcome {
+                chain: "filter FORWARD".into(),
+                inserted: true,
+                removed_stale: 1
+            }]
+        );
+        assert!(iptables_list_forward().status.success());
+        assert_eq!(iptables_saved("FORWARD"), expect_forward(&[OURS_SAVED]));
+        assert!(!nft.ensure_forward_accept().await.unwrap().changed());
+
+        // The old form left lower down (or by a downgrade and upgrade again) goes too,
+        // and removal finds both forms.
+        run(&format!(
+            "nft add rule ip filter FORWARD ct status dnat accept comment {}",
+            ruleset::RULE_TAG
+        ));
+        let report = nft.ensure_forward_accept().await.unwrap();
+        assert_eq!(report.touched[0].removed_stale, 1, "{report}");
+        assert!(!report.touched[0].inserted, "{report}");
+        run(&format!(
+            "nft add rule ip filter FORWARD ct status dnat accept comment {}",
+            ruleset::RULE_TAG
+        ));
+        assert_eq!(nft.remove_forward_accept().await.unwrap(), 2);
+        assert_eq!(iptables_saved("FORWARD"), expect_forward(&[]));
+    });
+}
+
+#[test]
+fn forward_accept_refused_in_one_chain_still_lands_in_the_other() {
+    in_private_netns(|| async {
+        // `ip filter` owned by another process (NFT_TABLE_F_OWNER): the kernel refuses
+        // everyone else's rules there, as it would our xtables matches without nft_compat.
+        let mut owner = std::process::Command::new("nft")
+            .arg("-i")
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        owner
+            .stdin
+            .as_mut()
+            .unwrap()
+            .write_all(
+                b"add table ip filter { flags owner; }\n\
+                  add chain ip filter FORWARD { type filter hook forward priority filter; }\n",
+            )
+            .unwrap();
+        let deadline = Instant::now() + Duration::from_secs(5);
+        while std::process::Command::new("nft")
+            .args(["list", "chain", "ip", "filter", "FORWARD"])
+            .output()
+            .is_ok_and(|o| !o.status.success())
+        {
+            assert!(Instant::now() < deadline, "nft -i did not create the table");
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        run_with_input(
+            "nft -f -",
+            Some(
+                "table ip libvirt_network { chain forward { \
+                 type filter hook forward priority filter; policy accept; }; }",
+            ),
+        );
+
+        let nft = Nft::new(settings()).unwrap();
+        let err = nft.ensure_forward_accept().await.unwrap_err();
+        let text = err.to_string();
+        assert!(text.contains("nft_compat"), "{text}");
+        assert_eq!(err.errno(), Some(libc::EPERM), "{text}");
+        assert_eq!(chain_comments("libvirt_network", "forward"), [tagged()]);
+        // Once the table is free again, the next reconcile fixes it.
+        owner.kill().unwrap();
+        owner.wait().unwrap();
+        run_with_input("iptables-restore", Some(IPTABLES_NFT_LIBVIRT));
+        let report = nft.ensure_forward_accept().await.unwrap();
+        assert_eq!(report.already_fine, ["libvirt_network forward"], "{report}");
+        assert_eq!(iptables_saved("FORWARD"), expect_forward(&[OURS_SAVED]));
+    });
+}
+
+/// The comments of a chain's rules, in order (`None` for a rule without one).
+fn chain_comments(table: &str, chain: &str) -> Vec<Option<String>> {
+    nft_json(&format!("list chain ip {table} {chain}"))["nftables"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter_map(|o| o.get("rule"))
+        .map(|r| r.get("comment").and_then(|c| c.as_str()).map(str::to_owned))
+        .collect()
+}
+
+fn tagged() -> Option<String> {
+    Some(ruleset::RULE_TAG.to_owned())
 }
 
 #[test]

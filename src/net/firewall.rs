@@ -119,7 +119,7 @@ impl Firewall for NftFirewall {
                     "ip {}: {}removed {} stale",
                     o.chain,
                     if o.inserted {
-                        "ct status dnat accept inserted at the head, "
+                        "forward accept inserted at the head, "
                     } else {
                         ""
                     },

@@ -27,6 +27,7 @@
 mod drift;
 mod forward;
 pub mod ruleset;
+mod xt;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
