@@ -10,7 +10,7 @@
 # markdown to target/bench-results.md. Timings gate nothing: the script exits 0 when the
 # measurements ran, and prints PASS/MISS per target as measured.
 #
-# Traffic stays on loopback or between namespaces created here (test-environment.md);
+# Traffic stays on loopback or between namespaces created here (docs/test-environment.md);
 # nothing is created in the root network namespace.
 set -euo pipefail
 cd "$(dirname "$0")/.."
