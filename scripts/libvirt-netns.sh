@@ -125,7 +125,7 @@ start() {
     [[ -f /etc/libvirt/qemu/networks/autostart/default.xml ]] \
         && rm -f /etc/libvirt/qemu/networks/autostart/default.xml
     if pid_alive "$(pidfile_pid /var/run/libvirtd.pid)"; then
-        die "a libvirtd is already running (pid $(cat /var/run/libvirtd.pid)); its socket is machine-wide, stop it first"
+        die "a libvirtd is already running (pid $(cat /var/run/libvirtd.pid)); its socket is machine-wide, stop it first (systemctl stop libvirtd.service libvirtd.socket libvirtd-ro.socket libvirtd-admin.socket, or kill that pid)"
     fi
     root_has_virbr && die "a virbr* already exists in the root namespace; refusing"
 
