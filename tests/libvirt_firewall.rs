@@ -11,9 +11,8 @@
 mod support;
 
 use std::process::Command;
-use std::time::{Duration, Instant};
 
-use support::libvirt::{LIBVIRTD, URI, env};
+use support::libvirt::{LIBVIRTD, URI, env, wait_until};
 use support::netns::Netns;
 
 /// Our accept as `iptables-save` prints it.
@@ -48,21 +47,20 @@ fn forward_rules(ns: &Netns) -> Result<Vec<String>, String> {
         .collect())
 }
 
-/// Polls (bounded) until `ns`'s FORWARD rules are `want`.
+/// Polls (bounded by [`WAIT`]: a restarted libvirtd may be slow to rewrite its rules)
+/// until `ns`'s FORWARD rules are `want`.
 fn wait_for_forward(ns: &Netns, want: &[String], what: &str, log: impl Fn() -> String) {
-    let deadline = Instant::now() + Duration::from_secs(20);
-    loop {
-        let got = forward_rules(ns);
-        if got.as_deref() == Ok(want) {
-            return;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "{what}: FORWARD is {got:?}, want {want:?}\nagent log:\n{}",
-            log()
-        );
-        std::thread::sleep(Duration::from_millis(200));
-    }
+    wait_until(
+        what,
+        || forward_rules(ns).as_deref() == Ok(want),
+        || {
+            format!(
+                "FORWARD is {:?}, want {want:?}\nagent log:\n{}",
+                forward_rules(ns),
+                log()
+            )
+        },
+    );
 }
 
 /// `virsh` that must succeed; panics with libvirt's error otherwise.
