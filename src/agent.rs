@@ -16,6 +16,9 @@ use crate::portmap::{self, Firewall, Policy, PortMaps};
 use crate::store::Store;
 use crate::vm;
 
+/// How often the counts of unauthenticated requests become rows of `refused_requests`.
+const REFUSED_FLUSH_EVERY: std::time::Duration = std::time::Duration::from_secs(60);
+
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error(transparent)]
@@ -174,11 +177,20 @@ async fn serve(
         stop_rx.clone(),
     ));
 
+    let refused = Arc::new(api::refused::RefusedRequests::default());
+    let refused_flusher = tokio::spawn(refused.clone().flush_every(
+        store.clone(),
+        REFUSED_FLUSH_EVERY,
+        stop_rx.clone(),
+    ));
     let app = api::app(
         store,
         portmaps.clone(),
-        Arc::new(token),
-        mesh_status,
+        api::Callers {
+            token: Arc::new(token),
+            mesh: mesh_status,
+            refused,
+        },
         api::VmApi {
             vms,
             images,
@@ -195,6 +207,7 @@ async fn serve(
     let _ = stop_tx.send(true);
     let _ = reconciler.await;
     let _ = vm_reconciler.await;
+    let _ = refused_flusher.await;
     let _ = mesh.await;
     if settings.cleanup_on_exit {
         let pm = portmaps.clone();

@@ -5,6 +5,7 @@ pub mod api;
 pub mod config;
 pub mod join;
 pub mod keys;
+pub mod logging;
 pub mod memory;
 pub mod mesh;
 pub mod net;

@@ -1,12 +1,11 @@
 //! `node-vm-agent`: the command line.
 
-use std::io::IsTerminal;
 use std::process::ExitCode;
 use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use node_vm_agent::agent;
-use node_vm_agent::config::{LogFormat, Settings};
+use node_vm_agent::config::Settings;
 use node_vm_agent::net::firewall::NftFirewall;
 use node_vm_agent::portmap::{Policy, PortMaps};
 
@@ -29,27 +28,12 @@ enum Command {
     Diff(Settings),
 }
 
-/// Logs go to stderr (stdout is `diff`'s answer), coloured only on a terminal.
-fn init_logging(format: LogFormat) {
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
-    let colour = std::io::stderr().is_terminal() && std::env::var_os("NO_COLOR").is_none();
-    let builder = tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(colour);
-    match format {
-        LogFormat::Text => builder.init(),
-        LogFormat::Json => builder.json().init(),
-    }
-}
-
 fn main() -> ExitCode {
     let cli = Cli::parse();
     let settings = match &cli.command {
         Command::Serve(s) | Command::Diff(s) => s.clone(),
     };
-    init_logging(settings.log_format);
+    node_vm_agent::logging::init(settings.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()

@@ -23,13 +23,12 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         .extensions()
         .get::<ConnectInfo<ConnInfo>>()
         .map(|c| c.0.peer.to_string());
-    let action = format!(
-        "{} {}",
-        req.method(),
-        req.extensions()
-            .get::<MatchedPath>()
-            .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string())
-    );
+    let action = action_of(&req);
+    let identity = req
+        .extensions()
+        .get::<Identity>()
+        .copied()
+        .unwrap_or(Identity::None);
     let uri = req.uri().to_string();
     let (parts, body) = req.into_parts();
     // An image upload is a stream of any size into libvirt: it is neither buffered nor
@@ -40,17 +39,17 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
             .headers
             .get(axum::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
-            .map_or_else(|| "unknown".to_string(), str::to_string);
+            .and_then(|v| v.parse::<u64>().ok())
+            .map_or_else(|| "unknown".to_string(), |n| n.to_string());
         let resp = next.run(Request::from_parts(parts, body)).await;
-        (resp, format!("<binary upload, content-length {size}>"))
+        (resp, Recorded::Upload(size))
     } else {
         match to_bytes(body, MAX_BODY_BYTES).await {
             Ok(bytes) => {
-                let text = String::from_utf8_lossy(&bytes).into_owned();
                 let resp = next
-                    .run(Request::from_parts(parts, Body::from(bytes)))
+                    .run(Request::from_parts(parts, Body::from(bytes.clone())))
                     .await;
-                (resp, text)
+                (resp, Recorded::Body(bytes))
             }
             Err(_) => (
                 ApiError::new(
@@ -58,30 +57,16 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
                     format!("request body larger than {MAX_BODY_BYTES} bytes"),
                 )
                 .into_response(),
-                String::new(),
+                Recorded::Body(axum::body::Bytes::new()),
             ),
         }
     };
     let status = resp.status();
     let entry = Entry {
         client_addr,
-        identity: resp
-            .extensions()
-            .get::<Identity>()
-            .copied()
-            .unwrap_or(Identity::None)
-            .as_str()
-            .to_string(),
+        identity: identity.as_str().to_string(),
         action,
-        parameters: Some(
-            serde_json::json!({
-                "uri": uri,
-                "body": serde_json::from_str::<serde_json::Value>(&body_text)
-                    .map(redact)
-                    .unwrap_or(serde_json::Value::String(body_text)),
-            })
-            .to_string(),
-        ),
+        parameters: Some(parameters(&uri, body_text)),
         outcome: if status.is_success() {
             Outcome::Ok
         } else if status.is_client_error() {
@@ -102,32 +87,150 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
     resp
 }
 
-/// Request fields that may carry secrets (cloud-init user-data often holds passwords or
-/// tokens): the audit row keeps their size, not their content.
-const REDACTED_FIELDS: &[&str] = &["user_data", "network_config"];
+/// `POST /ports`, `DELETE /ports/{listen_port}`: the method and the route's template
+/// (the path itself only where no route matched).
+pub fn action_of(req: &Request) -> String {
+    format!(
+        "{} {}",
+        req.method(),
+        req.extensions()
+            .get::<MatchedPath>()
+            .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string())
+    )
+}
 
-fn redact(mut body: serde_json::Value) -> serde_json::Value {
-    if let Some(obj) = body.as_object_mut() {
-        for field in REDACTED_FIELDS {
-            if let Some(v) = obj.get_mut(*field)
-                && let Some(text) = v.as_str()
-            {
-                *v = serde_json::Value::String(format!("<{} bytes, not recorded>", text.len()));
+/// The route of a refused request as counted: like [`action_of`], but from a small,
+/// fixed set of names (a stranger chooses the path and the method, not the routes).
+pub fn route_of(req: &Request) -> String {
+    let method = match *req.method() {
+        Method::GET
+        | Method::POST
+        | Method::PUT
+        | Method::DELETE
+        | Method::PATCH
+        | Method::HEAD
+        | Method::OPTIONS => req.method().as_str(),
+        _ => "(other method)",
+    };
+    match req.extensions().get::<MatchedPath>() {
+        Some(p) => format!("{method} {}", p.as_str()),
+        None => format!("{method} (no such route)"),
+    }
+}
+
+/// What of a request body goes into its audit row.
+enum Recorded {
+    Body(axum::body::Bytes),
+    /// A streamed image upload: its declared size only.
+    Upload(String),
+}
+
+/// Request fields that may carry secrets (cloud-init user-data often holds passwords or
+/// tokens): wherever they appear in a body, their audit row keeps their size and
+/// SHA-256, never their content. Add future secret fields here.
+pub const SECRET_FIELDS: &[&str] = &["user_data", "network_config"];
+
+/// The `parameters` of an audit row: the URI and the body, with secrets left out. A body
+/// that is not JSON (malformed, truncated, anything) is not recorded at all, only its
+/// size and SHA-256: nobody can tell what in it is secret.
+fn parameters(uri: &str, body: Recorded) -> String {
+    let body = match body {
+        Recorded::Upload(size) => {
+            serde_json::Value::String(format!("<binary upload, content-length {size}>"))
+        }
+        Recorded::Body(b) if b.is_empty() => serde_json::Value::Null,
+        Recorded::Body(b) => match serde_json::from_slice::<serde_json::Value>(&b) {
+            Ok(v) => redact(v),
+            Err(_) => serde_json::Value::String(format!(
+                "<{} bytes, not valid JSON, sha256 {}, not recorded>",
+                b.len(),
+                sha256_hex(&b)
+            )),
+        },
+    };
+    serde_json::json!({"uri": uri, "body": body}).to_string()
+}
+
+/// Replaces the value of every [`SECRET_FIELDS`] key, at any depth and of any type.
+fn redact(mut v: serde_json::Value) -> serde_json::Value {
+    match &mut v {
+        serde_json::Value::Object(obj) => {
+            for (key, value) in obj.iter_mut() {
+                if SECRET_FIELDS.contains(&key.as_str()) {
+                    let bytes = match &*value {
+                        serde_json::Value::String(s) => s.clone().into_bytes(),
+                        other => other.to_string().into_bytes(),
+                    };
+                    *value = serde_json::Value::String(format!(
+                        "<{} bytes, sha256 {}, not recorded>",
+                        bytes.len(),
+                        sha256_hex(&bytes)
+                    ));
+                } else {
+                    *value = redact(std::mem::take(value));
+                }
             }
         }
+        serde_json::Value::Array(items) => {
+            for item in items.iter_mut() {
+                *item = redact(std::mem::take(item));
+            }
+        }
+        _ => {}
     }
-    body
+    v
+}
+
+fn sha256_hex(b: &[u8]) -> String {
+    use sha2::Digest;
+    hex::encode(sha2::Sha256::digest(b))
 }
 
 #[cfg(test)]
 mod tests {
+    use super::*;
+
+    const SECRET: &str = "hunter2-not-for-the-audit";
+
+    fn recorded(body: &str) -> String {
+        parameters(
+            "/vms",
+            Recorded::Body(axum::body::Bytes::from(body.to_string())),
+        )
+    }
+
     #[test]
-    fn user_data_is_not_recorded() {
-        let body =
-            serde_json::json!({"name": "vm1", "user_data": "#cloud-config\npassword: hunter2"});
-        let r = super::redact(body);
-        assert_eq!(r["name"], "vm1");
-        assert_eq!(r["user_data"], "<31 bytes, not recorded>");
-        assert!(!r.to_string().contains("hunter2"));
+    fn secret_fields_keep_their_size_and_hash_only() {
+        let p = recorded(&format!(r#"{{"name": "vm1", "user_data": "{SECRET}"}}"#));
+        assert!(!p.contains(SECRET), "{p}");
+        assert!(p.contains(r#""name":"vm1""#), "{p}");
+        assert!(
+            p.contains(&format!(
+                "<25 bytes, sha256 {}, not recorded>",
+                sha256_hex(SECRET.as_bytes())
+            )),
+            "{p}"
+        );
+    }
+
+    #[test]
+    fn no_body_shape_lets_a_secret_through() {
+        for body in [
+            // Wrong types, nested, in arrays.
+            format!(r#"{{"name": "a", "user_data": {{"password": "{SECRET}"}}}}"#),
+            format!(r#"{{"name": "a", "network_config": ["{SECRET}"]}}"#),
+            format!(r#"[{{"user_data": "{SECRET}"}}]"#),
+            format!(r#"{{"outer": {{"user_data": "{SECRET}"}}}}"#),
+            // Malformed: missing brace, trailing garbage, truncated.
+            format!(r#"{{"name": "a", "user_data": "{SECRET}""#),
+            format!(r#"{{"name": "a", "user_data": "{SECRET}"}} x"#),
+            format!(r#"{{"name": "a", "user_data": "{}"#, &SECRET[..10]),
+            format!("user_data={SECRET}"),
+        ] {
+            let p = recorded(&body);
+            assert!(!p.contains(&SECRET[..10]), "{body} -> {p}");
+        }
+        let p = recorded("{ nope");
+        assert!(p.contains("<6 bytes, not valid JSON, sha256 "), "{p}");
     }
 }

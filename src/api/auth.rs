@@ -96,17 +96,28 @@ impl ApiToken {
         }
     }
 
-    /// Constant-time check of an `Authorization` header value.
+    /// Constant-time check of an `Authorization` header value: the scheme `Bearer` in
+    /// any case (RFC 7235: schemes are case-insensitive), then the token.
     pub fn matches_header(&self, value: &[u8]) -> bool {
-        let Some(given) = value.strip_prefix(b"Bearer ") else {
+        const SCHEME: &[u8] = b"bearer";
+        if value.len() <= SCHEME.len() || !value[..SCHEME.len()].eq_ignore_ascii_case(SCHEME) {
             return false;
-        };
+        }
+        let rest = &value[SCHEME.len()..];
+        let given = rest.trim_ascii_start();
+        if given.len() == rest.len() {
+            // `BearerX...`: no separator, another scheme.
+            return false;
+        }
         given.ct_eq(self.0.as_bytes()).into()
     }
 }
 
 /// Lets `GET /health` through; everything else needs the token, or must come through
 /// the WireGuard tunnel from the controller (see `MeshStatus::is_controller_tunnel`).
+///
+/// Runs before anything reads the body: a refused request is answered from its headers
+/// alone, its body is never read, and it is only counted (`refused.rs`), never stored.
 pub async fn require_token(
     State(state): State<AppState>,
     mut req: Request,
@@ -120,15 +131,24 @@ pub async fn require_token(
         .get(header::AUTHORIZATION)
         .is_some_and(|v| state.token.matches_header(v.as_bytes()));
     // Only the socket's addresses count; X-Forwarded-For / Forwarded are never read.
+    let conn = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<super::ConnInfo>>()
+        .map(|c| c.0);
     let tunnel_ok = !token_ok
-        && req
-            .extensions()
-            .get::<axum::extract::ConnectInfo<super::ConnInfo>>()
-            .and_then(|c| c.0.local.map(|local| (local.ip(), c.0.peer.ip())))
+        && conn
+            .and_then(|c| c.local.map(|local| (local.ip(), c.peer.ip())))
             .is_some_and(|(local, peer)| state.mesh.is_controller_tunnel(local, peer));
     if !token_ok && !tunnel_ok {
+        state
+            .refused
+            .count(conn.map(|c| c.peer.ip()), &super::audit::route_of(&req));
         let mut resp = (
-            [(header::WWW_AUTHENTICATE, "Bearer")],
+            [
+                (header::WWW_AUTHENTICATE, "Bearer"),
+                // The body was not read: the connection cannot carry another request.
+                (header::CONNECTION, "close"),
+            ],
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
                 "missing or wrong API token: send Authorization: Bearer <token>",
@@ -179,7 +199,11 @@ mod tests {
         assert!(t.matches_header(b"Bearer 0123456789abcdef"));
         assert!(!t.matches_header(b"Bearer 0123456789abcde"));
         assert!(!t.matches_header(b"Bearer 0123456789abcdefX"));
-        assert!(!t.matches_header(b"bearer 0123456789abcdef"));
+        assert!(t.matches_header(b"bearer 0123456789abcdef"));
+        assert!(t.matches_header(b"BEARER  0123456789abcdef"));
+        assert!(!t.matches_header(b"Bearer0123456789abcdef"));
+        assert!(!t.matches_header(b"Bearer "));
+        assert!(!t.matches_header(b"Basic 0123456789abcdef"));
         assert!(!t.matches_header(b"0123456789abcdef"));
     }
 }

@@ -24,6 +24,25 @@ pub fn json<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
     })
 }
 
+/// As [`json`], for a body with secret fields (`audit::SECRET_FIELDS`): one of those
+/// that is not a string (or null) is refused without serde's message, which would quote
+/// a scalar value.
+pub fn json_with_secrets<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiError> {
+    let v: serde_json::Value = json(body)?;
+    if let Some(obj) = v.as_object() {
+        for field in super::audit::SECRET_FIELDS {
+            if let Some(value) = obj.get(*field)
+                && !(value.is_string() || value.is_null())
+            {
+                return Err(ApiError::bad_request(format!(
+                    "invalid request: {field} must be a string"
+                )));
+            }
+        }
+    }
+    serde_json::from_value(v).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
+}
+
 /// Parses a JSON body that may be empty (then `T::default()`).
 pub fn optional_json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {

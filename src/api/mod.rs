@@ -6,6 +6,7 @@ pub mod body;
 pub mod error;
 mod health;
 mod ports;
+pub mod refused;
 mod vms;
 
 use std::sync::Arc;
@@ -84,6 +85,8 @@ pub struct Shared {
     pub portmaps: Arc<PortMaps>,
     pub token: Arc<ApiToken>,
     pub mesh: Arc<MeshStatus>,
+    /// Requests refused for want of authentication, counted until the next flush.
+    pub refused: Arc<refused::RefusedRequests>,
     pub vms: Arc<crate::vm::service::Vms>,
     pub images: Arc<crate::vm::images::Images>,
     /// Directory whose filesystem `GET /stats` reports as `disk`.
@@ -177,21 +180,29 @@ pub fn openapi() -> utoipa::openapi::OpenApi {
     routes().1
 }
 
+/// How callers are known: the token, the controller's tunnel, and the counts of those
+/// refused.
+pub struct Callers {
+    pub token: Arc<ApiToken>,
+    pub mesh: Arc<MeshStatus>,
+    pub refused: Arc<refused::RefusedRequests>,
+}
+
 /// The whole HTTP application.
-pub fn app(
-    store: Store,
-    portmaps: Arc<PortMaps>,
-    token: Arc<ApiToken>,
-    mesh: Arc<MeshStatus>,
-    vm: VmApi,
-) -> Router {
+pub fn app(store: Store, portmaps: Arc<PortMaps>, callers: Callers, vm: VmApi) -> Router {
     let (router, doc) = routes();
     let openapi = Bytes::from(doc.to_json().unwrap_or_else(|_| "{}".to_string()));
+    let Callers {
+        token,
+        mesh,
+        refused,
+    } = callers;
     let state = AppState(Arc::new(Shared {
         store,
         portmaps,
         token,
         mesh,
+        refused,
         vms: vm.vms,
         images: vm.images,
         stats_dir: vm.stats_dir,
@@ -200,13 +211,14 @@ pub fn app(
     router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        // Layers run bottom-up on the way in: audit sees every mutating call, including
-        // the ones auth refuses; errors of any layer come out as JSON.
+        // Layers run bottom-up on the way in: auth first, from the headers alone, so
+        // a refused request's body is never read and it is only counted; audit then
+        // records every authorised mutating call; errors of any layer come out as JSON.
+        .layer(middleware::from_fn_with_state(state.clone(), audit::record))
         .layer(middleware::from_fn_with_state(
             state.clone(),
             auth::require_token,
         ))
-        .layer(middleware::from_fn_with_state(state.clone(), audit::record))
         .layer(middleware::from_fn(error::json_errors))
         .layer(tower_http::catch_panic::CatchPanicLayer::custom(
             |_: Box<dyn std::any::Any + Send>| {

@@ -42,7 +42,7 @@ pub async fn create(
     identity: axum::Extension<Identity>,
     body: Bytes,
 ) -> Result<Json<Value>, ApiError> {
-    let req: CreateVm = body::json(&body)?;
+    let req: CreateVm = body::json_with_secrets(&body)?;
     let created = state.vms.create(req, identity.0.as_str()).await?;
     let mut v = serde_json::to_value(created).map_err(|e| ApiError::internal(e.to_string()))?;
     v["ok"] = json!(true);

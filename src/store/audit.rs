@@ -38,24 +38,95 @@ pub struct Entry {
     pub error: Option<String>,
 }
 
+/// Writes one row. Text columns get their control characters escaped: a row is read in a
+/// terminal, and nothing a client sent may move its cursor or forge a line there.
 pub fn record(conn: &Connection, e: &Entry) -> Result<(), StoreError> {
-    let parameters = e.parameters.as_deref().map(|p| truncate(p, MAX_PARAMETERS));
+    use crate::logging::escape_str;
+    let parameters = e
+        .parameters
+        .as_deref()
+        .map(|p| truncate(&escape_str(p), MAX_PARAMETERS).to_string());
+    let text = |v: &Option<String>| v.as_deref().map(|s| escape_str(s).into_owned());
     conn.execute(
         &format!(
             "INSERT INTO audit_log (at, client_addr, identity, action, parameters, outcome, status, error)
              VALUES ({NOW}, ?1, ?2, ?3, ?4, ?5, ?6, ?7)"
         ),
         params![
-            e.client_addr,
-            e.identity,
-            e.action,
+            text(&e.client_addr),
+            escape_str(&e.identity),
+            escape_str(&e.action),
             parameters,
             e.outcome.as_str(),
             e.status,
-            e.error
+            text(&e.error)
         ],
     )?;
     Ok(())
+}
+
+/// One row of `refused_requests`: requests refused for want of authentication from one
+/// source address in one period, counted (see `api::refused`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RefusedRow {
+    pub since: String,
+    pub until: String,
+    pub client_addr: String,
+    pub requests: u64,
+    /// `POST /ports x1200, GET /vms x3`
+    pub routes: String,
+}
+
+pub fn record_refused(conn: &Connection, rows: &[RefusedRow]) -> Result<(), StoreError> {
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO refused_requests (since, until, client_addr, requests, routes)
+         VALUES (?1, ?2, ?3, ?4, ?5)",
+    )?;
+    for r in rows {
+        insert.execute(params![
+            r.since,
+            r.until,
+            r.client_addr,
+            i64::try_from(r.requests).unwrap_or(i64::MAX),
+            r.routes
+        ])?;
+    }
+    Ok(())
+}
+
+/// Now, as the `*_at` columns hold it (`2026-11-26T11:14:13.123Z`).
+pub fn now_iso() -> String {
+    iso_utc(std::time::SystemTime::now())
+}
+
+/// `t` as ISO-8601 UTC with milliseconds, the format SQLite's [`NOW`] writes.
+pub fn iso_utc(t: std::time::SystemTime) -> String {
+    let since_epoch = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = since_epoch.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    let (y, m, d) = civil_from_days(days as i64);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        since_epoch.subsec_millis()
+    )
+}
+
+/// The proleptic Gregorian date of a day count since 1970-01-01 (H. Hinnant's
+/// `civil_from_days`).
+fn civil_from_days(z: i64) -> (i64, u32, u32) {
+    let z = z + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    (y, m, d)
 }
 
 fn truncate(s: &str, max: usize) -> &str {
@@ -73,6 +144,25 @@ fn truncate(s: &str, max: usize) -> &str {
 mod tests {
     use super::*;
     use crate::store::Store;
+
+    #[test]
+    fn times_are_written_as_sqlite_writes_them() {
+        use std::time::{Duration, UNIX_EPOCH};
+        assert_eq!(iso_utc(UNIX_EPOCH), "1970-01-01T00:00:00.000Z");
+        let t = UNIX_EPOCH + Duration::from_millis(1_795_864_453_123);
+        assert_eq!(iso_utc(t), "2026-11-28T11:14:13.123Z");
+        assert_eq!(
+            iso_utc(UNIX_EPOCH + Duration::from_secs(951_782_400)),
+            "2000-02-29T00:00:00.000Z"
+        );
+        let store = Store::open_in_memory().unwrap();
+        let sqlite: String = store
+            .with(|c| Ok::<_, StoreError>(c.query_row(&format!("SELECT {NOW}"), [], |r| r.get(0))?))
+            .unwrap();
+        let ours = now_iso();
+        assert_eq!(ours.len(), sqlite.len());
+        assert_eq!(ours[..16], sqlite[..16], "same minute, same shape");
+    }
 
     #[test]
     fn rows_are_readable_with_plain_sql() {

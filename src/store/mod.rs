@@ -22,6 +22,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0002_mesh_join.sql"),
     include_str!("../../migrations/0003_vms.sql"),
     include_str!("../../migrations/0004_vm_seeds.sql"),
+    include_str!("../../migrations/0005_refused_requests.sql"),
 ];
 
 /// The current time as SQLite writes it into every `*_at` column.

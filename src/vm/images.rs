@@ -203,6 +203,13 @@ impl Images {
         sha256: Option<&str>,
         by: &str,
     ) -> Result<(), VmError> {
+        // The URL parser would quietly drop CR, LF and tabs; the raw text is stored and
+        // logged, so refuse them (and every other control character) instead.
+        if url.chars().any(char::is_control) {
+            return Err(VmError::Invalid(
+                "url must not contain control characters (CR, LF, tab, ...)".into(),
+            ));
+        }
         let parsed = reqwest::Url::parse(url)
             .map_err(|e| VmError::Invalid(format!("url is not a valid URL: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {

@@ -7,8 +7,9 @@ use utoipa::ToSchema;
 use super::{VmError, seed, xml};
 use crate::config::parse_name;
 
-/// `POST /vms`. Unknown fields are refused.
-#[derive(Debug, Clone, Deserialize, ToSchema)]
+/// `POST /vms`. Unknown fields are refused. Its `Debug` leaves the cloud-init inputs
+/// out: they may hold secrets, and a debug line must never show them.
+#[derive(Clone, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,62}`.
@@ -54,6 +55,29 @@ pub struct CreateVm {
     pub initrd: Option<String>,
     #[serde(default)]
     pub cmdline: Option<String>,
+}
+
+impl std::fmt::Debug for CreateVm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let size = |v: &Option<String>| v.as_ref().map(|s| format!("<{} bytes>", s.len()));
+        f.debug_struct("CreateVm")
+            .field("name", &self.name)
+            .field("memory_mib", &self.memory_mib)
+            .field("vcpus", &self.vcpus)
+            .field("disk_size_gb", &self.disk_size_gb)
+            .field("network_name", &self.network_name)
+            .field("os_arch", &self.os_arch)
+            .field("recreate", &self.recreate)
+            .field("image", &self.image)
+            .field("ssh_authorized_keys", &self.ssh_authorized_keys)
+            .field("user_data", &size(&self.user_data))
+            .field("network_config", &size(&self.network_config))
+            .field("hostname", &self.hostname)
+            .field("kernel", &self.kernel)
+            .field("initrd", &self.initrd)
+            .field("cmdline", &self.cmdline)
+            .finish()
+    }
 }
 
 fn default_memory() -> u32 {
@@ -252,6 +276,17 @@ mod tests {
 
     fn vm(json: serde_json::Value) -> Result<CreateVm, serde_json::Error> {
         serde_json::from_value(json)
+    }
+
+    #[test]
+    fn debug_output_shows_no_cloud_init_input() {
+        let v: CreateVm = serde_json::from_str(
+            r#"{"name": "a", "user_data": "password: hunter2", "network_config": "psk: swordfish"}"#,
+        )
+        .unwrap();
+        let d = format!("{v:?}");
+        assert!(!d.contains("hunter2") && !d.contains("swordfish"), "{d}");
+        assert!(d.contains("<17 bytes>"), "{d}");
     }
 
     #[test]

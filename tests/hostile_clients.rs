@@ -1,0 +1,204 @@
+//! The API port faces strangers: what a client without the token, or with the token and
+//! hostile input, can make the agent store or log. The real agent binary in the test
+//! topology's node namespace, reached from the client namespace.
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::io::{Read, Write};
+use std::net::TcpStream;
+use std::time::Duration;
+
+use serde_json::json;
+use support::netns::in_netns;
+use support::*;
+
+/// Bytes of agent.db and its WAL: where anything the agent stored would be.
+fn database_bytes(agent: &Agent) -> Vec<u8> {
+    let mut all = Vec::new();
+    for f in ["agent.db", "agent.db-wal"] {
+        if let Ok(b) = std::fs::read(agent.data_dir().join(f)) {
+            all.extend(b);
+        }
+    }
+    all
+}
+
+fn database_size(agent: &Agent) -> u64 {
+    ["agent.db", "agent.db-wal"]
+        .iter()
+        .filter_map(|f| std::fs::metadata(agent.data_dir().join(f)).ok())
+        .map(|m| m.len())
+        .sum()
+}
+
+fn contains(haystack: &[u8], needle: &str) -> bool {
+    haystack
+        .windows(needle.len())
+        .any(|w| w == needle.as_bytes())
+}
+
+/// Sends `head` (request line and headers) and no body; returns the status line of the
+/// answer, if one comes within 5 s.
+fn answer_without_body(topo: &Topology, head: &str) -> std::io::Result<String> {
+    let mut s = in_netns(topo.client.name(), || {
+        TcpStream::connect_timeout(&sa(NODE_IP, API_PORT), Duration::from_secs(2))
+    })?;
+    s.set_read_timeout(Some(Duration::from_secs(5)))?;
+    s.write_all(head.as_bytes())?;
+    let mut buf = [0u8; 512];
+    let n = s.read(&mut buf)?;
+    let text = String::from_utf8_lossy(&buf[..n]).into_owned();
+    Ok(text.lines().next().unwrap_or_default().to_owned())
+}
+
+#[test]
+fn a_strangers_requests_are_answered_from_their_headers_and_only_counted() {
+    let topo = Topology::new();
+    let mut agent = Agent::start(&topo);
+
+    // A body announced but never sent: the refusal does not wait for it.
+    let status = answer_without_body(
+        &topo,
+        "POST /ports HTTP/1.1\r\nHost: n\r\nContent-Type: application/json\r\n\
+         Content-Length: 1000000\r\n\r\n",
+    )
+    .expect("a 401 without reading the body");
+    assert!(status.starts_with("HTTP/1.1 401"), "{status}");
+
+    // A flood of refused changes with 4 KiB bodies: no row each, no body stored.
+    let before = database_size(&agent);
+    let body = json!({"listen_port": 8080, "target_ip": VM_IP.to_string(), "target_port": 80,
+                      "pad": "x".repeat(4000)})
+    .to_string();
+    const FLOOD: usize = 2000;
+    for i in 0..FLOOD {
+        let token = if i % 2 == 0 {
+            None
+        } else {
+            Some("wrong-token-0123456789")
+        };
+        let r = agent
+            .api
+            .request("POST", "/ports", token, Some(&body))
+            .unwrap();
+        assert_eq!(r.status, 401, "{r:?}");
+    }
+    let grown = database_size(&agent).saturating_sub(before);
+    assert!(grown < 64 * 1024, "agent.db grew by {grown} bytes");
+    assert_eq!(
+        agent
+            .sql("select count(*) from audit_log where identity = 'none'")
+            .trim(),
+        "0"
+    );
+    assert!(!contains(&database_bytes(&agent), "xxxxxxxxxxxxxxxx"));
+
+    // The tokened client is served as before, and audited as before.
+    let r = agent.api.post(
+        "/ports",
+        &json!({"listen_port": 8080, "target_ip": VM_IP.to_string(), "target_port": 80}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        agent
+            .sql("select identity, action, outcome from audit_log where action = 'POST /ports'")
+            .trim(),
+        "token|POST /ports|ok"
+    );
+
+    // The counts become one row per source address (here at shutdown; else each minute).
+    assert!(agent.stop(), "the agent exits on SIGTERM");
+    assert_eq!(
+        agent
+            .sql("select client_addr, requests, routes from refused_requests")
+            .trim(),
+        format!("{CLIENT_IP}|{}|POST /ports x{}", FLOOD + 1, FLOOD + 1)
+    );
+}
+
+#[test]
+fn secrets_reach_neither_the_audit_trail_nor_the_log_whatever_the_body() {
+    let topo = Topology::new();
+    let mut agent = Agent::start(&topo);
+    const SECRET: &str = "hunter2-0f9e8d7c";
+    let bodies = [
+        // Valid JSON, refused later (no such image).
+        format!(
+            r##"{{"name": "vm1", "image": "nope", "user_data": "#cloud-config\npassword: {SECRET}"}}"##
+        ),
+        // Malformed: missing brace, trailing garbage, an array, wrong types, truncated.
+        format!(r#"{{"name": "vm1", "user_data": "{SECRET}""#),
+        format!(r#"{{"name": "vm1", "user_data": "{SECRET}"}} trailing"#),
+        format!(r#"[{{"name": "vm1", "user_data": "{SECRET}"}}]"#),
+        format!(r#"{{"name": "vm1", "network_config": {{"psk": "{SECRET}"}}}}"#),
+        format!(r#"{{"name": "vm1", "user_data": ["{SECRET}"]}}"#),
+        format!(r#"{{"name": "vm1", "user_data": "{}"#, &SECRET[..12]),
+        format!("user_data={SECRET}"),
+    ];
+    for b in &bodies {
+        let r = agent.api.call("POST", "/vms", Some(b));
+        assert!((400..500).contains(&r.status), "{b}: {r:?}");
+        assert!(!r.body.contains(SECRET), "{r:?}");
+    }
+    assert!(agent.stop());
+    assert_eq!(
+        agent
+            .sql("select count(*) from audit_log where action = 'POST /vms'")
+            .trim(),
+        bodies.len().to_string()
+    );
+    let db = database_bytes(&agent);
+    assert!(!contains(&db, &SECRET[..12]), "a secret is in agent.db");
+    let log = agent.log();
+    assert!(
+        !log.contains(&SECRET[..12]),
+        "a secret is in the log:\n{log}"
+    );
+}
+
+#[test]
+fn control_characters_never_reach_the_log_or_the_audit_trail_raw() {
+    let topo = Topology::new();
+    let mut agent = Agent::start(&topo);
+    let sha = "0".repeat(64);
+    for url in [
+        "http://10.77.2.2/x.img\r\n2026-11-28T00:00:00.000Z  INFO FORGED: token accepted",
+        "http://10.77.2.2/x.img\n FORGED",
+        "http://10.77.2.2/\u{1b}[2Jx.img",
+    ] {
+        let r = agent.api.post(
+            "/images",
+            &json!({"name": "img1", "url": url, "sha256": sha}),
+        );
+        r.assert_error(|s| s == 400);
+        assert!(
+            r.json()["error"]
+                .as_str()
+                .unwrap()
+                .contains("control characters"),
+            "{r:?}"
+        );
+    }
+    // Names with control characters too (the path is percent-encoded on the wire).
+    let r = agent.api.delete("/vms/a%0D%0AFORGED");
+    r.assert_error(|s| s == 400);
+    assert!(agent.stop());
+    assert_eq!(
+        agent.sql("select count(*) from images").trim(),
+        "0",
+        "nothing was stored"
+    );
+    let log = agent.log();
+    for line in log.lines() {
+        assert!(!line.trim_start().starts_with("FORGED"), "{line:?}");
+        assert!(!line.contains("2026-11-28T00:00:00.000Z"), "{line:?}");
+        assert!(!line.contains('\u{1b}') && !line.contains('\r'), "{line:?}");
+    }
+    let rows = agent.sql("select parameters || ' ' || coalesce(error, '') from audit_log");
+    assert!(!rows.contains('\r') && !rows.contains('\u{1b}'), "{rows:?}");
+    // Four refused calls, four rows, each on a line of its own.
+    assert_eq!(rows.lines().count(), 4, "{rows}");
+    assert!(rows.lines().all(|l| l.starts_with(r#"{"body""#)), "{rows}");
+}
