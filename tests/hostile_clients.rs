@@ -202,3 +202,37 @@ fn control_characters_never_reach_the_log_or_the_audit_trail_raw() {
     assert_eq!(rows.lines().count(), 4, "{rows}");
     assert!(rows.lines().all(|l| l.starts_with(r#"{"body""#)), "{rows}");
 }
+
+#[test]
+fn bodies_are_limited_per_route_and_a_declared_length_is_refused_before_the_body() {
+    let topo = Topology::new();
+    let agent = Agent::start(&topo);
+    // The token is right, the announced body is too large for the route: 413 at once,
+    // without waiting for a body that never comes.
+    let status = answer_without_body(
+        &topo,
+        &format!(
+            "POST /ports HTTP/1.1\r\nHost: n\r\nAuthorization: Bearer {}\r\n\
+             Content-Length: 1000000\r\n\r\n",
+            agent.token
+        ),
+    )
+    .expect("a 413 without reading the body");
+    assert!(status.starts_with("HTTP/1.1 413"), "{status}");
+
+    // 5 KiB: too much for a port map, fine for a VM (refused there for its content).
+    let pad = "x".repeat(5 * 1024);
+    let r = agent.api.post(
+        "/ports",
+        &json!({"listen_port": 8080, "target_ip": VM_IP.to_string(), "target_port": 80, "pad": pad}),
+    );
+    r.assert_error(|s| s == 413);
+    assert!(
+        r.json()["error"].as_str().unwrap().contains("POST /ports"),
+        "{r:?}"
+    );
+    let r = agent
+        .api
+        .post("/vms", &json!({"name": "bad name", "user_data": pad}));
+    r.assert_error(|s| s == 400);
+}

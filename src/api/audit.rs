@@ -44,21 +44,32 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         let resp = next.run(Request::from_parts(parts, body)).await;
         (resp, Recorded::Upload(size))
     } else {
-        match to_bytes(body, MAX_BODY_BYTES).await {
-            Ok(bytes) => {
-                let resp = next
-                    .run(Request::from_parts(parts, Body::from(bytes.clone())))
-                    .await;
-                (resp, Recorded::Body(bytes))
+        let limit = body_limit(&action);
+        let too_large = || {
+            ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                format!("request body larger than {limit} bytes (the limit of {action})"),
+            )
+            .into_response()
+        };
+        // A declared length over the limit is refused before a byte of the body is read.
+        let declared = parts
+            .headers
+            .get(axum::http::header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse::<u64>().ok());
+        if declared.is_some_and(|n| n > limit as u64) {
+            (too_large(), Recorded::Body(axum::body::Bytes::new()))
+        } else {
+            match to_bytes(body, limit).await {
+                Ok(bytes) => {
+                    let resp = next
+                        .run(Request::from_parts(parts, Body::from(bytes.clone())))
+                        .await;
+                    (resp, Recorded::Body(bytes))
+                }
+                Err(_) => (too_large(), Recorded::Body(axum::body::Bytes::new())),
             }
-            Err(_) => (
-                ApiError::new(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("request body larger than {MAX_BODY_BYTES} bytes"),
-                )
-                .into_response(),
-                Recorded::Body(axum::body::Bytes::new()),
-            ),
         }
     };
     let status = resp.status();
@@ -115,6 +126,19 @@ pub fn route_of(req: &Request) -> String {
     match req.extensions().get::<MatchedPath>() {
         Some(p) => format!("{method} {}", p.as_str()),
         None => format!("{method} (no such route)"),
+    }
+}
+
+/// The largest body a route reads: what its fields can need, no more. `POST /vms`
+/// carries up to 32 KiB each of user-data and network-config (JSON-escaped, up to twice
+/// that); the streamed image upload has its own limit (VM_MAX_DISK_GB).
+pub fn body_limit(action: &str) -> usize {
+    match action {
+        "POST /vms" => MAX_BODY_BYTES,
+        "POST /images" => 8 * 1024,
+        "POST /ports" => 4 * 1024,
+        // restore, start, stop, reboot, deletes: nothing, or `{}`.
+        _ => 1024,
     }
 }
 

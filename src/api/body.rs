@@ -43,12 +43,24 @@ pub fn json_with_secrets<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiErro
     serde_json::from_value(v).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
 }
 
-/// Parses a JSON body that may be empty (then `T::default()`).
-pub fn optional_json<T: DeserializeOwned + Default>(body: &Bytes) -> Result<T, ApiError> {
+/// A body that carries nothing: absent, or exactly the JSON object `{}` (not `[]`,
+/// `null` or an object with fields).
+pub fn empty_object(body: &Bytes) -> Result<(), ApiError> {
     if body.iter().all(|b| b.is_ascii_whitespace()) {
-        return Ok(T::default());
+        return Ok(());
     }
-    json(body)
+    match json::<serde_json::Value>(body)? {
+        serde_json::Value::Object(o) if o.is_empty() => Ok(()),
+        other => Err(ApiError::bad_request(format!(
+            "request body must be absent or {{}}, not {}",
+            match other {
+                serde_json::Value::Object(_) => "an object with fields",
+                serde_json::Value::Array(_) => "an array",
+                serde_json::Value::Null => "null",
+                _ => "a scalar",
+            }
+        ))),
+    }
 }
 
 /// Parses a query string into `T` (use `deny_unknown_fields` on it).

@@ -52,7 +52,9 @@ impl TryFrom<RawCreate> for CreatePortMap {
     type Error = String;
     fn try_from(r: RawCreate) -> Result<Self, String> {
         let target_ip = match &r.target_ip {
-            serde_json::Value::String(s) => s.trim().parse::<Ipv4Addr>().map_err(|_| {
+            // As written: an address with whitespace around it (" 10.0.0.5\n") is refused,
+            // not trimmed into a different string from the one that was sent.
+            serde_json::Value::String(s) => s.parse::<Ipv4Addr>().map_err(|_| {
                 format!("target_ip must be an IPv4 address like \"192.168.122.50\", not {s:?}")
             })?,
             other => return Err(format!("target_ip must be a string, not {other}")),
@@ -237,11 +239,6 @@ pub async fn delete(
     }))
 }
 
-/// Body of `POST /ports/restore` (optional; no fields).
-#[derive(Debug, Default, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct RestoreBody {}
-
 /// Answer of `POST /ports/restore`.
 #[derive(Serialize, ToSchema)]
 pub struct Restored {
@@ -267,7 +264,7 @@ pub async fn restore(
     State(state): State<AppState>,
     body: Bytes,
 ) -> Result<Json<Restored>, ApiError> {
-    let _: RestoreBody = body::optional_json(&body)?;
+    body::empty_object(&body)?;
     let svc = state.portmaps.clone();
     let (drift, restored, forward_accept) = tokio::task::spawn_blocking(move || {
         let drift = svc
