@@ -177,6 +177,11 @@ async fn serve(
         stop_rx.clone(),
     ));
 
+    let pruner = tokio::spawn(audit_retention_loop(
+        store.clone(),
+        settings.audit_retention(),
+        stop_rx.clone(),
+    ));
     let refused = Arc::new(api::refused::RefusedRequests::default());
     let refused_flusher = tokio::spawn(refused.clone().flush_every(
         store.clone(),
@@ -208,6 +213,7 @@ async fn serve(
     let _ = reconciler.await;
     let _ = vm_reconciler.await;
     let _ = refused_flusher.await;
+    let _ = pruner.await;
     let _ = mesh.await;
     if settings.cleanup_on_exit {
         let pm = portmaps.clone();
@@ -333,6 +339,53 @@ async fn vm_reconcile_loop(
                 tracing::debug!(error = %e, "libvirt unavailable; VM reconcile retries next interval")
             }
             Err(e) => tracing::error!(error = %e, "VM reconcile failed"),
+        }
+    }
+}
+
+/// Keeps the audit tables within AUDIT_RETENTION_DAYS and AUDIT_MAX_ROWS: every minute,
+/// one small batch at a time with a pause between, so requests are never held up.
+async fn audit_retention_loop(
+    store: Store,
+    retention: crate::store::retention::Retention,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => return,
+        }
+        let mut total = 0;
+        loop {
+            let st = store.clone();
+            let pruned = tokio::task::spawn_blocking(move || {
+                st.with(|c| crate::store::retention::prune_batch(c, &retention))
+            })
+            .await;
+            match pruned {
+                Ok(Ok(0)) => break,
+                Ok(Ok(n)) => total += n,
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "could not prune the audit trail");
+                    break;
+                }
+                Err(e) => {
+                    tracing::error!(error = %e, "audit pruning task failed");
+                    break;
+                }
+            }
+            if *stop.borrow() {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+        if total > 0 {
+            tracing::info!(
+                rows = total,
+                "pruned the audit trail (AUDIT_RETENTION_DAYS, AUDIT_MAX_ROWS)"
+            );
         }
     }
 }

@@ -305,6 +305,16 @@ pub struct Settings {
     #[arg(long, env = "CLEANUP_ON_EXIT", value_name = "CLEANUP_ON_EXIT", default_value_t = false, action = clap::ArgAction::Set)]
     pub cleanup_on_exit: bool,
 
+    /// Days the audit trail (audit_log, refused_requests) is kept; older rows are deleted
+    /// in small batches every minute.
+    #[arg(long, env = "AUDIT_RETENTION_DAYS", value_name = "AUDIT_RETENTION_DAYS", default_value_t = 90, value_parser = clap::value_parser!(u32).range(1..=36_500))]
+    pub audit_retention_days: u32,
+
+    /// Most rows kept in each audit table; the oldest past it are deleted (about 200-500
+    /// bytes a row).
+    #[arg(long, env = "AUDIT_MAX_ROWS", value_name = "AUDIT_MAX_ROWS", default_value_t = 100_000, value_parser = clap::value_parser!(u64).range(100..=1_000_000_000))]
+    pub audit_max_rows: u64,
+
     /// Log format.
     #[arg(
         long,
@@ -495,6 +505,13 @@ impl Settings {
     /// The configured API token, from API_TOKEN or its alias.
     pub fn configured_token(&self) -> Option<&str> {
         self.api_token.as_deref().or(self.portmap_token.as_deref())
+    }
+
+    pub fn audit_retention(&self) -> crate::store::retention::Retention {
+        crate::store::retention::Retention {
+            max_age_days: self.audit_retention_days,
+            max_rows: self.audit_max_rows,
+        }
     }
 
     pub fn reconcile_every(&self) -> Duration {

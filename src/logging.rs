@@ -100,6 +100,32 @@ pub fn escape_str(s: &str) -> std::borrow::Cow<'_, str> {
     )
 }
 
+/// Says something at most once a minute: for errors that can repeat with every request
+/// (a full disk), where one line per request would fill the log's disk too.
+#[derive(Default)]
+pub struct Occasionally {
+    /// Seconds since the Unix epoch of the last time it spoke.
+    last: std::sync::atomic::AtomicU64,
+}
+
+impl Occasionally {
+    pub fn say(&self, f: impl FnOnce()) {
+        use std::sync::atomic::Ordering;
+        let now = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        let last = self.last.load(Ordering::Relaxed);
+        if (last == 0 || now >= last + 60)
+            && self
+                .last
+                .compare_exchange(last, now.max(1), Ordering::Relaxed, Ordering::Relaxed)
+                .is_ok()
+        {
+            f();
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -125,5 +151,15 @@ mod tests {
     fn stored_text_is_escaped_too() {
         assert_eq!(escape_str("plain"), "plain");
         assert_eq!(escape_str("a\r\nb\u{7}"), "a\\u{d}\\u{a}b\\u{7}");
+    }
+
+    #[test]
+    fn occasionally_speaks_once_a_minute() {
+        let o = Occasionally::default();
+        let mut n = 0;
+        for _ in 0..1000 {
+            o.say(|| n += 1);
+        }
+        assert_eq!(n, 1);
     }
 }

@@ -236,3 +236,158 @@ fn bodies_are_limited_per_route_and_a_declared_length_is_refused_before_the_body
         .post("/vms", &json!({"name": "bad name", "user_data": pad}));
     r.assert_error(|s| s == 400);
 }
+
+/// A small tmpfs, unmounted on drop.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    fn new(size: &str) -> Tmpfs {
+        let dir = tempfile::tempdir().unwrap();
+        support::netns::run_ok(std::process::Command::new("mount").args([
+            "-t",
+            "tmpfs",
+            "-o",
+            &format!("size={size},mode=0755"),
+            "tmpfs",
+            &dir.path().to_string_lossy(),
+        ]));
+        Tmpfs { dir }
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+
+    /// Writes a file until the filesystem is full.
+    fn fill(&self) -> std::path::PathBuf {
+        let filler = self.path().join("filler");
+        let mut f = std::fs::File::create(&filler).unwrap();
+        let block = vec![0u8; 64 * 1024];
+        while f.write_all(&block).is_ok() {}
+        let _ = f.sync_all();
+        filler
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(self.dir.path())
+            .status();
+    }
+}
+
+fn map_body(port: u16) -> serde_json::Value {
+    json!({"listen_port": port, "target_ip": VM_IP.to_string(), "target_port": 80})
+}
+
+#[test]
+fn a_full_disk_refuses_changes_with_507_and_leaves_database_kernel_and_libvirt_agreeing() {
+    let topo = Topology::new();
+    let fs = Tmpfs::new("6m");
+    let data = fs.path().join("data");
+    let mut agent = Agent::start_with(&topo, &[("DATA_DIR", &data.to_string_lossy())]);
+    let api = agent.api.clone();
+    assert_eq!(api.post("/ports", &map_body(8080)).status, 200);
+
+    let filler = fs.fill();
+    // SQLite may still have room in pages it holds; changes go through until it has
+    // none. Every answer is a success or a 507, never anything half done.
+    let mut accepted = vec![8080u16];
+    let mut refused = None;
+    for port in 9000..9600u16 {
+        let r = api.post("/ports", &map_body(port));
+        match r.status {
+            200 => accepted.push(port),
+            507 => {
+                r.assert_error(|_| true);
+                assert!(
+                    r.json()["error"].as_str().unwrap().contains("disk is full"),
+                    "{r:?}"
+                );
+                refused = Some(port);
+                break;
+            }
+            other => panic!("POST /ports {port}: {other} {r:?}"),
+        }
+    }
+    let refused = refused.expect("no 507 although the disk is full");
+    // A delete and a VM change are refused before they act, too.
+    let r = api.delete("/ports/8080");
+    assert_eq!(r.status, 507, "{r:?}");
+    let r = api.call("POST", "/vms/test/stop?force=true", Some("{}"));
+    assert_eq!(r.status, 507, "{r:?}");
+
+    // What a client, the kernel and libvirt see agrees: exactly the accepted maps.
+    let listed: Vec<u16> = api_maps(&api.get("/ports").json().clone())
+        .iter()
+        .map(|m| m.1)
+        .collect();
+    let mut want = accepted.clone();
+    want.sort();
+    let mut listed_sorted = listed.clone();
+    listed_sorted.sort();
+    assert_eq!(listed_sorted, want, "GET /ports");
+    let mut kernel: Vec<u16> = nft_maps(&topo.node).iter().map(|m| m.1).collect();
+    kernel.sort();
+    assert_eq!(kernel, want, "the kernel's map");
+    assert!(!kernel.contains(&refused));
+    let vms = api.get("/vms");
+    let test_vm = vms.json()["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "test")
+        .cloned()
+        .unwrap();
+    assert_eq!(
+        test_vm["state"], "running",
+        "the refused stop did not happen"
+    );
+
+    // Space again: the refused change goes through, with its audit row.
+    std::fs::remove_file(filler).unwrap();
+    assert_eq!(api.post("/ports", &map_body(refused)).status, 200);
+    assert!(nft_maps(&topo.node).iter().any(|m| m.1 == refused));
+    assert!(agent.stop());
+    let db = data.join("agent.db");
+    let rows = support::netns::run_ok(
+        std::process::Command::new("sqlite3")
+            .arg(&db)
+            .arg("select count(*) from audit_log where action = 'POST /ports' and outcome = 'ok'"),
+    );
+    assert_eq!(rows.trim(), (accepted.len() + 1).to_string());
+    // The full disk was said in the log, not once per refused call.
+    let log = agent.log();
+    assert!(log.matches("disk full").count() <= 2, "{log}");
+}
+
+#[test]
+fn the_audit_trail_is_pruned_to_its_row_cap() {
+    let topo = Topology::new();
+    let mut agent = Agent::start_with(&topo, &[("AUDIT_MAX_ROWS", "100")]);
+    for _ in 0..150 {
+        // Refused for its content (not its token): one audit row each.
+        let r = agent.api.post("/ports", &json!({"listen_port": 0}));
+        assert_eq!(r.status, 400, "{r:?}");
+    }
+    assert_eq!(agent.sql("select count(*) from audit_log").trim(), "150");
+    // Pruning runs every minute and at startup.
+    agent.restart();
+    let mut n = String::new();
+    for _ in 0..50 {
+        n = agent.sql("select count(*) from audit_log");
+        if n.trim() == "100" {
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(n.trim(), "100");
+    assert_eq!(
+        agent.sql("select min(id) from audit_log").trim(),
+        "51",
+        "the oldest rows went"
+    );
+}

@@ -14,6 +14,77 @@ use crate::store::audit::{self, Entry, Outcome};
 /// The route whose body is streamed (`POST /images/{name}`).
 pub const UPLOAD_ROUTE: &str = "/images/{name}";
 
+/// The audit row of the request being served, known before its handler runs. A
+/// handler whose change lives in SQLite hands [`Draft::accepted`] to that change, which
+/// writes it in its own transaction, and marks its response [`Audited`]; every other
+/// outcome (refused, failed, or a change outside SQLite) is written here afterwards.
+#[derive(Clone, Debug)]
+pub struct Draft(Entry);
+
+impl Draft {
+    /// The row of this request as an accepted change answered with `status`.
+    pub fn accepted(&self, status: StatusCode) -> Entry {
+        Entry {
+            outcome: Outcome::Ok,
+            status: Some(status.as_u16()),
+            error: None,
+            ..self.0.clone()
+        }
+    }
+}
+
+/// On a response: its audit row was written with the change (see [`Draft`]).
+#[derive(Clone, Copy, Debug)]
+pub struct Audited;
+
+/// A handler's answer whose audit row is written: the layer writes no second one.
+pub struct AuditedResponse<T>(pub T);
+
+impl<T: IntoResponse> IntoResponse for AuditedResponse<T> {
+    fn into_response(self) -> Response {
+        let mut resp = self.0.into_response();
+        resp.extensions_mut().insert(Audited);
+        resp
+    }
+}
+
+/// Runs a change that does not live in SQLite alone (libvirt, a kernel rewrite), with its
+/// audit row written first, as unfinished: a full disk refuses the call (507) before
+/// anything has happened, so no such change exists without its row. When the change ends
+/// the row gets its outcome; if the agent stops in between, it stays unfinished.
+pub async fn around<T>(
+    store: &crate::store::Store,
+    draft: &Draft,
+    status: StatusCode,
+    change: impl std::future::Future<Output = Result<T, ApiError>>,
+) -> Result<AuditedResponse<T>, ApiError> {
+    let entry = Entry {
+        outcome: Outcome::Failed,
+        status: None,
+        error: Some(audit::UNFINISHED.to_string()),
+        ..draft.0.clone()
+    };
+    let id = store
+        .run(move |s| s.with(|c| audit::record(c, &entry)))
+        .await
+        .map_err(ApiError::from)?;
+    let result = change.await;
+    let (outcome, code, message) = match &result {
+        Ok(_) => (Outcome::Ok, status.as_u16(), None),
+        Err(e) if e.status.is_client_error() => {
+            (Outcome::Refused, e.status.as_u16(), Some(e.message.clone()))
+        }
+        Err(e) => (Outcome::Failed, e.status.as_u16(), Some(e.message.clone())),
+    };
+    let finished = store
+        .run(move |s| s.with(|c| audit::finish(c, id, outcome, Some(code), message.as_deref())))
+        .await;
+    if let Err(err) = finished {
+        tracing::error!(error = %err, row = id, "could not write the outcome of a change to its audit row");
+    }
+    result.map(AuditedResponse).map_err(ApiError::audited)
+}
+
 pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(req).await;
@@ -29,20 +100,32 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         .get::<Identity>()
         .copied()
         .unwrap_or(Identity::None);
+    let draft = |body: Recorded, uri: &str| {
+        Draft(Entry {
+            client_addr: client_addr.clone(),
+            identity: identity.as_str().to_string(),
+            action: action.clone(),
+            parameters: Some(parameters(uri, body)),
+            outcome: Outcome::Ok,
+            status: None,
+            error: None,
+        })
+    };
     let uri = req.uri().to_string();
-    let (parts, body) = req.into_parts();
+    let (mut parts, body) = req.into_parts();
     // An image upload is a stream of any size into libvirt: it is neither buffered nor
     // limited here, and the audit row records its size, not its bytes.
     let streamed = parts.method == Method::POST && action == format!("POST {UPLOAD_ROUTE}");
-    let (resp, body_text) = if streamed {
+    let (resp, draft) = if streamed {
         let size = parts
             .headers
             .get(axum::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok())
             .map_or_else(|| "unknown".to_string(), |n| n.to_string());
-        let resp = next.run(Request::from_parts(parts, body)).await;
-        (resp, Recorded::Upload(size))
+        let draft = draft(Recorded::Upload(size), &uri);
+        parts.extensions.insert(draft.clone());
+        (next.run(Request::from_parts(parts, body)).await, draft)
     } else {
         let limit = body_limit(&action);
         let too_large = || {
@@ -58,26 +141,28 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
             .get(axum::http::header::CONTENT_LENGTH)
             .and_then(|v| v.to_str().ok())
             .and_then(|v| v.parse::<u64>().ok());
+        let no_body = || draft(Recorded::Body(axum::body::Bytes::new()), &uri);
         if declared.is_some_and(|n| n > limit as u64) {
-            (too_large(), Recorded::Body(axum::body::Bytes::new()))
+            (too_large(), no_body())
         } else {
             match to_bytes(body, limit).await {
                 Ok(bytes) => {
+                    let draft = draft(Recorded::Body(bytes.clone()), &uri);
+                    parts.extensions.insert(draft.clone());
                     let resp = next
-                        .run(Request::from_parts(parts, Body::from(bytes.clone())))
+                        .run(Request::from_parts(parts, Body::from(bytes)))
                         .await;
-                    (resp, Recorded::Body(bytes))
+                    (resp, draft)
                 }
-                Err(_) => (too_large(), Recorded::Body(axum::body::Bytes::new())),
+                Err(_) => (too_large(), no_body()),
             }
         }
     };
+    if resp.extensions().get::<Audited>().is_some() {
+        return resp;
+    }
     let status = resp.status();
     let entry = Entry {
-        client_addr,
-        identity: identity.as_str().to_string(),
-        action,
-        parameters: Some(parameters(&uri, body_text)),
         outcome: if status.is_success() {
             Outcome::Ok
         } else if status.is_client_error() {
@@ -87,13 +172,19 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         },
         status: Some(status.as_u16()),
         error: resp.extensions().get::<ErrorMessage>().map(|m| m.0.clone()),
+        ..draft.0
     };
     let store = state.store.clone();
     let written =
         tokio::task::spawn_blocking(move || store.with(|c| audit::record(c, &entry))).await;
-    if !matches!(written, Ok(Ok(()))) {
-        // The change itself is done; losing its audit row is logged loudly, not hidden.
-        tracing::error!(result = ?written, "could not write the audit row");
+    match written {
+        Ok(Ok(_)) => {}
+        // Refused and failed calls changed nothing; a full disk is said once a minute,
+        // not once per request (the log is on a disk too).
+        Ok(Err(e)) if e.is_disk_full() => state.disk_full_warning.say(|| {
+            tracing::error!(error = %e, "disk full: audit rows of refused or failed calls are not written");
+        }),
+        other => tracing::error!(result = ?other, "could not write the audit row"),
     }
     resp
 }

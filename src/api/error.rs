@@ -17,14 +17,31 @@ pub struct ErrorMessage(pub String);
 pub struct ApiError {
     pub status: StatusCode,
     pub message: String,
+    /// The request's audit row already says this (`audit::around`).
+    pub audited: bool,
 }
+
+/// The message of a 507: the change was refused for want of disk, not for its content.
+pub const DISK_FULL: &str =
+    "the node's disk is full (DATA_DIR's filesystem): nothing was changed; free space and retry";
 
 impl ApiError {
     pub fn new(status: StatusCode, message: impl Into<String>) -> Self {
         Self {
             status,
             message: message.into(),
+            audited: false,
         }
+    }
+
+    pub fn disk_full() -> Self {
+        Self::new(StatusCode::INSUFFICIENT_STORAGE, DISK_FULL)
+    }
+
+    /// Marks the error as already recorded in the request's audit row.
+    pub fn audited(mut self) -> Self {
+        self.audited = true;
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -47,12 +64,20 @@ impl IntoResponse for ApiError {
         )
             .into_response();
         resp.extensions_mut().insert(ErrorMessage(self.message));
+        if self.audited {
+            resp.extensions_mut().insert(super::audit::Audited);
+        }
         resp
     }
 }
 
 impl From<PortMapError> for ApiError {
     fn from(e: PortMapError) -> Self {
+        if let PortMapError::Store(s) = &e
+            && s.is_disk_full()
+        {
+            return Self::disk_full();
+        }
         let status = match &e {
             PortMapError::Policy(_) => StatusCode::FORBIDDEN,
             PortMapError::Conflict { .. } => StatusCode::CONFLICT,
@@ -66,6 +91,9 @@ impl From<PortMapError> for ApiError {
 
 impl From<StoreError> for ApiError {
     fn from(e: StoreError) -> Self {
+        if e.is_disk_full() {
+            return Self::disk_full();
+        }
         Self::internal(e.to_string())
     }
 }
@@ -107,6 +135,11 @@ pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Ne
 impl From<crate::vm::VmError> for ApiError {
     fn from(e: crate::vm::VmError) -> Self {
         use crate::vm::VmError;
+        if let VmError::Store(s) = &e
+            && s.is_disk_full()
+        {
+            return Self::disk_full();
+        }
         let status = match &e {
             VmError::Unavailable(_) => StatusCode::SERVICE_UNAVAILABLE,
             VmError::NotFound(_) => StatusCode::NOT_FOUND,

@@ -89,6 +89,8 @@ pub struct Shared {
     pub mesh: Arc<MeshStatus>,
     /// Requests refused for want of authentication, counted until the next flush.
     pub refused: Arc<refused::RefusedRequests>,
+    /// A full disk is logged once a minute, not once per request.
+    pub disk_full_warning: crate::logging::Occasionally,
     pub vms: Arc<crate::vm::service::Vms>,
     pub images: Arc<crate::vm::images::Images>,
     /// Directory whose filesystem `GET /stats` reports as `disk`.
@@ -205,6 +207,7 @@ pub fn app(store: Store, portmaps: Arc<PortMaps>, callers: Callers, vm: VmApi) -
         token,
         mesh,
         refused,
+        disk_full_warning: Default::default(),
         vms: vm.vms,
         images: vm.images,
         stats_dir: vm.stats_dir,

@@ -5,11 +5,12 @@ use std::net::Ipv4Addr;
 use axum::Json;
 use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::header;
+use axum::http::{StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::{Deserialize, Serialize};
 use utoipa::ToSchema;
 
+use super::audit::{AuditedResponse, Draft};
 use super::body::{self, port};
 use super::error::ApiError;
 use super::{AppState, Identity};
@@ -130,8 +131,9 @@ pub struct CreatedPortMap {
 pub async fn create(
     State(state): State<AppState>,
     identity: axum::Extension<Identity>,
+    axum::Extension(draft): axum::Extension<Draft>,
     body: Bytes,
-) -> Result<Json<CreatedPortMap>, ApiError> {
+) -> Result<AuditedResponse<Json<CreatedPortMap>>, ApiError> {
     let req: CreatePortMap = body::json(&body)?;
     let map = PortMap {
         proto: req.proto,
@@ -141,19 +143,22 @@ pub async fn create(
     };
     let svc = state.portmaps.clone();
     let by = identity.0.as_str().to_string();
-    let outcome = tokio::task::spawn_blocking(move || svc.create(map, req.replace, &by)).await??;
+    let entry = draft.accepted(StatusCode::OK);
+    let outcome =
+        tokio::task::spawn_blocking(move || svc.create(map, req.replace, &by, Some(&entry)))
+            .await??;
     let (result, previous) = match outcome {
         CreateOutcome::Created => ("created", None),
         CreateOutcome::Unchanged => ("unchanged", None),
         CreateOutcome::Replaced { previous } => ("replaced", Some(previous.into())),
     };
-    Ok(Json(CreatedPortMap {
+    Ok(AuditedResponse(Json(CreatedPortMap {
         ok: true,
         rule_id: map.rule_id(),
         result,
         rule: map.into(),
         previous,
-    }))
+    })))
 }
 
 #[utoipa::path(
@@ -205,9 +210,10 @@ pub struct DeletedPortMap {
 )]
 pub async fn delete(
     State(state): State<AppState>,
+    axum::Extension(draft): axum::Extension<Draft>,
     Path(listen_port): Path<String>,
     RawQuery(query): RawQuery,
-) -> Result<Json<DeletedPortMap>, ApiError> {
+) -> Result<AuditedResponse<Json<DeletedPortMap>>, ApiError> {
     let listen_port = port(
         "listen_port",
         &serde_json::Value::String(listen_port.clone()),
@@ -222,8 +228,10 @@ pub async fn delete(
             .map_err(ApiError::bad_request)?,
     };
     let svc = state.portmaps.clone();
-    let deleted = tokio::task::spawn_blocking(move || svc.delete(proto, listen_port)).await??;
-    Ok(Json(match deleted {
+    let entry = draft.accepted(StatusCode::OK);
+    let deleted =
+        tokio::task::spawn_blocking(move || svc.delete(proto, listen_port, Some(&entry))).await??;
+    Ok(AuditedResponse(Json(match deleted {
         Some(m) => DeletedPortMap {
             ok: true,
             deleted: true,
@@ -236,7 +244,7 @@ pub async fn delete(
             rule_id: None,
             rule: None,
         },
-    }))
+    })))
 }
 
 /// Answer of `POST /ports/restore`.
@@ -262,23 +270,28 @@ pub struct Restored {
 )]
 pub async fn restore(
     State(state): State<AppState>,
+    axum::Extension(draft): axum::Extension<Draft>,
     body: Bytes,
-) -> Result<Json<Restored>, ApiError> {
+) -> Result<AuditedResponse<Json<Restored>>, ApiError> {
     body::empty_object(&body)?;
     let svc = state.portmaps.clone();
-    let (drift, restored, forward_accept) = tokio::task::spawn_blocking(move || {
-        let drift = svc
-            .drift()
-            .unwrap_or_else(|e| vec![format!("could not compare: {e}")]);
-        let restored = svc.restore()?;
-        let forward_accept = svc.reconcile()?.forward_accept;
-        Ok::<_, crate::portmap::PortMapError>((drift, restored, forward_accept))
+    // A kernel rewrite, not a change in SQLite: its row goes first (`audit::around`).
+    super::audit::around(&state.store, &draft, StatusCode::OK, async move {
+        let (drift, restored, forward_accept) = tokio::task::spawn_blocking(move || {
+            let drift = svc
+                .drift()
+                .unwrap_or_else(|e| vec![format!("could not compare: {e}")]);
+            let restored = svc.restore()?;
+            let forward_accept = svc.reconcile()?.forward_accept;
+            Ok::<_, crate::portmap::PortMapError>((drift, restored, forward_accept))
+        })
+        .await??;
+        Ok(Json(Restored {
+            ok: true,
+            restored,
+            drift,
+            forward_accept,
+        }))
     })
-    .await??;
-    Ok(Json(Restored {
-        ok: true,
-        restored,
-        drift,
-        forward_accept,
-    }))
+    .await
 }

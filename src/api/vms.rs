@@ -2,14 +2,15 @@
 
 use std::time::Duration;
 
-use axum::Json;
 use axum::body::{Body, Bytes};
 use axum::extract::{Path, RawQuery, State};
-use axum::http::HeaderMap;
+use axum::http::{HeaderMap, StatusCode};
+use axum::{Extension, Json};
 use futures_util::StreamExt;
 use serde::Deserialize;
 use serde_json::{Value, json};
 
+use super::audit::{AuditedResponse, Draft, around};
 use super::body;
 use super::error::ApiError;
 use super::{AppState, Identity};
@@ -40,13 +41,17 @@ fn name_ok(name: &str) -> Result<(), ApiError> {
 pub async fn create(
     State(state): State<AppState>,
     identity: axum::Extension<Identity>,
+    Extension(draft): Extension<Draft>,
     body: Bytes,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<AuditedResponse<Json<Value>>, ApiError> {
     let req: CreateVm = body::json_with_secrets(&body)?;
-    let created = state.vms.create(req, identity.0.as_str()).await?;
-    let mut v = serde_json::to_value(created).map_err(|e| ApiError::internal(e.to_string()))?;
-    v["ok"] = json!(true);
-    Ok(Json(v))
+    around(&state.store, &draft, StatusCode::OK, async {
+        let created = state.vms.create(req, identity.0.as_str()).await?;
+        let mut v = serde_json::to_value(created).map_err(|e| ApiError::internal(e.to_string()))?;
+        v["ok"] = json!(true);
+        Ok(Json(v))
+    })
+    .await
 }
 
 #[utoipa::path(
@@ -85,13 +90,17 @@ pub async fn status(
 )]
 pub async fn start(
     State(state): State<AppState>,
+    Extension(draft): Extension<Draft>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<AuditedResponse<Json<Value>>, ApiError> {
     name_ok(&name)?;
-    let was_running = state.vms.start(&name).await?;
-    Ok(Json(
-        json!({"ok": true, "name": name, "was_running": was_running}),
-    ))
+    around(&state.store, &draft, StatusCode::OK, async {
+        let was_running = state.vms.start(&name).await?;
+        Ok(Json(
+            json!({"ok": true, "name": name, "was_running": was_running}),
+        ))
+    })
+    .await
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -110,13 +119,17 @@ pub struct StopQuery {
 )]
 pub async fn stop(
     State(state): State<AppState>,
+    Extension(draft): Extension<Draft>,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<AuditedResponse<Json<Value>>, ApiError> {
     name_ok(&name)?;
     let q: StopQuery = body::query(q.as_deref())?;
-    let forced = state.vms.stop(&name, q.force.unwrap_or(false)).await?;
-    Ok(Json(json!({"ok": true, "name": name, "forced": forced})))
+    around(&state.store, &draft, StatusCode::OK, async {
+        let forced = state.vms.stop(&name, q.force.unwrap_or(false)).await?;
+        Ok(Json(json!({"ok": true, "name": name, "forced": forced})))
+    })
+    .await
 }
 
 #[utoipa::path(
@@ -127,11 +140,15 @@ pub async fn stop(
 )]
 pub async fn reboot(
     State(state): State<AppState>,
+    Extension(draft): Extension<Draft>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<AuditedResponse<Json<Value>>, ApiError> {
     name_ok(&name)?;
-    state.vms.reboot(&name).await?;
-    Ok(Json(json!({"ok": true, "name": name})))
+    around(&state.store, &draft, StatusCode::OK, async {
+        state.vms.reboot(&name).await?;
+        Ok(Json(json!({"ok": true, "name": name})))
+    })
+    .await
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -154,18 +171,22 @@ pub struct DeleteQuery {
 )]
 pub async fn delete(
     State(state): State<AppState>,
+    Extension(draft): Extension<Draft>,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<AuditedResponse<Json<Value>>, ApiError> {
     name_ok(&name)?;
     let q: DeleteQuery = body::query(q.as_deref())?;
-    let d = state
-        .vms
-        .delete(&name, q.delete_files.unwrap_or(false))
-        .await?;
-    let mut v = serde_json::to_value(d).map_err(|e| ApiError::internal(e.to_string()))?;
-    v["ok"] = json!(true);
-    Ok(Json(v))
+    around(&state.store, &draft, StatusCode::OK, async {
+        let d = state
+            .vms
+            .delete(&name, q.delete_files.unwrap_or(false))
+            .await?;
+        let mut v = serde_json::to_value(d).map_err(|e| ApiError::internal(e.to_string()))?;
+        v["ok"] = json!(true);
+        Ok(Json(v))
+    })
+    .await
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -292,17 +313,21 @@ pub struct AddImage {
 pub async fn add_image(
     State(state): State<AppState>,
     identity: axum::Extension<Identity>,
+    Extension(draft): Extension<Draft>,
     body: Bytes,
-) -> Result<(axum::http::StatusCode, Json<Value>), ApiError> {
+) -> Result<AuditedResponse<(StatusCode, Json<Value>)>, ApiError> {
     let req: AddImage = body::json(&body)?;
-    state
-        .images
-        .download(&req.name, &req.url, Some(&req.sha256), identity.0.as_str())
-        .await?;
-    Ok((
-        axum::http::StatusCode::ACCEPTED,
-        Json(json!({"ok": true, "name": req.name, "state": "downloading"})),
-    ))
+    around(&state.store, &draft, StatusCode::ACCEPTED, async {
+        state
+            .images
+            .download(&req.name, &req.url, Some(&req.sha256), identity.0.as_str())
+            .await?;
+        Ok((
+            StatusCode::ACCEPTED,
+            Json(json!({"ok": true, "name": req.name, "state": "downloading"})),
+        ))
+    })
+    .await
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -326,11 +351,12 @@ pub struct UploadQuery {
 pub async fn upload_image(
     State(state): State<AppState>,
     identity: axum::Extension<Identity>,
+    Extension(draft): Extension<Draft>,
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
     headers: HeaderMap,
     body: Body,
-) -> Result<Json<Value>, ApiError> {
+) -> Result<AuditedResponse<Json<Value>>, ApiError> {
     check_name("image name", &name)?;
     let q: UploadQuery = body::query(q.as_deref())?;
     let total = headers
@@ -340,17 +366,20 @@ pub async fn upload_image(
     let stream = body
         .into_data_stream()
         .map(|r| r.map_err(|e| format!("upload interrupted: {e}")));
-    let row = state
-        .images
-        .upload(
-            &name,
-            stream,
-            total,
-            q.sha256.as_deref(),
-            identity.0.as_str(),
-        )
-        .await?;
-    Ok(Json(json!({"ok": true, "image": row})))
+    around(&state.store, &draft, StatusCode::OK, async {
+        let row = state
+            .images
+            .upload(
+                &name,
+                stream,
+                total,
+                q.sha256.as_deref(),
+                identity.0.as_str(),
+            )
+            .await?;
+        Ok(Json(json!({"ok": true, "image": row})))
+    })
+    .await
 }
 
 #[utoipa::path(
@@ -364,8 +393,12 @@ pub async fn upload_image(
 )]
 pub async fn delete_image(
     State(state): State<AppState>,
+    Extension(draft): Extension<Draft>,
     Path(name): Path<String>,
-) -> Result<Json<Value>, ApiError> {
-    state.images.delete(&name).await?;
-    Ok(Json(json!({"ok": true, "name": name, "deleted": true})))
+) -> Result<AuditedResponse<Json<Value>>, ApiError> {
+    around(&state.store, &draft, StatusCode::OK, async {
+        state.images.delete(&name).await?;
+        Ok(Json(json!({"ok": true, "name": name, "deleted": true})))
+    })
+    .await
 }

@@ -108,12 +108,14 @@ impl PortMaps {
         }
     }
 
-    /// Creates (or, with `replace`, re-targets) a map.
+    /// Creates (or, with `replace`, re-targets) a map. `audit`, the caller's audit row,
+    /// is written in the same transaction: the map and its row stand or fall together.
     pub fn create(
         &self,
         map: PortMap,
         replace: bool,
         by: &str,
+        audit: Option<&Entry>,
     ) -> Result<CreateOutcome, PortMapError> {
         self.policy.check(&map)?;
         if self.fw.is_local_address(map.target_ip)? {
@@ -124,7 +126,10 @@ impl PortMaps {
         }
         let outcome = self.store.transaction(|tx| {
             let outcome = match portmaps::get(tx, map.proto, map.listen_port)? {
-                Some(row) if row.map == map => return Ok(CreateOutcome::Unchanged),
+                Some(row) if row.map == map => {
+                    audit::record_opt(tx, audit)?;
+                    return Ok(CreateOutcome::Unchanged);
+                }
                 Some(row) if !replace => {
                     return Err(PortMapError::Conflict {
                         proto: map.proto,
@@ -136,6 +141,7 @@ impl PortMaps {
                 None => CreateOutcome::Created,
             };
             portmaps::upsert(tx, &map, by)?;
+            audit::record_opt(tx, audit)?;
             // The kernel goes last: if it refuses, the transaction rolls back.
             match outcome {
                 CreateOutcome::Replaced { previous } => self.fw.replace(&previous, &map)?,
@@ -160,9 +166,16 @@ impl PortMaps {
         }
     }
 
-    /// Deletes a map; `None` when there was none.
-    pub fn delete(&self, proto: Proto, listen_port: u16) -> Result<Option<PortMap>, PortMapError> {
+    /// Deletes a map; `None` when there was none. `audit` is written in the same
+    /// transaction, as for [`PortMaps::create`].
+    pub fn delete(
+        &self,
+        proto: Proto,
+        listen_port: u16,
+        audit: Option<&Entry>,
+    ) -> Result<Option<PortMap>, PortMapError> {
         let deleted = self.store.transaction(|tx| {
+            audit::record_opt(tx, audit)?;
             let Some(row) = portmaps::get(tx, proto, listen_port)? else {
                 return Ok(None);
             };
@@ -362,23 +375,29 @@ mod tests {
     fn create_is_idempotent_and_conflicts_need_replace() {
         let (svc, fw) = setup();
         let a = map(Proto::Tcp, 8080, 2, 80);
-        assert_eq!(svc.create(a, false, "t").unwrap(), CreateOutcome::Created);
-        assert_eq!(svc.create(a, false, "t").unwrap(), CreateOutcome::Unchanged);
+        assert_eq!(
+            svc.create(a, false, "t", None).unwrap(),
+            CreateOutcome::Created
+        );
+        assert_eq!(
+            svc.create(a, false, "t", None).unwrap(),
+            CreateOutcome::Unchanged
+        );
         let b = map(Proto::Tcp, 8080, 3, 80);
         assert!(matches!(
-            svc.create(b, false, "t"),
+            svc.create(b, false, "t", None),
             Err(PortMapError::Conflict { .. })
         ));
         assert_eq!(kernel(&fw), vec![a]);
         assert_eq!(
-            svc.create(b, true, "t").unwrap(),
+            svc.create(b, true, "t", None).unwrap(),
             CreateOutcome::Replaced { previous: a }
         );
         assert_eq!(kernel(&fw), vec![b]);
         assert_eq!(stored(&svc), vec![b]);
         // The same port in UDP is another map.
         let u = map(Proto::Udp, 8080, 2, 53);
-        svc.create(u, false, "t").unwrap();
+        svc.create(u, false, "t", None).unwrap();
         assert_eq!(stored(&svc), kernel(&fw));
     }
 
@@ -386,18 +405,18 @@ mod tests {
     fn a_kernel_refusal_leaves_the_database_untouched() {
         let (svc, fw) = setup();
         let a = map(Proto::Tcp, 8080, 2, 80);
-        svc.create(a, false, "t").unwrap();
+        svc.create(a, false, "t", None).unwrap();
         fw.fail_next("Operation not permitted");
         let err = svc
-            .create(map(Proto::Tcp, 8080, 3, 80), true, "t")
+            .create(map(Proto::Tcp, 8080, 3, 80), true, "t", None)
             .unwrap_err();
         assert!(err.to_string().contains("Operation not permitted"), "{err}");
         assert_eq!(stored(&svc), vec![a]);
         fw.fail_next("Operation not permitted");
-        svc.create(map(Proto::Tcp, 9090, 3, 80), false, "t")
+        svc.create(map(Proto::Tcp, 9090, 3, 80), false, "t", None)
             .unwrap_err();
         fw.fail_next("Operation not permitted");
-        svc.delete(Proto::Tcp, 8080).unwrap_err();
+        svc.delete(Proto::Tcp, 8080, None).unwrap_err();
         assert_eq!(stored(&svc), vec![a]);
         assert_eq!(kernel(&fw), vec![a]);
     }
@@ -406,7 +425,7 @@ mod tests {
     fn policy_refusals_change_nothing() {
         let (svc, fw) = setup();
         assert!(matches!(
-            svc.create(map(Proto::Tcp, 22, 2, 80), false, "t"),
+            svc.create(map(Proto::Tcp, 22, 2, 80), false, "t", None),
             Err(PortMapError::Policy(_))
         ));
         let outside = PortMap {
@@ -414,13 +433,13 @@ mod tests {
             ..map(Proto::Tcp, 8080, 2, 80)
         };
         assert!(matches!(
-            svc.create(outside, false, "t"),
+            svc.create(outside, false, "t", None),
             Err(PortMapError::Policy(_))
         ));
         // The node's own address inside the VM subnet (the bridge's) is not a VM.
         fw.add_local_address(Ipv4Addr::new(10, 0, 0, 1));
         let e = svc
-            .create(map(Proto::Tcp, 8080, 1, 22), false, "t")
+            .create(map(Proto::Tcp, 8080, 1, 22), false, "t", None)
             .unwrap_err();
         assert!(e.to_string().contains("node itself"), "{e}");
         assert!(stored(&svc).is_empty());
@@ -431,10 +450,10 @@ mod tests {
     fn delete_reports_whether_something_was_deleted() {
         let (svc, fw) = setup();
         let a = map(Proto::Udp, 5353, 2, 53);
-        svc.create(a, false, "t").unwrap();
-        assert_eq!(svc.delete(Proto::Tcp, 5353).unwrap(), None);
-        assert_eq!(svc.delete(Proto::Udp, 5353).unwrap(), Some(a));
-        assert_eq!(svc.delete(Proto::Udp, 5353).unwrap(), None);
+        svc.create(a, false, "t", None).unwrap();
+        assert_eq!(svc.delete(Proto::Tcp, 5353, None).unwrap(), None);
+        assert_eq!(svc.delete(Proto::Udp, 5353, None).unwrap(), Some(a));
+        assert_eq!(svc.delete(Proto::Udp, 5353, None).unwrap(), None);
         assert!(kernel(&fw).is_empty());
     }
 
@@ -442,7 +461,7 @@ mod tests {
     fn reconcile_repairs_a_wiped_table_and_is_quiet_when_in_sync() {
         let (svc, fw) = setup();
         let a = map(Proto::Tcp, 8080, 2, 80);
-        svc.create(a, false, "t").unwrap();
+        svc.create(a, false, "t", None).unwrap();
         let r = svc.reconcile().unwrap();
         assert!(!r.changed(), "{r:?}");
         fw.wipe();
@@ -473,14 +492,14 @@ mod tests {
             body["rules"].clone()
         };
         assert_eq!(json(&svc).as_object().unwrap().len(), 0);
-        svc.create(map(Proto::Tcp, 8080, 2, 80), false, "t")
+        svc.create(map(Proto::Tcp, 8080, 2, 80), false, "t", None)
             .unwrap();
-        svc.create(map(Proto::Udp, 8080, 2, 53), false, "t")
+        svc.create(map(Proto::Udp, 8080, 2, 53), false, "t", None)
             .unwrap();
         let v = json(&svc);
         assert_eq!(v["8080"]["target_port"], 80);
         assert_eq!(v["8080/udp"]["proto"], "udp");
-        svc.delete(Proto::Tcp, 8080).unwrap();
+        svc.delete(Proto::Tcp, 8080, None).unwrap();
         assert!(json(&svc).get("8080").is_none());
     }
 }

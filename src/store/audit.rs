@@ -38,9 +38,10 @@ pub struct Entry {
     pub error: Option<String>,
 }
 
-/// Writes one row. Text columns get their control characters escaped: a row is read in a
-/// terminal, and nothing a client sent may move its cursor or forge a line there.
-pub fn record(conn: &Connection, e: &Entry) -> Result<(), StoreError> {
+/// Writes one row; returns its id. Text columns get their control characters escaped: a
+/// row is read in a terminal, and nothing a client sent may move its cursor or forge a
+/// line there.
+pub fn record(conn: &Connection, e: &Entry) -> Result<i64, StoreError> {
     use crate::logging::escape_str;
     let parameters = e
         .parameters
@@ -62,6 +63,40 @@ pub fn record(conn: &Connection, e: &Entry) -> Result<(), StoreError> {
             text(&e.error)
         ],
     )?;
+    Ok(conn.last_insert_rowid())
+}
+
+/// What the row of a change written before it runs says until the change ends: if the
+/// agent stops in between, it stays so.
+pub const UNFINISHED: &str = "unfinished: the agent stopped before this change completed";
+
+/// Sets the outcome of row `id`, a change whose row was written before it ran.
+pub fn finish(
+    conn: &Connection,
+    id: i64,
+    outcome: Outcome,
+    status: Option<u16>,
+    error: Option<&str>,
+) -> Result<(), StoreError> {
+    conn.execute(
+        "UPDATE audit_log SET outcome = ?2, status = ?3, error = ?4 WHERE id = ?1",
+        params![
+            id,
+            outcome.as_str(),
+            status,
+            error.map(|e| crate::logging::escape_str(e).into_owned())
+        ],
+    )?;
+    Ok(())
+}
+
+/// Writes `entry` when there is one: the audit row of a change, written by the change
+/// itself inside its own transaction, so that the change and its row stand or fall
+/// together.
+pub fn record_opt(conn: &Connection, entry: Option<&Entry>) -> Result<(), StoreError> {
+    if let Some(e) = entry {
+        record(conn, e)?;
+    }
     Ok(())
 }
 

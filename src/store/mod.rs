@@ -6,6 +6,7 @@
 pub mod audit;
 pub mod mesh;
 pub mod portmaps;
+pub mod retention;
 pub mod settings;
 pub mod vms;
 
@@ -55,6 +56,17 @@ pub enum StoreError {
     /// The connection mutex was poisoned by a panic.
     #[error("database connection poisoned")]
     Poisoned,
+}
+
+impl StoreError {
+    /// The filesystem of the database is full (SQLITE_FULL): the write was not made.
+    pub fn is_disk_full(&self) -> bool {
+        matches!(
+            self,
+            StoreError::Sqlite(rusqlite::Error::SqliteFailure(e, _))
+                if e.code == rusqlite::ErrorCode::DiskFull
+        )
+    }
 }
 
 /// Shared handle to the database.

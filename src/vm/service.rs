@@ -616,35 +616,38 @@ impl Vms {
                 removed = tokio::task::spawn_blocking(move || {
                     let mut removed = Vec::new();
                     for m in pm.list().unwrap_or_default() {
-                        if ips.contains(&m.map.target_ip.to_string())
-                            && let Ok(Some(gone)) = pm.delete(m.map.proto, m.map.listen_port)
-                        {
-                            removed.push(format!(
+                        if !ips.contains(&m.map.target_ip.to_string()) {
+                            continue;
+                        }
+                        // The operator asked for the VM's deletion, not for this: the
+                        // audit trail says why the map went, in the map's own transaction.
+                        let entry = audit::Entry {
+                            client_addr: None,
+                            identity: "agent".into(),
+                            action: "DELETE /ports (VM deleted)".into(),
+                            parameters: Some(
+                                serde_json::json!({
+                                    "vm": vm,
+                                    "listen_port": m.map.listen_port,
+                                    "proto": m.map.proto.to_string(),
+                                    "target": format!("{}:{}", m.map.target_ip, m.map.target_port),
+                                })
+                                .to_string(),
+                            ),
+                            outcome: audit::Outcome::Ok,
+                            status: None,
+                            error: None,
+                        };
+                        match pm.delete(m.map.proto, m.map.listen_port, Some(&entry)) {
+                            Ok(Some(gone)) => removed.push(format!(
                                 "{}/{} -> {}:{}",
                                 gone.listen_port, gone.proto, gone.target_ip, gone.target_port
-                            ));
-                            // The operator asked for the VM's deletion, not for this:
-                            // say in the audit trail why the map went.
-                            let entry = audit::Entry {
-                                client_addr: None,
-                                identity: "agent".into(),
-                                action: "DELETE /ports (VM deleted)".into(),
-                                parameters: Some(
-                                    serde_json::json!({
-                                        "vm": vm,
-                                        "listen_port": gone.listen_port,
-                                        "proto": gone.proto.to_string(),
-                                        "target": format!("{}:{}", gone.target_ip, gone.target_port),
-                                    })
-                                    .to_string(),
-                                ),
-                                outcome: audit::Outcome::Ok,
-                                status: None,
-                                error: None,
-                            };
-                            if let Err(e) = pm.store().with(|c| audit::record(c, &entry)) {
-                                tracing::error!(error = %e, "could not write the audit row");
-                            }
+                            )),
+                            Ok(None) => {}
+                            Err(e) => tracing::error!(
+                                vm = %vm, map = %m.map.rule_id(), error = %e,
+                                "could not remove a port map of the deleted VM"
+                            ),
                         }
                     }
                     removed

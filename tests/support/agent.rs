@@ -61,6 +61,8 @@ const AGENT_ENV: &[&str] = &[
     "VM_MAX_VCPUS",
     "VM_MAX_DISK_GB",
     "VM_STOP_TIMEOUT",
+    "AUDIT_RETENTION_DAYS",
+    "AUDIT_MAX_ROWS",
 ];
 
 /// Bounded wait for `/health`: 300 polls, 100 ms apart.
