@@ -40,7 +40,7 @@ fn main() {
         // A bare `cargo bench` (or `cargo test --all-targets`) lands here: the
         // measurements need namespaces and an agent that scripts/bench.sh sets up.
         eprintln!(
-            "usage: portmap <apply|seed|post|connrate> [--key value ...]; \
+            "usage: portmap <apply|seed|post|connrate|flood> [--key value ...]; \
              scripts/bench.sh runs them all"
         );
         return;
@@ -57,6 +57,7 @@ fn main() {
         "seed" => seed(&opts),
         "post" => post(&opts),
         "connrate" => connrate(&opts),
+        "flood" => flood(&opts),
         other => {
             eprintln!("unknown benchmark {other:?}");
             std::process::exit(2);
@@ -408,6 +409,77 @@ fn post(o: &Opts) {
         pct(&lat, 99.0),
         lat.last().copied().unwrap_or(f64::NAN),
         lat.first().copied().unwrap_or(f64::NAN),
+    );
+}
+
+// ---------------------------------------------------------------------------------------
+// (j) a flood of unauthenticated POST /ports
+
+/// `--n` requests (4 KiB body, no or a wrong token) from `--threads` threads in `--ns`
+/// within `--secs`, one connection each (a refused request closes its connection).
+fn flood(o: &Opts) {
+    let ns = opt_str(o, "ns");
+    let addr: SocketAddr = opt_str(o, "addr").parse().unwrap();
+    let n: u64 = opt(o, "n", 150_000);
+    let secs: f64 = opt(o, "secs", 30.0);
+    let threads: u64 = opt(o, "threads", 2);
+    let body = format!(
+        r#"{{"listen_port":8080,"target_ip":"10.77.0.3","target_port":80,"pad":"{}"}}"#,
+        "x".repeat(4000)
+    );
+    let sent = Arc::new(AtomicU64::new(0));
+    let refused = Arc::new(AtomicU64::new(0));
+    let other = Arc::new(AtomicU64::new(0));
+    let start = Instant::now();
+    let deadline = start + Duration::from_secs_f64(secs);
+    let handles: Vec<_> = (0..threads)
+        .map(|t| {
+            let (ns, body) = (ns.clone(), body.clone());
+            let (sent, refused, other) = (sent.clone(), refused.clone(), other.clone());
+            std::thread::spawn(move || {
+                enter_named_netns(&ns);
+                let auth = if t % 2 == 0 {
+                    String::new()
+                } else {
+                    "Authorization: Bearer wrong-token-0123456789\r\n".to_string()
+                };
+                let req = format!(
+                    "POST /ports HTTP/1.1\r\nHost: flood\r\n{auth}Content-Type: application/json\r\n\
+                     Content-Length: {}\r\n\r\n{body}",
+                    body.len()
+                );
+                let mut line = String::new();
+                while Instant::now() < deadline && sent.fetch_add(1, Ordering::Relaxed) < n {
+                    let Ok(mut s) = TcpStream::connect_timeout(&addr, Duration::from_secs(1)) else {
+                        other.fetch_add(1, Ordering::Relaxed);
+                        continue;
+                    };
+                    set_linger_zero(&s);
+                    let _ = s.set_read_timeout(Some(Duration::from_secs(5)));
+                    line.clear();
+                    let ok = s.write_all(req.as_bytes()).is_ok()
+                        && BufReader::new(&s).read_line(&mut line).is_ok();
+                    if ok && line.starts_with("HTTP/1.1 401") {
+                        refused.fetch_add(1, Ordering::Relaxed);
+                    } else {
+                        other.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            })
+        })
+        .collect();
+    for h in handles {
+        h.join().expect("flood thread");
+    }
+    let elapsed = start.elapsed().as_secs_f64();
+    let (r, x) = (
+        refused.load(Ordering::Relaxed),
+        other.load(Ordering::Relaxed),
+    );
+    println!(
+        "BENCH flood requests={} refused_401={r} other={x} secs={elapsed:.1} per_s={:.0}",
+        r + x,
+        (r + x) as f64 / elapsed
     );
 }
 

@@ -1,9 +1,10 @@
 #!/usr/bin/env bash
 # The one command for the benchmarks of docs/benchmarks.md: port maps (a)-(e), the
-# mesh join (f), and VMs (g: POST /vms latency, h: lease -> /ip delay).
+# mesh join (f), VMs (g: POST /vms latency, h: lease -> /ip delay), and strangers (j: an
+# unauthenticated flood).
 #
 #   sudo scripts/bench.sh            # everything, ~6 minutes after the build
-#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f g h)
+#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f g h j)
 #
 # Installs what it needs, builds --release once, runs every measurement inside network
 # namespaces it creates and deletes (trap), prints a results table and writes it as
@@ -18,7 +19,7 @@ ROOT=$PWD
 
 [ "$(id -u)" = 0 ] || { echo "bench.sh: needs root (network namespaces, nftables)" >&2; exit 1; }
 
-ONLY=${BENCH_ONLY:-"a b c d e f g h"}
+ONLY=${BENCH_ONLY:-"a b c d e f g h j"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- dependencies and build
@@ -177,6 +178,57 @@ if want d; then
     row "(d) GET /ports, 100 maps, 64 keep-alive conns (wrk -t2)" ">= 48,000 req/s (20x the original's 2,400)" \
         "$RPS req/s, mean $MEAN, p99 $P99, body $SIZE bytes, non-2xx $BAD, $ERRS" \
         "$(verdict ge "$RPS" 48000)"
+    stop_agent
+    ip netns del "$NS_AGENT"
+fi
+
+# ---------------------------------------------------------------- (j) unauthenticated flood
+if want j; then
+    ip netns add "$NS_AGENT"; nsx "$NS_AGENT" ip link set lo up
+    D=$WORK/agentj; mkdir -m 700 -p "$D"
+    # Sizes are compared with the agent stopped: SQLite folds its WAL into agent.db and
+    # removes it on close, so both sides measure the same thing.
+    start_agent "$NS_AGENT" "$D"; stop_agent
+    dbsize() {
+        local f n=0
+        for f in "$D/agent.db" "$D/agent.db-wal"; do
+            [ -f "$f" ] && n=$((n + $(stat -c %s "$f")))
+        done
+        echo "$n"
+    }
+    FLOOD_N=${FLOOD_N:-150000}
+    echo "== (j) $FLOOD_N unauthenticated POST /ports (4 KiB bodies) in 30 s: database growth; then a tokened client's POST /ports p99 alone and during a flood"
+    DB0=$(dbsize)
+    start_agent "$NS_AGENT" "$D"
+    F=$(bench flood --ns "$NS_AGENT" --addr 127.0.0.1:8000 --n "$FLOOD_N" --secs 30 --threads 2 | grep '^BENCH flood')
+    echo "$F"
+    # The counts reach refused_requests each minute and at shutdown: stop, then measure.
+    stop_agent
+    DB1=$(dbsize)
+    REFUSED_ROWS=$(sqlite3 "$D/agent.db" 'select count(*) || " rows, " || coalesce(sum(requests), 0) || " requests" from refused_requests')
+    AUDIT_NONE=$(sqlite3 "$D/agent.db" "select count(*) from audit_log where identity = 'none'")
+    GROWTH=$((DB1 - DB0))
+    echo "(j) agent.db + wal: $DB0 -> $DB1 bytes (+$GROWTH); refused_requests: $REFUSED_ROWS; audit rows of strangers: $AUDIT_NONE"
+    row "(j) $(kv "$F" requests) unauthenticated POST /ports with 4 KiB bodies in $(kv "$F" secs) s ($(kv "$F" per_s)/s, 401: $(kv "$F" refused_401), other: $(kv "$F" other))" "agent.db grows <= 1 MiB" \
+        "$GROWTH bytes (agent.db, agent stopped: $DB0 -> $DB1); refused_requests: $REFUSED_ROWS; audit_log rows of strangers: $AUDIT_NONE" \
+        "$(verdict le "$GROWTH" 1048576)"
+    # Latency: the same 2,000 sequential creates, alone and during a 20 s flood.
+    start_agent "$NS_AGENT" "$D"
+    P0=$(bench post --ns "$NS_AGENT" --addr 127.0.0.1:8000 --token "$TOKEN" --n 2000 \
+        --first-port 20000 --target 10.77.0.3 | grep '^BENCH post')
+    bench flood --ns "$NS_AGENT" --addr 127.0.0.1:8000 --n "$FLOOD_N" --secs 20 --threads 2 \
+        > "$WORK/flood2.txt" &
+    FLOOD_PID=$!
+    sleep 2
+    P1=$(bench post --ns "$NS_AGENT" --addr 127.0.0.1:8000 --token "$TOKEN" --n 2000 \
+        --first-port 40000 --target 10.77.0.3 | grep '^BENCH post')
+    wait "$FLOOD_PID" || true
+    F2=$(grep '^BENCH flood' "$WORK/flood2.txt" || true)
+    echo "unloaded: $P0"; echo "during the flood: $P1"; echo "$F2"
+    RATIO=$(awk -v a="$(kv "$P1" p99_ms)" -v b="$(kv "$P0" p99_ms)" 'BEGIN { if (b > 0) printf "%.2f", a / b; else print "nan" }')
+    row "(j) a tokened client's POST /ports during the flood vs alone (n=2000 each, same run)" "p99 <= 2x unloaded p99" \
+        "alone: p50 $(kv "$P0" p50_ms) ms, p99 $(kv "$P0" p99_ms) ms; during a flood of $(kv "$F2" per_s)/s: p50 $(kv "$P1" p50_ms) ms, p99 $(kv "$P1" p99_ms) ms (ratio $RATIO); failures $(kv "$P0" failures)/$(kv "$P1" failures)" \
+        "$(verdict le "$RATIO" 2)"
     stop_agent
     ip netns del "$NS_AGENT"
 fi
