@@ -37,7 +37,10 @@ fi
 echo "== building (release)"
 cargo build --release --quiet
 cargo bench --bench portmap --no-run --quiet 2>/dev/null || cargo bench --bench portmap --no-run
-AGENT_BIN=$ROOT/target/release/node-vm-agent
+# Where cargo put the binary: CARGO_TARGET_DIR when set (several worktrees share a
+# machine, each with its own target directory), else ./target.
+TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
+AGENT_BIN=$TARGET_DIR/release/node-vm-agent
 bench() { cargo bench --quiet --bench portmap -- "$@"; }
 
 # ---------------------------------------------------------------- namespaces and cleanup
