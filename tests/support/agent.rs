@@ -63,6 +63,12 @@ const AGENT_ENV: &[&str] = &[
     "VM_STOP_TIMEOUT",
     "AUDIT_RETENTION_DAYS",
     "AUDIT_MAX_ROWS",
+    "HEADER_READ_TIMEOUT",
+    "BODY_READ_TIMEOUT",
+    "KEEPALIVE_TIMEOUT",
+    "MAX_CONNECTIONS",
+    "UPLOAD_MIN_BYTES",
+    "UPLOAD_WINDOW",
 ];
 
 /// Bounded wait for `/health`: 300 polls, 100 ms apart.
@@ -73,6 +79,8 @@ pub struct Agent {
     data_dir: tempfile::TempDir,
     log_path: PathBuf,
     env: Vec<(String, String)>,
+    /// What `serve` is started through, after `ip netns exec` (e.g. `prlimit`).
+    wrapper: Vec<String>,
     child: Option<Child>,
     pub token: String,
     /// The API as a remote client sees it: from the client namespace to the node.
@@ -87,7 +95,14 @@ impl Agent {
     /// Starts with the harness's settings plus `extra` (which override them; an empty
     /// value unsets the setting, e.g. `("API_TOKEN", "")` to let the agent make one).
     pub fn start_with(topo: &Topology, extra: &[(&str, &str)]) -> Agent {
+        Agent::start_via(topo, &[], extra)
+    }
+
+    /// As [`Agent::start_with`], every start of `serve` going through `wrapper` (e.g.
+    /// `["prlimit", "--nofile=1024:1024"]`, systemd's default descriptor limit).
+    pub fn start_via(topo: &Topology, wrapper: &[&str], extra: &[(&str, &str)]) -> Agent {
         let (mut agent, configured) = Agent::prepare(topo, extra);
+        agent.wrapper = wrapper.iter().map(|w| w.to_string()).collect();
         agent.spawn_and_wait();
         match configured {
             Some(t) => agent.set_token(&t),
@@ -164,6 +179,7 @@ impl Agent {
             data_dir,
             log_path,
             env,
+            wrapper: Vec::new(),
             child: None,
             api: Api::new(topo.client.name(), sa(NODE_IP, API_PORT), &token),
             token,
@@ -209,9 +225,11 @@ impl Agent {
         assert!(self.child.is_none(), "agent already running");
         let log = self.log_file();
         let log2 = log.try_clone().unwrap_or_else(|e| panic!("dup log: {e}"));
-        // `ip netns exec` execs the agent, so the child's pid is the agent's own.
+        // `ip netns exec` execs the agent (as a wrapper such as prlimit does), so the
+        // child's pid is the agent's own.
+        let wrapper: Vec<&str> = self.wrapper.iter().map(String::as_str).collect();
         let child = self
-            .command("serve")
+            .command_via(&wrapper, "serve")
             .stdin(Stdio::null())
             .stdout(log)
             .stderr(log2)
