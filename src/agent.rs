@@ -34,8 +34,6 @@ pub enum AgentError {
     Token(#[from] crate::api::auth::TokenError),
     #[error("cannot apply the port maps to the kernel at startup: {0}")]
     Startup(crate::portmap::PortMapError),
-    #[error("the API server failed: {0}")]
-    Serve(std::io::Error),
     #[error("{0}")]
     Firewall(String),
     #[error(transparent)]
@@ -84,6 +82,7 @@ async fn serve(
     fw: Arc<dyn Firewall>,
     listener: TcpListener,
 ) -> Result<(), AgentError> {
+    let limits = connection_limits(&settings);
     let store = open_state(&settings)?;
     let (token, source) =
         ApiToken::load_or_create(settings.configured_token(), &settings.data_dir)?;
@@ -202,12 +201,7 @@ async fn serve(
             stats_dir: stats_dir(&settings),
         },
     );
-    let served = axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<api::ConnInfo>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await;
+    api::server::serve(listener, app, limits, shutdown_signal()).await;
 
     let _ = stop_tx.send(true);
     let _ = reconciler.await;
@@ -223,7 +217,70 @@ async fn serve(
         }
     }
     tracing::info!("stopped");
-    served.map_err(AgentError::Serve)
+    Ok(())
+}
+
+/// Raises the soft descriptor limit to the hard one and says what it got: the limit
+/// systemd gives a service (1,024) is what strangers' idle connections used to exhaust.
+/// Returns the soft limit in force.
+fn raise_fd_limit() -> u64 {
+    match crate::fdlimit::raise_nofile() {
+        Ok(n) if n.soft > n.before => {
+            tracing::info!(
+                soft = n.soft,
+                hard = n.hard,
+                before = n.before,
+                "file descriptors: soft RLIMIT_NOFILE raised to the hard limit"
+            );
+            n.soft
+        }
+        Ok(n) => {
+            tracing::info!(
+                soft = n.soft,
+                hard = n.hard,
+                "file descriptors: soft RLIMIT_NOFILE already at the hard limit"
+            );
+            n.soft
+        }
+        Err((n, error)) => {
+            tracing::warn!(%error, soft = n.soft, hard = n.hard, "cannot raise RLIMIT_NOFILE; keeping it");
+            n.soft
+        }
+    }
+}
+
+/// The API server's connection budget from the settings, with a cap that fits the
+/// descriptor limit (logged, as a warning when it is below MAX_CONNECTIONS).
+fn connection_limits(settings: &Settings) -> api::server::Limits {
+    let soft = raise_fd_limit();
+    let configured = usize::try_from(settings.max_connections).unwrap_or(usize::MAX);
+    let cap = crate::fdlimit::connection_cap(configured, soft);
+    if cap < configured {
+        tracing::warn!(
+            cap,
+            configured,
+            nofile = soft,
+            reserved = crate::fdlimit::RESERVED_FDS,
+            "connection cap lowered below MAX_CONNECTIONS to fit the descriptor limit \
+             (the agent keeps `reserved` descriptors for itself)"
+        );
+    } else {
+        tracing::info!(
+            cap,
+            configured,
+            nofile = soft,
+            "connection cap (MAX_CONNECTIONS)"
+        );
+    }
+    let secs = std::time::Duration::from_secs;
+    api::server::Limits {
+        header_read: secs(settings.header_read_timeout),
+        body_read: secs(settings.body_read_timeout),
+        keepalive: secs(settings.keepalive_timeout),
+        upload_min_bytes: settings.upload_min_bytes,
+        upload_window: secs(settings.upload_window),
+        max_connections: cap,
+    }
 }
 
 /// The VM service and the image store over one lazily opened libvirt connection.

@@ -251,6 +251,40 @@ pub struct Settings {
     #[arg(long, env = "LIBVIRT_TIMEOUT", value_name = "LIBVIRT_TIMEOUT", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub libvirt_timeout: u64,
 
+    /// Seconds a client has to send a request's headers, counted from the connection's
+    /// accept for its first request and from the first byte for later ones on a
+    /// kept-alive connection; then the connection is closed (slowloris).
+    #[arg(long, env = "HEADER_READ_TIMEOUT", value_name = "HEADER_READ_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub header_read_timeout: u64,
+
+    /// Seconds a request body may take to arrive whole, counted from the end of its
+    /// headers (image uploads follow UPLOAD_MIN_BYTES/UPLOAD_WINDOW instead); then the
+    /// request fails with 408 and the connection is closed.
+    #[arg(long, env = "BODY_READ_TIMEOUT", value_name = "BODY_READ_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_read_timeout: u64,
+
+    /// Seconds a kept-alive connection may wait for its next request before it is closed.
+    #[arg(long, env = "KEEPALIVE_TIMEOUT", value_name = "KEEPALIVE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub keepalive_timeout: u64,
+
+    /// Most API connections open at once (lowered at startup when the descriptor limit
+    /// would not leave room for the agent's own). At the cap a new connection makes the
+    /// agent close the one idle longest; only when every connection has a request in
+    /// progress is it refused (503).
+    #[arg(long, env = "MAX_CONNECTIONS", value_name = "MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    pub max_connections: u64,
+
+    /// Bytes an image upload (`POST /images/{name}`, a stream of any size, with no
+    /// deadline) must deliver in every UPLOAD_WINDOW; a slower one fails and leaves no
+    /// partial image.
+    #[arg(long, env = "UPLOAD_MIN_BYTES", value_name = "UPLOAD_MIN_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
+    pub upload_min_bytes: u64,
+
+    /// Seconds of the window UPLOAD_MIN_BYTES is counted over (time the agent itself
+    /// spends storing the upload does not count).
+    #[arg(long, env = "UPLOAD_WINDOW", value_name = "UPLOAD_WINDOW", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub upload_window: u64,
+
     /// Bridge the VMs sit on: DNAT'd connections leaving through it are masqueraded.
     #[arg(long, env = "VMS_BRIDGE", value_name = "VMS_BRIDGE", default_value = "virbr0", value_parser = parse_ifname)]
     pub vms_bridge: String,
@@ -700,6 +734,16 @@ mod tests {
         assert_eq!(s.wg_mtu, 1420);
         assert_eq!(s.wg_keepalive, 25);
         assert!(s.trust_controller_tunnel);
+        assert_eq!(
+            (
+                s.header_read_timeout,
+                s.body_read_timeout,
+                s.keepalive_timeout
+            ),
+            (10, 30, 60)
+        );
+        assert_eq!(s.max_connections, 1024);
+        assert_eq!((s.upload_min_bytes, s.upload_window), (65_536, 30));
         s.validate().unwrap();
         assert!(s.join_settings().unwrap().is_none());
     }
@@ -716,6 +760,31 @@ mod tests {
         assert!(e.contains("RESERVED_PORTS"), "{e}");
         let e = parse(&["--reconcile-interval", "0"]).unwrap_err();
         assert!(e.contains("RECONCILE_INTERVAL"), "{e}");
+    }
+
+    #[test]
+    fn connection_settings_are_bounded_and_named_when_wrong() {
+        for (flag, bad) in [
+            ("--header-read-timeout", "0"),
+            ("--header-read-timeout", "301"),
+            ("--body-read-timeout", "0"),
+            ("--keepalive-timeout", "x"),
+            ("--max-connections", "15"),
+            ("--upload-min-bytes", "0"),
+            ("--upload-window", "3601"),
+        ] {
+            let e = parse(&[flag, bad]).unwrap_err();
+            let variable = flag
+                .trim_start_matches("--")
+                .replace('-', "_")
+                .to_uppercase();
+            assert!(
+                e.contains(&variable) && e.contains(bad),
+                "{flag} {bad}: {e}"
+            );
+        }
+        let s = parse(&["--max-connections", "4096", "--keepalive-timeout", "5"]).unwrap();
+        assert_eq!((s.max_connections, s.keepalive_timeout), (4096, 5));
     }
 
     #[test]

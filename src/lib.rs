@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod fdlimit;
 pub mod join;
 pub mod keys;
 pub mod logging;

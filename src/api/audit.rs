@@ -85,6 +85,16 @@ pub async fn around<T>(
     result.map(AuditedResponse).map_err(ApiError::audited)
 }
 
+/// Whether a request goes to [`UPLOAD_ROUTE`], judged before routing (the server picks
+/// the body's time rule from it): one non-empty path segment after `/images/`, as the
+/// router matches it.
+pub fn is_upload(method: &Method, path: &str) -> bool {
+    *method == Method::POST
+        && path
+            .strip_prefix("/images/")
+            .is_some_and(|name| !name.is_empty() && !name.contains('/'))
+}
+
 pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(req).await;
@@ -154,7 +164,14 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
                         .await;
                     (resp, draft)
                 }
-                Err(_) => (too_large(), no_body()),
+                // Too slow (the server's time rule cut it) or too big.
+                Err(e) => match super::server::BodyTimeout::find(&e) {
+                    Some(t) => (
+                        ApiError::new(StatusCode::REQUEST_TIMEOUT, t.to_string()).into_response(),
+                        no_body(),
+                    ),
+                    None => (too_large(), no_body()),
+                },
             }
         }
     };
@@ -347,5 +364,21 @@ mod tests {
         }
         let p = recorded("{ nope");
         assert!(p.contains("<6 bytes, not valid JSON, sha256 "), "{p}");
+    }
+
+    #[test]
+    fn uploads_are_told_apart_before_routing_as_the_router_does() {
+        use super::{Method, UPLOAD_ROUTE, is_upload};
+        assert!(is_upload(&Method::POST, "/images/jammy"));
+        assert!(is_upload(&Method::POST, "/images/..%2Fi"));
+        assert!(!is_upload(&Method::PUT, "/images/jammy"));
+        assert!(!is_upload(&Method::POST, "/images"));
+        assert!(!is_upload(&Method::POST, "/images/"));
+        assert!(!is_upload(&Method::POST, "/images/a/b"));
+        assert!(!is_upload(&Method::POST, "/ports"));
+        // The route exists as this matcher assumes.
+        let doc = crate::api::openapi();
+        let path = doc.paths.paths.get(UPLOAD_ROUTE).expect("upload route");
+        assert!(path.post.is_some());
     }
 }

@@ -7,6 +7,7 @@ pub mod error;
 mod health;
 mod ports;
 pub mod refused;
+pub mod server;
 mod vms;
 
 use std::sync::Arc;
@@ -31,23 +32,12 @@ use crate::portmap::PortMaps;
 use crate::store::Store;
 
 /// The connection a request came on: the peer and the local address it was accepted
-/// on (the tunnel address, for the controller). Forwarding headers are never read.
+/// on (the tunnel address, for the controller). Forwarding headers are never read. The
+/// server (`server/`) gives it to every request as `ConnectInfo<ConnInfo>`.
 #[derive(Clone, Copy, Debug)]
 pub struct ConnInfo {
     pub peer: std::net::SocketAddr,
     pub local: Option<std::net::SocketAddr>,
-}
-
-impl
-    axum::extract::connect_info::Connected<axum::serve::IncomingStream<'_, tokio::net::TcpListener>>
-    for ConnInfo
-{
-    fn connect_info(stream: axum::serve::IncomingStream<'_, tokio::net::TcpListener>) -> Self {
-        Self {
-            peer: *stream.remote_addr(),
-            local: stream.io().local_addr().ok(),
-        }
-    }
 }
 
 /// Largest request body of any route but the streamed image upload (`POST /vms`, whose
