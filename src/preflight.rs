@@ -7,7 +7,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 use nix::unistd::{AccessFlags, access};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpSocket};
 
 use crate::config::{SettingError, Settings};
 
@@ -74,9 +74,26 @@ pub async fn serve(settings: &Settings) -> Result<TcpListener, PreflightError> {
         check_interface(iface)?;
     }
     let addr = SocketAddr::new(settings.api_listen, settings.node_api_port);
-    TcpListener::bind(addr)
-        .await
-        .map_err(|source| PreflightError::Listen { addr, source })
+    listen(addr).map_err(|source| PreflightError::Listen { addr, source })
+}
+
+/// Connections the kernel queues for the agent to accept (capped by the namespace's
+/// `net.core.somaxconn`, 4,096 by default). tokio's `bind` asks for 1,024: while
+/// strangers re-open the connections the agent sheds, a queue shorter than their number
+/// overflows and a fresh client's SYN is dropped, which TCP resends only after 1 s.
+const LISTEN_BACKLOG: u32 = 4096;
+
+fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
+    let socket = if addr.is_ipv4() {
+        TcpSocket::new_v4()?
+    } else {
+        TcpSocket::new_v6()?
+    };
+    // As `TcpListener::bind` does: a restarted agent binds again while its old
+    // connections are in TIME-WAIT.
+    socket.set_reuseaddr(true)?;
+    socket.bind(addr)?;
+    socket.listen(LISTEN_BACKLOG)
 }
 
 /// Everything `diff` needs: it reads an existing database and the kernel's tables.

@@ -144,6 +144,15 @@ fn idle_connections_beyond_the_descriptor_limit_do_not_lock_out_the_api() {
         &["prlimit", "--nofile=1024:1024"],
         &[("HEADER_READ_TIMEOUT", "300"), ("KEEPALIVE_TIMEOUT", "300")],
     );
+    // The kernel queues as many connections as strangers re-open while the agent sheds
+    // (its SYN-drop would cost a fresh client a second).
+    let listening = topo.node.exec_ok(&["ss", "-Hltn", "sport", "=", ":8000"]);
+    assert_eq!(
+        listening.split_whitespace().nth(2),
+        Some("4096"),
+        "listen backlog: {listening}"
+    );
+
     let held = connect_many(&topo, HELD);
     // Fresh clients, a stranger's and an authenticated one, are answered.
     for i in 0..6 {
