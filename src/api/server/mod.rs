@@ -94,7 +94,9 @@ pub async fn serve(
     let mut http = http1::Builder::new();
     // The budget times headers itself (hyper's own timeout would also cut kept-alive
     // connections at the header timeout, and it needs hyper's timer).
-    http.keep_alive(true).header_read_timeout(None);
+    http.keep_alive(true)
+        .header_read_timeout(None)
+        .max_header_size(MAX_HEAD_BYTES);
     let shared = Arc::new(Shared {
         app,
         limits,
@@ -111,6 +113,12 @@ pub async fn serve(
     );
     registry.emptied().await;
 }
+
+/// Largest request head (request line and headers) read, answered 431 beyond. hyper's
+/// default is its whole read buffer, about 408 KiB, which a stranger could make the agent
+/// hold on every connection up to the cap until the header timeout; our clients send a
+/// request line, a token and a few headers.
+pub const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 async fn accept_until(
     listener: &TcpListener,
