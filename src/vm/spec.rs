@@ -15,13 +15,13 @@ pub struct CreateVm {
     /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,62}`.
     pub name: String,
     /// Default 1024.
-    #[serde(default = "default_memory")]
+    #[serde(default = "default_memory", deserialize_with = "whole_number")]
     pub memory_mib: u32,
     /// Default 1.
-    #[serde(default = "default_vcpus")]
+    #[serde(default = "default_vcpus", deserialize_with = "whole_number")]
     pub vcpus: u32,
     /// GiB, default 10; at least the image's virtual size.
-    #[serde(default = "default_disk")]
+    #[serde(default = "default_disk", deserialize_with = "whole_number")]
     pub disk_size_gb: u32,
     /// libvirt network; default VMS_NETWORK. Started and set to autostart if inactive.
     #[serde(default)]
@@ -78,6 +78,33 @@ impl std::fmt::Debug for CreateVm {
             .field("cmdline", &self.cmdline)
             .finish()
     }
+}
+
+/// A `u32` written as a JSON integer or with a zero fraction (`2048.0`): JSON Schema
+/// counts both as integers, and the original agent's `int()` took both.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    struct Whole;
+    impl serde::de::Visitor<'_> for Whole {
+        type Value = u32;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a whole number from 0 to 4294967295")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u32, E> {
+            u32::try_from(v)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u32, E> {
+            u32::try_from(v).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u32, E> {
+            if v.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&v) {
+                Ok(v as u32)
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    d.deserialize_any(Whole)
 }
 
 fn default_memory() -> u32 {
@@ -298,6 +325,21 @@ mod tests {
         let v = vm(serde_json::json!({"name": "web_1.a"})).unwrap();
         v.validate(&limits()).unwrap();
         assert_eq!(v.effective_hostname(), "web-1.a");
+    }
+
+    #[test]
+    fn whole_numbers_may_be_written_with_a_zero_fraction() {
+        let v = vm(serde_json::json!({"name": "a", "memory_mib": 2048.0, "vcpus": 2e0})).unwrap();
+        assert_eq!((v.memory_mib, v.vcpus), (2048, 2));
+        for bad in [
+            serde_json::json!({"name": "a", "memory_mib": 2048.5}),
+            serde_json::json!({"name": "a", "memory_mib": -1.0}),
+            serde_json::json!({"name": "a", "memory_mib": 5e9}),
+            serde_json::json!({"name": "a", "disk_size_gb": "10"}),
+            serde_json::json!({"name": "a", "vcpus": null}),
+        ] {
+            assert!(vm(bad.clone()).is_err(), "{bad}");
+        }
     }
 
     #[test]
