@@ -43,11 +43,16 @@ pub fn json_with_secrets<T: DeserializeOwned>(body: &Bytes) -> Result<T, ApiErro
     serde_json::from_value(v).map_err(|e| ApiError::bad_request(format!("invalid request: {e}")))
 }
 
-/// A body that carries nothing: absent, or exactly the JSON object `{}` (not `[]`,
-/// `null` or an object with fields).
+/// A body that carries nothing: absent (no byte at all), or exactly the JSON object `{}`
+/// (not `[]`, `null`, an object with fields, or blanks, which are no JSON).
 pub fn empty_object(body: &Bytes) -> Result<(), ApiError> {
-    if body.iter().all(|b| b.is_ascii_whitespace()) {
+    if body.is_empty() {
         return Ok(());
+    }
+    if body.iter().all(|b| b.is_ascii_whitespace()) {
+        return Err(ApiError::bad_request(
+            "request body must be absent or {}, not blank",
+        ));
     }
     match json::<serde_json::Value>(body)? {
         serde_json::Value::Object(o) if o.is_empty() => Ok(()),

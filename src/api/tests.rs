@@ -525,6 +525,13 @@ async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
         ),
         (
             "POST",
+            "/ports/restore",
+            Some("\n"),
+            StatusCode::BAD_REQUEST,
+            "not blank",
+        ),
+        (
+            "POST",
             "/ports",
             Some(r#"{"listen_port": 8082, "target_ip": "192.168.122.50\n", "target_port": 80}"#),
             StatusCode::BAD_REQUEST,
