@@ -284,12 +284,12 @@ impl Images {
         if let Some(t) = total
             && t > self.max_bytes
         {
-            return Err(VmError::Invalid(format!(
-                "image is larger than {} bytes",
+            return Err(VmError::TooLarge(format!(
+                "image is larger than {} bytes (VM_MAX_DISK_GB)",
                 self.max_bytes
             )));
         }
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(16);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, VmError>>(16);
         let partial = storage::partial_volume(name);
         let final_name = storage::image_volume(name);
         let (pool_name, pool_dir) = (self.pool.clone(), self.pool_dir.clone());
@@ -355,6 +355,7 @@ impl Images {
         let feeder = async move {
             let mut received = 0u64;
             while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(VmError::Invalid);
                 let failed = chunk.is_err();
                 if let Ok(c) = &chunk {
                     received += c.len() as u64;
@@ -363,7 +364,9 @@ impl Images {
                     }
                     if received > max_bytes {
                         let _ = tx
-                            .send(Err(format!("image is larger than {max_bytes} bytes")))
+                            .send(Err(VmError::TooLarge(format!(
+                                "image is larger than {max_bytes} bytes (VM_MAX_DISK_GB)"
+                            ))))
                             .await;
                         return;
                     }
@@ -376,7 +379,9 @@ impl Images {
                 && received != t
             {
                 let _ = tx
-                    .send(Err(format!("transfer ended after {received} of {t} bytes")))
+                    .send(Err(VmError::Invalid(format!(
+                        "transfer ended after {received} of {t} bytes"
+                    ))))
                     .await;
             }
         };
