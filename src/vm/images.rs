@@ -19,7 +19,7 @@ use crate::store::Store;
 use crate::store::vms::{self, ImageRow};
 
 /// An image as `GET /images` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ImageInfo {
     #[serde(flatten)]
     pub row: ImageRow,
@@ -111,8 +111,10 @@ pub fn plain_url(url: &str) -> bool {
     path.chars().all(|c| url_char(c, "/")) && query.chars().all(|c| url_char(c, "/?"))
 }
 
+/// 64 hex digits in either case, as written: nothing around them
+/// (`api::doc::SHA256_PATTERN`).
 fn check_sha256(s: &str) -> Result<String, VmError> {
-    let s = s.trim().to_ascii_lowercase();
+    let s = s.to_ascii_lowercase();
     if s.len() != 64 || !s.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(VmError::Invalid(
             "sha256 must be 64 hexadecimal digits".into(),
