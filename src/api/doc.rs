@@ -14,7 +14,8 @@ pub const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$";
 
 /// A port written as a string of digits (the original agent's `int()`), 1..65535 with
 /// any number of leading zeros (`body::port`).
-pub const PORT_STRING_PATTERN: &str = "^0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$";
+pub const PORT_STRING_PATTERN: &str =
+    "^0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$";
 
 /// A dotted-quad IPv4 address without leading zeros (Rust's `Ipv4Addr` parser).
 pub const IPV4_PATTERN: &str = "^(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}$";
@@ -41,8 +42,7 @@ pub const HOSTNAME_PATTERN: &str = "^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?
 
 /// An absolute path on the libvirt host without a `..` component or a control character
 /// (`vm::spec::check_host_path`).
-pub const HOST_PATH_PATTERN: &str =
-    "^(/([^/\\u0000-\\u001f\\u007f-\\u009f.][^/\\u0000-\\u001f\\u007f-\\u009f]*|\\.|\\.[^/\\u0000-\\u001f\\u007f-\\u009f.][^/\\u0000-\\u001f\\u007f-\\u009f]*|\\.\\.[^/\\u0000-\\u001f\\u007f-\\u009f]+)?)+$";
+pub const HOST_PATH_PATTERN: &str = "^(/([^/\\u0000-\\u001f\\u007f-\\u009f.][^/\\u0000-\\u001f\\u007f-\\u009f]*|\\.|\\.[^/\\u0000-\\u001f\\u007f-\\u009f.][^/\\u0000-\\u001f\\u007f-\\u009f]*|\\.\\.[^/\\u0000-\\u001f\\u007f-\\u009f]+)?)+$";
 
 /// One line without control characters (`cmdline`).
 pub const ONE_LINE_PATTERN: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$";
@@ -102,7 +102,9 @@ pub fn name_or_null() -> Schema {
 
 pub fn url() -> Schema {
     string(URL_PATTERN, Some(4096))
-        .examples([json!("https://cloud-images.ubuntu.com/jammy/current/jammy-server-cloudimg-amd64.img")])
+        .examples([json!(
+            "https://cloud-images.ubuntu.com/jammy/current/jammy-server-cloudimg-amd64.img"
+        )])
         .build()
         .into()
 }
@@ -116,11 +118,15 @@ pub fn hostname_or_null() -> Schema {
 }
 
 pub fn host_path_or_null() -> Schema {
-    nullable(string(HOST_PATH_PATTERN, Some(4096))).build().into()
+    nullable(string(HOST_PATH_PATTERN, Some(4096)))
+        .build()
+        .into()
 }
 
 pub fn cmdline_or_null() -> Schema {
-    nullable(string(ONE_LINE_PATTERN, Some(4096))).build().into()
+    nullable(string(ONE_LINE_PATTERN, Some(4096)))
+        .build()
+        .into()
 }
 
 /// At most 64 keys; each names a key type the agent knows (`vm::seed::SSH_KEY_TYPES`)
@@ -169,7 +175,9 @@ pub fn empty_object() -> RefOr<Schema> {
     RefOr::T(
         ObjectBuilder::new()
             .schema_type(SchemaType::new(Type::Object))
-            .additional_properties(Some(utoipa::openapi::schema::AdditionalProperties::FreeForm(false)))
+            .additional_properties(Some(
+                utoipa::openapi::schema::AdditionalProperties::FreeForm(false),
+            ))
             .build()
             .into(),
     )
@@ -225,8 +233,12 @@ fn parameter_schema(name: &str) -> Option<Value> {
         "name" | "network" => v(self::name()),
         "proto" => Some(json!({"type": "string", "enum": ["tcp", "udp"]})),
         "sha256" => v(sha256()),
-        "timeout" => Some(json!({"type": "integer", "minimum": 0, "maximum": super::vms::MAX_IP_TIMEOUT_S})),
-        "bytes" => Some(json!({"type": "integer", "minimum": 1, "maximum": super::vms::MAX_CONSOLE_BYTES})),
+        "timeout" => {
+            Some(json!({"type": "integer", "minimum": 0, "maximum": super::vms::MAX_IP_TIMEOUT_S}))
+        }
+        "bytes" => {
+            Some(json!({"type": "integer", "minimum": 1, "maximum": super::vms::MAX_CONSOLE_BYTES}))
+        }
         _ => None,
     }
 }
@@ -243,8 +255,7 @@ pub fn finish(doc: &mut Value, limits: Option<&crate::vm::spec::Limits>) {
             for (method, op) in item.iter_mut() {
                 if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
                     for p in params {
-                        if let Some(schema) = parameter_schema(p["name"].as_str().unwrap_or(""))
-                        {
+                        if let Some(schema) = parameter_schema(p["name"].as_str().unwrap_or("")) {
                             p["schema"] = schema;
                         }
                     }

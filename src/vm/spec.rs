@@ -224,8 +224,7 @@ impl CreateVm {
                 limits.max_disk_gb, self.disk_size_gb
             )));
         }
-        check_hostname(self.hostname.as_deref().unwrap_or(&self.name))
-        .or_else(|e| {
+        check_hostname(self.hostname.as_deref().unwrap_or(&self.name)).or_else(|e| {
             // A name like "web_1" is a fine VM name but not a hostname: say so only
             // when the hostname was given; otherwise derive one.
             if self.hostname.is_some() {
