@@ -119,6 +119,9 @@ case $SEED in
 esac
 set +e
 # Run from the temporary directory: schemathesis keeps a cache in its working directory.
+# One worker: with two, hypothesis' threads parse Python source at once and CPython 3.11's
+# parser fails now and then ("AST constructor recursion depth mismatch"), an error of the
+# tool, not a finding.
 config="$PWD/scripts/contract.toml"
 (cd "$tmp" && ip netns exec "$ns" "$venv/bin/st" --config-file "$config" \
     run "http://127.0.0.1:$PORT/openapi.json" \
@@ -126,7 +129,7 @@ config="$PWD/scripts/contract.toml"
     --exclude-operation-id upload_image \
     -H "Authorization: Bearer $token" \
     --max-examples "$MAX_EXAMPLES" --max-time "$MAX_TIME" \
-    --workers 2 --request-timeout 30 \
+    --workers 1 --request-timeout 30 \
     "${seed_args[@]}" \
     --no-color) 2>&1 | tee "$tmp/st.log"
 rc=${PIPESTATUS[0]}
