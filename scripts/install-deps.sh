@@ -13,6 +13,8 @@ set -euo pipefail
 #   sqlite3                     operators' (and the demo's) window into $DATA_DIR/agent.db
 #   curl ca-certificates        the demo's API calls
 #   python3                     the demo's HTTP server inside the "vm" namespace
+#   python3-venv                scripts/contract.sh installs its pinned schemathesis into a
+#                               virtual environment of its own
 #   wrk                         load runs against the API
 #   procps                      pgrep/ps for scripts
 #   libvirt-dev                 libvirt's client library and its pkg-config file, linked by the virt crate
@@ -27,6 +29,7 @@ PACKAGES=(
     sqlite3
     curl ca-certificates
     python3
+    python3-venv
     wrk
     procps
     libvirt-dev

@@ -45,6 +45,13 @@ if ((build_rc == 0)); then
     cargo test --locked --no-fail-fast --lib --bins --tests 2>&1 | tee "$log"
     tests_rc=${PIPESTATUS[0]}
 fi
+# The API contract: schemathesis against the agent binary built above (one test of the
+# summary line below; scripts/contract.sh says what it runs).
+contract_rc=1
+if ((build_rc == 0)); then
+    scripts/contract.sh
+    contract_rc=$?
+fi
 # Every dependency's licence against deny.toml (installs cargo-deny on first use).
 scripts/check-licenses.sh
 deny_rc=$?
@@ -54,14 +61,17 @@ echo "test.sh: build + tests took $(($(date +%s) - start)) s" >&2
 ((build_rc == 0)) || echo "test.sh: the build failed (exit $build_rc); no test ran" >&2
 ((tests_rc == 0)) || echo "test.sh: cargo test failed (exit $tests_rc)" >&2
 ((deny_rc == 0)) || echo "test.sh: the licence check failed (exit $deny_rc)" >&2
-# One closing line for the whole suite, summed over every test binary. A failed build,
-# or a binary that died without its result line (a crash), counts as one failure.
-awk -v rc="$tests_rc" -v build="$build_rc" '
+((build_rc != 0 || contract_rc == 0)) || echo "test.sh: the API contract failed (scripts/contract.sh, exit $contract_rc)" >&2
+# One closing line for the whole suite, summed over every test binary, plus the API
+# contract as one test. A failed build, or a binary that died without its result line (a
+# crash), counts as one failure; after a failed build the contract is skipped.
+awk -v rc="$tests_rc" -v build="$build_rc" -v contract="$contract_rc" '
     /^test result:/ { p += $4; f += $6; s += $8 }
     END {
         if (build != 0 || (rc != 0 && f == 0)) f += 1
+        if (build != 0) s += 1; else if (contract == 0) p += 1; else f += 1
         printf "test: %d passed, %d failed, %d skipped\n", p, f, s
     }' "$log"
-if ((build_rc || tests_rc || deny_rc)); then
+if ((build_rc || tests_rc || deny_rc || contract_rc)); then
     exit 1
 fi

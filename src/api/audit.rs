@@ -164,13 +164,23 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
                         .await;
                     (resp, draft)
                 }
-                // Too slow (the server's time rule cut it) or too big.
+                // Too slow (the server's time rule cut it), too big, or broken.
                 Err(e) => match super::server::BodyTimeout::find(&e) {
                     Some(t) => (
                         ApiError::new(StatusCode::REQUEST_TIMEOUT, t.to_string()).into_response(),
                         no_body(),
                     ),
-                    None => (too_large(), no_body()),
+                    None if over_limit(&e) => (too_large(), no_body()),
+                    // Not a size: the body itself was broken (a malformed chunk, a
+                    // connection closed halfway), a client's mistake like any other bad body.
+                    None => (
+                        ApiError::bad_request(
+                            "the request body could not be read (malformed chunked encoding, or \
+                             the connection ended before the body did)",
+                        )
+                        .into_response(),
+                        no_body(),
+                    ),
                 },
             }
         }
@@ -204,6 +214,12 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         other => tracing::error!(result = ?other, "could not write the audit row"),
     }
     resp
+}
+
+/// Whether reading a body failed because it was over the limit given to `to_bytes`
+/// (rather than because the body itself was broken).
+fn over_limit(e: &axum::Error) -> bool {
+    std::error::Error::source(e).is_some_and(|inner| inner.is::<http_body_util::LengthLimitError>())
 }
 
 /// `POST /ports`, `DELETE /ports/{listen_port}`: the method and the route's template
@@ -329,6 +345,20 @@ mod tests {
             "/vms",
             Recorded::Body(axum::body::Bytes::from(body.to_string())),
         )
+    }
+
+    #[tokio::test]
+    async fn only_a_body_over_the_limit_counts_as_too_large() {
+        let big = axum::body::Body::from(vec![b'x'; 100]);
+        let e = to_bytes(big, 10).await.unwrap_err();
+        assert!(over_limit(&e), "{e}");
+        // A body that breaks off (a malformed chunk, a connection gone) is not too large.
+        let broken = axum::body::Body::from_stream(futures_util::stream::iter([
+            Ok(axum::body::Bytes::from_static(b"{")),
+            Err(std::io::Error::other("connection reset")),
+        ]));
+        let e = to_bytes(broken, 10).await.unwrap_err();
+        assert!(!over_limit(&e), "{e}");
     }
 
     #[test]

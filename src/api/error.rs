@@ -146,6 +146,7 @@ impl From<crate::vm::VmError> for ApiError {
             VmError::Invalid(_) => StatusCode::BAD_REQUEST,
             VmError::Conflict(_) => StatusCode::CONFLICT,
             VmError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            VmError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             VmError::Libvirt(_) | VmError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.to_string())

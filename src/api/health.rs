@@ -9,11 +9,26 @@ use serde_json::{Value, json};
 
 use super::AppState;
 
+/// Answer of `GET /health`.
+#[derive(utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct Health {
+    ok: bool,
+    version: String,
+    /// `standalone`, `joining`, `joined` or `cached`.
+    join: String,
+    node_ip: Option<String>,
+    /// `kernel` or `userspace`.
+    tunnel: Option<String>,
+    last_handshake_s: Option<u64>,
+    join_error: Option<String>,
+}
+
 #[utoipa::path(
     get, path = "/health", tag = "node",
     responses((status = 200, description = "The API is up; no authentication needed. \
         `join`: standalone, joining, joined or cached; `node_ip`, `tunnel` (kernel or userspace) \
-        and `last_handshake_s` (seconds since the controller's last handshake) once known", body = serde_json::Value))
+        and `last_handshake_s` (seconds since the controller's last handshake) once known", body = Health))
 )]
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
     let s = state.mesh.snapshot();

@@ -3,6 +3,7 @@
 mod audit;
 pub mod auth;
 pub mod body;
+pub mod doc;
 pub mod error;
 mod health;
 mod ports;
@@ -169,9 +170,21 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .split_for_parts()
 }
 
-/// The OpenAPI document, as served at `/openapi.json`.
+/// The OpenAPI document as generated from the routes' annotations, before
+/// [`doc::finish`].
 pub fn openapi() -> utoipa::openapi::OpenApi {
     routes().1
+}
+
+/// The document served at `/openapi.json`: the generated one completed by
+/// [`doc::finish`], with this node's VM bounds.
+pub fn document(
+    doc: &utoipa::openapi::OpenApi,
+    limits: Option<&crate::vm::spec::Limits>,
+) -> serde_json::Value {
+    let mut v = serde_json::to_value(doc).unwrap_or_default();
+    doc::finish(&mut v, limits);
+    v
 }
 
 /// How callers are known: the token, the controller's tunnel, and the counts of those
@@ -185,7 +198,7 @@ pub struct Callers {
 /// The whole HTTP application.
 pub fn app(store: Store, portmaps: Arc<PortMaps>, callers: Callers, vm: VmApi) -> Router {
     let (router, doc) = routes();
-    let openapi = Bytes::from(doc.to_json().unwrap_or_else(|_| "{}".to_string()));
+    let openapi = Bytes::from(document(&doc, Some(vm.vms.limits())).to_string());
     let Callers {
         token,
         mesh,

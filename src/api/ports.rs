@@ -21,19 +21,22 @@ use crate::portmap::{CreateOutcome, PortMap, Proto};
 #[serde(try_from = "RawCreate")]
 pub struct CreatePortMap {
     /// Node port, 1..65535 (a string of digits is accepted too).
+    #[schema(schema_with = super::doc::port)]
     pub listen_port: u16,
     /// VM address; must lie in VM_SUBNET (or ALLOWED_TARGETS).
-    #[schema(value_type = String, example = "192.168.122.50")]
+    #[schema(schema_with = super::doc::ipv4)]
     pub target_ip: Ipv4Addr,
     /// VM port, 1..65535.
+    #[schema(schema_with = super::doc::port)]
     pub target_port: u16,
     /// `tcp` (default) or `udp`.
     #[serde(default)]
-    #[schema(value_type = Option<String>, example = "tcp")]
+    #[schema(schema_with = super::doc::proto)]
     pub proto: Proto,
     /// Switch an existing map of this port to the new target (atomically) instead of
     /// answering 409.
     #[serde(default)]
+    #[schema(value_type = Option<bool>)]
     pub replace: bool,
 }
 
@@ -62,7 +65,7 @@ impl TryFrom<RawCreate> for CreatePortMap {
         };
         let proto = match &r.proto {
             None | Some(serde_json::Value::Null) => Proto::Tcp,
-            Some(serde_json::Value::String(s)) => s.to_ascii_lowercase().parse()?,
+            Some(serde_json::Value::String(s)) => s.parse()?,
             Some(other) => return Err(format!("proto must be \"tcp\" or \"udp\", not {other}")),
         };
         let replace = match &r.replace {
@@ -83,11 +86,13 @@ impl TryFrom<RawCreate> for CreatePortMap {
 /// A port map as `GET /ports` and `POST /ports` show it.
 #[derive(Debug, Serialize, ToSchema)]
 pub struct PortMapView {
+    #[schema(minimum = 1, maximum = 65535)]
     pub listen_port: u16,
-    #[schema(value_type = String)]
+    #[schema(value_type = String, format = Ipv4)]
     pub target_ip: Ipv4Addr,
+    #[schema(minimum = 1, maximum = 65535)]
     pub target_port: u16,
-    #[schema(value_type = String)]
+    #[schema(value_type = ProtoName)]
     pub proto: Proto,
 }
 
@@ -100,6 +105,23 @@ impl From<PortMap> for PortMapView {
             proto: m.proto,
         }
     }
+}
+
+/// `tcp` or `udp`, as the document names [`Proto`].
+#[derive(ToSchema)]
+#[allow(dead_code, non_camel_case_types, reason = "documentation only")]
+enum ProtoName {
+    tcp,
+    udp,
+}
+
+/// Answer of `GET /ports` (written by `PortMaps::list_body`, cached).
+#[derive(ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+struct PortList {
+    ok: bool,
+    /// Every map by rule id (`8080`, `8080/udp`), with when and by whom it was made.
+    rules: std::collections::BTreeMap<String, PortMapView>,
 }
 
 /// Answer of `POST /ports`.
@@ -163,7 +185,7 @@ pub async fn create(
 
 #[utoipa::path(
     get, path = "/ports", tag = "ports",
-    responses((status = 200, description = "Every map, keyed by rule id (`8080`, `8080/udp`)", body = serde_json::Value)),
+    responses((status = 200, description = "Every map, keyed by rule id (`8080`, `8080/udp`)", body = PortList)),
     security(("bearer" = []))
 )]
 pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -183,7 +205,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
 #[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
     /// `tcp` (default) or `udp`.
-    #[param(value_type = Option<String>)]
+    #[param(value_type = Option<ProtoName>)]
     proto: Option<String>,
 }
 
@@ -200,7 +222,7 @@ pub struct DeletedPortMap {
 
 #[utoipa::path(
     delete, path = "/ports/{listen_port}", tag = "ports",
-    params(("listen_port" = u16, Path, description = "Node port"), DeleteQuery),
+    params(("listen_port" = u16, Path, description = "Node port, 1..65535"), DeleteQuery),
     responses(
         (status = 200, description = "`deleted` says whether a map existed", body = DeletedPortMap),
         (status = 400, description = "Bad port or query", body = super::ErrorBody),
@@ -222,10 +244,7 @@ pub async fn delete(
     let q: DeleteQuery = body::query(query.as_deref())?;
     let proto = match q.proto {
         None => Proto::Tcp,
-        Some(p) => p
-            .to_ascii_lowercase()
-            .parse()
-            .map_err(ApiError::bad_request)?,
+        Some(p) => p.parse().map_err(ApiError::bad_request)?,
     };
     let svc = state.portmaps.clone();
     let entry = draft.accepted(StatusCode::OK);
@@ -247,6 +266,12 @@ pub async fn delete(
     })))
 }
 
+/// `{}`: the only body `POST /ports/restore` takes.
+#[derive(ToSchema)]
+#[schema(max_properties = 0)]
+#[allow(dead_code, reason = "documentation only")]
+struct EmptyObject {}
+
 /// Answer of `POST /ports/restore`.
 #[derive(Serialize, ToSchema)]
 pub struct Restored {
@@ -261,7 +286,7 @@ pub struct Restored {
 
 #[utoipa::path(
     post, path = "/ports/restore", tag = "ports",
-    request_body(content = Option<serde_json::Value>, description = "Empty, or an empty JSON object"),
+    request_body(content = EmptyObject, description = "None (not a byte), or exactly `{}`"),
     responses(
         (status = 200, description = "The table was rewritten from the database in one transaction", body = Restored),
         (status = 500, description = "The kernel refused", body = super::ErrorBody),

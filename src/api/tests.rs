@@ -224,8 +224,12 @@ async fn create_list_replace_delete() {
     assert_eq!(v["result"], "replaced");
     assert_eq!(v["previous"]["target_ip"], "192.168.122.50");
 
+    // proto is exactly "tcp" or "udp", as the document's enum says.
+    let upper = r#"{"listen_port": 8080, "target_ip": "192.168.122.52", "target_port": 53, "proto": "UDP"}"#;
+    let (s, v) = h.authed("POST", "/ports", Some(upper)).await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, "proto must be");
     // UDP on the same port is its own map.
-    let udp = r#"{"listen_port": 8080, "target_ip": "192.168.122.52", "target_port": 53, "proto": "UDP"}"#;
+    let udp = r#"{"listen_port": 8080, "target_ip": "192.168.122.52", "target_port": 53, "proto": "udp"}"#;
     let (s, v) = h.authed("POST", "/ports", Some(udp)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["rule_id"], "8080/udp");
@@ -522,6 +526,13 @@ async fn bad_input_gets_a_json_4xx_and_changes_nothing() {
             Some("[]"),
             StatusCode::BAD_REQUEST,
             "not an array",
+        ),
+        (
+            "POST",
+            "/ports/restore",
+            Some("\n"),
+            StatusCode::BAD_REQUEST,
+            "not blank",
         ),
         (
             "POST",
@@ -973,4 +984,236 @@ async fn the_vm_list_and_stats_come_from_libvirt() {
     assert!(st["cpu"]["cores"].as_u64().unwrap() >= 1);
     assert!(st["ram"]["total_mb"].as_u64().unwrap() >= st["ram"]["free_mb"].as_u64().unwrap());
     assert!(st["vms"]["total"].as_u64().unwrap() >= 1, "{st}");
+}
+
+#[tokio::test]
+async fn an_upload_over_the_largest_image_is_a_413_before_libvirt_is_asked() {
+    let h = harness();
+    // The harness takes images up to 1 GiB; the declared length is over it.
+    let req = Request::builder()
+        .method("POST")
+        .uri("/images/big")
+        .header("authorization", format!("Bearer {TOKEN}"))
+        .header("content-length", (2u64 << 30).to_string())
+        .body(Body::from("x"))
+        .unwrap();
+    let resp = h.app.clone().oneshot(req).await.unwrap();
+    assert_eq!(resp.status(), StatusCode::PAYLOAD_TOO_LARGE);
+    let v: Value =
+        serde_json::from_slice(&resp.into_body().collect().await.unwrap().to_bytes()).unwrap();
+    assert_error(
+        StatusCode::PAYLOAD_TOO_LARGE,
+        &v,
+        StatusCode::PAYLOAD_TOO_LARGE,
+        "VM_MAX_DISK_GB",
+    );
+}
+
+/// The served document, as a client reads it.
+async fn served_document() -> Value {
+    let h = harness();
+    let (s, doc) = h.authed("GET", "/openapi.json", None).await;
+    assert_eq!(s, StatusCode::OK);
+    doc
+}
+
+#[tokio::test]
+async fn every_protected_operation_documents_401_and_every_error_has_the_error_schema() {
+    let doc = served_document().await;
+    let error_ref = "#/components/schemas/ErrorBody";
+    assert_eq!(
+        doc["components"]["schemas"]["ErrorBody"]["required"],
+        json!(["ok", "error"])
+    );
+    for (path, item) in doc["paths"].as_object().unwrap() {
+        for (method, op) in item.as_object().unwrap() {
+            let responses = op["responses"].as_object().unwrap();
+            if path == "/openapi.json" {
+                // The document itself: any JSON object.
+                continue;
+            }
+            if path != "/health" {
+                assert!(op.get("security").is_some(), "{method} {path}");
+                assert!(responses.contains_key("401"), "{method} {path}: no 401");
+            }
+            for status in ["500", "503"] {
+                assert!(
+                    responses.contains_key(status),
+                    "{method} {path}: no {status}"
+                );
+            }
+            if method != "get" {
+                for status in ["400", "408", "413", "507"] {
+                    assert!(
+                        responses.contains_key(status),
+                        "{method} {path}: no {status}"
+                    );
+                }
+            }
+            if path.contains("{name}") {
+                assert!(responses.contains_key("404"), "{method} {path}: no 404");
+            }
+            for (status, r) in responses {
+                if status.starts_with('4') || status.starts_with('5') {
+                    assert_eq!(
+                        r["content"]["application/json"]["schema"]["$ref"], error_ref,
+                        "{method} {path} {status}"
+                    );
+                } else {
+                    // Typed answers, never a bare object.
+                    let schema = &r["content"]["application/json"]["schema"];
+                    assert!(
+                        schema.get("$ref").is_some(),
+                        "{method} {path} {status}: {schema}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn the_document_states_the_input_rules_the_code_applies() {
+    let doc = served_document().await;
+    let schemas = &doc["components"]["schemas"];
+    let create = &schemas["CreatePortMap"];
+    assert_eq!(create["additionalProperties"], json!(false));
+    for port in ["listen_port", "target_port"] {
+        let alts = create["properties"][port]["anyOf"].as_array().unwrap();
+        assert_eq!(alts[0]["type"], "integer");
+        assert_eq!(
+            (alts[0]["minimum"].as_u64(), alts[0]["maximum"].as_u64()),
+            (Some(1), Some(65535))
+        );
+        assert_eq!(alts[1]["pattern"], super::doc::PORT_STRING_PATTERN);
+    }
+    assert_eq!(
+        create["properties"]["proto"]["enum"],
+        json!(["tcp", "udp", null])
+    );
+    assert_eq!(
+        create["properties"]["target_ip"]["pattern"],
+        super::doc::IPV4_PATTERN
+    );
+    let vm = &schemas["CreateVm"];
+    assert_eq!(vm["additionalProperties"], json!(false));
+    assert_eq!(
+        vm["properties"]["name"]["pattern"],
+        super::doc::NAME_PATTERN
+    );
+    // The harness's VM bounds (test_vm_api).
+    assert_eq!(vm["properties"]["memory_mib"]["maximum"], json!(4096));
+    assert_eq!(vm["properties"]["vcpus"]["maximum"], json!(4));
+    let image = &schemas["AddImage"];
+    assert_eq!(image["additionalProperties"], json!(false));
+    assert_eq!(
+        image["properties"]["url"]["pattern"],
+        super::doc::URL_PATTERN
+    );
+    assert_eq!(
+        image["properties"]["sha256"]["pattern"],
+        super::doc::SHA256_PATTERN
+    );
+    // Path and query parameters.
+    let delete = &doc["paths"]["/ports/{listen_port}"]["delete"]["parameters"];
+    for p in delete.as_array().unwrap() {
+        match p["name"].as_str().unwrap() {
+            "listen_port" => assert_eq!(p["schema"]["anyOf"][0]["minimum"], json!(1)),
+            "proto" => assert_eq!(p["schema"]["enum"], json!(["tcp", "udp"])),
+            other => panic!("unexpected parameter {other}"),
+        }
+    }
+    let status = &doc["paths"]["/vms/{name}/status"]["get"]["parameters"][0];
+    assert_eq!(status["schema"]["pattern"], super::doc::NAME_PATTERN);
+    // Restore: no body, or exactly {}.
+    let restore = &doc["paths"]["/ports/restore"]["post"]["requestBody"];
+    assert_eq!(restore["required"], json!(false));
+}
+
+#[test]
+fn the_documented_patterns_accept_exactly_what_the_code_accepts() {
+    use super::doc;
+    let re = |p: &str| regex::Regex::new(p).unwrap();
+    let same = |pattern: &str, samples: &[&str], code: &dyn Fn(&str) -> bool| {
+        let r = re(pattern);
+        for s in samples {
+            assert_eq!(r.is_match(s), code(s), "{pattern} vs the code on {s:?}");
+        }
+    };
+    same(
+        doc::NAME_PATTERN,
+        &[
+            "a",
+            "web-1.a_b",
+            "-a",
+            "_a",
+            "a/b",
+            "",
+            "é",
+            &"a".repeat(63),
+            &"a".repeat(64),
+        ],
+        &|s| crate::config::parse_name(s).is_ok(),
+    );
+    same(
+        doc::URL_PATTERN,
+        &[
+            "https://cloud-images.ubuntu.com/jammy/current/x.img",
+            "HTTP://Mirror.Example/a/b.qcow2?sig=a%2Fb&x=1",
+            "http://10.0.0.1:8080/a?b=c?d",
+            "http://h",
+            "http://h?q",
+            "http://user@h/x",
+            "http://h/x#f",
+            "http://h/a b",
+            "http://010.0.0.1/x",
+            "http://1.2.3/x",
+            "http://xn--bad/x",
+            "http://a-b.c1/x",
+            "http://a.1b/x",
+            "http://h:0/x",
+            "http://h:080/x",
+            "http://h:65535/x",
+            "http://h:65536/x",
+            "http://[::1]/x",
+            "ftp://h/x",
+        ],
+        &crate::vm::images::plain_url,
+    );
+    same(
+        doc::PORT_STRING_PATTERN,
+        &[
+            "1", "8080", "08080", "65535", "0065535", "65536", "0", "000", "", "1.0", " 80", "-1",
+        ],
+        &|s| super::body::port("p", &json!(s)).is_ok(),
+    );
+    same(
+        doc::IPV4_PATTERN,
+        &[
+            "192.168.122.50",
+            "0.0.0.0",
+            "255.255.255.255",
+            "256.1.1.1",
+            "01.2.3.4",
+            "1.2.3",
+            " 1.2.3.4",
+        ],
+        &|s| s.parse::<std::net::Ipv4Addr>().is_ok(),
+    );
+    same(
+        doc::HOSTNAME_PATTERN,
+        &[
+            "web-1",
+            "a.b.c",
+            "a.",
+            "a..",
+            "-a",
+            "a-",
+            "a_b",
+            "",
+            &"a".repeat(63),
+            &"a".repeat(64),
+        ],
+        &|s| crate::vm::spec::check_hostname(s).is_ok(),
+    );
 }

@@ -22,6 +22,127 @@ pub const MAX_IP_TIMEOUT_S: u64 = 600;
 /// Largest console tail, bytes.
 pub const MAX_CONSOLE_BYTES: u64 = 1 << 20;
 
+// The answers, as the document describes them (the handlers build them with `json!`;
+// scripts/contract.sh checks every answer against these).
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct VmCreated {
+    ok: bool,
+    #[serde(flatten)]
+    created: crate::vm::service::Created,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct VmList {
+    ok: bool,
+    /// The agent's VMs and every other domain (`managed: false`).
+    vms: Vec<crate::vm::service::VmStatus>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct VmStatusAnswer {
+    ok: bool,
+    status: crate::vm::service::VmStatus,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct VmStarted {
+    ok: bool,
+    name: String,
+    was_running: bool,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct VmStopped {
+    ok: bool,
+    name: String,
+    forced: bool,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct VmRebooted {
+    ok: bool,
+    name: String,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct VmDeleted {
+    ok: bool,
+    #[serde(flatten)]
+    deleted: crate::vm::service::Deleted,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct VmIp {
+    ok: bool,
+    name: String,
+    #[schema(format = Ipv4)]
+    ip: String,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct VmConsole {
+    ok: bool,
+    name: String,
+    console: String,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct VmCounts {
+    total: usize,
+    running: usize,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct Stats {
+    ok: bool,
+    #[serde(flatten)]
+    host: hoststats::HostStats,
+    vms: VmCounts,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct ImageList {
+    ok: bool,
+    images: Vec<crate::vm::images::ImageInfo>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct ImageAccepted {
+    ok: bool,
+    name: String,
+    /// `downloading`.
+    state: String,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct ImageStored {
+    ok: bool,
+    image: crate::store::vms::ImageRow,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct ImageDeleted {
+    ok: bool,
+    name: String,
+    deleted: bool,
+}
+
 fn name_ok(name: &str) -> Result<(), ApiError> {
     check_name("VM name", name).map_err(ApiError::from)
 }
@@ -30,7 +151,7 @@ fn name_ok(name: &str) -> Result<(), ApiError> {
     post, path = "/vms", tag = "vms",
     request_body = CreateVm,
     responses(
-        (status = 200, description = "Created and started: `{ok, name, uuid, mac, instance_id, hostname, image, recreated}`", body = Value),
+        (status = 200, description = "Created and started", body = VmCreated),
         (status = 400, description = "Invalid body, name, network or bounds; nothing created", body = super::ErrorBody),
         (status = 404, description = "Image not found", body = super::ErrorBody),
         (status = 409, description = "VM exists (without `recreate`), is not the agent's, or is busy", body = super::ErrorBody),
@@ -56,7 +177,7 @@ pub async fn create(
 
 #[utoipa::path(
     get, path = "/vms", tag = "vms",
-    responses((status = 200, description = "`{ok, vms: [{name, active, state, uuid, managed, ip, ...}]}`; domains the agent did not create have `managed: false`", body = Value)),
+    responses((status = 200, description = "`{ok, vms: [{name, active, state, uuid, managed, ip, ...}]}`; domains the agent did not create have `managed: false`", body = VmList)),
     security(("bearer" = []))
 )]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -68,7 +189,7 @@ pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError
     get, path = "/vms/{name}/status", tag = "vms",
     params(("name" = String, Path, description = "VM name")),
     responses(
-        (status = 200, description = "`{ok, status: {name, active, state, uuid, managed, ...}}`", body = Value),
+        (status = 200, description = "The VM as libvirt and the agent know it", body = VmStatusAnswer),
         (status = 404, description = "No such VM", body = super::ErrorBody),
     ),
     security(("bearer" = []))
@@ -85,7 +206,7 @@ pub async fn status(
 #[utoipa::path(
     post, path = "/vms/{name}/start", tag = "vms",
     params(("name" = String, Path, description = "VM name")),
-    responses((status = 200, description = "`{ok, name, was_running}`", body = Value), (status = 404, description = "No such VM", body = super::ErrorBody)),
+    responses((status = 200, description = "Running", body = VmStarted), (status = 404, description = "No such VM", body = super::ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn start(
@@ -114,7 +235,7 @@ pub struct StopQuery {
 #[utoipa::path(
     post, path = "/vms/{name}/stop", tag = "vms",
     params(("name" = String, Path, description = "VM name"), StopQuery),
-    responses((status = 200, description = "`{ok, name, forced}`: ACPI shutdown, forced off after VM_STOP_TIMEOUT", body = Value), (status = 404, description = "No such VM", body = super::ErrorBody)),
+    responses((status = 200, description = "Stopped: ACPI shutdown, forced off after VM_STOP_TIMEOUT", body = VmStopped), (status = 404, description = "No such VM", body = super::ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn stop(
@@ -135,7 +256,7 @@ pub async fn stop(
 #[utoipa::path(
     post, path = "/vms/{name}/reboot", tag = "vms",
     params(("name" = String, Path, description = "VM name")),
-    responses((status = 200, description = "`{ok, name}`", body = Value), (status = 409, description = "Not running", body = super::ErrorBody)),
+    responses((status = 200, description = "Rebooted (ACPI)", body = VmRebooted), (status = 409, description = "Not running", body = super::ErrorBody)),
     security(("bearer" = []))
 )]
 pub async fn reboot(
@@ -163,7 +284,7 @@ pub struct DeleteQuery {
     delete, path = "/vms/{name}", tag = "vms",
     params(("name" = String, Path, description = "VM name"), DeleteQuery),
     responses(
-        (status = 200, description = "`{ok, name, deleted_files, removed_port_maps}`; port maps to the VM's address are removed with it", body = Value),
+        (status = 200, description = "Deleted; port maps to the VM's address are removed with it", body = VmDeleted),
         (status = 404, description = "No such VM", body = super::ErrorBody),
         (status = 409, description = "Not created by this agent", body = super::ErrorBody),
     ),
@@ -203,7 +324,7 @@ pub struct IpQuery {
     get, path = "/vms/{name}/ip", tag = "vms",
     params(("name" = String, Path, description = "VM name"), IpQuery),
     responses(
-        (status = 200, description = "`{ok, name, ip}` as soon as the DHCP lease exists", body = Value),
+        (status = 200, description = "As soon as the DHCP lease exists", body = VmIp),
         (status = 504, description = "No lease within `timeout`", body = super::ErrorBody),
     ),
     security(("bearer" = []))
@@ -242,7 +363,7 @@ pub struct ConsoleQuery {
 #[utoipa::path(
     get, path = "/vms/{name}/console", tag = "vms",
     params(("name" = String, Path, description = "VM name"), ConsoleQuery),
-    responses((status = 200, description = "`{ok, name, console}`: the end of the serial console log", body = Value)),
+    responses((status = 200, description = "The end of the serial console log", body = VmConsole)),
     security(("bearer" = []))
 )]
 pub async fn console(
@@ -264,7 +385,7 @@ pub async fn console(
 
 #[utoipa::path(
     get, path = "/stats", tag = "node",
-    responses((status = 200, description = "`{ok, cpu: {cores, load1, load5, load15}, ram: {total_mb, free_mb}, disk: {total_gb, free_gb}, vms: {total, running}}`", body = Value)),
+    responses((status = 200, description = "The node's CPU, memory, disk (VMS_WORK_DIR) and VM counts", body = Stats)),
     security(("bearer" = []))
 )]
 pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -281,7 +402,7 @@ pub async fn stats(State(state): State<AppState>) -> Result<Json<Value>, ApiErro
 
 #[utoipa::path(
     get, path = "/images", tag = "images",
-    responses((status = 200, description = "`{ok, images: [{name, state, format, size_bytes, sha256, received_bytes, total_bytes, used_by, ...}]}`", body = Value)),
+    responses((status = 200, description = "Every image, with download progress and the VMs backed by it", body = ImageList)),
     security(("bearer" = []))
 )]
 pub async fn images(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {
@@ -294,10 +415,14 @@ pub async fn images(State(state): State<AppState>) -> Result<Json<Value>, ApiErr
 #[serde(deny_unknown_fields)]
 pub struct AddImage {
     /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,62}`.
+    #[schema(schema_with = super::doc::name)]
     name: String,
-    /// http:// or https://
+    /// A plain `http(s)://host[:port][/path][?query]`: a DNS name or IPv4 address, no
+    /// user name or fragment.
+    #[schema(schema_with = super::doc::url)]
     url: String,
     /// Hex SHA-256 of the file; the download is refused if it differs.
+    #[schema(schema_with = super::doc::sha256)]
     sha256: String,
 }
 
@@ -305,7 +430,7 @@ pub struct AddImage {
     post, path = "/images", tag = "images",
     request_body = AddImage,
     responses(
-        (status = 202, description = "Download started: `{ok, name, state: \"downloading\"}`; follow it in GET /images", body = Value),
+        (status = 202, description = "Download started; follow it in GET /images", body = ImageAccepted),
         (status = 409, description = "Exists or in transfer", body = super::ErrorBody),
     ),
     security(("bearer" = []))
@@ -343,7 +468,7 @@ pub struct UploadQuery {
     params(("name" = String, Path, description = "Image name"), UploadQuery),
     request_body(content = Vec<u8>, content_type = "application/octet-stream", description = "The image file (qcow2 or raw)"),
     responses(
-        (status = 200, description = "Stored: `{ok, image: {...}}`", body = Value),
+        (status = 200, description = "Stored", body = ImageStored),
         (status = 409, description = "Exists or in transfer", body = super::ErrorBody),
     ),
     security(("bearer" = []))
@@ -386,7 +511,7 @@ pub async fn upload_image(
     delete, path = "/images/{name}", tag = "images",
     params(("name" = String, Path, description = "Image name")),
     responses(
-        (status = 200, description = "`{ok, name, deleted: true}`", body = Value),
+        (status = 200, description = "Deleted", body = ImageDeleted),
         (status = 409, description = "A VM's disk is backed by it, or it is in transfer", body = super::ErrorBody),
     ),
     security(("bearer" = []))

@@ -18,6 +18,9 @@ pub enum VmError {
     /// The request clashes with what exists (409).
     #[error("{0}")]
     Conflict(String),
+    /// An upload larger than the node takes (VM_MAX_DISK_GB) (413).
+    #[error("{0}")]
+    TooLarge(String),
     /// Waiting for something (an IP lease) ran out of time (504).
     #[error("{0}")]
     Timeout(String),

@@ -19,7 +19,7 @@ use crate::store::Store;
 use crate::store::vms::{self, ImageRow};
 
 /// An image as `GET /images` shows it.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ImageInfo {
     #[serde(flatten)]
     pub row: ImageRow,
@@ -55,8 +55,66 @@ struct Stored {
     size: u64,
 }
 
+/// Characters of a path segment (RFC 3986 `pchar`, with `%` on its own): what a URL
+/// parser keeps as it is.
+const URL_PATH_CHARS: &str = "._~!$&'()*+,;=:@%-";
+
+/// A URL the agent downloads from: `http(s)://host[:port][/path][?query]`, the host a
+/// DNS name (labels of letters and digits with inner hyphens, the last one starting with
+/// a letter) or a dotted-quad IPv4 address, the port 1..65535. The document states the
+/// same as `api::doc::URL_PATTERN` (a test holds them equal). Plainer than what a URL
+/// parser takes, on purpose: no credentials in a URL that is stored and logged, no
+/// fragment, no host a parser would reinterpret (`0x7f.1`, `010.0.0.1`, an `xn--` label).
+pub fn plain_url(url: &str) -> bool {
+    let rest = match (url.get(..7), url.get(..8)) {
+        (Some(p), _) if p.eq_ignore_ascii_case("http://") => &url[7..],
+        (_, Some(p)) if p.eq_ignore_ascii_case("https://") => &url[8..],
+        _ => return false,
+    };
+    let end = rest.find(['/', '?']).unwrap_or(rest.len());
+    let (authority, tail) = rest.split_at(end);
+    let (host, port) = match authority.split_once(':') {
+        Some((h, p)) => (h, Some(p)),
+        None => (authority, None),
+    };
+    let label = |l: &str| {
+        !l.is_empty()
+            && !l.starts_with('-')
+            && !l.ends_with('-')
+            && !l.contains("--")
+            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+    };
+    let domain = host.split('.').all(label)
+        && host
+            .rsplit('.')
+            .next()
+            .is_some_and(|last| last.starts_with(|c: char| c.is_ascii_alphabetic()));
+    if !(domain || host.parse::<std::net::Ipv4Addr>().is_ok()) {
+        return false;
+    }
+    if let Some(p) = port
+        && !(!p.is_empty()
+            && p.len() <= 5
+            && !p.starts_with('0')
+            && p.bytes().all(|b| b.is_ascii_digit())
+            && p.parse::<u32>().is_ok_and(|n| n <= 65535))
+    {
+        return false;
+    }
+    let (path, query) = match tail.split_once('?') {
+        Some((p, q)) => (p, q),
+        None => (tail, ""),
+    };
+    let url_char = |c: char, extra: &str| {
+        c.is_ascii_alphanumeric() || URL_PATH_CHARS.contains(c) || extra.contains(c)
+    };
+    path.chars().all(|c| url_char(c, "/")) && query.chars().all(|c| url_char(c, "/?"))
+}
+
+/// 64 hex digits in either case, as written: nothing around them
+/// (`api::doc::SHA256_PATTERN`).
 fn check_sha256(s: &str) -> Result<String, VmError> {
-    let s = s.trim().to_ascii_lowercase();
+    let s = s.to_ascii_lowercase();
     if s.len() != 64 || !s.chars().all(|c| c.is_ascii_hexdigit()) {
         return Err(VmError::Invalid(
             "sha256 must be 64 hexadecimal digits".into(),
@@ -210,6 +268,14 @@ impl Images {
                 "url must not contain control characters (CR, LF, tab, ...)".into(),
             ));
         }
+        if !plain_url(url) {
+            return Err(VmError::Invalid(
+                "url must be a plain http:// or https:// URL: a DNS name or IPv4 address, an \
+                 optional port, then a path and query of URL characters (no user name, \
+                 fragment, space or other character that needs escaping)"
+                    .into(),
+            ));
+        }
         let parsed = reqwest::Url::parse(url)
             .map_err(|e| VmError::Invalid(format!("url is not a valid URL: {e}")))?;
         if !matches!(parsed.scheme(), "http" | "https") {
@@ -284,12 +350,12 @@ impl Images {
         if let Some(t) = total
             && t > self.max_bytes
         {
-            return Err(VmError::Invalid(format!(
-                "image is larger than {} bytes",
+            return Err(VmError::TooLarge(format!(
+                "image is larger than {} bytes (VM_MAX_DISK_GB)",
                 self.max_bytes
             )));
         }
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, String>>(16);
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, VmError>>(16);
         let partial = storage::partial_volume(name);
         let final_name = storage::image_volume(name);
         let (pool_name, pool_dir) = (self.pool.clone(), self.pool_dir.clone());
@@ -355,6 +421,7 @@ impl Images {
         let feeder = async move {
             let mut received = 0u64;
             while let Some(chunk) = body.next().await {
+                let chunk = chunk.map_err(VmError::Invalid);
                 let failed = chunk.is_err();
                 if let Ok(c) = &chunk {
                     received += c.len() as u64;
@@ -363,7 +430,9 @@ impl Images {
                     }
                     if received > max_bytes {
                         let _ = tx
-                            .send(Err(format!("image is larger than {max_bytes} bytes")))
+                            .send(Err(VmError::TooLarge(format!(
+                                "image is larger than {max_bytes} bytes (VM_MAX_DISK_GB)"
+                            ))))
                             .await;
                         return;
                     }
@@ -376,7 +445,9 @@ impl Images {
                 && received != t
             {
                 let _ = tx
-                    .send(Err(format!("transfer ended after {received} of {t} bytes")))
+                    .send(Err(VmError::Invalid(format!(
+                        "transfer ended after {received} of {t} bytes"
+                    ))))
                     .await;
             }
         };
@@ -478,5 +549,36 @@ impl Images {
                 Ok(removed)
             })
             .await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::plain_url;
+
+    #[test]
+    fn image_urls_are_plain_http_urls() {
+        for ok in [
+            "https://cloud-images.ubuntu.com/jammy/current/jammy-server-cloudimg-amd64.img",
+            "http://127.0.0.1:8080/img",
+            "HTTP://Mirror.Example/a/b.qcow2?sig=a%2Fb&x=1",
+        ] {
+            assert!(plain_url(ok), "{ok}");
+        }
+        for bad in [
+            "ftp://h/x",
+            "http://user:secret@h/x",
+            "http://h/x#frag",
+            "http://h/a b",
+            "http://010.0.0.1/x",
+            "http://0x7f.1/x",
+            "http://xn--bad/x",
+            "http://h:0/x",
+            "http://h:65536/x",
+            "http://[::1]/x",
+            "http://h/\u{e9}",
+        ] {
+            assert!(!plain_url(bad), "{bad}");
+        }
     }
 }

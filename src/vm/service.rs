@@ -42,7 +42,7 @@ pub struct VmConfig {
 }
 
 /// What `POST /vms` answers.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Created {
     pub name: String,
     pub uuid: String,
@@ -54,7 +54,7 @@ pub struct Created {
 }
 
 /// One VM as `GET /vms` and `/status` show it.
-#[derive(Debug, Clone, Serialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
 pub struct VmStatus {
     pub name: String,
     pub active: bool,
@@ -72,7 +72,7 @@ pub struct VmStatus {
     pub created_at: Option<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Deleted {
     pub name: String,
     pub deleted_files: bool,
@@ -105,6 +105,11 @@ impl Drop for Claim<'_> {
 }
 
 impl Vms {
+    /// The bounds of a new VM (VM_MAX_*).
+    pub fn limits(&self) -> &crate::vm::spec::Limits {
+        &self.cfg.limits
+    }
+
     pub fn new(
         lv: Arc<Libvirt>,
         store: Store,

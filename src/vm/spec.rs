@@ -13,21 +13,24 @@ use crate::config::parse_name;
 #[serde(deny_unknown_fields)]
 pub struct CreateVm {
     /// `[A-Za-z0-9][A-Za-z0-9_.-]{0,62}`.
+    #[schema(schema_with = crate::api::doc::name)]
     pub name: String,
     /// Default 1024.
-    #[serde(default = "default_memory")]
+    #[serde(default = "default_memory", deserialize_with = "whole_number")]
     pub memory_mib: u32,
     /// Default 1.
-    #[serde(default = "default_vcpus")]
+    #[serde(default = "default_vcpus", deserialize_with = "whole_number")]
     pub vcpus: u32,
     /// GiB, default 10; at least the image's virtual size.
-    #[serde(default = "default_disk")]
+    #[serde(default = "default_disk", deserialize_with = "whole_number")]
     pub disk_size_gb: u32,
     /// libvirt network; default VMS_NETWORK. Started and set to autostart if inactive.
     #[serde(default)]
+    #[schema(schema_with = crate::api::doc::name_or_null)]
     pub network_name: Option<String>,
     /// Default VMS_ARCH.
     #[serde(default)]
+    #[schema(schema_with = crate::api::doc::arch_or_null)]
     pub os_arch: Option<String>,
     /// Destroy an existing VM of this name (domain, disk, seed) and start afresh.
     #[serde(default)]
@@ -35,25 +38,37 @@ pub struct CreateVm {
     /// Base image name (`GET /images`); default VMS_DEFAULT_IMAGE, or a blank disk when
     /// `kernel` is given.
     #[serde(default)]
+    #[schema(schema_with = crate::api::doc::name_or_null)]
     pub image: Option<String>,
-    /// Public keys for the image's default user; default SSH_AUTHORIZED_KEYS.
+    /// Public keys for the image's default user (at most 64, each one line `<type>
+    /// <base64> [comment]` of at most 16 KiB); default SSH_AUTHORIZED_KEYS.
     #[serde(default)]
+    #[schema(schema_with = crate::api::doc::ssh_keys_or_null)]
     pub ssh_authorized_keys: Option<Vec<String>>,
-    /// Raw cloud-init user-data, used verbatim instead of the generated one.
+    /// Raw cloud-init user-data, used verbatim instead of the generated one; at most
+    /// 32 KiB of UTF-8.
     #[serde(default)]
+    #[schema(schema_with = crate::api::doc::cloud_init_or_null)]
     pub user_data: Option<String>,
-    /// Raw cloud-init network-config.
+    /// Raw cloud-init network-config; at most 32 KiB of UTF-8.
     #[serde(default)]
+    #[schema(schema_with = crate::api::doc::cloud_init_or_null)]
     pub network_config: Option<String>,
     /// Default: the VM's name.
     #[serde(default)]
+    #[schema(schema_with = crate::api::doc::hostname_or_null)]
     pub hostname: Option<String>,
     /// Direct kernel boot: absolute paths the libvirt host can read.
     #[serde(default)]
+    #[schema(schema_with = crate::api::doc::host_path_or_null)]
     pub kernel: Option<String>,
+    /// Needs `kernel`.
     #[serde(default)]
+    #[schema(schema_with = crate::api::doc::host_path_or_null)]
     pub initrd: Option<String>,
+    /// Kernel command line, one line; needs `kernel`.
     #[serde(default)]
+    #[schema(schema_with = crate::api::doc::cmdline_or_null)]
     pub cmdline: Option<String>,
 }
 
@@ -78,6 +93,33 @@ impl std::fmt::Debug for CreateVm {
             .field("cmdline", &self.cmdline)
             .finish()
     }
+}
+
+/// A `u32` written as a JSON integer or with a zero fraction (`2048.0`): JSON Schema
+/// counts both as integers, and the original agent's `int()` took both.
+fn whole_number<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u32, D::Error> {
+    struct Whole;
+    impl serde::de::Visitor<'_> for Whole {
+        type Value = u32;
+        fn expecting(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.write_str("a whole number from 0 to 4294967295")
+        }
+        fn visit_u64<E: serde::de::Error>(self, v: u64) -> Result<u32, E> {
+            u32::try_from(v)
+                .map_err(|_| E::invalid_value(serde::de::Unexpected::Unsigned(v), &self))
+        }
+        fn visit_i64<E: serde::de::Error>(self, v: i64) -> Result<u32, E> {
+            u32::try_from(v).map_err(|_| E::invalid_value(serde::de::Unexpected::Signed(v), &self))
+        }
+        fn visit_f64<E: serde::de::Error>(self, v: f64) -> Result<u32, E> {
+            if v.fract() == 0.0 && (0.0..=f64::from(u32::MAX)).contains(&v) {
+                Ok(v as u32)
+            } else {
+                Err(E::invalid_value(serde::de::Unexpected::Float(v), &self))
+            }
+        }
+    }
+    d.deserialize_any(Whole)
 }
 
 fn default_memory() -> u32 {
@@ -110,7 +152,8 @@ pub fn check_name(field: &str, value: &str) -> Result<(), VmError> {
         .map_err(|reason| VmError::Invalid(format!("{field} {value:?} is not valid: {reason}")))
 }
 
-/// A hostname: dot-separated RFC 1123 labels, at most 253 characters.
+/// A hostname: dot-separated RFC 1123 labels, at most 253 characters, with at most one
+/// trailing dot (`api::doc::HOSTNAME_PATTERN` says the same).
 pub fn check_hostname(h: &str) -> Result<(), VmError> {
     let bad = || {
         VmError::Invalid(format!(
@@ -120,7 +163,7 @@ pub fn check_hostname(h: &str) -> Result<(), VmError> {
     if h.is_empty() || h.len() > 253 {
         return Err(bad());
     }
-    for label in h.split('.') {
+    for label in h.strip_suffix('.').unwrap_or(h).split('.') {
         if label.is_empty()
             || label.len() > 63
             || label.starts_with('-')
@@ -181,13 +224,7 @@ impl CreateVm {
                 limits.max_disk_gb, self.disk_size_gb
             )));
         }
-        check_hostname(
-            self.hostname
-                .as_deref()
-                .unwrap_or(&self.name)
-                .trim_end_matches('.'),
-        )
-        .or_else(|e| {
+        check_hostname(self.hostname.as_deref().unwrap_or(&self.name)).or_else(|e| {
             // A name like "web_1" is a fine VM name but not a hostname: say so only
             // when the hostname was given; otherwise derive one.
             if self.hostname.is_some() {
@@ -242,7 +279,7 @@ impl CreateVm {
     /// The hostname the guest gets: the one asked for, else the name made valid.
     pub fn effective_hostname(&self) -> String {
         match &self.hostname {
-            Some(h) => h.trim_end_matches('.').to_string(),
+            Some(h) => h.strip_suffix('.').unwrap_or(h).to_string(),
             None => {
                 let h: String = self
                     .name
@@ -298,6 +335,21 @@ mod tests {
         let v = vm(serde_json::json!({"name": "web_1.a"})).unwrap();
         v.validate(&limits()).unwrap();
         assert_eq!(v.effective_hostname(), "web-1.a");
+    }
+
+    #[test]
+    fn whole_numbers_may_be_written_with_a_zero_fraction() {
+        let v = vm(serde_json::json!({"name": "a", "memory_mib": 2048.0, "vcpus": 2e0})).unwrap();
+        assert_eq!((v.memory_mib, v.vcpus), (2048, 2));
+        for bad in [
+            serde_json::json!({"name": "a", "memory_mib": 2048.5}),
+            serde_json::json!({"name": "a", "memory_mib": -1.0}),
+            serde_json::json!({"name": "a", "memory_mib": 5e9}),
+            serde_json::json!({"name": "a", "disk_size_gb": "10"}),
+            serde_json::json!({"name": "a", "vcpus": null}),
+        ] {
+            assert!(vm(bad.clone()).is_err(), "{bad}");
+        }
     }
 
     #[test]

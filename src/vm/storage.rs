@@ -115,10 +115,11 @@ pub fn create_volume(pool: &StoragePool, name: &str, xml: &str) -> Result<Storag
 }
 
 /// Writes `chunks` into `vol` from offset 0 through a libvirt stream (the daemon writes
-/// the file; nothing is written by the agent itself). A failing chunk aborts the stream.
+/// the file; nothing is written by the agent itself). A failing chunk aborts the stream
+/// and its error is the upload's.
 pub fn upload<I>(conn: &Connect, vol: &StorageVol, chunks: I) -> Result<u64, VmError>
 where
-    I: IntoIterator<Item = Result<bytes::Bytes, String>>,
+    I: IntoIterator<Item = Result<bytes::Bytes, VmError>>,
 {
     let stream = Stream::new(conn, 0).map_err(|e| VmError::libvirt("opening a stream", e))?;
     vol.upload(&stream, 0, 0, 0)
@@ -127,9 +128,9 @@ where
     for chunk in chunks {
         let chunk = match chunk {
             Ok(c) => c,
-            Err(reason) => {
+            Err(e) => {
                 let _ = stream.abort();
-                return Err(VmError::Invalid(reason));
+                return Err(e);
             }
         };
         let mut rest: &[u8] = &chunk;

@@ -1,0 +1,310 @@
+//! What `/openapi.json` says beyond the per-route annotations: the patterns and ranges
+//! of the inputs (the same rules the validation code applies, stated once here), and the
+//! statuses every operation can return for reasons outside its handler (authentication,
+//! body limits and timeouts, the connection cap, a full disk, libvirt being away).
+//! `scripts/contract.sh` holds the agent to the result with schemathesis.
+
+use serde_json::{Value, json};
+use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Schema, SchemaType, Type};
+use utoipa::openapi::{RefOr, schema::KnownFormat, schema::SchemaFormat};
+
+/// A VM, image or network name (`config::parse_name`): a letter or digit, then up to 62
+/// letters, digits, `_`, `.` or `-`.
+pub const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$";
+
+/// A port written as a string of digits (the original agent's `int()`), 1..65535 with
+/// any number of leading zeros (`body::port`).
+pub const PORT_STRING_PATTERN: &str =
+    "^0*([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5])$";
+
+/// A dotted-quad IPv4 address without leading zeros (Rust's `Ipv4Addr` parser).
+pub const IPV4_PATTERN: &str = "^(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}$";
+
+/// `vm::images::plain_url`: `http(s)://host[:port][/path][?query]`, the host a DNS name
+/// (labels of letters and digits with inner single hyphens, the last starting with a
+/// letter) or an IPv4 address, the port 1..65535 without leading zero, the path and query
+/// of RFC 3986 characters.
+pub const URL_PATTERN: &str = concat!(
+    "^[Hh][Tt][Tt][Pp]([Ss])?://",
+    "(([A-Za-z0-9]+(-[A-Za-z0-9]+)*\\.)*[A-Za-z][A-Za-z0-9]*(-[A-Za-z0-9]+)*",
+    "|(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3})",
+    "(:([1-9][0-9]{0,3}|[1-5][0-9]{4}|6[0-4][0-9]{3}|65[0-4][0-9]{2}|655[0-2][0-9]|6553[0-5]))?",
+    "(/[A-Za-z0-9._~!$&'()*+,;=:@%/-]*)?",
+    "(\\?[A-Za-z0-9._~!$&'()*+,;=:@%/?-]*)?$",
+);
+
+/// A SHA-256 in hex, either case, nothing around it (`vm::images::check_sha256`).
+pub const SHA256_PATTERN: &str = "^[0-9A-Fa-f]{64}$";
+
+/// A hostname (`vm::spec::check_hostname`): dot-separated labels of letters, digits and
+/// inner hyphens, 1..63 characters each, at most one trailing dot.
+pub const HOSTNAME_PATTERN: &str = "^[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?(\\.[A-Za-z0-9]([A-Za-z0-9-]{0,61}[A-Za-z0-9])?)*\\.?$";
+
+/// An absolute path on the libvirt host without a `..` component or a control character
+/// (`vm::spec::check_host_path`).
+pub const HOST_PATH_PATTERN: &str = "^(/([^/\\u0000-\\u001f\\u007f-\\u009f.][^/\\u0000-\\u001f\\u007f-\\u009f]*|\\.|\\.[^/\\u0000-\\u001f\\u007f-\\u009f.][^/\\u0000-\\u001f\\u007f-\\u009f]*|\\.\\.[^/\\u0000-\\u001f\\u007f-\\u009f]+)?)+$";
+
+/// One line without control characters (`cmdline`).
+pub const ONE_LINE_PATTERN: &str = "^[^\\u0000-\\u001f\\u007f-\\u009f]*$";
+
+fn string(pattern: &str, max_len: Option<usize>) -> ObjectBuilder {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::new(Type::String))
+        .pattern(Some(pattern))
+        .max_length(max_len)
+}
+
+/// A string schema that also allows null.
+fn nullable(b: ObjectBuilder) -> ObjectBuilder {
+    b.schema_type(SchemaType::Array(vec![Type::String, Type::Null]))
+}
+
+/// A port: a whole number 1..65535, or a string of digits of one.
+pub fn port() -> Schema {
+    AnyOfBuilder::new()
+        .item(
+            ObjectBuilder::new()
+                .schema_type(SchemaType::new(Type::Integer))
+                .minimum(Some(1))
+                .maximum(Some(65535)),
+        )
+        .item(string(PORT_STRING_PATTERN, None))
+        .description(Some("1..65535: a whole number, or a string of its digits"))
+        .build()
+        .into()
+}
+
+/// `tcp` or `udp`, or null for the default (`tcp`).
+pub fn proto() -> Schema {
+    ObjectBuilder::new()
+        .schema_type(SchemaType::Array(vec![Type::String, Type::Null]))
+        .enum_values(Some([json!("tcp"), json!("udp"), Value::Null]))
+        .description(Some("`tcp` (default) or `udp`"))
+        .build()
+        .into()
+}
+
+pub fn ipv4() -> Schema {
+    string(IPV4_PATTERN, None)
+        .format(Some(SchemaFormat::KnownFormat(KnownFormat::Ipv4)))
+        .examples([json!("192.168.122.50")])
+        .build()
+        .into()
+}
+
+pub fn name() -> Schema {
+    string(NAME_PATTERN, Some(63)).build().into()
+}
+
+pub fn name_or_null() -> Schema {
+    nullable(string(NAME_PATTERN, Some(63))).build().into()
+}
+
+pub fn url() -> Schema {
+    string(URL_PATTERN, Some(4096))
+        .examples([json!(
+            "https://cloud-images.ubuntu.com/jammy/current/jammy-server-cloudimg-amd64.img"
+        )])
+        .build()
+        .into()
+}
+
+pub fn sha256() -> Schema {
+    string(SHA256_PATTERN, None).build().into()
+}
+
+pub fn hostname_or_null() -> Schema {
+    nullable(string(HOSTNAME_PATTERN, Some(253))).build().into()
+}
+
+pub fn host_path_or_null() -> Schema {
+    nullable(string(HOST_PATH_PATTERN, Some(4096)))
+        .build()
+        .into()
+}
+
+pub fn cmdline_or_null() -> Schema {
+    nullable(string(ONE_LINE_PATTERN, Some(4096)))
+        .build()
+        .into()
+}
+
+/// At most 64 keys; each names a key type the agent knows (`vm::seed::SSH_KEY_TYPES`)
+/// followed by base64, in at most 16 KiB. The key data's content is checked beyond what
+/// a pattern says (it must decode and carry the same type).
+pub fn ssh_keys_or_null() -> Schema {
+    let types: Vec<String> = crate::vm::seed::SSH_KEY_TYPES
+        .iter()
+        .map(|t| t.replace('.', "\\."))
+        .collect();
+    let item = ObjectBuilder::new()
+        .schema_type(SchemaType::new(Type::String))
+        .pattern(Some(format!("({}) +[A-Za-z0-9+/]", types.join("|"))))
+        .max_length(Some(crate::vm::seed::MAX_SSH_KEY_BYTES));
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .schema_type(SchemaType::Array(vec![Type::Array, Type::Null]))
+        .items(item)
+        .max_items(Some(64))
+        .build()
+        .into()
+}
+
+/// Raw cloud-init text: at most 32 KiB (of UTF-8; the length counts characters).
+pub fn cloud_init_or_null() -> Schema {
+    nullable(
+        ObjectBuilder::new()
+            .schema_type(SchemaType::new(Type::String))
+            .max_length(Some(crate::vm::spec::MAX_CLOUD_INIT_BYTES)),
+    )
+    .build()
+    .into()
+}
+
+pub fn arch_or_null() -> Schema {
+    let mut values: Vec<Value> = crate::vm::xml::ARCHES.iter().map(|a| json!(a)).collect();
+    values.push(Value::Null);
+    ObjectBuilder::new()
+        .schema_type(SchemaType::Array(vec![Type::String, Type::Null]))
+        .enum_values(Some(values))
+        .build()
+        .into()
+}
+
+/// The body of `POST /ports/restore` when there is one: exactly `{}`.
+pub fn empty_object() -> RefOr<Schema> {
+    RefOr::T(
+        ObjectBuilder::new()
+            .schema_type(SchemaType::new(Type::Object))
+            .additional_properties(Some(
+                utoipa::openapi::schema::AdditionalProperties::FreeForm(false),
+            ))
+            .build()
+            .into(),
+    )
+}
+
+/// The statuses an operation can return besides those its handler documents, and why.
+fn common_statuses(method: &str, path: &str, op: &Value) -> Vec<(u16, &'static str)> {
+    let protected = op.get("security").is_some();
+    let has_params = op["parameters"].as_array().is_some_and(|p| !p.is_empty())
+        || op.get("requestBody").is_some();
+    let mutating = method != "get";
+    let vm_side = path.starts_with("/vms") || path.starts_with("/images") || path == "/stats";
+    let mut out = vec![
+        (500, "Internal error (the agent's log says more)"),
+        (
+            503,
+            if vm_side {
+                "libvirt is unavailable or did not answer within LIBVIRT_TIMEOUT, or the agent is at its connection cap"
+            } else {
+                "The agent is at its connection cap and every connection is busy"
+            },
+        ),
+    ];
+    if protected {
+        out.push((401, "Missing or wrong bearer token"));
+    }
+    if has_params || mutating {
+        out.push((400, "Malformed or invalid path, query or body"));
+    }
+    if mutating {
+        out.push((408, "The body was not sent within BODY_READ_TIMEOUT"));
+        out.push((413, "The body is over the route's limit"));
+        out.push((
+            507,
+            "The node's disk is full (DATA_DIR): nothing was changed",
+        ));
+    }
+    if path.contains("{name}") {
+        out.push((404, "No such VM or image"));
+    }
+    if mutating && vm_side {
+        out.push((409, "Clashes with what exists, or the VM or image is busy"));
+    }
+    out
+}
+
+/// The schema of a path or query parameter, by its name (every route that has one
+/// validates it the same way).
+fn parameter_schema(name: &str) -> Option<Value> {
+    let v = |s: Schema| serde_json::to_value(s).ok();
+    match name {
+        "listen_port" => v(port()),
+        "name" | "network" => v(self::name()),
+        "proto" => Some(json!({"type": "string", "enum": ["tcp", "udp"]})),
+        "sha256" => v(sha256()),
+        "timeout" => {
+            Some(json!({"type": "integer", "minimum": 0, "maximum": super::vms::MAX_IP_TIMEOUT_S}))
+        }
+        "bytes" => {
+            Some(json!({"type": "integer", "minimum": 1, "maximum": super::vms::MAX_CONSOLE_BYTES}))
+        }
+        _ => None,
+    }
+}
+
+/// Completes the generated document: every operation's other statuses, each with the
+/// error schema, and the VM bounds of this node's settings.
+pub fn finish(doc: &mut Value, limits: Option<&crate::vm::spec::Limits>) {
+    let error_ref = json!({"$ref": "#/components/schemas/ErrorBody"});
+    if let Some(paths) = doc["paths"].as_object_mut() {
+        for (path, item) in paths.iter_mut() {
+            let Some(item) = item.as_object_mut() else {
+                continue;
+            };
+            for (method, op) in item.iter_mut() {
+                if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
+                    for p in params {
+                        if let Some(schema) = parameter_schema(p["name"].as_str().unwrap_or("")) {
+                            p["schema"] = schema;
+                        }
+                    }
+                }
+                let extra = common_statuses(method, path, op);
+                let responses = &mut op["responses"];
+                for (status, why) in extra {
+                    let key = status.to_string();
+                    if responses.get(&key).is_none() {
+                        responses[key] = json!({
+                            "description": why,
+                            "content": {"application/json": {"schema": error_ref.clone()}},
+                        });
+                    }
+                }
+            }
+        }
+    }
+    for body in ["CreatePortMap", "CreateVm", "AddImage"] {
+        let schema = &mut doc["components"]["schemas"][body];
+        if schema.is_object() {
+            schema["additionalProperties"] = json!(false);
+        }
+    }
+    // `initrd` and `cmdline` (given, not null) need a `kernel` (given, not null).
+    let vm = &mut doc["components"]["schemas"]["CreateVm"];
+    if vm.is_object() {
+        let needs_kernel = |field: &str| {
+            json!({
+                "if": {"required": [field], "properties": {field: {"type": "string"}}},
+                "then": {"required": ["kernel"], "properties": {"kernel": {"type": "string"}}},
+            })
+        };
+        vm["allOf"] = json!([needs_kernel("initrd"), needs_kernel("cmdline")]);
+    }
+    // `POST /ports/restore` takes no body or `{}`: the body is optional.
+    let restore = &mut doc["paths"]["/ports/restore"]["post"];
+    if restore.is_object() {
+        restore["requestBody"]["required"] = json!(false);
+    }
+    if let Some(l) = limits {
+        let vm = &mut doc["components"]["schemas"]["CreateVm"]["properties"];
+        if vm.is_object() {
+            vm["memory_mib"]["minimum"] = json!(crate::vm::spec::MIN_MEMORY_MIB);
+            vm["memory_mib"]["maximum"] = json!(l.max_memory_mib);
+            vm["vcpus"]["minimum"] = json!(1);
+            vm["vcpus"]["maximum"] = json!(l.max_vcpus);
+            vm["disk_size_gb"]["minimum"] = json!(1);
+            vm["disk_size_gb"]["maximum"] = json!(l.max_disk_gb);
+        }
+    }
+}
