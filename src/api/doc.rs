@@ -34,6 +34,9 @@ pub const URL_PATTERN: &str = concat!(
 );
 
 /// A SHA-256 in hex, either case, nothing around it (`vm::images::check_sha256`).
+/// `tcp` or `udp` in any case: the original agent lower-cased `proto`, and its clients
+/// may send `"TCP"`. Answers always carry the lower-case name (an enum there).
+pub const PROTO_PATTERN: &str = "^([Tt][Cc][Pp]|[Uu][Dd][Pp])$";
 pub const SHA256_PATTERN: &str = "^[0-9A-Fa-f]{64}$";
 
 /// A hostname (`vm::spec::check_hostname`): dot-separated labels of letters, digits and
@@ -74,12 +77,18 @@ pub fn port() -> Schema {
         .into()
 }
 
-/// `tcp` or `udp`, or null for the default (`tcp`).
+/// `tcp` or `udp` in any case, or null for the default (`tcp`).
 pub fn proto() -> Schema {
-    ObjectBuilder::new()
-        .schema_type(SchemaType::Array(vec![Type::String, Type::Null]))
-        .enum_values(Some([json!("tcp"), json!("udp"), Value::Null]))
-        .description(Some("`tcp` (default) or `udp`"))
+    nullable(string(PROTO_PATTERN, None))
+        .description(Some("`tcp` (default) or `udp`, in any case"))
+        .build()
+        .into()
+}
+
+/// The `proto` query parameter: `tcp` or `udp` in any case.
+pub fn proto_param() -> Schema {
+    string(PROTO_PATTERN, None)
+        .description(Some("`tcp` (default) or `udp`, in any case"))
         .build()
         .into()
 }
@@ -231,7 +240,7 @@ fn parameter_schema(name: &str) -> Option<Value> {
     match name {
         "listen_port" => v(port()),
         "name" | "network" => v(self::name()),
-        "proto" => Some(json!({"type": "string", "enum": ["tcp", "udp"]})),
+        "proto" => v(proto_param()),
         "sha256" => v(sha256()),
         "timeout" => {
             Some(json!({"type": "integer", "minimum": 0, "maximum": super::vms::MAX_IP_TIMEOUT_S}))

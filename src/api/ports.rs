@@ -65,7 +65,8 @@ impl TryFrom<RawCreate> for CreatePortMap {
         };
         let proto = match &r.proto {
             None | Some(serde_json::Value::Null) => Proto::Tcp,
-            Some(serde_json::Value::String(s)) => s.parse()?,
+            // In any case, as the original took it.
+            Some(serde_json::Value::String(s)) => s.to_ascii_lowercase().parse()?,
             Some(other) => return Err(format!("proto must be \"tcp\" or \"udp\", not {other}")),
         };
         let replace = match &r.replace {
@@ -204,8 +205,8 @@ pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
 pub struct DeleteQuery {
-    /// `tcp` (default) or `udp`.
-    #[param(value_type = Option<ProtoName>)]
+    /// `tcp` (default) or `udp`, in any case.
+    #[param(value_type = Option<String>)]
     proto: Option<String>,
 }
 
@@ -244,7 +245,10 @@ pub async fn delete(
     let q: DeleteQuery = body::query(query.as_deref())?;
     let proto = match q.proto {
         None => Proto::Tcp,
-        Some(p) => p.parse().map_err(ApiError::bad_request)?,
+        Some(p) => p
+            .to_ascii_lowercase()
+            .parse()
+            .map_err(ApiError::bad_request)?,
     };
     let svc = state.portmaps.clone();
     let entry = draft.accepted(StatusCode::OK);

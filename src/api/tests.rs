@@ -224,15 +224,12 @@ async fn create_list_replace_delete() {
     assert_eq!(v["result"], "replaced");
     assert_eq!(v["previous"]["target_ip"], "192.168.122.50");
 
-    // proto is exactly "tcp" or "udp", as the document's enum says.
-    let upper = r#"{"listen_port": 8080, "target_ip": "192.168.122.52", "target_port": 53, "proto": "UDP"}"#;
-    let (s, v) = h.authed("POST", "/ports", Some(upper)).await;
-    assert_error(s, &v, StatusCode::BAD_REQUEST, "proto must be");
-    // UDP on the same port is its own map.
-    let udp = r#"{"listen_port": 8080, "target_ip": "192.168.122.52", "target_port": 53, "proto": "udp"}"#;
+    // UDP on the same port is its own map; proto in any case, as the original took it.
+    let udp = r#"{"listen_port": 8080, "target_ip": "192.168.122.52", "target_port": 53, "proto": "UDP"}"#;
     let (s, v) = h.authed("POST", "/ports", Some(udp)).await;
     assert_eq!(s, StatusCode::OK, "{v}");
     assert_eq!(v["rule_id"], "8080/udp");
+    assert_eq!(v["rule"]["proto"], "udp");
 
     let (s, v) = h.authed("GET", "/ports", None).await;
     assert_eq!(s, StatusCode::OK);
@@ -245,7 +242,7 @@ async fn create_list_replace_delete() {
     assert_eq!(v["rules"]["8080/udp"]["target_port"], 53);
     assert_eq!(h.fw.maps().unwrap().len(), 2);
 
-    let (s, v) = h.authed("DELETE", "/ports/8080?proto=udp", None).await;
+    let (s, v) = h.authed("DELETE", "/ports/8080?proto=UDP", None).await;
     assert_eq!(s, StatusCode::OK);
     assert_eq!(
         v,
@@ -1088,8 +1085,12 @@ async fn the_document_states_the_input_rules_the_code_applies() {
         assert_eq!(alts[1]["pattern"], super::doc::PORT_STRING_PATTERN);
     }
     assert_eq!(
-        create["properties"]["proto"]["enum"],
-        json!(["tcp", "udp", null])
+        create["properties"]["proto"]["pattern"],
+        super::doc::PROTO_PATTERN
+    );
+    assert_eq!(
+        create["properties"]["proto"]["type"],
+        json!(["string", "null"])
     );
     assert_eq!(
         create["properties"]["target_ip"]["pattern"],
@@ -1119,7 +1120,7 @@ async fn the_document_states_the_input_rules_the_code_applies() {
     for p in delete.as_array().unwrap() {
         match p["name"].as_str().unwrap() {
             "listen_port" => assert_eq!(p["schema"]["anyOf"][0]["minimum"], json!(1)),
-            "proto" => assert_eq!(p["schema"]["enum"], json!(["tcp", "udp"])),
+            "proto" => assert_eq!(p["schema"]["pattern"], super::doc::PROTO_PATTERN),
             other => panic!("unexpected parameter {other}"),
         }
     }
@@ -1179,6 +1180,17 @@ fn the_documented_patterns_accept_exactly_what_the_code_accepts() {
             "ftp://h/x",
         ],
         &crate::vm::images::plain_url,
+    );
+    same(
+        doc::PROTO_PATTERN,
+        &[
+            "tcp", "udp", "TCP", "Udp", "sctp", "", "tcp ", " udp", "tcpudp", "icmp",
+        ],
+        &|s| {
+            s.to_ascii_lowercase()
+                .parse::<crate::portmap::Proto>()
+                .is_ok()
+        },
     );
     same(
         doc::PORT_STRING_PATTERN,
