@@ -1,11 +1,11 @@
 #!/usr/bin/env bash
 # The one command for the benchmarks of docs/benchmarks.md: port maps (a)-(e), the
 # mesh join (f), VMs (g: POST /vms latency, h: lease -> /ip delay), the connection
-# budget (i: fresh requests while strangers hold 2,400 connections), and strangers (j: an
-# unauthenticated flood).
+# budget (i: fresh requests while strangers hold 2,400 connections), strangers (j: an
+# unauthenticated flood), and the agent's memory around a GET /ports load (k).
 #
-#   sudo scripts/bench.sh            # everything, ~9 minutes after the build
-#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f g h i j)
+#   sudo scripts/bench.sh            # everything, ~10 minutes after the build
+#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f g h i j k)
 #
 # Installs what it needs, builds --release once, runs every measurement inside network
 # namespaces it creates and deletes (trap), prints a results table and writes it as
@@ -20,7 +20,7 @@ ROOT=$PWD
 
 [ "$(id -u)" = 0 ] || { echo "bench.sh: needs root (network namespaces, nftables)" >&2; exit 1; }
 
-ONLY=${BENCH_ONLY:-"a b c d e f g h i j"}
+ONLY=${BENCH_ONLY:-"a b c d e f g h i j k"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- dependencies and build
@@ -79,7 +79,10 @@ nsx() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
 start_agent() {
     local ns=$1 data=$2
     local t0; t0=$(date +%s%N)
-    ip netns exec "$ns" env -i PATH="$PATH" RUST_LOG="${AGENT_LOG:-info}" \
+    # AGENT_ENV: extra NAME=value words for the agent's environment (experiments, e.g.
+    # GLIBC_TUNABLES=glibc.malloc.arena_max=2); empty by default.
+    # shellcheck disable=SC2086
+    ip netns exec "$ns" env -i PATH="$PATH" RUST_LOG="${AGENT_LOG:-info}" ${AGENT_ENV:-} \
         DATA_DIR="$data" API_TOKEN="$TOKEN" NODE_API_PORT=8000 API_LISTEN=0.0.0.0 \
         VMS_BRIDGE=vmbr0 VM_SUBNET=$SUBNET RECONCILE_INTERVAL=30 \
         "$AGENT_BIN" serve >"$data/agent.log" 2>&1 &
@@ -98,6 +101,13 @@ start_agent() {
 }
 
 rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
+anon_kib() { awk '/^RssAnon:/ {print $2}' "/proc/$1/status"; }
+# The same without a process of its own, for sampling while a load runs.
+anon_kib_builtin() {
+    local k v _
+    while read -r k v _; do [ "$k" = RssAnon: ] && { echo "$v"; return 0; }; done <"/proc/$1/status"
+    return 1
+}
 hwm_kib() { awk '/^VmHWM:/ {print $2}' "/proc/$1/status"; }
 # kv "BENCH ... key=value ..." key
 kv() { tr ' ' '\n' <<<"$1" | sed -n "s/^$2=//p" | head -1; }
@@ -239,6 +249,48 @@ if want j; then
         "$(verdict le "$RATIO" 2)"
     stop_agent
     ip netns del "$NS_AGENT"
+fi
+
+# ---------------------------------------------------------------- (k) memory around a load
+# mem_around_load MAPS: an agent with MAPS maps; RssAnon (and VmRSS) idle, at the peak of
+# a GET /ports load (wrk -t2 -c64 -d10s, the load of (d)) and 5 s after it ended. The
+# target applies to RssAnon, the memory the agent owns: on a 6.18 kernel code pages are
+# mapped a page-cache folio at a time and RssFile alone is ~21 MB (docs/decisions.md §14).
+mem_around_load() {
+    local maps=$1
+    ip netns add "$NS_AGENT"; nsx "$NS_AGENT" ip link set lo up
+    local D=$WORK/agentk$maps; mkdir -m 700 -p "$D"
+    bench seed --db "$D/agent.db" --maps "$maps" --first-port 10000 --subnet $SUBNET >/dev/null
+    start_agent "$NS_AGENT" "$D"
+    sleep 5
+    local before; before=$(anon_kib "$AGENT_PID")
+    local before_rss; before_rss=$(rss_kib "$AGENT_PID")
+    local samples=$WORK/k-rss-$maps
+    # Every 100 ms while wrk runs, with shell builtins only (no process per sample);
+    # bounded: at most 150 samples.
+    ( for _ in $(seq 1 150); do anon_kib_builtin "$AGENT_PID" || break; sleep 0.1; done ) >"$samples" 2>/dev/null &
+    local sampler=$!
+    local w; w=$(nsx "$NS_AGENT" wrk -t2 -c64 -d10s -H "Authorization: Bearer $TOKEN" \
+        http://127.0.0.1:8000/ports)
+    kill "$sampler" 2>/dev/null || true; wait "$sampler" 2>/dev/null || true
+    local peak; peak=$(sort -n "$samples" | tail -1)
+    sleep 5
+    local after; after=$(anon_kib "$AGENT_PID")
+    local after_rss; after_rss=$(rss_kib "$AGENT_PID")
+    local threads; threads=$(awk '/^Threads:/ {print $2}' "/proc/$AGENT_PID/status")
+    local rps; rps=$(awk '/^Requests\/sec:/ {print $2}' <<<"$w")
+    local bad; bad=$(awk '/Non-2xx/ {print $NF}' <<<"$w"); bad=${bad:-0}
+    echo "(k) $maps maps: RssAnon before $before KiB, peak $peak KiB, 5 s after $after KiB; VmRSS before $before_rss KiB, 5 s after $after_rss KiB; $threads threads; $rps req/s, non-2xx $bad"
+    row "(k) resident memory around a GET /ports load, $maps maps (wrk -t2 -c64 -d10s)" "RssAnon <= 20 MiB (20480 KiB) 5 s after" \
+        "RssAnon before $before KiB, peak $peak KiB (sampled every 100 ms), 5 s after $after KiB ($(awk -v k="$after" 'BEGIN{printf "%.1f", k/1024}') MiB); VmRSS before $before_rss KiB, 5 s after $after_rss KiB; VmHWM $(hwm_kib "$AGENT_PID") KiB; $threads threads after; load $rps req/s, non-2xx $bad" \
+        "$(verdict le "$after" 20480)"
+    stop_agent
+    ip netns del "$NS_AGENT"
+}
+if want k; then
+    echo "== (k) RssAnon and VmRSS before, at the peak of and 5 s after wrk -t2 -c64 -d10s GET /ports, 100 and 10,000 maps"
+    mem_around_load 100
+    mem_around_load 10000
 fi
 
 # ---------------------------------------------------------------- (c) connection rate through DNAT

@@ -67,14 +67,17 @@ pub fn open_state(settings: &Settings) -> Result<Store, AgentError> {
 }
 
 /// Runs the agent until SIGTERM/SIGINT: first every check that needs no change to the
-/// machine, then the changes (IPv4 forwarding, DATA_DIR, the database, the token, the
+/// machine and the locks that keep a second agent off this network namespace and
+/// DATA_DIR, then the changes (IPv4 forwarding, DATA_DIR, the database, the token, the
 /// key pair, nftables), then the API.
 pub async fn run(settings: Settings) -> Result<(), AgentError> {
-    let listener = crate::preflight::serve(&settings).await?;
+    let ready = crate::preflight::serve(&settings).await?;
     let fw = NftFirewall::from_settings(&settings)
         .await
         .map_err(|e| AgentError::Firewall(e.to_string()))?;
-    serve(settings, Arc::new(fw), listener).await
+    // Held until the table's last change (CLEANUP_ON_EXIT included) is done.
+    let _locks = ready.locks;
+    serve(settings, Arc::new(fw), ready.listener).await
 }
 
 async fn serve(

@@ -6,6 +6,7 @@ pub mod config;
 pub mod fdlimit;
 pub mod join;
 pub mod keys;
+pub mod locks;
 pub mod logging;
 pub mod memory;
 pub mod mesh;

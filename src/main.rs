@@ -21,10 +21,12 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the agent: rebuild the kernel state from SQLite, serve the API, repair drift
-    /// every RECONCILE_INTERVAL seconds. Stops on SIGTERM/SIGINT.
+    /// every RECONCILE_INTERVAL seconds. Stops on SIGTERM/SIGINT. Refuses to start
+    /// (exit status 2) while another agent serves this network namespace or DATA_DIR.
     Serve(Settings),
-    /// Print the differences between the database and the kernel, changing nothing.
-    /// Exit status 0: in sync; 1: drift found; 2: error.
+    /// Print the differences between the database and the kernel, changing nothing
+    /// (it may run beside a serving agent). Exit status 0: in sync; 1: drift found;
+    /// 2: error.
     Diff(Settings),
 }
 

@@ -1,6 +1,8 @@
 //! Checks of the machine before the agent changes anything on it. A start that cannot
 //! work fails here, saying why, before it has set a sysctl, created a database, written
-//! a token or a key, or touched nftables.
+//! a token or a key, or touched nftables. `serve` also takes its two locks here
+//! (`crate::locks`): a second agent in this network namespace or on this DATA_DIR stops
+//! before it could rewrite the first one's table or share its database.
 
 use std::io;
 use std::net::SocketAddr;
@@ -10,6 +12,7 @@ use nix::unistd::{AccessFlags, access};
 use tokio::net::{TcpListener, TcpSocket};
 
 use crate::config::{SettingError, Settings};
+use crate::locks::{AgentLocks, DataDirLock, LockError, NETNS_LOCK_NAME, NetnsLock};
 
 /// `CAP_NET_ADMIN` (linux/capability.h): nftables, the WireGuard link, routes.
 const CAP_NET_ADMIN: u32 = 12;
@@ -58,11 +61,21 @@ pub enum PreflightError {
     IpForwardUnreadable(io::Error),
     #[error("cannot listen on {addr} (API_LISTEN, NODE_API_PORT): {source}")]
     Listen { addr: SocketAddr, source: io::Error },
+    #[error(transparent)]
+    Lock(#[from] LockError),
+}
+
+/// What a start that passed its checks holds: the API's bound socket and the locks,
+/// both kept until `serve` returns.
+pub struct Ready {
+    pub listener: TcpListener,
+    pub locks: AgentLocks,
 }
 
 /// Everything `serve` needs, checked without changing anything; the API's listening
-/// socket is bound (a port in use is the most common failed start) and handed back.
-pub async fn serve(settings: &Settings) -> Result<TcpListener, PreflightError> {
+/// socket is bound (a port in use is the most common failed start) and handed back
+/// with the agent's locks.
+pub async fn serve(settings: &Settings) -> Result<Ready, PreflightError> {
     settings.validate()?;
     check_data_dir(&settings.data_dir)?;
     check_net_admin(
@@ -73,8 +86,18 @@ pub async fn serve(settings: &Settings) -> Result<TcpListener, PreflightError> {
     if let Some(iface) = &settings.external_iface {
         check_interface(iface)?;
     }
+    // Before the bind: another agent here most likely has the same API port too, and
+    // the holder is the more useful thing to name.
+    let netns = NetnsLock::acquire(NETNS_LOCK_NAME)?;
     let addr = SocketAddr::new(settings.api_listen, settings.node_api_port);
-    listen(addr).map_err(|source| PreflightError::Listen { addr, source })
+    let listener = listen(addr).map_err(|source| PreflightError::Listen { addr, source })?;
+    // Last, because it is the first change: it creates DATA_DIR and agent.lock when
+    // they are missing.
+    let data_dir = DataDirLock::acquire(&settings.data_dir)?;
+    Ok(Ready {
+        listener,
+        locks: AgentLocks { netns, data_dir },
+    })
 }
 
 /// Connections the kernel queues for the agent to accept (capped by the namespace's
@@ -96,7 +119,8 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
     socket.listen(LISTEN_BACKLOG)
 }
 
-/// Everything `diff` needs: it reads an existing database and the kernel's tables.
+/// Everything `diff` needs: it reads an existing database and the kernel's tables. It
+/// takes no lock: it changes nothing and may run beside a serving agent.
 pub fn diff(settings: &Settings) -> Result<(), PreflightError> {
     settings.validate()?;
     let db = settings.db_path();

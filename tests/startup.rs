@@ -168,3 +168,170 @@ fn a_port_map_node_leaves_libvirt_alone_and_logs_plain_text_to_stderr() {
     assert_eq!(code, 0, "{stdout}{stderr}");
     assert_eq!(stdout, "in sync\n", "{stderr}");
 }
+
+/// A serving agent with two port maps (TCP and UDP); returns it and what its node's
+/// kernel holds.
+fn serving_with_maps(topo: &Topology) -> (Agent, std::collections::BTreeSet<MapEntry>) {
+    let agent = Agent::start(topo);
+    for (port, proto, target) in [(8080, "tcp", 80), (5353, "udp", 53)] {
+        let r = agent.api.post(
+            "/ports",
+            &serde_json::json!({"listen_port": port, "target_ip": VM_IP.to_string(),
+                                "target_port": target, "proto": proto}),
+        );
+        assert_eq!(r.status, 200, "{r:?}");
+    }
+    let maps = nft_maps(&topo.node);
+    assert_eq!(maps.len(), 2, "{maps:?}");
+    (agent, maps)
+}
+
+/// The agent's table as `nft` prints it (element order and all).
+fn table_text(topo: &Topology) -> String {
+    topo.node
+        .exec_ok(&["nft", "list", "table", "ip", "node_vm_agent"])
+}
+
+/// The first agent still serves what it served: its API lists `maps`, the kernel holds
+/// them, and the table reads as `table` did.
+fn still_intact(
+    agent: &Agent,
+    topo: &Topology,
+    maps: &std::collections::BTreeSet<MapEntry>,
+    table: &str,
+) {
+    let r = agent.api.get("/ports");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(&api_maps(r.json()), maps, "the first agent's database");
+    assert_eq!(
+        &nft_maps(&topo.node),
+        maps,
+        "the first agent's maps in the kernel"
+    );
+    assert_eq!(table_text(topo), table, "the first agent's table");
+}
+
+/// Two agents in one network namespace would rewrite each other's table at every
+/// reconcile: the second stops in its preflight, naming the first, and changes nothing
+/// (not even its own, different, DATA_DIR).
+#[test]
+fn a_second_agent_in_the_same_namespace_is_refused_and_changes_nothing() {
+    let topo = Topology::new();
+    let (first, maps) = serving_with_maps(&topo);
+    let table = table_text(&topo);
+    let pid = first.pid().unwrap();
+
+    let second = Agent::unstarted(&topo, &[("NODE_API_PORT", "8001")]);
+    let (code, out) = second.serve_expecting_exit();
+    assert_eq!(code, 2, "{out}");
+    let says = format!(
+        "another node-vm-agent (pid {pid}) already serves this network namespace and owns \
+         its nftables table ip node_vm_agent"
+    );
+    assert_eq!(out.matches(&says).count(), 1, "{out}");
+    assert_eq!(
+        entries(second.data_dir()),
+        Vec::<String>::new(),
+        "the refused agent created files"
+    );
+    still_intact(&first, &topo, &maps, &table);
+    // The same again with the first agent's API port: the holder is named, not the port.
+    let third = Agent::unstarted(&topo, &[]);
+    let (code, out) = third.serve_expecting_exit();
+    assert_eq!(code, 2, "{out}");
+    assert_eq!(out.matches(&says).count(), 1, "{out}");
+    still_intact(&first, &topo, &maps, &table);
+}
+
+/// Two agents on one DATA_DIR would share its database, wherever they run: the second,
+/// in another network namespace, stops naming the holder and writes nothing, neither in
+/// its own namespace nor in the shared database.
+#[test]
+fn a_second_agent_on_the_same_data_dir_is_refused() {
+    let topo = Topology::new();
+    let (first, maps) = serving_with_maps(&topo);
+    let table = table_text(&topo);
+    let pid = first.pid().unwrap();
+    let audit_rows = first.sql("select count(*) from audit_log");
+
+    let elsewhere = Topology::new();
+    let dir = first.data_dir().to_string_lossy().into_owned();
+    let second = Agent::unstarted(&elsewhere, &[("DATA_DIR", &dir)]);
+    let (code, out) = second.serve_expecting_exit();
+    assert_eq!(code, 2, "{out}");
+    let says = format!(
+        "DATA_DIR {dir} is in use by another node-vm-agent (pid {pid}, which holds the lock \
+         on {dir}/agent.lock); two agents would share its database"
+    );
+    assert_eq!(out.matches(&says).count(), 1, "{out}");
+    assert!(
+        !table_exists(&elsewhere.node, "ip", "node_vm_agent"),
+        "the refused agent wrote a table in its namespace"
+    );
+    assert_eq!(first.sql("select count(*) from audit_log"), audit_rows);
+    still_intact(&first, &topo, &maps, &table);
+}
+
+/// The locks die with the process: after `kill -9` (no shutdown code runs) a new agent
+/// takes the same namespace and DATA_DIR at once, although the old lock file, with the
+/// dead agent's pid, is still there.
+#[test]
+fn after_kill_9_a_new_agent_starts_at_once() {
+    let topo = Topology::new();
+    let (mut first, maps) = serving_with_maps(&topo);
+    let old_pid = first.pid().unwrap();
+    let second = Agent::unstarted(&topo, &[("NODE_API_PORT", "8001")]);
+    let (code, out) = second.serve_expecting_exit();
+    assert_eq!(code, 2, "refused while the first runs: {out}");
+    assert!(out.contains(&format!("(pid {old_pid})")), "{out}");
+
+    first.kill9();
+    let lock_file = first.data_dir().join("agent.lock");
+    assert_eq!(
+        std::fs::read_to_string(&lock_file).unwrap(),
+        format!("{old_pid}\n")
+    );
+    // Same namespace, same DATA_DIR, no wait: start_again fails if the process exits.
+    first.start_again();
+    let new_pid = first.pid().unwrap();
+    assert_eq!(
+        std::fs::read_to_string(&lock_file).unwrap(),
+        format!("{new_pid}\n")
+    );
+    let r = first.api.get("/ports");
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(api_maps(r.json()), maps);
+    assert_eq!(nft_maps(&topo.node), maps);
+    // And the new agent holds the namespace in turn.
+    let (code, out) = second.serve_expecting_exit();
+    assert_eq!(code, 2, "{out}");
+    assert!(out.contains(&format!("(pid {new_pid})")), "{out}");
+}
+
+/// `diff` changes nothing, so it takes no lock: it runs beside a serving agent (same
+/// namespace, same DATA_DIR), and the agent keeps serving and holding its locks.
+#[test]
+fn diff_runs_beside_a_serving_agent() {
+    let topo = Topology::new();
+    let (first, maps) = serving_with_maps(&topo);
+    let table = table_text(&topo);
+    for _ in 0..2 {
+        let (code, stdout, stderr) = first.diff_streams();
+        assert_eq!(code, 0, "{stdout}{stderr}");
+        assert_eq!(stdout, "in sync\n", "{stderr}");
+    }
+    topo.node
+        .nft_apply("flush map ip node_vm_agent udp_ports\n");
+    let (code, stdout, stderr) = first.diff_streams();
+    assert_eq!(code, 1, "drift is seen beside the agent: {stdout}{stderr}");
+    // Put back through the agent, which still owns the table.
+    let r = first.api.post("/ports/restore", &serde_json::json!({}));
+    assert_eq!(r.status, 200, "{r:?}");
+    still_intact(&first, &topo, &maps, &table);
+    let second = Agent::unstarted(&topo, &[("NODE_API_PORT", "8001")]);
+    assert_eq!(
+        second.serve_expecting_exit().0,
+        2,
+        "the agent lost its lock"
+    );
+}

@@ -202,16 +202,17 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         ..draft.0
     };
     let store = state.store.clone();
-    let written =
-        tokio::task::spawn_blocking(move || store.with(|c| audit::record(c, &entry))).await;
+    let written = store
+        .run(move |s| s.with(|c| audit::record(c, &entry)))
+        .await;
     match written {
-        Ok(Ok(_)) => {}
+        Ok(_) => {}
         // Refused and failed calls changed nothing; a full disk is said once a minute,
         // not once per request (the log is on a disk too).
-        Ok(Err(e)) if e.is_disk_full() => state.disk_full_warning.say(|| {
+        Err(e) if e.is_disk_full() => state.disk_full_warning.say(|| {
             tracing::error!(error = %e, "disk full: audit rows of refused or failed calls are not written");
         }),
-        other => tracing::error!(result = ?other, "could not write the audit row"),
+        Err(e) => tracing::error!(error = %e, "could not write the audit row"),
     }
     resp
 }

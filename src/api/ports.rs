@@ -167,9 +167,10 @@ pub async fn create(
     let svc = state.portmaps.clone();
     let by = identity.0.as_str().to_string();
     let entry = draft.accepted(StatusCode::OK);
-    let outcome =
-        tokio::task::spawn_blocking(move || svc.create(map, req.replace, &by, Some(&entry)))
-            .await??;
+    let outcome = state
+        .store
+        .run(move |_| svc.create(map, req.replace, &by, Some(&entry)))
+        .await?;
     let (result, previous) = match outcome {
         CreateOutcome::Created => ("created", None),
         CreateOutcome::Unchanged => ("unchanged", None),
@@ -192,10 +193,12 @@ pub async fn create(
 pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
     let svc = state.portmaps.clone();
     // The body is cached until the next change, so this is a reference-count bump in
-    // the common case; on a miss it reads SQLite, which blocks.
+    // the common case. On a miss it reads SQLite, which blocks; a load that starts on
+    // an empty cache misses on every connection at once, and those requests queue in
+    // `Store::run` and find the body the first one built (`list_body` checks again).
     let body = match svc.cached_list_body() {
         Some(b) => b,
-        None => tokio::task::spawn_blocking(move || svc.list_body()).await??,
+        None => state.store.run(move |_| svc.list_body()).await?,
     };
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
@@ -252,8 +255,10 @@ pub async fn delete(
     };
     let svc = state.portmaps.clone();
     let entry = draft.accepted(StatusCode::OK);
-    let deleted =
-        tokio::task::spawn_blocking(move || svc.delete(proto, listen_port, Some(&entry))).await??;
+    let deleted = state
+        .store
+        .run(move |_| svc.delete(proto, listen_port, Some(&entry)))
+        .await?;
     Ok(AuditedResponse(Json(match deleted {
         Some(m) => DeletedPortMap {
             ok: true,
@@ -304,17 +309,19 @@ pub async fn restore(
 ) -> Result<AuditedResponse<Json<Restored>>, ApiError> {
     body::empty_object(&body)?;
     let svc = state.portmaps.clone();
+    let store = state.store.clone();
     // A kernel rewrite, not a change in SQLite: its row goes first (`audit::around`).
     super::audit::around(&state.store, &draft, StatusCode::OK, async move {
-        let (drift, restored, forward_accept) = tokio::task::spawn_blocking(move || {
-            let drift = svc
-                .drift()
-                .unwrap_or_else(|e| vec![format!("could not compare: {e}")]);
-            let restored = svc.restore()?;
-            let forward_accept = svc.reconcile()?.forward_accept;
-            Ok::<_, crate::portmap::PortMapError>((drift, restored, forward_accept))
-        })
-        .await??;
+        let (drift, restored, forward_accept) = store
+            .run(move |_| {
+                let drift = svc
+                    .drift()
+                    .unwrap_or_else(|e| vec![format!("could not compare: {e}")]);
+                let restored = svc.restore()?;
+                let forward_accept = svc.reconcile()?.forward_accept;
+                Ok::<_, crate::portmap::PortMapError>((drift, restored, forward_accept))
+            })
+            .await?;
         Ok(Json(Restored {
             ok: true,
             restored,

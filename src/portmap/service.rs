@@ -220,7 +220,13 @@ impl PortMaps {
         // Built under the store lock so that a change cannot slip in between reading the
         // rows and filling the cache. Rows are streamed into the buffer: with 10,000 maps
         // a per-row JSON value tree would cost the idle agent megabytes of heap.
-        let body = self.store.with(|conn| {
+        let (body, built) = self.store.with(|conn| {
+            // Checked again under the lock: callers that missed the cache together queue
+            // here, and each would otherwise build its own copy of the whole listing
+            // (2.5 MB with 10,000 maps).
+            if let Some(v) = self.cached_list_body() {
+                return Ok((v, false));
+            }
             let mut out = Vec::with_capacity(32 + 256 * portmaps::count(conn)?.max(0) as usize);
             out.extend_from_slice(br#"{"ok":true,"rules":{"#);
             let mut first = true;
@@ -244,13 +250,18 @@ impl PortMaps {
                     .map_err(|e| StoreError::Task(format!("serialize: {e}")))
             })?;
             out.extend_from_slice(b"}}");
+            // The estimate above is generous; the cache keeps the body for as long as
+            // the maps do not change, so it should not keep the slack too.
+            out.shrink_to_fit();
             let bytes = Bytes::from(out);
             if let Ok(mut c) = self.list_cache.write() {
                 *c = Some(bytes.clone());
             }
-            Ok::<_, PortMapError>(bytes)
+            Ok::<_, PortMapError>((bytes, true))
         })?;
-        crate::memory::release_free_heap();
+        if built {
+            crate::memory::release_free_heap();
+        }
         Ok(body)
     }
 

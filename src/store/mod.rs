@@ -1,7 +1,7 @@
 //! SQLite: the desired state and the audit trail, in one file `$DATA_DIR/agent.db`.
 //!
 //! One connection behind a mutex. Every call blocks, so async code reaches the store
-//! through `spawn_blocking` (see `Store::run`).
+//! through `Store::run`: a blocking thread, at most `STORE_THREADS` of them at a time.
 
 pub mod audit;
 pub mod mesh;
@@ -15,6 +15,7 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
 use rusqlite::{Connection, Transaction};
+use tokio::sync::Semaphore;
 
 /// Numbered migrations; index + 1 is the schema version they produce. Never edit one that
 /// has been released: add a new file.
@@ -25,6 +26,12 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0004_vm_seeds.sql"),
     include_str!("../../migrations/0005_refused_requests.sql"),
 ];
+
+/// Blocking threads that `Store::run` work may hold at once. The work serializes on the
+/// one connection anyway; unbounded, a burst of requests took a blocking thread each
+/// while it waited for the lock (64 parallel `POST /ports` made 170 threads, whose
+/// stacks and malloc arenas outlived the burst). Two keep the next one ready at the lock.
+const STORE_THREADS: usize = 2;
 
 /// The current time as SQLite writes it into every `*_at` column.
 pub const NOW: &str = "strftime('%Y-%m-%dT%H:%M:%fZ', 'now')";
@@ -73,6 +80,8 @@ impl StoreError {
 #[derive(Clone)]
 pub struct Store {
     conn: Arc<Mutex<Connection>>,
+    /// `STORE_THREADS` permits, shared by every clone.
+    threads: Arc<Semaphore>,
 }
 
 impl Store {
@@ -109,6 +118,7 @@ impl Store {
         migrate(&mut conn, path)?;
         Ok(Self {
             conn: Arc::new(Mutex::new(conn)),
+            threads: Arc::new(Semaphore::new(STORE_THREADS)),
         })
     }
 
@@ -138,7 +148,8 @@ impl Store {
         Ok(value)
     }
 
-    /// Runs blocking store work off the async runtime.
+    /// Runs blocking store work off the async runtime, on at most `STORE_THREADS`
+    /// blocking threads at a time: the rest waits here, as a task.
     pub async fn run<T, E>(
         &self,
         f: impl FnOnce(&Store) -> Result<T, E> + Send + 'static,
@@ -147,10 +158,21 @@ impl Store {
         T: Send + 'static,
         E: From<StoreError> + Send + 'static,
     {
-        let store = self.clone();
-        tokio::task::spawn_blocking(move || f(&store))
+        let permit = self
+            .threads
+            .clone()
+            .acquire_owned()
             .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
+            .map_err(|e| StoreError::Task(e.to_string()))?;
+        let store = self.clone();
+        tokio::task::spawn_blocking(move || {
+            // Released when the work is done, not when the caller stops waiting: a
+            // cancelled request's work still occupies its thread.
+            let _permit = permit;
+            f(&store)
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))?
     }
 }
 
