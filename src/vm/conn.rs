@@ -59,6 +59,11 @@ impl Libvirt {
         })
     }
 
+    /// How long one call may take (`LIBVIRT_TIMEOUT`).
+    pub fn timeout(&self) -> Duration {
+        self.timeout
+    }
+
     pub fn uri(&self) -> &str {
         &self.uri
     }

@@ -2,12 +2,12 @@
 //! to match. Handlers call one method each; every libvirt call runs through `Libvirt`
 //! (off the runtime, bounded, reconnecting).
 
-use std::collections::HashSet;
-use std::sync::{Arc, Mutex};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::claims::{Claim, Claims};
 use super::domain::{
     build_vm, check_guest_support, domain_state, ensure_network, existing, facts, hairpin, lookup,
     random_mac, reconcile_one, remove_vm,
@@ -86,24 +86,12 @@ pub struct Vms {
     cfg: VmConfig,
     portmaps: Option<Arc<PortMaps>>,
     images: Option<Arc<Images>>,
-    /// Names with an operation in progress: a second one gets 409 instead of racing.
-    busy: Mutex<HashSet<String>>,
+    /// Names with an operation in progress: a second request gets 409 instead of
+    /// racing; a request waits for the reconcile's look at the VM.
+    claims: Claims,
 }
 
 /// Releases a claimed name when the operation ends, however it ends.
-struct Claim<'a> {
-    vms: &'a Vms,
-    name: String,
-}
-
-impl Drop for Claim<'_> {
-    fn drop(&mut self) {
-        if let Ok(mut b) = self.vms.busy.lock() {
-            b.remove(&self.name);
-        }
-    }
-}
-
 impl Vms {
     /// The bounds of a new VM (VM_MAX_*).
     pub fn limits(&self) -> &crate::vm::spec::Limits {
@@ -122,7 +110,7 @@ impl Vms {
             cfg,
             portmaps,
             images: None,
-            busy: Mutex::new(HashSet::new()),
+            claims: Claims::default(),
         }
     }
 
@@ -140,20 +128,10 @@ impl Vms {
         &self.lv
     }
 
-    fn claim(&self, name: &str) -> Result<Claim<'_>, VmError> {
-        let mut busy = self
-            .busy
-            .lock()
-            .map_err(|_| VmError::Libvirt("lock poisoned".into()))?;
-        if !busy.insert(name.to_string()) {
-            return Err(VmError::Conflict(format!(
-                "another operation on {name} is in progress"
-            )));
-        }
-        Ok(Claim {
-            vms: self,
-            name: name.to_string(),
-        })
+    /// Claims `name` for a request: refused while another request works on it, waits
+    /// (up to one libvirt call's timeout) while the reconcile looks at it.
+    async fn claim(&self, name: &str) -> Result<Claim<'_>, VmError> {
+        self.claims.for_request(name, self.lv.timeout()).await
     }
 
     async fn row(&self, name: &str) -> Result<Option<VmRow>, VmError> {
@@ -167,7 +145,7 @@ impl Vms {
     /// `POST /vms`.
     pub async fn create(&self, req: CreateVm, by: &str) -> Result<Created, VmError> {
         req.validate(&self.cfg.limits)?;
-        let _claim = self.claim(&req.name)?;
+        let _claim = self.claim(&req.name).await?;
         let existing = self.row(&req.name).await?;
         if existing.is_some() && !req.recreate {
             return Err(VmError::Conflict(format!(
@@ -460,7 +438,7 @@ impl Vms {
 
     /// `POST /vms/{name}/start`; true when it was already running.
     pub async fn start(&self, name: &str) -> Result<bool, VmError> {
-        let _claim = self.claim(name)?;
+        let _claim = self.claim(name).await?;
         let n = name.to_string();
         let cfg = self.cfg.clone();
         let was_running = self
@@ -485,7 +463,7 @@ impl Vms {
     /// `POST /vms/{name}/stop`: ACPI shutdown, forced off after VM_STOP_TIMEOUT (or at
     /// once with `force`). Returns whether it had to be forced.
     pub async fn stop(&self, name: &str, force: bool) -> Result<bool, VmError> {
-        let _claim = self.claim(name)?;
+        let _claim = self.claim(name).await?;
         let n = name.to_string();
         let active = self
             .lv
@@ -548,7 +526,7 @@ impl Vms {
 
     /// `POST /vms/{name}/reboot` (ACPI; the guest decides how).
     pub async fn reboot(&self, name: &str) -> Result<(), VmError> {
-        let _claim = self.claim(name)?;
+        let _claim = self.claim(name).await?;
         let n = name.to_string();
         self.lv
             .call(move |conn| {
@@ -569,7 +547,7 @@ impl Vms {
 
     /// `DELETE /vms/{name}`. Domains the agent did not create are refused.
     pub async fn delete(&self, name: &str, delete_files: bool) -> Result<Deleted, VmError> {
-        let _claim = self.claim(name)?;
+        let _claim = self.claim(name).await?;
         let row = self.row(name).await?;
         let n = name.to_string();
         let cfg = self.cfg.clone();
@@ -793,7 +771,7 @@ impl Vms {
         for row in rows {
             // A VM with an operation in flight is that operation's business; holding the
             // claim keeps a create or delete from starting while this repairs the row.
-            let Ok(_claim) = self.claim(&row.name) else {
+            let Some(_claim) = self.claims.for_reconcile(&row.name) else {
                 continue;
             };
             // Read again under the claim: a delete that finished since the list above
