@@ -177,6 +177,7 @@ fn nft_script(settings: &NatSettings, maps: &[PortMap]) -> String {
             ruleset::CHAIN_OUTPUT => "type nat hook output priority -100",
             ruleset::CHAIN_FORWARD => "type filter hook forward priority filter",
             ruleset::CHAIN_POSTROUTING => "type nat hook postrouting priority srcnat",
+            ruleset::CHAIN_ANTISPOOF => "type filter hook prerouting priority raw",
             other => panic!("unknown chain {other}"),
         };
         writeln!(s, "  chain {} {{\n    {hook}; policy accept;", chain.name).unwrap();
