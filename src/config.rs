@@ -275,7 +275,7 @@ pub struct Settings {
     pub max_connections: u64,
 
     /// Bytes an image upload (`POST /images/{name}`, a stream of any size, with no
-    /// deadline) must deliver in every UPLOAD_WINDOW; a slower one fails and leaves no
+    /// deadline) must deliver in every UPLOAD_WINDOW; a slower one fails (408) and leaves no
     /// partial image.
     #[arg(long, env = "UPLOAD_MIN_BYTES", value_name = "UPLOAD_MIN_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
     pub upload_min_bytes: u64,

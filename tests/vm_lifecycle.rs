@@ -583,10 +583,39 @@ fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_a
         ("LIBVIRT_TIMEOUT", "3"),
         ("VMS_DEFAULT_IMAGE", "deflt"),
         ("VMS_DEFAULT_IMAGE_URL", "http://127.0.0.1:18999/deflt.img"),
+        ("UPLOAD_WINDOW", "1"),
     ]);
     let api = &e.agent.api;
     let content: Vec<u8> = (0..(6u32 << 20)).map(|i| (i % 251) as u8).collect();
     let sha = sha256_hex(&content);
+
+    // An upload that stalls after 1 KiB of 4 MiB: 408 after one UPLOAD_WINDOW (1 s, less
+    // than UPLOAD_MIN_BYTES), no image, no partial volume.
+    let mut s = support::netns::in_netns(e.topo.client.name(), || {
+        std::net::TcpStream::connect_timeout(&sa(NODE_IP, API_PORT), Duration::from_secs(2))
+    })
+    .unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(60))).unwrap();
+    write!(
+        s,
+        "POST /images/stalled HTTP/1.1\r\nHost: n\r\nAuthorization: Bearer {}\r\n\
+         Content-Length: {}\r\n\r\n",
+        e.agent.token,
+        4 << 20
+    )
+    .unwrap();
+    s.write_all(&[0u8; 1024]).unwrap();
+    let mut answer = String::new();
+    let _ = s.read_to_string(&mut answer);
+    assert!(answer.starts_with("HTTP/1.1 408 "), "{answer}");
+    assert!(answer.contains("UPLOAD_MIN_BYTES"), "{answer}");
+    assert!(
+        !e.volumes()
+            .iter()
+            .any(|v| v == "image.stalled" || v.starts_with("partial.")),
+        "{:?}",
+        e.volumes()
+    );
 
     // Cut off after 1 MiB of 6: failed, no image, no partial volume.
     let port = serve_once(&e.topo.node, content.clone(), content.len(), 1 << 20);

@@ -1,5 +1,6 @@
 //! `/vms`, `/images`, `/stats`: parse, call one `Vms`/`Images` method, map.
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::body::{Body, Bytes};
@@ -488,11 +489,20 @@ pub async fn upload_image(
         .get(axum::http::header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    let stream = body
-        .into_data_stream()
-        .map(|r| r.map_err(|e| format!("upload interrupted: {e}")));
+    // The server's time rule (UPLOAD_MIN_BYTES per UPLOAD_WINDOW) cuts a stalled upload
+    // inside the stream; remembered here so the answer is a 408, not a broken body's 400.
+    let cut = Arc::new(std::sync::OnceLock::new());
+    let seen = cut.clone();
+    let stream = body.into_data_stream().map(move |r| {
+        r.map_err(|e| {
+            if let Some(t) = crate::api::server::BodyTimeout::find(&e) {
+                let _ = seen.set(t);
+            }
+            format!("upload interrupted: {e}")
+        })
+    });
     around(&state.store, &draft, StatusCode::OK, async {
-        let row = state
+        let stored = state
             .images
             .upload(
                 &name,
@@ -501,7 +511,13 @@ pub async fn upload_image(
                 q.sha256.as_deref(),
                 identity.0.as_str(),
             )
-            .await?;
+            .await;
+        let row = match (stored, cut.get()) {
+            (Err(_), Some(t)) => {
+                return Err(ApiError::new(StatusCode::REQUEST_TIMEOUT, t.to_string()));
+            }
+            (stored, _) => stored?,
+        };
         Ok(Json(json!({"ok": true, "image": row})))
     })
     .await
