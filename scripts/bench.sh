@@ -45,6 +45,18 @@ TARGET_DIR=${CARGO_TARGET_DIR:-$ROOT/target}
 # comparison in one session); the benches' own code is still built from this tree.
 AGENT_BIN=${NVA_AGENT_BIN:-$TARGET_DIR/release/node-vm-agent}
 bench() { cargo bench --quiet --bench portmap -- "$@"; }
+# harness TEST TAG [NAME=value ...]: builds tests/TEST.rs (--release), runs its ignored
+# benchmark against the release agent with the given environment, and prints its
+# "BENCH TAG" line; nothing when it failed (its output is in $WORK/TEST.log).
+harness() {
+    local test=$1 tag=$2
+    shift 2
+    cargo test --release --test "$test" --no-run --quiet 2>/dev/null \
+        || cargo test --release --test "$test" --no-run
+    env NVA_AGENT_BIN="$AGENT_BIN" "$@" \
+        cargo test --release --quiet --test "$test" -- --ignored --nocapture 2>"$WORK/$test.log" \
+        | grep "^BENCH $tag" || true
+}
 
 # ---------------------------------------------------------------- namespaces and cleanup
 P="nvab$$"                       # every namespace of this run starts with it
@@ -328,12 +340,8 @@ if want f; then
     echo "== (f) process start -> first WireGuard handshake with a local test controller; VmRSS once joined and idle"
     # The harness (tests/bench_join.rs + tests/support) builds its own namespaces and
     # the controller's; NVA_AGENT_BIN makes it start the release agent built above.
-    cargo test --release --test bench_join --no-run --quiet 2>/dev/null \
-        || cargo test --release --test bench_join --no-run
     JLOG=$WORK/bench_join.log
-    J=$(NVA_AGENT_BIN=$AGENT_BIN BENCH_JOIN_RUNS="${JOIN_RUNS:-10}" \
-        cargo test --release --quiet --test bench_join -- --ignored --nocapture 2>"$JLOG" \
-        | grep '^BENCH join' || true)
+    J=$(harness bench_join join BENCH_JOIN_RUNS="${JOIN_RUNS:-10}")
     if [ -z "$J" ]; then
         echo "(f) the join benchmark did not produce its BENCH line; last lines of its output:" >&2
         tail -40 "$JLOG" >&2
@@ -360,12 +368,8 @@ if want g || want h; then
     echo "== (g) POST /vms with a 10 GB disk (guest boot excluded); (h) DHCP lease -> GET /vms/{name}/ip"
     # tests/bench_vm.rs starts libvirtd inside a test namespace (scripts/libvirt-netns.sh)
     # and boots the tiny TCG guest (scripts/build-tiny-guest.sh), one VM at a time.
-    cargo test --release --test bench_vm --no-run --quiet 2>/dev/null \
-        || cargo test --release --test bench_vm --no-run
     VLOG=$WORK/bench_vm.log
-    V=$(NVA_AGENT_BIN=$AGENT_BIN BENCH_VM_RUNS="${VM_RUNS:-10}" \
-        cargo test --release --quiet --test bench_vm -- --ignored --nocapture 2>"$VLOG" \
-        | grep '^BENCH vm' || true)
+    V=$(harness bench_vm vm BENCH_VM_RUNS="${VM_RUNS:-10}")
     if [ -z "$V" ]; then
         echo "(g/h) the VM benchmark did not produce its BENCH line; last lines of its output:" >&2
         tail -40 "$VLOG" >&2
@@ -398,12 +402,8 @@ if want i; then
     # tests/bench_conn.rs builds its own topology (client and node namespaces) and starts
     # the agent under prlimit --nofile=1024:1024; the baseline is the same request loop
     # without the hostile load, in the same run.
-    cargo test --release --test bench_conn --no-run --quiet 2>/dev/null \
-        || cargo test --release --test bench_conn --no-run
     ILOG=$WORK/bench_conn.log
-    I=$(NVA_AGENT_BIN=$AGENT_BIN BENCH_CONN_SECS="${CONN_LOAD_SECS:-60}" \
-        cargo test --release --quiet --test bench_conn -- --ignored --nocapture 2>"$ILOG" \
-        | grep '^BENCH conn' || true)
+    I=$(harness bench_conn conn BENCH_CONN_SECS="${CONN_LOAD_SECS:-60}")
     if [ -z "$I" ]; then
         echo "(i) the connection benchmark did not produce its BENCH line; last lines of its output:" >&2
         tail -40 "$ILOG" >&2

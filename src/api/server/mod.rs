@@ -118,7 +118,7 @@ pub async fn serve(
 /// default is its whole read buffer, about 408 KiB, which a stranger could make the agent
 /// hold on every connection up to the cap until the header timeout; our clients send a
 /// request line, a token and a few headers.
-pub const MAX_HEAD_BYTES: usize = 16 * 1024;
+const MAX_HEAD_BYTES: usize = 16 * 1024;
 
 async fn accept_until(
     listener: &TcpListener,
