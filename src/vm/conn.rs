@@ -82,6 +82,7 @@ impl Libvirt {
             tracing::warn!(uri = %self.uri, "libvirt connection lost; reconnecting");
             *cached = None;
         }
+        super::libvirt_so::ensure_loaded().map_err(VmError::Unavailable)?;
         start_event_loop();
         let conn = Connect::open(Some(&self.uri)).map_err(|e| {
             VmError::Unavailable(format!("cannot connect to {}: {}", self.uri, e.message()))

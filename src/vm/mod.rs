@@ -3,6 +3,7 @@
 
 mod claims;
 pub mod conn;
+pub mod libvirt_so;
 mod domain;
 mod error;
 pub mod hoststats;

@@ -1051,6 +1051,7 @@ mod tests {
 
     #[test]
     fn test_driver_accepts_domain_and_reports_it_back() {
+        crate::vm::libvirt_so::ensure_loaded().unwrap();
         let conn = Connect::open(Some("test:///default")).unwrap();
         let pool = conn.lookup_storage_pool_by_name("default-pool").unwrap();
         let name = unique("nva-dom");
@@ -1106,6 +1107,7 @@ mod tests {
 
     #[test]
     fn test_driver_accepts_kvm_and_aarch64_domains() {
+        crate::vm::libvirt_so::ensure_loaded().unwrap();
         let conn = Connect::open(Some("test:///default")).unwrap();
         for (domain_type, arch) in [("kvm", "x86_64"), ("qemu", "aarch64")] {
             let name = unique("nva-arch");
@@ -1132,6 +1134,7 @@ mod tests {
 
     #[test]
     fn test_driver_accepts_backed_volume() {
+        crate::vm::libvirt_so::ensure_loaded().unwrap();
         let conn = Connect::open(Some("test:///default")).unwrap();
         let pool = conn.lookup_storage_pool_by_name("default-pool").unwrap();
         let base_name = unique("nva-base");
@@ -1155,6 +1158,7 @@ mod tests {
 
     #[test]
     fn test_driver_accepts_pool_and_pool_path_reads_it_back() {
+        crate::vm::libvirt_so::ensure_loaded().unwrap();
         let conn = Connect::open(Some("test:///default")).unwrap();
         let name = unique("nva-pool");
         let path = format!("/srv/{name}/a&b");
@@ -1183,6 +1187,7 @@ mod tests {
             ]
         );
         // libvirt's test driver: its own domain type.
+        crate::vm::libvirt_so::ensure_loaded().unwrap();
         let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
         let support = guest_support(&conn.capabilities().unwrap()).unwrap();
         assert!(
