@@ -324,7 +324,9 @@ fn vm_layer(
     };
     let vms = vm::service::Vms::new(lv, store.clone(), cfg, Some(portmaps.clone()))
         .with_images(images.clone());
-    (Arc::new(vms), images)
+    let vms = Arc::new(vms);
+    vms.watch_events();
+    (vms, images)
 }
 
 /// `GET /stats` reports the filesystem of VMS_WORK_DIR when the agent can see it (the

@@ -702,29 +702,47 @@ fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_a
     assert_eq!(img["source"], "http://127.0.0.1:18999/deflt.img");
     assert!(e.domains().is_empty());
 
-    // libvirtd hangs: requests get a 503 after LIBVIRT_TIMEOUT, /health stays instant.
+    // libvirtd hangs: reads answer at once from the last observation, /health too; a
+    // change waits LIBVIRT_TIMEOUT (3 s) for libvirt and answers 504.
+    let observed = api.get("/vms");
+    assert_eq!(observed.status, 200, "{observed:?}");
     let pid = support::libvirt::Libvirtd::pid().unwrap();
     let _ = Command::new("kill")
         .args(["-STOP", &pid.to_string()])
         .status();
+    std::thread::sleep(Duration::from_millis(1_100)); // the last listing is now stale
     let t = Instant::now();
-    let r = api.call_waiting("GET", "/vms", Duration::from_secs(30));
-    let hung = t.elapsed();
+    let read = api.call_waiting("GET", "/vms", Duration::from_secs(30));
+    let read_ms = t.elapsed();
+    let t = Instant::now();
+    let change = api.call_waiting("POST", "/vms/nosuchvm/start", Duration::from_secs(30));
+    let change_s = t.elapsed();
     let t = Instant::now();
     let health = api.get("/health");
     let health_ms = t.elapsed();
     let _ = Command::new("kill")
         .args(["-CONT", &pid.to_string()])
         .status();
-    r.assert_error(|s| s == 503);
-    assert!(hung < Duration::from_secs(10), "{hung:?}");
+    assert_eq!(read.status, 200, "{read:?}");
+    assert_eq!(
+        read.json()["vms"],
+        observed.json()["vms"],
+        "the last observation"
+    );
+    assert!(read_ms < Duration::from_millis(1_000), "{read_ms:?}");
+    change.assert_error(|s| s == 504);
+    assert!(change_s < Duration::from_secs(10), "{change_s:?}");
     assert_eq!(health.status, 200);
     assert!(health_ms < Duration::from_secs(1), "{health_ms:?}");
 
-    // libvirtd goes away: a clear 503, quickly; back: the next request works.
+    // libvirtd goes away: reads still answer from the last observation, a change gets
+    // a clear 503 quickly; back: the next request works.
     e.libvirtd.kill();
+    std::thread::sleep(Duration::from_millis(1_100));
     let t = Instant::now();
     let r = api.get("/vms");
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = api.call("POST", "/vms/nosuchvm/start", None);
     r.assert_error(|s| s == 503);
     assert!(t.elapsed() < Duration::from_secs(10), "{:?}", t.elapsed());
     assert_eq!(api.get("/health").status, 200);

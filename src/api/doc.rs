@@ -204,7 +204,7 @@ fn common_statuses(method: &str, path: &str, op: &Value) -> Vec<(u16, &'static s
         (
             503,
             if vm_side {
-                "libvirt is unavailable or did not answer within LIBVIRT_TIMEOUT, or the agent is at its connection cap"
+                "libvirt is unavailable, or the agent is at its connection cap"
             } else {
                 "The agent is at its connection cap and every connection is busy"
             },
@@ -229,6 +229,12 @@ fn common_statuses(method: &str, path: &str, op: &Value) -> Vec<(u16, &'static s
     }
     if mutating && vm_side {
         out.push((409, "Clashes with what exists, or the VM or image is busy"));
+    }
+    if mutating && path.starts_with("/vms") {
+        out.push((
+            504,
+            "libvirt did not finish within LIBVIRT_TIMEOUT; the operation goes on, holding the VM, and its outcome shows in GET /vms and the audit log",
+        ));
     }
     out
 }

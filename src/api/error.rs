@@ -145,7 +145,7 @@ impl From<crate::vm::VmError> for ApiError {
             VmError::NotFound(_) => StatusCode::NOT_FOUND,
             VmError::Invalid(_) => StatusCode::BAD_REQUEST,
             VmError::Conflict(_) => StatusCode::CONFLICT,
-            VmError::Timeout(_) => StatusCode::GATEWAY_TIMEOUT,
+            VmError::Timeout(_) | VmError::Stalled(_) => StatusCode::GATEWAY_TIMEOUT,
             VmError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
             VmError::Libvirt(_) | VmError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };

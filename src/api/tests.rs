@@ -65,27 +65,12 @@ pub(crate) fn test_vm_api(store: &Store) -> VmApi {
         "/nonexistent/nva-test-pool".into(),
         1 << 30,
     );
-    let cfg = vm::service::VmConfig {
-        pool: "nva-test-pool".into(),
-        pool_dir: "/nonexistent/nva-test-pool".into(),
-        domain_type: "qemu".into(),
-        default_network: "default".into(),
-        default_arch: "x86_64".into(),
-        default_image: "base".into(),
-        default_image_url: String::new(),
-        default_keys: Vec::new(),
-        limits: vm::spec::Limits {
-            max_memory_mib: 4096,
-            max_vcpus: 4,
-            max_disk_gb: 100,
-        },
-        stop_timeout: std::time::Duration::from_secs(1),
-        lease_poll: std::time::Duration::from_millis(50),
-        local: true,
-    };
-    let vms = vm::service::Vms::new(lv, store.clone(), cfg, None).with_images(images.clone());
+    let cfg = vm::service::tests::test_config();
+    let vms =
+        Arc::new(vm::service::Vms::new(lv, store.clone(), cfg, None).with_images(images.clone()));
+    vms.watch_events();
     VmApi {
-        vms: Arc::new(vms),
+        vms,
         images,
         stats_dir: std::env::temp_dir(),
     }
@@ -1228,4 +1213,56 @@ fn the_documented_patterns_accept_exactly_what_the_code_accepts() {
         ],
         &|s| crate::vm::spec::check_hostname(s).is_ok(),
     );
+}
+
+/// A domain started and destroyed outside the agent (another connection to the same
+/// test driver, as `virsh` would be) shows in `GET /vms/{name}/status` through libvirt's
+/// lifecycle events: seen before the agent's own listing is old enough to be redone
+/// (`observed::FRESH`), so nothing but the event can have told it.
+#[tokio::test]
+async fn an_outside_change_reaches_the_status_through_libvirt_events() {
+    use crate::vm::observed::FRESH;
+    use std::time::{Duration, Instant};
+    let h = harness();
+    let seen_within = |name: &'static str, want: &'static str, since: Instant| {
+        let h = &h;
+        async move {
+            loop {
+                let (s, v) = h.authed("GET", &format!("/vms/{name}/status"), None).await;
+                let state = if s == StatusCode::OK {
+                    v["status"]["state"].as_str().unwrap_or_default().to_owned()
+                } else {
+                    s.as_u16().to_string()
+                };
+                if state == want {
+                    return since.elapsed();
+                }
+                assert!(
+                    since.elapsed() < FRESH - Duration::from_millis(100),
+                    "{name} not {want} after {:?} (last: {state})",
+                    since.elapsed()
+                );
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+        }
+    };
+    crate::vm::libvirt_so::ensure_loaded().unwrap();
+    let outside = virt::connect::Connect::open(Some("test:///default")).unwrap();
+    let xml = "<domain type='test'><name>evtest</name><memory>8192</memory>\
+               <os><type>hvm</type></os></domain>";
+
+    let (s, v) = h.authed("GET", "/vms", None).await;
+    let listed = Instant::now();
+    assert_eq!(s, StatusCode::OK, "{v}");
+    let dom = outside.define_domain_xml(xml).unwrap();
+    dom.create().unwrap();
+    seen_within("evtest", "running", listed).await;
+
+    let (s, v) = h.authed("GET", "/vms", None).await;
+    let listed = Instant::now();
+    assert_eq!(s, StatusCode::OK, "{v}");
+    dom.destroy().unwrap();
+    seen_within("evtest", "shutoff", listed).await;
+    dom.undefine().unwrap();
+    seen_within("evtest", "404", listed).await;
 }

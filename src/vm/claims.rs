@@ -7,7 +7,7 @@
 //! the VM.
 
 use std::collections::HashMap;
-use std::sync::Mutex;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use tokio::sync::Notify;
@@ -26,13 +26,15 @@ pub struct Claims {
     released: Notify,
 }
 
-/// Held while an operation works on one VM; dropping it releases the VM.
-pub struct Claim<'a> {
-    claims: &'a Claims,
+/// Held while an operation works on one VM; dropping it releases the VM. It owns its
+/// share of the table, so an operation that outlives its request (a timeout, or
+/// `wait=false`) takes its claim along until its work has really ended.
+pub struct Claim {
+    claims: Arc<Claims>,
     name: String,
 }
 
-impl Drop for Claim<'_> {
+impl Drop for Claim {
     fn drop(&mut self) {
         if let Ok(mut held) = self.claims.held.lock() {
             held.remove(&self.name);
@@ -44,7 +46,11 @@ impl Drop for Claim<'_> {
 impl Claims {
     /// For a request: waits at most `wait` while the reconcile holds `name`, refuses
     /// while another request does.
-    pub async fn for_request(&self, name: &str, wait: Duration) -> Result<Claim<'_>, VmError> {
+    pub async fn for_request(
+        self: &Arc<Self>,
+        name: &str,
+        wait: Duration,
+    ) -> Result<Claim, VmError> {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
             // Registered before looking, so a release in between is not missed.
@@ -70,11 +76,15 @@ impl Claims {
     }
 
     /// For the reconcile: `None` when anything holds `name` (that operation owns it).
-    pub fn for_reconcile(&self, name: &str) -> Option<Claim<'_>> {
+    pub fn for_reconcile(self: &Arc<Self>, name: &str) -> Option<Claim> {
         self.take(name, Holder::Reconcile).ok()?.ok()
     }
 
-    fn take(&self, name: &str, holder: Holder) -> Result<Result<Claim<'_>, Holder>, VmError> {
+    fn take(
+        self: &Arc<Self>,
+        name: &str,
+        holder: Holder,
+    ) -> Result<Result<Claim, Holder>, VmError> {
         let mut held = self
             .held
             .lock()
@@ -84,7 +94,7 @@ impl Claims {
         }
         held.insert(name.to_owned(), holder);
         Ok(Ok(Claim {
-            claims: self,
+            claims: Arc::clone(self),
             name: name.to_owned(),
         }))
     }
@@ -122,7 +132,7 @@ mod tests {
 
     #[tokio::test]
     async fn a_request_stops_waiting_for_a_stuck_reconcile() {
-        let claims = Claims::default();
+        let claims = std::sync::Arc::new(Claims::default());
         let _stuck = claims.for_reconcile("vm1").unwrap();
         let r = claims.for_request("vm1", Duration::from_millis(50)).await;
         assert!(matches!(r, Err(VmError::Unavailable(_))), "{:?}", r.err());

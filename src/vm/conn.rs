@@ -44,10 +44,14 @@ fn start_event_loop() {
     });
 }
 
+/// Runs on every new connection (subscriptions that live as long as it).
+type OnConnect = Box<dyn Fn(&Connect) + Send + Sync>;
+
 pub struct Libvirt {
     uri: String,
     timeout: Duration,
     cached: Mutex<Option<Connect>>,
+    on_connect: std::sync::OnceLock<OnConnect>,
 }
 
 impl Libvirt {
@@ -56,7 +60,14 @@ impl Libvirt {
             uri: uri.into(),
             timeout,
             cached: Mutex::new(None),
+            on_connect: std::sync::OnceLock::new(),
         })
+    }
+
+    /// Sets what runs on each new connection, before any call uses it (once; later
+    /// calls are ignored).
+    pub fn set_on_connect(&self, f: impl Fn(&Connect) + Send + Sync + 'static) {
+        let _ = self.on_connect.set(Box::new(f));
     }
 
     /// How long one call may take (`LIBVIRT_TIMEOUT`).
@@ -90,6 +101,9 @@ impl Libvirt {
         // Local drivers (test:///, qemu:///embed) have no keepalive; that is fine.
         if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
             tracing::debug!(error = %e.message(), "libvirt keepalive not available on this connection");
+        }
+        if let Some(hook) = self.on_connect.get() {
+            hook(&conn);
         }
         tracing::info!(uri = %self.uri, "connected to libvirt");
         *cached = Some(conn.clone());

@@ -24,6 +24,10 @@ pub enum VmError {
     /// Waiting for something (an IP lease) ran out of time (504).
     #[error("{0}")]
     Timeout(String),
+    /// An operation's libvirt work outlived its request's wait; it goes on, holding its
+    /// VM, and records its own outcome (504).
+    #[error("{0}")]
+    Stalled(String),
     /// libvirt refused or failed an operation the request asked for (500).
     #[error("libvirt: {0}")]
     Libvirt(String),

@@ -3,12 +3,14 @@
 
 mod claims;
 pub mod conn;
-pub mod libvirt_so;
 mod domain;
 mod error;
+pub mod events;
 pub mod hoststats;
 pub mod images;
 pub mod leases;
+pub mod libvirt_so;
+pub mod observed;
 pub mod seed;
 pub mod service;
 pub mod spec;

@@ -1,0 +1,205 @@
+//! What libvirt last said about each domain, and when. Reads (`GET /vms`, `/status`,
+//! `/stats`) answer from here plus SQLite, so they never wait behind a libvirt call that
+//! is stuck: a create inside a slow define, or a frozen libvirtd.
+//!
+//! Kept fresh three ways: libvirt's lifecycle events (one domain at a time, within a
+//! second of an outside `virsh destroy`), a full listing when a read finds the last one
+//! older than [`FRESH`] (at most one listing in flight; the read waits for it at most
+//! [`READ_WAIT`]), and the agent's own operations, which observe their VM when done.
+
+use std::collections::BTreeMap;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use super::xml::DomainFacts;
+
+/// A full listing younger than this is served as it is.
+pub const FRESH: Duration = Duration::from_secs(1);
+/// How long a read waits for a full listing it asked for before it answers from the
+/// last one (and says how old it is).
+pub const READ_WAIT: Duration = Duration::from_millis(150);
+
+/// One domain as libvirt last showed it.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Seen {
+    pub active: bool,
+    /// libvirt's state name (`running`, `shut off`, ...; see `domain::state_name`).
+    pub state: String,
+    pub facts: DomainFacts,
+    pub at: Option<SystemTime>,
+}
+
+#[derive(Default)]
+struct Inner {
+    /// When the last full listing started (what it says about a domain's absence is
+    /// true as of then).
+    listed_at: Option<SystemTime>,
+    domains: BTreeMap<String, Arc<Seen>>,
+    /// Domains seen gone one by one, and when: a listing that started before must not
+    /// bring them back.
+    gone: BTreeMap<String, SystemTime>,
+    /// Whether a full listing is running now.
+    listing: bool,
+    /// Why the last full listing failed, if it did.
+    failure: Option<String>,
+}
+
+/// The last observation of every domain.
+#[derive(Default)]
+pub struct Observed {
+    inner: Mutex<Inner>,
+    listed: tokio::sync::Notify,
+}
+
+/// What a read gets: every domain, and when the listing it comes from started.
+#[derive(Clone, Debug, Default)]
+pub struct Snapshot {
+    pub listed_at: Option<SystemTime>,
+    pub domains: BTreeMap<String, Arc<Seen>>,
+    /// Why the last listing failed (when it did).
+    pub failure: Option<String>,
+}
+
+impl Observed {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn snapshot(&self) -> Snapshot {
+        let inner = self.lock();
+        Snapshot {
+            listed_at: inner.listed_at,
+            domains: inner.domains.clone(),
+            failure: inner.failure.clone(),
+        }
+    }
+
+    /// Whether the last full listing is older than [`FRESH`] (or there was none).
+    pub fn stale(&self) -> bool {
+        let inner = self.lock();
+        inner
+            .listed_at
+            .and_then(|t| t.elapsed().ok())
+            .is_none_or(|age| age > FRESH)
+    }
+
+    /// Claims the one full listing that may run at a time: false when one already runs.
+    pub fn begin_listing(&self) -> bool {
+        let mut inner = self.lock();
+        !std::mem::replace(&mut inner.listing, true)
+    }
+
+    /// Ends the listing claimed by [`Observed::begin_listing`]: what it `found`
+    /// replaces what was known, except domains observed one by one since the listing
+    /// started, which are newer; a failure keeps what was known, and says why.
+    pub fn end_listing(&self, started: SystemTime, found: Result<Vec<(String, Seen)>, String>) {
+        let mut inner = self.lock();
+        inner.listing = false;
+        inner.failure = found.as_ref().err().cloned();
+        if let Ok(found) = found {
+            let mut fresh: BTreeMap<String, Arc<Seen>> = found
+                .into_iter()
+                .map(|(n, s)| {
+                    (
+                        n,
+                        Arc::new(Seen {
+                            at: Some(started),
+                            ..s
+                        }),
+                    )
+                })
+                .collect();
+            for (name, seen) in &inner.domains {
+                if seen.at.is_some_and(|t| t > started) {
+                    fresh.insert(name.clone(), Arc::clone(seen));
+                }
+            }
+            for (name, when) in std::mem::take(&mut inner.gone) {
+                if when > started {
+                    fresh.remove(&name);
+                }
+            }
+            inner.domains = fresh;
+            inner.listed_at = Some(started);
+        }
+        drop(inner);
+        self.listed.notify_waiters();
+    }
+
+    /// Waits at most `wait` for the running listing to end.
+    pub async fn wait_listing(&self, wait: Duration) {
+        let ended = self.listed.notified();
+        tokio::pin!(ended);
+        ended.as_mut().enable();
+        if !self.lock().listing {
+            return;
+        }
+        let _ = tokio::time::timeout(wait, ended).await;
+    }
+
+    /// One domain observed now: `None` when libvirt no longer has it.
+    pub fn set(&self, name: &str, seen: Option<Seen>) {
+        let mut inner = self.lock();
+        let now = SystemTime::now();
+        match seen {
+            Some(s) => {
+                inner.gone.remove(name);
+                let s = Seen { at: Some(now), ..s };
+                inner.domains.insert(name.to_owned(), Arc::new(s));
+            }
+            None => {
+                inner.domains.remove(name);
+                if inner.listing {
+                    inner.gone.insert(name.to_owned(), now);
+                }
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn seen(state: &str) -> Seen {
+        Seen {
+            active: state == "running",
+            state: state.into(),
+            ..Seen::default()
+        }
+    }
+
+    #[test]
+    fn a_listing_does_not_undo_what_an_event_said_after_it_started() {
+        let o = Observed::default();
+        assert!(o.stale());
+        assert!(o.begin_listing());
+        assert!(!o.begin_listing(), "one listing at a time");
+        let started = SystemTime::now() - Duration::from_millis(10);
+        // Events while the listing runs: vm1 destroyed, vm3 defined, vm4 undefined.
+        o.set("vm1", Some(seen("shut off")));
+        o.set("vm3", Some(seen("shut off")));
+        o.set("vm4", None);
+        o.end_listing(
+            started,
+            Ok(vec![
+                ("vm1".into(), seen("running")),
+                ("vm2".into(), seen("running")),
+                ("vm4".into(), seen("running")),
+            ]),
+        );
+        let s = o.snapshot();
+        assert_eq!(s.domains["vm1"].state, "shut off");
+        assert_eq!(s.domains["vm2"].state, "running");
+        assert!(s.domains.contains_key("vm3"));
+        assert!(!s.domains.contains_key("vm4"));
+        assert_eq!(s.listed_at, Some(started));
+        assert!(o.begin_listing(), "the listing ended");
+        // A failed listing keeps what was known.
+        o.end_listing(SystemTime::now(), Err("libvirt away".into()));
+        assert_eq!(o.snapshot().domains.len(), 3);
+        assert_eq!(o.snapshot().failure.as_deref(), Some("libvirt away"));
+        o.set("vm2", None);
+        assert!(!o.snapshot().domains.contains_key("vm2"));
+    }
+}

@@ -1,0 +1,298 @@
+//! Start, stop, reboot and delete: each holds its VM's claim until libvirt has really
+//! answered (`Vms::to_the_end`), and observes the VM when done.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use super::{Deleted, Vms};
+use crate::store::audit;
+use crate::store::vms;
+use crate::vm::domain::{existing, facts, hairpin, lookup, remove_vm};
+use crate::vm::{VmError, leases};
+
+impl Vms {
+    /// `POST /vms/{name}/start`; true when it was already running.
+    pub async fn start(self: &Arc<Self>, name: &str) -> Result<bool, VmError> {
+        let claim = self.claim(name).await?;
+        let this = Arc::clone(self);
+        let n = name.to_string();
+        self.to_the_end(
+            claim,
+            format!("POST /vms/{name}/start"),
+            self.lv.timeout(),
+            async move {
+                let result = this.start_now(&n).await;
+                this.observe_one(&n).await;
+                result
+            },
+        )
+        .await
+    }
+
+    async fn start_now(&self, name: &str) -> Result<bool, VmError> {
+        let n = name.to_string();
+        let cfg = self.cfg.clone();
+        let was_running = self
+            .lv
+            .call_unbounded(move |conn| {
+                let d = existing(conn, &n)?;
+                if d.is_active()
+                    .map_err(|e| VmError::libvirt("domain state", e))?
+                {
+                    return Ok(true);
+                }
+                d.create()
+                    .map_err(|e| VmError::libvirt(format!("starting {n}"), e))?;
+                hairpin(&cfg, &d);
+                Ok(false)
+            })
+            .await?;
+        self.set_desired(name, "running").await?;
+        Ok(was_running)
+    }
+
+    /// `POST /vms/{name}/stop`: ACPI shutdown, forced off after VM_STOP_TIMEOUT (or at
+    /// once with `force`). Returns whether it had to be forced.
+    pub async fn stop(self: &Arc<Self>, name: &str, force: bool) -> Result<bool, VmError> {
+        let claim = self.claim(name).await?;
+        let this = Arc::clone(self);
+        let n = name.to_string();
+        self.to_the_end(
+            claim,
+            format!("POST /vms/{name}/stop"),
+            self.lv.timeout() + self.cfg.stop_timeout,
+            async move {
+                let result = this.stop_now(&n, force).await;
+                this.observe_one(&n).await;
+                result
+            },
+        )
+        .await
+    }
+
+    async fn stop_now(&self, name: &str, force: bool) -> Result<bool, VmError> {
+        let n = name.to_string();
+        let active = self
+            .lv
+            .call_unbounded(move |conn| {
+                let d = existing(conn, &n)?;
+                let active = d
+                    .is_active()
+                    .map_err(|e| VmError::libvirt("domain state", e))?;
+                if active && !force {
+                    d.shutdown()
+                        .map_err(|e| VmError::libvirt(format!("shutting {n} down"), e))?;
+                }
+                Ok(active)
+            })
+            .await?;
+        let mut forced = false;
+        if active {
+            let deadline = Instant::now()
+                + if force {
+                    Duration::ZERO
+                } else {
+                    self.cfg.stop_timeout
+                };
+            loop {
+                let n = name.to_string();
+                let still = self
+                    .lv
+                    .call_unbounded(move |conn| match lookup(conn, &n)? {
+                        Some(d) => d
+                            .is_active()
+                            .map_err(|e| VmError::libvirt("domain state", e)),
+                        None => Ok(false),
+                    })
+                    .await?;
+                if !still {
+                    break;
+                }
+                if Instant::now() >= deadline {
+                    let n = name.to_string();
+                    self.lv
+                        .call_unbounded(move |conn| {
+                            if let Some(d) = lookup(conn, &n)?
+                                && d.is_active().unwrap_or(false)
+                            {
+                                d.destroy()
+                                    .map_err(|e| VmError::libvirt(format!("forcing {n} off"), e))?;
+                            }
+                            Ok(())
+                        })
+                        .await?;
+                    forced = true;
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+        self.set_desired(name, "stopped").await?;
+        Ok(forced)
+    }
+
+    /// `POST /vms/{name}/reboot` (ACPI; the guest decides how).
+    pub async fn reboot(self: &Arc<Self>, name: &str) -> Result<(), VmError> {
+        let claim = self.claim(name).await?;
+        let this = Arc::clone(self);
+        let n = name.to_string();
+        self.to_the_end(
+            claim,
+            format!("POST /vms/{name}/reboot"),
+            self.lv.timeout(),
+            async move {
+                let result = this.reboot_now(&n).await;
+                this.observe_one(&n).await;
+                result
+            },
+        )
+        .await
+    }
+
+    async fn reboot_now(&self, name: &str) -> Result<(), VmError> {
+        let n = name.to_string();
+        self.lv
+            .call_unbounded(move |conn| {
+                let d = existing(conn, &n)?;
+                if !d
+                    .is_active()
+                    .map_err(|e| VmError::libvirt("domain state", e))?
+                {
+                    return Err(VmError::Conflict(format!(
+                        "{n} is not running; start it instead"
+                    )));
+                }
+                d.reboot(0)
+                    .map_err(|e| VmError::libvirt(format!("rebooting {n}"), e))
+            })
+            .await
+    }
+
+    /// `DELETE /vms/{name}`. Domains the agent did not create are refused.
+    pub async fn delete(
+        self: &Arc<Self>,
+        name: &str,
+        delete_files: bool,
+    ) -> Result<Deleted, VmError> {
+        let claim = self.claim(name).await?;
+        self.set_pending(name, None);
+        let this = Arc::clone(self);
+        let n = name.to_string();
+        self.to_the_end(
+            claim,
+            format!("DELETE /vms/{name}"),
+            self.lv.timeout(),
+            async move {
+                let result = this.delete_now(&n, delete_files).await;
+                this.observe_one(&n).await;
+                result
+            },
+        )
+        .await
+    }
+
+    async fn delete_now(&self, name: &str, delete_files: bool) -> Result<Deleted, VmError> {
+        let row = self.row(name).await?;
+        let n = name.to_string();
+        let cfg = self.cfg.clone();
+        let had_row = row.is_some();
+        let row_ip = row.as_ref().and_then(|r| r.last_ip.clone());
+        let (mac, network) = match &row {
+            Some(r) => (Some(r.mac.clone()), Some(r.network_name.clone())),
+            None => (None, None),
+        };
+        let lease_ip = self
+            .lv
+            .call_unbounded(move |conn| {
+                let dom = lookup(conn, &n)?;
+                let ours = match &dom {
+                    Some(d) => had_row || facts(d)?.instance_id.is_some(),
+                    None => had_row,
+                };
+                if dom.is_none() && !had_row {
+                    return Err(VmError::NotFound(format!("no VM named {n}")));
+                }
+                if !ours {
+                    return Err(VmError::Conflict(format!(
+                        "domain {n} was not created by this agent; it is never deleted by it"
+                    )));
+                }
+                // The address it holds now, so port maps to it can go with it.
+                let mut ip = None;
+                if let (Some(mac), Some(net)) = (&mac, &network)
+                    && let Ok(net) = conn.lookup_network_by_name(net)
+                {
+                    ip = leases::leases(&net, Some(mac))
+                        .ok()
+                        .and_then(|l| leases::ipv4_of(&l, mac));
+                }
+                remove_vm(conn, &cfg, &n, dom, delete_files)?;
+                Ok(ip)
+            })
+            .await?;
+        let n = name.to_string();
+        self.store
+            .run(move |s| s.with(|c| vms::delete(c, &n)))
+            .await?;
+        let mut removed = Vec::new();
+        if let Some(pm) = &self.portmaps {
+            let ips: Vec<String> = [row_ip, lease_ip].into_iter().flatten().collect();
+            if !ips.is_empty() {
+                let pm = Arc::clone(pm);
+                let vm = name.to_string();
+                removed = tokio::task::spawn_blocking(move || {
+                    let mut removed = Vec::new();
+                    for m in pm.list().unwrap_or_default() {
+                        if !ips.contains(&m.map.target_ip.to_string()) {
+                            continue;
+                        }
+                        // The operator asked for the VM's deletion, not for this: the
+                        // audit trail says why the map went, in the map's own transaction.
+                        let entry = audit::Entry {
+                            client_addr: None,
+                            identity: "agent".into(),
+                            action: "DELETE /ports (VM deleted)".into(),
+                            parameters: Some(
+                                serde_json::json!({
+                                    "vm": vm,
+                                    "listen_port": m.map.listen_port,
+                                    "proto": m.map.proto.to_string(),
+                                    "target": format!("{}:{}", m.map.target_ip, m.map.target_port),
+                                })
+                                .to_string(),
+                            ),
+                            outcome: audit::Outcome::Ok,
+                            status: None,
+                            error: None,
+                        };
+                        match pm.delete(m.map.proto, m.map.listen_port, Some(&entry)) {
+                            Ok(Some(gone)) => removed.push(format!(
+                                "{}/{} -> {}:{}",
+                                gone.listen_port, gone.proto, gone.target_ip, gone.target_port
+                            )),
+                            Ok(None) => {}
+                            Err(e) => tracing::error!(
+                                vm = %vm, map = %m.map.rule_id(), error = %e,
+                                "could not remove a port map of the deleted VM"
+                            ),
+                        }
+                    }
+                    removed
+                })
+                .await
+                .unwrap_or_default();
+            }
+        }
+        tracing::info!(
+            vm = name,
+            delete_files,
+            removed_port_maps = removed.len(),
+            "VM deleted"
+        );
+        Ok(Deleted {
+            name: name.to_string(),
+            deleted_files: delete_files,
+            removed_port_maps: removed,
+        })
+    }
+}

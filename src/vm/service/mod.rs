@@ -1,0 +1,293 @@
+//! The VM service: SQLite holds each VM as the operator asked for it, libvirt is made
+//! to match. Handlers call one method each; every libvirt call runs through `Libvirt`
+//! (off the runtime, reconnecting). One file per job:
+//!
+//! - `create.rs`: `POST /vms`, as plan, provision in libvirt, persist;
+//! - `lifecycle.rs`: start, stop, reboot, delete;
+//! - `queries.rs`: the reads, from SQLite and the last observation of libvirt
+//!   (`vm::observed`), never waiting behind a libvirt call; IP, console;
+//! - `reconcile.rs`: libvirt made to match the rows again.
+//!
+//! An operation holds its VM's claim (`vm::claims`) until its libvirt work has really
+//! ended; the request waits for it at most `LIBVIRT_TIMEOUT` and then answers 504 while
+//! the work goes on and records its outcome (see [`Vms::to_the_end`]).
+
+mod create;
+mod lifecycle;
+mod queries;
+mod reconcile;
+#[cfg(test)]
+pub(crate) mod tests;
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde::Serialize;
+
+use super::claims::{Claim, Claims};
+use super::images::Images;
+use super::observed::Observed;
+use super::spec::Limits;
+use super::{Libvirt, VmError};
+use crate::portmap::PortMaps;
+use crate::store::vms::{self, VmRow};
+use crate::store::{Store, audit};
+
+/// The settings the VM layer needs, taken from `Settings` once.
+#[derive(Clone, Debug)]
+pub struct VmConfig {
+    pub pool: String,
+    /// The pool's directory as the libvirt host sees it.
+    pub pool_dir: String,
+    pub domain_type: String,
+    pub default_network: String,
+    pub default_arch: String,
+    pub default_image: String,
+    /// Where the default image comes from on first use ("" = never downloaded).
+    pub default_image_url: String,
+    pub default_keys: Vec<String>,
+    pub limits: Limits,
+    pub stop_timeout: Duration,
+    /// How often `/ip` asks libvirt for the lease while waiting.
+    pub lease_poll: Duration,
+    /// LIBVIRT_URI reaches a libvirtd on this host ([`super::conn::is_local_uri`]), so
+    /// the domains' taps may be bridge ports here (hairpin mode is set on them).
+    pub local: bool,
+}
+
+/// What `POST /vms` answers.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Created {
+    pub name: String,
+    pub uuid: String,
+    pub mac: String,
+    pub instance_id: String,
+    pub hostname: String,
+    pub image: Option<String>,
+    pub recreated: bool,
+}
+
+/// One VM as `GET /vms` and `/status` show it.
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+pub struct VmStatus {
+    pub name: String,
+    pub active: bool,
+    pub state: String,
+    pub uuid: String,
+    /// Created (and so deletable) by this agent.
+    pub managed: bool,
+    pub ip: Option<String>,
+    pub mac: Option<String>,
+    pub network: Option<String>,
+    pub memory_mib: Option<u32>,
+    pub vcpus: Option<u32>,
+    pub image: Option<String>,
+    pub desired_state: Option<String>,
+    pub created_at: Option<String>,
+    /// When libvirt was last asked about this domain (ISO 8601, UTC, as the `*_at` columns); `null` when it
+    /// has not answered since the agent started. Reads never wait behind libvirt, so
+    /// this says how current `state` is.
+    pub observed_at: Option<String>,
+    /// Why a create failed after its request stopped waiting (state `failed`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub error: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Deleted {
+    pub name: String,
+    pub deleted_files: bool,
+    /// Port maps that targeted the VM's address, removed with it (see docs/decisions.md).
+    pub removed_port_maps: Vec<String>,
+}
+
+pub struct Vms {
+    lv: Arc<Libvirt>,
+    store: Store,
+    cfg: VmConfig,
+    portmaps: Option<Arc<PortMaps>>,
+    images: Option<Arc<Images>>,
+    /// Names with an operation in progress: a second request gets 409 instead of
+    /// racing; a request waits for the reconcile's look at the VM.
+    claims: Arc<Claims>,
+    /// What libvirt last said about each domain; the reads answer from it.
+    observed: Arc<Observed>,
+    /// Creates in flight (shown as `creating`) and creates that failed after their
+    /// request stopped waiting (shown as `failed`, with the error), by VM name.
+    pending: std::sync::Mutex<std::collections::BTreeMap<String, Pending>>,
+}
+
+/// A create the database does not hold yet.
+#[derive(Clone, Debug)]
+enum Pending {
+    Creating,
+    Failed(String),
+}
+
+impl Vms {
+    /// The bounds of a new VM (VM_MAX_*).
+    pub fn limits(&self) -> &crate::vm::spec::Limits {
+        &self.cfg.limits
+    }
+
+    pub fn new(
+        lv: Arc<Libvirt>,
+        store: Store,
+        cfg: VmConfig,
+        portmaps: Option<Arc<PortMaps>>,
+    ) -> Self {
+        Self {
+            lv,
+            store,
+            cfg,
+            portmaps,
+            images: None,
+            claims: Arc::new(Claims::default()),
+            observed: Arc::new(Observed::default()),
+            pending: Default::default(),
+        }
+    }
+
+    /// Lets `create` fetch the default image on first use.
+    pub fn with_images(mut self, images: Arc<Images>) -> Self {
+        self.images = Some(images);
+        self
+    }
+
+    pub fn config(&self) -> &VmConfig {
+        &self.cfg
+    }
+
+    pub fn libvirt(&self) -> &Arc<Libvirt> {
+        &self.lv
+    }
+
+    /// Claims `name` for a request: refused while another request works on it, waits
+    /// (up to one libvirt call's timeout) while the reconcile looks at it.
+    async fn claim(&self, name: &str) -> Result<Claim, VmError> {
+        self.claims.for_request(name, self.lv.timeout()).await
+    }
+
+    async fn row(&self, name: &str) -> Result<Option<VmRow>, VmError> {
+        let name = name.to_string();
+        self.store
+            .run(move |s| s.with(|c| vms::get(c, &name)))
+            .await
+            .map_err(VmError::from)
+    }
+
+    fn set_pending(&self, name: &str, pending: Option<Pending>) {
+        let mut all = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        match pending {
+            Some(p) => all.insert(name.to_owned(), p),
+            None => all.remove(name),
+        };
+    }
+
+    fn pending_of(&self, name: &str) -> Option<Pending> {
+        let all = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        all.get(name).cloned()
+    }
+
+    fn pending_all(&self) -> Vec<(String, Pending)> {
+        let all = self.pending.lock().unwrap_or_else(|p| p.into_inner());
+        all.iter().map(|(n, p)| (n.clone(), p.clone())).collect()
+    }
+
+    async fn set_desired(&self, name: &str, state: &'static str) -> Result<(), VmError> {
+        let n = name.to_string();
+        self.store
+            .run(move |s| s.with(|c| vms::set_desired_state(c, &n, state)))
+            .await
+            .map_err(VmError::from)
+    }
+
+    /// Runs `work` to its end on a task of its own, holding `claim` until then. The
+    /// caller waits at most `wait`: after that it gets a 504, while the work goes on,
+    /// keeps the VM claimed, and records its own outcome (the row, the cleanup, and an
+    /// audit row saying how it ended).
+    async fn to_the_end<T: Send + 'static>(
+        self: &Arc<Self>,
+        claim: Claim,
+        what: String,
+        wait: Duration,
+        work: impl Future<Output = Result<T, VmError>> + Send + 'static,
+    ) -> Result<T, VmError> {
+        let detached = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let this = Arc::clone(self);
+        let (flag, what2) = (Arc::clone(&detached), what.clone());
+        let mut task = tokio::spawn(async move {
+            let result = work.await;
+            if flag.load(std::sync::atomic::Ordering::Acquire) {
+                this.record_late_outcome(&what2, result.as_ref().err())
+                    .await;
+            }
+            drop(claim);
+            result
+        });
+        match tokio::time::timeout(wait, &mut task).await {
+            Ok(joined) => joined
+                .map_err(|e| VmError::Libvirt(format!("{what}: the operation failed: {e}")))?,
+            Err(_) => {
+                detached.store(true, std::sync::atomic::Ordering::Release);
+                Err(VmError::Stalled(format!(
+                    "{what}: libvirt did not finish within {} s; the operation goes on and \
+                     its outcome will show in GET /vms and the audit log",
+                    wait.as_secs()
+                )))
+            }
+        }
+    }
+
+    /// The audit row of an operation whose request stopped waiting for it.
+    async fn record_late_outcome(&self, what: &str, error: Option<&VmError>) {
+        match error {
+            None => tracing::info!(
+                operation = what,
+                "operation finished after its request stopped waiting"
+            ),
+            Some(e) => {
+                tracing::error!(operation = what, error = %e, "operation failed after its request stopped waiting")
+            }
+        }
+        let entry = audit::Entry {
+            client_addr: None,
+            identity: "agent".into(),
+            action: format!("{what} (finished after the answer)"),
+            parameters: None,
+            outcome: if error.is_none() {
+                audit::Outcome::Ok
+            } else {
+                audit::Outcome::Failed
+            },
+            status: None,
+            error: error.map(|e| crate::logging::escape_str(&e.to_string()).into_owned()),
+        };
+        let written = self
+            .store
+            .run(move |s| s.with(|c| audit::record(c, &entry)))
+            .await;
+        if let Err(e) = written {
+            tracing::error!(error = %e, "could not write the audit row");
+        }
+    }
+}
+
+/// A libvirt failure that names the request's `kernel` or `initrd` (libvirt could not
+/// stat or read it) is the request's fault: 400, not 500.
+fn blame_boot_files(e: VmError, row: &VmRow) -> VmError {
+    match e {
+        VmError::Libvirt(m)
+            if [&row.kernel, &row.initrd]
+                .into_iter()
+                .flatten()
+                .any(|p| m.contains(p.as_str())) =>
+        {
+            VmError::Invalid(format!(
+                "{m} (kernel and initrd must be files the libvirt host can read)"
+            ))
+        }
+        e => e,
+    }
+}

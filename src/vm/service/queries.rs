@@ -1,0 +1,331 @@
+//! The reads: `GET /vms`, `/vms/{name}/status` and `/stats` answer from SQLite plus the
+//! last observation of libvirt (`vm::observed`), never waiting behind a libvirt call
+//! for longer than `observed::READ_WAIT`; the IP and the console ask libvirt.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant, SystemTime};
+
+use virt::connect::Connect;
+
+use super::{Pending, VmStatus, Vms};
+use crate::store::audit::iso_utc;
+use crate::store::vms::{self, VmRow};
+use crate::vm::domain::{domain_state, existing, facts, lookup};
+use crate::vm::observed::{READ_WAIT, Seen, Snapshot};
+use crate::vm::{VmError, leases, storage};
+
+impl Vms {
+    /// The last observation, refreshed first when it is older than `observed::FRESH`
+    /// (waiting for that at most `READ_WAIT`). With no observation at all since the
+    /// start there is nothing true to answer: 503, with why.
+    async fn observation(&self) -> Result<Snapshot, VmError> {
+        if self.observed.stale() {
+            self.refresh_listing();
+            self.observed.wait_listing(READ_WAIT).await;
+        }
+        let seen = self.observed.snapshot();
+        if seen.listed_at.is_none() {
+            return Err(VmError::Unavailable(seen.failure.unwrap_or_else(|| {
+                "libvirt has not answered since the agent started".into()
+            })));
+        }
+        Ok(seen)
+    }
+
+    /// Starts a full listing of libvirt's domains unless one runs already. It waits for
+    /// libvirt's answer however long that takes; one at most, so a frozen libvirtd holds
+    /// one thread, not one per read.
+    pub(super) fn refresh_listing(&self) {
+        if !self.observed.begin_listing() {
+            return;
+        }
+        let (lv, observed) = (Arc::clone(&self.lv), Arc::clone(&self.observed));
+        tokio::spawn(async move {
+            let started = SystemTime::now();
+            let found = lv.call_unbounded(observe_all).await;
+            if let Err(e) = &found {
+                tracing::debug!(error = %e, "listing libvirt's domains failed; reads show the last listing");
+            }
+            observed.end_listing(started, found.map_err(|e| e.to_string()));
+        });
+    }
+
+    /// Asks libvirt about one domain now and records the answer (after an operation, or
+    /// an event). Failures leave the last observation as it was.
+    pub(crate) async fn observe_one(&self, name: &str) {
+        let n = name.to_string();
+        match self.lv.call(move |conn| observe(conn, &n)).await {
+            Ok(seen) => self.observed.set(name, seen),
+            Err(e) => tracing::debug!(vm = name, error = %e, "cannot observe the domain"),
+        }
+    }
+
+    /// Follows libvirt's lifecycle events: each names a domain, observed again at once.
+    /// Call once, inside the runtime; it subscribes every connection made from now on.
+    pub fn watch_events(self: &Arc<Self>) {
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(crate::vm::events::QUEUE);
+        self.lv.set_on_connect(move |conn| {
+            if let Err(e) = crate::vm::events::subscribe(conn, &tx) {
+                tracing::warn!(error = %e, "libvirt domain events unavailable; outside changes show at the next listing");
+            }
+        });
+        let this = Arc::downgrade(self);
+        tokio::spawn(async move {
+            while let Some(name) = rx.recv().await {
+                let Some(vms) = this.upgrade() else { return };
+                tracing::debug!(vm = %name, "libvirt domain event");
+                vms.observe_one(&name).await;
+            }
+        });
+    }
+
+    /// `GET /vms`: the agent's VMs and every other domain libvirt knows.
+    pub async fn list(&self) -> Result<Vec<VmStatus>, VmError> {
+        let rows = self.store.run(|s| s.with(vms::list)).await?;
+        let seen = self.observation().await?;
+        let mut result: Vec<VmStatus> = seen
+            .domains
+            .iter()
+            .map(|(name, s)| status_of(name, s, rows.iter().find(|r| &r.name == name)))
+            .collect();
+        for r in &rows {
+            if !seen.domains.contains_key(&r.name) {
+                result.push(missing_status(r, seen.listed_at));
+            }
+        }
+        for (name, p) in self.pending_all() {
+            match result.iter_mut().find(|s| s.name == name) {
+                Some(s) if matches!(p, Pending::Creating) => s.state = "creating".into(),
+                Some(_) => {}
+                None => result.push(pending_status(&name, &p)),
+            }
+        }
+        result.sort_by(|a, b| a.name.cmp(&b.name));
+        Ok(result)
+    }
+
+    /// `GET /vms/{name}/status`.
+    pub async fn status(&self, name: &str) -> Result<VmStatus, VmError> {
+        let row = self.row(name).await?;
+        let seen = self.observation().await?;
+        let pending = self.pending_of(name);
+        let mut status = match (seen.domains.get(name), &row, &pending) {
+            (Some(s), row, _) => status_of(name, s, row.as_ref()),
+            (None, Some(row), _) => missing_status(row, seen.listed_at),
+            (None, None, Some(p)) => pending_status(name, p),
+            (None, None, None) => return Err(VmError::NotFound(format!("no VM named {name}"))),
+        };
+        if matches!(pending, Some(Pending::Creating)) {
+            status.state = "creating".into();
+        }
+        Ok(status)
+    }
+
+    /// `GET /vms/{name}/ip`: waits (without holding a thread) until the network's DHCP
+    /// server has a lease for the VM's MAC, up to `timeout`.
+    pub async fn ip(
+        &self,
+        name: &str,
+        network: Option<String>,
+        timeout: Duration,
+    ) -> Result<String, VmError> {
+        let row = self.row(name).await?;
+        let (mac, net) = match &row {
+            Some(r) => (
+                r.mac.clone(),
+                network.unwrap_or_else(|| r.network_name.clone()),
+            ),
+            None => {
+                let n = name.to_string();
+                let f = self
+                    .lv
+                    .call(move |conn| {
+                        let d = existing(conn, &n)?;
+                        facts(&d)
+                    })
+                    .await?;
+                let (mac, fnet) =
+                    f.interfaces.first().cloned().ok_or_else(|| {
+                        VmError::NotFound(format!("{name} has no network interface"))
+                    })?;
+                (mac, network.unwrap_or(fnet))
+            }
+        };
+        crate::vm::spec::check_name("network", &net)?;
+        let deadline = Instant::now() + timeout;
+        loop {
+            let (m, n) = (mac.clone(), net.clone());
+            let found = self
+                .lv
+                .call(move |conn| {
+                    let netw = conn.lookup_network_by_name(&n).map_err(|e| {
+                        let e = VmError::libvirt(format!("network {n}"), e);
+                        if e.is_not_found() {
+                            VmError::NotFound(format!("no network named {n}"))
+                        } else {
+                            e
+                        }
+                    })?;
+                    Ok(leases::ipv4_of(&leases::leases(&netw, Some(&m))?, &m))
+                })
+                .await?;
+            if let Some(ip) = found {
+                if row.is_some() {
+                    let (n, i) = (name.to_string(), ip.clone());
+                    let _ = self
+                        .store
+                        .run(move |s| s.with(|c| vms::set_last_ip(c, &n, &i)))
+                        .await;
+                }
+                return Ok(ip);
+            }
+            let now = Instant::now();
+            if now >= deadline {
+                return Err(VmError::Timeout(format!(
+                    "no DHCP lease for {name} ({mac}) on network {net} within {} s",
+                    timeout.as_secs()
+                )));
+            }
+            tokio::time::sleep(self.cfg.lease_poll.min(deadline - now)).await;
+        }
+    }
+
+    /// `GET /vms/{name}/console`: the last `max` bytes of the serial console log.
+    pub async fn console(&self, name: &str, max: u64) -> Result<String, VmError> {
+        let n = name.to_string();
+        let cfg = self.cfg.clone();
+        let row = self.row(name).await?;
+        if row.is_none() {
+            return Err(VmError::NotFound(format!(
+                "no VM named {name} managed by this agent"
+            )));
+        }
+        let bytes = self
+            .lv
+            .call(move |conn| {
+                let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
+                let _ = pool.refresh(0);
+                match storage::find_volume(&pool, &storage::console_volume(&n))? {
+                    Some(v) => storage::tail(conn, &v, max),
+                    None => Ok(Vec::new()),
+                }
+            })
+            .await?;
+        Ok(String::from_utf8_lossy(&bytes).into_owned())
+    }
+
+    /// (total, running) domains, for `GET /stats`, from the last observation.
+    pub async fn counts(&self) -> Result<(usize, usize), VmError> {
+        let seen = self.observation().await?;
+        let running = seen.domains.values().filter(|s| s.active).count();
+        Ok((seen.domains.len(), running))
+    }
+}
+
+/// Every domain libvirt has, as it is now. Blocking.
+fn observe_all(conn: &Connect) -> Result<Vec<(String, Seen)>, VmError> {
+    let doms = conn
+        .list_all_domains(0)
+        .map_err(|e| VmError::libvirt("listing domains", e))?;
+    let mut out = Vec::with_capacity(doms.len());
+    for d in doms {
+        let name = d.name().map_err(|e| VmError::libvirt("domain name", e))?;
+        out.push((name, seen(&d)?));
+    }
+    Ok(out)
+}
+
+/// One domain as it is now; `None` when libvirt has no such domain. Blocking.
+fn observe(conn: &Connect, name: &str) -> Result<Option<Seen>, VmError> {
+    lookup(conn, name)?.as_ref().map(seen).transpose()
+}
+
+fn seen(d: &virt::domain::Domain) -> Result<Seen, VmError> {
+    let (active, state) = domain_state(d)?;
+    Ok(Seen {
+        active,
+        state: state.to_string(),
+        facts: facts(d).unwrap_or_default(),
+        at: None,
+    })
+}
+
+fn status_of(name: &str, seen: &Seen, row: Option<&VmRow>) -> VmStatus {
+    let f = &seen.facts;
+    let iface = f.interfaces.first();
+    VmStatus {
+        name: name.to_string(),
+        active: seen.active,
+        state: seen.state.clone(),
+        uuid: if f.uuid.is_empty() {
+            row.map(|r| r.uuid.clone()).unwrap_or_default()
+        } else {
+            f.uuid.clone()
+        },
+        managed: row.is_some(),
+        ip: row.and_then(|r| r.last_ip.clone()),
+        mac: iface
+            .map(|i| i.0.clone())
+            .or_else(|| row.map(|r| r.mac.clone())),
+        network: iface
+            .map(|i| i.1.clone())
+            .or_else(|| row.map(|r| r.network_name.clone())),
+        memory_mib: row.map(|r| r.memory_mib),
+        vcpus: row.map(|r| r.vcpus),
+        image: row.and_then(|r| r.image.clone()),
+        desired_state: row.map(|r| r.desired_state.clone()),
+        created_at: row.map(|r| r.created_at.clone()),
+        observed_at: seen.at.map(iso_utc),
+        error: None,
+    }
+}
+
+/// A row whose domain the last listing did not show: `missing` (the reconcile defines
+/// it again).
+fn missing_status(r: &VmRow, listed_at: Option<SystemTime>) -> VmStatus {
+    VmStatus {
+        name: r.name.clone(),
+        active: false,
+        state: "missing".into(),
+        uuid: r.uuid.clone(),
+        managed: true,
+        ip: r.last_ip.clone(),
+        mac: Some(r.mac.clone()),
+        network: Some(r.network_name.clone()),
+        memory_mib: Some(r.memory_mib),
+        vcpus: Some(r.vcpus),
+        image: r.image.clone(),
+        desired_state: Some(r.desired_state.clone()),
+        created_at: Some(r.created_at.clone()),
+        observed_at: listed_at.map(iso_utc),
+        error: None,
+    }
+}
+
+/// A create the database does not hold yet: `creating`, or `failed` after its request
+/// stopped waiting.
+fn pending_status(name: &str, pending: &Pending) -> VmStatus {
+    VmStatus {
+        name: name.to_string(),
+        active: false,
+        state: match pending {
+            Pending::Creating => "creating".into(),
+            Pending::Failed(_) => "failed".into(),
+        },
+        uuid: String::new(),
+        managed: true,
+        ip: None,
+        mac: None,
+        network: None,
+        memory_mib: None,
+        vcpus: None,
+        image: None,
+        desired_state: Some("running".into()),
+        created_at: None,
+        observed_at: None,
+        error: match pending {
+            Pending::Creating => None,
+            Pending::Failed(e) => Some(e.clone()),
+        },
+    }
+}
