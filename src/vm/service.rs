@@ -60,6 +60,10 @@ pub struct VmStatus {
     pub active: bool,
     pub state: String,
     pub uuid: String,
+    /// The cloud-init instance-id in the VM's seed (`meta-data`), as `POST /vms` answered
+    /// it: from the agent's row, else from the agent's metadata in the domain's XML;
+    /// null for a domain the agent did not create.
+    pub instance_id: Option<String>,
     /// Created (and so deletable) by this agent.
     pub managed: bool,
     pub ip: Option<String>,
@@ -864,6 +868,9 @@ fn status_of(
         } else {
             f.uuid.clone()
         },
+        instance_id: row
+            .map(|r| r.instance_id.clone())
+            .or_else(|| f.instance_id.clone()),
         managed: row.is_some(),
         ip: row.and_then(|r| r.last_ip.clone()),
         mac: iface
@@ -886,6 +893,7 @@ fn missing_status(r: &VmRow) -> VmStatus {
         active: false,
         state: "missing".into(),
         uuid: r.uuid.clone(),
+        instance_id: Some(r.instance_id.clone()),
         managed: true,
         ip: r.last_ip.clone(),
         mac: Some(r.mac.clone()),
