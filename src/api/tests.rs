@@ -983,38 +983,6 @@ async fn the_vm_list_and_stats_come_from_libvirt() {
     assert!(st["vms"]["total"].as_u64().unwrap() >= 1, "{st}");
 }
 
-/// A VM row as `Vms::create` stores it (the fields that matter here; the rest plausible).
-fn vm_row(name: &str, instance_id: &str, mac: &str) -> crate::store::vms::VmRow {
-    crate::store::vms::VmRow {
-        name: name.into(),
-        uuid: uuid::Uuid::new_v4().to_string(),
-        instance_id: instance_id.into(),
-        hostname: name.into(),
-        memory_mib: 128,
-        vcpus: 1,
-        disk_size_gb: 1,
-        network_name: "default".into(),
-        os_arch: "x86_64".into(),
-        domain_type: "qemu".into(),
-        image: None,
-        mac: mac.into(),
-        kernel: None,
-        initrd: None,
-        cmdline: None,
-        ssh_keys: 0,
-        user_data: false,
-        disk_volume: format!("vm.{name}.disk.qcow2"),
-        seed_volume: format!("vm.{name}.seed.img"),
-        desired_state: "running".into(),
-        last_state: None,
-        last_ip: None,
-        last_ip_at: None,
-        created_at: String::new(),
-        updated_at: String::new(),
-        created_by: "test".into(),
-    }
-}
-
 #[tokio::test]
 async fn the_vm_list_and_status_show_the_instance_id() {
     let h = harness();
@@ -1028,7 +996,8 @@ async fn the_vm_list_and_status_show_the_instance_id() {
         (gone.as_str(), format!("iid-gone-{id}"), "52:54:00:00:00:42"),
     ];
     for (name, iid, mac) in &rows {
-        let row = vm_row(name, iid, mac);
+        let mut row = crate::store::vms::test_row(name, mac);
+        row.instance_id = iid.clone();
         h.store
             .transaction(|tx| {
                 crate::store::vms::upsert(tx, &row, &crate::store::vms::SeedInputs::default())
