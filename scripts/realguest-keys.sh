@@ -12,7 +12,10 @@
 #
 # Needs root and the guest of /work/shared/tools/realguest.sh in REALGUEST_DIR (default
 # /var/lib/realguest: rootfs/, debian.qcow2, vmlinuz, initrd.img, id_test{,.pub});
-# build it with `OUT=$REALGUEST_DIR /work/shared/tools/realguest.sh` (about 10 minutes).
+# build it with `OUT=$REALGUEST_DIR /work/shared/tools/realguest.sh` (about 10 minutes;
+# on a machine whose apt has only deb822 sources, that tool's mirror lookup exits without
+# a word: give it MIRROR=http://deb.debian.org/debian and
+# SECURITY=http://deb.debian.org/debian-security).
 # The boot test starts libvirtd like the VM tests do (scripts/libvirt-netns.sh: the
 # machine's own libvirtd must be stopped) and takes /run/nva-libvirtd.lock, shared with
 # other checkouts' libvirt tests.
