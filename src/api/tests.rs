@@ -969,6 +969,89 @@ async fn the_vm_list_and_stats_come_from_libvirt() {
 }
 
 #[tokio::test]
+async fn the_vm_list_and_status_show_the_instance_id() {
+    let h = harness();
+    let id = uuid::Uuid::new_v4().simple().to_string();
+    // A VM whose domain runs (the test driver's own "test", given a row in this harness's
+    // store), one whose domain vanished ("missing"), and a domain carrying the agent's
+    // metadata without a row.
+    let gone = format!("nva-gone-{id}");
+    let rows = [
+        ("test", format!("iid-running-{id}"), "52:54:00:00:00:41"),
+        (gone.as_str(), format!("iid-gone-{id}"), "52:54:00:00:00:42"),
+    ];
+    for (name, iid, mac) in &rows {
+        let mut row = crate::store::vms::test_row(name, mac);
+        row.instance_id = iid.clone();
+        h.store
+            .transaction(|tx| {
+                crate::store::vms::upsert(tx, &row, &crate::store::vms::SeedInputs::default())
+            })
+            .unwrap();
+    }
+    let orphan = format!("nva-orphan-{id}");
+    let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
+    let orphan_uuid = uuid::Uuid::new_v4().to_string();
+    let orphan_iid = format!("iid-orphan-{id}");
+    let dom = conn
+        .define_domain_xml(&crate::vm::xml::domain(&crate::vm::xml::DomainSpec {
+            name: &orphan,
+            uuid: &orphan_uuid,
+            domain_type: "qemu",
+            memory_mib: 128,
+            vcpus: 1,
+            arch: "x86_64",
+            pool: "default-pool",
+            disk_volume: "nva-orphan-disk.qcow2",
+            seed_volume: "nva-orphan-seed.img",
+            network: "default",
+            mac: "52:54:00:00:00:43",
+            console_log: None,
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            instance_id: &orphan_iid,
+        }))
+        .unwrap();
+    let (s, list) = h.authed("GET", "/vms", None).await;
+    let mut statuses = Vec::new();
+    for name in ["test", gone.as_str(), orphan.as_str()] {
+        statuses.push(h.authed("GET", &format!("/vms/{name}/status"), None).await);
+    }
+    dom.undefine().unwrap();
+
+    assert_eq!(s, StatusCode::OK, "{list}");
+    let want = [
+        ("test", json!(format!("iid-running-{id}")), true),
+        (gone.as_str(), json!(format!("iid-gone-{id}")), true),
+        (orphan.as_str(), json!(orphan_iid), false),
+    ];
+    for ((name, iid, managed), (s, status)) in want.iter().zip(&statuses) {
+        let listed = list["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|d| d["name"] == *name)
+            .unwrap_or_else(|| panic!("{name} not in {list}"));
+        assert_eq!(listed["instance_id"], *iid, "{listed}");
+        assert_eq!(listed["managed"], *managed, "{listed}");
+        assert_eq!(*s, StatusCode::OK, "{status}");
+        assert_eq!(status["status"]["instance_id"], *iid, "{status}");
+        assert_eq!(status["status"], *listed);
+    }
+    assert_eq!(statuses[1].1["status"]["state"], "missing");
+    // Another harness (no row for "test"): a domain the agent did not create has none.
+    let other = harness();
+    let (_, st) = other.authed("GET", "/vms/test/status", None).await;
+    assert!(st["status"]["instance_id"].is_null(), "{st}");
+    assert_eq!(st["status"]["managed"], false);
+    // The document says so (scripts/contract.sh holds every answer to it).
+    let doc = served_document().await;
+    let prop = &doc["components"]["schemas"]["VmStatus"]["properties"]["instance_id"];
+    assert_eq!(prop["type"], json!(["string", "null"]), "{prop}");
+}
+
+#[tokio::test]
 async fn an_upload_over_the_largest_image_is_a_413_before_libvirt_is_asked() {
     let h = harness();
     // The harness takes images up to 1 GiB; the declared length is over it.

@@ -178,7 +178,7 @@ pub async fn create(
 
 #[utoipa::path(
     get, path = "/vms", tag = "vms",
-    responses((status = 200, description = "`{ok, vms: [{name, active, state, uuid, managed, ip, ...}]}`; domains the agent did not create have `managed: false`", body = VmList)),
+    responses((status = 200, description = "`{ok, vms: [{name, active, state, uuid, instance_id, managed, ip, ...}]}`; domains the agent did not create have `managed: false` and no `instance_id`", body = VmList)),
     security(("bearer" = []))
 )]
 pub async fn list(State(state): State<AppState>) -> Result<Json<Value>, ApiError> {

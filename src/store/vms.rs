@@ -314,41 +314,43 @@ pub fn image_delete(conn: &Connection, name: &str) -> Result<bool, StoreError> {
     Ok(conn.execute("DELETE FROM images WHERE name = ?1", [name])? > 0)
 }
 
+/// A plausible row for tests (instance-id `iid-<mac>`); other modules' tests use it too.
+#[cfg(test)]
+pub(crate) fn test_row(name: &str, mac: &str) -> VmRow {
+    VmRow {
+        name: name.into(),
+        uuid: format!("uuid-{name}-{mac}"),
+        instance_id: format!("iid-{mac}"),
+        hostname: name.into(),
+        memory_mib: 128,
+        vcpus: 1,
+        disk_size_gb: 1,
+        network_name: "default".into(),
+        os_arch: "x86_64".into(),
+        domain_type: "qemu".into(),
+        image: None,
+        mac: mac.into(),
+        kernel: None,
+        initrd: None,
+        cmdline: None,
+        ssh_keys: 1,
+        user_data: true,
+        disk_volume: format!("vm.{name}.disk.qcow2"),
+        seed_volume: format!("vm.{name}.seed.img"),
+        desired_state: "running".into(),
+        last_state: None,
+        last_ip: None,
+        last_ip_at: None,
+        created_at: String::new(),
+        updated_at: String::new(),
+        created_by: "test".into(),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use crate::store::Store;
-
-    fn row(name: &str, mac: &str) -> VmRow {
-        VmRow {
-            name: name.into(),
-            uuid: format!("uuid-{name}-{mac}"),
-            instance_id: format!("iid-{mac}"),
-            hostname: name.into(),
-            memory_mib: 128,
-            vcpus: 1,
-            disk_size_gb: 1,
-            network_name: "default".into(),
-            os_arch: "x86_64".into(),
-            domain_type: "qemu".into(),
-            image: None,
-            mac: mac.into(),
-            kernel: None,
-            initrd: None,
-            cmdline: None,
-            ssh_keys: 1,
-            user_data: true,
-            disk_volume: format!("vm.{name}.disk.qcow2"),
-            seed_volume: format!("vm.{name}.seed.img"),
-            desired_state: "running".into(),
-            last_state: None,
-            last_ip: None,
-            last_ip_at: None,
-            created_at: String::new(),
-            updated_at: String::new(),
-            created_by: "test".into(),
-        }
-    }
 
     #[test]
     fn seed_inputs_follow_their_vm() {
@@ -359,7 +361,7 @@ mod tests {
             network_config: None,
         };
         store
-            .transaction(|tx| upsert(tx, &row("a", "52:54:00:00:00:01"), &first))
+            .transaction(|tx| upsert(tx, &test_row("a", "52:54:00:00:00:01"), &first))
             .unwrap();
         assert_eq!(store.with(|c| seed(c, "a")).unwrap(), Some(first));
 
@@ -370,7 +372,7 @@ mod tests {
             network_config: Some("version: 2\n".into()),
         };
         store
-            .transaction(|tx| upsert(tx, &row("a", "52:54:00:00:00:01"), &second))
+            .transaction(|tx| upsert(tx, &test_row("a", "52:54:00:00:00:01"), &second))
             .unwrap();
         assert_eq!(store.with(|c| seed(c, "a")).unwrap(), Some(second));
 
@@ -378,7 +380,7 @@ mod tests {
         assert!(store.with(|c| delete(c, "a")).unwrap());
         assert_eq!(store.with(|c| seed(c, "a")).unwrap(), None);
         store
-            .with(|c| upsert_row(c, &row("old", "52:54:00:00:00:02")))
+            .with(|c| upsert_row(c, &test_row("old", "52:54:00:00:00:02")))
             .unwrap();
         assert_eq!(store.with(|c| seed(c, "old")).unwrap(), None);
         let n: i64 = store

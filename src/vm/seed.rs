@@ -1,9 +1,14 @@
 //! The cloud-init NoCloud seed, built in memory (a small FAT12 image labelled CIDATA).
 //!
-//! The image holds `meta-data` (JSON, which is valid YAML), `user-data` (the request's
-//! verbatim, or a generated `#cloud-config` that only sets the hostname and the SSH
-//! keys: never a password, never a built-in key) and, when given, `network-config`.
-//! Every generated value goes through serde_json, so no hostname or instance-id can
+//! The image holds `meta-data` (JSON, which is valid YAML), `user-data` and, when given,
+//! `network-config`. Without `user_data` in the request, `user-data` is a generated
+//! `#cloud-config` that only sets the hostname and the SSH keys: never a password, never
+//! a built-in key. With it, `user-data` is the request's, byte for byte, and the agent's
+//! part travels beside it where cloud-init applies it whatever that user-data says: the
+//! keys as the datasource's own `public-keys` in `meta-data`, the hostname as
+//! `local-hostname` there, and a `vendor-data` that keeps cloud-init from preserving the
+//! image's hostname (docs/decisions.md §17 says why not keys in vendor-data).
+//! Every generated value goes through serde_json, so no hostname, key or instance-id can
 //! break out of its string.
 
 use std::io::{Cursor, Read, Seek, SeekFrom, Write};
@@ -18,7 +23,8 @@ pub struct SeedSpec<'a> {
     pub instance_id: &'a str,
     /// meta-data `local-hostname`, and the hostname in generated user-data.
     pub hostname: &'a str,
-    /// Public keys for the image's default user (generated user-data only).
+    /// Public keys for the image's default user: in the generated user-data, or in
+    /// meta-data's `public-keys` when the user-data is the request's.
     pub ssh_authorized_keys: &'a [String],
     /// Raw user-data from the request, used verbatim instead of the generated one.
     pub user_data: Option<&'a str>,
@@ -70,22 +76,42 @@ pub fn build(spec: &SeedSpec<'_>) -> Result<Vec<u8>, SeedError> {
         None => generated_user_data(spec).into_bytes(),
     };
     let mut files: Vec<(&str, &[u8])> = vec![("meta-data", &meta), ("user-data", &user)];
+    if spec.user_data.is_some() {
+        files.push(("vendor-data", VENDOR_DATA.as_bytes()));
+    }
     if let Some(net) = spec.network_config {
         files.push(("network-config", net.as_bytes()));
     }
     build_image(&files, volume_id(spec.instance_id))
 }
 
-/// `meta-data`: `{"instance-id":"…","local-hostname":"…"}` plus a newline.
+/// `meta-data`: `{"instance-id":"…","local-hostname":"…"}` plus a newline; with the
+/// request's user-data and at least one key, also `"public-keys":["…",…]`.
+///
+/// `public-keys` is the datasource's own key list: cloud-init's `ssh` module adds it to
+/// the keys of the merged cloud-config (`ssh_authorized_keys`) for the default user,
+/// whatever the user-data says about keys, unless that user-data sets
+/// `allow_public_ssh_keys: false`. Keys in vendor-data would not do: a user-data with its
+/// own `ssh_authorized_keys` replaces them (docs/decisions.md §17).
 pub fn meta_data(spec: &SeedSpec<'_>) -> Vec<u8> {
-    let value = serde_json::json!({
+    let mut value = serde_json::json!({
         "instance-id": spec.instance_id,
         "local-hostname": spec.hostname,
     });
+    if spec.user_data.is_some() && !spec.ssh_authorized_keys.is_empty() {
+        value["public-keys"] = spec.ssh_authorized_keys.iter().map(|k| k.trim()).collect();
+    }
     let mut out = yaml_safe_json(&value).into_bytes();
     out.push(b'\n');
     out
 }
+
+/// `vendor-data`, written only beside the request's user-data: `#cloud-config` with
+/// `preserve_hostname: false`, so that the hostname of meta-data is set even on an image
+/// whose own configuration preserves its hostname (as the generated user-data does).
+/// cloud-init merges the user-data's cloud-config over it: a user-data that sets
+/// `preserve_hostname`, `hostname` or `fqdn` itself wins.
+pub const VENDOR_DATA: &str = "#cloud-config\n{\"preserve_hostname\":false}\n";
 
 /// The generated `user-data`: `#cloud-config`, then one JSON object (valid YAML).
 pub fn generated_user_data(spec: &SeedSpec<'_>) -> String {
@@ -454,6 +480,90 @@ mod tests {
         assert_eq!(file(&files, "user-data"), b"");
     }
 
+    /// An operator's user-data that has its own keys, user list and hostname, as a real
+    /// one would (CRLF, no final newline, non-ASCII): cloud-init must get it unchanged.
+    const OPERATOR_USER_DATA: &str = "#cloud-config\r\nhostname: ops-host\r\nusers:\r\n  - default\r\n  - name: ops\r\n    ssh_authorized_keys: [\"ssh-ed25519 AAAAops\"]\r\nssh_authorized_keys:\r\n  - ssh-ed25519 AAAAoperator operator@ünïcødé\r\n# no trailing newline";
+
+    #[test]
+    fn with_request_user_data_the_keys_and_hostname_travel_in_meta_data_and_vendor_data() {
+        // The node's keys (what the agent uses when the request brings none) and a
+        // request's own keys: each list as the service hands it over, padded as sent.
+        let node = vec![ED25519.to_string()];
+        // A comment may hold anything but control characters: it stays in its string.
+        let hostile = format!("{ECDSA} \"x\": \\ #, \"instance-id\": \"evil\" ü");
+        let request = vec![format!(" {RSA}\n"), hostile];
+        for keys in [&node, &request] {
+            let mut s = spec(keys);
+            s.hostname = "web-1.example.org";
+            s.user_data = Some(OPERATOR_USER_DATA);
+            s.network_config = Some("version: 2\n");
+            let (_, _, files) = read_back(&build(&s).expect("build"));
+            let mut names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+            names.sort();
+            assert_eq!(
+                names,
+                ["meta-data", "network-config", "user-data", "vendor-data"]
+            );
+            // The operator's user-data, byte for byte.
+            assert_eq!(file(&files, "user-data"), OPERATOR_USER_DATA.as_bytes());
+            // meta-data: one line of JSON with every key, trimmed, in order.
+            let meta = std::str::from_utf8(file(&files, "meta-data")).expect("utf-8");
+            assert_eq!(meta.matches('\n').count(), 1, "{meta}");
+            let v: serde_json::Value = serde_json::from_str(meta).expect("JSON");
+            let want: Vec<&str> = keys.iter().map(|k| k.trim()).collect();
+            assert_eq!(
+                v,
+                serde_json::json!({
+                    "instance-id": "i-0123",
+                    "local-hostname": "web-1.example.org",
+                    "public-keys": want,
+                }),
+                "{meta}"
+            );
+            // vendor-data: a cloud-config that only unpins the image's hostname.
+            let vendor = std::str::from_utf8(file(&files, "vendor-data")).expect("utf-8");
+            let body = vendor.strip_prefix("#cloud-config\n").expect("header");
+            let v: serde_json::Value = serde_json::from_str(body).expect("JSON");
+            assert_eq!(
+                v,
+                serde_json::json!({"preserve_hostname": false}),
+                "{vendor}"
+            );
+        }
+    }
+
+    #[test]
+    fn with_request_user_data_and_no_keys_meta_data_has_no_key_list() {
+        let mut s = spec(&[]);
+        s.user_data = Some(OPERATOR_USER_DATA);
+        let (_, _, files) = read_back(&build(&s).expect("build"));
+        assert_eq!(
+            file(&files, "meta-data"),
+            b"{\"instance-id\":\"i-0123\",\"local-hostname\":\"web-1\"}\n"
+        );
+        assert_eq!(file(&files, "user-data"), OPERATOR_USER_DATA.as_bytes());
+        assert_eq!(file(&files, "vendor-data"), VENDOR_DATA.as_bytes());
+    }
+
+    #[test]
+    fn without_request_user_data_the_seed_is_as_before() {
+        // Keys go into the generated user-data only: no vendor-data, no public-keys.
+        let keys = vec![ED25519.to_string(), RSA.to_string()];
+        let s = spec(&keys);
+        let (_, _, files) = read_back(&build(&s).expect("build"));
+        let mut names: Vec<&str> = files.iter().map(|(n, _)| n.as_str()).collect();
+        names.sort();
+        assert_eq!(names, ["meta-data", "user-data"]);
+        assert_eq!(
+            file(&files, "meta-data"),
+            b"{\"instance-id\":\"i-0123\",\"local-hostname\":\"web-1\"}\n"
+        );
+        assert_eq!(
+            file(&files, "user-data"),
+            generated_user_data(&s).as_bytes()
+        );
+    }
+
     #[test]
     fn large_content_grows_the_image() {
         let big = "#cloud-config\n".to_string() + &"# filler line\n".repeat(20_000); // ~280 KB
@@ -484,7 +594,11 @@ mod tests {
         let big = "#cloud-config\n".to_string() + &"# filler\n".repeat(10_000);
         let mut s_big = spec(&[]);
         s_big.user_data = Some(&big);
-        for (what, spec) in [("small", s), ("grown", s_big)] {
+        // The request's user-data with keys: five files (vendor-data too).
+        let mut s_all = spec(&keys);
+        s_all.user_data = Some(OPERATOR_USER_DATA);
+        s_all.network_config = Some("version: 1\n");
+        for (what, spec, files) in [("small", s, 3), ("grown", s_big, 3), ("all", s_all, 4)] {
             let image = build(&spec).expect("build");
             let tmp = tempfile::NamedTempFile::new().expect("temp file");
             std::fs::write(tmp.path(), &image).expect("write image");
@@ -497,10 +611,8 @@ mod tests {
                 + &String::from_utf8_lossy(&out.stderr);
             assert!(out.status.success(), "{what}: fsck.fat -n: {text}");
             // fsck.fat counts the volume label entry as a file.
-            assert!(
-                text.contains("4 files") || text.contains("3 files"),
-                "{what}: {text}"
-            );
+            let counted = format!("{} files", files + 1);
+            assert!(text.contains(&counted), "{what}: {text}");
         }
     }
 

@@ -75,6 +75,10 @@ pub struct VmStatus {
     pub active: bool,
     pub state: String,
     pub uuid: String,
+    /// The cloud-init instance-id in the VM's seed (`meta-data`), as `POST /vms` answered
+    /// it: from the agent's row, else from the agent's metadata in the domain's XML;
+    /// null for a domain the agent did not create.
+    pub instance_id: Option<String>,
     /// Created (and so deletable) by this agent.
     pub managed: bool,
     pub ip: Option<String>,

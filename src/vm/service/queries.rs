@@ -262,6 +262,9 @@ fn status_of(name: &str, seen: &Seen, row: Option<&VmRow>) -> VmStatus {
         } else {
             f.uuid.clone()
         },
+        instance_id: row
+            .map(|r| r.instance_id.clone())
+            .or_else(|| f.instance_id.clone()),
         managed: row.is_some(),
         ip: row.and_then(|r| r.last_ip.clone()),
         mac: iface
@@ -288,6 +291,7 @@ fn missing_status(r: &VmRow, listed_at: Option<SystemTime>) -> VmStatus {
         active: false,
         state: "missing".into(),
         uuid: r.uuid.clone(),
+        instance_id: Some(r.instance_id.clone()),
         managed: true,
         ip: r.last_ip.clone(),
         mac: Some(r.mac.clone()),
@@ -313,6 +317,7 @@ fn pending_status(name: &str, pending: &Pending) -> VmStatus {
             Pending::Failed(_) => "failed".into(),
         },
         uuid: String::new(),
+        instance_id: None,
         managed: true,
         ip: None,
         mac: None,
