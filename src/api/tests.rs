@@ -1349,3 +1349,74 @@ async fn an_outside_change_reaches_the_status_through_libvirt_events() {
     dom.undefine().unwrap();
     seen_within("evtest", "404", listed).await;
 }
+
+/// `POST /vms?wait=false` answers 202 at once with the VM `creating`; a failure that
+/// comes later (here libvirt's test driver refuses the guest) shows in the VM's status,
+/// state `failed` with the error, and in the audit log. A bad request is still refused
+/// at once, and the default stays synchronous.
+#[tokio::test]
+async fn a_create_without_waiting_answers_202_and_its_later_failure_is_visible() {
+    let h = harness();
+    let body = json!({"name": "bg1", "kernel": "/boot/vmlinuz", "memory_mib": 64}).to_string();
+    let (s, v) = h.authed("POST", "/vms?wait=false", Some(&body)).await;
+    assert_eq!(s, StatusCode::ACCEPTED, "{v}");
+    assert_eq!(v, json!({"ok": true, "name": "bg1", "state": "creating"}));
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let status = loop {
+        let (s, v) = h.authed("GET", "/vms/bg1/status", None).await;
+        assert_eq!(s, StatusCode::OK, "{v}");
+        if v["status"]["state"] != "creating" {
+            break v["status"].clone();
+        }
+        assert!(std::time::Instant::now() < deadline, "{v}");
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    };
+    assert_eq!(status["state"], "failed", "{status}");
+    assert!(
+        status["error"]
+            .as_str()
+            .unwrap()
+            .contains("cannot run x86_64 guests"),
+        "{status}"
+    );
+    let (s, v) = h.authed("GET", "/vms", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert!(
+        v["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|vm| vm["name"] == "bg1" && vm["state"] == "failed"),
+        "{v}"
+    );
+    let rows = h.audit_rows();
+    assert!(
+        rows.iter()
+            .any(|r| r.1 == "POST /vms" && r.2 == "ok" && r.3 == Some(202)),
+        "{rows:?}"
+    );
+    assert!(
+        rows.iter().any(
+            |r| r.1 == "POST /vms bg1 (wait=false) (finished after the answer)"
+                && r.2 == "failed"
+                && r.4
+                    .as_deref()
+                    .is_some_and(|e| e.contains("cannot run x86_64 guests"))
+        ),
+        "{rows:?}"
+    );
+    // Deleting the failed create clears it.
+    let (s, v) = h.authed("DELETE", "/vms/bg1", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND, "{v}");
+    let (s, _) = h.authed("GET", "/vms/bg1/status", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+
+    let (s, v) = h
+        .authed("POST", "/vms?wait=false", Some(r#"{"name": "bad name"}"#))
+        .await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = h.authed("POST", "/vms?wait=maybe", Some(&body)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, v) = h.authed("POST", "/vms", Some(&body)).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "synchronous by default: {v}");
+}

@@ -148,11 +148,32 @@ fn name_ok(name: &str) -> Result<(), ApiError> {
     check_name("VM name", name).map_err(ApiError::from)
 }
 
+#[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
+#[serde(deny_unknown_fields)]
+#[into_params(parameter_in = Query)]
+pub struct CreateQuery {
+    /// `false`: answer 202 at once, the VM `creating`; its outcome shows in
+    /// `GET /vms/{name}/status` (running, or `failed` with `error`) and the audit log.
+    /// Default `true`: answer once the domain runs.
+    wait: Option<bool>,
+}
+
+#[derive(serde::Serialize, utoipa::ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+pub struct VmCreating {
+    ok: bool,
+    name: String,
+    /// `creating`.
+    state: String,
+}
+
 #[utoipa::path(
     post, path = "/vms", tag = "vms",
+    params(CreateQuery),
     request_body = CreateVm,
     responses(
         (status = 200, description = "Created and started", body = VmCreated),
+        (status = 202, description = "`wait=false`: accepted, being created", body = VmCreating),
         (status = 400, description = "Invalid body, name, network or bounds; nothing created", body = super::ErrorBody),
         (status = 404, description = "Image not found", body = super::ErrorBody),
         (status = 409, description = "VM exists (without `recreate`), is not the agent's, or is busy", body = super::ErrorBody),
@@ -164,14 +185,30 @@ pub async fn create(
     State(state): State<AppState>,
     identity: axum::Extension<Identity>,
     Extension(draft): Extension<Draft>,
+    RawQuery(q): RawQuery,
     body: Bytes,
-) -> Result<AuditedResponse<Json<Value>>, ApiError> {
+) -> Result<AuditedResponse<(StatusCode, Json<Value>)>, ApiError> {
+    let q: CreateQuery = body::query(q.as_deref())?;
     let req: CreateVm = body::json_with_secrets(&body)?;
+    if q.wait == Some(false) {
+        let name = req.name.clone();
+        return around(&state.store, &draft, StatusCode::ACCEPTED, async {
+            state
+                .vms
+                .create_in_background(req, identity.0.as_str())
+                .await?;
+            Ok((
+                StatusCode::ACCEPTED,
+                Json(json!({"ok": true, "name": name, "state": "creating"})),
+            ))
+        })
+        .await;
+    }
     around(&state.store, &draft, StatusCode::OK, async {
         let created = state.vms.create(req, identity.0.as_str()).await?;
         let mut v = serde_json::to_value(created).map_err(|e| ApiError::internal(e.to_string()))?;
         v["ok"] = json!(true);
-        Ok(Json(v))
+        Ok((StatusCode::OK, Json(v)))
     })
     .await
 }

@@ -27,6 +27,47 @@ impl Vms {
     /// `POST /vms`: the VM is defined and started when this answers 200. A create that
     /// outlives `LIBVIRT_TIMEOUT` answers 504 and goes on; its row appears when it ends.
     pub async fn create(self: &Arc<Self>, req: CreateVm, by: &str) -> Result<Created, VmError> {
+        let name = req.name.clone();
+        let (claim, work) = self.begin_create(req, by).await?;
+        let result = self
+            .to_the_end(claim, format!("POST /vms {name}"), self.lv.timeout(), work)
+            .await;
+        if let Err(e) = &result
+            && !matches!(e, VmError::Stalled(_))
+        {
+            // The client hears of the failure: nothing is left to show.
+            self.set_pending(&name, None);
+        }
+        result
+    }
+
+    /// `POST /vms?wait=false`: checked and planned now (a bad request is refused as
+    /// usual); built in the background, shown as `creating`, then running, or `failed`
+    /// with its error (and an audit row) if libvirt refuses.
+    pub async fn create_in_background(
+        self: &Arc<Self>,
+        req: CreateVm,
+        by: &str,
+    ) -> Result<(), VmError> {
+        let name = req.name.clone();
+        let (claim, work) = self.begin_create(req, by).await?;
+        self.in_background(claim, format!("POST /vms {name} (wait=false)"), work);
+        Ok(())
+    }
+
+    /// Validates, claims the name and plans; returns the claim and the rest of the
+    /// create (provision, persist), which marks the name `creating` until it ends.
+    async fn begin_create(
+        self: &Arc<Self>,
+        req: CreateVm,
+        by: &str,
+    ) -> Result<
+        (
+            crate::vm::claims::Claim,
+            impl std::future::Future<Output = Result<Created, VmError>> + Send + 'static,
+        ),
+        VmError,
+    > {
         req.validate(&self.cfg.limits)?;
         let claim = self.claim(&req.name).await?;
         let plan = self.plan(&req, by).await?;
@@ -42,21 +83,7 @@ impl Vms {
             this.observe_one(&name).await;
             result
         };
-        let result = self
-            .to_the_end(
-                claim,
-                format!("POST /vms {}", req.name),
-                self.lv.timeout(),
-                work,
-            )
-            .await;
-        if let Err(e) = &result
-            && !matches!(e, VmError::Stalled(_))
-        {
-            // The client hears of the failure: nothing is left to show.
-            self.set_pending(&req.name, None);
-        }
-        result
+        Ok((claim, work))
     }
 
     async fn provision_and_persist(&self, plan: Plan) -> Result<Created, VmError> {

@@ -21,6 +21,7 @@ pub(crate) mod tests;
 
 use std::future::Future;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
@@ -218,23 +219,12 @@ impl Vms {
         wait: Duration,
         work: impl Future<Output = Result<T, VmError>> + Send + 'static,
     ) -> Result<T, VmError> {
-        let detached = Arc::new(std::sync::atomic::AtomicBool::new(false));
-        let this = Arc::clone(self);
-        let (flag, what2) = (Arc::clone(&detached), what.clone());
-        let mut task = tokio::spawn(async move {
-            let result = work.await;
-            if flag.load(std::sync::atomic::Ordering::Acquire) {
-                this.record_late_outcome(&what2, result.as_ref().err())
-                    .await;
-            }
-            drop(claim);
-            result
-        });
+        let (mut task, detached) = self.launch(claim, what.clone(), work);
         match tokio::time::timeout(wait, &mut task).await {
             Ok(joined) => joined
                 .map_err(|e| VmError::Libvirt(format!("{what}: the operation failed: {e}")))?,
             Err(_) => {
-                detached.store(true, std::sync::atomic::Ordering::Release);
+                detached.store(true, Ordering::Release);
                 Err(VmError::Stalled(format!(
                     "{what}: libvirt did not finish within {} s; the operation goes on and \
                      its outcome will show in GET /vms and the audit log",
@@ -242,6 +232,40 @@ impl Vms {
                 )))
             }
         }
+    }
+
+    /// Like [`Vms::to_the_end`] with nobody waiting (`wait=false`): the outcome is
+    /// recorded when the work ends.
+    fn in_background<T: Send + 'static>(
+        self: &Arc<Self>,
+        claim: Claim,
+        what: String,
+        work: impl Future<Output = Result<T, VmError>> + Send + 'static,
+    ) {
+        let (_task, detached) = self.launch(claim, what, work);
+        detached.store(true, Ordering::Release);
+    }
+
+    /// Spawns `work` holding `claim`; once it ends, an audit row records its outcome if
+    /// the returned flag says nobody waits for it any more.
+    fn launch<T: Send + 'static>(
+        self: &Arc<Self>,
+        claim: Claim,
+        what: String,
+        work: impl Future<Output = Result<T, VmError>> + Send + 'static,
+    ) -> (tokio::task::JoinHandle<Result<T, VmError>>, Arc<AtomicBool>) {
+        let detached = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&detached);
+        let this = Arc::clone(self);
+        let task = tokio::spawn(async move {
+            let result = work.await;
+            if flag.load(Ordering::Acquire) {
+                this.record_late_outcome(&what, result.as_ref().err()).await;
+            }
+            drop(claim);
+            result
+        });
+        (task, detached)
     }
 
     /// The audit row of an operation whose request stopped waiting for it.
