@@ -142,6 +142,19 @@ fn apply_twice_and_single_element_changes() {
         assert!(err.is_not_found(), "{err}");
         assert_eq!(err.reason(), "No such file or directory");
 
+        // Several at once (a deleted VM's maps): all or nothing.
+        let (d, e) = (
+            pm(Proto::Tcp, 7070, [10, 200, 2, 20], 70),
+            pm(Proto::Udp, 7070, [10, 200, 2, 20], 70),
+        );
+        nft.add(&d).await.unwrap();
+        nft.add(&e).await.unwrap();
+        let err = nft.remove_all(&[d, e, a]).await.unwrap_err();
+        assert!(err.is_not_found(), "{err}");
+        assert_eq!(maps(nft.read().await.unwrap()), [d, c, e, b]);
+        nft.remove_all(&[d, e]).await.unwrap();
+        assert_eq!(maps(nft.read().await.unwrap()), [c, b]);
+
         let c2 = pm(Proto::Tcp, 9090, [10, 200, 2, 13], 91);
         nft.replace(&c, &c2).await.unwrap();
         assert_eq!(maps(nft.read().await.unwrap()), [c2, b]);

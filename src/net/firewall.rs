@@ -80,8 +80,11 @@ impl Firewall for NftFirewall {
         self.rt.block_on(self.nft.add(map)).map_err(err)
     }
 
-    fn remove(&self, map: &PortMap) -> Result<(), FirewallError> {
-        self.rt.block_on(self.nft.remove(map)).map_err(err)
+    fn remove(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
+        match maps {
+            [one] => self.rt.block_on(self.nft.remove(one)).map_err(err),
+            _ => self.rt.block_on(self.nft.remove_all(maps)).map_err(err),
+        }
     }
 
     fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), FirewallError> {

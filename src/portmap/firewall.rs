@@ -19,7 +19,8 @@ pub trait Firewall: Send + Sync + 'static {
     /// transaction.
     fn apply_all(&self, maps: &[PortMap]) -> Result<(), FirewallError>;
     fn add(&self, map: &PortMap) -> Result<(), FirewallError>;
-    fn remove(&self, map: &PortMap) -> Result<(), FirewallError>;
+    /// Removes `maps` in one transaction: all of them, or none.
+    fn remove(&self, maps: &[PortMap]) -> Result<(), FirewallError>;
     /// Points `old.listen_port` at `new`'s target in one transaction.
     fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), FirewallError>;
     /// Human-readable differences between the kernel and `desired`; empty when in sync.
@@ -119,13 +120,15 @@ impl Firewall for MemoryFirewall {
         })
     }
 
-    fn remove(&self, map: &PortMap) -> Result<(), FirewallError> {
+    fn remove(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
         self.change(|m| {
-            if m.remove(map) {
-                Ok(())
-            } else {
-                Err(FirewallError("No such file or directory".into()))
+            if !maps.iter().all(|x| m.contains(x)) {
+                return Err(FirewallError("No such file or directory".into()));
             }
+            for x in maps {
+                m.remove(x);
+            }
+            Ok(())
         })
     }
 

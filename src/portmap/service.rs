@@ -180,7 +180,7 @@ impl PortMaps {
                 return Ok(None);
             };
             portmaps::delete(tx, proto, listen_port)?;
-            self.fw.remove(&row.map)?;
+            self.fw.remove(&[row.map])?;
             Ok(Some(row.map))
         });
         match deleted {
@@ -191,6 +191,45 @@ impl PortMaps {
             Ok(Some(m)) => {
                 self.invalidate();
                 Ok(Some(m))
+            }
+            other => other,
+        }
+    }
+
+    /// Removes every map that targets one of `targets`: one SQLite transaction holding
+    /// each map's audit row (`audit` says it), one kernel transaction. Returns the maps
+    /// removed.
+    pub fn delete_targeting(
+        &self,
+        targets: &[std::net::Ipv4Addr],
+        audit: impl Fn(&PortMap) -> Entry,
+    ) -> Result<Vec<PortMap>, PortMapError> {
+        let deleted = self.store.transaction(|tx| {
+            let gone: Vec<PortMap> = portmaps::list(tx)?
+                .into_iter()
+                .map(|r| r.map)
+                .filter(|m| targets.contains(&m.target_ip))
+                .collect();
+            if gone.is_empty() {
+                return Ok(gone);
+            }
+            for m in &gone {
+                audit::record(tx, &audit(m))?;
+                portmaps::delete(tx, m.proto, m.listen_port)?;
+            }
+            self.fw.remove(&gone)?;
+            Ok(gone)
+        });
+        match deleted {
+            Err(PortMapError::Store(e)) => {
+                self.resync_after_failed_commit();
+                Err(e.into())
+            }
+            Ok(gone) => {
+                if !gone.is_empty() {
+                    self.invalidate();
+                }
+                Ok(gone)
             }
             other => other,
         }
@@ -369,6 +408,61 @@ mod tests {
         let mut v: Vec<_> = svc.list().unwrap().into_iter().map(|r| r.map).collect();
         v.sort();
         v
+    }
+
+    #[test]
+    fn the_maps_of_a_target_go_in_one_transaction_with_their_audit_rows_or_not_at_all() {
+        let (svc, fw) = setup();
+        let (a, b, c) = (
+            map(Proto::Tcp, 2222, 5, 22),
+            map(Proto::Udp, 5353, 5, 53),
+            map(Proto::Tcp, 8080, 6, 80),
+        );
+        for m in [a, b, c] {
+            svc.create(m, false, "t", None).unwrap();
+        }
+        let entry = |m: &PortMap| Entry {
+            client_addr: None,
+            identity: "agent".into(),
+            action: format!("DELETE /ports/{} (VM deleted)", m.listen_port),
+            parameters: None,
+            outcome: audit::Outcome::Ok,
+            status: None,
+            error: None,
+        };
+        let audit_rows = |svc: &PortMaps| -> i64 {
+            svc.store()
+                .with(|c| {
+                    Ok::<_, crate::store::StoreError>(c.query_row(
+                        "SELECT count(*) FROM audit_log",
+                        [],
+                        |r| r.get(0),
+                    )?)
+                })
+                .unwrap()
+        };
+        // The kernel refuses: nothing changes anywhere.
+        fw.fail_next("Operation not permitted");
+        assert!(
+            svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 5)], entry)
+                .is_err()
+        );
+        assert_eq!(stored(&svc), vec![a, c, b]);
+        assert_eq!(kernel(&fw).len(), 3);
+        assert_eq!(audit_rows(&svc), 0);
+
+        let gone = svc
+            .delete_targeting(&[Ipv4Addr::new(10, 0, 0, 5)], entry)
+            .unwrap();
+        assert_eq!(gone, vec![a, b]);
+        assert_eq!(stored(&svc), vec![c]);
+        assert_eq!(kernel(&fw), vec![c]);
+        assert_eq!(audit_rows(&svc), 2);
+        assert!(
+            svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 9)], entry)
+                .unwrap()
+                .is_empty()
+        );
     }
 
     #[test]

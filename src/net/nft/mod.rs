@@ -265,6 +265,26 @@ impl Nft {
             .map_err(NftError::kernel("remove port map"))
     }
 
+    /// Removes several port maps in one transaction: all of them, or (one missing,
+    /// `ENOENT`) none.
+    pub async fn remove_all(&self, maps: &[PortMap]) -> Result<(), NftError> {
+        self.ensure_send_buffer(BATCH_OVERHEAD_BYTES + maps.len() * ELEMENT_WIRE_BYTES)?;
+        let mut tx = self.conn.transaction();
+        for proto in Proto::ALL {
+            let elements: Vec<_> = maps
+                .iter()
+                .filter(|m| m.proto == proto)
+                .map(ruleset::element)
+                .collect();
+            for chunk in elements.chunks(ruleset::ELEMENTS_PER_MESSAGE) {
+                tx = tx.del_set_elements(&ruleset::map(proto), chunk);
+            }
+        }
+        tx.commit(&self.conn)
+            .await
+            .map_err(NftError::kernel("remove port maps"))
+    }
+
     /// Deletes `old` and adds `new` in one transaction: traffic switches target
     /// atomically, and if either half is refused nothing changes.
     pub async fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), NftError> {

@@ -234,55 +234,12 @@ impl Vms {
         self.store
             .run(move |s| s.with(|c| vms::delete(c, &n)))
             .await?;
-        let mut removed = Vec::new();
-        if let Some(pm) = &self.portmaps {
-            let ips: Vec<String> = [row_ip, lease_ip].into_iter().flatten().collect();
-            if !ips.is_empty() {
-                let pm = Arc::clone(pm);
-                let vm = name.to_string();
-                removed = tokio::task::spawn_blocking(move || {
-                    let mut removed = Vec::new();
-                    for m in pm.list().unwrap_or_default() {
-                        if !ips.contains(&m.map.target_ip.to_string()) {
-                            continue;
-                        }
-                        // The operator asked for the VM's deletion, not for this: the
-                        // audit trail says why the map went, in the map's own transaction.
-                        let entry = audit::Entry {
-                            client_addr: None,
-                            identity: "agent".into(),
-                            action: "DELETE /ports (VM deleted)".into(),
-                            parameters: Some(
-                                serde_json::json!({
-                                    "vm": vm,
-                                    "listen_port": m.map.listen_port,
-                                    "proto": m.map.proto.to_string(),
-                                    "target": format!("{}:{}", m.map.target_ip, m.map.target_port),
-                                })
-                                .to_string(),
-                            ),
-                            outcome: audit::Outcome::Ok,
-                            status: None,
-                            error: None,
-                        };
-                        match pm.delete(m.map.proto, m.map.listen_port, Some(&entry)) {
-                            Ok(Some(gone)) => removed.push(format!(
-                                "{}/{} -> {}:{}",
-                                gone.listen_port, gone.proto, gone.target_ip, gone.target_port
-                            )),
-                            Ok(None) => {}
-                            Err(e) => tracing::error!(
-                                vm = %vm, map = %m.map.rule_id(), error = %e,
-                                "could not remove a port map of the deleted VM"
-                            ),
-                        }
-                    }
-                    removed
-                })
-                .await
-                .unwrap_or_default();
-            }
-        }
+        let targets: Vec<std::net::Ipv4Addr> = [row_ip, lease_ip]
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        let removed = self.remove_port_maps_to(name, targets).await;
         tracing::info!(
             vm = name,
             delete_files,
@@ -294,5 +251,60 @@ impl Vms {
             deleted_files: delete_files,
             removed_port_maps: removed,
         })
+    }
+
+    /// Removes the port maps that target the deleted VM's addresses: one call of the
+    /// port-map service (one SQLite transaction with each map's audit row, one kernel
+    /// transaction). A failure is logged; the VM is gone either way, and the maps'
+    /// reconcile keeps kernel and database agreeing.
+    async fn remove_port_maps_to(&self, vm: &str, targets: Vec<std::net::Ipv4Addr>) -> Vec<String> {
+        let Some(pm) = self.portmaps.clone() else {
+            return Vec::new();
+        };
+        if targets.is_empty() {
+            return Vec::new();
+        }
+        let name = vm.to_string();
+        let gone = tokio::task::spawn_blocking(move || {
+            // The operator asked for the VM's deletion, not for this: the audit trail
+            // says why each map went.
+            pm.delete_targeting(&targets, |m| audit::Entry {
+                client_addr: None,
+                identity: "agent".into(),
+                action: "DELETE /ports (VM deleted)".into(),
+                parameters: Some(
+                    serde_json::json!({
+                        "vm": name,
+                        "listen_port": m.listen_port,
+                        "proto": m.proto.to_string(),
+                        "target": format!("{}:{}", m.target_ip, m.target_port),
+                    })
+                    .to_string(),
+                ),
+                outcome: audit::Outcome::Ok,
+                status: None,
+                error: None,
+            })
+        })
+        .await;
+        match gone {
+            Ok(Ok(maps)) => maps
+                .iter()
+                .map(|m| {
+                    format!(
+                        "{}/{} -> {}:{}",
+                        m.listen_port, m.proto, m.target_ip, m.target_port
+                    )
+                })
+                .collect(),
+            Ok(Err(e)) => {
+                tracing::error!(vm, error = %e, "could not remove the port maps of the deleted VM");
+                Vec::new()
+            }
+            Err(e) => {
+                tracing::error!(vm, error = %e, "removing the port maps of the deleted VM failed");
+                Vec::new()
+            }
+        }
     }
 }
