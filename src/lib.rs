@@ -10,6 +10,7 @@ pub mod locks;
 pub mod logging;
 pub mod memory;
 pub mod mesh;
+pub mod model;
 pub mod net;
 pub mod portmap;
 pub mod preflight;

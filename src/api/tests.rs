@@ -1389,6 +1389,11 @@ async fn a_create_without_waiting_answers_202_and_its_later_failure_is_visible()
             .any(|vm| vm["name"] == "bg1" && vm["state"] == "failed"),
         "{v}"
     );
+    // The late outcome's audit row follows the state within moments.
+    let late = |r: &AuditRow| r.1 == "POST /vms bg1 (wait=false) (finished after the answer)";
+    while !h.audit_rows().iter().any(late) && std::time::Instant::now() < deadline {
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
     let rows = h.audit_rows();
     assert!(
         rows.iter()

@@ -4,6 +4,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
 use super::{NOW, StoreError};
+use crate::model::{DesiredState, ImageState};
 
 /// One VM as the operator asked for it, plus what the agent last saw.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -29,7 +30,7 @@ pub struct VmRow {
     pub user_data: bool,
     pub disk_volume: String,
     pub seed_volume: String,
-    pub desired_state: String,
+    pub desired_state: DesiredState,
     pub last_state: Option<String>,
     pub last_ip: Option<String>,
     pub last_ip_at: Option<String>,
@@ -181,7 +182,11 @@ pub fn delete(conn: &Connection, name: &str) -> Result<bool, StoreError> {
     Ok(conn.execute("DELETE FROM vms WHERE name = ?1", [name])? > 0)
 }
 
-pub fn set_desired_state(conn: &Connection, name: &str, state: &str) -> Result<(), StoreError> {
+pub fn set_desired_state(
+    conn: &Connection,
+    name: &str,
+    state: DesiredState,
+) -> Result<(), StoreError> {
     conn.execute(
         &format!("UPDATE vms SET desired_state = ?2, updated_at = {NOW} WHERE name = ?1"),
         params![name, state],
@@ -222,7 +227,7 @@ pub struct ImageRow {
     pub sha256: Option<String>,
     pub format: Option<String>,
     pub size_bytes: Option<i64>,
-    pub state: String,
+    pub state: ImageState,
     pub error: Option<String>,
     pub volume: String,
     pub created_at: String,
@@ -337,7 +342,7 @@ pub(crate) fn test_row(name: &str, mac: &str) -> VmRow {
         user_data: true,
         disk_volume: format!("vm.{name}.disk.qcow2"),
         seed_volume: format!("vm.{name}.seed.img"),
-        desired_state: "running".into(),
+        desired_state: DesiredState::Running,
         last_state: None,
         last_ip: None,
         last_ip_at: None,

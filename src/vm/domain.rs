@@ -11,6 +11,7 @@ use virt::sys;
 
 use super::service::VmConfig;
 use super::{VmError, seed, storage, xml};
+use crate::model::{DesiredState, ImageState};
 use crate::store::vms::{ImageRow, SeedInputs, VmRow};
 
 pub fn state_name(state: sys::virDomainState) -> &'static str {
@@ -349,12 +350,13 @@ pub(super) fn reconcile_one(
         }
         return Ok(repaired);
     }
-    let start = row.desired_state == "running";
+    let start = row.desired_state == DesiredState::Running;
     if storage::find_volume(&pool, &row.disk_volume)?.is_none() {
-        let image = row
-            .image
-            .as_ref()
-            .and_then(|n| images.iter().find(|i| &i.name == n && i.state == "ready"));
+        let image = row.image.as_ref().and_then(|n| {
+            images
+                .iter()
+                .find(|i| &i.name == n && i.state == ImageState::Ready)
+        });
         if row.image.is_some() && image.is_none() {
             return Err(VmError::NotFound(format!("image {:?} is gone", row.image)));
         }

@@ -15,6 +15,7 @@ use sha2::{Digest, Sha256};
 use virt::storage_vol::StorageVol;
 
 use super::{Libvirt, VmError, storage, xml};
+use crate::model::ImageState;
 use crate::store::Store;
 use crate::store::vms::{self, ImageRow};
 
@@ -167,10 +168,12 @@ impl Images {
                     .map(|v| v.name.clone())
                     .collect();
                 ImageInfo {
-                    received_bytes: p.map(|p| p.received).filter(|_| row.state == "downloading"),
+                    received_bytes: p
+                        .map(|p| p.received)
+                        .filter(|_| row.state == ImageState::Downloading),
                     total_bytes: p
                         .and_then(|p| p.total)
-                        .filter(|_| row.state == "downloading"),
+                        .filter(|_| row.state == ImageState::Downloading),
                     row,
                     used_by,
                 }
@@ -197,12 +200,12 @@ impl Images {
             .run(move |s| {
                 s.transaction(|tx| {
                     match vms::image(tx, &n)? {
-                        Some(r) if r.state == "ready" => {
+                        Some(r) if r.state == ImageState::Ready => {
                             return Err(VmError::Conflict(format!(
                                 "image {n} already exists; delete it first"
                             )));
                         }
-                        Some(r) if r.state == "downloading" => {
+                        Some(r) if r.state == ImageState::Downloading => {
                             return Err(VmError::Conflict(format!(
                                 "image {n} is being transferred already"
                             )));
@@ -471,7 +474,7 @@ impl Images {
             })
             .await?;
         let row = row.ok_or_else(|| VmError::NotFound(format!("no image named {name}")))?;
-        if row.state == "downloading" {
+        if row.state == ImageState::Downloading {
             return Err(VmError::Conflict(format!(
                 "image {name} is being transferred"
             )));
@@ -502,7 +505,10 @@ impl Images {
     /// written before its volume), see [`Images::remove_partial_volumes`].
     pub async fn fail_interrupted(&self) -> Result<usize, VmError> {
         let rows = self.store.run(|s| s.with(vms::images)).await?;
-        let interrupted: Vec<_> = rows.iter().filter(|r| r.state == "downloading").collect();
+        let interrupted: Vec<_> = rows
+            .iter()
+            .filter(|r| r.state == ImageState::Downloading)
+            .collect();
         for r in &interrupted {
             let n = r.name.clone();
             self.store

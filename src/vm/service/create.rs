@@ -6,6 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Created, Pending, Vms, blame_boot_files};
+use crate::model::{DesiredState, ImageState};
 use crate::store::vms::{self, ImageRow, SeedInputs, VmRow};
 use crate::vm::domain::{
     build_vm, check_guest_support, ensure_network, facts, lookup, random_mac, remove_vm,
@@ -99,8 +100,8 @@ impl Vms {
             .run(move |s| s.with(|c| vms::image(c, &n)))
             .await?;
         match row {
-            Some(r) if r.state == "ready" => Ok(r),
-            Some(r) if r.state == "downloading" => Err(VmError::Conflict(format!(
+            Some(r) if r.state == ImageState::Ready => Ok(r),
+            Some(r) if r.state == ImageState::Downloading => Err(VmError::Conflict(format!(
                 "image {name} is still downloading; see GET /images"
             ))),
             _ if name == self.cfg.default_image
@@ -202,7 +203,7 @@ impl Vms {
             user_data: req.user_data.is_some(),
             disk_volume: storage::disk_volume(&req.name),
             seed_volume: storage::seed_volume(&req.name),
-            desired_state: "running".into(),
+            desired_state: DesiredState::Running,
             last_state: None,
             last_ip: None,
             last_ip_at: None,

@@ -5,6 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Deleted, Vms};
+use crate::model::DesiredState;
 use crate::store::audit;
 use crate::store::vms;
 use crate::vm::domain::{existing, facts, hairpin, lookup, remove_vm};
@@ -47,7 +48,7 @@ impl Vms {
                 Ok(false)
             })
             .await?;
-        self.set_desired(name, "running").await?;
+        self.set_desired(name, DesiredState::Running).await?;
         Ok(was_running)
     }
 
@@ -127,7 +128,7 @@ impl Vms {
                 tokio::time::sleep(Duration::from_millis(200)).await;
             }
         }
-        self.set_desired(name, "stopped").await?;
+        self.set_desired(name, DesiredState::Stopped).await?;
         Ok(forced)
     }
 

@@ -31,6 +31,7 @@ use super::images::Images;
 use super::observed::Observed;
 use super::spec::Limits;
 use super::{Libvirt, VmError};
+use crate::model::DesiredState;
 use crate::portmap::PortMaps;
 use crate::store::vms::{self, VmRow};
 use crate::store::{Store, audit};
@@ -88,7 +89,7 @@ pub struct VmStatus {
     pub memory_mib: Option<u32>,
     pub vcpus: Option<u32>,
     pub image: Option<String>,
-    pub desired_state: Option<String>,
+    pub desired_state: Option<DesiredState>,
     pub created_at: Option<String>,
     /// When libvirt was last asked about this domain (ISO 8601, UTC, as the `*_at` columns); `null` when it
     /// has not answered since the agent started. Reads never wait behind libvirt, so
@@ -200,7 +201,7 @@ impl Vms {
         all.iter().map(|(n, p)| (n.clone(), p.clone())).collect()
     }
 
-    async fn set_desired(&self, name: &str, state: &'static str) -> Result<(), VmError> {
+    async fn set_desired(&self, name: &str, state: DesiredState) -> Result<(), VmError> {
         let n = name.to_string();
         self.store
             .run(move |s| s.with(|c| vms::set_desired_state(c, &n, state)))

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use virt::connect::Connect;
 
 use super::{Pending, VmStatus, Vms};
+use crate::model::DesiredState;
 use crate::store::audit::iso_utc;
 use crate::store::vms::{self, VmRow};
 use crate::vm::domain::{domain_state, existing, facts, lookup};
@@ -276,7 +277,7 @@ fn status_of(name: &str, seen: &Seen, row: Option<&VmRow>) -> VmStatus {
         memory_mib: row.map(|r| r.memory_mib),
         vcpus: row.map(|r| r.vcpus),
         image: row.and_then(|r| r.image.clone()),
-        desired_state: row.map(|r| r.desired_state.clone()),
+        desired_state: row.map(|r| r.desired_state),
         created_at: row.map(|r| r.created_at.clone()),
         observed_at: seen.at.map(iso_utc),
         error: None,
@@ -299,7 +300,7 @@ fn missing_status(r: &VmRow, listed_at: Option<SystemTime>) -> VmStatus {
         memory_mib: Some(r.memory_mib),
         vcpus: Some(r.vcpus),
         image: r.image.clone(),
-        desired_state: Some(r.desired_state.clone()),
+        desired_state: Some(r.desired_state),
         created_at: Some(r.created_at.clone()),
         observed_at: listed_at.map(iso_utc),
         error: None,
@@ -325,7 +326,7 @@ fn pending_status(name: &str, pending: &Pending) -> VmStatus {
         memory_mib: None,
         vcpus: None,
         image: None,
-        desired_state: Some("running".into()),
+        desired_state: Some(DesiredState::Running),
         created_at: None,
         observed_at: None,
         error: match pending {

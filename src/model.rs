@@ -1,0 +1,131 @@
+//! Domain types every layer shares: storage, services, drivers and the API depend on
+//! this module, and it depends on none of them (only on serde and rusqlite's value
+//! traits, so each type knows its own column and JSON spelling). A type here is what
+//! the agent means by a word, spelled once.
+
+use std::fmt;
+use std::str::FromStr;
+
+use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
+use serde::{Deserialize, Serialize};
+
+/// Spells a fieldless enum one way in Rust, SQL (its CHECK constraint) and JSON.
+macro_rules! spelled {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $v:ident => $s:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
+        #[serde(rename_all = "lowercase")]
+        pub enum $name { $($(#[$vm])* $v),+ }
+
+        impl $name {
+            pub const ALL: &'static [$name] = &[$($name::$v),+];
+
+            pub fn as_str(self) -> &'static str {
+                match self { $($name::$v => $s),+ }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($s => Ok($name::$v),)+
+                    other => Err(format!("{other:?} is not a {}", stringify!($name))),
+                }
+            }
+        }
+
+        impl ToSql for $name {
+            fn to_sql(&self) -> rusqlite::Result<ToSqlOutput<'_>> {
+                Ok(ToSqlOutput::from(self.as_str()))
+            }
+        }
+
+        impl FromSql for $name {
+            fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
+                v.as_str()?
+                    .parse()
+                    .map_err(|e: String| FromSqlError::Other(e.into()))
+            }
+        }
+    };
+}
+
+spelled!(
+    /// What the operator last asked of a VM (`vms.desired_state`): the reconcile starts
+    /// a `Running` VM whose domain it had to define again.
+    DesiredState {
+        Running => "running",
+        Stopped => "stopped",
+    }
+);
+
+spelled!(
+    /// Where a base image is (`images.state`).
+    ImageState {
+        /// Being downloaded or uploaded; not usable yet.
+        Downloading => "downloading",
+        Ready => "ready",
+        /// The transfer failed (`images.error` says why); delete it and add it again.
+        Failed => "failed",
+    }
+);
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_state_is_spelled_the_same_in_rust_sql_and_json() {
+        let c = rusqlite::Connection::open_in_memory().unwrap();
+        for s in DesiredState::ALL {
+            let back: DesiredState = c.query_row("SELECT ?1", [s], |r| r.get(0)).unwrap();
+            assert_eq!(back, *s);
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+            assert_eq!(s.as_str().parse::<DesiredState>(), Ok(*s));
+        }
+        for s in ImageState::ALL {
+            let back: ImageState = c.query_row("SELECT ?1", [s], |r| r.get(0)).unwrap();
+            assert_eq!(back, *s);
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        let bad: rusqlite::Result<ImageState> = c.query_row("SELECT 'half'", [], |r| r.get(0));
+        assert!(bad.is_err());
+    }
+
+    /// The CHECK constraints of migrations 0003 allow exactly these spellings.
+    #[test]
+    fn the_schema_allows_exactly_the_spellings_of_the_enums() {
+        let store = crate::store::Store::open_in_memory().unwrap();
+        let sql: String = store
+            .with(|c| {
+                Ok::<_, crate::store::StoreError>(c.query_row(
+                    "SELECT group_concat(sql, ' ') FROM sqlite_master WHERE name IN ('vms', 'images')",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .unwrap();
+        let desired = DesiredState::ALL
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let image = ImageState::ALL
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        assert!(
+            sql.contains(&format!("desired_state IN ({desired})")),
+            "{sql}"
+        );
+        assert!(sql.contains(&format!("state IN ({image})")), "{sql}");
+    }
+}
