@@ -347,9 +347,9 @@ async fn vm_reconcile_loop(
     vms: Arc<vm::service::Vms>,
     images: Arc<vm::images::Images>,
     every: std::time::Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut partial_volumes_due = match images.fail_interrupted().await {
+    let partial_volumes_due = match images.fail_interrupted().await {
         Ok(n) => {
             if n > 0 {
                 tracing::warn!(
@@ -364,44 +364,52 @@ async fn vm_reconcile_loop(
             false
         }
     };
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        if partial_volumes_due {
-            match images.remove_partial_volumes().await {
-                Ok(n) => {
-                    partial_volumes_due = false;
-                    if n > 0 {
-                        tracing::warn!(
-                            removed = n,
-                            "removed unfinished image transfers of the last run"
-                        );
-                    }
-                }
-                Err(vm::VmError::Unavailable(e)) => {
-                    tracing::warn!(error = %e, "libvirt unavailable; VM reconcile retries next interval");
-                    continue;
-                }
-                Err(e) => {
-                    partial_volumes_due = false;
-                    tracing::error!(error = %e, "cleaning up image transfers failed");
+    let partial_volumes_due = Arc::new(std::sync::atomic::AtomicBool::new(partial_volumes_due));
+    crate::periodic::every(every, crate::periodic::First::Now, stop, || {
+        let (vms, images, due) = (vms.clone(), images.clone(), partial_volumes_due.clone());
+        async move { vm_reconcile_pass(&vms, &images, &due).await }
+    })
+    .await;
+}
+
+/// One pass of [`vm_reconcile_loop`]: the partial volumes of the last run while they
+/// are due, then the VMs.
+async fn vm_reconcile_pass(
+    vms: &vm::service::Vms,
+    images: &vm::images::Images,
+    partial_volumes_due: &std::sync::atomic::AtomicBool,
+) {
+    use std::sync::atomic::Ordering;
+    if partial_volumes_due.load(Ordering::Relaxed) {
+        match images.remove_partial_volumes().await {
+            Ok(n) => {
+                partial_volumes_due.store(false, Ordering::Relaxed);
+                if n > 0 {
+                    tracing::warn!(
+                        removed = n,
+                        "removed unfinished image transfers of the last run"
+                    );
                 }
             }
-        }
-        match vms.reconcile().await {
-            Ok(r) if !r.is_empty() => {
-                tracing::warn!(repaired = ?r, "VM reconcile repaired libvirt")
-            }
-            Ok(_) => tracing::debug!("VM reconcile: libvirt in sync"),
             Err(vm::VmError::Unavailable(e)) => {
-                tracing::debug!(error = %e, "libvirt unavailable; VM reconcile retries next interval")
+                tracing::warn!(error = %e, "libvirt unavailable; VM reconcile retries next interval");
+                return;
             }
-            Err(e) => tracing::error!(error = %e, "VM reconcile failed"),
+            Err(e) => {
+                partial_volumes_due.store(false, Ordering::Relaxed);
+                tracing::error!(error = %e, "cleaning up image transfers failed");
+            }
         }
+    }
+    match vms.reconcile().await {
+        Ok(r) if !r.is_empty() => {
+            tracing::warn!(repaired = ?r, "VM reconcile repaired libvirt")
+        }
+        Ok(_) => tracing::debug!("VM reconcile: libvirt in sync"),
+        Err(vm::VmError::Unavailable(e)) => {
+            tracing::debug!(error = %e, "libvirt unavailable; VM reconcile retries next interval")
+        }
+        Err(e) => tracing::error!(error = %e, "VM reconcile failed"),
     }
 }
 
@@ -410,45 +418,52 @@ async fn vm_reconcile_loop(
 async fn audit_retention_loop(
     store: Store,
     retention: crate::store::retention::Retention,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(std::time::Duration::from_secs(60));
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let every = std::time::Duration::from_secs(60);
+    let stopping = stop.clone();
+    crate::periodic::every(every, crate::periodic::First::Now, stop, || {
+        let (store, stopping) = (store.clone(), stopping.clone());
+        async move { prune_audit(&store, retention, &stopping).await }
+    })
+    .await;
+}
+
+/// One pass of [`audit_retention_loop`]: batches until nothing is left to prune.
+async fn prune_audit(
+    store: &Store,
+    retention: crate::store::retention::Retention,
+    stop: &watch::Receiver<bool>,
+) {
+    let mut total = 0;
     loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
-        let mut total = 0;
-        loop {
-            let st = store.clone();
-            let pruned = tokio::task::spawn_blocking(move || {
-                st.with(|c| crate::store::retention::prune_batch(c, &retention))
-            })
-            .await;
-            match pruned {
-                Ok(Ok(0)) => break,
-                Ok(Ok(n)) => total += n,
-                Ok(Err(e)) => {
-                    tracing::error!(error = %e, "could not prune the audit trail");
-                    break;
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "audit pruning task failed");
-                    break;
-                }
+        let st = store.clone();
+        let pruned = tokio::task::spawn_blocking(move || {
+            st.with(|c| crate::store::retention::prune_batch(c, &retention))
+        })
+        .await;
+        match pruned {
+            Ok(Ok(0)) => break,
+            Ok(Ok(n)) => total += n,
+            Ok(Err(e)) => {
+                tracing::error!(error = %e, "could not prune the audit trail");
+                break;
             }
-            if *stop.borrow() {
-                return;
+            Err(e) => {
+                tracing::error!(error = %e, "audit pruning task failed");
+                break;
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
-        if total > 0 {
-            tracing::info!(
-                rows = total,
-                "pruned the audit trail (AUDIT_RETENTION_DAYS, AUDIT_MAX_ROWS)"
-            );
+        if *stop.borrow() {
+            return;
         }
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    if total > 0 {
+        tracing::info!(
+            rows = total,
+            "pruned the audit trail (AUDIT_RETENTION_DAYS, AUDIT_MAX_ROWS)"
+        );
     }
 }
 
@@ -456,30 +471,28 @@ async fn audit_retention_loop(
 async fn reconcile_loop(
     portmaps: Arc<PortMaps>,
     every: std::time::Duration,
-    mut stop: watch::Receiver<bool>,
+    stop: watch::Receiver<bool>,
 ) {
-    let mut tick = tokio::time::interval(every);
-    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-    tick.tick().await; // the first tick is immediate; startup just reconciled
-    loop {
-        tokio::select! {
-            _ = tick.tick() => {}
-            _ = stop.changed() => return,
-        }
+    crate::periodic::every(every, crate::periodic::First::AfterInterval, stop, || {
         let pm = portmaps.clone();
-        match tokio::task::spawn_blocking(move || pm.reconcile()).await {
-            Ok(Ok(r)) if r.changed() => tracing::warn!(
-                drift = ?r.drift,
-                rewritten = r.rewritten,
-                forward_accept = ?r.forward_accept,
-                maps = r.maps,
-                "reconcile repaired drift"
-            ),
-            Ok(Ok(_)) => tracing::debug!("reconcile: kernel in sync"),
-            Ok(Err(e)) => tracing::error!(error = %e, "reconcile failed; retrying next interval"),
-            Err(e) => tracing::error!(error = %e, "reconcile task failed"),
+        async move {
+            match tokio::task::spawn_blocking(move || pm.reconcile()).await {
+                Ok(Ok(r)) if r.changed() => tracing::warn!(
+                    drift = ?r.drift,
+                    rewritten = r.rewritten,
+                    forward_accept = ?r.forward_accept,
+                    maps = r.maps,
+                    "reconcile repaired drift"
+                ),
+                Ok(Ok(_)) => tracing::debug!("reconcile: kernel in sync"),
+                Ok(Err(e)) => {
+                    tracing::error!(error = %e, "reconcile failed; retrying next interval")
+                }
+                Err(e) => tracing::error!(error = %e, "reconcile task failed"),
+            }
         }
-    }
+    })
+    .await;
 }
 
 async fn shutdown_signal() {

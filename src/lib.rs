@@ -12,6 +12,7 @@ pub mod memory;
 pub mod mesh;
 pub mod model;
 pub mod net;
+pub mod periodic;
 pub mod portmap;
 pub mod preflight;
 pub mod store;

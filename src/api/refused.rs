@@ -112,23 +112,26 @@ impl RefusedRequests {
         self: Arc<Self>,
         store: Store,
         every: Duration,
-        mut stop: watch::Receiver<bool>,
+        stop: watch::Receiver<bool>,
     ) {
-        let mut tick = tokio::time::interval(every);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-        tick.tick().await;
-        loop {
-            let stopping = tokio::select! {
-                _ = tick.tick() => false,
-                _ = stop.changed() => true,
-            };
-            let (this, st) = (Arc::clone(&self), store.clone());
-            if let Err(e) = tokio::task::spawn_blocking(move || this.flush(&st)).await {
-                tracing::error!(error = %e, "refused-request flush task failed");
-            }
-            if stopping {
-                return;
-            }
+        let (this, st) = (Arc::clone(&self), store.clone());
+        crate::periodic::every(
+            every,
+            crate::periodic::First::AfterInterval,
+            stop,
+            move || {
+                let (this, st) = (Arc::clone(&this), st.clone());
+                async move { this.flush_now(st).await }
+            },
+        )
+        .await;
+        // Once more at the stop, so the last counts are not lost.
+        self.flush_now(store).await;
+    }
+
+    async fn flush_now(self: Arc<Self>, store: Store) {
+        if let Err(e) = tokio::task::spawn_blocking(move || self.flush(&store)).await {
+            tracing::error!(error = %e, "refused-request flush task failed");
         }
     }
 }
