@@ -1,0 +1,33 @@
+//! libvirt XML documents, written with an XML writer (every value escaped) and read back
+//! with an XML reader.
+//!
+//! Nothing here formats a value into markup: every attribute value and every text node
+//! goes through `quick_xml`'s escaping, so a VM name, network or path holding `<`, `&`,
+//! quotes or `]]>` cannot change the document's structure (the original agent put them
+//! into an f-string). Values must still be characters XML 1.0 allows: callers validate
+//! names and paths before they get here, and libvirt rejects a document that carries, say,
+//! a NUL or an escape character.
+//!
+//! `write.rs` makes the documents the agent sends (domain, pool, volume); `read.rs` reads
+//! back what libvirt returns (a domain's facts, a pool's path, the host's capabilities).
+
+mod read;
+mod write;
+
+pub use read::{DomainFacts, XmlError, guest_support, parse_domain, pool_path};
+pub use write::{ARCHES, DomainSpec, domain, pool, volume};
+
+/// Namespace of the agent's element in a domain's `<metadata>`.
+pub const METADATA_NS: &str = "https://github.com/node-vm-agent/xmlns/vm/1";
+
+/// Prefix we write for `METADATA_NS`. Readers match the namespace URI, never this prefix:
+/// libvirt keeps it, but another writer of the same namespace may choose its own.
+pub(crate) const METADATA_PREFIX: &str = "nva";
+/// Local names inside the agent's metadata element.
+pub(crate) const METADATA_ROOT: &str = "vm";
+pub(crate) const METADATA_INSTANCE_ID: &str = "instance-id";
+
+#[cfg(test)]
+mod driver_tests;
+#[cfg(test)]
+mod tests;
