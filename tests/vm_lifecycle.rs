@@ -711,9 +711,14 @@ fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_a
         .args(["-STOP", &pid.to_string()])
         .status();
     std::thread::sleep(Duration::from_millis(1_100)); // the last listing is now stale
-    let t = Instant::now();
-    let read = api.call_waiting("GET", "/vms", Duration::from_secs(30));
-    let read_ms = t.elapsed();
+    let mut read_ms = Vec::new();
+    let mut read = None;
+    for _ in 0..3 {
+        let t = Instant::now();
+        read = Some(api.call_waiting("GET", "/vms", Duration::from_secs(30)));
+        read_ms.push(t.elapsed());
+    }
+    let read = read.unwrap();
     let t = Instant::now();
     let change = api.call_waiting("POST", "/vms/nosuchvm/start", Duration::from_secs(30));
     let change_s = t.elapsed();
@@ -729,7 +734,10 @@ fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_a
         observed.json()["vms"],
         "the last observation"
     );
-    assert!(read_ms < Duration::from_millis(1_000), "{read_ms:?}");
+    assert!(
+        read_ms.iter().all(|t| *t < Duration::from_millis(200)),
+        "{read_ms:?}"
+    );
     change.assert_error(|s| s == 504);
     assert!(change_s < Duration::from_secs(10), "{change_s:?}");
     assert_eq!(health.status, 200);

@@ -17,7 +17,9 @@ use super::xml::DomainFacts;
 pub const FRESH: Duration = Duration::from_secs(1);
 /// How long a read waits for a full listing it asked for before it answers from the
 /// last one (and says how old it is).
-pub const READ_WAIT: Duration = Duration::from_millis(150);
+/// A listing that has run longer than this already is not waited for at all (libvirt is
+/// stuck; the reads before found that out).
+pub const READ_WAIT: Duration = Duration::from_millis(100);
 
 /// One domain as libvirt last showed it.
 #[derive(Clone, Debug, Default, PartialEq)]
@@ -38,8 +40,8 @@ struct Inner {
     /// Domains seen gone one by one, and when: a listing that started before must not
     /// bring them back.
     gone: BTreeMap<String, SystemTime>,
-    /// Whether a full listing is running now.
-    listing: bool,
+    /// Since when a full listing runs, if one does.
+    listing: Option<std::time::Instant>,
     /// Why the last full listing failed, if it did.
     failure: Option<String>,
 }
@@ -86,7 +88,11 @@ impl Observed {
     /// Claims the one full listing that may run at a time: false when one already runs.
     pub fn begin_listing(&self) -> bool {
         let mut inner = self.lock();
-        !std::mem::replace(&mut inner.listing, true)
+        if inner.listing.is_some() {
+            return false;
+        }
+        inner.listing = Some(std::time::Instant::now());
+        true
     }
 
     /// Ends the listing claimed by [`Observed::begin_listing`]: what it `found`
@@ -94,7 +100,7 @@ impl Observed {
     /// started, which are newer; a failure keeps what was known, and says why.
     pub fn end_listing(&self, started: SystemTime, found: Result<Vec<(String, Seen)>, String>) {
         let mut inner = self.lock();
-        inner.listing = false;
+        inner.listing = None;
         inner.failure = found.as_ref().err().cloned();
         if let Ok(found) = found {
             let mut fresh: BTreeMap<String, Arc<Seen>> = found
@@ -126,15 +132,18 @@ impl Observed {
         self.listed.notify_waiters();
     }
 
-    /// Waits at most `wait` for the running listing to end.
+    /// Waits for the running listing to end, at most until it has run for `wait`.
     pub async fn wait_listing(&self, wait: Duration) {
         let ended = self.listed.notified();
         tokio::pin!(ended);
         ended.as_mut().enable();
-        if !self.lock().listing {
+        let Some(since) = self.lock().listing else {
             return;
+        };
+        let left = wait.saturating_sub(since.elapsed());
+        if !left.is_zero() {
+            let _ = tokio::time::timeout(left, ended).await;
         }
-        let _ = tokio::time::timeout(wait, ended).await;
     }
 
     /// One domain observed now: `None` when libvirt no longer has it.
@@ -149,7 +158,7 @@ impl Observed {
             }
             None => {
                 inner.domains.remove(name);
-                if inner.listing {
+                if inner.listing.is_some() {
                     inner.gone.insert(name.to_owned(), now);
                 }
             }

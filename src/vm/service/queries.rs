@@ -17,7 +17,7 @@ use crate::vm::{VmError, leases, storage};
 
 impl Vms {
     /// The last observation, refreshed first when it is older than `observed::FRESH`
-    /// (waiting for that at most `READ_WAIT`). With no observation at all since the
+    /// (waiting for that at most `READ_WAIT`, counted from the listing's start). With no observation at all since the
     /// start there is nothing true to answer: 503, with why.
     async fn observation(&self) -> Result<Snapshot, VmError> {
         if self.observed.stale() {
