@@ -7,6 +7,7 @@ use std::time::{Duration, Instant};
 
 use serde::Serialize;
 
+use super::abandoned::{self, Abandoned, Attempt};
 use super::claims::{Claim, Claims};
 use super::domain::{
     build_vm, check_guest_support, domain_state, ensure_network, existing, facts, hairpin, lookup,
@@ -89,6 +90,8 @@ pub struct Vms {
     /// Names with an operation in progress: a second request gets 409 instead of
     /// racing; a request waits for the reconcile's look at the VM.
     claims: Claims,
+    /// Creates answered 503 while their libvirt work was unfinished (`abandoned.rs`).
+    abandoned: Abandoned,
 }
 
 /// Releases a claimed name when the operation ends, however it ends.
@@ -111,6 +114,7 @@ impl Vms {
             portmaps,
             images: None,
             claims: Claims::default(),
+            abandoned: Abandoned::default(),
         }
     }
 
@@ -269,9 +273,24 @@ impl Vms {
         let recreate = req.recreate;
         let had_row = existing.is_some();
         let row2 = row.clone();
+        // What an earlier create of this name left when its client got a 503: removed
+        // first; while that one still works in libvirt (or may, see abandoned.rs), this
+        // one would race it.
+        self.clean_abandoned(&req.name).await?;
+        if self.abandoned.contains(&req.name) {
+            return Err(VmError::Unavailable(format!(
+                "an earlier create of {} got a 503 and libvirt may still carry out what it \
+                 sent; retry in {} s",
+                req.name,
+                abandoned::SETTLE.as_secs()
+            )));
+        }
+        let (attempt, marks) = Attempt::new(&req.name, &instance_id);
         let recreated = self
             .lv
             .call(move |conn| {
+                // Dropped with the closure: run or not, this attempt is over then.
+                marks.started();
                 check_guest_support(conn, &row2.os_arch, &row2.domain_type)?;
                 ensure_network(conn, &row2.network_name)?;
                 let node = conn.node_info().map_err(|e| VmError::libvirt("host memory", e))?;
@@ -321,8 +340,16 @@ impl Vms {
                 );
                 Ok(exists)
             })
-            .await
-            .map_err(|e| blame_boot_files(e, &row))?;
+            .await;
+        let recreated = match recreated {
+            // Cut off or still running in libvirt: remembered, and undone once it has
+            // returned (a recreate's row is the old VM, which the reconcile restores).
+            Err(e @ VmError::Unavailable(_)) if !recreate => {
+                self.abandoned.add(attempt);
+                return Err(e);
+            }
+            r => r.map_err(|e| blame_boot_files(e, &row))?,
+        };
         let row3 = row.clone();
         let inputs = SeedInputs {
             ssh_authorized_keys: keys,
@@ -765,6 +792,18 @@ impl Vms {
     /// volumes re-created if they vanished too) and started if it should run. Domains
     /// the agent did not create are never touched. Returns what was repaired.
     pub async fn reconcile(&self) -> Result<Vec<String>, VmError> {
+        for name in self.abandoned.ready() {
+            let Some(_claim) = self.claims.for_reconcile(&name) else {
+                continue;
+            };
+            match self.clean_abandoned(&name).await {
+                Ok(()) => {}
+                Err(e @ VmError::Unavailable(_)) => return Err(e),
+                Err(e) => {
+                    tracing::error!(vm = %name, error = %e, "cannot remove what an abandoned create made")
+                }
+            }
+        }
         let rows = self.store.run(|s| s.with(vms::list)).await?;
         let images = Arc::new(self.store.run(|s| s.with(vms::images)).await?);
         let mut repaired = Vec::new();
@@ -826,6 +865,77 @@ impl Vms {
             }
         }
         Ok(repaired)
+    }
+}
+
+impl Vms {
+    /// One cleanup pass over what an abandoned create of `name` made, once its libvirt
+    /// work has returned (`abandoned.rs`). The caller holds the name's claim.
+    async fn clean_abandoned(&self, name: &str) -> Result<(), VmError> {
+        let Some(mut attempt) = self.abandoned.take_ready(name) else {
+            return Ok(());
+        };
+        if !attempt.started() {
+            return Ok(());
+        }
+        // A row: a later create (a recreate) of the name succeeded; it removed what this
+        // one made before it built its own.
+        let row = match self.row(name).await {
+            Ok(r) => r,
+            Err(e) => {
+                self.abandoned.put_back(attempt);
+                return Err(e);
+            }
+        };
+        if row.is_some() {
+            return Ok(());
+        }
+        let (cfg, n, iid) = (
+            self.cfg.clone(),
+            name.to_string(),
+            attempt.instance_id().to_string(),
+        );
+        let removed = match self
+            .lv
+            .call(move |conn| abandoned::clean(conn, &cfg, &n, &iid))
+            .await
+        {
+            Ok(abandoned::Cleaned::NotOurs) => return Ok(()),
+            Ok(abandoned::Cleaned::Removed(r)) => r,
+            Err(e) => {
+                self.abandoned.put_back(attempt);
+                return Err(e);
+            }
+        };
+        if !attempt.settled_after(!removed.is_empty()) {
+            self.abandoned.put_back(attempt);
+        }
+        if removed.is_empty() {
+            return Ok(());
+        }
+        tracing::warn!(
+            vm = name,
+            ?removed,
+            "removed what a create answered with 503 had made"
+        );
+        // The operator did not ask for this: the audit trail says what the agent did.
+        let entry = audit::Entry {
+            client_addr: None,
+            identity: "agent".into(),
+            action: "remove abandoned create".into(),
+            parameters: Some(serde_json::json!({"vm": name, "removed": removed}).to_string()),
+            outcome: audit::Outcome::Ok,
+            status: None,
+            error: None,
+        };
+        if let Err(e) = self
+            .store
+            .run(move |s| s.with(|c| audit::record(c, &entry)))
+            .await
+        {
+            tracing::error!(error = %e, "could not write the audit row");
+        }
+        Ok(())
     }
 }
 
