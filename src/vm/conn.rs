@@ -1,24 +1,62 @@
-//! One long-lived connection to LIBVIRT_URI, opened lazily and reopened after libvirtd
-//! goes away. Every call runs on a blocking thread and is bounded by LIBVIRT_TIMEOUT, so
-//! a dead or hung daemon gives the caller a 503, never a hung request or a stalled
-//! runtime.
+//! Connections to LIBVIRT_URI, opened lazily and replaced after libvirtd goes away. Every
+//! call runs on a blocking thread and is bounded by LIBVIRT_TIMEOUT, so a dead or hung
+//! daemon gives the caller a 503, never a hung request or a stalled runtime.
+//!
+//! **One call at a time per connection.** A connection is checked out by one call, used
+//! by that call's thread alone, and handed back (or closed, if it died) by that same
+//! thread when the call returns; calls that run at once use different connections (at
+//! most [`MAX_CONNECTIONS`]). libvirt's client allows several threads on one connection,
+//! but libvirt 9.0's (Debian 12) RPC loop is not safe for it (CVE-2024-4418, fixed in
+//! libvirt 10.4, not in Debian 12's 9.0.0-4+deb12u2): the thread that waits for
+//! the socket leaves a watch with a pointer to its own stack attached to the connection
+//! whenever another thread wakes it (a second call, a keepalive probe, a close), and the
+//! next thread to wait on that connection runs the watch when data arrives, reading a
+//! stack frame that is gone. A libvirtd frozen for seconds with requests in flight made
+//! that certain: every queued call woke the waiting one, and at the thaw another thread
+//! ran the stale watches and the agent died with SIGSEGV in `virNetClientIOEventFD`
+//! (issue 11; `tests/libvirt_freeze.rs`). With one thread per connection the watches it
+//! leaves point into the frame that is still waiting, and are gone before it returns
+//! (the reply that ends the call makes all of them fire), or the connection is closed
+//! for good (keepalive) and never waited on again. What is left: libvirt's event thread
+//! sends keepalive probes through the same loop, so a call that starts on an idle
+//! connection in the microseconds while a probe is being written can still meet a watch
+//! of the event thread's; only a fixed libvirt closes that.
+//!
+//! It follows that a connection is never closed or replaced while a call on it runs: a
+//! dead one is closed by the thread of its last call, after that call returned, and a new
+//! call simply takes (or opens) another. Closures get `&Connect` and must return plain
+//! data: every libvirt object they make (Domain, Network, StoragePool, StorageVol,
+//! Stream) is dropped inside the closure, on the connection's own thread.
 
-use std::sync::{Arc, Mutex, Once};
-use std::time::Duration;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
+use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
 
 use super::VmError;
 
 /// Seconds between keepalive probes, and probes missed before libvirt closes the
-/// connection: a daemon that stops answering is noticed in about 15 s.
+/// connection: a daemon that stops answering is noticed about 20 s after its last packet
+/// (libvirt gives up at the first timer after the third unanswered probe).
 const KEEPALIVE_INTERVAL_S: i32 = 5;
 const KEEPALIVE_COUNT: u32 = 3;
+
+/// Connections in use at once (each by one call). A frozen daemon holds at most this
+/// many calls (and threads) inside libvirt; later calls wait for one to come back, until
+/// their LIBVIRT_TIMEOUT, without touching libvirt. libvirtd allows 5000 clients.
+pub const MAX_CONNECTIONS: usize = 8;
+/// Open connections kept while nobody uses them; the rest are closed when their call
+/// returns.
+const MAX_IDLE: usize = 2;
 
 static EVENT_LOOP: Once = Once::new();
 
 /// libvirt's client needs an event loop for keepalive and to notice a closed socket
 /// (which is what turns `is_alive` false when libvirtd exits). One thread per process.
+/// Its keepalive timer is also what ends a call stuck on a frozen daemon: it marks the
+/// connection closed and wakes the call's thread, which fails the call and closes the
+/// socket (no close callback is registered: the next checkout sees `is_alive` false).
 fn start_event_loop() {
     EVENT_LOOP.call_once(|| {
         // libvirt's default handler prints every error (a lookup of a missing object
@@ -44,14 +82,75 @@ fn start_event_loop() {
     });
 }
 
-/// Runs on every new connection (subscriptions that live as long as it).
+/// One open connection. Owned by the pool while idle and by exactly one call's thread
+/// while checked out; its `Connect` (the only handle the agent keeps) is closed when the
+/// session is dropped, which only its current owner can do.
+struct Session {
+    conn: Connect,
+    /// For the log: which connection (1, 2, ...) a message is about.
+    id: u64,
+}
+
+impl Session {
+    fn alive(&self) -> bool {
+        // virConnectIsAlive only reads the client's state under its lock: no RPC.
+        self.conn.is_alive().unwrap_or(false)
+    }
+}
+
+#[derive(Default)]
+struct Pool {
+    /// Open connections nobody is using, newest last.
+    idle: Vec<Session>,
+    /// Connections checked out: in a call, or being opened for one.
+    busy: usize,
+}
+
+/// Runs on the events connection each time one is opened (subscriptions that live as
+/// long as it).
 type OnConnect = Box<dyn Fn(&Connect) + Send + Sync>;
 
 pub struct Libvirt {
     uri: String,
     timeout: Duration,
-    cached: Mutex<Option<Connect>>,
+    pool: Mutex<Pool>,
+    /// What subscribes a new events connection ([`Libvirt::set_on_connect`]).
     on_connect: std::sync::OnceLock<OnConnect>,
+    /// A connection only for libvirt's events, never used for a call: nothing but
+    /// libvirt's event thread ever waits on it (calls sharing a connection are what
+    /// libvirt 9.0's CVE-2024-4418 needs).
+    events: Mutex<Option<Connect>>,
+    /// Signalled (to all waiters: one may have given up) whenever a checked-out connection
+    /// comes back or its slot is freed.
+    returned: Condvar,
+    opened: AtomicU64,
+}
+
+/// Sets its flag when dropped: the caller of a bounded call stopped waiting (timed out,
+/// or its request went away). Work that has not started by then never starts.
+struct GiveUpOnDrop(Arc<AtomicBool>);
+
+impl Drop for GiveUpOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, Ordering::Release);
+    }
+}
+
+/// A checked-out session; handed back (or closed) by `Drop`, on the thread that used it,
+/// however the call ended (a panic in the closure included).
+struct Checkout<'a> {
+    lv: &'a Libvirt,
+    session: Option<Session>,
+    /// Why the connection is believed dead, for the log.
+    failure: Option<String>,
+}
+
+impl Drop for Checkout<'_> {
+    fn drop(&mut self) {
+        if let Some(s) = self.session.take() {
+            self.lv.check_in(s, self.failure.take());
+        }
+    }
 }
 
 impl Libvirt {
@@ -59,15 +158,46 @@ impl Libvirt {
         Arc::new(Self {
             uri: uri.into(),
             timeout,
-            cached: Mutex::new(None),
+            pool: Mutex::new(Pool::default()),
+            returned: Condvar::new(),
+            opened: AtomicU64::new(0),
             on_connect: std::sync::OnceLock::new(),
+            events: Mutex::new(None),
         })
     }
 
-    /// Sets what runs on each new connection, before any call uses it (once; later
-    /// calls are ignored).
+    /// Sets what subscribes the events connection, which is opened beside the first
+    /// call's connection and again after it died (once; later calls are ignored).
     pub fn set_on_connect(&self, f: impl Fn(&Connect) + Send + Sync + 'static) {
         let _ = self.on_connect.set(Box::new(f));
+    }
+
+    /// Opens the events connection when there is a subscriber and none is alive.
+    /// Blocking; called after a call's connection opened (libvirtd answers then).
+    fn ensure_events_connection(&self) {
+        let Some(hook) = self.on_connect.get() else {
+            return;
+        };
+        let mut events = self.events.lock().unwrap_or_else(|p| p.into_inner());
+        if events
+            .as_ref()
+            .is_some_and(|c| c.is_alive().unwrap_or(false))
+        {
+            return;
+        }
+        match Connect::open(Some(&self.uri)) {
+            Ok(conn) => {
+                if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
+                    tracing::debug!(error = %e.message(), "libvirt keepalive not available on the events connection");
+                }
+                hook(&conn);
+                // The dead one (if any) goes here: no call ever ran on it.
+                *events = Some(conn);
+            }
+            Err(e) => {
+                tracing::warn!(error = %e.message(), "cannot open libvirt's events connection; outside changes show at the next listing")
+            }
+        }
     }
 
     /// How long one call may take (`LIBVIRT_TIMEOUT`).
@@ -79,20 +209,15 @@ impl Libvirt {
         &self.uri
     }
 
-    /// The open connection, or a new one when there is none or the old one died.
-    /// Blocking.
-    fn connection(&self) -> Result<Connect, VmError> {
-        let mut cached = self
-            .cached
-            .lock()
-            .map_err(|_| VmError::Unavailable("connection lock poisoned".into()))?;
-        if let Some(conn) = cached.as_ref() {
-            if conn.is_alive().unwrap_or(false) {
-                return Ok(conn.clone());
-            }
-            tracing::warn!(uri = %self.uri, "libvirt connection lost; reconnecting");
-            *cached = None;
-        }
+    /// The pool, also after a panic elsewhere (nothing panics while holding it, and its
+    /// state is two counters and a list, consistent at every step).
+    fn lock(&self) -> MutexGuard<'_, Pool> {
+        self.pool.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// A new connection with keepalive. Blocking (against a frozen daemon, until it
+    /// answers again).
+    fn open(&self) -> Result<Session, VmError> {
         super::libvirt_so::ensure_loaded().map_err(VmError::Unavailable)?;
         start_event_loop();
         let conn = Connect::open(Some(&self.uri)).map_err(|e| {
@@ -102,29 +227,142 @@ impl Libvirt {
         if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
             tracing::debug!(error = %e.message(), "libvirt keepalive not available on this connection");
         }
-        if let Some(hook) = self.on_connect.get() {
-            hook(&conn);
-        }
-        tracing::info!(uri = %self.uri, "connected to libvirt");
-        *cached = Some(conn.clone());
-        Ok(conn)
+        let id = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(uri = %self.uri, connection = id, "connected to libvirt");
+        self.ensure_events_connection();
+        Ok(Session { conn, id })
     }
 
-    /// Runs `f` with the connection, on the calling (blocking) thread. When `f` fails and
-    /// the connection turns out dead, the failure is reported as `Unavailable` and the
-    /// next call reconnects.
-    pub fn call_blocking<T>(
+    /// Takes an idle connection, or opens one while fewer than [`MAX_CONNECTIONS`] are
+    /// in use, or waits for one to come back until `deadline`. Gives up as soon as
+    /// `gave_up` is set. Blocking.
+    fn check_out(
         &self,
+        deadline: Option<Instant>,
+        gave_up: &AtomicBool,
+    ) -> Result<Session, VmError> {
+        let mut pool = self.lock();
+        loop {
+            if gave_up.load(Ordering::Acquire) {
+                return Err(self.too_late());
+            }
+            if let Some(s) = pool.idle.pop() {
+                if s.alive() {
+                    pool.busy += 1;
+                    return Ok(s);
+                }
+                // It died while idle (keepalive, daemon restart): nobody uses it, so it
+                // is closed here, outside the lock.
+                drop(pool);
+                self.close(s, Some("found dead while idle".into()));
+                pool = self.lock();
+                continue;
+            }
+            if pool.busy < MAX_CONNECTIONS {
+                pool.busy += 1;
+                drop(pool);
+                return self.open().inspect_err(|_| self.free_slot());
+            }
+            pool = match deadline {
+                None => self.returned.wait(pool).unwrap_or_else(|p| p.into_inner()),
+                Some(d) => {
+                    let now = Instant::now();
+                    if now >= d {
+                        return Err(VmError::Unavailable(format!(
+                            "all {MAX_CONNECTIONS} libvirt connections stayed busy for {} s",
+                            self.timeout.as_secs()
+                        )));
+                    }
+                    self.returned
+                        .wait_timeout(pool, d - now)
+                        .unwrap_or_else(|p| p.into_inner())
+                        .0
+                }
+            };
+        }
+    }
+
+    /// A connection's call returned: keep it for the next call, or close it (dead, or
+    /// more idle ones than [`MAX_IDLE`]). On the thread of that call, after it.
+    fn check_in(&self, s: Session, failure: Option<String>) {
+        let alive = s.alive();
+        let surplus = {
+            let mut pool = self.lock();
+            pool.busy = pool.busy.saturating_sub(1);
+            let surplus = if alive && pool.idle.len() < MAX_IDLE {
+                pool.idle.push(s);
+                None
+            } else {
+                Some(s)
+            };
+            self.returned.notify_all();
+            surplus
+        };
+        if let Some(s) = surplus {
+            if alive {
+                // virConnectClose sends libvirtd a close: still this thread's call.
+                drop(s);
+            } else {
+                self.close(s, failure);
+            }
+        }
+    }
+
+    /// An open that failed frees its slot.
+    fn free_slot(&self) {
+        let mut pool = self.lock();
+        pool.busy = pool.busy.saturating_sub(1);
+        self.returned.notify_all();
+    }
+
+    /// Closes a dead connection (libvirt already closed its socket: no RPC).
+    fn close(&self, s: Session, why: Option<String>) {
+        tracing::warn!(
+            uri = %self.uri,
+            connection = s.id,
+            error = why.as_deref().unwrap_or("-"),
+            "libvirt connection lost; closed after its last call, the next call opens another"
+        );
+        drop(s);
+    }
+
+    fn too_late(&self) -> VmError {
+        VmError::Unavailable(format!(
+            "libvirt did not answer within {} s",
+            self.timeout.as_secs()
+        ))
+    }
+
+    /// Runs `f` on a connection of its own, on the calling (blocking) thread, once one
+    /// is free before `deadline` and unless `gave_up` is set by then. When `f` fails and
+    /// the connection turns out dead, the failure is reported as `Unavailable` and the
+    /// connection is closed after `f` returned.
+    fn run<T>(
+        &self,
+        deadline: Option<Instant>,
+        gave_up: &AtomicBool,
         f: impl FnOnce(&Connect) -> Result<T, VmError>,
     ) -> Result<T, VmError> {
-        let conn = self.connection()?;
-        match f(&conn) {
+        let session = self.check_out(deadline, gave_up)?;
+        let mut held = Checkout {
+            lv: self,
+            session: Some(session),
+            failure: None,
+        };
+        // An open that waited for a frozen daemon may finish long after the caller
+        // stopped waiting: then the request's work must not start any more (a create
+        // the client was told failed would be made after all).
+        if gave_up.load(Ordering::Acquire) {
+            return Err(self.too_late());
+        }
+        let Some(s) = held.session.as_ref() else {
+            return Err(VmError::Unavailable("no libvirt connection".into()));
+        };
+        match f(&s.conn) {
             Ok(v) => Ok(v),
             Err(e) => {
-                if !conn.is_alive().unwrap_or(false) {
-                    if let Ok(mut cached) = self.cached.lock() {
-                        *cached = None;
-                    }
+                if !s.alive() {
+                    held.failure = Some(e.to_string());
                     return Err(VmError::Unavailable(e.to_string()));
                 }
                 Err(e)
@@ -132,33 +370,60 @@ impl Libvirt {
         }
     }
 
-    /// Runs `f` with the connection on a blocking thread, bounded by LIBVIRT_TIMEOUT.
+    /// Runs `f` on a connection of its own, on the calling (blocking) thread, waiting
+    /// as long as it takes for one.
+    pub fn call_blocking<T>(
+        &self,
+        f: impl FnOnce(&Connect) -> Result<T, VmError>,
+    ) -> Result<T, VmError> {
+        self.run(None, &AtomicBool::new(false), f)
+    }
+
+    /// Runs `f` on a connection of its own on a blocking thread, bounded by
+    /// LIBVIRT_TIMEOUT. After the timeout the caller gets a 503 at once; `f` is not
+    /// started any more if it had not started, and if it had, it finishes (or fails when
+    /// libvirt's keepalive gives the connection up) on its own thread, which then hands
+    /// the connection back or closes it.
     pub async fn call<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&Connect) -> Result<T, VmError> + Send + 'static,
     ) -> Result<T, VmError> {
         let this = Arc::clone(self);
-        let task = tokio::task::spawn_blocking(move || this.call_blocking(f));
+        let gave_up = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&gave_up);
+        let deadline = Instant::now() + self.timeout;
+        // Set when this future ends, however it ends (timed out, dropped with its
+        // request, or done, when it no longer matters).
+        let _give_up = GiveUpOnDrop(gave_up);
+        let task = tokio::task::spawn_blocking(move || this.run(Some(deadline), &flag, f));
         match tokio::time::timeout(self.timeout, task).await {
             Ok(Ok(result)) => result,
             Ok(Err(join)) => Err(VmError::Libvirt(format!("libvirt call failed: {join}"))),
-            Err(_) => Err(VmError::Unavailable(format!(
-                "libvirt did not answer within {} s",
-                self.timeout.as_secs()
-            ))),
+            Err(_) => Err(self.too_late()),
         }
     }
 
     /// Like `call`, without the time bound: for streams whose length depends on the
-    /// caller (image transfers), where the caller bounds the work itself.
+    /// caller (image transfers), where the caller bounds the work itself. The transfer
+    /// has a connection of its own for its whole length.
     pub async fn call_unbounded<T: Send + 'static>(
         self: &Arc<Self>,
         f: impl FnOnce(&Connect) -> Result<T, VmError> + Send + 'static,
     ) -> Result<T, VmError> {
         let this = Arc::clone(self);
-        tokio::task::spawn_blocking(move || this.call_blocking(f))
+        let gave_up = Arc::new(AtomicBool::new(false));
+        let flag = Arc::clone(&gave_up);
+        let _give_up = GiveUpOnDrop(gave_up);
+        tokio::task::spawn_blocking(move || this.run(None, &flag, f))
             .await
             .map_err(|join| VmError::Libvirt(format!("libvirt call failed: {join}")))?
+    }
+
+    /// Connections (in use, idle), for tests.
+    #[cfg(test)]
+    fn connections(&self) -> (usize, usize) {
+        let pool = self.lock();
+        (pool.busy, pool.idle.len())
     }
 }
 
@@ -182,7 +447,117 @@ pub fn is_local_uri(uri: &str) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::is_local_uri;
+    use std::collections::HashSet;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use std::sync::{Arc, Mutex};
+    use std::time::Duration;
+
+    use virt::connect::Connect;
+
+    use super::{Libvirt, MAX_CONNECTIONS, MAX_IDLE, is_local_uri};
+    use crate::vm::VmError;
+
+    /// Which libvirt connection `conn` is (its C pointer, as a number).
+    fn id(conn: &Connect) -> usize {
+        #[allow(unsafe_code)]
+        // SAFETY: only the pointer's value is read, never dereferenced.
+        let ptr = unsafe { conn.as_ptr() };
+        ptr as usize
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn calls_at_the_same_time_never_share_a_connection() {
+        let lv = Libvirt::new("test:///default", Duration::from_secs(30));
+        let seen = Arc::new(Mutex::new(Vec::new()));
+        let mut calls = Vec::new();
+        for _ in 0..4 {
+            let (lv, seen) = (Arc::clone(&lv), Arc::clone(&seen));
+            calls.push(tokio::spawn(async move {
+                lv.call(move |conn| {
+                    seen.lock().unwrap().push(id(conn));
+                    // Still running while the others start.
+                    std::thread::sleep(Duration::from_millis(300));
+                    conn.num_of_domains()
+                        .map_err(|e| VmError::libvirt("counting domains", e))
+                })
+                .await
+            }));
+        }
+        for c in calls {
+            c.await.unwrap().unwrap();
+        }
+        let seen: Vec<usize> = seen.lock().unwrap().clone();
+        let distinct: HashSet<usize> = seen.iter().copied().collect();
+        assert_eq!(distinct.len(), 4, "{seen:?}");
+        // Handed back when they returned; only MAX_IDLE stay open.
+        assert_eq!(lv.connections(), (0, MAX_IDLE));
+        // The next call takes one of those.
+        let next = lv.call(|conn| Ok(id(conn))).await.unwrap();
+        assert!(distinct.contains(&next));
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_connection_whose_call_timed_out_is_not_used_until_that_call_returns() {
+        let lv = Libvirt::new("test:///default", Duration::from_millis(200));
+        let slow = Arc::new(Mutex::new(None));
+        let s = Arc::clone(&slow);
+        let r = lv
+            .call(move |conn| {
+                *s.lock().unwrap() = Some(id(conn));
+                std::thread::sleep(Duration::from_millis(800));
+                Ok(())
+            })
+            .await;
+        assert!(matches!(r, Err(VmError::Unavailable(_))), "{r:?}");
+        let slow = slow.lock().unwrap().unwrap();
+        // The slow call still runs on its connection: the next call gets another.
+        let other = lv.call(|conn| Ok(id(conn))).await.unwrap();
+        assert_ne!(other, slow);
+        assert_eq!(lv.connections().0, 1, "the slow call keeps its connection");
+        tokio::time::sleep(Duration::from_millis(900)).await;
+        assert_eq!(lv.connections().0, 0, "handed back once it returned");
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_call_that_got_no_connection_in_time_never_runs() {
+        let lv = Libvirt::new("test:///default", Duration::from_millis(300));
+        // Every connection busy for longer than the other call waits.
+        let mut busy = Vec::new();
+        for _ in 0..MAX_CONNECTIONS {
+            let lv = Arc::clone(&lv);
+            busy.push(tokio::spawn(async move {
+                lv.call_unbounded(|_| {
+                    std::thread::sleep(Duration::from_millis(1200));
+                    Ok(())
+                })
+                .await
+            }));
+        }
+        while lv.connections().0 < MAX_CONNECTIONS {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let ran = Arc::new(AtomicBool::new(false));
+        let r2 = Arc::clone(&ran);
+        let t = std::time::Instant::now();
+        let r = lv
+            .call(move |_| {
+                r2.store(true, Ordering::SeqCst);
+                Ok(())
+            })
+            .await;
+        assert!(matches!(r, Err(VmError::Unavailable(_))), "{r:?}");
+        assert!(
+            t.elapsed() < Duration::from_millis(1000),
+            "{:?}",
+            t.elapsed()
+        );
+        for b in busy {
+            b.await.unwrap().unwrap();
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        assert!(!ran.load(Ordering::SeqCst), "ran after its caller gave up");
+        assert_eq!(lv.connections(), (0, MAX_IDLE));
+    }
 
     #[test]
     fn a_uri_with_a_remote_host_is_not_local() {

@@ -1,6 +1,7 @@
 //! Virtual machines through libvirt's API only: the connection, storage pool and volumes,
 //! domain XML, the in-memory cloud-init seed, DHCP leases, and host statistics.
 
+mod abandoned;
 mod claims;
 pub mod conn;
 mod domain;

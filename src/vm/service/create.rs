@@ -71,6 +71,18 @@ impl Vms {
     > {
         req.validate(&self.cfg.limits)?;
         let claim = self.claim(&req.name).await?;
+        // What an earlier create of this name left when libvirt cut it off: removed
+        // first; while libvirt may still carry out what that one sent, this one would
+        // race it.
+        self.clean_abandoned(&req.name).await?;
+        if self.abandoned.contains(&req.name) {
+            return Err(VmError::Unavailable(format!(
+                "an earlier create of {} was cut off inside libvirt, which may still carry out \
+                 what it sent; retry in {} s",
+                req.name,
+                crate::vm::abandoned::SETTLE.as_secs()
+            )));
+        }
         let plan = self.plan(&req, by).await?;
         let name = req.name.clone();
         self.set_pending(&name, Some(Pending::Creating));
@@ -88,7 +100,19 @@ impl Vms {
     }
 
     async fn provision_and_persist(&self, plan: Plan) -> Result<Created, VmError> {
-        let recreated = self.provision(&plan).await?;
+        let (attempt, marks) =
+            crate::vm::abandoned::Attempt::new(&plan.row.name, &plan.row.instance_id);
+        let recreated = match self.provision(&plan, marks).await {
+            Ok(r) => r,
+            // Cut off inside libvirt (the connection died under it): libvirt may still
+            // carry out what it sent; remembered, and undone once settled. A recreate's
+            // row is the old VM, which the reconcile restores instead.
+            Err(e @ VmError::Unavailable(_)) if !plan.recreate => {
+                self.abandoned.add(attempt);
+                return Err(e);
+            }
+            Err(e) => return Err(e),
+        };
         self.persist(plan, recreated).await
     }
 
@@ -227,12 +251,18 @@ impl Vms {
 
     /// Makes libvirt hold the planned VM, running; true when it replaced one. Waits
     /// for libvirt's real answer however long it takes (the caller bounds its own wait).
-    async fn provision(&self, plan: &Plan) -> Result<bool, VmError> {
+    async fn provision(
+        &self,
+        plan: &Plan,
+        marks: crate::vm::abandoned::Marks,
+    ) -> Result<bool, VmError> {
         let cfg = self.cfg.clone();
         let (row, image, seed) = (plan.row.clone(), plan.image.clone(), plan.seed.clone());
         let (recreate, had_row) = (plan.recreate, plan.had_row);
         self.lv
             .call_unbounded(move |conn| {
+                // Dropped with the closure: run or not, this attempt is over then.
+                marks.started();
                 check_guest_support(conn, &row.os_arch, &row.domain_type)?;
                 ensure_network(conn, &row.network_name)?;
                 check_host_fits(conn, &row)?;

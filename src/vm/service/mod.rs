@@ -12,6 +12,7 @@
 //! ended; the request waits for it at most `LIBVIRT_TIMEOUT` and then answers 504 while
 //! the work goes on and records its outcome (see [`Vms::to_the_end`]).
 
+mod abandoned;
 mod create;
 mod lifecycle;
 mod queries;
@@ -117,6 +118,9 @@ pub struct Vms {
     /// Names with an operation in progress: a second request gets 409 instead of
     /// racing; a request waits for the reconcile's look at the VM.
     claims: Arc<Claims>,
+    /// Creates whose libvirt work was cut off (a keepalive close during a freeze), whose
+    /// leftovers the reconcile removes (`vm::abandoned`).
+    abandoned: crate::vm::abandoned::Abandoned,
     /// What libvirt last said about each domain; the reads answer from it.
     observed: Arc<Observed>,
     /// Creates in flight (shown as `creating`) and creates that failed after their
@@ -150,6 +154,7 @@ impl Vms {
             portmaps,
             images: None,
             claims: Arc::new(Claims::default()),
+            abandoned: Default::default(),
             observed: Arc::new(Observed::default()),
             pending: Default::default(),
         }

@@ -14,6 +14,18 @@ impl Vms {
     /// volumes re-created if they vanished too) and started if it should run. Domains
     /// the agent did not create are never touched. Returns what was repaired.
     pub async fn reconcile(&self) -> Result<Vec<String>, VmError> {
+        for name in self.abandoned.ready() {
+            let Some(_claim) = self.claims.for_reconcile(&name) else {
+                continue;
+            };
+            match self.clean_abandoned(&name).await {
+                Ok(()) => {}
+                Err(e @ VmError::Unavailable(_)) => return Err(e),
+                Err(e) => {
+                    tracing::error!(vm = %name, error = %e, "cannot remove what an abandoned create made")
+                }
+            }
+        }
         let rows = self.store.run(|s| s.with(vms::list)).await?;
         // A node without VMs leaves libvirt alone (and never loads it).
         if !rows.is_empty() {

@@ -1,0 +1,252 @@
+//! Creates whose client got a 503 while their libvirt work was cut off halfway or went on
+//! without them, and the cleanup that makes libvirt agree with SQLite again.
+//!
+//! `POST /vms` builds the VM in libvirt first and writes its row after (docs/decisions.md
+//! §9). When that libvirt call ends in `Unavailable` (LIBVIRT_TIMEOUT ran out, or
+//! libvirt's keepalive gave the connection up while the daemon was frozen), what libvirt
+//! holds is unknown: only volumes, a domain defined but not started, or one started after
+//! the client was answered. The row is never written, and the create's own undo could
+//! not reach libvirt either. Worse, requests that sat in a frozen daemon's socket are
+//! still carried out when it thaws, after the client gave the connection up: a domain
+//! can be defined seconds after the create failed. Such a domain carries the agent's
+//! metadata, so before this a retried create of the name met a 409 ("already exists")
+//! for a VM that `GET /vms` did not list as the agent's, and nothing ever removed it.
+//!
+//! Each such create is remembered here (in memory: an agent restart forgets it) with its
+//! instance-id. Once its closure has returned (or was dropped without running), each
+//! reconcile pass, and a create of the same name, removes what it made: its domain, only
+//! while that carries its instance-id, and the name's volumes (a create always starts
+//! from fresh ones). It is forgotten once two passes at least [`SETTLE`] apart found
+//! nothing left, so that what the daemon carried out late is removed too; until then a
+//! create of the name gets a 503. A create that never started made nothing and is
+//! forgotten at once. Recreates are not tracked: their row (the old VM) stays, and the
+//! reconcile repairs toward it.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use virt::connect::Connect;
+
+use super::VmError;
+use super::domain::{facts, lookup, remove_vm};
+use super::service::VmConfig;
+use super::storage;
+
+/// How long after a cleanup pass that found nothing another must still find nothing
+/// before the create is forgotten.
+pub const SETTLE: Duration = Duration::from_secs(10);
+
+/// One create, as the async side sees it.
+pub struct Attempt {
+    name: String,
+    instance_id: String,
+    started: Arc<AtomicBool>,
+    finished: Arc<AtomicBool>,
+    /// Since when cleanup passes have found nothing of it.
+    quiet_since: Option<Instant>,
+}
+
+/// Moved into the create's closure: says that it started, and (by being dropped, with
+/// the closure or at its end) that it finished or will never run.
+pub struct Marks {
+    started: Arc<AtomicBool>,
+    finished: Arc<AtomicBool>,
+}
+
+impl Marks {
+    pub fn started(&self) {
+        self.started.store(true, Ordering::Release);
+    }
+}
+
+impl Drop for Marks {
+    fn drop(&mut self) {
+        self.finished.store(true, Ordering::Release);
+    }
+}
+
+impl Attempt {
+    pub fn new(name: &str, instance_id: &str) -> (Attempt, Marks) {
+        let started = Arc::new(AtomicBool::new(false));
+        let finished = Arc::new(AtomicBool::new(false));
+        (
+            Attempt {
+                name: name.to_owned(),
+                instance_id: instance_id.to_owned(),
+                started: Arc::clone(&started),
+                finished: Arc::clone(&finished),
+                quiet_since: None,
+            },
+            Marks { started, finished },
+        )
+    }
+
+    pub fn instance_id(&self) -> &str {
+        &self.instance_id
+    }
+
+    /// Whether its closure ever ran (if not, it sent libvirt nothing).
+    pub fn started(&self) -> bool {
+        self.started.load(Ordering::Acquire)
+    }
+
+    /// Whether its closure is done (or will never run).
+    fn finished(&self) -> bool {
+        self.finished.load(Ordering::Acquire)
+    }
+
+    /// Records one cleanup pass; true when the attempt can be forgotten.
+    pub fn settled_after(&mut self, removed_something: bool) -> bool {
+        if removed_something {
+            self.quiet_since = None;
+            return false;
+        }
+        match self.quiet_since {
+            Some(t) => t.elapsed() >= SETTLE,
+            None => {
+                self.quiet_since = Some(Instant::now());
+                false
+            }
+        }
+    }
+}
+
+/// The abandoned creates, by VM name (a later abandoned create of the name replaces an
+/// earlier one: it started by removing what the earlier one made).
+#[derive(Default)]
+pub struct Abandoned {
+    by_name: Mutex<HashMap<String, Attempt>>,
+}
+
+impl Abandoned {
+    pub fn add(&self, attempt: Attempt) {
+        tracing::warn!(
+            vm = %attempt.name,
+            started = attempt.started(),
+            "create answered 503 with its libvirt work unfinished; what it made is removed once that work has returned"
+        );
+        if let Ok(mut m) = self.by_name.lock() {
+            m.insert(attempt.name.clone(), attempt);
+        }
+    }
+
+    /// Whether an abandoned create of `name` is remembered (still working in libvirt,
+    /// or not yet settled).
+    pub fn contains(&self, name: &str) -> bool {
+        self.by_name
+            .lock()
+            .map(|m| m.contains_key(name))
+            .unwrap_or(false)
+    }
+
+    /// The names whose abandoned create has returned, ready for a cleanup pass.
+    pub fn ready(&self) -> Vec<String> {
+        self.by_name
+            .lock()
+            .map(|m| {
+                m.values()
+                    .filter(|a| a.finished())
+                    .map(|a| a.name.clone())
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    /// Takes `name`'s entry if its create has returned (the caller holds the name's
+    /// claim, and puts it back unless it is settled).
+    pub fn take_ready(&self, name: &str) -> Option<Attempt> {
+        let mut m = self.by_name.lock().ok()?;
+        if m.get(name).is_some_and(Attempt::finished) {
+            m.remove(name)
+        } else {
+            None
+        }
+    }
+
+    /// Back after a pass that did not settle it, unless a newer attempt took its place.
+    pub fn put_back(&self, attempt: Attempt) {
+        if let Ok(mut m) = self.by_name.lock() {
+            m.entry(attempt.name.clone()).or_insert(attempt);
+        }
+    }
+}
+
+/// What one cleanup pass found.
+pub enum Cleaned {
+    /// The name's domain is not this attempt's (another create made it): leave it.
+    NotOurs,
+    /// What was removed (empty: nothing of the attempt was left).
+    Removed(Vec<&'static str>),
+}
+
+/// Removes what an abandoned create of `name` made: its domain while it carries
+/// `instance_id`, and the name's volumes. Blocking (one libvirt call's closure).
+pub(super) fn clean(
+    conn: &Connect,
+    cfg: &VmConfig,
+    name: &str,
+    instance_id: &str,
+) -> Result<Cleaned, VmError> {
+    let mut removed = Vec::new();
+    if let Some(d) = lookup(conn, name)? {
+        if facts(&d)?.instance_id.as_deref() != Some(instance_id) {
+            return Ok(Cleaned::NotOurs);
+        }
+        remove_vm(conn, cfg, name, Some(d), false)?;
+        removed.push("domain");
+    }
+    let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
+    // The console log only shows up as a volume after a refresh.
+    let _ = pool.refresh(0);
+    for (what, v) in [
+        ("disk", storage::disk_volume(name)),
+        ("seed", storage::seed_volume(name)),
+        ("console log", storage::console_volume(name)),
+    ] {
+        if storage::delete_volume(&pool, &v)? {
+            removed.push(what);
+        }
+    }
+    Ok(Cleaned::Removed(removed))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_attempt_is_forgotten_after_two_quiet_passes_settle_apart() {
+        let (mut a, marks) = Attempt::new("vm1", "iid-1");
+        let abandoned = Abandoned::default();
+        assert!(!a.started());
+        marks.started();
+        assert!(a.started());
+        let (a2, marks2) = Attempt::new("vm2", "iid-2");
+        abandoned.add(a2);
+        assert!(
+            abandoned.ready().is_empty(),
+            "vm2's closure has not returned"
+        );
+        assert!(abandoned.take_ready("vm2").is_none());
+        assert!(abandoned.contains("vm2"));
+        drop(marks2);
+        assert_eq!(abandoned.ready(), vec!["vm2".to_owned()]);
+        let a2 = abandoned.take_ready("vm2").unwrap();
+        assert!(!a2.started());
+        assert!(!abandoned.contains("vm2"));
+        drop(marks);
+        assert!(a.finished());
+        // Something removed: not settled; a quiet pass starts the clock.
+        assert!(!a.settled_after(true));
+        assert!(!a.settled_after(false));
+        assert!(!a.settled_after(false));
+        a.quiet_since = Some(Instant::now() - SETTLE);
+        assert!(a.settled_after(false));
+        // Something showed up late: the clock starts again.
+        a.quiet_since = Some(Instant::now() - SETTLE);
+        assert!(!a.settled_after(true));
+        assert!(a.quiet_since.is_none());
+    }
+}

@@ -1,0 +1,346 @@
+//! libvirtd frozen (SIGSTOP) and thawed (SIGCONT) with the agent's calls in flight,
+//! again and again (issue 11: the agent died with a segfault inside libvirt.so within
+//! seconds of a thaw). libvirtd runs inside the test topology's node namespace
+//! (scripts/libvirt-netns.sh); the guests are the tiny TCG guest of
+//! scripts/build-tiny-guest.sh.
+//!
+//! One VM ("base") lives through the whole test. Each cycle first creates a VM ("dN")
+//! while libvirtd runs; then, with `GET /vms` and `GET /vms/base/status` back to back,
+//! two creates of one new name ("cN"), one more create ("xN") and deletes of "dN" (and of
+//! earlier ones still there, and of the last cycle's "cN"/"xN") in flight, libvirtd is
+//! stopped, continued, and the requests go on for [`AFTER_THAW`]; a change that was not
+//! done (503, or 504: its work goes on inside the agent) is asked again. Reads never wait
+//! behind libvirt: every one is answered 200 from the last observation. Each freeze lasts [`FREEZE`]: longer than the agent's libvirt keepalive needs to give
+//! the connection up (5 s interval x 3 unanswered probes: libvirt declares the daemon dead
+//! at the first timer after the third probe, 20 s after the last packet it received), so
+//! every cycle has changes that time out (504 after LIBVIRT_TIMEOUT), calls that were still
+//! running on the connection when libvirt closed it, and calls that wait for a new one
+//! until the daemon answers again.
+//!
+//! libvirtd's control socket is machine-wide: the libvirt tests take turns (and run the
+//! whole binary under `flock /run/nva-libvirtd.lock` next to other checkouts).
+
+#![allow(clippy::unwrap_used, clippy::expect_used)]
+
+mod support;
+
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::sync::Mutex;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use support::libvirt::{Env, LIBVIRTD, Libvirtd, WAIT, env, libvirtd_speed};
+
+/// How many freeze/thaw cycles (the issue's crash came within the first one).
+const CYCLES: usize = 10;
+/// How long libvirtd stays stopped: past the 20 s after which the keepalive (5 s x 3)
+/// closes the connection, with 2 s to spare for its 1 s timer granularity.
+const FREEZE: Duration = Duration::from_secs(22);
+/// Requests keep coming this long after the thaw, on the connection that comes back.
+const AFTER_THAW: Duration = Duration::from_secs(2);
+/// How long a create or delete that was not done waits before it asks again.
+const RETRY: Duration = Duration::from_millis(250);
+/// LIBVIRT_TIMEOUT of the agent (as in the issue).
+const LIBVIRT_TIMEOUT: &str = "5";
+
+fn tiny_vm(name: &str, kernel: &str, initrd: &str) -> Value {
+    json!({
+        "name": name,
+        "memory_mib": 256,
+        "vcpus": 1,
+        "disk_size_gb": 1,
+        "network_name": "default",
+        "os_arch": "x86_64",
+        "image": "tiny",
+        "kernel": kernel,
+        "initrd": initrd,
+        "cmdline": "console=ttyS0 loglevel=4 panic=-1",
+    })
+}
+
+fn signal(pid: i32, sig: &str) {
+    let ok = Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .map(|s| s.success())
+        .unwrap_or(false);
+    assert!(ok, "kill {sig} {pid} failed");
+}
+
+/// What the kernel said about segfaults lately (the issue's only trace of the crash).
+fn kernel_segfaults() -> String {
+    let out = Command::new("dmesg").output();
+    let text = out
+        .map(|o| String::from_utf8_lossy(&o.stdout).into_owned())
+        .unwrap_or_default();
+    let lines: Vec<&str> = text
+        .lines()
+        .filter(|l| l.contains("segfault") || l.contains("traps:"))
+        .collect();
+    lines[lines.len().saturating_sub(5)..].join("\n")
+}
+
+/// Panics, with the agent's log and the kernel's word on it, if the agent has exited.
+fn assert_alive(e: &mut Env, when: &str) {
+    if let Some(status) = e.agent.exited() {
+        panic!(
+            "the agent died {when}: {status}\nkernel:\n{}\nagent log (tail):\n{}",
+            kernel_segfaults(),
+            tail(&e.agent.log(), 60)
+        );
+    }
+}
+
+fn tail(text: &str, n: usize) -> String {
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}
+
+/// The names libvirt has (running or not).
+fn libvirt_names(e: &Env) -> BTreeSet<String> {
+    e.domains().into_iter().collect()
+}
+
+/// The names of the agent's SQLite rows.
+fn sqlite_names(e: &Env) -> BTreeSet<String> {
+    e.agent
+        .sql("select name from vms order by name")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty())
+        .map(str::to_owned)
+        .collect()
+}
+
+/// `POST /vms` of `name` while libvirtd runs (retried on 503/504 for up to a minute: the
+/// last thaw's leftovers may still be settling).
+fn create_before_the_freeze(e: &Env, body: &str, name: &str) {
+    let api = &e.agent.api;
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let r = api.call("POST", "/vms", Some(body));
+        // 409 after a 504: the create that answered 504 finished in the meantime.
+        if r.status == 200 || (r.status == 409 && r.body.contains("already exists")) {
+            return;
+        }
+        assert!(
+            [503, 504].contains(&r.status) && Instant::now() < deadline,
+            "POST /vms {name}: {r:?}\n{}",
+            tail(&e.agent.log(), 40)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+}
+
+/// How many libvirt connections the agent has logged as lost so far.
+fn connections_lost(e: &Env) -> usize {
+    e.agent.log().matches("libvirt connection lost").count()
+}
+
+/// Statuses seen by the request threads of one cycle, by request kind.
+#[derive(Default)]
+struct Seen {
+    answers: Vec<(String, u16)>,
+    /// Requests the agent did not answer at all (connection refused or reset).
+    unanswered: Vec<String>,
+}
+
+#[test]
+fn the_agent_survives_ten_libvirtd_freezes_with_creates_deletes_and_reads_in_flight() {
+    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let started = Instant::now();
+    let mut e = env(&[
+        ("LIBVIRT_TIMEOUT", LIBVIRT_TIMEOUT),
+        ("RECONCILE_INTERVAL", "3"),
+    ]);
+    let (kernel, initrd) = e.scratch.guest();
+    let r = e.upload_image("tiny", &vec![0u8; 4 << 20]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let r = e.agent.api.post("/vms", &tiny_vm("base", &kernel, &initrd));
+    assert_eq!(r.status, 200, "{r:?}\n{}", e.agent.log());
+    assert_eq!(e.state("base"), "running");
+    let pid = Libvirtd::pid().expect("libvirtd's pid file");
+    eprintln!(
+        "setup took {:.0} s; {}",
+        started.elapsed().as_secs_f64(),
+        libvirtd_speed()
+    );
+
+    for cycle in 0..CYCLES {
+        let t0 = Instant::now();
+        let lost_before = connections_lost(&e);
+        let api = e.agent.api.clone();
+        let stop = AtomicBool::new(false);
+        let seen = Mutex::new(Seen::default());
+        let record = |what: String, r: std::io::Result<support::Response>| {
+            let mut s = seen.lock().unwrap();
+            match r {
+                Ok(r) => s.answers.push((what, r.status)),
+                Err(err) => s.unanswered.push(format!("{what}: {err}")),
+            }
+        };
+        let body = |name: &str| tiny_vm(name, &kernel, &initrd).to_string();
+        let (new_a, new_b) = (format!("c{cycle}"), format!("x{cycle}"));
+        // A VM of this cycle's own, made while libvirtd runs, to be deleted in flight.
+        let doomed = format!("d{cycle}");
+        create_before_the_freeze(&e, &body(&doomed), &doomed);
+        // With those of earlier cycles whose delete has not gone through yet.
+        let mut old: Vec<String> = sqlite_names(&e)
+            .into_iter()
+            .filter(|n| n.starts_with('d'))
+            .collect();
+        if cycle > 0 {
+            old.extend([format!("c{}", cycle - 1), format!("x{}", cycle - 1)]);
+        }
+        std::thread::scope(|s| {
+            // Reads, back to back.
+            for path in ["/vms", "/vms/base/status"] {
+                let (api, stop, record) = (&api, &stop, &record);
+                s.spawn(move || {
+                    while !stop.load(Ordering::Relaxed) {
+                        record(
+                            format!("GET {path}"),
+                            api.request("GET", path, Some(&api.token), None),
+                        );
+                    }
+                });
+            }
+            // Two creates of one new name at once, one more create, and deletes of the
+            // last cycle's VMs: each again after it was answered, until the cycle ends.
+            for (name, copies) in [(&new_a, 2), (&new_b, 1)] {
+                for _ in 0..copies {
+                    let (api, stop, record) = (&api, &stop, &record);
+                    let b = body(name);
+                    s.spawn(move || {
+                        while !stop.load(Ordering::Relaxed) {
+                            let r = api.request("POST", "/vms", Some(&api.token), Some(&b));
+                            let done = matches!(&r, Ok(r) if r.status == 200 || r.status == 409);
+                            record(format!("POST /vms {name}"), r);
+                            if done {
+                                break;
+                            }
+                            std::thread::sleep(RETRY);
+                        }
+                    });
+                }
+            }
+            for name in &old {
+                let (api, stop, record) = (&api, &stop, &record);
+                s.spawn(move || {
+                    let path = format!("/vms/{name}");
+                    while !stop.load(Ordering::Relaxed) {
+                        let r = api.request("DELETE", &path, Some(&api.token), None);
+                        let done = matches!(&r, Ok(r) if r.status == 200 || r.status == 404);
+                        record(format!("DELETE {path}"), r);
+                        if done {
+                            break;
+                        }
+                        std::thread::sleep(RETRY);
+                    }
+                });
+            }
+            // Let the requests reach libvirt, then freeze it with them in flight.
+            std::thread::sleep(Duration::from_millis(700));
+            signal(pid, "-STOP");
+            std::thread::sleep(FREEZE);
+            signal(pid, "-CONT");
+            std::thread::sleep(AFTER_THAW);
+            stop.store(true, Ordering::Relaxed);
+        });
+        let seen = seen.into_inner().unwrap();
+        assert_alive(&mut e, &format!("in cycle {cycle}"));
+        // The freeze outlasted the keepalive: libvirt gave up at least one connection
+        // that had a call in flight, and the agent closed it after that call returned.
+        let lost = connections_lost(&e) - lost_before;
+        let count = |what: &str, status: u16| {
+            seen.answers
+                .iter()
+                .filter(|(w, s)| w.starts_with(what) && *s == status)
+                .count()
+        };
+        eprintln!(
+            "cycle {cycle}: {:.0} s; connections lost: {lost}; GET 200/other: {}/{}, \
+             POST 200/409/503/504: {}/{}/{}/{}, DELETE 200/404/503/504: {}/{}/{}/{}, unanswered: {}",
+            t0.elapsed().as_secs_f64(),
+            count("GET", 200),
+            seen.answers
+                .iter()
+                .filter(|(w, s)| w.starts_with("GET") && *s != 200)
+                .count(),
+            count("POST", 200),
+            count("POST", 409),
+            count("POST", 503),
+            count("POST", 504),
+            count("DELETE", 200),
+            count("DELETE", 404),
+            count("DELETE", 503),
+            count("DELETE", 504),
+            seen.unanswered.len(),
+        );
+        assert!(
+            seen.unanswered.is_empty(),
+            "cycle {cycle}: requests the agent never answered: {:?}\nkernel:\n{}\nagent log (tail):\n{}",
+            seen.unanswered,
+            kernel_segfaults(),
+            tail(&e.agent.log(), 60)
+        );
+        // Reads never waited behind the frozen daemon: every one answered 200.
+        let reads_failed: Vec<_> = seen
+            .answers
+            .iter()
+            .filter(|(w, s)| w.starts_with("GET") && *s != 200)
+            .collect();
+        assert!(reads_failed.is_empty(), "cycle {cycle}: {reads_failed:?}");
+        // The freeze was felt: changes timed out (504) or found libvirt away (503).
+        assert!(
+            count("POST", 504) + count("POST", 503) + count("DELETE", 504) + count("DELETE", 503)
+                > 0,
+            "cycle {cycle}: no change was held up by the freeze"
+        );
+        let odd: Vec<_> = seen
+            .answers
+            .iter()
+            .filter(|(_, s)| ![200, 404, 409, 503, 504].contains(s))
+            .collect();
+        assert!(odd.is_empty(), "cycle {cycle}: unexpected answers {odd:?}");
+        assert!(
+            lost > 0,
+            "cycle {cycle}: the keepalive closed no connection during a {} s freeze\n{}",
+            FREEZE.as_secs(),
+            tail(&e.agent.log(), 40)
+        );
+    }
+
+    // The issue's agent died within 10 s of a thaw: give the last one that long.
+    std::thread::sleep(Duration::from_secs(10));
+    assert_alive(&mut e, "after the last thaw");
+    assert_eq!(e.agent.api.get("/health").status, 200);
+
+    // SQLite and libvirt agree: every row has its domain (the reconcile redefines one
+    // that a timed-out delete removed after its caller gave up), and no domain exists
+    // that the agent has no row for (a create that finished after its 503).
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let (rows, doms) = (sqlite_names(&e), libvirt_names(&e));
+        if rows == doms && rows.contains("base") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "SQLite and libvirt disagree after {} s: rows {rows:?}, domains {doms:?}\n{}",
+            WAIT.as_secs(),
+            tail(&e.agent.log(), 60)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    let r = e.agent.api.get("/vms");
+    assert_eq!(r.status, 200, "{r:?}");
+    for vm in r.json()["vms"].as_array().unwrap() {
+        assert_eq!(vm["managed"], true, "{vm}");
+        assert_ne!(vm["state"], "missing", "{vm}");
+    }
+    assert_alive(&mut e, "at the end");
+    eprintln!("total {:.0} s", started.elapsed().as_secs_f64());
+}
