@@ -30,8 +30,7 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use serde_json::{Value, json};
-use support::libvirt::{Env, LIBVIRTD, Libvirtd, WAIT, env, libvirtd_speed};
+use support::libvirt::{Env, LIBVIRTD, Libvirtd, WAIT, env, libvirtd_speed, tiny_vm};
 
 /// How many freeze/thaw cycles (the issue's crash came within the first one).
 const CYCLES: usize = 10;
@@ -44,21 +43,6 @@ const AFTER_THAW: Duration = Duration::from_secs(2);
 const RETRY: Duration = Duration::from_millis(250);
 /// LIBVIRT_TIMEOUT of the agent (as in the issue).
 const LIBVIRT_TIMEOUT: &str = "5";
-
-fn tiny_vm(name: &str, kernel: &str, initrd: &str) -> Value {
-    json!({
-        "name": name,
-        "memory_mib": 256,
-        "vcpus": 1,
-        "disk_size_gb": 1,
-        "network_name": "default",
-        "os_arch": "x86_64",
-        "image": "tiny",
-        "kernel": kernel,
-        "initrd": initrd,
-        "cmdline": "console=ttyS0 loglevel=4 panic=-1",
-    })
-}
 
 fn signal(pid: i32, sig: &str) {
     let ok = Command::new("kill")

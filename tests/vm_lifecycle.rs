@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::libvirt::{
-    BOOT, Env, LIBVIRTD, WAIT, env, libvirtd_speed, remote_env, virsh, wait_until,
+    BOOT, Env, LIBVIRTD, WAIT, env, libvirtd_speed, remote_env, tiny_vm, virsh, wait_until,
 };
 use support::netns::enter_netns;
 use support::*;
@@ -25,21 +25,6 @@ use support::*;
 /// SSH_AUTHORIZED_KEYS of the lifecycle test's agent; a create may bring its own.
 const DEFAULT_KEY: &str =
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIBdMCdPexVOBbnwk88Mu0xzRCNPTt7FdrDtvNeHvBpso ops@node";
-
-fn tiny_vm(name: &str, kernel: &str, initrd: &str) -> Value {
-    json!({
-        "name": name,
-        "memory_mib": 256,
-        "vcpus": 1,
-        "disk_size_gb": 1,
-        "network_name": "default",
-        "os_arch": "x86_64",
-        "image": "tiny",
-        "kernel": kernel,
-        "initrd": initrd,
-        "cmdline": "console=ttyS0 loglevel=4 panic=-1",
-    })
-}
 
 #[test]
 fn a_vm_lives_its_whole_life_through_the_api() {

@@ -21,6 +21,23 @@ pub const URI: &str = "qemu:///system";
 /// libvirtd in the topology's far namespace, over TCP from the node namespace.
 pub const REMOTE_URI: &str = "qemu+tcp://10.77.3.2/system";
 /// Bounds for a TCG guest on 2 shared cores; they only decide when a hung step fails.
+/// The body of `POST /vms` for the tiny guest (scripts/build-tiny-guest.sh) named `name`:
+/// its kernel and initrd booted directly, its disk backed by the `tiny` image.
+pub fn tiny_vm(name: &str, kernel: &str, initrd: &str) -> serde_json::Value {
+    serde_json::json!({
+        "name": name,
+        "memory_mib": 256,
+        "vcpus": 1,
+        "disk_size_gb": 1,
+        "network_name": "default",
+        "os_arch": "x86_64",
+        "image": "tiny",
+        "kernel": kernel,
+        "initrd": initrd,
+        "cmdline": "console=ttyS0 loglevel=4 panic=-1",
+    })
+}
+
 pub const BOOT: Duration = Duration::from_secs(180);
 /// How long one API call that goes through libvirt may take before the test gives up:
 /// more than the agent's own LIBVIRT_TIMEOUT (120 s), so its 503 would come first.
