@@ -138,18 +138,18 @@ pub fn cmdline_or_null() -> Schema {
         .into()
 }
 
-/// At most 64 keys; each names a key type the agent knows (`vm::seed::SSH_KEY_TYPES`)
+/// At most 64 keys; each names a key type the agent knows (`model::ssh_key::SSH_KEY_TYPES`)
 /// followed by base64, in at most 16 KiB. The key data's content is checked beyond what
 /// a pattern says (it must decode and carry the same type).
 pub fn ssh_keys_or_null() -> Schema {
-    let types: Vec<String> = crate::vm::seed::SSH_KEY_TYPES
+    let types: Vec<String> = crate::model::ssh_key::SSH_KEY_TYPES
         .iter()
         .map(|t| t.replace('.', "\\."))
         .collect();
     let item = ObjectBuilder::new()
         .schema_type(SchemaType::new(Type::String))
         .pattern(Some(format!("({}) +[A-Za-z0-9+/]", types.join("|"))))
-        .max_length(Some(crate::vm::seed::MAX_SSH_KEY_BYTES));
+        .max_length(Some(crate::model::ssh_key::MAX_SSH_KEY_BYTES));
     utoipa::openapi::schema::ArrayBuilder::new()
         .schema_type(SchemaType::Array(vec![Type::Array, Type::Null]))
         .items(item)

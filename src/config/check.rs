@@ -70,7 +70,7 @@ impl Settings {
         self.validate_tokens()?;
         self.validate_networks()?;
         for (i, key) in self.default_ssh_keys().iter().enumerate() {
-            if let Err(reason) = crate::vm::seed::validate_ssh_key(key) {
+            if let Err(reason) = crate::model::ssh_key::validate_ssh_key(key) {
                 return Err(invalid(
                     "SSH_AUTHORIZED_KEYS",
                     format!("line {}", i + 1),

@@ -213,20 +213,19 @@ fn dl_error() -> String {
     }
 }
 
-/// Whether libvirt.so.0 is mapped into this process (for tests and `/health`-style
-/// reporting): true once [`ensure_loaded`] ran, or when something linked it eagerly.
-pub fn is_mapped() -> bool {
-    std::fs::read_to_string("/proc/self/maps")
-        .map(|m| {
-            m.lines()
-                .any(|l| l.ends_with("/libvirt.so.0") || l.contains("/libvirt.so.0."))
-        })
-        .unwrap_or(false)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Whether libvirt.so.0 is mapped into this process.
+    fn is_mapped() -> bool {
+        std::fs::read_to_string("/proc/self/maps")
+            .map(|m| {
+                m.lines()
+                    .any(|l| l.ends_with("/libvirt.so.0") || l.contains("/libvirt.so.0."))
+            })
+            .unwrap_or(false)
+    }
 
     #[test]
     fn loading_fills_every_slot_and_the_library_answers() {

@@ -4,7 +4,7 @@
 use serde::Deserialize;
 use utoipa::ToSchema;
 
-use super::{VmError, seed, xml};
+use super::{VmError, xml};
 use crate::config::parse_name;
 
 /// `POST /vms`. Unknown fields are refused. Its `Debug` leaves the cloud-init inputs
@@ -238,7 +238,7 @@ impl CreateVm {
                 return Err(VmError::Invalid("at most 64 ssh_authorized_keys".into()));
             }
             for (i, k) in keys.iter().enumerate() {
-                seed::validate_ssh_key(k)
+                crate::model::ssh_key::validate_ssh_key(k)
                     .map_err(|e| VmError::Invalid(format!("ssh_authorized_keys[{i}]: {e}")))?;
             }
         }

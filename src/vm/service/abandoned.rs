@@ -2,7 +2,6 @@
 //! removed by the reconcile, and by the next create of the name, until it has settled.
 
 use super::Vms;
-use crate::store::audit;
 use crate::vm::VmError;
 
 impl Vms {
@@ -56,22 +55,11 @@ impl Vms {
             "removed what a create answered with 503 had made"
         );
         // The operator did not ask for this: the audit trail says what the agent did.
-        let entry = audit::Entry {
-            client_addr: None,
-            identity: "agent".into(),
-            action: "remove abandoned create".into(),
-            parameters: Some(serde_json::json!({"vm": name, "removed": removed}).to_string()),
-            outcome: audit::Outcome::Ok,
-            status: None,
-            error: None,
-        };
-        if let Err(e) = self
-            .store
-            .run(move |s| s.with(|c| audit::record(c, &entry)))
-            .await
-        {
-            tracing::error!(error = %e, "could not write the audit row");
-        }
+        self.record_own_ok(
+            "remove abandoned create",
+            serde_json::json!({"vm": name, "removed": removed}),
+        )
+        .await;
         Ok(())
     }
 }

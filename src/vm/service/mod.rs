@@ -298,6 +298,12 @@ impl Vms {
             status: None,
             error: error.map(|e| crate::logging::escape_str(&e.to_string()).into_owned()),
         };
+        self.record_own(entry).await;
+    }
+
+    /// An audit row for something the agent did on its own (nobody asked for it, so no
+    /// request's transaction carries it); a failure to write it is logged.
+    async fn record_own(&self, entry: audit::Entry) {
         let written = self
             .store
             .run(move |s| s.with(|c| audit::record(c, &entry)))
@@ -305,6 +311,20 @@ impl Vms {
         if let Err(e) = written {
             tracing::error!(error = %e, "could not write the audit row");
         }
+    }
+
+    /// [`Vms::record_own`] of a successful `action` with its `parameters`.
+    async fn record_own_ok(&self, action: &str, parameters: serde_json::Value) {
+        self.record_own(audit::Entry {
+            client_addr: None,
+            identity: "agent".into(),
+            action: action.into(),
+            parameters: Some(parameters.to_string()),
+            outcome: audit::Outcome::Ok,
+            status: None,
+            error: None,
+        })
+        .await;
     }
 }
 

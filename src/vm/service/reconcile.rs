@@ -4,7 +4,6 @@
 use std::sync::Arc;
 
 use super::Vms;
-use crate::store::audit;
 use crate::store::vms;
 use crate::vm::VmError;
 use crate::vm::domain::reconcile_one;
@@ -67,24 +66,11 @@ impl Vms {
                     tracing::warn!(vm = %name, repaired = ?done, "libvirt did not match the database; repaired");
                     // The operator did not ask for this: the audit trail says what the
                     // agent did on its own.
-                    let entry = audit::Entry {
-                        client_addr: None,
-                        identity: "agent".into(),
-                        action: "reconcile VM".into(),
-                        parameters: Some(
-                            serde_json::json!({"vm": name, "repaired": done}).to_string(),
-                        ),
-                        outcome: audit::Outcome::Ok,
-                        status: None,
-                        error: None,
-                    };
-                    let written = self
-                        .store
-                        .run(move |s| s.with(|c| audit::record(c, &entry)))
-                        .await;
-                    if let Err(e) = written {
-                        tracing::error!(error = %e, "could not write the audit row");
-                    }
+                    self.record_own_ok(
+                        "reconcile VM",
+                        serde_json::json!({"vm": name, "repaired": done}),
+                    )
+                    .await;
                     repaired.extend(done.iter().map(|d| format!("{name}: {d}")));
                 }
                 Err(e @ VmError::Unavailable(_)) => return Err(e),

@@ -1,7 +1,9 @@
 //! Domain types every layer shares: storage, services, drivers and the API depend on
-//! this module, and it depends on none of them (only on serde and rusqlite's value
+//! this module, and it depends on none of them (only on serde, base64 and rusqlite's value
 //! traits, so each type knows its own column and JSON spelling). A type here is what
 //! the agent means by a word, spelled once.
+
+pub mod ssh_key;
 
 use std::fmt;
 use std::str::FromStr;
