@@ -79,6 +79,50 @@ spelled!(
     }
 );
 
+spelled!(
+    /// What a VM is, as `GET /vms` shows it: libvirt's state of its domain, or the
+    /// agent's word for a VM libvirt does not show. `vms.last_state` keeps the last one
+    /// observed for the agent's VMs (libvirt's states and `missing`).
+    VmState {
+        /// libvirt knows no state (`VIR_DOMAIN_NOSTATE`, or a state newer than the agent).
+        Nostate => "nostate",
+        Running => "running",
+        /// Blocked on a resource (libvirt's `blocked`); still running.
+        Blocked => "blocked",
+        Paused => "paused",
+        /// Shutting down.
+        Shutdown => "shutdown",
+        /// Defined and not running.
+        Shutoff => "shutoff",
+        Crashed => "crashed",
+        /// Suspended by the guest's power management.
+        Pmsuspended => "pmsuspended",
+        /// A create is in flight (not in libvirt yet, or not finished).
+        Creating => "creating",
+        /// A create failed after its request stopped waiting (`error` says why).
+        Failed => "failed",
+        /// The agent's row has no domain in libvirt's last listing: the reconcile
+        /// defines it again.
+        Missing => "missing",
+    }
+);
+
+impl VmState {
+    /// The states `vms.last_state` may hold (its CHECK constraint, migration 0006):
+    /// what libvirt said, or that it had no such domain.
+    pub const OBSERVED: &'static [VmState] = &[
+        VmState::Nostate,
+        VmState::Running,
+        VmState::Blocked,
+        VmState::Paused,
+        VmState::Shutdown,
+        VmState::Shutoff,
+        VmState::Crashed,
+        VmState::Pmsuspended,
+        VmState::Missing,
+    ];
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -97,11 +141,16 @@ mod tests {
             assert_eq!(back, *s);
             assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
         }
+        for s in VmState::ALL {
+            let back: VmState = c.query_row("SELECT ?1", [s], |r| r.get(0)).unwrap();
+            assert_eq!(back, *s);
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
         let bad: rusqlite::Result<ImageState> = c.query_row("SELECT 'half'", [], |r| r.get(0));
         assert!(bad.is_err());
     }
 
-    /// The CHECK constraints of migrations 0003 allow exactly these spellings.
+    /// The CHECK constraints of migrations 0003 and 0006 allow exactly these spellings.
     #[test]
     fn the_schema_allows_exactly_the_spellings_of_the_enums() {
         let store = crate::store::Store::open_in_memory().unwrap();
@@ -129,5 +178,14 @@ mod tests {
             "{sql}"
         );
         assert!(sql.contains(&format!("state IN ({image})")), "{sql}");
+        let observed = VmState::OBSERVED
+            .iter()
+            .map(|s| format!("'{s}'"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        assert!(
+            sql.contains(&format!("last_state IN ({observed})")),
+            "{sql}"
+        );
     }
 }

@@ -14,7 +14,7 @@ use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::Duration;
 
-use rusqlite::{Connection, Transaction};
+use rusqlite::{Connection, OptionalExtension, Transaction};
 use tokio::sync::Semaphore;
 
 /// Numbered migrations; index + 1 is the schema version they produce. Never edit one that
@@ -25,6 +25,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0003_vms.sql"),
     include_str!("../../migrations/0004_vm_seeds.sql"),
     include_str!("../../migrations/0005_refused_requests.sql"),
+    include_str!("../../migrations/0006_vm_last_state_check.sql"),
 ];
 
 /// Blocking threads that `Store::run` work may hold at once. The work serializes on the
@@ -51,6 +52,9 @@ pub enum StoreError {
         found: i64,
         known: i64,
     },
+    /// A migration would have broken the data; it was rolled back.
+    #[error("database migration to schema {version} refused: {reason}")]
+    Migration { version: i64, reason: String },
     /// The database file's mode could not be set to 0600.
     #[error("cannot make {path} private (mode 0600): {source}")]
     Mode {
@@ -198,20 +202,99 @@ fn migrate(conn: &mut Connection, path: &str) -> Result<(), StoreError> {
             known,
         });
     }
-    for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
-        let version = i as i64 + 1;
-        let tx = conn.transaction()?;
-        tx.execute_batch(sql)?;
-        tx.pragma_update(None, "user_version", version)?;
-        tx.commit()?;
-        tracing::info!(version, "database migrated");
+    if found == known {
+        return Ok(());
     }
-    Ok(())
+    // A migration that rebuilds a table (the only way SQLite adds a CHECK) drops the old
+    // one, which with foreign keys on would cascade into the tables that reference it.
+    // The switch is a no-op inside a transaction, so it is made around them; each
+    // migration checks the keys itself before it commits.
+    conn.pragma_update(None, "foreign_keys", "OFF")?;
+    let migrated = (|| {
+        for (i, sql) in MIGRATIONS.iter().enumerate().skip(found as usize) {
+            let version = i as i64 + 1;
+            let tx = conn.transaction()?;
+            tx.execute_batch(sql)?;
+            if let Some(table) = broken_foreign_key(&tx)? {
+                // Dropping `tx` rolls the migration back.
+                return Err(StoreError::Migration {
+                    version,
+                    reason: format!("rows of {table} would lose the row they reference"),
+                });
+            }
+            tx.pragma_update(None, "user_version", version)?;
+            tx.commit()?;
+            tracing::info!(version, "database migrated");
+        }
+        Ok(())
+    })();
+    conn.pragma_update(None, "foreign_keys", "ON")?;
+    migrated
+}
+
+/// The first table with a row whose parent row is gone, if any.
+fn broken_foreign_key(tx: &Transaction<'_>) -> Result<Option<String>, StoreError> {
+    Ok(tx
+        .query_row("PRAGMA foreign_key_check", [], |r| r.get(0))
+        .optional()?)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Schema 6 rebuilds `vms` to add the CHECK on `last_state`: a node's VMs, their
+    /// seed inputs (which reference `vms` with ON DELETE CASCADE) survive it.
+    #[test]
+    fn the_rebuild_of_vms_keeps_every_vm_and_its_seed_inputs() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("agent.db");
+        let conn = Connection::open(&path).unwrap();
+        conn.pragma_update(None, "foreign_keys", "ON").unwrap();
+        for (i, sql) in MIGRATIONS.iter().take(5).enumerate() {
+            conn.execute_batch(sql).unwrap();
+            conn.pragma_update(None, "user_version", i as i64 + 1)
+                .unwrap();
+        }
+        conn.execute_batch(
+            "INSERT INTO vms VALUES ('vm1', 'u1', 'i1', 'vm1', 512, 1, 10, 'default', 'x86_64', \
+             'kvm', NULL, '52:54:00:00:00:01', NULL, NULL, NULL, 1, 0, 'vm1.qcow2', 'vm1.seed', \
+             'running', 'shut off', '10.0.0.5', 't', 't', 't', 'token'); \
+             INSERT INTO vm_seeds VALUES ('vm1', '[\"ssh-ed25519 AAAA\"]', NULL, NULL);",
+        )
+        .unwrap();
+        drop(conn);
+
+        let store = Store::open(&path).unwrap();
+        let (seeds, last_ip, last_state, fk): (i64, String, Option<String>, bool) = store
+            .with(|c| {
+                Ok::<_, StoreError>((
+                    c.query_row("SELECT count(*) FROM vm_seeds", [], |r| r.get(0))?,
+                    c.query_row("SELECT last_ip FROM vms", [], |r| r.get(0))?,
+                    c.query_row("SELECT last_state FROM vms", [], |r| r.get(0))?,
+                    c.pragma_query_value(None, "foreign_keys", |r| r.get(0))?,
+                ))
+            })
+            .unwrap();
+        assert_eq!(seeds, 1, "the seed inputs went with the old table");
+        assert_eq!(last_ip, "10.0.0.5");
+        assert_eq!(last_state, None, "a spelling outside the list becomes NULL");
+        assert!(fk, "foreign keys are on again after the migration");
+        let refused = store.with(|c| {
+            Ok::<_, StoreError>(c.execute("UPDATE vms SET last_state = 'shut off'", [])?)
+        });
+        assert!(refused.is_err(), "the CHECK holds");
+        // The cascade works on the rebuilt table.
+        store
+            .with(|c| Ok::<_, StoreError>(c.execute("DELETE FROM vms", [])?))
+            .unwrap();
+        let seeds: i64 = store
+            .with(|c| {
+                Ok::<_, StoreError>(c.query_row("SELECT count(*) FROM vm_seeds", [], |r| r.get(0))?)
+            })
+            .unwrap();
+        assert_eq!(seeds, 0);
+    }
 
     #[test]
     fn migrates_once_and_refuses_a_newer_schema() {

@@ -4,7 +4,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
 use super::{NOW, StoreError};
-use crate::model::{DesiredState, ImageState};
+use crate::model::{DesiredState, ImageState, VmState};
 
 /// One VM as the operator asked for it, plus what the agent last saw.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -31,7 +31,7 @@ pub struct VmRow {
     pub disk_volume: String,
     pub seed_volume: String,
     pub desired_state: DesiredState,
-    pub last_state: Option<String>,
+    pub last_state: Option<VmState>,
     pub last_ip: Option<String>,
     pub last_ip_at: Option<String>,
     pub created_at: String,
@@ -194,13 +194,21 @@ pub fn set_desired_state(
     Ok(())
 }
 
-/// Records libvirt's state as last seen (no `updated_at` change: not an operator's act).
-pub fn set_last_state(conn: &Connection, name: &str, state: &str) -> Result<(), StoreError> {
-    conn.execute(
+/// Records what libvirt last showed of each VM (`VmState::OBSERVED`), writing only the
+/// rows whose state changed (no `updated_at` change: not an operator's act). Names
+/// without a row are ignored. Returns how many rows changed.
+pub fn set_last_states(
+    conn: &Connection,
+    states: &[(String, VmState)],
+) -> Result<usize, StoreError> {
+    let mut stmt = conn.prepare_cached(
         "UPDATE vms SET last_state = ?2 WHERE name = ?1 AND last_state IS NOT ?2",
-        params![name, state],
     )?;
-    Ok(())
+    let mut changed = 0;
+    for (name, state) in states {
+        changed += stmt.execute(params![name, state])?;
+    }
+    Ok(changed)
 }
 
 pub fn set_last_ip(conn: &Connection, name: &str, ip: &str) -> Result<(), StoreError> {

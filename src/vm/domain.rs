@@ -11,30 +11,31 @@ use virt::sys;
 
 use super::service::VmConfig;
 use super::{VmError, seed, storage, xml};
-use crate::model::{DesiredState, ImageState};
+use crate::model::{DesiredState, ImageState, VmState};
 use crate::store::vms::{ImageRow, SeedInputs, VmRow};
 
-pub fn state_name(state: sys::virDomainState) -> &'static str {
+/// libvirt's domain state as the agent spells it.
+pub fn vm_state(state: sys::virDomainState) -> VmState {
     match state {
-        sys::VIR_DOMAIN_RUNNING => "running",
-        sys::VIR_DOMAIN_BLOCKED => "blocked",
-        sys::VIR_DOMAIN_PAUSED => "paused",
-        sys::VIR_DOMAIN_SHUTDOWN => "shutdown",
-        sys::VIR_DOMAIN_SHUTOFF => "shutoff",
-        sys::VIR_DOMAIN_CRASHED => "crashed",
-        sys::VIR_DOMAIN_PMSUSPENDED => "pmsuspended",
-        _ => "nostate",
+        sys::VIR_DOMAIN_RUNNING => VmState::Running,
+        sys::VIR_DOMAIN_BLOCKED => VmState::Blocked,
+        sys::VIR_DOMAIN_PAUSED => VmState::Paused,
+        sys::VIR_DOMAIN_SHUTDOWN => VmState::Shutdown,
+        sys::VIR_DOMAIN_SHUTOFF => VmState::Shutoff,
+        sys::VIR_DOMAIN_CRASHED => VmState::Crashed,
+        sys::VIR_DOMAIN_PMSUSPENDED => VmState::Pmsuspended,
+        _ => VmState::Nostate,
     }
 }
 
-pub(super) fn domain_state(dom: &Domain) -> Result<(bool, &'static str), VmError> {
+pub(super) fn domain_state(dom: &Domain) -> Result<(bool, VmState), VmError> {
     let info = dom
         .info()
         .map_err(|e| VmError::libvirt("domain state", e))?;
     let active = dom
         .is_active()
         .map_err(|e| VmError::libvirt("domain state", e))?;
-    Ok((active, state_name(info.state.to_raw())))
+    Ok((active, vm_state(info.state.to_raw())))
 }
 
 pub(super) fn lookup(conn: &Connect, name: &str) -> Result<Option<Domain>, VmError> {
@@ -267,6 +268,23 @@ pub(super) fn build_vm(
     result
 }
 
+/// Undefines the domain with whatever it left in libvirt (managed save, snapshot
+/// metadata, NVRAM). A driver that does not know a flag refuses the call with
+/// `VIR_ERR_INVALID_ARG` (the test driver has no NVRAM, nor has QEMU on some hosts):
+/// then the same without NVRAM, then a plain undefine, as `virsh undefine` does.
+fn undefine(dom: &Domain) -> Result<(), virt::error::Error> {
+    let keep = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA;
+    let unknown_flag =
+        |e: &virt::error::Error| e.code().known() == Some(virt::error::ErrorNumber::InvalidArg);
+    match dom.undefine_flags(keep | sys::VIR_DOMAIN_UNDEFINE_NVRAM) {
+        Err(e) if unknown_flag(&e) => match dom.undefine_flags(keep) {
+            Err(e) if unknown_flag(&e) => dom.undefine(),
+            other => other.map(drop),
+        },
+        other => other.map(drop),
+    }
+}
+
 /// Stops and undefines the domain, and with `files` deletes its volumes.
 pub(super) fn remove_vm(
     conn: &Connect,
@@ -280,11 +298,7 @@ pub(super) fn remove_vm(
             dom.destroy()
                 .map_err(|e| VmError::libvirt(format!("stopping {name}"), e))?;
         }
-        let flags = sys::VIR_DOMAIN_UNDEFINE_MANAGED_SAVE
-            | sys::VIR_DOMAIN_UNDEFINE_SNAPSHOTS_METADATA
-            | sys::VIR_DOMAIN_UNDEFINE_NVRAM;
-        dom.undefine_flags(flags)
-            .map_err(|e| VmError::libvirt(format!("undefining {name}"), e))?;
+        undefine(&dom).map_err(|e| VmError::libvirt(format!("undefining {name}"), e))?;
     }
     if files {
         let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;

@@ -12,6 +12,7 @@ use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
 use super::xml::DomainFacts;
+use crate::model::VmState;
 
 /// A full listing younger than this is served as it is.
 pub const FRESH: Duration = Duration::from_secs(1);
@@ -22,11 +23,11 @@ pub const FRESH: Duration = Duration::from_secs(1);
 pub const READ_WAIT: Duration = Duration::from_millis(100);
 
 /// One domain as libvirt last showed it.
-#[derive(Clone, Debug, Default, PartialEq)]
+#[derive(Clone, Debug, PartialEq)]
 pub struct Seen {
     pub active: bool,
-    /// libvirt's state name (`running`, `shut off`, ...; see `domain::state_name`).
-    pub state: String,
+    /// libvirt's state of the domain (`domain::vm_state`).
+    pub state: VmState,
     pub facts: DomainFacts,
     pub at: Option<SystemTime>,
 }
@@ -170,11 +171,12 @@ impl Observed {
 mod tests {
     use super::*;
 
-    fn seen(state: &str) -> Seen {
+    fn seen(state: VmState) -> Seen {
         Seen {
-            active: state == "running",
-            state: state.into(),
-            ..Seen::default()
+            active: state == VmState::Running,
+            state,
+            facts: DomainFacts::default(),
+            at: None,
         }
     }
 
@@ -186,20 +188,20 @@ mod tests {
         assert!(!o.begin_listing(), "one listing at a time");
         let started = SystemTime::now() - Duration::from_millis(10);
         // Events while the listing runs: vm1 destroyed, vm3 defined, vm4 undefined.
-        o.set("vm1", Some(seen("shut off")));
-        o.set("vm3", Some(seen("shut off")));
+        o.set("vm1", Some(seen(VmState::Shutoff)));
+        o.set("vm3", Some(seen(VmState::Shutoff)));
         o.set("vm4", None);
         o.end_listing(
             started,
             Ok(vec![
-                ("vm1".into(), seen("running")),
-                ("vm2".into(), seen("running")),
-                ("vm4".into(), seen("running")),
+                ("vm1".into(), seen(VmState::Running)),
+                ("vm2".into(), seen(VmState::Running)),
+                ("vm4".into(), seen(VmState::Running)),
             ]),
         );
         let s = o.snapshot();
-        assert_eq!(s.domains["vm1"].state, "shut off");
-        assert_eq!(s.domains["vm2"].state, "running");
+        assert_eq!(s.domains["vm1"].state, VmState::Shutoff);
+        assert_eq!(s.domains["vm2"].state, VmState::Running);
         assert!(s.domains.contains_key("vm3"));
         assert!(!s.domains.contains_key("vm4"));
         assert_eq!(s.listed_at, Some(started));

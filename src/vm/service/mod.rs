@@ -32,7 +32,7 @@ use super::images::Images;
 use super::observed::Observed;
 use super::spec::Limits;
 use super::{Libvirt, VmError};
-use crate::model::DesiredState;
+use crate::model::{DesiredState, VmState};
 use crate::portmap::PortMaps;
 use crate::store::vms::{self, VmRow};
 use crate::store::{Store, audit};
@@ -76,7 +76,7 @@ pub struct Created {
 pub struct VmStatus {
     pub name: String,
     pub active: bool,
-    pub state: String,
+    pub state: VmState,
     pub uuid: String,
     /// The cloud-init instance-id in the VM's seed (`meta-data`), as `POST /vms` answered
     /// it: from the agent's row, else from the agent's metadata in the domain's XML;

@@ -8,7 +8,8 @@ use std::time::{Duration, Instant, SystemTime};
 use virt::connect::Connect;
 
 use super::{Pending, VmStatus, Vms};
-use crate::model::DesiredState;
+use crate::model::{DesiredState, VmState};
+use crate::store::Store;
 use crate::store::audit::iso_utc;
 use crate::store::vms::{self, VmRow};
 use crate::vm::domain::{domain_state, existing, facts, lookup};
@@ -41,13 +42,24 @@ impl Vms {
             return;
         }
         let (lv, observed) = (Arc::clone(&self.lv), Arc::clone(&self.observed));
+        let store = self.store.clone();
         tokio::spawn(async move {
             let started = SystemTime::now();
             let found = lv.call_unbounded(observe_all).await;
             if let Err(e) = &found {
                 tracing::debug!(error = %e, "listing libvirt's domains failed; reads show the last listing");
             }
+            let listed = found.is_ok();
             observed.end_listing(started, found.map_err(|e| e.to_string()));
+            if listed {
+                let states = observed
+                    .snapshot()
+                    .domains
+                    .iter()
+                    .map(|(name, seen)| (name.clone(), seen.state))
+                    .collect();
+                record_states(&store, States::Listing(states)).await;
+            }
         });
     }
 
@@ -56,7 +68,11 @@ impl Vms {
     pub(crate) async fn observe_one(&self, name: &str) {
         let n = name.to_string();
         match self.lv.call(move |conn| observe(conn, &n)).await {
-            Ok(seen) => self.observed.set(name, seen),
+            Ok(seen) => {
+                let state = seen.as_ref().map_or(VmState::Missing, |s| s.state);
+                self.observed.set(name, seen);
+                record_states(&self.store, States::One(name.to_string(), state)).await;
+            }
             Err(e) => tracing::debug!(vm = name, error = %e, "cannot observe the domain"),
         }
     }
@@ -96,7 +112,7 @@ impl Vms {
         }
         for (name, p) in self.pending_all() {
             match result.iter_mut().find(|s| s.name == name) {
-                Some(s) if matches!(p, Pending::Creating) => s.state = "creating".into(),
+                Some(s) if matches!(p, Pending::Creating) => s.state = VmState::Creating,
                 Some(_) => {}
                 None => result.push(pending_status(&name, &p)),
             }
@@ -117,7 +133,7 @@ impl Vms {
             (None, None, None) => return Err(VmError::NotFound(format!("no VM named {name}"))),
         };
         if matches!(pending, Some(Pending::Creating)) {
-            status.state = "creating".into();
+            status.state = VmState::Creating;
         }
         Ok(status)
     }
@@ -223,6 +239,39 @@ impl Vms {
     }
 }
 
+/// What an observation says of the agent's VMs.
+enum States {
+    /// A full listing: the state of every domain; a VM not in it is `missing`.
+    Listing(std::collections::BTreeMap<String, VmState>),
+    /// One domain, observed on its own (`missing`: libvirt has no such domain).
+    One(String, VmState),
+}
+
+/// Keeps `vms.last_state` as the last observation (the reads answer from memory; this
+/// is for those who audit the node with `sqlite3`). Only changed rows are written.
+async fn record_states(store: &Store, states: States) {
+    let written = store
+        .run(move |s| {
+            s.with(|c| {
+                let pairs = match states {
+                    States::One(name, state) => vec![(name, state)],
+                    States::Listing(seen) => vms::list(c)?
+                        .into_iter()
+                        .map(|r| {
+                            let state = seen.get(&r.name).copied().unwrap_or(VmState::Missing);
+                            (r.name, state)
+                        })
+                        .collect(),
+                };
+                vms::set_last_states(c, &pairs)
+            })
+        })
+        .await;
+    if let Err(e) = written {
+        tracing::warn!(error = %e, "cannot record the VMs' observed states");
+    }
+}
+
 /// Every domain libvirt has, as it is now. Blocking.
 fn observe_all(conn: &Connect) -> Result<Vec<(String, Seen)>, VmError> {
     let doms = conn
@@ -245,7 +294,7 @@ fn seen(d: &virt::domain::Domain) -> Result<Seen, VmError> {
     let (active, state) = domain_state(d)?;
     Ok(Seen {
         active,
-        state: state.to_string(),
+        state,
         facts: facts(d).unwrap_or_default(),
         at: None,
     })
@@ -257,7 +306,7 @@ fn status_of(name: &str, seen: &Seen, row: Option<&VmRow>) -> VmStatus {
     VmStatus {
         name: name.to_string(),
         active: seen.active,
-        state: seen.state.clone(),
+        state: seen.state,
         uuid: if f.uuid.is_empty() {
             row.map(|r| r.uuid.clone()).unwrap_or_default()
         } else {
@@ -290,7 +339,7 @@ fn missing_status(r: &VmRow, listed_at: Option<SystemTime>) -> VmStatus {
     VmStatus {
         name: r.name.clone(),
         active: false,
-        state: "missing".into(),
+        state: VmState::Missing,
         uuid: r.uuid.clone(),
         instance_id: Some(r.instance_id.clone()),
         managed: true,
@@ -314,8 +363,8 @@ fn pending_status(name: &str, pending: &Pending) -> VmStatus {
         name: name.to_string(),
         active: false,
         state: match pending {
-            Pending::Creating => "creating".into(),
-            Pending::Failed(_) => "failed".into(),
+            Pending::Creating => VmState::Creating,
+            Pending::Failed(_) => VmState::Failed,
         },
         uuid: String::new(),
         instance_id: None,
