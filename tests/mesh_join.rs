@@ -328,3 +328,55 @@ fn a_previous_join_brings_the_tunnel_up_while_the_controller_api_is_down() {
         health(&agent)["join"] == json!("joined")
     });
 }
+
+/// The original controller with `NODE_PORTMAP_TOKENS` sends the node's token as
+/// `X-Portmap-Token` on its proxied `/ports` calls. With TRUST_CONTROLLER_TUNNEL=false
+/// that header is the credential: accepted like the bearer token (same audit identity),
+/// a wrong one refused like a wrong bearer token.
+#[test]
+fn the_original_controllers_portmap_token_is_the_api_token_with_tunnel_trust_off() {
+    let topo = Topology::new();
+    let mut ctl = Controller::new(&topo);
+    ctl.serve();
+    let iface = unique_ifname("wgn");
+    let mut env = Controller::agent_env(&iface);
+    env.push(("TRUST_CONTROLLER_TUNNEL".into(), "false".into()));
+    let agent = Agent::start_with(&topo, &env_refs(&env));
+    wait_joined_with_handshake(&agent);
+    let tunnel = tunnel_api(&ctl, &agent.token);
+
+    let r = tunnel.request("GET", "/ports", None, None).unwrap();
+    assert_eq!(r.status, 401, "trust is off: no token, no entry: {r:?}");
+    let wrong = format!("{}x", agent.token);
+    let r = tunnel
+        .request_with_headers("GET", "/ports", None, &[("X-Portmap-Token", &wrong)], None)
+        .unwrap();
+    assert_eq!(r.status, 401, "{r:?}");
+
+    let header = [("X-Portmap-Token", agent.token.as_str())];
+    let r = tunnel
+        .request_with_headers("GET", "/ports", None, &header, None)
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let body = json!({"listen_port": 8080, "target_ip": VM_IP.to_string(), "target_port": 80});
+    let r = tunnel
+        .request_with_headers(
+            "POST",
+            "/ports",
+            None,
+            &header,
+            Some(body.to_string().as_bytes()),
+        )
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(
+        agent
+            .sql("SELECT identity FROM audit_log ORDER BY id DESC LIMIT 1")
+            .trim(),
+        "token"
+    );
+    assert!(
+        !agent.log().contains(&agent.token),
+        "the token is never logged"
+    );
+}

@@ -1,4 +1,5 @@
-//! Bearer-token authentication on everything but `GET /health`.
+//! Token authentication on everything but `GET /health`: `Authorization: Bearer <token>`,
+//! or the original controller's `X-Portmap-Token: <token>`, one credential.
 
 use std::fs::OpenOptions;
 use std::io::Write;
@@ -111,7 +112,17 @@ impl ApiToken {
         }
         given.ct_eq(self.0.as_bytes()).into()
     }
+
+    /// Constant-time check of an `X-Portmap-Token` header value: the bare token, as the
+    /// original controller's proxy sends it (its `NODE_PORTMAP_TOKENS`).
+    pub fn matches_portmap_header(&self, value: &[u8]) -> bool {
+        !value.is_empty() && value.ct_eq(self.0.as_bytes()).into()
+    }
 }
+
+/// The original controller's header for the node's token (it sends it on `/ports` calls
+/// when its `NODE_PORTMAP_TOKENS` names the node).
+pub const PORTMAP_TOKEN_HEADER: &str = "x-portmap-token";
 
 /// Lets `GET /health` through; everything else needs the token, or must come through
 /// the WireGuard tunnel from the controller (see `MeshStatus::is_controller_tunnel`).
@@ -126,10 +137,13 @@ pub async fn require_token(
     if req.uri().path() == "/health" {
         return next.run(req).await;
     }
-    let token_ok = req
-        .headers()
+    let headers = req.headers();
+    let token_ok = headers
         .get(header::AUTHORIZATION)
-        .is_some_and(|v| state.token.matches_header(v.as_bytes()));
+        .is_some_and(|v| state.token.matches_header(v.as_bytes()))
+        || headers
+            .get(PORTMAP_TOKEN_HEADER)
+            .is_some_and(|v| state.token.matches_portmap_header(v.as_bytes()));
     // Only the socket's addresses count; X-Forwarded-For / Forwarded are never read.
     let conn = req
         .extensions()
@@ -151,7 +165,8 @@ pub async fn require_token(
             ],
             ApiError::new(
                 StatusCode::UNAUTHORIZED,
-                "missing or wrong API token: send Authorization: Bearer <token>",
+                "missing or wrong API token: send Authorization: Bearer <token> \
+                 (or X-Portmap-Token: <token>)",
             ),
         )
             .into_response();
@@ -205,5 +220,9 @@ mod tests {
         assert!(!t.matches_header(b"Bearer "));
         assert!(!t.matches_header(b"Basic 0123456789abcdef"));
         assert!(!t.matches_header(b"0123456789abcdef"));
+        assert!(t.matches_portmap_header(b"0123456789abcdef"));
+        assert!(!t.matches_portmap_header(b"Bearer 0123456789abcdef"));
+        assert!(!t.matches_portmap_header(b"0123456789abcde"));
+        assert!(!t.matches_portmap_header(b""));
     }
 }
