@@ -16,7 +16,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
 use std::collections::HashMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, Write};
 use std::net::{Ipv4Addr, SocketAddr, TcpListener, TcpStream};
 use std::os::fd::AsFd;
 use std::process::Command;
@@ -25,10 +25,16 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
-use nix::sched::{CloneFlags, setns, unshare};
+use nix::sched::{CloneFlags, unshare};
 use node_vm_agent::net::nft::{NatSettings, Nft, ruleset};
 use node_vm_agent::portmap::{PortMap, Proto};
 use node_vm_agent::store::{Store, StoreError, portmaps};
+
+#[path = "../tests/support/mod.rs"]
+mod support;
+use support::client::read_response;
+use support::measure::{ms, pct, sorted};
+use support::netns::{enter_netns, in_netns, run_ok};
 
 type Opts = HashMap<String, String>;
 
@@ -80,24 +86,6 @@ fn opt_str(o: &Opts, key: &str) -> String {
         .unwrap_or_else(|| panic!("--{key} is required"))
 }
 
-/// Nearest-rank percentile of sorted values.
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    if sorted.is_empty() {
-        return f64::NAN;
-    }
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
-fn sorted(mut v: Vec<f64>) -> Vec<f64> {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
-}
-
 /// The maps every benchmark uses: TCP listen ports `first..first+n`, targets spread over
 /// hosts .2 to .251 of the VM subnet.
 fn maps(n: usize, first: u16, subnet: Ipv4Network) -> Vec<PortMap> {
@@ -123,20 +111,34 @@ fn write_rows(store: &Store, maps: &[PortMap]) {
         .expect("write rows");
 }
 
-fn run_cmd(cmd: &mut Command) -> String {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));
-    assert!(
-        out.status.success(),
-        "{cmd:?} failed: {}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    String::from_utf8_lossy(&out.stdout).into_owned()
+/// What the NAT rules of a benchmark's table need.
+fn nat_settings(bridge: &str, subnet: Ipv4Network, external_iface: Option<&str>) -> NatSettings {
+    NatSettings {
+        vms_bridge: bridge.into(),
+        vm_subnet: subnet,
+        wg_iface: Some("wg0".into()),
+        external_iface: external_iface.map(str::to_string),
+        tunnel_sources: vec![],
+    }
 }
 
-fn enter_named_netns(ns: &str) {
-    let f = std::fs::File::open(format!("/var/run/netns/{ns}"))
-        .unwrap_or_else(|e| panic!("netns {ns}: {e}"));
-    setns(f.as_fd(), CloneFlags::CLONE_NEWNET).expect("setns");
+/// The agent's nftables driver in the calling thread's namespace, on a runtime of its
+/// own (nlink registers its socket with the runtime it is created in).
+fn nft_driver(settings: NatSettings) -> (tokio::runtime::Runtime, Nft) {
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .unwrap();
+    let nft = {
+        let _guard = rt.enter();
+        Nft::new(settings).expect("nft socket")
+    };
+    (rt, nft)
+}
+
+/// Moves the calling thread (one this benchmark spawned) into namespace `ns`.
+fn enter(ns: &str) {
+    enter_netns(ns).unwrap_or_else(|e| panic!("netns {ns}: {e}"));
 }
 
 // ---------------------------------------------------------------------------------------
@@ -191,7 +193,7 @@ fn nft_script(settings: &NatSettings, maps: &[PortMap]) -> String {
 }
 
 fn list_table() -> String {
-    run_cmd(Command::new("nft").args(["list", "table", "ip", ruleset::TABLE]))
+    run_ok(Command::new("nft").args(["list", "table", "ip", ruleset::TABLE]))
 }
 
 fn apply(o: &Opts) {
@@ -199,16 +201,10 @@ fn apply(o: &Opts) {
     let runs: usize = opt(o, "runs", 20);
     // Before any thread exists, so the runtime and every child process live in it.
     unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
-    run_cmd(Command::new("ip").args(["link", "set", "lo", "up"]));
+    run_ok(Command::new("ip").args(["link", "set", "lo", "up"]));
 
     let subnet: Ipv4Network = "10.77.0.0/24".parse().unwrap();
-    let settings = NatSettings {
-        vms_bridge: "vmbr0".into(),
-        vm_subnet: subnet,
-        wg_iface: Some("wg0".into()),
-        external_iface: Some("eth0".into()),
-        tunnel_sources: vec![],
-    };
+    let settings = nat_settings("vmbr0", subnet, Some("eth0"));
     let dir = tempfile::tempdir().expect("tempdir");
     let store = Store::open(&dir.path().join("agent.db")).expect("store");
     let want = maps(n, 10_000, subnet);
@@ -217,15 +213,7 @@ fn apply(o: &Opts) {
     let script_path = dir.path().join("ruleset.nft");
     std::fs::write(&script_path, nft_script(&settings, &want)).unwrap();
 
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .unwrap();
-    // nlink registers its socket with the runtime it is created in.
-    let nft = {
-        let _guard = rt.enter();
-        Nft::new(settings.clone()).expect("nft socket")
-    };
+    let (rt, nft) = nft_driver(settings.clone());
 
     // One SQLite read + apply_all: what restore does (portmaps::list_maps, then apply_all).
     let agent_once = || -> (Duration, Duration) {
@@ -239,7 +227,7 @@ fn apply(o: &Opts) {
     };
     let nft_once = || -> Duration {
         let t0 = Instant::now();
-        run_cmd(Command::new("nft").arg("-f").arg(&script_path));
+        run_ok(Command::new("nft").arg("-f").arg(&script_path));
         t0.elapsed()
     };
 
@@ -337,30 +325,8 @@ fn http(
         body.len()
     );
     stream.write_all(req.as_bytes()).expect("send");
-    let mut line = String::new();
-    reader.read_line(&mut line).expect("status line");
-    let status: u16 = line
-        .split_whitespace()
-        .nth(1)
-        .and_then(|s| s.parse().ok())
-        .unwrap_or_else(|| panic!("bad status line {line:?}"));
-    let mut len = 0usize;
-    loop {
-        line.clear();
-        reader.read_line(&mut line).expect("header");
-        let l = line.trim_end();
-        if l.is_empty() {
-            break;
-        }
-        if let Some((k, v)) = l.split_once(':')
-            && k.eq_ignore_ascii_case("content-length")
-        {
-            len = v.trim().parse().expect("content-length");
-        }
-    }
-    let mut buf = vec![0u8; len];
-    reader.read_exact(&mut buf).expect("body");
-    (status, String::from_utf8_lossy(&buf).into_owned())
+    let r = read_response(reader).expect("response");
+    (r.status, r.body)
 }
 
 fn post(o: &Opts) {
@@ -370,8 +336,7 @@ fn post(o: &Opts) {
     let n: usize = opt(o, "n", 500);
     let first: u16 = opt(o, "first-port", 30_000);
     let target = opt_str(o, "target");
-    let handle = std::thread::spawn(move || {
-        enter_named_netns(&ns);
+    let (present, lat, failures) = in_netns(&ns, || {
         let mut stream = TcpStream::connect(addr).expect("connect to the agent");
         stream.set_nodelay(true).unwrap();
         let mut reader = BufReader::new(stream.try_clone().unwrap());
@@ -400,7 +365,6 @@ fn post(o: &Opts) {
         }
         (present, lat, failures)
     });
-    let (present, lat, failures) = handle.join().expect("client thread");
     let lat = sorted(lat);
     println!(
         "BENCH post present_before={present} n={n} failures={failures} p50_ms={:.3} p90_ms={:.3} \
@@ -438,7 +402,7 @@ fn flood(o: &Opts) {
             let (ns, body) = (ns.clone(), body.clone());
             let (sent, refused, other) = (sent.clone(), refused.clone(), other.clone());
             std::thread::spawn(move || {
-                enter_named_netns(&ns);
+                enter(&ns);
                 let auth = if t % 2 == 0 {
                     String::new()
                 } else {
@@ -507,7 +471,7 @@ fn measure_rate(ns: &str, addr: SocketAddr, threads: usize, secs: f64) -> (f64, 
         .map(|_| {
             let (ns, ok, errors, stop) = (ns.to_string(), ok.clone(), errors.clone(), stop.clone());
             std::thread::spawn(move || {
-                enter_named_netns(&ns);
+                enter(&ns);
                 let mut mine = 0u64;
                 // Bounded by time; also by count, as a safety net.
                 for i in 0..50_000_000u64 {
@@ -562,21 +526,13 @@ fn connrate(o: &Opts) {
     let stop = Arc::new(AtomicBool::new(false));
     let accepted = Arc::new(AtomicU64::new(0));
     let vm_addr = SocketAddr::from((vm_ip, vm_port));
-    let listener = {
-        let (tx, rx) = std::sync::mpsc::channel();
-        let vm_ns = vm_ns.clone();
-        std::thread::spawn(move || {
-            enter_named_netns(&vm_ns);
-            let l = TcpListener::bind(vm_addr).expect("bind the VM server");
-            // listen() again on a listening socket changes its backlog.
-            nix::sys::socket::listen(&l, nix::sys::socket::Backlog::new(4096).unwrap())
-                .expect("listen backlog");
-            tx.send(l).unwrap();
-        })
-        .join()
-        .unwrap();
-        Arc::new(rx.recv().unwrap())
-    };
+    let listener = Arc::new(in_netns(&vm_ns, || {
+        let l = TcpListener::bind(vm_addr).expect("bind the VM server");
+        // listen() again on a listening socket changes its backlog.
+        nix::sys::socket::listen(&l, nix::sys::socket::Backlog::new(4096).unwrap())
+            .expect("listen backlog");
+        l
+    }));
     let servers: Vec<_> = (0..2)
         .map(|_| {
             let (stop, accepted, l) = (stop.clone(), accepted.clone(), listener.clone());
@@ -595,27 +551,14 @@ fn connrate(o: &Opts) {
         .collect();
 
     // The node: the agent's driver in the node namespace, on its own thread.
-    let settings = NatSettings {
-        vms_bridge: bridge,
-        vm_subnet: subnet,
-        wg_iface: Some("wg0".into()),
-        external_iface: None,
-        tunnel_sources: vec![],
-    };
+    let settings = nat_settings(&bridge, subnet, None);
     let (req_tx, req_rx) = std::sync::mpsc::channel::<Vec<PortMap>>();
     let (done_tx, done_rx) = std::sync::mpsc::channel::<Duration>();
     let node = {
         let node_ns = node_ns.clone();
         std::thread::spawn(move || {
-            enter_named_netns(&node_ns);
-            let rt = tokio::runtime::Builder::new_current_thread()
-                .enable_all()
-                .build()
-                .unwrap();
-            let nft = {
-                let _guard = rt.enter();
-                Nft::new(settings).expect("nft socket")
-            };
+            enter(&node_ns);
+            let (rt, nft) = nft_driver(settings);
             for maps in req_rx {
                 let t0 = Instant::now();
                 rt.block_on(nft.apply_all(&maps)).expect("apply_all");
@@ -671,15 +614,11 @@ fn connrate(o: &Opts) {
     node.join().expect("node thread");
     stop.store(true, Ordering::Relaxed);
     // Wake the blocked accepts (from inside the vm namespace, to the VM's own address).
-    let (vm_ns2, wakeups) = (vm_ns.clone(), servers.len());
-    std::thread::spawn(move || {
-        enter_named_netns(&vm_ns2);
-        for _ in 0..wakeups {
+    in_netns(&vm_ns, || {
+        for _ in 0..servers.len() {
             let _ = TcpStream::connect_timeout(&vm_addr, Duration::from_secs(1));
         }
-    })
-    .join()
-    .unwrap();
+    });
     for h in servers {
         h.join().expect("server thread");
     }

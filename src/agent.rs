@@ -1,6 +1,5 @@
 //! The conductor: startup order, background loops, shutdown.
 
-use std::net::SocketAddr;
 use std::os::unix::fs::DirBuilderExt;
 use std::sync::Arc;
 
@@ -8,11 +7,11 @@ use tokio::net::TcpListener;
 use tokio::sync::watch;
 
 use crate::api::{self, ApiToken};
-use crate::config::Settings;
+use crate::config::{ApiSettings, Settings, VmSettings};
 use crate::keys::{KeySource, NodeKeys};
 use crate::mesh::{JoinState, Mesh, MeshStatus};
 use crate::net::firewall::NftFirewall;
-use crate::portmap::{self, Firewall, Policy, PortMaps};
+use crate::portmap::{self, Firewall, PortMaps};
 use crate::store::Store;
 use crate::vm;
 
@@ -49,14 +48,15 @@ pub fn open_state(settings: &Settings) -> Result<Store, AgentError> {
     std::fs::DirBuilder::new()
         .recursive(true)
         .mode(0o700)
-        .create(&settings.data_dir)
+        .create(&settings.state.data_dir)
         .map_err(|source| AgentError::DataDir {
-            path: settings.data_dir.display().to_string(),
+            path: settings.state.data_dir.display().to_string(),
             source,
         })?;
-    let store = Store::open(&settings.db_path())?;
-    let policy = Policy::from_settings(settings);
-    if let Some(report) = portmap::import_original_state(&store, &policy, &settings.data_dir)? {
+    let store = Store::open(&settings.state.db_path())?;
+    let policy = settings.policy();
+    if let Some(report) = portmap::import_original_state(&store, &policy, &settings.state.data_dir)?
+    {
         tracing::info!(
             imported = report.imported.len(),
             skipped = ?report.skipped,
@@ -72,7 +72,7 @@ pub fn open_state(settings: &Settings) -> Result<Store, AgentError> {
 /// key pair, nftables), then the API.
 pub async fn run(settings: Settings) -> Result<(), AgentError> {
     let ready = crate::preflight::serve(&settings).await?;
-    let fw = NftFirewall::from_settings(&settings)
+    let fw = NftFirewall::from_settings(settings.nat())
         .await
         .map_err(|e| AgentError::Firewall(e.to_string()))?;
     // Held until the table's last change (CLEANUP_ON_EXIT included) is done.
@@ -85,10 +85,10 @@ async fn serve(
     fw: Arc<dyn Firewall>,
     listener: TcpListener,
 ) -> Result<(), AgentError> {
-    let limits = connection_limits(&settings);
+    let limits = connection_limits(&settings.api);
     let store = open_state(&settings)?;
     let (token, source) =
-        ApiToken::load_or_create(settings.configured_token(), &settings.data_dir)?;
+        ApiToken::load_or_create(settings.api.configured_token(), &settings.state.data_dir)?;
     match &source {
         api::auth::TokenSource::Setting => tracing::info!("API token from API_TOKEN/PORTMAP_TOKEN"),
         api::auth::TokenSource::File(p) => {
@@ -100,31 +100,27 @@ async fn serve(
     }
     // The key pair is read (or made) even standalone: a node that joins later keeps
     // the identity it was given.
-    let (keys, key_source) = NodeKeys::load_or_create(&settings.data_dir)?;
+    let (keys, key_source) = NodeKeys::load_or_create(&settings.state.data_dir)?;
     tracing::info!(
         public_key = %keys.public_base64(),
         generated = key_source == KeySource::Generated,
         "WireGuard key pair ready ($DATA_DIR/node.key, node.pub)"
     );
-    let joining = settings.join_settings()?.is_some();
+    let joining = settings.mesh.join_settings()?.is_some();
     if !joining {
         tracing::info!(
             "standalone: CONTROLLER_URL, JOIN_TOKEN and NODE_ID are unset, so no mesh join and no tunnel"
         );
     }
     let mesh_status = Arc::new(MeshStatus::new(
-        settings.trust_controller_tunnel,
+        settings.mesh.trust_controller_tunnel,
         if joining {
             JoinState::Joining
         } else {
             JoinState::Standalone
         },
     ));
-    let portmaps = Arc::new(PortMaps::new(
-        store.clone(),
-        fw.clone(),
-        Policy::from_settings(&settings),
-    ));
+    let portmaps = Arc::new(PortMaps::new(store.clone(), fw.clone(), settings.policy()));
 
     // The kernel is rebuilt from SQLite in one transaction before the API opens, so the
     // first answer already reflects what is in force.
@@ -145,7 +141,7 @@ async fn serve(
     );
 
     // Bound by the preflight; connections waited in its backlog until now.
-    let addr = SocketAddr::new(settings.api_listen, settings.node_api_port);
+    let addr = settings.api.listen_addr();
     tracing::info!(%addr, "API listening");
 
     let (stop_tx, stop_rx) = watch::channel(false);
@@ -159,7 +155,8 @@ async fn serve(
     // the controller is there or not.
     let mesh = tokio::spawn(
         Mesh {
-            settings: settings.clone(),
+            settings: settings.mesh.clone(),
+            data_dir: settings.state.data_dir.clone(),
             store: store.clone(),
             keys,
             fw,
@@ -169,7 +166,7 @@ async fn serve(
         .run(stop_rx.clone()),
     );
 
-    let (vms, images) = vm_layer(&settings, &store, &portmaps);
+    let (vms, images) = vm_layer(&settings.vms, &store, &portmaps);
     // libvirt may be slow or away at boot: the VM reconcile runs beside the API, never
     // before it.
     let vm_reconciler = tokio::spawn(vm_reconcile_loop(
@@ -181,7 +178,7 @@ async fn serve(
 
     let pruner = tokio::spawn(audit_retention_loop(
         store.clone(),
-        settings.audit_retention(),
+        settings.state.audit_retention(),
         stop_rx.clone(),
     ));
     let refused = Arc::new(api::refused::RefusedRequests::default());
@@ -212,7 +209,7 @@ async fn serve(
     let _ = refused_flusher.await;
     let _ = pruner.await;
     let _ = mesh.await;
-    if settings.cleanup_on_exit {
+    if settings.portmaps.cleanup_on_exit {
         let pm = portmaps.clone();
         match tokio::task::spawn_blocking(move || pm.cleanup()).await {
             Ok(Ok(())) => tracing::info!("removed the agent's nftables table (CLEANUP_ON_EXIT)"),
@@ -254,9 +251,9 @@ fn raise_fd_limit() -> u64 {
 
 /// The API server's connection budget from the settings, with a cap that fits the
 /// descriptor limit (logged, as a warning when it is below MAX_CONNECTIONS).
-fn connection_limits(settings: &Settings) -> api::server::Limits {
+fn connection_limits(settings: &ApiSettings) -> api::server::Limits {
     let soft = raise_fd_limit();
-    let configured = usize::try_from(settings.max_connections).unwrap_or(usize::MAX);
+    let configured = settings.configured_max_connections();
     let cap = crate::fdlimit::connection_cap(configured, soft);
     if cap < configured {
         tracing::warn!(
@@ -275,53 +272,24 @@ fn connection_limits(settings: &Settings) -> api::server::Limits {
             "connection cap (MAX_CONNECTIONS)"
         );
     }
-    let secs = std::time::Duration::from_secs;
-    api::server::Limits {
-        header_read: secs(settings.header_read_timeout),
-        body_read: secs(settings.body_read_timeout),
-        keepalive: secs(settings.keepalive_timeout),
-        upload_min_bytes: settings.upload_min_bytes,
-        upload_window: secs(settings.upload_window),
-        max_connections: cap,
-    }
+    settings.limits(cap)
 }
 
 /// The VM service and the image store over one lazily opened libvirt connection.
 fn vm_layer(
-    settings: &Settings,
+    settings: &VmSettings,
     store: &Store,
     portmaps: &Arc<PortMaps>,
 ) -> (Arc<vm::service::Vms>, Arc<vm::images::Images>) {
-    let lv = vm::Libvirt::new(
-        settings.libvirt_uri.clone(),
-        std::time::Duration::from_secs(settings.libvirt_timeout),
-    );
-    let pool_dir = settings.pool_dir().to_string_lossy().into_owned();
+    let lv = vm::Libvirt::new(settings.libvirt_uri.clone(), settings.libvirt_timeout());
+    let cfg = vm::service::VmConfig::from(settings);
     let images = vm::images::Images::new(
         lv.clone(),
         store.clone(),
-        settings.vms_pool.clone(),
-        pool_dir.clone(),
-        settings.vm_max_disk_gb * vm::storage::GIB,
+        cfg.pool.clone(),
+        cfg.pool_dir.clone(),
+        cfg.limits.max_disk_gb * vm::storage::GIB,
     );
-    let cfg = vm::service::VmConfig {
-        pool: settings.vms_pool.clone(),
-        pool_dir,
-        domain_type: settings.vms_domain_type.clone(),
-        default_network: settings.vms_network.clone(),
-        default_arch: settings.vms_arch.clone(),
-        default_image: settings.vms_default_image.clone(),
-        default_image_url: settings.vms_default_image_url.clone(),
-        default_keys: settings.default_ssh_keys(),
-        limits: vm::spec::Limits {
-            max_memory_mib: settings.vm_max_memory_mib,
-            max_vcpus: settings.vm_max_vcpus,
-            max_disk_gb: settings.vm_max_disk_gb,
-        },
-        stop_timeout: std::time::Duration::from_secs(settings.vm_stop_timeout),
-        lease_poll: std::time::Duration::from_millis(200),
-        local: vm::conn::is_local_uri(&settings.libvirt_uri),
-    };
     let vms = vm::service::Vms::new(lv, store.clone(), cfg, Some(portmaps.clone()))
         .with_images(images.clone());
     let vms = Arc::new(vms);
@@ -332,10 +300,10 @@ fn vm_layer(
 /// `GET /stats` reports the filesystem of VMS_WORK_DIR when the agent can see it (the
 /// pool's directory in the usual setup), else of DATA_DIR.
 fn stats_dir(settings: &Settings) -> std::path::PathBuf {
-    if settings.vms_work_dir.is_dir() {
-        settings.vms_work_dir.clone()
+    if settings.vms.vms_work_dir.is_dir() {
+        settings.vms.vms_work_dir.clone()
     } else {
-        settings.data_dir.clone()
+        settings.state.data_dir.clone()
     }
 }
 

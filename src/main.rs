@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand};
 use node_vm_agent::agent;
 use node_vm_agent::config::Settings;
 use node_vm_agent::net::firewall::NftFirewall;
-use node_vm_agent::portmap::{Policy, PortMaps};
+use node_vm_agent::portmap::PortMaps;
 
 /// Edge-node agent: maps node ports to VMs with one atomic nftables table, keeps its state
 /// in SQLite ($DATA_DIR/agent.db) and serves an authenticated REST API.
@@ -69,10 +69,10 @@ fn fatal(message: &str) -> ExitCode {
 async fn diff(s: Settings) -> Result<ExitCode, agent::AgentError> {
     node_vm_agent::preflight::diff(&s)?;
     let store = agent::open_state(&s)?;
-    let fw = NftFirewall::from_settings_readonly(&s)
+    let fw = NftFirewall::from_settings_readonly(s.nat())
         .await
         .map_err(|e| agent::AgentError::Firewall(e.to_string()))?;
-    let pm = PortMaps::new(store, Arc::new(fw), Policy::from_settings(&s));
+    let pm = PortMaps::new(store, Arc::new(fw), s.policy());
     let lines = tokio::task::spawn_blocking(move || pm.drift())
         .await
         .map_err(|e| agent::AgentError::Firewall(e.to_string()))?

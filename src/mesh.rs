@@ -10,7 +10,7 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::config::Settings;
+use crate::config::MeshSettings;
 use crate::join::{self, Backoff, Client, Join, Retry};
 use crate::keys::NodeKeys;
 use crate::net::wireguard::{LinkSpec, TunnelMode, WgLink};
@@ -112,7 +112,9 @@ fn to_v4(ip: IpAddr) -> IpAddr {
 
 /// Everything the background task needs.
 pub struct Mesh {
-    pub settings: Settings,
+    pub settings: MeshSettings,
+    /// DATA_DIR, where the join response is kept.
+    pub data_dir: std::path::PathBuf,
     pub store: Store,
     pub keys: NodeKeys,
     pub fw: Arc<dyn Firewall>,
@@ -131,7 +133,7 @@ impl Mesh {
             address: j.node_ip,
             peer_key: j.controller_pubkey.clone(),
             endpoint: j.endpoint.clone(),
-            keepalive: Some(self.settings.wg_keepalive).filter(|k| *k > 0),
+            keepalive: self.settings.keepalive(),
             mesh: j.wg_net,
             mtu: self.settings.wg_mtu,
         }
@@ -195,7 +197,7 @@ impl Mesh {
         let client = match Client::new(
             join_settings,
             self.keys.public_base64(),
-            Duration::from_secs(self.settings.join_timeout),
+            self.settings.join_timeout(),
         ) {
             Ok(c) => c,
             Err(e) => {
@@ -229,11 +231,9 @@ impl Mesh {
             }
         }
 
-        let mut backoff = Backoff::new(
-            Duration::from_millis(self.settings.join_retry_initial_ms),
-            Duration::from_secs(self.settings.join_retry_max),
-        );
-        let refresh = Duration::from_secs(self.settings.join_refresh_interval);
+        let (first_delay, longest_delay) = self.settings.join_backoff();
+        let mut backoff = Backoff::new(first_delay, longest_delay);
+        let refresh = self.settings.join_refresh();
         let mut joining = true;
         let mut next_join = Instant::now();
         let mut next_poll = Instant::now();
@@ -292,11 +292,7 @@ impl Mesh {
         applied: &mut bool,
         j: Join,
     ) {
-        let (store, dir, jc) = (
-            self.store.clone(),
-            self.settings.data_dir.clone(),
-            j.clone(),
-        );
+        let (store, dir, jc) = (self.store.clone(), self.data_dir.clone(), j.clone());
         let (node_id, pubkey, url) = (
             self.settings.node_id.clone().unwrap_or_default(),
             self.keys.public_base64(),

@@ -77,23 +77,23 @@ pub struct Ready {
 /// with the agent's locks.
 pub async fn serve(settings: &Settings) -> Result<Ready, PreflightError> {
     settings.validate()?;
-    check_data_dir(&settings.data_dir)?;
+    check_data_dir(&settings.state.data_dir)?;
     check_net_admin(
         "serve",
         "writes an nftables table and brings up the WireGuard link",
     )?;
     check_ip_forward()?;
-    if let Some(iface) = &settings.external_iface {
+    if let Some(iface) = &settings.portmaps.external_iface {
         check_interface(iface)?;
     }
     // Before the bind: another agent here most likely has the same API port too, and
     // the holder is the more useful thing to name.
     let netns = NetnsLock::acquire(NETNS_LOCK_NAME)?;
-    let addr = SocketAddr::new(settings.api_listen, settings.node_api_port);
+    let addr = settings.api.listen_addr();
     let listener = listen(addr).map_err(|source| PreflightError::Listen { addr, source })?;
     // Last, because it is the first change: it creates DATA_DIR and agent.lock when
     // they are missing.
-    let data_dir = DataDirLock::acquire(&settings.data_dir)?;
+    let data_dir = DataDirLock::acquire(&settings.state.data_dir)?;
     Ok(Ready {
         listener,
         locks: AgentLocks { netns, data_dir },
@@ -123,7 +123,7 @@ fn listen(addr: SocketAddr) -> io::Result<TcpListener> {
 /// takes no lock: it changes nothing and may run beside a serving agent.
 pub fn diff(settings: &Settings) -> Result<(), PreflightError> {
     settings.validate()?;
-    let db = settings.db_path();
+    let db = settings.state.db_path();
     if !db.is_file() {
         return Err(PreflightError::NoDatabase(db));
     }

@@ -37,6 +37,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use support::measure::{env_or, status_field};
 use support::netns::enter_netns;
 use support::*;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -46,13 +47,6 @@ const SLOWLORIS: usize = 200;
 const SLOW_BODY: usize = 200;
 /// A fresh request that takes longer than this is not answered.
 const ANSWER_BOUND: Duration = Duration::from_secs(2);
-
-fn env_u64(name: &str, default: u64) -> u64 {
-    std::env::var(name)
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(default)
-}
 
 fn raise_own_fd_limit() {
     use nix::sys::resource::{Resource, getrlimit, setrlimit};
@@ -252,17 +246,6 @@ async fn hold(k: Kind, stop: Arc<AtomicBool>, counts: Arc<HostileCounts>) {
     }
 }
 
-fn proc_status(pid: u32, key: &str) -> String {
-    std::fs::read_to_string(format!("/proc/{pid}/status"))
-        .unwrap_or_default()
-        .lines()
-        .find_map(|l| {
-            l.strip_prefix(key)
-                .map(|v| v.trim().trim_end_matches(" kB").to_owned())
-        })
-        .unwrap_or_default()
-}
-
 fn open_fds(pid: u32) -> usize {
     std::fs::read_dir(format!("/proc/{pid}/fd")).map_or(0, |d| d.count())
 }
@@ -271,8 +254,8 @@ fn open_fds(pid: u32) -> usize {
 #[ignore]
 fn bench_fresh_requests_under_hostile_connections() {
     raise_own_fd_limit();
-    let secs = env_u64("BENCH_CONN_SECS", 60);
-    let every = Duration::from_millis(env_u64("BENCH_CONN_EVERY_MS", 20));
+    let secs = env_or("BENCH_CONN_SECS", 60);
+    let every = Duration::from_millis(env_or("BENCH_CONN_EVERY_MS", 20));
     let topo = Topology::new();
     // Ports for the attacker's reconnects (the agent closes first, so the TIME-WAITs
     // are on its side).
@@ -304,9 +287,9 @@ fn bench_fresh_requests_under_hostile_connections() {
     let load = fresh_loop(&topo, &agent.token, secs, every);
     let during = hostile.counts.connects.load(Ordering::Relaxed) - before;
     let (rss, fds, threads) = (
-        proc_status(pid, "VmRSS:"),
+        status_field(pid, "VmRSS:"),
         open_fds(pid),
-        proc_status(pid, "Threads:"),
+        status_field(pid, "Threads:"),
     );
     let counts = hostile.stop();
     eprintln!("under load: {}", load.fields("load"));

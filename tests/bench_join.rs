@@ -42,18 +42,14 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::controller::{Controller, unique_ifname};
+use support::measure::{env_or, ms, pct, sorted, status_field};
 use support::*;
 
 const POLL: Duration = Duration::from_millis(5);
 const BOUND: Duration = Duration::from_secs(15);
 /// How long the joined agent idles before its memory is read (BENCH_JOIN_IDLE_S).
 fn idle() -> Duration {
-    Duration::from_secs(
-        std::env::var("BENCH_JOIN_IDLE_S")
-            .ok()
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(5),
-    )
+    Duration::from_secs(env_or("BENCH_JOIN_IDLE_S", 5))
 }
 
 /// Milliseconds from t0 to each milestone of one start.
@@ -62,10 +58,6 @@ struct Sample {
     health_ms: f64,
     joined_ms: f64,
     handshake_ms: f64,
-}
-
-fn ms(d: Duration) -> f64 {
-    d.as_secs_f64() * 1000.0
 }
 
 /// Polls until `/health` answered, `join` is `joined` and the controller has a session
@@ -117,16 +109,9 @@ fn watch_start(agent: &mut Agent, ctl: &Controller, pubkey: Option<&str>, t0: In
     );
 }
 
-/// Nearest-rank percentile of sorted values.
-fn pct(sorted: &[f64], p: f64) -> f64 {
-    let rank = ((p / 100.0) * sorted.len() as f64).ceil() as usize;
-    sorted[rank.clamp(1, sorted.len()) - 1]
-}
-
 /// `prefix_p50_ms=.. prefix_p90_ms=.. prefix_max_ms=..` of one milestone.
 fn stats(prefix: &str, samples: &[Sample], f: impl Fn(&Sample) -> f64) -> String {
-    let mut v: Vec<f64> = samples.iter().map(f).collect();
-    v.sort_by(f64::total_cmp);
+    let v = sorted(samples.iter().map(f).collect());
     format!(
         "{prefix}_p50_ms={:.1} {prefix}_p90_ms={:.1} {prefix}_max_ms={:.1}",
         pct(&v, 50.0),
@@ -145,16 +130,7 @@ fn runs_line(samples: &[Sample]) -> String {
 
 /// (VmRSS, VmHWM) in KiB.
 fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or_else(|| panic!("no {name} in /proc/{pid}/status"))
-    };
-    (field("VmRSS:"), field("VmHWM:"))
+    (status_field(pid, "VmRSS:"), status_field(pid, "VmHWM:"))
 }
 
 fn idle_memory(agent: &mut Agent) -> (u64, u64) {
@@ -194,10 +170,7 @@ fn env_refs(env: &[(String, String)]) -> Vec<(&str, &str)> {
 #[test]
 #[ignore = "benchmark: run by scripts/bench.sh (BENCH_ONLY=f)"]
 fn join_time_and_idle_memory() {
-    let runs: usize = std::env::var("BENCH_JOIN_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let runs: usize = env_or("BENCH_JOIN_RUNS", 10);
     assert!(runs > 0, "BENCH_JOIN_RUNS must be > 0");
     let topo = Topology::new();
     let mut ctl = Controller::new(&topo);

@@ -31,6 +31,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::libvirt::{BOOT, LIBVIRTD, env};
+use support::measure::{env_or, pct, sorted};
 
 const LEASES: &str = "/var/lib/libvirt/dnsmasq/virbr0.status";
 
@@ -44,20 +45,16 @@ fn domain_start_ms(log: &str) -> Vec<f64> {
         .collect()
 }
 
-fn pct(v: &mut [f64], p: f64) -> f64 {
-    v.sort_by(|a, b| a.total_cmp(b));
-    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
-    v[i]
+/// Nearest-rank percentile (`p` in 0..=100) of unsorted values.
+fn pct_of(v: &[f64], p: f64) -> f64 {
+    pct(&sorted(v.to_vec()), p)
 }
 
 #[test]
 #[ignore]
 fn bench_vm_create_and_lease_to_ip() {
     let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
-    let runs: usize = std::env::var("BENCH_VM_RUNS")
-        .ok()
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(10);
+    let runs: usize = env_or("BENCH_VM_RUNS", 10);
     let e = env(&[
         ("RUST_LOG", "info,node_vm_agent::vm=debug"),
         ("LOG_FORMAT", "json"),
@@ -142,14 +139,14 @@ fn bench_vm_create_and_lease_to_ip() {
     );
     println!(
         "BENCH vm runs={runs} create_p50_ms={:.1} create_p90_ms={:.1} create_max_ms={cmax:.1} lease_ip_p50_ms={:.1} lease_ip_p90_ms={:.1} lease_ip_max_ms={dmax:.1} virsh_start_p50_ms={:.1} domain_start_p50_ms={:.1} agent_side_p50_ms={:.1} agent_side_p90_ms={:.1} agent_side_max_ms={:.1}",
-        pct(&mut create_ms.clone(), 0.5),
-        pct(&mut create_ms.clone(), 0.9),
-        pct(&mut delay_ms.clone(), 0.5),
-        pct(&mut delay_ms.clone(), 0.9),
-        pct(&mut virsh_start_ms.clone(), 0.5),
-        pct(&mut starts.clone(), 0.5),
-        pct(&mut agent_side.clone(), 0.5),
-        pct(&mut agent_side.clone(), 0.9),
+        pct_of(&create_ms, 50.0),
+        pct_of(&create_ms, 90.0),
+        pct_of(&delay_ms, 50.0),
+        pct_of(&delay_ms, 90.0),
+        pct_of(&virsh_start_ms, 50.0),
+        pct_of(&starts, 50.0),
+        pct_of(&agent_side, 50.0),
+        pct_of(&agent_side, 90.0),
         agent_side.iter().cloned().fold(0.0, f64::max),
     );
 }

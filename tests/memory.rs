@@ -20,6 +20,7 @@ use std::time::{Duration, Instant};
 
 use node_vm_agent::portmap::{PortMap, Proto};
 use node_vm_agent::store::{Store, StoreError, portmaps};
+use support::measure::status_field;
 use support::netns::in_netns;
 use support::*;
 
@@ -30,23 +31,13 @@ const LOAD: Duration = Duration::from_secs(8);
 const AFTER: Duration = Duration::from_secs(5);
 const MIB: u64 = 1024;
 
-/// `/proc/PID/status` fields in KiB.
-fn status_kib(pid: u32, field: &str) -> u64 {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).unwrap();
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix(field))
-        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
-        .unwrap_or_else(|| panic!("no {field} in /proc/{pid}/status"))
-}
-
 fn memory(pid: u32) -> String {
     format!(
         "VmRSS {} KiB (RssAnon {} KiB, RssFile {} KiB), {} threads",
-        status_kib(pid, "VmRSS:"),
-        status_kib(pid, "RssAnon:"),
-        status_kib(pid, "RssFile:"),
-        status_kib(pid, "Threads:")
+        status_field(pid, "VmRSS:"),
+        status_field(pid, "RssAnon:"),
+        status_field(pid, "RssFile:"),
+        status_field(pid, "Threads:")
     )
 }
 
@@ -121,7 +112,7 @@ fn a_parallel_listing_load_leaves_no_memory_behind() {
     assert_eq!(r.status, 200);
     assert_eq!(r.json()["rules"].as_object().unwrap().len(), MAPS as usize);
     std::thread::sleep(Duration::from_secs(2));
-    let idle_anon = status_kib(pid, "RssAnon:");
+    let idle_anon = status_field(pid, "RssAnon:");
     let idle = memory(pid);
 
     // A fresh change empties the cache: the load starts with every connection missing it
@@ -150,7 +141,7 @@ fn a_parallel_listing_load_leaves_no_memory_behind() {
         }
         let start = Instant::now();
         while start.elapsed() < LOAD {
-            peak_anon = peak_anon.max(status_kib(pid, "RssAnon:"));
+            peak_anon = peak_anon.max(status_field(pid, "RssAnon:"));
             std::thread::sleep(Duration::from_millis(100));
         }
         stop.store(true, Ordering::Relaxed);
@@ -162,7 +153,7 @@ fn a_parallel_listing_load_leaves_no_memory_behind() {
         "only {answers} listings served"
     );
     std::thread::sleep(AFTER);
-    let after_anon = status_kib(pid, "RssAnon:");
+    let after_anon = status_field(pid, "RssAnon:");
     let after = memory(pid);
     let report = format!(
         "idle: {idle}; peak RssAnon {peak_anon} KiB during {answers} listings of {MAPS} maps \

@@ -52,8 +52,8 @@ impl Settings {
     /// Checks of values that need more than their parser, and of settings together;
     /// pure (nothing on the machine is looked at: see `agent::preflight`).
     pub fn validate(&self) -> Result<(), SettingError> {
-        self.join_settings()?;
-        if let Some(url) = &self.controller_url
+        self.mesh.join_settings()?;
+        if let Some(url) = &self.mesh.controller_url
             && !(url.starts_with("http://") || url.starts_with("https://"))
         {
             return Err(invalid(
@@ -62,14 +62,14 @@ impl Settings {
                 "must start with http:// or https://",
             ));
         }
-        if let Some(id) = &self.node_id
+        if let Some(id) = &self.mesh.node_id
             && (id.is_empty() || id.len() > 128 || id.chars().any(|c| c.is_control()))
         {
             return Err(invalid("NODE_ID", id, "1 to 128 printable characters"));
         }
         self.validate_tokens()?;
         self.validate_networks()?;
-        for (i, key) in self.default_ssh_keys().iter().enumerate() {
+        for (i, key) in self.vms.default_ssh_keys().iter().enumerate() {
             if let Err(reason) = crate::model::ssh_key::validate_ssh_key(key) {
                 return Err(invalid(
                     "SSH_AUTHORIZED_KEYS",
@@ -79,8 +79,8 @@ impl Settings {
             }
         }
         for (variable, dir) in [
-            ("VMS_WORK_DIR", Some(&self.vms_work_dir)),
-            ("VMS_HOST_DIR", self.vms_host_dir.as_ref()),
+            ("VMS_WORK_DIR", Some(&self.vms.vms_work_dir)),
+            ("VMS_HOST_DIR", self.vms.vms_host_dir.as_ref()),
         ] {
             if let Some(dir) = dir
                 && !dir.is_absolute()
@@ -92,14 +92,14 @@ impl Settings {
                 ));
             }
         }
-        check_libvirt_uri(&self.libvirt_uri)
-            .map_err(|reason| invalid("LIBVIRT_URI", &self.libvirt_uri, reason))
+        check_libvirt_uri(&self.vms.libvirt_uri)
+            .map_err(|reason| invalid("LIBVIRT_URI", &self.vms.libvirt_uri, reason))
     }
 
     fn validate_tokens(&self) -> Result<(), SettingError> {
         for (variable, value) in [
-            ("API_TOKEN", &self.api_token),
-            ("PORTMAP_TOKEN", &self.portmap_token),
+            ("API_TOKEN", &self.api.api_token),
+            ("PORTMAP_TOKEN", &self.api.portmap_token),
         ] {
             // The value itself is never echoed: it is a secret.
             if let Some(token) = value
@@ -112,7 +112,7 @@ impl Settings {
                 ));
             }
         }
-        if let (Some(a), Some(b)) = (&self.api_token, &self.portmap_token)
+        if let (Some(a), Some(b)) = (&self.api.api_token, &self.api.portmap_token)
             && a != b
         {
             return Err(invalid(
@@ -125,20 +125,20 @@ impl Settings {
     }
 
     fn validate_networks(&self) -> Result<(), SettingError> {
-        if self.vm_subnet.prefix() == 0 {
+        if self.portmaps.vm_subnet.prefix() == 0 {
             return Err(invalid(
                 "VM_SUBNET",
-                self.vm_subnet.to_string(),
+                self.portmaps.vm_subnet.to_string(),
                 "0.0.0.0/0 would make every address a port-map target",
             ));
         }
-        check_no_host_bits("VM_SUBNET", &self.vm_subnet)?;
-        if let Some(ext) = &self.external_iface
-            && ext == &self.vms_bridge
+        check_no_host_bits("VM_SUBNET", &self.portmaps.vm_subnet)?;
+        if let Some(ext) = &self.portmaps.external_iface
+            && ext == &self.portmaps.vms_bridge
         {
             return Err(invalid("EXTERNAL_IFACE", ext, "is the VMS_BRIDGE itself"));
         }
-        for net in &self.allowed_targets {
+        for net in &self.portmaps.allowed_targets {
             if net.prefix() == 0 {
                 return Err(invalid(
                     "ALLOWED_TARGETS",

@@ -8,7 +8,6 @@ use tokio::runtime::Handle;
 
 use super::link;
 use super::nft::{self, NatSettings, Nft, NftError};
-use crate::config::Settings;
 use crate::portmap::{Firewall, FirewallError, PortMap};
 
 pub struct NftFirewall {
@@ -24,41 +23,23 @@ fn err(e: NftError) -> FirewallError {
 
 impl NftFirewall {
     /// Prepares the node for port maps: IPv4 forwarding on, the egress interface known
-    /// (EXTERNAL_IFACE, else the default route's), and a netlink socket in the current
-    /// network namespace. Must run on the runtime that will serve the calls.
-    pub async fn from_settings(s: &Settings) -> Result<Self, FirewallError> {
+    /// (`nat.external_iface`, else the default route's), and a netlink socket in the
+    /// current network namespace. Must run on the runtime that will serve the calls.
+    pub async fn from_settings(nat: NatSettings) -> Result<Self, FirewallError> {
         match link::enable_ip_forward() {
             Ok(true) => tracing::info!("net.ipv4.ip_forward was 0; set to 1"),
             Ok(false) => {}
             Err(e) => return Err(FirewallError(format!("cannot enable IPv4 forwarding: {e}"))),
         }
-        Self::from_settings_readonly(s).await
+        Self::from_settings_readonly(nat).await
     }
 
     /// The same driver without touching the node's settings (for `node-vm-agent diff`).
-    pub async fn from_settings_readonly(s: &Settings) -> Result<Self, FirewallError> {
-        let external_iface = match &s.external_iface {
-            Some(i) => Some(i.clone()),
-            None => match link::default_route_iface().await {
-                Ok(Some(i)) => {
-                    tracing::info!(iface = %i, "EXTERNAL_IFACE unset: using the default route's interface");
-                    Some(i)
-                }
-                Ok(None) => {
-                    tracing::warn!(bridge = %s.vms_bridge, "EXTERNAL_IFACE unset and no default route: VM egress is masqueraded on every interface but the VM bridge");
-                    None
-                }
-                Err(e) => return Err(FirewallError(format!("cannot read the default route: {e}"))),
-            },
-        };
-        let nft = Nft::new(NatSettings {
-            vms_bridge: s.vms_bridge.clone(),
-            vm_subnet: s.vm_subnet,
-            wg_iface: Some(s.wg_iface.clone()),
-            external_iface,
-            tunnel_sources: vec![],
-        })
-        .map_err(err)?;
+    pub async fn from_settings_readonly(mut nat: NatSettings) -> Result<Self, FirewallError> {
+        if nat.external_iface.is_none() {
+            nat.external_iface = default_egress(&nat.vms_bridge).await?;
+        }
+        let nft = Nft::new(nat).map_err(err)?;
         let route = Connection::<Route>::new()
             .map_err(|e| FirewallError(format!("cannot open rtnetlink: {e}")))?;
         Ok(Self {
@@ -66,6 +47,22 @@ impl NftFirewall {
             route,
             rt: Handle::current(),
         })
+    }
+}
+
+/// EXTERNAL_IFACE unset: the default route's interface; without a default route,
+/// `None` (masquerade on every interface but the VM bridge).
+async fn default_egress(vms_bridge: &str) -> Result<Option<String>, FirewallError> {
+    match link::default_route_iface().await {
+        Ok(Some(i)) => {
+            tracing::info!(iface = %i, "EXTERNAL_IFACE unset: using the default route's interface");
+            Ok(Some(i))
+        }
+        Ok(None) => {
+            tracing::warn!(bridge = %vms_bridge, "EXTERNAL_IFACE unset and no default route: VM egress is masqueraded on every interface but the VM bridge");
+            Ok(None)
+        }
+        Err(e) => Err(FirewallError(format!("cannot read the default route: {e}"))),
     }
 }
 

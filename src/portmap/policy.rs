@@ -6,7 +6,6 @@ use std::collections::BTreeMap;
 use ipnetwork::Ipv4Network;
 
 use super::PortMap;
-use crate::config::Settings;
 
 /// Why a port map is refused by policy.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -32,28 +31,10 @@ pub struct Policy {
 }
 
 impl Policy {
+    /// `allowed`: the networks targets must lie in; `reserved`: listen ports refused,
+    /// with the reason the client is told (built from the settings by
+    /// `config::PortMapSettings::policy`).
     pub fn new(allowed: Vec<Ipv4Network>, reserved: BTreeMap<u16, String>) -> Self {
-        Self { allowed, reserved }
-    }
-
-    pub fn from_settings(s: &Settings) -> Self {
-        let mut allowed = vec![s.vm_subnet];
-        allowed.extend(s.allowed_targets.iter().copied());
-        let mut reserved = BTreeMap::new();
-        for port in &s.reserved_ports {
-            reserved.insert(*port, "listed in RESERVED_PORTS".to_string());
-        }
-        if let Some(port) = s.wg_listen_port {
-            reserved.insert(
-                port,
-                "the WireGuard listen port (WG_LISTEN_PORT)".to_string(),
-            );
-        }
-        reserved.insert(22, "SSH of the node".to_string());
-        reserved.insert(
-            s.node_api_port,
-            "the node's own API (NODE_API_PORT)".to_string(),
-        );
         Self { allowed, reserved }
     }
 

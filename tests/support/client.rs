@@ -2,7 +2,7 @@
 //! the agent's JSON API. Timeouts are bounded (5 s unless a test allows more); nothing
 //! here measures time.
 
-use std::io::{self, Read, Write};
+use std::io::{self, BufRead, Read, Write};
 use std::net::{SocketAddr, TcpStream, UdpSocket};
 use std::time::Duration;
 
@@ -249,6 +249,33 @@ fn write_body(stream: &mut TcpStream, body: &[u8]) -> io::Result<()> {
         }
     }
     Ok(())
+}
+
+/// Reads one response from a kept-alive connection: the head, then as many bytes of
+/// body as its Content-Length says (for benchmarks that time requests on one connection).
+pub fn read_response(reader: &mut impl BufRead) -> io::Result<Response> {
+    let mut raw = Vec::new();
+    let mut length = 0usize;
+    loop {
+        let start = raw.len();
+        if reader.read_until(b'\n', &mut raw)? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+        let line = String::from_utf8_lossy(&raw[start..]);
+        let line = line.trim_end();
+        if line.is_empty() {
+            break;
+        }
+        if let Some((k, v)) = line.split_once(':')
+            && k.trim().eq_ignore_ascii_case("content-length")
+        {
+            length = v.trim().parse().map_err(io::Error::other)?;
+        }
+    }
+    let start = raw.len();
+    raw.resize(start + length, 0);
+    reader.read_exact(&mut raw[start..])?;
+    parse_response(&raw)
 }
 
 pub fn parse_response(raw: &[u8]) -> io::Result<Response> {

@@ -1,12 +1,15 @@
 //! Integration-test harness: namespaces, the test topology, servers, clients, the agent
-//! process and nftables read-back. Used by the tests through `mod support;`; each test
-//! binary uses a different part of it.
+//! process, nftables read-back and the benchmarks' measurements. Used by the tests
+//! through `mod support;` and by `benches/portmap.rs` through
+//! `#[path = "../tests/support/mod.rs"] mod support;`; each binary uses a different part
+//! of it.
 #![allow(dead_code, unused_imports)]
 
 pub mod agent;
 pub mod client;
 pub mod controller;
 pub mod libvirt;
+pub mod measure;
 pub mod netns;
 pub mod nft;
 pub mod servers;

@@ -1,0 +1,115 @@
+//! Settings of the REST API: where it listens, its token, and the connection budget
+//! that keeps strangers' connections cheap (decisions §11).
+
+use std::net::{IpAddr, SocketAddr};
+use std::time::Duration;
+
+use clap::Args;
+
+use crate::api::server::Limits;
+
+/// The API's address, token and connection budget.
+#[derive(Args, Clone, Debug)]
+pub struct ApiSettings {
+    /// TCP port of the REST API.
+    #[arg(
+        long,
+        env = "NODE_API_PORT",
+        value_name = "NODE_API_PORT",
+        default_value_t = 8000,
+        value_parser = clap::value_parser!(u16).range(1..)
+    )]
+    pub node_api_port: u16,
+
+    /// Address the REST API listens on.
+    #[arg(
+        long,
+        env = "API_LISTEN",
+        value_name = "API_LISTEN",
+        default_value = "0.0.0.0"
+    )]
+    pub api_listen: IpAddr,
+
+    /// Bearer token required on every API call but /health. When neither this nor
+    /// PORTMAP_TOKEN is set, a token is generated into $DATA_DIR/api.token (mode 0600).
+    #[arg(
+        long,
+        env = "API_TOKEN",
+        value_name = "API_TOKEN",
+        hide_env_values = true
+    )]
+    pub api_token: Option<String>,
+
+    /// The original agent's name for API_TOKEN, accepted as an alias.
+    #[arg(
+        long,
+        env = "PORTMAP_TOKEN",
+        value_name = "PORTMAP_TOKEN",
+        hide_env_values = true
+    )]
+    pub portmap_token: Option<String>,
+
+    /// Seconds a client has to send a request's headers, counted from the connection's
+    /// accept for its first request and from the first byte for later ones on a
+    /// kept-alive connection; then the connection is closed (slowloris).
+    #[arg(long, env = "HEADER_READ_TIMEOUT", value_name = "HEADER_READ_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub header_read_timeout: u64,
+
+    /// Seconds a request body may take to arrive whole, counted from the end of its
+    /// headers (image uploads follow UPLOAD_MIN_BYTES/UPLOAD_WINDOW instead); then the
+    /// request fails with 408 and the connection is closed.
+    #[arg(long, env = "BODY_READ_TIMEOUT", value_name = "BODY_READ_TIMEOUT", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub body_read_timeout: u64,
+
+    /// Seconds a kept-alive connection may wait for its next request before it is closed.
+    #[arg(long, env = "KEEPALIVE_TIMEOUT", value_name = "KEEPALIVE_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub keepalive_timeout: u64,
+
+    /// Most API connections open at once (lowered at startup when the descriptor limit
+    /// would not leave room for the agent's own). At the cap a new connection makes the
+    /// agent close the one idle longest; only when every connection has a request in
+    /// progress is it refused (503).
+    #[arg(long, env = "MAX_CONNECTIONS", value_name = "MAX_CONNECTIONS", default_value_t = 1024, value_parser = clap::value_parser!(u64).range(16..=1_000_000))]
+    pub max_connections: u64,
+
+    /// Bytes an image upload (`POST /images/{name}`, a stream of any size, with no
+    /// deadline) must deliver in every UPLOAD_WINDOW; a slower one fails (408) and leaves no
+    /// partial image.
+    #[arg(long, env = "UPLOAD_MIN_BYTES", value_name = "UPLOAD_MIN_BYTES", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(1..=1_073_741_824))]
+    pub upload_min_bytes: u64,
+
+    /// Seconds of the window UPLOAD_MIN_BYTES is counted over (time the agent itself
+    /// spends storing the upload does not count).
+    #[arg(long, env = "UPLOAD_WINDOW", value_name = "UPLOAD_WINDOW", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub upload_window: u64,
+}
+
+impl ApiSettings {
+    /// The configured API token, from API_TOKEN or its alias.
+    pub fn configured_token(&self) -> Option<&str> {
+        self.api_token.as_deref().or(self.portmap_token.as_deref())
+    }
+
+    pub fn listen_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.api_listen, self.node_api_port)
+    }
+
+    /// MAX_CONNECTIONS as configured; the agent may lower it to fit the descriptor limit.
+    pub fn configured_max_connections(&self) -> usize {
+        usize::try_from(self.max_connections).unwrap_or(usize::MAX)
+    }
+
+    /// The API server's limits, with `max_connections` the cap the agent settled on
+    /// (see [`Self::configured_max_connections`]).
+    pub fn limits(&self, max_connections: usize) -> Limits {
+        let secs = Duration::from_secs;
+        Limits {
+            header_read: secs(self.header_read_timeout),
+            body_read: secs(self.body_read_timeout),
+            keepalive: secs(self.keepalive_timeout),
+            upload_min_bytes: self.upload_min_bytes,
+            upload_window: secs(self.upload_window),
+            max_connections,
+        }
+    }
+}

@@ -1,0 +1,159 @@
+//! Settings of the mesh: the join (controller, token, node id, retries) and the
+//! WireGuard link it brings up (decisions §7, §8).
+
+use std::time::Duration;
+
+use clap::{Args, ValueEnum};
+
+use super::SettingError;
+use super::check::{names_with_verb, parse_ifname};
+
+/// How the WireGuard link is implemented.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WgMode {
+    /// The kernel module where it exists, else the embedded userspace implementation.
+    Auto,
+    /// The kernel module only (fails without it).
+    Kernel,
+    /// The embedded userspace implementation (boringtun over /dev/net/tun) only.
+    Userspace,
+}
+
+/// The join and the WireGuard link; the mesh task takes this group as it is.
+#[derive(Args, Clone, Debug)]
+pub struct MeshSettings {
+    /// Controller API base URL (used by the mesh join).
+    #[arg(long, env = "CONTROLLER_URL", value_name = "CONTROLLER_URL")]
+    pub controller_url: Option<String>,
+
+    /// Join token sent as X-Join-Token (used by the mesh join).
+    #[arg(
+        long,
+        env = "JOIN_TOKEN",
+        value_name = "JOIN_TOKEN",
+        hide_env_values = true
+    )]
+    pub join_token: Option<String>,
+
+    /// Unique node identifier (used by the mesh join).
+    #[arg(long, env = "NODE_ID", value_name = "NODE_ID")]
+    pub node_id: Option<String>,
+
+    /// WireGuard interface name; traffic leaving through it is masqueraded.
+    #[arg(long, env = "WG_IFACE", value_name = "WG_IFACE", default_value = "wg0", value_parser = parse_ifname)]
+    pub wg_iface: String,
+
+    /// WireGuard listen port, refused as a port-map listen port when set.
+    #[arg(long, env = "WG_LISTEN_PORT", value_name = "WG_LISTEN_PORT", value_parser = clap::value_parser!(u16).range(1..))]
+    pub wg_listen_port: Option<u16>,
+
+    /// WireGuard implementation: auto (kernel module where it exists, else userspace),
+    /// kernel, or userspace. A userspace link goes down with the agent process.
+    #[arg(
+        long,
+        env = "WG_MODE",
+        value_name = "WG_MODE",
+        value_enum,
+        default_value = "auto"
+    )]
+    pub wg_mode: WgMode,
+
+    /// MTU of the WireGuard link.
+    #[arg(long, env = "WG_MTU", value_name = "WG_MTU", default_value_t = 1420, value_parser = clap::value_parser!(u32).range(576..=9000))]
+    pub wg_mtu: u32,
+
+    /// Persistent keepalive towards the controller, in seconds (0: off).
+    #[arg(
+        long,
+        env = "WG_KEEPALIVE",
+        value_name = "WG_KEEPALIVE",
+        default_value_t = 25
+    )]
+    pub wg_keepalive: u16,
+
+    /// First delay between two join attempts, in milliseconds; doubled after every
+    /// failure (with jitter) up to JOIN_RETRY_MAX.
+    #[arg(long, env = "JOIN_RETRY_INITIAL_MS", value_name = "JOIN_RETRY_INITIAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=600_000))]
+    pub join_retry_initial_ms: u64,
+
+    /// Longest delay between two join attempts, in seconds.
+    #[arg(long, env = "JOIN_RETRY_MAX", value_name = "JOIN_RETRY_MAX", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub join_retry_max: u64,
+
+    /// Seconds between two re-joins once joined: a changed node_ip, endpoint or
+    /// controller key is applied then, without a restart.
+    #[arg(long, env = "JOIN_REFRESH_INTERVAL", value_name = "JOIN_REFRESH_INTERVAL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub join_refresh_interval: u64,
+
+    /// Timeout of one join request, in seconds.
+    #[arg(long, env = "JOIN_TIMEOUT", value_name = "JOIN_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
+    pub join_timeout: u64,
+
+    /// Authorise, without a token, requests that arrive through WG_IFACE from the
+    /// controller's tunnel address (allowed_ips of the join response), as the original
+    /// controller's proxy sends no authentication header.
+    #[arg(long, env = "TRUST_CONTROLLER_TUNNEL", value_name = "TRUST_CONTROLLER_TUNNEL", default_value_t = true, action = clap::ArgAction::Set)]
+    pub trust_controller_tunnel: bool,
+}
+
+impl MeshSettings {
+    /// The three join settings, when all are set; `None` when none is (standalone). One
+    /// or two of them is an error: the operator meant to join and forgot something.
+    pub fn join_settings(&self) -> Result<Option<JoinSettings<'_>>, SettingError> {
+        match (&self.controller_url, &self.join_token, &self.node_id) {
+            (Some(url), Some(token), Some(node_id)) => Ok(Some(JoinSettings {
+                url,
+                token,
+                node_id,
+            })),
+            (None, None, None) => Ok(None),
+            (url, token, node_id) => {
+                let all = [
+                    ("CONTROLLER_URL", url.is_some()),
+                    ("JOIN_TOKEN", token.is_some()),
+                    ("NODE_ID", node_id.is_some()),
+                ];
+                let names = |present: bool| -> Vec<&str> {
+                    all.iter()
+                        .filter(|(_, p)| *p == present)
+                        .map(|(v, _)| *v)
+                        .collect()
+                };
+                Err(SettingError::IncompleteJoin {
+                    set: names_with_verb(&names(true)),
+                    missing: names_with_verb(&names(false)),
+                    set_names: names(true).join(" and "),
+                })
+            }
+        }
+    }
+
+    pub fn join_timeout(&self) -> Duration {
+        Duration::from_secs(self.join_timeout)
+    }
+
+    /// The first and the longest delay between two join attempts.
+    pub fn join_backoff(&self) -> (Duration, Duration) {
+        (
+            Duration::from_millis(self.join_retry_initial_ms),
+            Duration::from_secs(self.join_retry_max),
+        )
+    }
+
+    pub fn join_refresh(&self) -> Duration {
+        Duration::from_secs(self.join_refresh_interval)
+    }
+
+    /// WG_KEEPALIVE, `None` when 0 (off).
+    pub fn keepalive(&self) -> Option<u16> {
+        Some(self.wg_keepalive).filter(|k| *k > 0)
+    }
+}
+
+/// The settings of the mesh join, all three present.
+#[derive(Clone, Copy, Debug)]
+pub struct JoinSettings<'a> {
+    pub url: &'a str,
+    pub token: &'a str,
+    pub node_id: &'a str,
+}
