@@ -282,7 +282,7 @@ fn vm_layer(
     portmaps: &Arc<PortMaps>,
 ) -> (Arc<vm::service::Vms>, Arc<vm::images::Images>) {
     let lv = vm::Libvirt::new(settings.libvirt_uri.clone(), settings.libvirt_timeout());
-    let cfg = vm::service::VmConfig::from(settings);
+    let cfg = vm::VmConfig::from(settings);
     let images = vm::images::Images::new(
         lv.clone(),
         store.clone(),

@@ -4,7 +4,7 @@ use std::path::PathBuf;
 
 use super::*;
 use crate::portmap::PortMap;
-use crate::vm::service::VmConfig;
+use crate::vm::VmConfig;
 use clap::Parser;
 
 #[derive(Parser)]

@@ -7,7 +7,7 @@ use std::time::Duration;
 use clap::Args;
 
 use super::check::parse_name;
-use crate::vm::service::VmConfig;
+use crate::vm::VmConfig;
 use crate::vm::spec::Limits;
 
 /// How often `/ip` asks libvirt for the lease while waiting.

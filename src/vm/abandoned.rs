@@ -29,9 +29,9 @@ use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
 
+use super::VmConfig;
 use super::VmError;
 use super::domain::{facts, lookup, remove_vm};
-use super::service::VmConfig;
 use super::storage;
 
 /// How long after a cleanup pass that found nothing another must still find nothing

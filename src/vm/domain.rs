@@ -9,8 +9,7 @@ use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::sys;
 
-use super::service::VmConfig;
-use super::{VmError, seed, storage, xml};
+use super::{VmConfig, VmError, seed, storage, xml};
 use crate::model::{DesiredState, ImageState, VmState};
 use crate::store::vms::{ImageRow, SeedInputs, VmRow};
 

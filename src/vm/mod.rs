@@ -3,6 +3,7 @@
 
 mod abandoned;
 mod claims;
+mod config;
 pub mod conn;
 mod domain;
 mod error;
@@ -18,5 +19,6 @@ pub mod spec;
 pub mod storage;
 pub mod xml;
 
+pub use config::VmConfig;
 pub use conn::Libvirt;
 pub use error::VmError;

@@ -30,34 +30,11 @@ use serde::Serialize;
 use super::claims::{Claim, Claims};
 use super::images::Images;
 use super::observed::Observed;
-use super::spec::Limits;
-use super::{Libvirt, VmError};
+use super::{Libvirt, VmConfig, VmError};
 use crate::model::{DesiredState, VmState};
 use crate::portmap::PortMaps;
 use crate::store::vms::{self, VmRow};
 use crate::store::{Store, audit};
-
-/// The settings the VM layer needs, taken from `Settings` once.
-#[derive(Clone, Debug)]
-pub struct VmConfig {
-    pub pool: String,
-    /// The pool's directory as the libvirt host sees it.
-    pub pool_dir: String,
-    pub domain_type: String,
-    pub default_network: String,
-    pub default_arch: String,
-    pub default_image: String,
-    /// Where the default image comes from on first use ("" = never downloaded).
-    pub default_image_url: String,
-    pub default_keys: Vec<String>,
-    pub limits: Limits,
-    pub stop_timeout: Duration,
-    /// How often `/ip` asks libvirt for the lease while waiting.
-    pub lease_poll: Duration,
-    /// LIBVIRT_URI reaches a libvirtd on this host ([`super::conn::is_local_uri`]), so
-    /// the domains' taps may be bridge ports here (hairpin mode is set on them).
-    pub local: bool,
-}
 
 /// What `POST /vms` answers.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
