@@ -340,13 +340,14 @@ impl Backoff {
     }
 }
 
-/// The cached join of a previous run, if any (and if it still parses).
-pub fn load_cached(store: &Store) -> Result<Option<Join>, StoreError> {
+/// The cached join of a previous run, if any (and if it still parses), with the node's
+/// public key (base64) it was made for.
+pub fn load_cached(store: &Store) -> Result<Option<(Join, String)>, StoreError> {
     let Some(row) = store.with(mesh::load)? else {
         return Ok(None);
     };
     match Join::parse(&row.raw_response) {
-        Ok(j) => Ok(Some(j)),
+        Ok(j) => Ok(Some((j, row.node_pubkey))),
         Err(e) => {
             tracing::warn!(error = %e, "the cached join response no longer parses; ignoring it");
             Ok(None)
@@ -471,7 +472,7 @@ mod tests {
         assert!(load_cached(&store).unwrap().is_none());
         let j = Join::parse(OK).unwrap();
         save(&store, dir.path(), &j, "node-1", "pk", "http://c").unwrap();
-        assert_eq!(load_cached(&store).unwrap(), Some(j));
+        assert_eq!(load_cached(&store).unwrap(), Some((j, "pk".to_string())));
         assert_eq!(
             std::fs::read_to_string(dir.path().join(JOIN_JSON)).unwrap(),
             OK

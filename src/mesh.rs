@@ -208,22 +208,25 @@ impl Mesh {
         let mut link: Option<SharedLink> = None;
         let mut current: Option<Join> = None;
         let mut applied = false;
+        // A cached join made for another key: used only if the controller cannot be
+        // reached, since the controller does not know the new key before a join.
+        let mut held_back: Option<Join> = None;
+        // The tunnel runs from a cached join with a key the controller may not know
+        // yet: once a join registers it, the handshake is started again at once.
+        let mut key_unconfirmed = false;
 
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || join::load_cached(&store)).await {
-            Ok(Ok(Some(j))) => {
+            Ok(Ok(Some((j, key)))) if key == self.keys.public_base64() => {
                 tracing::info!(node_ip = %j.node_ip, endpoint = %j.endpoint, "bringing the tunnel up from the previous join; re-joining in the background");
-                match self.apply(&mut link, &j).await {
-                    Ok(()) => {
-                        applied = true;
-                        self.status.update(|s| s.state = JoinState::Cached);
-                    }
-                    Err(e) => {
-                        tracing::error!(error = %e, "cannot bring the tunnel up from the previous join");
-                        self.status.update(|s| s.error = Some(e));
-                    }
-                }
+                self.bring_up_cached(&mut link, &mut applied, &j).await;
                 current = Some(j);
+            }
+            Ok(Ok(Some((j, _)))) => {
+                tracing::info!(
+                    "the node's WireGuard key is not the one of the previous join; joining before the tunnel comes up"
+                );
+                held_back = Some(j);
             }
             Ok(Ok(None)) => {}
             other => {
@@ -245,7 +248,11 @@ impl Mesh {
                         Ok(j) => {
                             backoff.reset();
                             next_join = Instant::now() + refresh;
+                            held_back = None;
                             self.joined(&mut link, &mut current, &mut applied, j).await;
+                            if std::mem::take(&mut key_unconfirmed) {
+                                self.restart_handshake(&link, &current).await;
+                            }
                             // A reconfigured peer needs a new handshake: look (and nudge) now.
                             next_poll = Instant::now();
                         }
@@ -256,6 +263,12 @@ impl Mesh {
                                     let d = backoff.next_delay();
                                     tracing::warn!(error = %msg, retry_in_ms = d.as_millis() as u64, url = client.url(), "join failed; retrying");
                                     next_join = Instant::now() + d;
+                                    if let Some(j) = held_back.take() {
+                                        tracing::info!(node_ip = %j.node_ip, "the controller cannot be reached: bringing the tunnel up from the previous join with the new key");
+                                        self.bring_up_cached(&mut link, &mut applied, &j).await;
+                                        current = Some(j);
+                                        key_unconfirmed = true;
+                                    }
                                 }
                                 Retry::Slow => {
                                     tracing::error!(error = %msg, retry_in_s = backoff.max().as_secs(), "join refused by the controller's configuration; retrying slowly");
@@ -282,6 +295,44 @@ impl Mesh {
             && let Ok(l) = m.into_inner()
         {
             let _ = tokio::task::spawn_blocking(move || l.shutdown()).await;
+        }
+    }
+
+    /// The tunnel from a previous run's join (the controller is not asked first).
+    async fn bring_up_cached(&self, link: &mut Option<SharedLink>, applied: &mut bool, j: &Join) {
+        match self.apply(link, j).await {
+            Ok(()) => {
+                *applied = true;
+                self.status.update(|s| s.state = JoinState::Cached);
+            }
+            Err(e) => {
+                tracing::error!(error = %e, "cannot bring the tunnel up from the previous join");
+                self.status.update(|s| s.error = Some(e));
+            }
+        }
+    }
+
+    /// Starts a new handshake now (the controller ignored earlier ones) and sends the
+    /// packet that makes the link initiate it.
+    async fn restart_handshake(&self, link: &Option<SharedLink>, current: &Option<Join>) {
+        let (Some(link), Some(j)) = (link.clone(), current.clone()) else {
+            return;
+        };
+        let spec = self.spec(&j);
+        let done = tokio::task::spawn_blocking(move || {
+            link.lock()
+                .map_err(|_| "link mutex poisoned".to_string())
+                .and_then(|l| l.restart_handshake(&spec).map_err(|e| e.to_string()))
+        })
+        .await;
+        match done {
+            Ok(Ok(())) => {
+                tracing::info!("the controller knows the node's key now; handshaking again");
+                nudge(&j);
+            }
+            other => {
+                tracing::warn!(result = ?other.map(|r| r.map(|_| ())), "cannot restart the handshake")
+            }
         }
     }
 

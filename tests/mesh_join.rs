@@ -380,3 +380,66 @@ fn the_original_controllers_portmap_token_is_the_api_token_with_tunnel_trust_off
         "the token is never logged"
     );
 }
+
+/// New key files on a node that joined before: the controller does not know the new
+/// key until a join registers it, so the agent joins first and brings the tunnel up
+/// from the answer (the cached join would have the controller drop the first handshake
+/// and WireGuard wait 5 s to retry). Only when the controller cannot be reached does it
+/// fall back to the cached join, and then it starts the handshake again as soon as a
+/// join succeeds.
+#[test]
+fn a_new_key_is_joined_before_the_tunnel_uses_it() {
+    // RFC 7748's test key pairs, in `wg genkey` / `wg pubkey` form.
+    const KEYS: [(&str, &str); 2] = [
+        (
+            "dwdtCnMYpX08FsFyUbJmRd9ML4frwJkqsXf7pR25LCo=",
+            "hSDwCYkwp1R0i33ctD73Wg2/Og0mOBr066SpjqqbTmo=",
+        ),
+        (
+            "XasIfmJKikt54X+Lg4AO5m87sSkmGLb9HC+LJ/+I4Os=",
+            "3p7bfXt9wbTTW2HC7OQ1Nz+DQ8hbeGdNrfx+FG+IK08=",
+        ),
+    ];
+    let topo = Topology::new();
+    let mut ctl = Controller::new(&topo);
+    ctl.serve();
+    let iface = unique_ifname("wgn");
+    let mut agent = Agent::start_with(&topo, &env_refs(&Controller::agent_env(&iface)));
+    wait_joined_with_handshake(&agent);
+    let dir = agent.data_dir().to_path_buf();
+    let use_key = |(private, public): (&str, &str)| {
+        std::fs::write(dir.join("node.key"), format!("{private}\n")).unwrap();
+        std::fs::write(dir.join("node.pub"), format!("{public}\n")).unwrap();
+    };
+
+    eprintln!("step: a new key with the controller up");
+    assert!(agent.stop());
+    use_key(KEYS[0]);
+    let started = Instant::now();
+    agent.start_again();
+    wait_joined_with_handshake(&agent);
+    eprintln!("handshake with the new key after {:?}", started.elapsed());
+    assert!(ctl.handshake_with(KEYS[0].1).is_some());
+    let log = agent.log();
+    assert!(log.contains("joining before the tunnel comes up"), "{log}");
+    assert!(
+        !log.contains("bringing the tunnel up from the previous join"),
+        "the tunnel came up with a key the controller did not know: {log}"
+    );
+
+    eprintln!("step: a new key with the controller's API down");
+    assert!(agent.stop());
+    use_key(KEYS[1]);
+    ctl.set_answer(Answer::ServerError);
+    agent.start_again();
+    wait_for(
+        "the fallback to the cached join",
+        Duration::from_secs(15),
+        || health(&agent)["join"] == json!("cached"),
+    );
+    ctl.set_answer(Answer::Ok);
+    wait_joined_with_handshake(&agent);
+    assert!(ctl.handshake_with(KEYS[1].1).is_some());
+    let log = agent.log();
+    assert!(log.contains("handshaking again"), "{log}");
+}
