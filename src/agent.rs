@@ -11,8 +11,7 @@ use crate::api::{self, ApiToken};
 use crate::config::Settings;
 use crate::keys::{KeySource, NodeKeys};
 use crate::mesh::{JoinState, Mesh, MeshStatus};
-use crate::net::firewall::NftFirewall;
-use crate::portmap::{self, Firewall, Policy, PortMaps};
+use crate::portmap::{self, Firewall, NftFirewall, Policy, PortMaps};
 use crate::store::Store;
 use crate::vm;
 

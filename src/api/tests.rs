@@ -113,7 +113,7 @@ impl Harness {
     }
 
     /// What a client and the kernel see: must not change on refused requests.
-    async fn snapshot(&self) -> (Value, Vec<crate::portmap::PortMap>) {
+    async fn snapshot(&self) -> (Value, Vec<crate::model::PortMap>) {
         let (s, v) = self.authed("GET", "/ports", None).await;
         assert_eq!(s, StatusCode::OK);
         (v, self.fw.maps().unwrap().into_iter().collect())
@@ -1256,7 +1256,7 @@ fn the_documented_patterns_accept_exactly_what_the_code_accepts() {
         ],
         &|s| {
             s.to_ascii_lowercase()
-                .parse::<crate::portmap::Proto>()
+                .parse::<crate::model::Proto>()
                 .is_ok()
         },
     );

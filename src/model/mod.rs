@@ -3,7 +3,10 @@
 //! traits, so each type knows its own column and JSON spelling). A type here is what
 //! the agent means by a word, spelled once.
 
+pub mod portmap;
 pub mod ssh_key;
+
+pub use portmap::{PortMap, Proto};
 
 use std::fmt;
 use std::str::FromStr;
