@@ -11,7 +11,10 @@ use ipnetwork::Ipv4Network;
 
 mod check;
 
-pub use check::{SettingError, check_libvirt_uri, parse_ifname, parse_name};
+pub use check::{SettingError, check_libvirt_uri};
+// The value parsers of names: each rule is the domain type's (`model`), written once.
+use crate::model::iface::check_ifname as parse_ifname;
+use crate::model::name::check_name as parse_name;
 use check::{names_with_verb, parse_port};
 
 /// Log output format.

@@ -11,7 +11,7 @@ use virt::sys;
 
 use super::service::VmConfig;
 use super::{VmError, seed, storage, xml};
-use crate::model::{DesiredState, ImageState};
+use crate::model::{DesiredState, IfaceName, ImageState};
 use crate::store::vms::{ImageRow, SeedInputs, VmRow};
 
 pub fn state_name(state: sys::virDomainState) -> &'static str {
@@ -67,8 +67,9 @@ pub(super) fn hairpin(cfg: &VmConfig, dom: &Domain) {
         return;
     }
     let Ok(f) = facts(dom) else { return };
-    for tap in &f.taps {
-        match crate::net::link::enable_hairpin(tap) {
+    // A tap libvirt names oddly is no bridge port of ours to touch.
+    for tap in f.taps.iter().filter_map(|t| t.parse::<IfaceName>().ok()) {
+        match crate::net::link::enable_hairpin(&tap) {
             Ok(Some(true)) => tracing::debug!(tap = %tap, "hairpin mode on"),
             Ok(_) => {}
             Err(e) => tracing::warn!(tap = %tap, error = %e, "cannot set hairpin mode"),

@@ -94,18 +94,19 @@ async fn a_claim_lives_as_long_as_its_work_and_a_late_outcome_is_recorded() {
 #[tokio::test]
 async fn a_vm_being_created_shows_as_creating_and_reads_do_not_wait_for_it() {
     let (vms, _store) = service();
+    let name: crate::model::VmName = "cre1".parse().unwrap();
     vms.set_pending("cre1", Some(super::Pending::Creating));
     let t0 = Instant::now();
     let listed = vms.list().await.unwrap();
-    let status = vms.status("cre1").await.unwrap();
+    let status = vms.status(&name).await.unwrap();
     assert!(t0.elapsed() < Duration::from_secs(1));
     let shown = listed.iter().find(|s| s.name == "cre1").unwrap();
     assert_eq!(shown.state, "creating");
     assert_eq!(status.state, "creating");
     vms.set_pending("cre1", Some(super::Pending::Failed("libvirt: boom".into())));
-    let status = vms.status("cre1").await.unwrap();
+    let status = vms.status(&name).await.unwrap();
     assert_eq!(status.state, "failed");
     assert_eq!(status.error.as_deref(), Some("libvirt: boom"));
     vms.set_pending("cre1", None);
-    assert!(vms.status("cre1").await.unwrap_err().is_not_found());
+    assert!(vms.status(&name).await.unwrap_err().is_not_found());
 }
