@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 use nix::sched::{CloneFlags, unshare};
+use node_vm_agent::model::{PortMap, Proto};
 use node_vm_agent::net::nft::{NatSettings, Nft, ruleset};
-use node_vm_agent::portmap::{PortMap, Proto};
 use node_vm_agent::store::{Store, StoreError, portmaps};
 
 #[path = "../tests/support/mod.rs"]

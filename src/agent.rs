@@ -10,8 +10,7 @@ use crate::api::{self, ApiToken};
 use crate::config::{ApiSettings, Settings, VmSettings};
 use crate::keys::{KeySource, NodeKeys};
 use crate::mesh::{JoinState, Mesh, MeshStatus};
-use crate::net::firewall::NftFirewall;
-use crate::portmap::{self, Firewall, PortMaps};
+use crate::portmap::{self, Firewall, NftFirewall, PortMaps};
 use crate::store::Store;
 use crate::vm;
 

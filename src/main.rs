@@ -6,8 +6,7 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use node_vm_agent::agent;
 use node_vm_agent::config::Settings;
-use node_vm_agent::net::firewall::NftFirewall;
-use node_vm_agent::portmap::PortMaps;
+use node_vm_agent::portmap::{NftFirewall, PortMaps};
 
 /// Edge-node agent: maps node ports to VMs with one atomic nftables table, keeps its state
 /// in SQLite ($DATA_DIR/agent.db) and serves an authenticated REST API.

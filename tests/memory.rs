@@ -18,7 +18,7 @@ use std::net::TcpStream;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use node_vm_agent::portmap::{PortMap, Proto};
+use node_vm_agent::model::{PortMap, Proto};
 use node_vm_agent::store::{Store, StoreError, portmaps};
 use support::measure::status_field;
 use support::netns::in_netns;

@@ -14,9 +14,9 @@ use std::time::{Duration, Instant};
 
 use kernel::{NamedNetns, in_private_netns, run, run_with_input, spawn_in_named};
 use nlink::netlink::{Connection, Nftables};
+use node_vm_agent::model::{PortMap, Proto};
 use node_vm_agent::net::link;
 use node_vm_agent::net::nft::*;
-use node_vm_agent::portmap::{PortMap, Proto};
 
 const BRIDGE: &str = "vmbr-t";
 

@@ -8,7 +8,7 @@ use serde_json::{Value, json};
 use utoipa::openapi::schema::{AnyOfBuilder, ObjectBuilder, Schema, SchemaType, Type};
 use utoipa::openapi::{RefOr, schema::KnownFormat, schema::SchemaFormat};
 
-/// A VM, image or network name (`config::parse_name`): a letter or digit, then up to 62
+/// A VM, image or network name (`model::name::check_name`): a letter or digit, then up to 62
 /// letters, digits, `_`, `.` or `-`.
 pub const NAME_PATTERN: &str = "^[A-Za-z0-9][A-Za-z0-9_.-]{0,62}$";
 

@@ -14,7 +14,8 @@ use super::audit::{AuditedResponse, Draft};
 use super::body::{self, port};
 use super::error::ApiError;
 use super::{AppState, Identity};
-use crate::portmap::{CreateOutcome, PortMap, Proto};
+use crate::model::{PortMap, Proto};
+use crate::portmap::CreateOutcome;
 
 /// Body of `POST /ports`.
 #[derive(Debug, Deserialize, ToSchema)]

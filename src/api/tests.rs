@@ -113,7 +113,7 @@ impl Harness {
     }
 
     /// What a client and the kernel see: must not change on refused requests.
-    async fn snapshot(&self) -> (Value, Vec<crate::portmap::PortMap>) {
+    async fn snapshot(&self) -> (Value, Vec<crate::model::PortMap>) {
         let (s, v) = self.authed("GET", "/ports", None).await;
         assert_eq!(s, StatusCode::OK);
         (v, self.fw.maps().unwrap().into_iter().collect())
@@ -1222,7 +1222,7 @@ fn the_documented_patterns_accept_exactly_what_the_code_accepts() {
             &"a".repeat(63),
             &"a".repeat(64),
         ],
-        &|s| crate::config::parse_name(s).is_ok(),
+        &|s| crate::model::name::check_name(s).is_ok(),
     );
     same(
         doc::URL_PATTERN,
@@ -1256,7 +1256,7 @@ fn the_documented_patterns_accept_exactly_what_the_code_accepts() {
         ],
         &|s| {
             s.to_ascii_lowercase()
-                .parse::<crate::portmap::Proto>()
+                .parse::<crate::model::Proto>()
                 .is_ok()
         },
     );
@@ -1420,6 +1420,18 @@ async fn a_create_without_waiting_answers_202_and_its_later_failure_is_visible()
         .authed("POST", "/vms?wait=false", Some(r#"{"name": "bad name"}"#))
         .await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    // The texts clients see for a bad name (`model::name` holds the rule).
+    assert_eq!(
+        v["error"],
+        "name \"bad name\" is not valid: character ' ' is not allowed in a name \
+         (letters, digits, '_', '.', '-')"
+    );
+    let (s, v) = h.authed("POST", "/vms/-x/start", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    assert_eq!(
+        v["error"],
+        "VM name \"-x\" is not valid: a name must start with a letter or digit"
+    );
     let (s, v) = h.authed("POST", "/vms?wait=maybe", Some(&body)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let (s, v) = h.authed("POST", "/vms", Some(&body)).await;

@@ -15,8 +15,9 @@ use super::audit::{AuditedResponse, Draft, around};
 use super::body;
 use super::error::ApiError;
 use super::{AppState, Identity};
+use crate::model::VmName;
 use crate::vm::hoststats;
-use crate::vm::spec::{CreateVm, check_name};
+use crate::vm::spec::{self, CreateVm, check_name};
 
 /// Longest `/ip` wait, seconds.
 pub const MAX_IP_TIMEOUT_S: u64 = 600;
@@ -144,8 +145,9 @@ pub struct ImageDeleted {
     deleted: bool,
 }
 
-fn name_ok(name: &str) -> Result<(), ApiError> {
-    check_name("VM name", name).map_err(ApiError::from)
+/// The VM's name from the path, parsed; a bad one is refused (400) before anything.
+fn vm_name(name: &str) -> Result<VmName, ApiError> {
+    spec::vm_name("VM name", name).map_err(ApiError::from)
 }
 
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
@@ -236,7 +238,7 @@ pub async fn status(
     State(state): State<AppState>,
     Path(name): Path<String>,
 ) -> Result<Json<Value>, ApiError> {
-    name_ok(&name)?;
+    let name = vm_name(&name)?;
     let s = state.vms.status(&name).await?;
     Ok(Json(json!({"ok": true, "status": s})))
 }
@@ -252,7 +254,7 @@ pub async fn start(
     Extension(draft): Extension<Draft>,
     Path(name): Path<String>,
 ) -> Result<AuditedResponse<Json<Value>>, ApiError> {
-    name_ok(&name)?;
+    let name = vm_name(&name)?;
     around(&state.store, &draft, StatusCode::OK, async {
         let was_running = state.vms.start(&name).await?;
         Ok(Json(
@@ -282,7 +284,7 @@ pub async fn stop(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<AuditedResponse<Json<Value>>, ApiError> {
-    name_ok(&name)?;
+    let name = vm_name(&name)?;
     let q: StopQuery = body::query(q.as_deref())?;
     around(&state.store, &draft, StatusCode::OK, async {
         let forced = state.vms.stop(&name, q.force.unwrap_or(false)).await?;
@@ -302,7 +304,7 @@ pub async fn reboot(
     Extension(draft): Extension<Draft>,
     Path(name): Path<String>,
 ) -> Result<AuditedResponse<Json<Value>>, ApiError> {
-    name_ok(&name)?;
+    let name = vm_name(&name)?;
     around(&state.store, &draft, StatusCode::OK, async {
         state.vms.reboot(&name).await?;
         Ok(Json(json!({"ok": true, "name": name})))
@@ -334,7 +336,7 @@ pub async fn delete(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<AuditedResponse<Json<Value>>, ApiError> {
-    name_ok(&name)?;
+    let name = vm_name(&name)?;
     let q: DeleteQuery = body::query(q.as_deref())?;
     around(&state.store, &draft, StatusCode::OK, async {
         let d = state
@@ -372,7 +374,7 @@ pub async fn ip(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    name_ok(&name)?;
+    let name = vm_name(&name)?;
     let q: IpQuery = body::query(q.as_deref())?;
     let timeout = q.timeout.unwrap_or(120);
     if timeout > MAX_IP_TIMEOUT_S {
@@ -409,7 +411,7 @@ pub async fn console(
     Path(name): Path<String>,
     RawQuery(q): RawQuery,
 ) -> Result<Json<Value>, ApiError> {
-    name_ok(&name)?;
+    let name = vm_name(&name)?;
     let q: ConsoleQuery = body::query(q.as_deref())?;
     let bytes = q.bytes.unwrap_or(16384);
     if bytes == 0 || bytes > MAX_CONSOLE_BYTES {

@@ -152,47 +152,6 @@ impl Settings {
     }
 }
 
-/// A VM, image, pool or network name: `[A-Za-z0-9][A-Za-z0-9_.-]{0,62}`. Safe as a
-/// libvirt object name and inside a volume name; never a path component like `..`.
-pub fn parse_name(s: &str) -> Result<String, String> {
-    let mut chars = s.chars();
-    match chars.next() {
-        None => return Err("a name must not be empty".into()),
-        Some(c) if !c.is_ascii_alphanumeric() => {
-            return Err("a name must start with a letter or digit".into());
-        }
-        Some(_) => {}
-    }
-    if s.len() > 63 {
-        return Err("a name has at most 63 characters".into());
-    }
-    if let Some(c) = chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
-        return Err(format!(
-            "character {c:?} is not allowed in a name (letters, digits, '_', '.', '-')"
-        ));
-    }
-    Ok(s.to_string())
-}
-
-/// An interface name as the kernel accepts it (IFNAMSIZ, no '/', no whitespace).
-pub fn parse_ifname(s: &str) -> Result<String, String> {
-    if s.is_empty() || s.len() > 15 {
-        return Err("an interface name has 1 to 15 characters".into());
-    }
-    if s == "." || s == ".." {
-        return Err("not a valid interface name".into());
-    }
-    if let Some(c) = s
-        .chars()
-        .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@')))
-    {
-        return Err(format!(
-            "character {c:?} is not allowed in an interface name"
-        ));
-    }
-    Ok(s.to_string())
-}
-
 /// A network setting written with host bits (`10.0.0.5/8`) is most likely a typo for
 /// an address, or for another prefix: refuse it rather than guess.
 fn check_no_host_bits(variable: &'static str, net: &Ipv4Network) -> Result<(), SettingError> {

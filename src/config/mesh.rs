@@ -6,7 +6,8 @@ use std::time::Duration;
 use clap::{Args, ValueEnum};
 
 use super::SettingError;
-use super::check::{names_with_verb, parse_ifname};
+use super::check::names_with_verb;
+use super::parse_ifname;
 
 /// How the WireGuard link is implemented.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

@@ -20,11 +20,14 @@ mod tests;
 mod vms;
 
 pub use api::ApiSettings;
-pub use check::{SettingError, check_libvirt_uri, parse_ifname, parse_name};
+pub use check::{SettingError, check_libvirt_uri};
 pub use mesh::{JoinSettings, MeshSettings, WgMode};
 pub use portmaps::PortMapSettings;
 pub use state::StateSettings;
 pub use vms::VmSettings;
+// The value parsers of names: each rule is the domain type's (`model`), written once.
+use crate::model::iface::check_ifname as parse_ifname;
+use crate::model::name::check_name as parse_name;
 
 /// Log output format.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]

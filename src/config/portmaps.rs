@@ -6,7 +6,8 @@ use std::collections::BTreeMap;
 use clap::Args;
 use ipnetwork::Ipv4Network;
 
-use super::check::{parse_ifname, parse_port};
+use super::check::parse_port;
+use super::parse_ifname;
 use crate::net::nft::NatSettings;
 use crate::portmap::Policy;
 

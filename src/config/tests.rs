@@ -3,7 +3,7 @@
 use std::path::PathBuf;
 
 use super::*;
-use crate::portmap::PortMap;
+use crate::model::PortMap;
 use crate::vm::VmConfig;
 use clap::Parser;
 
@@ -245,7 +245,7 @@ fn the_policy_keeps_the_nodes_own_ports_and_the_listed_ones() {
         listen_port: port,
         target_ip: ip.parse().unwrap(),
         target_port: 80,
-        proto: crate::portmap::Proto::Tcp,
+        proto: crate::model::Proto::Tcp,
     };
     for (port, says) in [
         (22, "SSH"),

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use clap::Args;
 
-use super::check::parse_name;
+use super::parse_name;
 use crate::vm::VmConfig;
 use crate::vm::spec::Limits;
 

@@ -72,6 +72,12 @@ pub fn validate_ssh_key(key: &str) -> Result<String, String> {
     }
 }
 
+checked_string!(
+    /// One SSH public key line that passed [`validate_ssh_key`], trimmed.
+    SshKey,
+    validate_ssh_key
+);
+
 /// `s` quoted and escaped for an error message, cut to 40 characters.
 fn quoted_prefix(s: &str) -> String {
     const MAX: usize = 40;
@@ -141,6 +147,11 @@ pub(crate) mod tests {
             let err = validate_ssh_key(key).expect_err(key);
             assert!(err.contains(want), "{key:?}: got {err:?}, want {want:?}");
         }
+        assert_eq!(
+            format!(" {ED25519}\n").parse::<SshKey>().unwrap().as_str(),
+            ED25519
+        );
+        assert!("garbage".parse::<SshKey>().is_err());
         // Long garbage is cut in the message.
         let err = validate_ssh_key(&"x".repeat(1000)).expect_err("garbage");
         assert!(err.len() < 300, "{err}");

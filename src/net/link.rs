@@ -7,6 +7,8 @@ use std::path::Path;
 use nlink::netlink::types::route::RouteType;
 use nlink::netlink::{Connection, Route};
 
+use crate::model::IfaceName;
+
 /// `RT_TABLE_MAIN`: the table `ip route` shows and default routes live in.
 const RT_TABLE_MAIN: u32 = 254;
 /// Per network namespace, so a test in its own namespace sees its own.
@@ -108,10 +110,8 @@ fn set_sysctl_flag(path: &Path, name: &'static str) -> Result<bool, LinkError> {
 /// a VM reaching a node port mapped back to a VM on the same bridge needs (docs/
 /// decisions.md §4). `Ok(None)` when there is no such bridge port in this namespace (a
 /// remote libvirt host, or no bridge); otherwise whether it was off.
-pub fn enable_hairpin(ifname: &str) -> Result<Option<bool>, LinkError> {
-    if crate::config::parse_ifname(ifname).is_err() {
-        return Ok(None);
-    }
+pub fn enable_hairpin(ifname: &IfaceName) -> Result<Option<bool>, LinkError> {
+    // An `IfaceName` is safe inside the path: no '/', no "..".
     let path = format!("/sys/class/net/{ifname}/brport/hairpin_mode");
     let path = Path::new(&path);
     if !path.exists() {

@@ -1,6 +1,5 @@
 //! Kernel networking: nftables port maps and link-level helpers, all over netlink/procfs.
 
-pub mod firewall;
 pub mod link;
 pub mod nft;
 pub mod wireguard;

@@ -5,7 +5,7 @@ use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
-use super::PortMap;
+use crate::model::PortMap;
 
 /// Why the kernel (or the fake) refused a change; the text is shown to API clients.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]

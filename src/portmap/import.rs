@@ -6,7 +6,7 @@ use std::path::Path;
 use serde::Deserialize;
 
 use super::policy::Policy;
-use super::{PortMap, Proto};
+use crate::model::{PortMap, Proto};
 use crate::store::audit::{self, Entry, Outcome};
 use crate::store::{Store, StoreError, portmaps, settings};
 

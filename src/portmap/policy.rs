@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 
 use ipnetwork::Ipv4Network;
 
-use super::PortMap;
+use crate::model::PortMap;
 
 /// Why a port map is refused by policy.
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
@@ -71,7 +71,7 @@ impl Policy {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::portmap::Proto;
+    use crate::model::Proto;
     use std::net::Ipv4Addr;
 
     fn policy() -> Policy {

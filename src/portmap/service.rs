@@ -11,7 +11,7 @@ use bytes::Bytes;
 
 use super::firewall::{Firewall, FirewallError};
 use super::policy::{Policy, PolicyError};
-use super::{PortMap, Proto};
+use crate::model::{PortMap, Proto};
 use crate::store::audit::{self, Entry, Outcome};
 use crate::store::portmaps::{self, PortMapRow};
 use crate::store::{Store, StoreError};

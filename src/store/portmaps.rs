@@ -6,7 +6,7 @@ use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
 use super::{NOW, StoreError};
-use crate::portmap::{PortMap, Proto};
+use crate::model::{PortMap, Proto};
 
 /// A port map with its bookkeeping.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -22,19 +22,22 @@ pub struct PortMapRow {
 const COLUMNS: &str =
     "proto, listen_port, target_ip, target_port, created_at, updated_at, created_by, updated_by";
 
-fn from_row(r: &Row<'_>) -> rusqlite::Result<PortMapRow> {
-    let proto: String = r.get(0)?;
+/// The map in a row's first four columns (proto, listen_port, target_ip, target_port).
+fn map_from_row(r: &Row<'_>) -> rusqlite::Result<PortMap> {
     let ip: String = r.get(2)?;
-    let bad = |i: usize, what: String| {
-        rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.into())
-    };
+    Ok(PortMap {
+        proto: r.get(0)?,
+        listen_port: r.get(1)?,
+        target_ip: ip.parse::<Ipv4Addr>().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
+        })?,
+        target_port: r.get(3)?,
+    })
+}
+
+fn from_row(r: &Row<'_>) -> rusqlite::Result<PortMapRow> {
     Ok(PortMapRow {
-        map: PortMap {
-            proto: proto.parse().map_err(|e: String| bad(0, e))?,
-            listen_port: r.get(1)?,
-            target_ip: ip.parse::<Ipv4Addr>().map_err(|e| bad(2, e.to_string()))?,
-            target_port: r.get(3)?,
-        },
+        map: map_from_row(r)?,
         created_at: r.get(4)?,
         updated_at: r.get(5)?,
         created_by: r.get(6)?,
@@ -71,19 +74,7 @@ pub fn list_maps(conn: &Connection) -> Result<Vec<PortMap>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT proto, listen_port, target_ip, target_port FROM port_maps ORDER BY proto, listen_port",
     )?;
-    let rows = stmt.query_map([], |r| {
-        let proto: String = r.get(0)?;
-        let ip: String = r.get(2)?;
-        let bad = |i: usize, what: String| {
-            rusqlite::Error::FromSqlConversionFailure(i, rusqlite::types::Type::Text, what.into())
-        };
-        Ok(PortMap {
-            proto: proto.parse().map_err(|e: String| bad(0, e))?,
-            listen_port: r.get(1)?,
-            target_ip: ip.parse::<Ipv4Addr>().map_err(|e| bad(2, e.to_string()))?,
-            target_port: r.get(3)?,
-        })
-    })?;
+    let rows = stmt.query_map([], map_from_row)?;
     Ok(rows.collect::<Result<_, _>>()?)
 }
 
@@ -100,7 +91,7 @@ pub fn get(
         "SELECT {COLUMNS} FROM port_maps WHERE proto = ?1 AND listen_port = ?2"
     ))?;
     Ok(stmt
-        .query_row(params![proto.as_str(), listen_port], from_row)
+        .query_row(params![proto, listen_port], from_row)
         .optional()?)
 }
 
@@ -113,7 +104,7 @@ pub fn upsert(conn: &Connection, map: &PortMap, by: &str) -> Result<(), StoreErr
              updated_at = excluded.updated_at, updated_by = excluded.updated_by"
     ))?;
     stmt.execute(params![
-        map.proto.as_str(),
+        map.proto,
         map.listen_port,
         map.target_ip.to_string(),
         map.target_port,
@@ -126,7 +117,7 @@ pub fn upsert(conn: &Connection, map: &PortMap, by: &str) -> Result<(), StoreErr
 pub fn delete(conn: &Connection, proto: Proto, listen_port: u16) -> Result<bool, StoreError> {
     let mut stmt =
         conn.prepare_cached("DELETE FROM port_maps WHERE proto = ?1 AND listen_port = ?2")?;
-    Ok(stmt.execute(params![proto.as_str(), listen_port])? > 0)
+    Ok(stmt.execute(params![proto, listen_port])? > 0)
 }
 
 #[cfg(test)]

@@ -10,7 +10,7 @@ use virt::storage_pool::StoragePool;
 use virt::sys;
 
 use super::{VmConfig, VmError, seed, storage, xml};
-use crate::model::{DesiredState, ImageState, VmState};
+use crate::model::{DesiredState, IfaceName, ImageState, VmState};
 use crate::store::vms::{ImageRow, SeedInputs, VmRow};
 
 /// libvirt's domain state as the agent spells it.
@@ -67,8 +67,9 @@ pub(super) fn hairpin(cfg: &VmConfig, dom: &Domain) {
         return;
     }
     let Ok(f) = facts(dom) else { return };
-    for tap in &f.taps {
-        match crate::net::link::enable_hairpin(tap) {
+    // A tap libvirt names oddly is no bridge port of ours to touch.
+    for tap in f.taps.iter().filter_map(|t| t.parse::<IfaceName>().ok()) {
+        match crate::net::link::enable_hairpin(&tap) {
             Ok(Some(true)) => tracing::debug!(tap = %tap, "hairpin mode on"),
             Ok(_) => {}
             Err(e) => tracing::warn!(tap = %tap, error = %e, "cannot set hairpin mode"),

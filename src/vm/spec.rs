@@ -5,7 +5,8 @@ use serde::Deserialize;
 use utoipa::ToSchema;
 
 use super::{VmError, xml};
-use crate::config::parse_name;
+use crate::model::name::check_name as name_rule;
+use crate::model::{SshKey, VmName};
 
 /// `POST /vms`. Unknown fields are refused. Its `Debug` leaves the cloud-init inputs
 /// out: they may hold secrets, and a debug line must never show them.
@@ -145,11 +146,23 @@ pub struct Limits {
     pub max_disk_gb: u64,
 }
 
-/// Checks a VM or image name and says which field was wrong.
+/// Checks an image or network name (the rule of [`VmName`]) and says which field was
+/// wrong.
 pub fn check_name(field: &str, value: &str) -> Result<(), VmError> {
-    parse_name(value)
-        .map(|_| ())
-        .map_err(|reason| VmError::Invalid(format!("{field} {value:?} is not valid: {reason}")))
+    name_rule(value)
+        .map(drop)
+        .map_err(|reason| invalid_name(field, value, reason))
+}
+
+/// Parses a VM's name from a request; a bad one is refused (400) naming the field.
+pub fn vm_name(field: &str, value: &str) -> Result<VmName, VmError> {
+    value
+        .parse()
+        .map_err(|reason| invalid_name(field, value, reason))
+}
+
+fn invalid_name(field: &str, value: &str, reason: String) -> VmError {
+    VmError::Invalid(format!("{field} {value:?} is not valid: {reason}"))
 }
 
 /// A hostname: dot-separated RFC 1123 labels, at most 253 characters, with at most one
@@ -189,9 +202,11 @@ fn check_host_path(field: &str, p: &str) -> Result<(), VmError> {
 }
 
 impl CreateVm {
-    /// Everything that needs no libvirt: names, bounds, keys, sizes.
-    pub fn validate(&self, limits: &Limits) -> Result<(), VmError> {
-        check_name("name", &self.name)?;
+    /// Everything that needs no libvirt: names, bounds, keys, sizes. Returns the VM's
+    /// name, parsed (the body keeps the string it was sent, so that a bad name is
+    /// refused here, after the body's shape, with the message that names the field).
+    pub fn validate(&self, limits: &Limits) -> Result<VmName, VmError> {
+        let name = vm_name("name", &self.name)?;
         if let Some(n) = &self.network_name {
             check_name("network_name", n)?;
         }
@@ -238,7 +253,7 @@ impl CreateVm {
                 return Err(VmError::Invalid("at most 64 ssh_authorized_keys".into()));
             }
             for (i, k) in keys.iter().enumerate() {
-                crate::model::ssh_key::validate_ssh_key(k)
+                k.parse::<SshKey>()
                     .map_err(|e| VmError::Invalid(format!("ssh_authorized_keys[{i}]: {e}")))?;
             }
         }
@@ -273,7 +288,7 @@ impl CreateVm {
                 ));
             }
         }
-        Ok(())
+        Ok(name)
     }
 
     /// The hostname the guest gets: the one asked for, else the name made valid.

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::portmap::{PortMap, Proto};
+use crate::model::{PortMap, Proto};
 
 use super::KernelState;
 

@@ -36,7 +36,7 @@ use ipnetwork::Ipv4Network;
 use nlink::netlink::nftables::{RuleInfo, SetElementData, SetKeyType};
 use nlink::netlink::{Connection, Nftables};
 
-use crate::portmap::{PortMap, Proto};
+use crate::model::{PortMap, Proto};
 
 pub use drift::{Drift, diff};
 pub use forward::{ForwardAcceptReport, ForwardChainOutcome};

@@ -17,7 +17,7 @@ use nlink::netlink::nftables::{
     SetDataType, SetElement, SetKeyType, Verdict, parse_expressions, write_expressions,
 };
 
-use crate::portmap::{PortMap, Proto};
+use crate::model::{PortMap, Proto};
 
 use super::NatSettings;
 

@@ -6,7 +6,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Created, Pending, Vms, blame_boot_files};
-use crate::model::{DesiredState, ImageState};
+use crate::model::{DesiredState, ImageState, VmName};
 use crate::store::vms::{self, ImageRow, SeedInputs, VmRow};
 use crate::vm::domain::{
     build_vm, check_guest_support, ensure_network, facts, lookup, random_mac, remove_vm,
@@ -69,22 +69,20 @@ impl Vms {
         ),
         VmError,
     > {
-        req.validate(&self.cfg.limits)?;
-        let claim = self.claim(&req.name).await?;
+        let name = req.validate(&self.cfg.limits)?;
+        let claim = self.claim(&name).await?;
         // What an earlier create of this name left when libvirt cut it off: removed
         // first; while libvirt may still carry out what that one sent, this one would
         // race it.
-        self.clean_abandoned(&req.name).await?;
-        if self.abandoned.contains(&req.name) {
+        self.clean_abandoned(&name).await?;
+        if self.abandoned.contains(&name) {
             return Err(VmError::Unavailable(format!(
-                "an earlier create of {} was cut off inside libvirt, which may still carry out \
-                 what it sent; retry in {} s",
-                req.name,
+                "an earlier create of {name} was cut off inside libvirt, which may still \
+                 carry out what it sent; retry in {} s",
                 crate::vm::abandoned::SETTLE.as_secs()
             )));
         }
-        let plan = self.plan(&req, by).await?;
-        let name = req.name.clone();
+        let plan = self.plan(&name, &req, by).await?;
         self.set_pending(&name, Some(Pending::Creating));
         let this = Arc::clone(self);
         let work = async move {
@@ -166,10 +164,10 @@ impl Vms {
     }
 
     /// Decides the VM from the request and the database; touches nothing.
-    async fn plan(&self, req: &CreateVm, by: &str) -> Result<Plan, VmError> {
-        let existing = self.row(&req.name).await?;
+    async fn plan(&self, name: &VmName, req: &CreateVm, by: &str) -> Result<Plan, VmError> {
+        let existing = self.row(name).await?;
         if existing.is_some() && !req.recreate {
-            return Err(already_exists(&req.name));
+            return Err(already_exists(name));
         }
         let image_name = match (&req.image, &req.kernel) {
             (Some(i), _) => Some(i.clone()),
@@ -202,7 +200,7 @@ impl Vms {
             None => self.fresh_mac().await?,
         };
         let row = VmRow {
-            name: req.name.clone(),
+            name: name.to_string(),
             uuid,
             instance_id,
             hostname,
@@ -225,8 +223,8 @@ impl Vms {
             cmdline: req.cmdline.clone(),
             ssh_keys: keys.len() as u32,
             user_data: req.user_data.is_some(),
-            disk_volume: storage::disk_volume(&req.name),
-            seed_volume: storage::seed_volume(&req.name),
+            disk_volume: storage::disk_volume(name),
+            seed_volume: storage::seed_volume(name),
             desired_state: DesiredState::Running,
             last_state: None,
             last_ip: None,

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Deleted, Vms};
-use crate::model::DesiredState;
+use crate::model::{DesiredState, VmName};
 use crate::store::audit;
 use crate::store::vms;
 use crate::vm::domain::{existing, facts, hairpin, lookup, remove_vm};
@@ -13,7 +13,7 @@ use crate::vm::{VmError, leases};
 
 impl Vms {
     /// `POST /vms/{name}/start`; true when it was already running.
-    pub async fn start(self: &Arc<Self>, name: &str) -> Result<bool, VmError> {
+    pub async fn start(self: &Arc<Self>, name: &VmName) -> Result<bool, VmError> {
         let claim = self.claim(name).await?;
         let this = Arc::clone(self);
         let n = name.to_string();
@@ -54,7 +54,7 @@ impl Vms {
 
     /// `POST /vms/{name}/stop`: ACPI shutdown, forced off after VM_STOP_TIMEOUT (or at
     /// once with `force`). Returns whether it had to be forced.
-    pub async fn stop(self: &Arc<Self>, name: &str, force: bool) -> Result<bool, VmError> {
+    pub async fn stop(self: &Arc<Self>, name: &VmName, force: bool) -> Result<bool, VmError> {
         let claim = self.claim(name).await?;
         let this = Arc::clone(self);
         let n = name.to_string();
@@ -133,7 +133,7 @@ impl Vms {
     }
 
     /// `POST /vms/{name}/reboot` (ACPI; the guest decides how).
-    pub async fn reboot(self: &Arc<Self>, name: &str) -> Result<(), VmError> {
+    pub async fn reboot(self: &Arc<Self>, name: &VmName) -> Result<(), VmError> {
         let claim = self.claim(name).await?;
         let this = Arc::clone(self);
         let n = name.to_string();
@@ -172,7 +172,7 @@ impl Vms {
     /// `DELETE /vms/{name}`. Domains the agent did not create are refused.
     pub async fn delete(
         self: &Arc<Self>,
-        name: &str,
+        name: &VmName,
         delete_files: bool,
     ) -> Result<Deleted, VmError> {
         let claim = self.claim(name).await?;

@@ -8,7 +8,7 @@ use std::time::{Duration, Instant, SystemTime};
 use virt::connect::Connect;
 
 use super::{Pending, VmStatus, Vms};
-use crate::model::{DesiredState, VmState};
+use crate::model::{DesiredState, VmName, VmState};
 use crate::store::Store;
 use crate::store::audit::iso_utc;
 use crate::store::vms::{self, VmRow};
@@ -122,11 +122,11 @@ impl Vms {
     }
 
     /// `GET /vms/{name}/status`.
-    pub async fn status(&self, name: &str) -> Result<VmStatus, VmError> {
+    pub async fn status(&self, name: &VmName) -> Result<VmStatus, VmError> {
         let row = self.row(name).await?;
         let seen = self.observation().await?;
         let pending = self.pending_of(name);
-        let mut status = match (seen.domains.get(name), &row, &pending) {
+        let mut status = match (seen.domains.get(name.as_str()), &row, &pending) {
             (Some(s), row, _) => status_of(name, s, row.as_ref()),
             (None, Some(row), _) => missing_status(row, seen.listed_at),
             (None, None, Some(p)) => pending_status(name, p),
@@ -142,7 +142,7 @@ impl Vms {
     /// server has a lease for the VM's MAC, up to `timeout`.
     pub async fn ip(
         &self,
-        name: &str,
+        name: &VmName,
         network: Option<String>,
         timeout: Duration,
     ) -> Result<String, VmError> {
@@ -208,7 +208,7 @@ impl Vms {
     }
 
     /// `GET /vms/{name}/console`: the last `max` bytes of the serial console log.
-    pub async fn console(&self, name: &str, max: u64) -> Result<String, VmError> {
+    pub async fn console(&self, name: &VmName, max: u64) -> Result<String, VmError> {
         let n = name.to_string();
         let cfg = self.cfg.clone();
         let row = self.row(name).await?;

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{VmConfig, Vms};
-use crate::model::{DesiredState, VmState};
+use crate::model::{DesiredState, VmName, VmState};
 use crate::store::Store;
 use crate::store::vms::{self, SeedInputs, VmRow, test_row};
 use crate::vm::domain::lookup;
@@ -99,20 +99,25 @@ async fn a_claim_lives_as_long_as_its_work_and_a_late_outcome_is_recorded() {
 #[tokio::test]
 async fn a_vm_being_created_shows_as_creating_and_reads_do_not_wait_for_it() {
     let (vms, _store) = service();
+    let name: crate::model::VmName = "cre1".parse().unwrap();
     vms.set_pending("cre1", Some(super::Pending::Creating));
     let t0 = Instant::now();
     let listed = vms.list().await.unwrap();
-    let status = vms.status("cre1").await.unwrap();
+    let status = vms.status(&name).await.unwrap();
     assert!(t0.elapsed() < Duration::from_secs(1));
     let shown = listed.iter().find(|s| s.name == "cre1").unwrap();
     assert_eq!(shown.state, VmState::Creating);
     assert_eq!(status.state, VmState::Creating);
     vms.set_pending("cre1", Some(super::Pending::Failed("libvirt: boom".into())));
-    let status = vms.status("cre1").await.unwrap();
+    let status = vms.status(&name).await.unwrap();
     assert_eq!(status.state, VmState::Failed);
     assert_eq!(status.error.as_deref(), Some("libvirt: boom"));
     vms.set_pending("cre1", None);
-    assert!(vms.status("cre1").await.unwrap_err().is_not_found());
+    assert!(vms.status(&name).await.unwrap_err().is_not_found());
+}
+
+fn vm(name: &str) -> VmName {
+    name.parse().unwrap()
 }
 
 /// A service whose VMs never touch the host's taps (`local: false`: the test driver's
@@ -237,7 +242,7 @@ async fn the_reconcile_restores_a_vanished_domain_and_touches_nothing_else() {
     );
     assert!(vms.reconcile().await.unwrap().is_empty(), "libvirt matches");
     assert_eq!(domain(&vms, "rec-foreign").await, Some(false));
-    let status = vms.status("rec-foreign").await.unwrap();
+    let status = vms.status(&vm("rec-foreign")).await.unwrap();
     assert!(!status.managed);
 
     let rows = audit(&store);
@@ -275,7 +280,7 @@ async fn an_outside_destroy_reaches_the_status_and_the_database_within_a_second(
     let t0 = Instant::now();
     dom.destroy().unwrap();
     loop {
-        let status = vms.status("obs-a").await.unwrap();
+        let status = vms.status(&vm("obs-a")).await.unwrap();
         if status.state == VmState::Shutoff
             && last_state(&store, "obs-a").as_deref() == Some("shutoff")
         {
@@ -295,7 +300,7 @@ async fn an_outside_destroy_reaches_the_status_and_the_database_within_a_second(
         assert!(t0.elapsed() < Duration::from_secs(1));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(vms.status("obs-a").await.unwrap().state, VmState::Missing);
+    assert_eq!(vms.status(&vm("obs-a")).await.unwrap().state, VmState::Missing);
 }
 
 /// Stop, start and delete through the service: libvirt, the status and the row agree
@@ -312,22 +317,22 @@ async fn stop_start_and_delete_change_libvirt_the_status_and_the_row_together() 
             .map(|r| r.desired_state)
     };
 
-    vms.stop("life-a", false).await.unwrap();
+    vms.stop(&vm("life-a"), false).await.unwrap();
     assert_eq!(domain(&vms, "life-a").await, Some(false));
-    assert_eq!(vms.status("life-a").await.unwrap().state, VmState::Shutoff);
+    assert_eq!(vms.status(&vm("life-a")).await.unwrap().state, VmState::Shutoff);
     assert_eq!(desired(&store), Some(DesiredState::Stopped));
     assert!(
         vms.reconcile().await.unwrap().is_empty(),
         "a stopped VM stays stopped"
     );
 
-    assert!(!vms.start("life-a").await.unwrap(), "it was not running");
+    assert!(!vms.start(&vm("life-a")).await.unwrap(), "it was not running");
     assert_eq!(domain(&vms, "life-a").await, Some(true));
-    assert_eq!(vms.status("life-a").await.unwrap().state, VmState::Running);
+    assert_eq!(vms.status(&vm("life-a")).await.unwrap().state, VmState::Running);
     assert_eq!(desired(&store), Some(DesiredState::Running));
-    assert!(vms.start("life-a").await.unwrap(), "already running");
+    assert!(vms.start(&vm("life-a")).await.unwrap(), "already running");
 
-    let deleted = vms.delete("life-a", true).await.unwrap();
+    let deleted = vms.delete(&vm("life-a"), true).await.unwrap();
     assert!(deleted.deleted_files);
     assert_eq!(domain(&vms, "life-a").await, None);
     assert_eq!(desired(&store), None, "the row is gone");
@@ -336,7 +341,7 @@ async fn stop_start_and_delete_change_libvirt_the_status_and_the_row_together() 
             .await
             .is_empty()
     );
-    assert!(vms.status("life-a").await.unwrap_err().is_not_found());
+    assert!(vms.status(&vm("life-a")).await.unwrap_err().is_not_found());
 }
 
 /// A create that libvirt refuses part-way (the test driver cannot upload the seed,
@@ -384,6 +389,6 @@ async fn a_create_libvirt_refuses_half_way_leaves_nothing_behind() {
     )
     .await;
     assert!(left.is_empty(), "{left:?}");
-    assert!(vms.status("half-a").await.unwrap_err().is_not_found());
+    assert!(vms.status(&vm("half-a")).await.unwrap_err().is_not_found());
     drop(vms.claim("half-a").await.expect("the name is free"));
 }

@@ -1,14 +1,16 @@
 //! The production `Firewall`: the port-map logic's blocking calls, carried out by the
-//! async nftables driver on the agent's runtime.
+//! async nftables driver (`net::nft`) on the agent's runtime. It lives with the service
+//! that defines the trait, so the driver below knows nothing of the service.
 
 use std::net::Ipv4Addr;
 
 use nlink::netlink::{Connection, Route};
 use tokio::runtime::Handle;
 
-use super::link;
-use super::nft::{self, NatSettings, Nft, NftError};
-use crate::portmap::{Firewall, FirewallError, PortMap};
+use super::{Firewall, FirewallError};
+use crate::model::PortMap;
+use crate::net::link;
+use crate::net::nft::{self, NatSettings, Nft, NftError};
 
 pub struct NftFirewall {
     nft: Nft,
