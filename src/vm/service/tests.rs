@@ -300,7 +300,10 @@ async fn an_outside_destroy_reaches_the_status_and_the_database_within_a_second(
         assert!(t0.elapsed() < Duration::from_secs(1));
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
-    assert_eq!(vms.status(&vm("obs-a")).await.unwrap().state, VmState::Missing);
+    assert_eq!(
+        vms.status(&vm("obs-a")).await.unwrap().state,
+        VmState::Missing
+    );
 }
 
 /// Stop, start and delete through the service: libvirt, the status and the row agree
@@ -319,16 +322,25 @@ async fn stop_start_and_delete_change_libvirt_the_status_and_the_row_together() 
 
     vms.stop(&vm("life-a"), false).await.unwrap();
     assert_eq!(domain(&vms, "life-a").await, Some(false));
-    assert_eq!(vms.status(&vm("life-a")).await.unwrap().state, VmState::Shutoff);
+    assert_eq!(
+        vms.status(&vm("life-a")).await.unwrap().state,
+        VmState::Shutoff
+    );
     assert_eq!(desired(&store), Some(DesiredState::Stopped));
     assert!(
         vms.reconcile().await.unwrap().is_empty(),
         "a stopped VM stays stopped"
     );
 
-    assert!(!vms.start(&vm("life-a")).await.unwrap(), "it was not running");
+    assert!(
+        !vms.start(&vm("life-a")).await.unwrap(),
+        "it was not running"
+    );
     assert_eq!(domain(&vms, "life-a").await, Some(true));
-    assert_eq!(vms.status(&vm("life-a")).await.unwrap().state, VmState::Running);
+    assert_eq!(
+        vms.status(&vm("life-a")).await.unwrap().state,
+        VmState::Running
+    );
     assert_eq!(desired(&store), Some(DesiredState::Running));
     assert!(vms.start(&vm("life-a")).await.unwrap(), "already running");
 
