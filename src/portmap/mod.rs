@@ -75,7 +75,7 @@ mod import;
 mod policy;
 mod service;
 
-pub use firewall::{Firewall, FirewallError, MemoryFirewall};
+pub use firewall::{Firewall, FirewallError, FirewallErrorKind, MemoryFirewall};
 pub use import::import_original_state;
 pub use policy::Policy;
 pub use service::{CreateOutcome, PortMapError, PortMaps, ReconcileReport};
