@@ -399,7 +399,7 @@ async fn vm_reconcile_pass(
                     );
                 }
             }
-            Err(vm::VmError::Unavailable(e)) => {
+            Err(e) if e.is_unavailable() => {
                 tracing::warn!(error = %e, "libvirt unavailable; VM reconcile retries next interval");
                 return;
             }
@@ -414,7 +414,7 @@ async fn vm_reconcile_pass(
             tracing::warn!(repaired = ?r, "VM reconcile repaired libvirt")
         }
         Ok(_) => tracing::debug!("VM reconcile: libvirt in sync"),
-        Err(vm::VmError::Unavailable(e)) => {
+        Err(e) if e.is_unavailable() => {
             tracing::debug!(error = %e, "libvirt unavailable; VM reconcile retries next interval")
         }
         Err(e) => tracing::error!(error = %e, "VM reconcile failed"),

@@ -141,7 +141,7 @@ pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Ne
 
 impl From<crate::vm::VmError> for ApiError {
     fn from(e: crate::vm::VmError) -> Self {
-        use crate::vm::VmError;
+        use crate::vm::{LibvirtKind, VmError};
         if let VmError::Store(s) = &e
             && s.is_disk_full()
         {
@@ -154,7 +154,14 @@ impl From<crate::vm::VmError> for ApiError {
             VmError::Conflict(_) => StatusCode::CONFLICT,
             VmError::Timeout(_) | VmError::Stalled(_) => StatusCode::GATEWAY_TIMEOUT,
             VmError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            VmError::Libvirt(_) | VmError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // What libvirt said, by its error number (`LibvirtFailure::kind`).
+            VmError::Libvirt(f) => match f.kind() {
+                LibvirtKind::NotFound => StatusCode::NOT_FOUND,
+                LibvirtKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                LibvirtKind::Conflict => StatusCode::CONFLICT,
+                LibvirtKind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            VmError::Internal(_) | VmError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.to_string())
     }

@@ -19,4 +19,4 @@ pub mod storage;
 pub mod xml;
 
 pub use conn::Libvirt;
-pub use error::VmError;
+pub use error::{LibvirtFailure, LibvirtKind, VmError};
