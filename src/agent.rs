@@ -10,6 +10,7 @@ use crate::api::{self, ApiToken};
 use crate::config::{ApiSettings, Settings, VmSettings};
 use crate::keys::{KeySource, NodeKeys};
 use crate::mesh::{JoinState, Mesh, MeshStatus};
+use crate::net::antispoof::TunnelGuard;
 use crate::portmap::{self, Firewall, NftFirewall, PortMaps};
 use crate::store::Store;
 use crate::vm;
@@ -32,8 +33,15 @@ pub enum AgentError {
     Token(#[from] crate::api::auth::TokenError),
     #[error("cannot apply the port maps to the kernel at startup: {0}")]
     Startup(crate::portmap::PortMapError),
-    #[error("{0}")]
-    Firewall(String),
+    /// nftables could not be prepared, or refused what the agent asked.
+    #[error(transparent)]
+    Firewall(#[from] crate::portmap::FirewallError),
+    /// The port maps could not be compared with the kernel (`node-vm-agent diff`).
+    #[error(transparent)]
+    PortMaps(crate::portmap::PortMapError),
+    /// A blocking task of the startup (or of a command) panicked or was cancelled.
+    #[error("a blocking task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
     #[error(transparent)]
     Keys(#[from] crate::keys::KeyError),
     #[error(transparent)]
@@ -71,17 +79,18 @@ pub fn open_state(settings: &Settings) -> Result<Store, AgentError> {
 /// key pair, nftables), then the API.
 pub async fn run(settings: Settings) -> Result<(), AgentError> {
     let ready = crate::preflight::serve(&settings).await?;
-    let fw = NftFirewall::from_settings(settings.nat())
-        .await
-        .map_err(|e| AgentError::Firewall(e.to_string()))?;
+    let fw = Arc::new(NftFirewall::from_settings(settings.nat()).await?);
     // Held until the table's last change (CLEANUP_ON_EXIT included) is done.
     let _locks = ready.locks;
-    serve(settings, Arc::new(fw), ready.listener).await
+    serve(settings, fw.clone(), fw, ready.listener).await
 }
 
+/// `fw` carries the port maps, `guard` the mesh's anti-spoofing rule: in production the
+/// same nftables table, so `guard`'s networks go in with `fw`'s next `apply_all`.
 async fn serve(
     settings: Settings,
     fw: Arc<dyn Firewall>,
+    guard: Arc<dyn TunnelGuard>,
     listener: TcpListener,
 ) -> Result<(), AgentError> {
     let limits = connection_limits(&settings.api);
@@ -128,8 +137,7 @@ async fn serve(
         let n = pm.restore()?;
         pm.reconcile().map(|r| (n, r))
     })
-    .await
-    .map_err(|e| AgentError::Firewall(e.to_string()))?
+    .await?
     .map_err(AgentError::Startup)?;
     // Building the 10,000-element batch is the agent's largest allocation; give it back.
     crate::memory::release_free_heap();
@@ -158,7 +166,7 @@ async fn serve(
             data_dir: settings.state.data_dir.clone(),
             store: store.clone(),
             keys,
-            fw,
+            guard,
             portmaps: portmaps.clone(),
             status: mesh_status.clone(),
         }
@@ -358,7 +366,7 @@ async fn vm_reconcile_pass(
                     );
                 }
             }
-            Err(vm::VmError::Unavailable(e)) => {
+            Err(e) if e.is_unavailable() => {
                 tracing::warn!(error = %e, "libvirt unavailable; VM reconcile retries next interval");
                 return;
             }
@@ -373,7 +381,7 @@ async fn vm_reconcile_pass(
             tracing::warn!(repaired = ?r, "VM reconcile repaired libvirt")
         }
         Ok(_) => tracing::debug!("VM reconcile: libvirt in sync"),
-        Err(vm::VmError::Unavailable(e)) => {
+        Err(e) if e.is_unavailable() => {
             tracing::debug!(error = %e, "libvirt unavailable; VM reconcile retries next interval")
         }
         Err(e) => tracing::error!(error = %e, "VM reconcile failed"),

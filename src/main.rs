@@ -68,14 +68,11 @@ fn fatal(message: &str) -> ExitCode {
 async fn diff(s: Settings) -> Result<ExitCode, agent::AgentError> {
     node_vm_agent::preflight::diff(&s)?;
     let store = agent::open_state(&s)?;
-    let fw = NftFirewall::from_settings_readonly(s.nat())
-        .await
-        .map_err(|e| agent::AgentError::Firewall(e.to_string()))?;
+    let fw = NftFirewall::from_settings_readonly(s.nat()).await?;
     let pm = PortMaps::new(store, Arc::new(fw), s.policy());
     let lines = tokio::task::spawn_blocking(move || pm.drift())
-        .await
-        .map_err(|e| agent::AgentError::Firewall(e.to_string()))?
-        .map_err(|e| agent::AgentError::Firewall(e.to_string()))?;
+        .await?
+        .map_err(agent::AgentError::PortMaps)?;
     if lines.is_empty() {
         println!("in sync");
         Ok(ExitCode::SUCCESS)

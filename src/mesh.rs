@@ -13,8 +13,9 @@ use tokio::time::Instant;
 use crate::config::MeshSettings;
 use crate::join::{self, Backoff, Client, Join, Retry};
 use crate::keys::NodeKeys;
+use crate::net::antispoof::TunnelGuard;
 use crate::net::wireguard::{LinkSpec, TunnelMode, WgLink};
-use crate::portmap::{Firewall, PortMaps};
+use crate::portmap::PortMaps;
 use crate::store::Store;
 
 /// Where the node stands with the mesh.
@@ -117,7 +118,8 @@ pub struct Mesh {
     pub data_dir: std::path::PathBuf,
     pub store: Store,
     pub keys: NodeKeys,
-    pub fw: Arc<dyn Firewall>,
+    /// The anti-spoofing rule; written into the kernel by `portmaps.restore()`.
+    pub guard: Arc<dyn TunnelGuard>,
     pub portmaps: Arc<PortMaps>,
     pub status: Arc<MeshStatus>,
 }
@@ -175,7 +177,7 @@ impl Mesh {
         }
 
         // The anti-spoofing rule goes into the kernel before the API trusts the address.
-        self.fw.set_tunnel_sources(&j.allowed_ips);
+        self.guard.set_tunnel_sources(&j.allowed_ips);
         let pm = self.portmaps.clone();
         tokio::task::spawn_blocking(move || pm.restore())
             .await

@@ -412,6 +412,58 @@ fn drift_is_reported_by_diff_and_repaired_by_reconcile() {
     assert_eq!(code, 0, "repaired, but diff said: {out}");
 }
 
+/// A change after someone deleted the agent's table (ENOENT from the kernel) repairs the
+/// table from SQLite and goes through, instead of a 500 until the next reconcile; the
+/// repair is in the audit log as a reconcile.
+#[test]
+fn a_change_after_the_table_was_deleted_repairs_it_and_the_traffic_flows() {
+    let topo = Topology::new();
+    let _http = HttpServer::start(&topo.vm, sa(VM_IP, 80), "vm");
+    let _echo = UdpEcho::start(&topo.vm, sa(VM_IP, 5353), "vm");
+    // No periodic reconcile during the test: only the change itself can repair.
+    let agent = Agent::start_with(&topo, &[("RECONCILE_INTERVAL", "86400")]);
+    map_ok(&agent.api, "tcp", LISTEN, VM_IP, 80);
+    let repairs = || {
+        agent
+            .sql("select count(*) from audit_log where action = 'reconcile'")
+            .trim()
+            .parse::<u32>()
+            .unwrap()
+    };
+    let before = repairs();
+    let delete_table = || {
+        topo.node
+            .exec_ok(&["nft", "delete", "table", "ip", "node_vm_agent"]);
+        assert!(tcp_get(client(&topo), sa(NODE_IP, LISTEN)).is_err());
+    };
+
+    delete_table();
+    map_ok(&agent.api, "udp", ULISTEN, VM_IP, 5353);
+    assert_eq!(
+        who(&tcp_get(client(&topo), sa(NODE_IP, LISTEN)).unwrap()),
+        "vm"
+    );
+    assert_eq!(
+        who(&udp_roundtrip(client(&topo), sa(NODE_IP, ULISTEN), "d").unwrap()),
+        "vm"
+    );
+    assert_eq!(assert_in_sync(&topo, &agent).len(), 2);
+
+    delete_table();
+    let r = agent.api.delete(&format!("/ports/{ULISTEN}?proto=udp"));
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["deleted"], json!(true), "{r:?}");
+    assert_eq!(
+        who(&tcp_get(client(&topo), sa(NODE_IP, LISTEN)).unwrap()),
+        "vm"
+    );
+    assert_eq!(
+        assert_in_sync(&topo, &agent),
+        [entry("tcp", LISTEN, VM_IP, 80)].into()
+    );
+    assert_eq!(repairs(), before + 2);
+}
+
 /// What libvirt 9 installs through iptables-nft for a NAT network on `bridge`.
 fn libvirt_filter(bridge: &str) -> String {
     format!(

@@ -5,7 +5,7 @@ use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 
-use crate::portmap::PortMapError;
+use crate::portmap::{FirewallErrorKind, PortMapError};
 use crate::store::StoreError;
 
 /// The message of an error response, kept in the response's extensions so the audit
@@ -81,9 +81,16 @@ impl From<PortMapError> for ApiError {
         let status = match &e {
             PortMapError::Policy(_) => StatusCode::FORBIDDEN,
             PortMapError::Conflict { .. } => StatusCode::CONFLICT,
-            PortMapError::Kernel(_) | PortMapError::Read(_) | PortMapError::Store(_) => {
-                StatusCode::INTERNAL_SERVER_ERROR
-            }
+            // The kernel drifted from the database: a reconcile repairs it, so the client
+            // may try again; anything else the kernel says is the node's fault.
+            PortMapError::Drifted { .. } => StatusCode::SERVICE_UNAVAILABLE,
+            PortMapError::Kernel(f) | PortMapError::Read(f) => match f.kind() {
+                FirewallErrorKind::NotFound | FirewallErrorKind::Exists => {
+                    StatusCode::SERVICE_UNAVAILABLE
+                }
+                FirewallErrorKind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            PortMapError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.to_string())
     }
@@ -134,7 +141,7 @@ pub async fn json_errors(req: axum::extract::Request, next: axum::middleware::Ne
 
 impl From<crate::vm::VmError> for ApiError {
     fn from(e: crate::vm::VmError) -> Self {
-        use crate::vm::VmError;
+        use crate::vm::{LibvirtKind, VmError};
         if let VmError::Store(s) = &e
             && s.is_disk_full()
         {
@@ -147,7 +154,14 @@ impl From<crate::vm::VmError> for ApiError {
             VmError::Conflict(_) => StatusCode::CONFLICT,
             VmError::Timeout(_) | VmError::Stalled(_) => StatusCode::GATEWAY_TIMEOUT,
             VmError::TooLarge(_) => StatusCode::PAYLOAD_TOO_LARGE,
-            VmError::Libvirt(_) | VmError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
+            // What libvirt said, by its error number (`LibvirtFailure::kind`).
+            VmError::Libvirt(f) => match f.kind() {
+                LibvirtKind::NotFound => StatusCode::NOT_FOUND,
+                LibvirtKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
+                LibvirtKind::Conflict => StatusCode::CONFLICT,
+                LibvirtKind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
+            },
+            VmError::Internal(_) | VmError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,
         };
         Self::new(status, e.to_string())
     }

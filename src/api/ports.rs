@@ -149,6 +149,7 @@ pub struct CreatedPortMap {
         (status = 403, description = "Reserved listen port or target outside the VM networks", body = super::ErrorBody),
         (status = 409, description = "Listen port mapped elsewhere and `replace` not set", body = super::ErrorBody),
         (status = 500, description = "The kernel refused; nothing changed", body = super::ErrorBody),
+        (status = 503, description = "The kernel had drifted from the database (table or map deleted behind the agent's back) and rewriting it failed; nothing changed: a reconcile is due, try again. Also: the agent is at its connection cap", body = super::ErrorBody),
     ),
     security(("bearer" = []))
 )]
@@ -232,6 +233,7 @@ pub struct DeletedPortMap {
         (status = 200, description = "`deleted` says whether a map existed", body = DeletedPortMap),
         (status = 400, description = "Bad port or query", body = super::ErrorBody),
         (status = 500, description = "The kernel refused; nothing changed", body = super::ErrorBody),
+        (status = 503, description = "The kernel had drifted from the database (table or map deleted behind the agent's back) and rewriting it failed; nothing changed: a reconcile is due, try again. Also: the agent is at its connection cap", body = super::ErrorBody),
     ),
     security(("bearer" = []))
 )]

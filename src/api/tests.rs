@@ -598,6 +598,38 @@ async fn a_kernel_refusal_is_a_5xx_with_the_reason_and_changes_nothing() {
     assert_eq!((last.2.as_str(), last.3), ("failed", Some(500)));
 }
 
+/// Someone deleted the agent's table: the next change repairs it from SQLite and goes
+/// through (issue 11: an ENOENT used to reach the client as a 500). When even the
+/// repair fails, the answer is a 503: a reconcile is due, try again.
+#[tokio::test]
+async fn a_change_after_the_table_was_deleted_repairs_it_and_succeeds() {
+    let h = harness();
+    let (s, v) = h.authed("POST", "/ports", Some(GOOD)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    h.fw.wipe();
+    let other = r#"{"listen_port": 9090, "target_ip": "192.168.122.51", "target_port": 80}"#;
+    let (s, v) = h.authed("POST", "/ports", Some(other)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(h.fw.maps().map(|m| m.len()), Some(2));
+    h.fw.wipe();
+    let (s, v) = h.authed("DELETE", "/ports/8080", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["deleted"], true, "{v}");
+    let (api, kernel) = h.snapshot().await;
+    assert_eq!(api["rules"].as_object().map(|r| r.len()), Some(1), "{api}");
+    assert_eq!(kernel.len(), 1);
+
+    let before = h.snapshot().await;
+    h.fw.fail_next_as(
+        crate::portmap::FirewallErrorKind::NotFound,
+        "No such file or directory",
+    );
+    h.fw.fail_next("Operation not permitted");
+    let (s, v) = h.authed("POST", "/ports", Some(GOOD)).await;
+    assert_error(s, &v, StatusCode::SERVICE_UNAVAILABLE, "try again");
+    assert_eq!(h.snapshot().await, before);
+}
+
 #[tokio::test]
 async fn the_openapi_document_lists_exactly_the_served_routes() {
     let h = harness();
@@ -1357,7 +1389,11 @@ async fn an_outside_change_reaches_the_status_through_libvirt_events() {
 #[tokio::test]
 async fn a_create_without_waiting_answers_202_and_its_later_failure_is_visible() {
     let h = harness();
-    let body = json!({"name": "bg1", "kernel": "/boot/vmlinuz", "memory_mib": 64}).to_string();
+    // A kernel this host can read: the harness's libvirt counts as local, and a missing
+    // one would be refused at once.
+    let kernel = tempfile::NamedTempFile::new().unwrap();
+    let kernel = kernel.path().to_string_lossy().into_owned();
+    let body = json!({"name": "bg1", "kernel": kernel, "memory_mib": 64}).to_string();
     let (s, v) = h.authed("POST", "/vms?wait=false", Some(&body)).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
     assert_eq!(v, json!({"ok": true, "name": "bg1", "state": "creating"}));

@@ -1,16 +1,87 @@
 //! The port maps' view of the kernel: a small blocking trait, so the domain logic can be
 //! unit-tested against memory and run against nftables in production.
 
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
-use crate::model::PortMap;
+use ipnetwork::Ipv4Network;
 
-/// Why the kernel (or the fake) refused a change; the text is shown to API clients.
-#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("{0}")]
-pub struct FirewallError(pub String);
+use crate::model::PortMap;
+use crate::net::antispoof::TunnelGuard;
+use crate::net::nft::NftError;
+
+/// What a refusal means for the caller, decided once from the kernel's errno so that
+/// nothing downstream reads the text.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FirewallErrorKind {
+    /// `ENOENT`: the table, a map or an element the change needs is missing. The agent
+    /// only touches what the database says is there, so someone changed the kernel
+    /// behind its back and a reconcile is due.
+    NotFound,
+    /// `EEXIST`: an element the change adds is already there: the same drift, the other
+    /// way round.
+    Exists,
+    /// Any other refusal or failure (permissions, a batch the kernel rejects, the
+    /// netlink socket, the node's settings).
+    Failed,
+}
+
+/// Why the kernel (or the fake) refused a change: its kind, and the error that says why
+/// (the nftables driver's [`NftError`] in production), whose text is shown to API
+/// clients.
+#[derive(Debug, thiserror::Error)]
+#[error("{source}")]
+pub struct FirewallError {
+    kind: FirewallErrorKind,
+    source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+impl FirewallError {
+    pub fn new(
+        kind: FirewallErrorKind,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+    ) -> Self {
+        Self {
+            kind,
+            source: source.into(),
+        }
+    }
+
+    /// A failure that is not about the table's contents (`FirewallErrorKind::Failed`).
+    pub fn failed(source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>) -> Self {
+        Self::new(FirewallErrorKind::Failed, source)
+    }
+
+    pub fn kind(&self) -> FirewallErrorKind {
+        self.kind
+    }
+
+    /// The kernel no longer holds what the database says it does (`NotFound` or
+    /// `Exists`): rewriting the table from the database repairs it.
+    pub fn is_drift(&self) -> bool {
+        matches!(
+            self.kind,
+            FirewallErrorKind::NotFound | FirewallErrorKind::Exists
+        )
+    }
+
+    /// The nftables driver's error, when the kernel refused.
+    pub fn nft(&self) -> Option<&NftError> {
+        self.source.downcast_ref()
+    }
+}
+
+impl From<NftError> for FirewallError {
+    fn from(e: NftError) -> Self {
+        let kind = match e.errno() {
+            Some(libc::ENOENT) => FirewallErrorKind::NotFound,
+            Some(libc::EEXIST) => FirewallErrorKind::Exists,
+            _ => FirewallErrorKind::Failed,
+        };
+        Self::new(kind, e)
+    }
+}
 
 /// What the port-map logic needs from the packet filter. Every method is one atomic
 /// change; implementations block (call them off the async runtime).
@@ -18,8 +89,10 @@ pub trait Firewall: Send + Sync + 'static {
     /// Rewrites everything (table, maps with all elements, chains, rules) in one
     /// transaction.
     fn apply_all(&self, maps: &[PortMap]) -> Result<(), FirewallError>;
+    /// Fails with `Exists` if the listen port is mapped, `NotFound` without the table.
     fn add(&self, map: &PortMap) -> Result<(), FirewallError>;
-    /// Removes `maps` in one transaction: all of them, or none.
+    /// Removes `maps` in one transaction: all of them, or none (`NotFound` if one is
+    /// missing).
     fn remove(&self, maps: &[PortMap]) -> Result<(), FirewallError>;
     /// Points `old.listen_port` at `new`'s target in one transaction.
     fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), FirewallError>;
@@ -34,26 +107,70 @@ pub trait Firewall: Send + Sync + 'static {
     fn cleanup(&self) -> Result<(), FirewallError>;
     /// Whether `ip` is one of the node's own addresses (never a port-map target).
     fn is_local_address(&self, ip: Ipv4Addr) -> Result<bool, FirewallError>;
-    /// Source networks that may only arrive through the WireGuard link (the controller's
-    /// tunnel addresses). Takes effect with the next `apply_all`.
-    fn set_tunnel_sources(&self, _nets: &[ipnetwork::Ipv4Network]) {}
 }
 
-/// An in-memory firewall for fast unit tests; `fail_next` makes the next change fail.
+/// The fake kernel's table: the maps, and the anti-spoofing networks in force.
+#[derive(Default)]
+struct Table {
+    maps: BTreeSet<PortMap>,
+    tunnel_sources: Vec<Ipv4Network>,
+}
+
+#[derive(Default)]
+struct State {
+    /// `None`: the table is not there.
+    table: Option<Table>,
+    /// Refusals queued by `fail_next`, one per change.
+    failures: VecDeque<(FirewallErrorKind, String)>,
+    /// Anti-spoofing networks for the next `apply_all`.
+    tunnel_sources: Vec<Ipv4Network>,
+}
+
+/// An in-memory firewall for fast unit tests: it refuses like the kernel (`NotFound`
+/// without the table or an element, `Exists` for a mapped port), and `fail_next`
+/// makes the next change fail.
 #[derive(Default)]
 pub struct MemoryFirewall {
-    state: Mutex<(Option<BTreeSet<PortMap>>, Option<String>)>,
+    state: Mutex<State>,
     local: Mutex<Vec<Ipv4Addr>>,
+}
+
+fn not_found(what: &str) -> FirewallError {
+    FirewallError::new(
+        FirewallErrorKind::NotFound,
+        format!("No such file or directory{what}"),
+    )
+}
+
+fn poisoned() -> FirewallError {
+    FirewallError::failed("poisoned")
 }
 
 impl MemoryFirewall {
     pub fn maps(&self) -> Option<BTreeSet<PortMap>> {
-        self.state.lock().ok().and_then(|s| s.0.clone())
+        self.state
+            .lock()
+            .ok()
+            .and_then(|s| s.table.as_ref().map(|t| t.maps.clone()))
     }
 
+    /// The anti-spoofing networks in the fake kernel; `None` without the table.
+    pub fn tunnel_sources_in_force(&self) -> Option<Vec<Ipv4Network>> {
+        self.state
+            .lock()
+            .ok()
+            .and_then(|s| s.table.as_ref().map(|t| t.tunnel_sources.clone()))
+    }
+
+    /// The next change fails with `reason` (kind `Failed`).
     pub fn fail_next(&self, reason: &str) {
+        self.fail_next_as(FirewallErrorKind::Failed, reason);
+    }
+
+    /// Queues a refusal of `kind`; several queue up, one per change.
+    pub fn fail_next_as(&self, kind: FirewallErrorKind, reason: &str) {
         if let Ok(mut s) = self.state.lock() {
-            s.1 = Some(reason.to_string());
+            s.failures.push_back((kind, reason.to_string()));
         }
     }
 
@@ -67,23 +184,20 @@ impl MemoryFirewall {
     /// Simulates someone deleting the table.
     pub fn wipe(&self) {
         if let Ok(mut s) = self.state.lock() {
-            s.0 = None;
+            s.table = None;
         }
     }
 
     /// Runs `f` on the whole state unless a failure was queued with `fail_next`.
-    fn write(
+    fn write<T>(
         &self,
-        f: impl FnOnce(&mut Option<BTreeSet<PortMap>>) -> Result<(), FirewallError>,
-    ) -> Result<(), FirewallError> {
-        let mut s = self
-            .state
-            .lock()
-            .map_err(|_| FirewallError("poisoned".into()))?;
-        if let Some(reason) = s.1.take() {
-            return Err(FirewallError(reason));
+        f: impl FnOnce(&mut State) -> Result<T, FirewallError>,
+    ) -> Result<T, FirewallError> {
+        let mut s = self.state.lock().map_err(|_| poisoned())?;
+        if let Some((kind, reason)) = s.failures.pop_front() {
+            return Err(FirewallError::new(kind, reason));
         }
-        f(&mut s.0)
+        f(&mut s)
     }
 
     /// An element change: fails like the kernel when the table is missing.
@@ -91,19 +205,23 @@ impl MemoryFirewall {
         &self,
         f: impl FnOnce(&mut BTreeSet<PortMap>) -> Result<(), FirewallError>,
     ) -> Result<(), FirewallError> {
-        self.write(|table| {
-            let maps = table
+        self.write(|s| {
+            let table = s
+                .table
                 .as_mut()
-                .ok_or_else(|| FirewallError("No such file or directory (table missing)".into()))?;
-            f(maps)
+                .ok_or_else(|| not_found(" (table missing)"))?;
+            f(&mut table.maps)
         })
     }
 }
 
 impl Firewall for MemoryFirewall {
     fn apply_all(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
-        self.write(|table| {
-            *table = Some(maps.iter().copied().collect());
+        self.write(|s| {
+            s.table = Some(Table {
+                maps: maps.iter().copied().collect(),
+                tunnel_sources: s.tunnel_sources.clone(),
+            });
             Ok(())
         })
     }
@@ -113,7 +231,7 @@ impl Firewall for MemoryFirewall {
             if m.iter()
                 .any(|x| x.proto == map.proto && x.listen_port == map.listen_port)
             {
-                return Err(FirewallError("File exists".into()));
+                return Err(FirewallError::new(FirewallErrorKind::Exists, "File exists"));
             }
             m.insert(*map);
             Ok(())
@@ -123,7 +241,7 @@ impl Firewall for MemoryFirewall {
     fn remove(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
         self.change(|m| {
             if !maps.iter().all(|x| m.contains(x)) {
-                return Err(FirewallError("No such file or directory".into()));
+                return Err(not_found(""));
             }
             for x in maps {
                 m.remove(x);
@@ -135,7 +253,7 @@ impl Firewall for MemoryFirewall {
     fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), FirewallError> {
         self.change(|m| {
             if !m.remove(old) {
-                return Err(FirewallError("No such file or directory".into()));
+                return Err(not_found(""));
             }
             m.insert(*new);
             Ok(())
@@ -143,25 +261,27 @@ impl Firewall for MemoryFirewall {
     }
 
     fn drift(&self, desired: &[PortMap]) -> Result<Vec<String>, FirewallError> {
-        let mut s = self
-            .state
-            .lock()
-            .map_err(|_| FirewallError("poisoned".into()))?;
-        if let Some(reason) = s.1.take() {
-            return Err(FirewallError(reason));
-        }
-        let Some(have) = &s.0 else {
-            return Ok(vec!["table missing".into()]);
-        };
-        let want: BTreeSet<PortMap> = desired.iter().copied().collect();
-        let mut out = Vec::new();
-        for m in want.difference(have) {
-            out.push(format!("missing {m:?}"));
-        }
-        for m in have.difference(&want) {
-            out.push(format!("unexpected {m:?}"));
-        }
-        Ok(out)
+        self.write(|s| {
+            let Some(table) = &s.table else {
+                return Ok(vec!["table missing".into()]);
+            };
+            let have = &table.maps;
+            let want: BTreeSet<PortMap> = desired.iter().copied().collect();
+            let mut out = Vec::new();
+            for m in want.difference(have) {
+                out.push(format!("missing {m:?}"));
+            }
+            for m in have.difference(&want) {
+                out.push(format!("unexpected {m:?}"));
+            }
+            if table.tunnel_sources != s.tunnel_sources {
+                out.push(format!(
+                    "anti-spoofing networks {:?}, should be {:?}",
+                    table.tunnel_sources, s.tunnel_sources
+                ));
+            }
+            Ok(out)
+        })
     }
 
     fn forward_accept_drift(&self) -> Result<Vec<String>, FirewallError> {
@@ -179,5 +299,14 @@ impl Firewall for MemoryFirewall {
 
     fn is_local_address(&self, ip: Ipv4Addr) -> Result<bool, FirewallError> {
         Ok(self.local.lock().is_ok_and(|l| l.contains(&ip)))
+    }
+}
+
+/// Like the nftables driver: the networks wait for the next `apply_all`.
+impl TunnelGuard for MemoryFirewall {
+    fn set_tunnel_sources(&self, nets: &[Ipv4Network]) {
+        if let Ok(mut s) = self.state.lock() {
+            s.tunnel_sources = nets.to_vec();
+        }
     }
 }

@@ -9,6 +9,7 @@ use tokio::runtime::Handle;
 
 use super::{Firewall, FirewallError};
 use crate::model::PortMap;
+use crate::net::antispoof::TunnelGuard;
 use crate::net::link;
 use crate::net::nft::{self, NatSettings, Nft, NftError};
 
@@ -19,8 +20,22 @@ pub struct NftFirewall {
     rt: Handle,
 }
 
-fn err(e: NftError) -> FirewallError {
-    FirewallError(e.to_string())
+/// Setting the node up failed for `why`; the cause is kept as the error's source.
+#[derive(Debug, thiserror::Error)]
+#[error("{why}: {source}")]
+struct SetupError {
+    why: &'static str,
+    source: Box<dyn std::error::Error + Send + Sync + 'static>,
+}
+
+fn setup(
+    why: &'static str,
+    source: impl Into<Box<dyn std::error::Error + Send + Sync + 'static>>,
+) -> FirewallError {
+    FirewallError::failed(SetupError {
+        why,
+        source: source.into(),
+    })
 }
 
 impl NftFirewall {
@@ -31,7 +46,7 @@ impl NftFirewall {
         match link::enable_ip_forward() {
             Ok(true) => tracing::info!("net.ipv4.ip_forward was 0; set to 1"),
             Ok(false) => {}
-            Err(e) => return Err(FirewallError(format!("cannot enable IPv4 forwarding: {e}"))),
+            Err(e) => return Err(setup("cannot enable IPv4 forwarding", e)),
         }
         Self::from_settings_readonly(nat).await
     }
@@ -41,9 +56,8 @@ impl NftFirewall {
         if nat.external_iface.is_none() {
             nat.external_iface = default_egress(&nat.vms_bridge).await?;
         }
-        let nft = Nft::new(nat).map_err(err)?;
-        let route = Connection::<Route>::new()
-            .map_err(|e| FirewallError(format!("cannot open rtnetlink: {e}")))?;
+        let nft = Nft::new(nat)?;
+        let route = Connection::<Route>::new().map_err(|e| setup("cannot open rtnetlink", e))?;
         Ok(Self {
             nft,
             route,
@@ -64,7 +78,7 @@ async fn default_egress(vms_bridge: &str) -> Result<Option<String>, FirewallErro
             tracing::warn!(bridge = %vms_bridge, "EXTERNAL_IFACE unset and no default route: VM egress is masqueraded on every interface but the VM bridge");
             Ok(None)
         }
-        Err(e) => Err(FirewallError(format!("cannot read the default route: {e}"))),
+        Err(e) => Err(setup("cannot read the default route", e)),
     }
 }
 
@@ -72,26 +86,41 @@ async fn default_egress(vms_bridge: &str) -> Result<Option<String>, FirewallErro
 // never on a runtime worker.
 impl Firewall for NftFirewall {
     fn apply_all(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
-        self.rt.block_on(self.nft.apply_all(maps)).map_err(err)
+        self.rt
+            .block_on(self.nft.apply_all(maps))
+            .map_err(FirewallError::from)
     }
 
     fn add(&self, map: &PortMap) -> Result<(), FirewallError> {
-        self.rt.block_on(self.nft.add(map)).map_err(err)
+        self.rt
+            .block_on(self.nft.add(map))
+            .map_err(FirewallError::from)
     }
 
     fn remove(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
         match maps {
-            [one] => self.rt.block_on(self.nft.remove(one)).map_err(err),
-            _ => self.rt.block_on(self.nft.remove_all(maps)).map_err(err),
+            [one] => self
+                .rt
+                .block_on(self.nft.remove(one))
+                .map_err(FirewallError::from),
+            _ => self
+                .rt
+                .block_on(self.nft.remove_all(maps))
+                .map_err(FirewallError::from),
         }
     }
 
     fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), FirewallError> {
-        self.rt.block_on(self.nft.replace(old, new)).map_err(err)
+        self.rt
+            .block_on(self.nft.replace(old, new))
+            .map_err(FirewallError::from)
     }
 
     fn drift(&self, desired: &[PortMap]) -> Result<Vec<String>, FirewallError> {
-        let kernel = self.rt.block_on(self.nft.read()).map_err(err)?;
+        let kernel = self
+            .rt
+            .block_on(self.nft.read())
+            .map_err(FirewallError::from)?;
         let drift = nft::diff(desired, kernel.as_ref());
         if drift.is_empty() {
             return Ok(Vec::new());
@@ -102,14 +131,14 @@ impl Firewall for NftFirewall {
     fn forward_accept_drift(&self) -> Result<Vec<String>, FirewallError> {
         self.rt
             .block_on(self.nft.forward_accept_drift())
-            .map_err(err)
+            .map_err(FirewallError::from)
     }
 
     fn ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError> {
         let report = self
             .rt
             .block_on(self.nft.ensure_forward_accept())
-            .map_err(err)?;
+            .map_err(FirewallError::from)?;
         if !report.changed() {
             return Ok(Vec::new());
         }
@@ -134,26 +163,26 @@ impl Firewall for NftFirewall {
     fn is_local_address(&self, ip: Ipv4Addr) -> Result<bool, FirewallError> {
         self.rt
             .block_on(link::is_local_address(&self.route, ip))
-            .map_err(|e| FirewallError(e.to_string()))
-    }
-
-    fn set_tunnel_sources(&self, nets: &[ipnetwork::Ipv4Network]) {
-        self.nft.set_tunnel_sources(nets.to_vec());
+            .map_err(FirewallError::failed)
     }
 
     fn cleanup(&self) -> Result<(), FirewallError> {
         // Both are tried even if the first fails.
         let accept = self.rt.block_on(self.nft.remove_forward_accept());
         let table = self.rt.block_on(self.nft.delete_table());
-        let errors: Vec<String> = [accept.err(), table.err()]
-            .into_iter()
-            .flatten()
-            .map(|e| e.to_string())
-            .collect();
-        if errors.is_empty() {
-            Ok(())
-        } else {
-            Err(FirewallError(errors.join("; ")))
+        let mut errors: Vec<NftError> = [accept.err(), table.err()].into_iter().flatten().collect();
+        match errors.len() {
+            0 => Ok(()),
+            1 => Err(errors.remove(0).into()),
+            _ => Err(NftError::Several(errors).into()),
         }
+    }
+}
+
+/// The anti-spoofing chain is part of the agent's table: set here, written by the next
+/// `apply_all`.
+impl TunnelGuard for NftFirewall {
+    fn set_tunnel_sources(&self, nets: &[ipnetwork::Ipv4Network]) {
+        self.nft.set_tunnel_sources(nets.to_vec());
     }
 }

@@ -8,7 +8,7 @@ mod kernel;
 mod policy;
 mod service;
 
-pub use firewall::{Firewall, FirewallError, MemoryFirewall};
+pub use firewall::{Firewall, FirewallError, FirewallErrorKind, MemoryFirewall};
 pub use import::import_original_state;
 pub use kernel::NftFirewall;
 pub use policy::Policy;

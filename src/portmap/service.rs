@@ -42,6 +42,18 @@ pub enum PortMapError {
     /// The kernel refused the change; nothing was stored.
     #[error("nftables refused the change: {0}")]
     Kernel(#[from] FirewallError),
+    /// The kernel had drifted from the database (someone deleted the table, a map or an
+    /// element) and rewriting the table from the database failed too; nothing was
+    /// stored. A reconcile is due: try again.
+    #[error(
+        "nftables no longer held what the database says ({drift}) and the repair failed: \
+         {repair}; a reconcile is due, try again"
+    )]
+    Drifted {
+        drift: FirewallError,
+        #[source]
+        repair: FirewallError,
+    },
     /// The kernel's state could not be read (a comparison, which changes nothing).
     #[error("cannot read the kernel's nftables state: {0}")]
     Read(FirewallError),
@@ -143,10 +155,10 @@ impl PortMaps {
             portmaps::upsert(tx, &map, by)?;
             audit::record_opt(tx, audit)?;
             // The kernel goes last: if it refuses, the transaction rolls back.
-            match outcome {
-                CreateOutcome::Replaced { previous } => self.fw.replace(&previous, &map)?,
-                _ => self.fw.add(&map)?,
-            }
+            self.change_kernel(tx, || match outcome {
+                CreateOutcome::Replaced { previous } => self.fw.replace(&previous, &map),
+                _ => self.fw.add(&map),
+            })?;
             Ok(outcome)
         });
         match outcome {
@@ -180,7 +192,7 @@ impl PortMaps {
                 return Ok(None);
             };
             portmaps::delete(tx, proto, listen_port)?;
-            self.fw.remove(&[row.map])?;
+            self.change_kernel(tx, || self.fw.remove(&[row.map]))?;
             Ok(Some(row.map))
         });
         match deleted {
@@ -217,7 +229,7 @@ impl PortMaps {
                 audit::record(tx, &audit(m))?;
                 portmaps::delete(tx, m.proto, m.listen_port)?;
             }
-            self.fw.remove(&gone)?;
+            self.change_kernel(tx, || self.fw.remove(&gone))?;
             Ok(gone)
         });
         match deleted {
@@ -233,6 +245,32 @@ impl PortMaps {
             }
             other => other,
         }
+    }
+
+    /// Makes `change`, the kernel's half of a change whose rows `tx` already holds.
+    ///
+    /// When the kernel refuses because it drifted from the database (the table, a map or
+    /// an element deleted or added behind the agent's back: `NotFound`, `Exists`), the
+    /// whole table is rewritten from `tx`'s rows, as the reconcile would, which makes
+    /// the change too, in one kernel transaction; the repair is audited in `tx` like a
+    /// reconcile. If that fails as well: [`PortMapError::Drifted`].
+    fn change_kernel(
+        &self,
+        tx: &rusqlite::Connection,
+        change: impl FnOnce() -> Result<(), FirewallError>,
+    ) -> Result<(), PortMapError> {
+        let drift = match change() {
+            Ok(()) => return Ok(()),
+            Err(e) if e.is_drift() => e,
+            Err(e) => return Err(e.into()),
+        };
+        let maps = portmaps::list_maps(tx)?;
+        if let Err(repair) = self.fw.apply_all(&maps) {
+            return Err(PortMapError::Drifted { drift, repair });
+        }
+        tracing::warn!(error = %drift, maps = maps.len(), "nftables had drifted from the database: table rewritten from it");
+        audit::record(tx, &reconcile_entry(&[drift.to_string()], &[]))?;
+        Ok(())
     }
 
     fn resync_after_failed_commit(&self) {
@@ -334,21 +372,7 @@ impl PortMaps {
             if report.changed() {
                 audit::record(
                     conn,
-                    &Entry {
-                        client_addr: None,
-                        identity: "agent".into(),
-                        action: "reconcile".into(),
-                        parameters: Some(
-                            serde_json::json!({
-                                "drift": report.drift,
-                                "forward_accept": report.forward_accept,
-                            })
-                            .to_string(),
-                        ),
-                        outcome: Outcome::Ok,
-                        status: None,
-                        error: None,
-                    },
+                    &reconcile_entry(&report.drift, &report.forward_accept),
                 )?;
             }
             Ok(report)
@@ -368,6 +392,25 @@ impl PortMaps {
 
     pub fn cleanup(&self) -> Result<(), PortMapError> {
         Ok(self.fw.cleanup()?)
+    }
+}
+
+/// The audit row of a repair of the kernel from the database.
+fn reconcile_entry(drift: &[String], forward_accept: &[String]) -> Entry {
+    Entry {
+        client_addr: None,
+        identity: "agent".into(),
+        action: "reconcile".into(),
+        parameters: Some(
+            serde_json::json!({
+                "drift": drift,
+                "forward_accept": forward_accept,
+            })
+            .to_string(),
+        ),
+        outcome: Outcome::Ok,
+        status: None,
+        error: None,
     }
 }
 
@@ -585,6 +628,113 @@ mod tests {
             })
             .unwrap();
         assert_eq!(audited, 1);
+    }
+
+    fn reconcile_rows(svc: &PortMaps) -> Vec<String> {
+        svc.store()
+            .with(|c| {
+                let mut stmt = c.prepare(
+                    "SELECT parameters FROM audit_log WHERE action = 'reconcile' ORDER BY id",
+                )?;
+                let rows = stmt
+                    .query_map([], |r| r.get::<_, String>(0))?
+                    .collect::<Result<Vec<_>, _>>()?;
+                Ok::<_, StoreError>(rows)
+            })
+            .unwrap()
+    }
+
+    #[test]
+    fn a_change_to_a_table_deleted_behind_the_agents_back_repairs_it_first() {
+        let (svc, fw) = setup();
+        let (a, b, c) = (
+            map(Proto::Tcp, 8080, 2, 80),
+            map(Proto::Udp, 5353, 2, 53),
+            map(Proto::Tcp, 9090, 3, 80),
+        );
+        svc.create(a, false, "t", None).unwrap();
+        svc.create(b, false, "t", None).unwrap();
+
+        // Add: the kernel says ENOENT; the table comes back with every map and the new one.
+        fw.wipe();
+        assert_eq!(
+            svc.create(c, false, "t", None).unwrap(),
+            CreateOutcome::Created
+        );
+        assert_eq!(kernel(&fw), vec![a, c, b]);
+        assert_eq!(stored(&svc), kernel(&fw));
+        let rows = reconcile_rows(&svc);
+        assert_eq!(rows.len(), 1, "{rows:?}");
+        assert!(rows[0].contains("No such file or directory"), "{rows:?}");
+
+        // Delete and replace alike.
+        fw.wipe();
+        assert_eq!(svc.delete(Proto::Tcp, 8080, None).unwrap(), Some(a));
+        assert_eq!(kernel(&fw), vec![c, b]);
+        fw.wipe();
+        let c2 = map(Proto::Tcp, 9090, 4, 80);
+        assert_eq!(
+            svc.create(c2, true, "t", None).unwrap(),
+            CreateOutcome::Replaced { previous: c }
+        );
+        assert_eq!(kernel(&fw), vec![c2, b]);
+        fw.wipe();
+        svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 2)], |_| Entry {
+            client_addr: None,
+            identity: "agent".into(),
+            action: "DELETE (VM deleted)".into(),
+            parameters: None,
+            outcome: Outcome::Ok,
+            status: None,
+            error: None,
+        })
+        .unwrap();
+        assert_eq!(kernel(&fw), vec![c2]);
+        assert_eq!(stored(&svc), vec![c2]);
+        assert_eq!(reconcile_rows(&svc).len(), 4);
+        assert!(!svc.reconcile().unwrap().changed());
+    }
+
+    #[test]
+    fn a_drifted_table_that_cannot_be_repaired_changes_nothing_and_says_try_again() {
+        let (svc, fw) = setup();
+        let a = map(Proto::Tcp, 8080, 2, 80);
+        svc.create(a, false, "t", None).unwrap();
+        fw.fail_next_as(
+            crate::portmap::FirewallErrorKind::NotFound,
+            "No such file or directory",
+        );
+        fw.fail_next("Operation not permitted");
+        let e = svc
+            .create(map(Proto::Tcp, 9090, 3, 80), false, "t", None)
+            .unwrap_err();
+        assert!(matches!(e, PortMapError::Drifted { .. }), "{e:?}");
+        let text = e.to_string();
+        assert!(text.contains("No such file or directory"), "{text}");
+        assert!(text.contains("Operation not permitted"), "{text}");
+        assert!(text.contains("try again"), "{text}");
+        assert_eq!(stored(&svc), vec![a]);
+        assert_eq!(kernel(&fw), vec![a]);
+        assert!(reconcile_rows(&svc).is_empty());
+        // Other refusals are not drift: no repair is tried.
+        fw.fail_next("Operation not permitted");
+        let e = svc
+            .create(map(Proto::Tcp, 9090, 3, 80), false, "t", None)
+            .unwrap_err();
+        assert!(matches!(e, PortMapError::Kernel(_)), "{e:?}");
+    }
+
+    #[test]
+    fn tunnel_sources_take_effect_with_the_next_whole_table_write() {
+        use crate::net::antispoof::TunnelGuard;
+        let (svc, fw) = setup();
+        let nets = vec!["10.50.0.1/32".parse().unwrap()];
+        fw.set_tunnel_sources(&nets);
+        assert_eq!(fw.tunnel_sources_in_force(), Some(vec![]));
+        assert_eq!(svc.drift().unwrap().len(), 1);
+        svc.restore().unwrap();
+        assert_eq!(fw.tunnel_sources_in_force(), Some(nets));
+        assert!(svc.drift().unwrap().is_empty());
     }
 
     #[test]

@@ -88,7 +88,7 @@ impl Claims {
         let mut held = self
             .held
             .lock()
-            .map_err(|_| VmError::Libvirt("claims lock poisoned".into()))?;
+            .map_err(|_| VmError::Internal("claims lock poisoned".into()))?;
         if let Some(h) = held.get(name) {
             return Ok(Err(*h));
         }

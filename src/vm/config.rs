@@ -24,6 +24,7 @@ pub struct VmConfig {
     /// How often `/ip` asks libvirt for the lease while waiting.
     pub lease_poll: Duration,
     /// LIBVIRT_URI reaches a libvirtd on this host ([`super::conn::is_local_uri`]), so
-    /// the domains' taps may be bridge ports here (hairpin mode is set on them).
+    /// the domains' taps may be bridge ports here (hairpin mode is set on them), and a
+    /// request's kernel and initrd are files this host can check.
     pub local: bool,
 }

@@ -398,7 +398,7 @@ impl Libvirt {
         let task = tokio::task::spawn_blocking(move || this.run(Some(deadline), &flag, f));
         match tokio::time::timeout(self.timeout, task).await {
             Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(VmError::Libvirt(format!("libvirt call failed: {join}"))),
+            Ok(Err(join)) => Err(VmError::Internal(format!("libvirt call failed: {join}"))),
             Err(_) => Err(self.too_late()),
         }
     }
@@ -416,7 +416,7 @@ impl Libvirt {
         let _give_up = GiveUpOnDrop(gave_up);
         tokio::task::spawn_blocking(move || this.run(None, &flag, f))
             .await
-            .map_err(|join| VmError::Libvirt(format!("libvirt call failed: {join}")))?
+            .map_err(|join| VmError::Internal(format!("libvirt call failed: {join}")))?
     }
 
     /// Connections (in use, idle), for tests.

@@ -56,7 +56,7 @@ pub(super) fn facts(dom: &Domain) -> Result<xml::DomainFacts, VmError> {
     let text = dom
         .xml_desc(0)
         .map_err(|e| VmError::libvirt("domain XML", e))?;
-    xml::parse_domain(&text).map_err(|e| VmError::Libvirt(e.to_string()))
+    xml::parse_domain(&text).map_err(|e| VmError::Internal(e.to_string()))
 }
 
 /// Hairpin mode on the running domain's taps, where they are bridge ports in the
@@ -94,7 +94,7 @@ pub(super) fn check_guest_support(
         .capabilities()
         .map_err(|e| VmError::libvirt("host capabilities", e))?;
     let support = xml::guest_support(&caps)
-        .map_err(|e| VmError::Libvirt(format!("reading host capabilities: {}", e.0)))?;
+        .map_err(|e| VmError::Internal(format!("reading host capabilities: {}", e.0)))?;
     if support.iter().any(|(a, t)| a == arch && t == domain_type) {
         return Ok(());
     }
@@ -347,7 +347,7 @@ pub(super) fn reconcile_one(
             user_data: inputs.user_data.as_deref(),
             network_config: inputs.network_config.as_deref(),
         })
-        .map_err(|e| VmError::Libvirt(e.to_string()))
+        .map_err(|e| VmError::Internal(e.to_string()))
     };
     let mut repaired = Vec::new();
     let dom = lookup(conn, &row.name)?;

@@ -1,6 +1,6 @@
 //! The VM layer's one error type. The API maps each kind to one status code.
 
-use virt::error::ErrorNumber;
+use virt::error::{ErrorDomain, ErrorNumber};
 
 use crate::store::StoreError;
 
@@ -28,33 +28,134 @@ pub enum VmError {
     /// VM, and records its own outcome (504).
     #[error("{0}")]
     Stalled(String),
-    /// libvirt refused or failed an operation the request asked for (500).
+    /// libvirt refused or failed an operation: its own error, kept whole; what it means
+    /// is [`LibvirtFailure::kind`], decided by libvirt's error number.
+    #[error(transparent)]
+    Libvirt(#[from] LibvirtFailure),
+    /// The VM layer failed on its own side of an operation (a task that died, a document
+    /// from libvirt it cannot read, a download, a seed it cannot build) (500).
     #[error("libvirt: {0}")]
-    Libvirt(String),
+    Internal(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-impl VmError {
-    /// A libvirt error, with `what` saying which operation failed. Lookups of missing
-    /// objects become `NotFound`, a lost connection `Unavailable`.
-    pub fn libvirt(what: impl std::fmt::Display, e: virt::error::Error) -> Self {
-        let message = format!("{what}: {}", e.message());
-        match e.code().known() {
+/// What a libvirt error means to the agent, decided by libvirt's error number alone.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum LibvirtKind {
+    /// No such domain, network, pool or volume (404).
+    NotFound,
+    /// The connection is gone or never came up: retry later (503).
+    Unavailable,
+    /// The object is not in a state that allows the operation (409).
+    Conflict,
+    /// Anything else (500).
+    Failed,
+}
+
+/// A libvirt call that failed: the operation the agent asked for, and libvirt's own
+/// error (its number, domain and message), so that callers decide by the number and
+/// never by the text. Shown as `<op>: <libvirt's message>`.
+#[derive(Clone, Debug, thiserror::Error)]
+#[error("{}", self.text())]
+pub struct LibvirtFailure {
+    pub op: String,
+    #[source]
+    pub error: virt::error::Error,
+}
+
+impl LibvirtFailure {
+    pub fn new(op: impl std::fmt::Display, error: virt::error::Error) -> Self {
+        Self {
+            op: op.to_string(),
+            error,
+        }
+    }
+
+    /// libvirt's error number, when this libvirt build's `virt` crate knows it.
+    pub fn code(&self) -> Option<ErrorNumber> {
+        self.error.code().known()
+    }
+
+    /// The libvirt subsystem that raised it (`VIR_FROM_QEMU`, `VIR_FROM_SECURITY`...).
+    pub fn domain(&self) -> Option<ErrorDomain> {
+        self.error.domain().known()
+    }
+
+    pub fn kind(&self) -> LibvirtKind {
+        match self.code() {
             Some(
                 ErrorNumber::NoDomain
                 | ErrorNumber::NoNetwork
                 | ErrorNumber::NoStoragePool
                 | ErrorNumber::NoStorageVolume,
-            ) => VmError::NotFound(message),
-            Some(ErrorNumber::NoConnect | ErrorNumber::Rpc) => VmError::Unavailable(message),
-            Some(ErrorNumber::OperationInvalid) => VmError::Conflict(message),
-            _ => VmError::Libvirt(message),
+            ) => LibvirtKind::NotFound,
+            Some(ErrorNumber::NoConnect | ErrorNumber::Rpc) => LibvirtKind::Unavailable,
+            Some(ErrorNumber::OperationInvalid) => LibvirtKind::Conflict,
+            _ => LibvirtKind::Failed,
         }
     }
 
-    /// Whether this is libvirt saying "no such object".
+    /// The text API clients have always seen for this kind of failure.
+    fn text(&self) -> String {
+        let said = format!("{}: {}", self.op, self.error.message());
+        match self.kind() {
+            LibvirtKind::NotFound | LibvirtKind::Conflict => said,
+            LibvirtKind::Unavailable => format!("libvirt is unavailable: {said}"),
+            LibvirtKind::Failed => format!("libvirt: {said}"),
+        }
+    }
+}
+
+impl VmError {
+    /// A libvirt error, with `what` saying which operation failed.
+    pub fn libvirt(what: impl std::fmt::Display, e: virt::error::Error) -> Self {
+        VmError::Libvirt(LibvirtFailure::new(what, e))
+    }
+
+    fn libvirt_kind(&self) -> Option<LibvirtKind> {
+        match self {
+            VmError::Libvirt(f) => Some(f.kind()),
+            _ => None,
+        }
+    }
+
+    /// No such object: the agent's own finding, or libvirt's.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, VmError::NotFound(_))
+        matches!(self, VmError::NotFound(_)) || self.libvirt_kind() == Some(LibvirtKind::NotFound)
+    }
+
+    /// libvirt cannot be reached (retry later): the agent's own finding, or libvirt's.
+    pub fn is_unavailable(&self) -> bool {
+        matches!(self, VmError::Unavailable(_))
+            || self.libvirt_kind() == Some(LibvirtKind::Unavailable)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A real libvirt error, from the test driver: no domain of that name.
+    fn no_domain() -> virt::error::Error {
+        crate::vm::libvirt_so::ensure_loaded().unwrap();
+        let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
+        conn.lookup_domain_by_name("no-such-vm").unwrap_err()
+    }
+
+    #[test]
+    fn a_libvirt_failure_keeps_libvirts_number_and_the_operation_and_reads_as_before() {
+        let e = no_domain();
+        let message = e.message().to_string();
+        let v = VmError::libvirt("domain no-such-vm", e);
+        assert!(v.is_not_found());
+        assert!(!v.is_unavailable());
+        let VmError::Libvirt(f) = &v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(f.code(), Some(ErrorNumber::NoDomain));
+        assert_eq!(f.op, "domain no-such-vm");
+        assert_eq!(v.to_string(), format!("domain no-such-vm: {message}"));
+        assert!(std::error::Error::source(&v).is_some());
     }
 }

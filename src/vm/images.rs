@@ -301,9 +301,9 @@ impl Images {
             .get(url)
             .send()
             .await
-            .map_err(|e| VmError::Libvirt(format!("download of {url} failed: {e}")))?;
+            .map_err(|e| VmError::Internal(format!("download of {url} failed: {e}")))?;
         if !resp.status().is_success() {
-            return Err(VmError::Libvirt(format!(
+            return Err(VmError::Internal(format!(
                 "download of {url} failed: HTTP {}",
                 resp.status()
             )));
@@ -399,7 +399,7 @@ impl Images {
                 // Let libvirt see the file as it is now (format, virtual size).
                 let _ = pool.refresh(0);
                 let vol = storage::find_volume(&pool, &partial)?
-                    .ok_or_else(|| VmError::Libvirt("the partial volume vanished".into()))?;
+                    .ok_or_else(|| VmError::Internal("the partial volume vanished".into()))?;
                 let capacity = vol.info().map(|i| i.capacity).unwrap_or(size).max(size);
                 let _ = storage::delete_volume(&pool, &final_name);
                 StorageVol::create_xml_from(

@@ -21,4 +21,4 @@ pub mod xml;
 
 pub use config::VmConfig;
 pub use conn::Libvirt;
-pub use error::VmError;
+pub use error::{LibvirtFailure, LibvirtKind, VmError};

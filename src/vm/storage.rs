@@ -139,7 +139,7 @@ where
                 Ok(n) if n > 0 => rest = &rest[n as usize..],
                 Ok(_) => {
                     let _ = stream.abort();
-                    return Err(VmError::Libvirt(
+                    return Err(VmError::Internal(
                         "upload stream stopped accepting data".into(),
                     ));
                 }

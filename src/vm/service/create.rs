@@ -5,7 +5,7 @@
 use std::sync::Arc;
 use std::time::Instant;
 
-use super::{Created, Pending, Vms, blame_boot_files};
+use super::{Created, Pending, Vms};
 use crate::model::{DesiredState, ImageState, VmName};
 use crate::store::vms::{self, ImageRow, SeedInputs, VmRow};
 use crate::vm::domain::{
@@ -105,7 +105,7 @@ impl Vms {
             // Cut off inside libvirt (the connection died under it): libvirt may still
             // carry out what it sent; remembered, and undone once settled. A recreate's
             // row is the old VM, which the reconcile restores instead.
-            Err(e @ VmError::Unavailable(_)) if !plan.recreate => {
+            Err(e) if e.is_unavailable() && !plan.recreate => {
                 self.abandoned.add(attempt);
                 return Err(e);
             }
@@ -174,6 +174,9 @@ impl Vms {
             (None, Some(_)) => None,
             (None, None) => Some(self.cfg.default_image.clone()),
         };
+        if self.cfg.local {
+            check_boot_files(req).await?;
+        }
         let image = match &image_name {
             Some(n) => Some(self.ready_image(n).await?),
             None => None,
@@ -192,7 +195,7 @@ impl Vms {
             user_data: req.user_data.as_deref(),
             network_config: req.network_config.as_deref(),
         })
-        .map_err(|e| VmError::Libvirt(e.to_string()))?;
+        .map_err(|e| VmError::Internal(e.to_string()))?;
         // A recreated VM keeps its MAC, so DHCP gives it its address again and the
         // port maps that point at it keep working; everything else is new.
         let mac = match existing.as_ref().filter(|_| req.recreate) {
@@ -293,7 +296,6 @@ impl Vms {
                 Ok(exists)
             })
             .await
-            .map_err(|e| blame_boot_files(e, &plan.row))
     }
 
     /// Writes the row and its seed inputs; when the database refuses, libvirt's side is
@@ -334,6 +336,34 @@ fn already_exists(name: &str) -> VmError {
     VmError::Conflict(format!(
         "VM {name} already exists; pass \"recreate\": true to replace it with a fresh one"
     ))
+}
+
+/// The request's `kernel` and `initrd` are regular files this host can read.
+///
+/// With LIBVIRT_URI on this host, libvirtd reads the same files, so a missing or
+/// unreadable one is the request's fault (400), found before anything is defined. Only
+/// then: a remote libvirtd's files cannot be seen from here, and its refusal stays
+/// libvirt's own error (which names the file).
+async fn check_boot_files(req: &CreateVm) -> Result<(), VmError> {
+    let files = [("kernel", &req.kernel), ("initrd", &req.initrd)];
+    for (field, path) in files {
+        let Some(path) = path else { continue };
+        let refused = |why: String| {
+            VmError::Invalid(format!(
+                "{field} {path}: {why} (kernel and initrd must be files the libvirt host can read)"
+            ))
+        };
+        let meta = tokio::fs::metadata(path)
+            .await
+            .map_err(|e| refused(e.to_string()))?;
+        if !meta.is_file() {
+            return Err(refused("not a regular file".into()));
+        }
+        tokio::fs::File::open(path)
+            .await
+            .map_err(|e| refused(e.to_string()))?;
+    }
+    Ok(())
 }
 
 /// The host has the memory, and libvirt allows the vCPUs, the row asks for.

@@ -205,7 +205,7 @@ impl Vms {
         let (mut task, detached) = self.launch(claim, what.clone(), work);
         match tokio::time::timeout(wait, &mut task).await {
             Ok(joined) => joined
-                .map_err(|e| VmError::Libvirt(format!("{what}: the operation failed: {e}")))?,
+                .map_err(|e| VmError::Internal(format!("{what}: the operation failed: {e}")))?,
             Err(_) => {
                 detached.store(true, Ordering::Release);
                 Err(VmError::Stalled(format!(
@@ -302,23 +302,5 @@ impl Vms {
             error: None,
         })
         .await;
-    }
-}
-
-/// A libvirt failure that names the request's `kernel` or `initrd` (libvirt could not
-/// stat or read it) is the request's fault: 400, not 500.
-fn blame_boot_files(e: VmError, row: &VmRow) -> VmError {
-    match e {
-        VmError::Libvirt(m)
-            if [&row.kernel, &row.initrd]
-                .into_iter()
-                .flatten()
-                .any(|p| m.contains(p.as_str())) =>
-        {
-            VmError::Invalid(format!(
-                "{m} (kernel and initrd must be files the libvirt host can read)"
-            ))
-        }
-        e => e,
     }
 }

@@ -19,7 +19,7 @@ impl Vms {
             };
             match self.clean_abandoned(&name).await {
                 Ok(()) => {}
-                Err(e @ VmError::Unavailable(_)) => return Err(e),
+                Err(e) if e.is_unavailable() => return Err(e),
                 Err(e) => {
                     tracing::error!(vm = %name, error = %e, "cannot remove what an abandoned create made")
                 }
@@ -73,7 +73,7 @@ impl Vms {
                     .await;
                     repaired.extend(done.iter().map(|d| format!("{name}: {d}")));
                 }
-                Err(e @ VmError::Unavailable(_)) => return Err(e),
+                Err(e) if e.is_unavailable() => return Err(e),
                 Err(e) => tracing::error!(vm = %name, error = %e, "cannot restore the VM's domain"),
             }
         }

@@ -63,7 +63,7 @@ async fn a_claim_lives_as_long_as_its_work_and_a_late_outcome_is_recorded() {
     let (finish, finished) = tokio::sync::oneshot::channel::<()>();
     let work = async move {
         let _ = finished.await;
-        Err::<(), _>(VmError::Libvirt("define failed".into()))
+        Err::<(), _>(VmError::Internal("define failed".into()))
     };
     let answer = vms
         .to_the_end(
@@ -403,4 +403,79 @@ async fn a_create_libvirt_refuses_half_way_leaves_nothing_behind() {
     assert!(left.is_empty(), "{left:?}");
     assert!(vms.status(&vm("half-a")).await.unwrap_err().is_not_found());
     drop(vms.claim("half-a").await.expect("the name is free"));
+}
+
+/// With libvirtd on this host, a kernel or initrd this host cannot read is the request's
+/// fault, found before libvirt is asked for anything (no text of libvirt's is read for
+/// it); a remote libvirtd's files are its own business.
+#[tokio::test]
+async fn boot_files_libvirt_cannot_read_are_refused_before_anything_is_defined() {
+    let (vms, _store) = service();
+    let dir = tempfile::tempdir().unwrap();
+    let kernel = dir.path().join("vmlinuz");
+    std::fs::write(&kernel, b"not really a kernel").unwrap();
+    let kernel = kernel.to_string_lossy().into_owned();
+    let dir_path = dir.path().to_string_lossy().into_owned();
+    let request = |name: &str, kernel: &str, initrd: Option<&str>| {
+        let mut v = serde_json::json!({"name": name, "kernel": kernel, "memory_mib": 64});
+        if let Some(i) = initrd {
+            v["initrd"] = serde_json::json!(i);
+        }
+        serde_json::from_value::<crate::vm::spec::CreateVm>(v).unwrap()
+    };
+    for (req, names, why) in [
+        (
+            request("boot1", "/nonexistent/vmlinuz", None),
+            "/nonexistent/vmlinuz",
+            "No such file",
+        ),
+        (
+            request("boot2", &kernel, Some("/nonexistent/initrd.img")),
+            "/nonexistent/initrd.img",
+            "No such file",
+        ),
+        (
+            request("boot3", &dir_path, None),
+            &dir_path,
+            "not a regular file",
+        ),
+    ] {
+        let e = vms.create(req, "t").await.unwrap_err();
+        let text = e.to_string();
+        assert!(matches!(e, VmError::Invalid(_)), "{e:?}");
+        assert!(text.contains(names) && text.contains(why), "{text}");
+    }
+    let defined = vms
+        .lv
+        .call(|conn| {
+            Ok(conn
+                .list_all_domains(0)
+                .map_err(|e| VmError::libvirt("listing", e))?
+                .iter()
+                .filter_map(|d| d.name().ok())
+                .filter(|n| n.starts_with("boot"))
+                .count())
+        })
+        .await
+        .unwrap();
+    assert_eq!(defined, 0);
+
+    // A remote libvirtd reads its own files: the request goes on to libvirt (whose test
+    // driver then refuses the guest for its own reasons).
+    let store = Store::open_in_memory().unwrap();
+    let lv = Libvirt::new("test:///default", Duration::from_secs(30));
+    let remote = Arc::new(Vms::new(
+        lv,
+        store,
+        VmConfig {
+            local: false,
+            ..test_config()
+        },
+        None,
+    ));
+    let e = remote
+        .create(request("boot4", "/nonexistent/vmlinuz", None), "t")
+        .await
+        .unwrap_err();
+    assert!(e.to_string().contains("cannot run x86_64 guests"), "{e:?}");
 }
