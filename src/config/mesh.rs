@@ -3,22 +3,12 @@
 
 use std::time::Duration;
 
-use clap::{Args, ValueEnum};
+use clap::Args;
 
 use super::SettingError;
 use super::check::names_with_verb;
 use super::parse_ifname;
-
-/// How the WireGuard link is implemented.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum WgMode {
-    /// The kernel module where it exists, else the embedded userspace implementation.
-    Auto,
-    /// The kernel module only (fails without it).
-    Kernel,
-    /// The embedded userspace implementation (boringtun over /dev/net/tun) only.
-    Userspace,
-}
+pub use crate::net::wireguard::WgMode;
 
 /// The join and the WireGuard link; the mesh task takes this group as it is.
 #[derive(Args, Clone, Debug)]
