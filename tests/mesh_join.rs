@@ -443,3 +443,45 @@ fn a_new_key_is_joined_before_the_tunnel_uses_it() {
     let log = agent.log();
     assert!(log.contains("handshaking again"), "{log}");
 }
+
+/// The original controller's entrypoint does not add its WireGuard peers back after a
+/// restart: the node's handshakes go unanswered until it joins again. With no handshake
+/// for WG_STALE_AFTER the agent re-joins at once (not at JOIN_REFRESH_INTERVAL, here
+/// 300 s) and starts a new handshake; `/health` says so while it lasts.
+#[test]
+fn a_controller_that_forgot_the_node_has_it_back_after_wg_stale_after() {
+    let topo = Topology::new();
+    let mut ctl = Controller::new(&topo);
+    ctl.serve();
+    let iface = unique_ifname("wgn");
+    let mut env = Controller::agent_env(&iface);
+    env.push(("WG_STALE_AFTER".into(), "8".into()));
+    env.push(("JOIN_REFRESH_INTERVAL".into(), "300".into()));
+    let agent = Agent::start_with(&topo, &env_refs(&env));
+    wait_joined_with_handshake(&agent);
+    let pubkey = ctl.state.lock().unwrap().node_pubkey.clone().unwrap();
+    let joins = ctl.requests();
+    assert_eq!(health(&agent)["tunnel_stale"], json!(false));
+
+    // The controller restarts and forgets its peers.
+    ctl.remove_peer(&pubkey);
+    let forgotten = Instant::now();
+    wait_for("the stale tunnel", Duration::from_secs(20), || {
+        health(&agent)["tunnel_stale"] == json!(true)
+    });
+    wait_for("the node back", Duration::from_secs(30), || {
+        ctl.handshake_with(&pubkey).is_some() && health(&agent)["tunnel_stale"] == json!(false)
+    });
+    eprintln!(
+        "node back {:?} after the controller forgot it",
+        forgotten.elapsed()
+    );
+    assert!(ctl.requests() > joins, "it re-joined");
+    let r = tunnel_api(&ctl, &agent.token)
+        .request("GET", "/health", None, None)
+        .unwrap();
+    assert_eq!(r.status, 200, "{r:?}");
+    let log = agent.log();
+    assert_eq!(log.matches("the tunnel is dead").count(), 1, "{log}");
+    assert!(log.contains("the tunnel is back"), "{log}");
+}

@@ -242,9 +242,35 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     // The image backs the VM's disk: it cannot go.
     api.delete("/images/tiny").assert_error(|s| s == 409);
 
-    // Someone undefines the running domain behind the agent's back: reconcile defines
-    // it again from its row and starts it (desired state: running).
+    // Someone destroys the domain behind the agent's back: libvirt's lifecycle event
+    // has it in the status within a second (the last full listing, kept 1 s, said
+    // `running`), and in `vms.last_state`.
+    assert_eq!(e.state("tiny1"), "running");
     virsh(&["destroy", "tiny1"]);
+    let destroyed = Instant::now();
+    while e.state("tiny1") != "shutoff" {
+        assert!(
+            destroyed.elapsed() < Duration::from_secs(1),
+            "the outside destroy was not seen within a second"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    eprintln!("outside destroy seen after {:?}", destroyed.elapsed());
+    let recorded = Instant::now();
+    while e
+        .agent
+        .sql("select last_state from vms where name = 'tiny1'")
+        .trim()
+        != "shutoff"
+    {
+        assert!(
+            recorded.elapsed() < Duration::from_secs(5),
+            "vms.last_state"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    // ... then undefines it: reconcile defines it again from its row and starts it
+    // (desired state: running).
     virsh(&["undefine", "tiny1"]);
     wait_redefined(&e, "tiny1");
     e.wait_ready("tiny1", 4);

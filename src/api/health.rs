@@ -21,6 +21,8 @@ pub struct Health {
     /// `kernel` or `userspace`.
     tunnel: Option<String>,
     last_handshake_s: Option<u64>,
+    /// No handshake with the controller for WG_STALE_AFTER: the node is re-joining.
+    tunnel_stale: bool,
     join_error: Option<String>,
 }
 
@@ -28,7 +30,8 @@ pub struct Health {
     get, path = "/health", tag = "node",
     responses((status = 200, description = "The API is up; no authentication needed. \
         `join`: standalone, joining, joined or cached; `node_ip`, `tunnel` (kernel or userspace) \
-        and `last_handshake_s` (seconds since the controller's last handshake) once known", body = Health))
+        and `last_handshake_s` (seconds since the controller's last handshake) once known; \
+        `tunnel_stale`: no handshake for WG_STALE_AFTER, the node is re-joining", body = Health))
 )]
 pub async fn health(State(state): State<AppState>) -> Json<Value> {
     let s = state.mesh.snapshot();
@@ -43,6 +46,7 @@ pub async fn health(State(state): State<AppState>) -> Json<Value> {
         "node_ip": s.node_ip.map(|ip| ip.to_string()),
         "tunnel": s.tunnel.map(|t| t.as_str()),
         "last_handshake_s": since,
+        "tunnel_stale": s.stale,
         "join_error": s.error,
     }))
 }

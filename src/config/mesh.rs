@@ -62,6 +62,13 @@ pub struct MeshSettings {
     )]
     pub wg_keepalive: u16,
 
+    /// Seconds without a handshake with the controller after which the tunnel counts as
+    /// dead: re-join at once, then with the join backoff while it stays dead (0: off).
+    /// 135 is wg-quick's reresolve-dns threshold; a live tunnel with keepalive
+    /// handshakes every two minutes.
+    #[arg(long, env = "WG_STALE_AFTER", value_name = "WG_STALE_AFTER", default_value_t = 135, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    pub wg_stale_after: u64,
+
     /// First delay between two join attempts, in milliseconds; doubled after every
     /// failure (with jitter) up to JOIN_RETRY_MAX.
     #[arg(long, env = "JOIN_RETRY_INITIAL_MS", value_name = "JOIN_RETRY_INITIAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=600_000))]
@@ -133,6 +140,11 @@ impl MeshSettings {
 
     pub fn join_refresh(&self) -> Duration {
         Duration::from_secs(self.join_refresh_interval)
+    }
+
+    /// WG_STALE_AFTER, `None` when 0 (off).
+    pub fn stale_after(&self) -> Option<Duration> {
+        Some(Duration::from_secs(self.wg_stale_after)).filter(|d| !d.is_zero())
     }
 
     /// WG_KEEPALIVE, `None` when 0 (off).

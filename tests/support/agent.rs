@@ -40,6 +40,7 @@ const AGENT_ENV: &[&str] = &[
     "WG_MODE",
     "WG_MTU",
     "WG_KEEPALIVE",
+    "WG_STALE_AFTER",
     "WG_LISTEN_PORT",
     "JOIN_RETRY_INITIAL_MS",
     "JOIN_RETRY_MAX",

@@ -2,6 +2,8 @@
 //! the cached join when the controller is away, follows changes on re-join, and keeps
 //! the status `/health` shows and the API's trusted-tunnel check reads.
 
+mod stale;
+
 use std::net::{IpAddr, Ipv4Addr};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
@@ -10,6 +12,7 @@ use ipnetwork::Ipv4Network;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use self::stale::{StaleWatch, Verdict};
 use crate::config::MeshSettings;
 use crate::join::{self, Backoff, Client, Join, Retry};
 use crate::keys::NodeKeys;
@@ -51,6 +54,8 @@ pub struct Status {
     pub controller_nets: Vec<Ipv4Network>,
     pub tunnel: Option<TunnelMode>,
     pub last_handshake: Option<SystemTime>,
+    /// No handshake for WG_STALE_AFTER: the agent is re-joining.
+    pub stale: bool,
     /// The last join or tunnel error, for operators.
     pub error: Option<String>,
 }
@@ -238,6 +243,16 @@ impl Mesh {
 
         let (first_delay, longest_delay) = self.settings.join_backoff();
         let mut backoff = Backoff::new(first_delay, longest_delay);
+        let mut stale = StaleWatch::new(
+            self.settings.stale_after(),
+            Backoff::new(first_delay, longest_delay),
+        );
+        if applied {
+            stale.configured(SystemTime::now());
+        }
+        // A re-join because the tunnel went stale: once it succeeds, the handshake is
+        // started again (the controller forgot the session) and the endpoint resolved anew.
+        let mut stale_rejoin = false;
         let refresh = self.settings.join_refresh();
         let mut joining = true;
         let mut next_join = Instant::now();
@@ -252,9 +267,10 @@ impl Mesh {
                             next_join = Instant::now() + refresh;
                             held_back = None;
                             self.joined(&mut link, &mut current, &mut applied, j).await;
-                            if std::mem::take(&mut key_unconfirmed) {
+                            if std::mem::take(&mut key_unconfirmed) | std::mem::take(&mut stale_rejoin) {
                                 self.restart_handshake(&link, &current).await;
                             }
+                            stale.configured(SystemTime::now());
                             // A reconfigured peer needs a new handshake: look (and nudge) now.
                             next_poll = Instant::now();
                         }
@@ -268,6 +284,7 @@ impl Mesh {
                                     if let Some(j) = held_back.take() {
                                         tracing::info!(node_ip = %j.node_ip, "the controller cannot be reached: bringing the tunnel up from the previous join with the new key");
                                         self.bring_up_cached(&mut link, &mut applied, &j).await;
+                                        stale.configured(SystemTime::now());
                                         current = Some(j);
                                         key_unconfirmed = true;
                                     }
@@ -289,6 +306,10 @@ impl Mesh {
                     let has_handshake = self.poll_handshake(&link, &current).await;
                     // Often until the first handshake (health shows it at once), then rarely.
                     next_poll = Instant::now() + if has_handshake { Duration::from_secs(5) } else { Duration::from_millis(200) };
+                    if applied && self.watch_staleness(&mut stale) && joining {
+                        next_join = Instant::now();
+                        stale_rejoin = true;
+                    }
                 }
             }
         }
@@ -297,6 +318,42 @@ impl Mesh {
             && let Ok(l) = m.into_inner()
         {
             let _ = tokio::task::spawn_blocking(move || l.shutdown()).await;
+        }
+    }
+
+    /// Looks at the handshake's age; true when a re-join is due now. Logs each
+    /// transition once.
+    fn watch_staleness(&self, stale: &mut StaleWatch) -> bool {
+        let verdict = stale.check(
+            self.snapshot_handshake(),
+            SystemTime::now(),
+            std::time::Instant::now(),
+        );
+        match verdict {
+            Verdict::Wait => false,
+            Verdict::Rejoin { age, first } => {
+                if first {
+                    tracing::warn!(
+                        age_s = age.as_secs(),
+                        "no handshake with the controller for WG_STALE_AFTER: the tunnel is dead; re-joining"
+                    );
+                    self.status.update(|s| s.stale = true);
+                } else {
+                    tracing::debug!(
+                        age_s = age.as_secs(),
+                        "the tunnel is still dead; re-joining"
+                    );
+                }
+                true
+            }
+            Verdict::Back { after } => {
+                tracing::info!(
+                    after_ms = after.as_millis() as u64,
+                    "handshake with the controller again; the tunnel is back"
+                );
+                self.status.update(|s| s.stale = false);
+                false
+            }
         }
     }
 

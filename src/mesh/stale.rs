@@ -1,0 +1,141 @@
+//! When the tunnel to the controller is dead: the last handshake (or, before any, the
+//! tunnel's set-up) is older than WG_STALE_AFTER. A controller that restarted and forgot
+//! its WireGuard peers (the original controller's entrypoint does not add them back)
+//! answers no handshake until the node joins again; waiting for JOIN_REFRESH_INTERVAL
+//! cut a node off for five minutes. Stale, the node re-joins at once, then with the join
+//! backoff while it stays stale.
+
+use std::time::{Duration, Instant, SystemTime};
+
+use crate::join::Backoff;
+
+/// What the mesh task should do after a look at the handshake.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Verdict {
+    /// Nothing (alive, or stale and waiting for the next re-join).
+    Wait,
+    /// The tunnel just went stale, or stays stale and its backoff ran out: re-join now.
+    Rejoin { age: Duration, first: bool },
+    /// A handshake again after being stale.
+    Back { after: Duration },
+}
+
+pub struct StaleWatch {
+    /// WG_STALE_AFTER; `None`: never stale (the setting is 0).
+    after: Option<Duration>,
+    backoff: Backoff,
+    /// Since when the tunnel is stale, and when it may re-join again.
+    stale: Option<(Instant, Instant)>,
+    /// When the tunnel was last (re)configured: the age counts from there until the
+    /// first handshake after it.
+    configured_at: Option<SystemTime>,
+}
+
+impl StaleWatch {
+    pub fn new(after: Option<Duration>, backoff: Backoff) -> Self {
+        Self {
+            after,
+            backoff,
+            stale: None,
+            configured_at: None,
+        }
+    }
+
+    /// The tunnel was (re)configured now: a handshake is due from now on.
+    pub fn configured(&mut self, at: SystemTime) {
+        self.configured_at = Some(at);
+    }
+
+    /// Looks at the last handshake (`None`: none yet) at `now`.
+    pub fn check(
+        &mut self,
+        last_handshake: Option<SystemTime>,
+        now: SystemTime,
+        mono: Instant,
+    ) -> Verdict {
+        let (Some(after), Some(configured)) = (self.after, self.configured_at) else {
+            return Verdict::Wait;
+        };
+        let alive_at = last_handshake.map_or(configured, |h| h.max(configured));
+        let age = now.duration_since(alive_at).unwrap_or_default();
+        match (age > after, self.stale) {
+            (false, None) => Verdict::Wait,
+            (false, Some((since, _))) => {
+                self.stale = None;
+                self.backoff.reset();
+                Verdict::Back {
+                    after: mono.saturating_duration_since(since),
+                }
+            }
+            (true, None) => {
+                self.stale = Some((mono, mono + self.backoff.next_delay()));
+                Verdict::Rejoin { age, first: true }
+            }
+            (true, Some((since, next))) if mono >= next => {
+                self.stale = Some((since, mono + self.backoff.next_delay()));
+                Verdict::Rejoin { age, first: false }
+            }
+            (true, Some(_)) => Verdict::Wait,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stale_re_joins_at_once_then_with_backoff_and_says_when_it_is_back() {
+        let backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
+        let mut w = StaleWatch::new(Some(Duration::from_secs(135)), backoff);
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let m0 = Instant::now();
+        let at = |s: u64| (t0 + Duration::from_secs(s), m0 + Duration::from_secs(s));
+        // Not configured yet: never stale.
+        assert_eq!(w.check(None, at(500).0, at(500).1), Verdict::Wait);
+        w.configured(t0);
+        // No handshake yet: the age counts from the set-up.
+        assert_eq!(w.check(None, at(100).0, at(100).1), Verdict::Wait);
+        let hs = Some(t0 + Duration::from_secs(100));
+        assert_eq!(w.check(hs, at(200).0, at(200).1), Verdict::Wait);
+        // 136 s after the last handshake: re-join now, once.
+        assert_eq!(
+            w.check(hs, at(236).0, at(236).1),
+            Verdict::Rejoin {
+                age: Duration::from_secs(136),
+                first: true
+            }
+        );
+        assert!(w.stale.is_some());
+        // Still stale 0.5 s later: waits for the backoff (at least 1 s, the jitter's floor).
+        assert_eq!(
+            w.check(
+                hs,
+                at(236).0 + Duration::from_millis(500),
+                at(236).1 + Duration::from_millis(500)
+            ),
+            Verdict::Wait
+        );
+        // After the backoff's ceiling: re-join again.
+        assert!(matches!(
+            w.check(hs, at(239).0, at(239).1),
+            Verdict::Rejoin { first: false, .. }
+        ));
+        // A new handshake: back, 4 s after it went stale.
+        let hs = Some(t0 + Duration::from_secs(240));
+        assert_eq!(
+            w.check(hs, at(240).0, at(240).1),
+            Verdict::Back {
+                after: Duration::from_secs(4)
+            }
+        );
+        assert!(w.stale.is_none());
+        // Off: never stale.
+        let mut off = StaleWatch::new(
+            None,
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(1)),
+        );
+        off.configured(t0);
+        assert_eq!(off.check(None, at(10_000).0, at(10_000).1), Verdict::Wait);
+    }
+}
