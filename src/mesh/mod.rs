@@ -385,8 +385,8 @@ impl Mesh {
         })
         .await;
         match done {
-            Ok(Ok(())) => {
-                tracing::info!("the controller knows the node's key now; handshaking again");
+            Ok(Ok(changed)) => {
+                tracing::info!(changed = ?changed, "the controller knows the node now; handshaking again");
                 nudge(&j);
             }
             other => {

@@ -24,11 +24,18 @@ pub struct StaleWatch {
     /// WG_STALE_AFTER; `None`: never stale (the setting is 0).
     after: Option<Duration>,
     backoff: Backoff,
-    /// Since when the tunnel is stale, and when it may re-join again.
-    stale: Option<(Instant, Instant)>,
+    stale: Option<Stale>,
     /// When the tunnel was last (re)configured: the age counts from there until the
     /// first handshake after it.
     configured_at: Option<SystemTime>,
+}
+
+/// A dead tunnel: since when, and when it may re-join again.
+#[derive(Clone, Copy)]
+struct Stale {
+    since: SystemTime,
+    since_mono: Instant,
+    next: Instant,
 }
 
 impl StaleWatch {
@@ -46,7 +53,8 @@ impl StaleWatch {
         self.configured_at = Some(at);
     }
 
-    /// Looks at the last handshake (`None`: none yet) at `now`.
+    /// Looks at the last handshake (`None`: none yet) at `now`. Once stale, only a
+    /// handshake newer than that ends it (a re-join and a restarted handshake do not).
     pub fn check(
         &mut self,
         last_handshake: Option<SystemTime>,
@@ -56,26 +64,41 @@ impl StaleWatch {
         let (Some(after), Some(configured)) = (self.after, self.configured_at) else {
             return Verdict::Wait;
         };
-        let alive_at = last_handshake.map_or(configured, |h| h.max(configured));
-        let age = now.duration_since(alive_at).unwrap_or_default();
-        match (age > after, self.stale) {
-            (false, None) => Verdict::Wait,
-            (false, Some((since, _))) => {
+        match self.stale {
+            None => {
+                let alive_at = last_handshake.map_or(configured, |h| h.max(configured));
+                let age = now.duration_since(alive_at).unwrap_or_default();
+                if age <= after {
+                    return Verdict::Wait;
+                }
+                self.stale = Some(Stale {
+                    since: now,
+                    since_mono: mono,
+                    next: mono + self.backoff.next_delay(),
+                });
+                Verdict::Rejoin { age, first: true }
+            }
+            Some(st) if last_handshake.is_some_and(|h| h > st.since) => {
                 self.stale = None;
                 self.backoff.reset();
                 Verdict::Back {
-                    after: mono.saturating_duration_since(since),
+                    after: mono.saturating_duration_since(st.since_mono),
                 }
             }
-            (true, None) => {
-                self.stale = Some((mono, mono + self.backoff.next_delay()));
-                Verdict::Rejoin { age, first: true }
+            Some(st) if mono >= st.next => {
+                self.stale = Some(Stale {
+                    next: mono + self.backoff.next_delay(),
+                    ..st
+                });
+                let age = last_handshake
+                    .map_or(configured, |h| h.max(configured))
+                    .min(st.since);
+                Verdict::Rejoin {
+                    age: now.duration_since(age).unwrap_or_default(),
+                    first: false,
+                }
             }
-            (true, Some((since, next))) if mono >= next => {
-                self.stale = Some((since, mono + self.backoff.next_delay()));
-                Verdict::Rejoin { age, first: false }
-            }
-            (true, Some(_)) => Verdict::Wait,
+            Some(_) => Verdict::Wait,
         }
     }
 }
@@ -121,6 +144,9 @@ mod tests {
             w.check(hs, at(239).0, at(239).1),
             Verdict::Rejoin { first: false, .. }
         ));
+        // The re-join configured the tunnel anew: still stale without a handshake.
+        w.configured(at(239).0);
+        assert_eq!(w.check(hs, at(239).0, at(239).1), Verdict::Wait);
         // A new handshake: back, 4 s after it went stale.
         let hs = Some(t0 + Duration::from_secs(240));
         assert_eq!(

@@ -353,11 +353,12 @@ impl WgLink {
     /// Drops the peer's session and configures it again, so a handshake starts with the
     /// next packet instead of after WireGuard's own retry (5 s after a handshake the
     /// controller ignored: it did not know the node's key yet, or had forgotten the node).
-    pub fn restart_handshake(&self, spec: &LinkSpec) -> Result<(), WgError> {
+    /// Returns what it configured (the peer, with its endpoint resolved anew).
+    pub fn restart_handshake(&self, spec: &LinkSpec) -> Result<Vec<String>, WgError> {
         if self.read_host()?.peers.contains_key(&spec.peer_key) {
             self.remove_peer(&spec.peer_key)?;
         }
-        self.apply(spec).map(drop)
+        self.apply(spec)
     }
 
     async fn apply_link(&self, spec: &LinkSpec) -> Result<Vec<String>, WgError> {
