@@ -1,0 +1,342 @@
+//! The port-map service against the in-memory firewall.
+
+use super::*;
+use crate::portmap::MemoryFirewall;
+use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
+
+fn setup() -> (PortMaps, Arc<MemoryFirewall>) {
+    let fw = Arc::new(MemoryFirewall::default());
+    let mut reserved = BTreeMap::new();
+    reserved.insert(22, "SSH".to_string());
+    let svc = PortMaps::new(
+        Store::open_in_memory().unwrap(),
+        fw.clone(),
+        Policy::new(vec!["10.0.0.0/24".parse().unwrap()], reserved),
+    );
+    svc.restore().unwrap();
+    (svc, fw)
+}
+
+fn map(proto: Proto, port: u16, host: u8, target: u16) -> PortMap {
+    PortMap {
+        proto,
+        listen_port: port,
+        target_ip: Ipv4Addr::new(10, 0, 0, host),
+        target_port: target,
+    }
+}
+
+fn kernel(fw: &MemoryFirewall) -> Vec<PortMap> {
+    fw.maps().unwrap().into_iter().collect()
+}
+
+fn stored(svc: &PortMaps) -> Vec<PortMap> {
+    let mut v: Vec<_> = svc.list().unwrap().into_iter().map(|r| r.map).collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn the_maps_of_a_target_go_in_one_transaction_with_their_audit_rows_or_not_at_all() {
+    let (svc, fw) = setup();
+    let (a, b, c) = (
+        map(Proto::Tcp, 2222, 5, 22),
+        map(Proto::Udp, 5353, 5, 53),
+        map(Proto::Tcp, 8080, 6, 80),
+    );
+    for m in [a, b, c] {
+        svc.create(m, false, "t", None).unwrap();
+    }
+    let entry = |m: &PortMap| Entry {
+        client_addr: None,
+        identity: "agent".into(),
+        action: format!("DELETE /ports/{} (VM deleted)", m.listen_port),
+        parameters: None,
+        outcome: audit::Outcome::Ok,
+        status: None,
+        error: None,
+    };
+    let audit_rows = |svc: &PortMaps| -> i64 {
+        svc.store()
+            .with(|c| {
+                Ok::<_, crate::store::StoreError>(c.query_row(
+                    "SELECT count(*) FROM audit_log",
+                    [],
+                    |r| r.get(0),
+                )?)
+            })
+            .unwrap()
+    };
+    // The kernel refuses: nothing changes anywhere.
+    fw.fail_next("Operation not permitted");
+    assert!(
+        svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 5)], entry)
+            .is_err()
+    );
+    assert_eq!(stored(&svc), vec![a, c, b]);
+    assert_eq!(kernel(&fw).len(), 3);
+    assert_eq!(audit_rows(&svc), 0);
+
+    let gone = svc
+        .delete_targeting(&[Ipv4Addr::new(10, 0, 0, 5)], entry)
+        .unwrap();
+    assert_eq!(gone, vec![a, b]);
+    assert_eq!(stored(&svc), vec![c]);
+    assert_eq!(kernel(&fw), vec![c]);
+    assert_eq!(audit_rows(&svc), 2);
+    assert!(
+        svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 9)], entry)
+            .unwrap()
+            .is_empty()
+    );
+}
+
+#[test]
+fn a_comparison_that_cannot_read_the_kernel_says_so_and_not_refused() {
+    let (svc, fw) = setup();
+    fw.fail_next("Operation not permitted (errno 1)");
+    let e = svc.drift().unwrap_err().to_string();
+    assert_eq!(
+        e,
+        "cannot read the kernel's nftables state: Operation not permitted (errno 1)"
+    );
+}
+
+#[test]
+fn create_is_idempotent_and_conflicts_need_replace() {
+    let (svc, fw) = setup();
+    let a = map(Proto::Tcp, 8080, 2, 80);
+    assert_eq!(
+        svc.create(a, false, "t", None).unwrap(),
+        CreateOutcome::Created
+    );
+    assert_eq!(
+        svc.create(a, false, "t", None).unwrap(),
+        CreateOutcome::Unchanged
+    );
+    let b = map(Proto::Tcp, 8080, 3, 80);
+    assert!(matches!(
+        svc.create(b, false, "t", None),
+        Err(PortMapError::Conflict { .. })
+    ));
+    assert_eq!(kernel(&fw), vec![a]);
+    assert_eq!(
+        svc.create(b, true, "t", None).unwrap(),
+        CreateOutcome::Replaced { previous: a }
+    );
+    assert_eq!(kernel(&fw), vec![b]);
+    assert_eq!(stored(&svc), vec![b]);
+    // The same port in UDP is another map.
+    let u = map(Proto::Udp, 8080, 2, 53);
+    svc.create(u, false, "t", None).unwrap();
+    assert_eq!(stored(&svc), kernel(&fw));
+}
+
+#[test]
+fn a_kernel_refusal_leaves_the_database_untouched() {
+    let (svc, fw) = setup();
+    let a = map(Proto::Tcp, 8080, 2, 80);
+    svc.create(a, false, "t", None).unwrap();
+    fw.fail_next("Operation not permitted");
+    let err = svc
+        .create(map(Proto::Tcp, 8080, 3, 80), true, "t", None)
+        .unwrap_err();
+    assert!(err.to_string().contains("Operation not permitted"), "{err}");
+    assert_eq!(stored(&svc), vec![a]);
+    fw.fail_next("Operation not permitted");
+    svc.create(map(Proto::Tcp, 9090, 3, 80), false, "t", None)
+        .unwrap_err();
+    fw.fail_next("Operation not permitted");
+    svc.delete(Proto::Tcp, 8080, None).unwrap_err();
+    assert_eq!(stored(&svc), vec![a]);
+    assert_eq!(kernel(&fw), vec![a]);
+}
+
+#[test]
+fn policy_refusals_change_nothing() {
+    let (svc, fw) = setup();
+    assert!(matches!(
+        svc.create(map(Proto::Tcp, 22, 2, 80), false, "t", None),
+        Err(PortMapError::Policy(_))
+    ));
+    let outside = PortMap {
+        target_ip: Ipv4Addr::new(1, 1, 1, 1),
+        ..map(Proto::Tcp, 8080, 2, 80)
+    };
+    assert!(matches!(
+        svc.create(outside, false, "t", None),
+        Err(PortMapError::Policy(_))
+    ));
+    // The node's own address inside the VM subnet (the bridge's) is not a VM.
+    fw.add_local_address(Ipv4Addr::new(10, 0, 0, 1));
+    let e = svc
+        .create(map(Proto::Tcp, 8080, 1, 22), false, "t", None)
+        .unwrap_err();
+    assert!(e.to_string().contains("node itself"), "{e}");
+    assert!(stored(&svc).is_empty());
+    assert!(kernel(&fw).is_empty());
+}
+
+#[test]
+fn delete_reports_whether_something_was_deleted() {
+    let (svc, fw) = setup();
+    let a = map(Proto::Udp, 5353, 2, 53);
+    svc.create(a, false, "t", None).unwrap();
+    assert_eq!(svc.delete(Proto::Tcp, 5353, None).unwrap(), None);
+    assert_eq!(svc.delete(Proto::Udp, 5353, None).unwrap(), Some(a));
+    assert_eq!(svc.delete(Proto::Udp, 5353, None).unwrap(), None);
+    assert!(kernel(&fw).is_empty());
+}
+
+#[test]
+fn reconcile_repairs_a_wiped_table_and_is_quiet_when_in_sync() {
+    let (svc, fw) = setup();
+    let a = map(Proto::Tcp, 8080, 2, 80);
+    svc.create(a, false, "t", None).unwrap();
+    let r = svc.reconcile().unwrap();
+    assert!(!r.changed(), "{r:?}");
+    fw.wipe();
+    assert_eq!(svc.drift().unwrap(), vec!["table missing".to_string()]);
+    let r = svc.reconcile().unwrap();
+    assert!(r.rewritten);
+    assert_eq!(kernel(&fw), vec![a]);
+    let audited: i64 = svc
+        .store()
+        .with(|c| {
+            Ok::<_, StoreError>(c.query_row(
+                "SELECT count(*) FROM audit_log WHERE action = 'reconcile'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap();
+    assert_eq!(audited, 1);
+}
+
+fn reconcile_rows(svc: &PortMaps) -> Vec<String> {
+    svc.store()
+        .with(|c| {
+            let mut stmt = c.prepare(
+                "SELECT parameters FROM audit_log WHERE action = 'reconcile' ORDER BY id",
+            )?;
+            let rows = stmt
+                .query_map([], |r| r.get::<_, String>(0))?
+                .collect::<Result<Vec<_>, _>>()?;
+            Ok::<_, StoreError>(rows)
+        })
+        .unwrap()
+}
+
+#[test]
+fn a_change_to_a_table_deleted_behind_the_agents_back_repairs_it_first() {
+    let (svc, fw) = setup();
+    let (a, b, c) = (
+        map(Proto::Tcp, 8080, 2, 80),
+        map(Proto::Udp, 5353, 2, 53),
+        map(Proto::Tcp, 9090, 3, 80),
+    );
+    svc.create(a, false, "t", None).unwrap();
+    svc.create(b, false, "t", None).unwrap();
+
+    // Add: the kernel says ENOENT; the table comes back with every map and the new one.
+    fw.wipe();
+    assert_eq!(
+        svc.create(c, false, "t", None).unwrap(),
+        CreateOutcome::Created
+    );
+    assert_eq!(kernel(&fw), vec![a, c, b]);
+    assert_eq!(stored(&svc), kernel(&fw));
+    let rows = reconcile_rows(&svc);
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert!(rows[0].contains("No such file or directory"), "{rows:?}");
+
+    // Delete and replace alike.
+    fw.wipe();
+    assert_eq!(svc.delete(Proto::Tcp, 8080, None).unwrap(), Some(a));
+    assert_eq!(kernel(&fw), vec![c, b]);
+    fw.wipe();
+    let c2 = map(Proto::Tcp, 9090, 4, 80);
+    assert_eq!(
+        svc.create(c2, true, "t", None).unwrap(),
+        CreateOutcome::Replaced { previous: c }
+    );
+    assert_eq!(kernel(&fw), vec![c2, b]);
+    fw.wipe();
+    svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 2)], |_| Entry {
+        client_addr: None,
+        identity: "agent".into(),
+        action: "DELETE (VM deleted)".into(),
+        parameters: None,
+        outcome: Outcome::Ok,
+        status: None,
+        error: None,
+    })
+    .unwrap();
+    assert_eq!(kernel(&fw), vec![c2]);
+    assert_eq!(stored(&svc), vec![c2]);
+    assert_eq!(reconcile_rows(&svc).len(), 4);
+    assert!(!svc.reconcile().unwrap().changed());
+}
+
+#[test]
+fn a_drifted_table_that_cannot_be_repaired_changes_nothing_and_says_try_again() {
+    let (svc, fw) = setup();
+    let a = map(Proto::Tcp, 8080, 2, 80);
+    svc.create(a, false, "t", None).unwrap();
+    fw.fail_next_as(
+        crate::portmap::FirewallErrorKind::NotFound,
+        "No such file or directory",
+    );
+    fw.fail_next("Operation not permitted");
+    let e = svc
+        .create(map(Proto::Tcp, 9090, 3, 80), false, "t", None)
+        .unwrap_err();
+    assert!(matches!(e, PortMapError::Drifted { .. }), "{e:?}");
+    let text = e.to_string();
+    assert!(text.contains("No such file or directory"), "{text}");
+    assert!(text.contains("Operation not permitted"), "{text}");
+    assert!(text.contains("try again"), "{text}");
+    assert_eq!(stored(&svc), vec![a]);
+    assert_eq!(kernel(&fw), vec![a]);
+    assert!(reconcile_rows(&svc).is_empty());
+    // Other refusals are not drift: no repair is tried.
+    fw.fail_next("Operation not permitted");
+    let e = svc
+        .create(map(Proto::Tcp, 9090, 3, 80), false, "t", None)
+        .unwrap_err();
+    assert!(matches!(e, PortMapError::Kernel(_)), "{e:?}");
+}
+
+#[test]
+fn tunnel_sources_take_effect_with_the_next_whole_table_write() {
+    use crate::net::antispoof::TunnelGuard;
+    let (svc, fw) = setup();
+    let nets = vec!["10.50.0.1/32".parse().unwrap()];
+    fw.set_tunnel_sources(&nets);
+    assert_eq!(fw.tunnel_sources_in_force(), Some(vec![]));
+    assert_eq!(svc.drift().unwrap().len(), 1);
+    svc.restore().unwrap();
+    assert_eq!(fw.tunnel_sources_in_force(), Some(nets));
+    assert!(svc.drift().unwrap().is_empty());
+}
+
+#[test]
+fn the_list_cache_follows_every_change() {
+    let (svc, _fw) = setup();
+    let json = |svc: &PortMaps| -> serde_json::Value {
+        let body: serde_json::Value = serde_json::from_slice(&svc.list_body().unwrap()).unwrap();
+        assert_eq!(body["ok"], true);
+        body["rules"].clone()
+    };
+    assert_eq!(json(&svc).as_object().unwrap().len(), 0);
+    svc.create(map(Proto::Tcp, 8080, 2, 80), false, "t", None)
+        .unwrap();
+    svc.create(map(Proto::Udp, 8080, 2, 53), false, "t", None)
+        .unwrap();
+    let v = json(&svc);
+    assert_eq!(v["8080"]["target_port"], 80);
+    assert_eq!(v["8080/udp"]["proto"], "udp");
+    svc.delete(Proto::Tcp, 8080, None).unwrap();
+    assert!(json(&svc).get("8080").is_none());
+}
