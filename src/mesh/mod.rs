@@ -378,20 +378,12 @@ impl Mesh {
             return;
         };
         let spec = self.spec(&j);
-        let done = tokio::task::spawn_blocking(move || {
-            link.lock()
-                .map_err(|_| "link mutex poisoned".to_string())
-                .and_then(|l| l.restart_handshake(&spec).map_err(|e| e.to_string()))
-        })
-        .await;
-        match done {
-            Ok(Ok(changed)) => {
+        match on_link(link, move |l| l.restart_handshake(&spec)).await {
+            Ok(changed) => {
                 tracing::info!(changed = ?changed, "the controller knows the node now; handshaking again");
                 nudge(&j);
             }
-            other => {
-                tracing::warn!(result = ?other.map(|r| r.map(|_| ())), "cannot restart the handshake")
-            }
+            Err(e) => tracing::warn!(error = %e, "cannot restart the handshake"),
         }
     }
 
@@ -452,14 +444,8 @@ impl Mesh {
             return false;
         };
         let key = j.controller_pubkey.clone();
-        let got = tokio::task::spawn_blocking(move || {
-            link.lock()
-                .map_err(|_| "poisoned".to_string())
-                .and_then(|l| l.last_handshake(&key).map_err(|e| e.to_string()))
-        })
-        .await;
-        match got {
-            Ok(Ok(t)) => {
+        match on_link(link, move |l| l.last_handshake(&key)).await {
+            Ok(t) => {
                 if t.is_none() {
                     nudge(j);
                 }
@@ -477,6 +463,19 @@ impl Mesh {
     fn snapshot_handshake(&self) -> Option<SystemTime> {
         self.status.snapshot().last_handshake
     }
+}
+
+/// Runs `f` on the link, off the runtime (the link's calls block).
+async fn on_link<T: Send + 'static>(
+    link: SharedLink,
+    f: impl FnOnce(&WgLink) -> Result<T, crate::net::wireguard::WgError> + Send + 'static,
+) -> Result<T, String> {
+    tokio::task::spawn_blocking(move || {
+        let l = link.lock().map_err(|_| "link mutex poisoned".to_string())?;
+        f(&l).map_err(|e| e.to_string())
+    })
+    .await
+    .map_err(|e| e.to_string())?
 }
 
 /// Sends one datagram to the controller's tunnel address (the discard port) so that the
