@@ -2,10 +2,11 @@
 # The one command for the benchmarks of docs/benchmarks.md: port maps (a)-(e), the
 # mesh join (f), VMs (g: POST /vms latency, h: lease -> /ip delay), the connection
 # budget (i: fresh requests while strangers hold 2,400 connections), strangers (j: an
-# unauthenticated flood), and the agent's memory around a GET /ports load (k).
+# unauthenticated flood), the agent's memory around a GET /ports load (k), and a fleet
+# of 20 agents under one controller (l: simultaneous start, controller restart).
 #
 #   sudo scripts/bench.sh            # everything, ~10 minutes after the build
-#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f g h i j k)
+#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f g h i j k l)
 #
 # Installs what it needs, builds --release once, runs every measurement inside network
 # namespaces it creates and deletes (trap), prints a results table and writes it as
@@ -20,7 +21,7 @@ ROOT=$PWD
 
 [ "$(id -u)" = 0 ] || { echo "bench.sh: needs root (network namespaces, nftables)" >&2; exit 1; }
 
-ONLY=${BENCH_ONLY:-"a b c d e f g h i j k"}
+ONLY=${BENCH_ONLY:-"a b c d e f g h i j k l"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- dependencies and build
@@ -414,6 +415,30 @@ if want i; then
         row "(i) fresh authenticated GET /health, one every $(kv "$I" every_ms) ms for $(kv "$I" secs) s, while strangers hold $(kv "$I" hostile) connections (2,000 idle, 200 slowloris, 200 slow-body; re-opened as soon as closed); agent at nofile 1024:1024, cap $(kv "$I" cap)" ">= 99% answered, p99 <= 100 ms" \
             "answered $(kv "$I" load_answered)/$(kv "$I" load_sent) ($(kv "$I" load_answered_pct)%), p50 $(kv "$I" load_p50_ms) ms, p90 $(kv "$I" load_p90_ms) ms, p99 $(kv "$I" load_p99_ms) ms, max $(kv "$I" load_max_ms) ms; baseline (no hostile load, same run): answered $(kv "$I" base_answered)/$(kv "$I" base_sent), p50 $(kv "$I" base_p50_ms) ms, p99 $(kv "$I" base_p99_ms) ms, max $(kv "$I" base_max_ms) ms; hostile connections opened during the phase $(kv "$I" hostile_connects_during), closed by the agent $(kv "$I" hostile_closed_by_agent) in all; agent VmRSS $(kv "$I" agent_rss_kib) KiB, $(kv "$I" agent_fds) fds" \
             "$(verdict eval "ge $(kv "$I" load_answered_pct) 99 && le $(kv "$I" load_p99_ms) 100")"
+    fi
+fi
+
+# ---------------------------------------------------------------- (l) a fleet
+if want l; then
+    echo "== (l) ${FLEET_NODES:-20} agents under one controller: simultaneous start, controller restart (peers forgotten)"
+    # tests/bench_fleet.rs builds the controller's namespace (a bridge) and one
+    # namespace per agent, each with its userspace WireGuard interface.
+    LLOG=$WORK/bench_fleet.log
+    L=$(harness bench_fleet fleet BENCH_FLEET_NODES="${FLEET_NODES:-20}" BENCH_FLEET_RESTARTS="${FLEET_RESTARTS:-2}")
+    if [ -z "$L" ]; then
+        echo "(l) the fleet benchmark did not produce its BENCH line; last lines of its output:" >&2
+        tail -40 "$LLOG" >&2
+        row "(l) fleet: restart -> last node back" "<= 45 s" "not measured: bench_fleet failed (see the output above)" "MISS"
+    else
+        grep -E '^(start|restart|VmRSS)' "$LLOG" || true
+        echo "$L"
+        row "(l) $(kv "$L" nodes) agents started at once -> the controller's handshake with each" "none (reported)" \
+            "p50 $(kv "$L" start_handshake_p50_ms) ms, last node $(kv "$L" start_handshake_max_ms) ms" "-"
+        row "(l) controller restart (all WireGuard peers forgotten) -> last node back, $(kv "$L" restarts) restarts, WG_STALE_AFTER=$(kv "$L" stale_after_s)" "<= 45 s" \
+            "max $(kv "$L" restart_back_max_ms) ms (p50 $(kv "$L" restart_back_p50_ms) ms); re-joins after the restart: min $(kv "$L" rejoin_min_ms), p50 $(kv "$L" rejoin_p50_ms), max $(kv "$L" rejoin_max_ms) ms, at most $(kv "$L" rejoin_peak_1s) of $(kv "$L" nodes) within 1 s" \
+            "$(verdict le "$(kv "$L" restart_back_max_ms)" 45000)"
+        row "(l) each agent's VmRSS, fleet joined and idle" "none (reported)" \
+            "min $(kv "$L" rss_min_kib), p50 $(kv "$L" rss_p50_kib), max $(kv "$L" rss_max_kib) KiB" "-"
     fi
 fi
 

@@ -6,7 +6,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
 use super::client::Api;
-use super::netns::run_ok;
+use super::netns::{Netns, run_ok};
 use super::topology::{API_PORT, EXTERNAL_IFACE, NODE_IP, Topology, VM_SUBNET, sa};
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_node-vm-agent");
@@ -75,6 +75,17 @@ const AGENT_ENV: &[&str] = &[
 /// Bounded wait for `/health`: 300 polls, 100 ms apart.
 const HEALTH_POLLS: usize = 300;
 
+/// Where an agent runs and how its API is reached.
+struct Host<'a> {
+    /// The namespace the agent runs in.
+    node: &'a str,
+    /// VMS_BRIDGE.
+    bridge: &'a str,
+    /// The namespace the test's client connects from, and the address it connects to.
+    api_ns: &'a str,
+    api_addr: std::net::SocketAddr,
+}
+
 pub struct Agent {
     node: String,
     data_dir: tempfile::TempDir,
@@ -140,8 +151,38 @@ impl Agent {
         self.spawn();
     }
 
+    /// As [`Agent::spawn_with`], in a bare namespace of its own (a fleet's node: no
+    /// client, bridge or VMs): its API is reached on the namespace's loopback, VMS_BRIDGE
+    /// names a bridge that need not exist, and EXTERNAL_IFACE is the namespace's `eth0`.
+    pub fn spawn_in(node: &Netns, extra: &[(&str, &str)]) -> Agent {
+        let mut env: Vec<(&str, &str)> = vec![("EXTERNAL_IFACE", "eth0")];
+        env.extend_from_slice(extra);
+        let host = Host {
+            node: node.name(),
+            bridge: "nvafleetbr0",
+            api_ns: node.name(),
+            api_addr: sa(std::net::Ipv4Addr::LOCALHOST, API_PORT),
+        };
+        let (mut agent, configured) = Agent::prepare_on(&host, &env);
+        let token = configured.unwrap_or_else(|| panic!("spawn_in needs API_TOKEN"));
+        agent.set_token(&token);
+        agent.spawn();
+        agent
+    }
+
     /// The agent's settings and fresh data dir, not started; plus the configured token.
     fn prepare(topo: &Topology, extra: &[(&str, &str)]) -> (Agent, Option<String>) {
+        let host = Host {
+            node: topo.node.name(),
+            bridge: &topo.bridge,
+            api_ns: topo.client.name(),
+            api_addr: sa(NODE_IP, API_PORT),
+        };
+        Agent::prepare_on(&host, extra)
+    }
+
+    /// As [`Agent::prepare`], on any host.
+    fn prepare_on(host: &Host, extra: &[(&str, &str)]) -> (Agent, Option<String>) {
         let data_dir = tempfile::Builder::new()
             .prefix("nva-agent-")
             .tempdir()
@@ -153,7 +194,7 @@ impl Agent {
             ("NODE_API_PORT", &API_PORT.to_string()),
             ("API_LISTEN", "0.0.0.0"),
             ("API_TOKEN", &token),
-            ("VMS_BRIDGE", &topo.bridge),
+            ("VMS_BRIDGE", host.bridge),
             ("VM_SUBNET", VM_SUBNET),
             ("EXTERNAL_IFACE", EXTERNAL_IFACE),
             ("LOG_FORMAT", "text"),
@@ -176,13 +217,13 @@ impl Agent {
             .iter()
             .find_map(|t| env.iter().find(|(k, _)| k == t).map(|(_, v)| v.clone()));
         let agent = Agent {
-            node: topo.node.name().to_owned(),
+            node: host.node.to_owned(),
             data_dir,
             log_path,
             env,
             wrapper: Vec::new(),
             child: None,
-            api: Api::new(topo.client.name(), sa(NODE_IP, API_PORT), &token),
+            api: Api::new(host.api_ns, host.api_addr, &token),
             token,
         };
         (agent, configured)

@@ -75,24 +75,7 @@ impl Controller {
 
         let wg_name = unique_ifname("wgc");
         let key = Key::generate();
-        let (name2, key2) = (wg_name.clone(), key.clone());
-        // Created on a thread inside the namespace: the tun device, its UDP socket and
-        // boringtun's worker threads all belong to it.
-        let wg = ns.run(move || {
-            let mut api = WGApi::<Userspace>::new(name2.clone()).unwrap();
-            api.create_interface().unwrap();
-            api.configure_interface(&InterfaceConfiguration {
-                name: name2,
-                prvkey: key2.to_string(),
-                addresses: vec!["10.50.0.1/24".parse().unwrap()],
-                port: WG_PORT,
-                peers: vec![],
-                mtu: None,
-                fwmark: None,
-            })
-            .unwrap();
-            api
-        });
+        let wg = userspace_wg(&ns, &wg_name, &key, "10.50.0.1/24");
         Controller {
             ns,
             wg_name,
@@ -211,12 +194,39 @@ impl Drop for Controller {
     }
 }
 
-fn handle(
-    mut stream: TcpStream,
-    state: &Mutex<State>,
-    wg: &WGApi<Userspace>,
-    key: &Key,
-) -> std::io::Result<()> {
+/// A userspace WireGuard interface `name` with `key` and `address`, listening on
+/// [`WG_PORT`], no peers. Created on a thread inside `ns`: the tun device, its UDP socket
+/// and boringtun's worker threads all belong to that namespace.
+pub fn userspace_wg(ns: &Netns, name: &str, key: &Key, address: &str) -> WGApi<Userspace> {
+    let (name, key, address) = (name.to_owned(), key.to_string(), address.to_owned());
+    ns.run(move || {
+        let mut api = WGApi::<Userspace>::new(name.clone()).unwrap();
+        api.create_interface().unwrap();
+        api.configure_interface(&InterfaceConfiguration {
+            name,
+            prvkey: key,
+            addresses: vec![address.parse().unwrap()],
+            port: WG_PORT,
+            peers: vec![],
+            mtu: None,
+            fwmark: None,
+        })
+        .unwrap();
+        api
+    })
+}
+
+/// One HTTP request as the test controllers read it.
+pub struct Request {
+    /// `POST /join HTTP/1.1`
+    pub line: String,
+    /// The `X-Join-Token` header.
+    pub token: Option<String>,
+    pub body: Vec<u8>,
+}
+
+/// Reads one request (head and Content-Length body) from an accepted connection.
+pub fn read_request(stream: &TcpStream) -> std::io::Result<Request> {
     stream.set_nonblocking(false)?;
     stream.set_read_timeout(Some(Duration::from_secs(5)))?;
     let mut reader = BufReader::new(stream.try_clone()?);
@@ -240,13 +250,28 @@ fn handle(
     }
     let mut body = vec![0u8; length];
     reader.read_exact(&mut body)?;
-    let (status, reply) = answer(&line, token.as_deref(), &body, state, wg, key);
+    Ok(Request { line, token, body })
+}
+
+/// Writes a JSON answer and closes the connection.
+pub fn write_reply(mut stream: TcpStream, status: u16, reply: &Value) -> std::io::Result<()> {
     let text = reply.to_string();
     write!(
         stream,
         "HTTP/1.1 {status} X\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{text}",
         text.len()
     )
+}
+
+fn handle(
+    stream: TcpStream,
+    state: &Mutex<State>,
+    wg: &WGApi<Userspace>,
+    key: &Key,
+) -> std::io::Result<()> {
+    let req = read_request(&stream)?;
+    let (status, reply) = answer(&req.line, req.token.as_deref(), &req.body, state, wg, key);
+    write_reply(stream, status, &reply)
 }
 
 fn answer(

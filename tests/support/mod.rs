@@ -8,6 +8,8 @@
 pub mod agent;
 pub mod client;
 pub mod controller;
+pub mod fleet;
+pub mod fleet_agents;
 pub mod libvirt;
 pub mod measure;
 pub mod netns;
