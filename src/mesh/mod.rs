@@ -306,8 +306,11 @@ impl Mesh {
                     let has_handshake = self.poll_handshake(&link, &current).await;
                     // Often until the first handshake (health shows it at once), then rarely.
                     next_poll = Instant::now() + if has_handshake { Duration::from_secs(5) } else { Duration::from_millis(200) };
-                    if applied && self.watch_staleness(&mut stale) && joining {
-                        next_join = Instant::now();
+                    if applied
+                        && joining
+                        && let Some(delay) = self.watch_staleness(&mut stale)
+                    {
+                        next_join = Instant::now() + delay;
                         stale_rejoin = true;
                     }
                 }
@@ -321,20 +324,21 @@ impl Mesh {
         }
     }
 
-    /// Looks at the handshake's age; true when a re-join is due now. Logs each
-    /// transition once.
-    fn watch_staleness(&self, stale: &mut StaleWatch) -> bool {
+    /// Looks at the handshake's age; `Some(delay)` when a re-join is due after `delay`.
+    /// Logs each transition once.
+    fn watch_staleness(&self, stale: &mut StaleWatch) -> Option<Duration> {
         let verdict = stale.check(
             self.snapshot_handshake(),
             SystemTime::now(),
             std::time::Instant::now(),
         );
         match verdict {
-            Verdict::Wait => false,
-            Verdict::Rejoin { age, first } => {
+            Verdict::Wait => None,
+            Verdict::Rejoin { age, first, delay } => {
                 if first {
                     tracing::warn!(
                         age_s = age.as_secs(),
+                        rejoin_in_ms = delay.as_millis() as u64,
                         "no handshake with the controller for WG_STALE_AFTER: the tunnel is dead; re-joining"
                     );
                     self.status.update(|s| s.stale = true);
@@ -344,7 +348,7 @@ impl Mesh {
                         "the tunnel is still dead; re-joining"
                     );
                 }
-                true
+                Some(delay)
             }
             Verdict::Back { after } => {
                 tracing::info!(
@@ -352,7 +356,7 @@ impl Mesh {
                     "handshake with the controller again; the tunnel is back"
                 );
                 self.status.update(|s| s.stale = false);
-                false
+                None
             }
         }
     }
