@@ -462,6 +462,15 @@ fn a_controller_that_forgot_the_node_has_it_back_after_wg_stale_after() {
     let pubkey = ctl.state.lock().unwrap().node_pubkey.clone().unwrap();
     let joins = ctl.requests();
     assert_eq!(health(&agent)["tunnel_stale"], json!(false));
+    // A live tunnel stays live past WG_STALE_AFTER without a new handshake (WireGuard
+    // handshakes every two minutes): the controller answers the agent's probes.
+    std::thread::sleep(Duration::from_secs(12));
+    assert!(
+        !agent.log().contains("the tunnel is dead"),
+        "{}",
+        agent.log()
+    );
+    assert_eq!(ctl.requests(), joins, "no re-join of a live tunnel");
 
     // The controller restarts and forgets its peers.
     ctl.remove_peer(&pubkey);

@@ -62,12 +62,12 @@ pub struct MeshSettings {
     )]
     pub wg_keepalive: u16,
 
-    /// Seconds without a handshake with the controller after which the tunnel counts as
-    /// dead: re-join (after a random delay of at most a quarter of it and 10 s), then
-    /// with the join backoff while it stays dead (0: off).
-    /// 135 is wg-quick's reresolve-dns threshold; a live tunnel with keepalive
-    /// handshakes every two minutes.
-    #[arg(long, env = "WG_STALE_AFTER", value_name = "WG_STALE_AFTER", default_value_t = 135, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    /// Seconds in which nothing came from the controller (no handshake, no packet: the
+    /// agent sends it a probe datagram whenever it has been quiet, which a live
+    /// controller answers) after which the tunnel counts as dead: re-join (after a random
+    /// delay of at most a quarter of it and 10 s), then with the join backoff while it
+    /// stays dead (0: off).
+    #[arg(long, env = "WG_STALE_AFTER", value_name = "WG_STALE_AFTER", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub wg_stale_after: u64,
 
     /// First delay between two join attempts, in milliseconds; doubled after every

@@ -303,7 +303,7 @@ impl Mesh {
                     }
                 }
                 _ = tokio::time::sleep_until(next_poll) => {
-                    let has_handshake = self.poll_handshake(&link, &current).await;
+                    let has_handshake = self.poll_handshake(&link, &current, &mut stale).await;
                     // Often until the first handshake (health shows it at once), then rarely.
                     next_poll = Instant::now() + if has_handshake { Duration::from_secs(5) } else { Duration::from_millis(200) };
                     if applied
@@ -443,14 +443,25 @@ impl Mesh {
         *current = Some(j);
     }
 
-    async fn poll_handshake(&self, link: &Option<SharedLink>, current: &Option<Join>) -> bool {
+    /// Reads the peer's last handshake and received bytes; sends the probe datagram
+    /// when nothing came from the controller since the last look (a live controller
+    /// answers it: an ICMP port unreachable through the tunnel, or, where that is
+    /// dropped, the new handshake WireGuard starts 15 s after data that got no answer).
+    /// Returns whether there was a handshake.
+    async fn poll_handshake(
+        &self,
+        link: &Option<SharedLink>,
+        current: &Option<Join>,
+        stale: &mut StaleWatch,
+    ) -> bool {
         let (Some(link), Some(j)) = (link.clone(), current.as_ref()) else {
             return false;
         };
         let key = j.controller_pubkey.clone();
-        match on_link(link, move |l| l.last_handshake(&key)).await {
-            Ok(t) => {
-                if t.is_none() {
+        match on_link(link, move |l| l.peer_activity(&key)).await {
+            Ok((t, rx_bytes)) => {
+                let heard = stale.received(rx_bytes, SystemTime::now());
+                if t.is_none() || !heard {
                     nudge(j);
                 }
                 let first = t.is_some() && self.snapshot_handshake().is_none();

@@ -1,11 +1,13 @@
-//! When the tunnel to the controller is dead: the last handshake (or, before any, the
-//! tunnel's set-up) is older than WG_STALE_AFTER. A controller that restarted and forgot
-//! its WireGuard peers (the original controller's entrypoint does not add them back)
-//! answers no handshake until the node joins again; waiting for JOIN_REFRESH_INTERVAL
-//! cut a node off for five minutes. Stale, the node re-joins after a random delay of at
-//! most [`SPREAD`] (a quarter of WG_STALE_AFTER, at most 10 s): nodes that booted
-//! together go stale together, and would otherwise all re-join in the same second
-//! (measured: 20 nodes within 0.8 s). Then with the join backoff while it stays stale.
+//! When the tunnel to the controller is dead: nothing came from the controller (no
+//! handshake, no byte; the mesh task probes a quiet tunnel, and a live controller
+//! answers) for WG_STALE_AFTER, counted from the tunnel's set-up before anything came.
+//! A controller that restarted and forgot its WireGuard peers (the original
+//! controller's entrypoint does not add them back) answers nothing until the node joins
+//! again; waiting for JOIN_REFRESH_INTERVAL cut a node off for five minutes. Dead, the
+//! node re-joins after a random delay of at most a quarter of WG_STALE_AFTER and
+//! [`SPREAD`]: nodes that booted together go dead together, and would otherwise all
+//! re-join in the same second (measured: 20 nodes within 0.8 s). Then with the join
+//! backoff while it stays dead.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -38,6 +40,8 @@ pub struct StaleWatch {
     /// When the tunnel was last (re)configured: the age counts from there until the
     /// first handshake after it.
     configured_at: Option<SystemTime>,
+    /// The peer's received bytes at the last look, and when they last grew.
+    rx: (u64, Option<SystemTime>),
 }
 
 /// A dead tunnel: since when, and when it may re-join again.
@@ -55,7 +59,20 @@ impl StaleWatch {
             backoff,
             stale: None,
             configured_at: None,
+            rx: (0, None),
         }
+    }
+
+    /// The peer's received-bytes counter at `now`; true when it grew since the last look
+    /// (the controller answered something). A smaller count is a peer configured anew:
+    /// anything in it came since.
+    pub fn received(&mut self, rx_bytes: u64, now: SystemTime) -> bool {
+        let grew = rx_bytes > self.rx.0 || (rx_bytes < self.rx.0 && rx_bytes > 0);
+        self.rx.0 = rx_bytes;
+        if grew {
+            self.rx.1 = Some(now);
+        }
+        grew
     }
 
     /// The tunnel was (re)configured now: a handshake is due from now on.
@@ -76,7 +93,10 @@ impl StaleWatch {
         };
         match self.stale {
             None => {
-                let alive_at = last_handshake.map_or(configured, |h| h.max(configured));
+                let alive_at = [last_handshake, self.rx.1]
+                    .into_iter()
+                    .flatten()
+                    .fold(configured, SystemTime::max);
                 let age = now.duration_since(alive_at).unwrap_or_default();
                 if age <= after {
                     return Verdict::Wait;
@@ -93,7 +113,10 @@ impl StaleWatch {
                     delay,
                 }
             }
-            Some(st) if last_handshake.is_some_and(|h| h > st.since) => {
+            Some(st)
+                if last_handshake.is_some_and(|h| h > st.since)
+                    || self.rx.1.is_some_and(|r| r > st.since) =>
+            {
                 self.stale = None;
                 self.backoff.reset();
                 Verdict::Back {
@@ -189,6 +212,26 @@ mod tests {
             assert!(delay <= Duration::from_secs(5), "{delay:?}");
         }
         assert!(w.stale.is_none());
+        // Bytes from the controller (the probe's answer) keep a tunnel alive without a
+        // handshake, and end a stale spell.
+        let mut w = StaleWatch::new(
+            Some(Duration::from_secs(30)),
+            Backoff::new(Duration::from_secs(1), Duration::from_secs(1)),
+        );
+        w.configured(t0);
+        assert!(w.received(100, at(20).0));
+        assert!(!w.received(100, at(25).0), "nothing new");
+        assert_eq!(w.check(None, at(45).0, at(45).1), Verdict::Wait);
+        assert!(matches!(
+            w.check(None, at(51).0, at(51).1),
+            Verdict::Rejoin { first: true, .. }
+        ));
+        // The peer configured anew: its counter starts again; 92 bytes are an answer.
+        assert!(w.received(92, at(52).0));
+        assert!(matches!(
+            w.check(None, at(52).0, at(52).1),
+            Verdict::Back { .. }
+        ));
         // Off: never stale.
         let mut off = StaleWatch::new(
             None,

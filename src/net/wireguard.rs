@@ -450,13 +450,15 @@ impl WgLink {
     }
 
     /// When the controller last completed a handshake, if ever.
-    pub fn last_handshake(&self, peer: &Key) -> Result<Option<SystemTime>, WgError> {
-        Ok(self
-            .read_host()?
-            .peers
-            .get(peer)
-            .and_then(|p| p.last_handshake)
-            .filter(|t| *t > SystemTime::UNIX_EPOCH))
+    /// The peer's last handshake (`None`: none yet) and the bytes received from it.
+    pub fn peer_activity(&self, peer: &Key) -> Result<(Option<SystemTime>, u64), WgError> {
+        let host = self.read_host()?;
+        let p = host.peers.get(peer);
+        Ok((
+            p.and_then(|p| p.last_handshake)
+                .filter(|t| *t > SystemTime::UNIX_EPOCH),
+            p.map_or(0, |p| p.rx_bytes),
+        ))
     }
 
     /// A kernel link stays (the mesh stays reachable while the agent restarts); a
