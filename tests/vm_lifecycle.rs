@@ -191,9 +191,22 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     )
     .unwrap();
     virsh(&["define", &foreign.to_string_lossy()]);
-    let r = api.get("/vms");
-    assert_eq!(r.status, 200, "{r:?}");
-    let list = r.json()["vms"].as_array().unwrap().clone();
+    // Reads answer from the last observation: an outside change shows within a second
+    // (libvirt's event), not necessarily in the very next read.
+    let defined = Instant::now();
+    let list = loop {
+        let r = api.get("/vms");
+        assert_eq!(r.status, 200, "{r:?}");
+        let list = r.json()["vms"].as_array().unwrap().clone();
+        if list.iter().any(|v| v["name"] == "foreign1") {
+            break list;
+        }
+        assert!(
+            defined.elapsed() < Duration::from_secs(1),
+            "a domain defined outside the agent is not listed after a second"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    };
     let find = |n: &str| {
         list.iter()
             .find(|v| v["name"] == n)

@@ -147,23 +147,39 @@ impl Observed {
         }
     }
 
-    /// One domain observed now: `None` when libvirt no longer has it.
-    pub fn set(&self, name: &str, seen: Option<Seen>) {
+    /// One domain as libvirt showed it when asked at `asked`: `None` when libvirt no
+    /// longer had it. An observation older than the one kept (two lookups of a domain
+    /// racing, an event's against an operation's) is dropped: returns whether it was
+    /// kept.
+    pub fn set(&self, name: &str, seen: Option<Seen>, asked: SystemTime) -> bool {
         let mut inner = self.lock();
-        let now = SystemTime::now();
+        let newer_known = inner
+            .domains
+            .get(name)
+            .and_then(|s| s.at)
+            .into_iter()
+            .chain(inner.gone.get(name).copied())
+            .any(|t| t > asked);
+        if newer_known {
+            return false;
+        }
         match seen {
             Some(s) => {
                 inner.gone.remove(name);
-                let s = Seen { at: Some(now), ..s };
+                let s = Seen {
+                    at: Some(asked),
+                    ..s
+                };
                 inner.domains.insert(name.to_owned(), Arc::new(s));
             }
             None => {
                 inner.domains.remove(name);
                 if inner.listing.is_some() {
-                    inner.gone.insert(name.to_owned(), now);
+                    inner.gone.insert(name.to_owned(), asked);
                 }
             }
         }
+        true
     }
 }
 
@@ -188,9 +204,10 @@ mod tests {
         assert!(!o.begin_listing(), "one listing at a time");
         let started = SystemTime::now() - Duration::from_millis(10);
         // Events while the listing runs: vm1 destroyed, vm3 defined, vm4 undefined.
-        o.set("vm1", Some(seen(VmState::Shutoff)));
-        o.set("vm3", Some(seen(VmState::Shutoff)));
-        o.set("vm4", None);
+        let now = SystemTime::now();
+        o.set("vm1", Some(seen(VmState::Shutoff)), now);
+        o.set("vm3", Some(seen(VmState::Shutoff)), now);
+        o.set("vm4", None, now);
         o.end_listing(
             started,
             Ok(vec![
@@ -210,7 +227,19 @@ mod tests {
         o.end_listing(SystemTime::now(), Err("libvirt away".into()));
         assert_eq!(o.snapshot().domains.len(), 3);
         assert_eq!(o.snapshot().failure.as_deref(), Some("libvirt away"));
-        o.set("vm2", None);
+        o.set("vm2", None, SystemTime::now());
         assert!(!o.snapshot().domains.contains_key("vm2"));
+        // Two lookups racing: the one asked later wins, whichever ends last.
+        let (early, late) = (
+            SystemTime::now(),
+            SystemTime::now() + Duration::from_millis(5),
+        );
+        assert!(o.set("vm5", Some(seen(VmState::Shutoff)), late));
+        assert!(!o.set("vm5", Some(seen(VmState::Running)), early));
+        assert_eq!(o.snapshot().domains["vm5"].state, VmState::Shutoff);
+        assert!(
+            !o.set("vm5", None, early),
+            "an older lookup does not remove it"
+        );
     }
 }

@@ -67,11 +67,13 @@ impl Vms {
     /// an event). Failures leave the last observation as it was.
     pub(crate) async fn observe_one(&self, name: &str) {
         let n = name.to_string();
+        let asked = SystemTime::now();
         match self.lv.call(move |conn| observe(conn, &n)).await {
             Ok(seen) => {
                 let state = seen.as_ref().map_or(VmState::Missing, |s| s.state);
-                self.observed.set(name, seen);
-                record_states(&self.store, States::One(name.to_string(), state)).await;
+                if self.observed.set(name, seen, asked) {
+                    record_states(&self.store, States::One(name.to_string(), state)).await;
+                }
             }
             Err(e) => tracing::debug!(vm = name, error = %e, "cannot observe the domain"),
         }
