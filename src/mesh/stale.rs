@@ -147,7 +147,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn stale_re_joins_at_once_then_with_backoff_and_says_when_it_is_back() {
+    fn a_dead_tunnel_re_joins_after_a_random_delay_then_with_backoff_and_says_when_it_is_back() {
         let backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
         let mut w = StaleWatch::new(Some(Duration::from_secs(135)), backoff);
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
