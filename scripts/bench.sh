@@ -420,23 +420,34 @@ fi
 
 # ---------------------------------------------------------------- (l) a fleet
 if want l; then
-    echo "== (l) ${FLEET_NODES:-20} agents under one controller: simultaneous start, controller restart (peers forgotten)"
+    echo "== (l) ${FLEET_NODES:-20} agents under one controller: simultaneous start, controller restarts (API down ${FLEET_DOWN_S:-2,60} s, peers forgotten)"
     # tests/bench_fleet.rs builds the controller's namespace (a bridge) and one
     # namespace per agent, each with its userspace WireGuard interface.
     LLOG=$WORK/bench_fleet.log
-    L=$(harness bench_fleet fleet BENCH_FLEET_NODES="${FLEET_NODES:-20}" BENCH_FLEET_RESTARTS="${FLEET_RESTARTS:-2}")
+    L=$(harness bench_fleet fleet BENCH_FLEET_NODES="${FLEET_NODES:-20}" BENCH_FLEET_DOWN_S="${FLEET_DOWN_S:-2,60}")
     if [ -z "$L" ]; then
         echo "(l) the fleet benchmark did not produce its BENCH line; last lines of its output:" >&2
         tail -40 "$LLOG" >&2
-        row "(l) fleet: restart -> last node back" "<= 45 s" "not measured: bench_fleet failed (see the output above)" "MISS"
+        row "(l) fleet: controller answering again -> last node back" "<= 30 s" "not measured: bench_fleet failed (see the output above)" "MISS"
     else
         grep -E '^(start|restart|VmRSS)' "$LLOG" || true
         echo "$L"
         row "(l) $(kv "$L" nodes) agents started at once -> the controller's handshake with each" "none (reported)" \
             "p50 $(kv "$L" start_handshake_p50_ms) ms, last node $(kv "$L" start_handshake_max_ms) ms" "-"
-        row "(l) controller restart (all WireGuard peers forgotten) -> last node back, $(kv "$L" restarts) restarts, WG_STALE_AFTER=$(kv "$L" stale_after_s)" "<= 45 s" \
-            "max $(kv "$L" restart_back_max_ms) ms (p50 $(kv "$L" restart_back_p50_ms) ms); re-joins after the restart: min $(kv "$L" rejoin_min_ms), p50 $(kv "$L" rejoin_p50_ms), max $(kv "$L" rejoin_max_ms) ms, at most $(kv "$L" rejoin_peak_1s) of $(kv "$L" nodes) within 1 s" \
-            "$(verdict le "$(kv "$L" restart_back_max_ms)" 45000)"
+        for r in $(seq 0 $(($(kv "$L" restarts) - 1))); do
+            down=$(kv "$L" "r${r}_down_s")
+            what="(l) controller restart $((r + 1)): API down ${down} s, all WireGuard peers forgotten, WG_STALE_AFTER=$(kv "$L" stale_after_s)"
+            rejoins="re-joins after the restart: min $(kv "$L" "r${r}_rejoin_min_ms"), p50 $(kv "$L" "r${r}_rejoin_p50_ms"), max $(kv "$L" "r${r}_rejoin_max_ms") ms, at most $(kv "$L" "r${r}_rejoin_peak_1s") of $(kv "$L" nodes) within 1 s"
+            row "$what: answering again -> last node back" "<= 30 s" \
+                "max $(kv "$L" "r${r}_answering_max_ms") ms (p50 $(kv "$L" "r${r}_answering_p50_ms") ms); $rejoins" \
+                "$(verdict le "$(kv "$L" "r${r}_answering_max_ms")" 30000)"
+            if [ "$down" -le 15 ]; then
+                row "$what: restart -> last node back" "<= 45 s" "max $(kv "$L" "r${r}_back_max_ms") ms" \
+                    "$(verdict le "$(kv "$L" "r${r}_back_max_ms")" 45000)"
+            else
+                row "$what: restart -> last node back" "none (reported)" "max $(kv "$L" "r${r}_back_max_ms") ms" "-"
+            fi
+        done
         row "(l) each agent's VmRSS, fleet joined and idle" "none (reported)" \
             "min $(kv "$L" rss_min_kib), p50 $(kv "$L" rss_p50_kib), max $(kv "$L" rss_max_kib) KiB" "-"
     fi

@@ -17,13 +17,18 @@
 //!   none waited for); per node, t0 -> the controller's first completed handshake with
 //!   its key. p50 and max (the last node).
 //! - memory: each agent's VmRSS once the fleet is joined and idle BENCH_FLEET_IDLE_S (5).
-//! - restarts (BENCH_FLEET_RESTARTS, default 2): the controller forgets every WireGuard
-//!   peer (the original controller's entrypoint does not add them back); t1 then. Per
-//!   node: t1 -> its first `/join` after t1 (the re-join), and t1 -> the controller's
-//!   handshake with it again (back). Target: the last node back within 45 s. The agents
-//!   run with WG_STALE_AFTER=20 (BENCH_FLEET_STALE_AFTER) and JOIN_REFRESH_INTERVAL=300,
-//!   so only the dead tunnel brings them back. Between restarts the fleet idles
-//!   BENCH_FLEET_IDLE_S again, so the second restart meets other handshake ages.
+//! - restarts (BENCH_FLEET_DOWN_S, default `2,60`: one per value): the controller's API
+//!   stops (connections refused) and it forgets every WireGuard peer (the original
+//!   controller's entrypoint does not add them back); t1 then. After the value's seconds
+//!   it answers again; t2 then. Per node: t1 -> its first `/join` after t1 (the
+//!   re-join), t1 -> the controller's handshake with it again (back after the restart)
+//!   and t2 -> that handshake (back after answering). Targets: the last node back within
+//!   45 s of the restart (a quick one) and within 30 s of answering again (also after an
+//!   outage longer than WG_STALE_AFTER, during which every node backs off). The agents
+//!   run with the default WG_STALE_AFTER (BENCH_FLEET_STALE_AFTER sets it) and
+//!   JOIN_REFRESH_INTERVAL=300, so only the dead tunnel brings them back. Before each
+//!   restart the fleet idles BENCH_FLEET_IDLE_S, so each restart meets other handshake
+//!   ages.
 //! - the re-joins' spread: min/p50/max of t1 -> re-join over all nodes, and the most
 //!   re-joins the controller received within any 1 s (a thundering herd would be all
 //!   of them).
@@ -65,11 +70,18 @@ fn peak_within(v: &[f64], width: f64) -> usize {
         .unwrap_or(0)
 }
 
-/// One restart: the controller forgets every peer; (re-join, back) times in ms per node.
-fn restart(fleet: &Fleet, agents: &mut FleetAgents, n: usize) -> (Vec<f64>, Vec<f64>) {
-    fleet.forget_all_peers();
+/// Per node, ms: t1 -> re-join, t1 -> back, t2 -> back.
+struct Restart {
+    rejoin: Vec<f64>,
+    back: Vec<f64>,
+    back_answering: Vec<f64>,
+}
+
+/// One restart: the API down for `down`, every peer forgotten.
+fn restart(fleet: &mut Fleet, agents: &mut FleetAgents, n: usize, down: Duration) -> Restart {
     let t1 = Instant::now();
-    let back = agents.wait_all_handshaking(fleet, t1, Duration::from_secs(120));
+    let t2 = fleet.restart(down);
+    let back = agents.wait_all_handshaking(fleet, t1, down + Duration::from_secs(120));
     let rejoin = (0..n)
         .map(|i| {
             let m = fleet.member(i).unwrap();
@@ -81,23 +93,38 @@ fn restart(fleet: &Fleet, agents: &mut FleetAgents, n: usize) -> (Vec<f64>, Vec<
             ms(first.duration_since(t1))
         })
         .collect();
-    (rejoin, back.iter().map(|d| ms(*d)).collect())
+    let since_answering = t2.duration_since(t1);
+    Restart {
+        rejoin,
+        back: back.iter().map(|d| ms(*d)).collect(),
+        back_answering: back
+            .iter()
+            .map(|d| ms(d.saturating_sub(since_answering)))
+            .collect(),
+    }
 }
 
 #[test]
 #[ignore = "benchmark: run by scripts/bench.sh (BENCH_ONLY=l)"]
 fn fleet_join_restart_and_memory() {
     let n: usize = env_or("BENCH_FLEET_NODES", 20);
-    let restarts: usize = env_or("BENCH_FLEET_RESTARTS", 2);
+    let downs: Vec<u64> = std::env::var("BENCH_FLEET_DOWN_S")
+        .unwrap_or_else(|_| "2,60".into())
+        .split(',')
+        .map(|v| {
+            v.trim()
+                .parse()
+                .expect("BENCH_FLEET_DOWN_S: seconds, comma-separated")
+        })
+        .collect();
     let idle = Duration::from_secs(env_or("BENCH_FLEET_IDLE_S", 5));
-    let stale_after: u64 = env_or("BENCH_FLEET_STALE_AFTER", 20);
+    let stale_after = std::env::var("BENCH_FLEET_STALE_AFTER").ok();
     eprintln!("agent binary: {}", support::agent::agent_bin());
-    let fleet = Fleet::new(n);
-    let stale = stale_after.to_string();
-    let settings = [
-        ("WG_STALE_AFTER", stale.as_str()),
-        ("JOIN_REFRESH_INTERVAL", "300"),
-    ];
+    let mut fleet = Fleet::new(n);
+    let mut settings = vec![("JOIN_REFRESH_INTERVAL", "300")];
+    if let Some(s) = &stale_after {
+        settings.push(("WG_STALE_AFTER", s.as_str()));
+    }
     let mut agents = FleetAgents::start(&fleet, &settings);
     let t0 = agents.started;
     let start: Vec<f64> = agents
@@ -110,27 +137,37 @@ fn fleet_join_restart_and_memory() {
     let rss: Vec<f64> = agents.rss_kib().iter().map(|k| *k as f64).collect();
     eprintln!("VmRSS (KiB), node 0..{n}: {rss:?}");
 
-    let (mut rejoin_all, mut back_all) = (Vec::new(), Vec::new());
+    let mut rejoin_all = Vec::new();
     let mut per_restart = Vec::new();
-    for r in 0..restarts {
+    for (r, down) in downs.iter().enumerate() {
         if r > 0 {
             std::thread::sleep(idle);
         }
-        let (rejoin, back) = restart(&fleet, &mut agents, n);
-        eprintln!("restart {r}: forgotten -> re-join (ms): {}", list(&rejoin));
-        eprintln!("restart {r}: forgotten -> back (ms): {}", list(&back));
+        let rs = restart(&mut fleet, &mut agents, n, Duration::from_secs(*down));
+        eprintln!(
+            "restart {r} (down {down} s): restart -> re-join (ms): {}",
+            list(&rs.rejoin)
+        );
+        eprintln!("restart {r}: restart -> back (ms): {}", list(&rs.back));
+        eprintln!(
+            "restart {r}: answering -> back (ms): {}",
+            list(&rs.back_answering)
+        );
+        let (back, answering) = (sorted(rs.back.clone()), sorted(rs.back_answering.clone()));
+        let rejoin = sorted(rs.rejoin.clone());
         per_restart.push(format!(
-            "{:.0}/{:.0}/{}",
-            pct(&sorted(back.clone()), 100.0),
-            pct(&sorted(rejoin.clone()), 100.0) - pct(&sorted(rejoin.clone()), 0.0),
-            peak_within(&rejoin, 1000.0)
+            "r{r}_down_s={down} r{r}_back_max_ms={:.0} r{r}_answering_p50_ms={:.0} r{r}_answering_max_ms={:.0} r{r}_rejoin_min_ms={:.0} r{r}_rejoin_p50_ms={:.0} r{r}_rejoin_max_ms={:.0} r{r}_rejoin_peak_1s={}",
+            pct(&back, 100.0),
+            pct(&answering, 50.0),
+            pct(&answering, 100.0),
+            pct(&rejoin, 0.0),
+            pct(&rejoin, 50.0),
+            pct(&rejoin, 100.0),
+            peak_within(&rs.rejoin, 1000.0)
         ));
-        rejoin_all.push(rejoin);
-        back_all.push(back);
+        rejoin_all.push(rs.rejoin);
     }
     let killed = agents.stop_all(Duration::from_secs(3));
-    let rejoin: Vec<f64> = rejoin_all.concat();
-    let back: Vec<f64> = back_all.concat();
     let peak = rejoin_all
         .iter()
         .map(|r| peak_within(r, 1000.0))
@@ -138,11 +175,11 @@ fn fleet_join_restart_and_memory() {
         .unwrap_or(0);
     let rss_list: Vec<String> = rss.iter().map(|k| format!("{k:.0}")).collect();
     println!(
-        "BENCH fleet nodes={n} restarts={restarts} stale_after_s={stale_after} {} {} {} rejoin_peak_1s={peak} per_restart_backmax_spread_peak={} {} rss_kib={} rejoin_ms={} sigterm_ignored={killed}",
+        "BENCH fleet nodes={n} restarts={} stale_after_s={} {} rejoin_peak_1s={peak} {} {} rss_kib={} rejoin_ms={} sigterm_ignored={killed}",
+        downs.len(),
+        stale_after.as_deref().unwrap_or("default"),
         stats("start_handshake", "ms", &start),
-        stats("restart_back", "ms", &back),
-        stats("rejoin", "ms", &rejoin),
-        per_restart.join(","),
+        per_restart.join(" "),
         stats("rss", "kib", &rss),
         rss_list.join(","),
         rejoin_all

@@ -64,10 +64,10 @@ pub struct MeshSettings {
 
     /// Seconds in which nothing came from the controller (no handshake, no packet: the
     /// agent sends it a probe datagram whenever it has been quiet, which a live
-    /// controller answers) after which the tunnel counts as dead: re-join (after a random
-    /// delay of at most a quarter of it and 10 s), then with the join backoff while it
-    /// stays dead (0: off).
-    #[arg(long, env = "WG_STALE_AFTER", value_name = "WG_STALE_AFTER", default_value_t = 30, value_parser = clap::value_parser!(u64).range(0..=86_400))]
+    /// controller answers within 10 s) after which the tunnel counts as dead: re-join
+    /// (after a random delay of at most a quarter of it and 10 s), then with the join
+    /// backoff, at most 10 s apart, while it stays dead (0: off).
+    #[arg(long, env = "WG_STALE_AFTER", value_name = "WG_STALE_AFTER", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub wg_stale_after: u64,
 
     /// First delay between two join attempts, in milliseconds; doubled after every

@@ -243,10 +243,7 @@ impl Mesh {
 
         let (first_delay, longest_delay) = self.settings.join_backoff();
         let mut backoff = Backoff::new(first_delay, longest_delay);
-        let mut stale = StaleWatch::new(
-            self.settings.stale_after(),
-            Backoff::new(first_delay, longest_delay),
-        );
+        let mut stale = StaleWatch::new(self.settings.stale_after(), first_delay, longest_delay);
         if applied {
             stale.configured(SystemTime::now());
         }

@@ -7,7 +7,8 @@
 //! node re-joins after a random delay of at most a quarter of WG_STALE_AFTER and
 //! [`SPREAD`]: nodes that booted together go dead together, and would otherwise all
 //! re-join in the same second (measured: 20 nodes within 0.8 s). Then with the join
-//! backoff while it stays dead.
+//! backoff, capped at [`RETRY_MAX`], while it stays dead: a controller down for minutes
+//! has its nodes back within that of answering again, not JOIN_RETRY_MAX (60 s) later.
 
 use std::time::{Duration, Instant, SystemTime};
 
@@ -15,6 +16,9 @@ use crate::join::Backoff;
 
 /// The longest random delay of the first re-join of a stale tunnel.
 pub const SPREAD: Duration = Duration::from_secs(10);
+
+/// The longest delay between two re-joins of a dead tunnel (JOIN_RETRY_MAX when shorter).
+pub const RETRY_MAX: Duration = Duration::from_secs(10);
 
 /// What the mesh task should do after a look at the handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -53,10 +57,12 @@ struct Stale {
 }
 
 impl StaleWatch {
-    pub fn new(after: Option<Duration>, backoff: Backoff) -> Self {
+    /// `after`: WG_STALE_AFTER (`None`: off); `first` and `longest`: the join backoff's
+    /// delays, the longest capped at [`RETRY_MAX`].
+    pub fn new(after: Option<Duration>, first: Duration, longest: Duration) -> Self {
         Self {
             after,
-            backoff,
+            backoff: Backoff::new(first, longest.min(RETRY_MAX)),
             stale: None,
             configured_at: None,
             rx: (0, None),
@@ -148,8 +154,11 @@ mod tests {
 
     #[test]
     fn a_dead_tunnel_re_joins_after_a_random_delay_then_with_backoff_and_says_when_it_is_back() {
-        let backoff = Backoff::new(Duration::from_secs(2), Duration::from_secs(60));
-        let mut w = StaleWatch::new(Some(Duration::from_secs(135)), backoff);
+        let mut w = StaleWatch::new(
+            Some(Duration::from_secs(135)),
+            Duration::from_secs(2),
+            Duration::from_secs(60),
+        );
         let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
         let m0 = Instant::now();
         let at = |s: u64| (t0 + Duration::from_secs(s), m0 + Duration::from_secs(s));
@@ -200,7 +209,8 @@ mod tests {
         // A quarter of WG_STALE_AFTER when that is less than 10 s.
         let mut short = StaleWatch::new(
             Some(Duration::from_secs(20)),
-            Backoff::new(Duration::from_secs(1), Duration::from_secs(1)),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
         );
         short.configured(t0);
         for s in 0..50u64 {
@@ -216,7 +226,8 @@ mod tests {
         // handshake, and end a stale spell.
         let mut w = StaleWatch::new(
             Some(Duration::from_secs(30)),
-            Backoff::new(Duration::from_secs(1), Duration::from_secs(1)),
+            Duration::from_secs(1),
+            Duration::from_secs(1),
         );
         w.configured(t0);
         assert!(w.received(100, at(20).0));
@@ -233,11 +244,43 @@ mod tests {
             Verdict::Back { .. }
         ));
         // Off: never stale.
-        let mut off = StaleWatch::new(
-            None,
-            Backoff::new(Duration::from_secs(1), Duration::from_secs(1)),
-        );
+        let mut off = StaleWatch::new(None, Duration::from_secs(1), Duration::from_secs(1));
         off.configured(t0);
         assert_eq!(off.check(None, at(10_000).0, at(10_000).1), Verdict::Wait);
+    }
+
+    #[test]
+    fn a_tunnel_dead_for_minutes_re_joins_at_least_every_ten_seconds() {
+        // JOIN_RETRY_MAX 60 s: a controller down for minutes would have its nodes back
+        // up to a minute after it answers again; while dead the gap is at most 10 s.
+        let mut w = StaleWatch::new(
+            Some(Duration::from_secs(20)),
+            Duration::from_millis(500),
+            Duration::from_secs(60),
+        );
+        let t0 = SystemTime::UNIX_EPOCH + Duration::from_secs(1_000_000);
+        let m0 = Instant::now();
+        w.configured(t0);
+        let at = |s: Duration| (t0 + s, m0 + s);
+        let (now, mono) = at(Duration::from_secs(21));
+        assert!(matches!(
+            w.check(None, now, mono),
+            Verdict::Rejoin { first: true, .. }
+        ));
+        let mut last = mono;
+        let mut gaps = Vec::new();
+        for _ in 0..40 {
+            let next = w.stale.unwrap().next;
+            let (now, _) = at(next - m0);
+            assert!(matches!(
+                w.check(None, now, next),
+                Verdict::Rejoin { first: false, .. }
+            ));
+            gaps.push(next - last);
+            last = next;
+        }
+        assert!(gaps.iter().all(|g| *g <= SPREAD + RETRY_MAX), "{gaps:?}");
+        assert!(gaps[1..].iter().all(|g| *g <= RETRY_MAX), "{gaps:?}");
+        assert!(gaps[30..].iter().all(|g| *g >= RETRY_MAX / 2), "{gaps:?}");
     }
 }

@@ -138,6 +138,41 @@ impl Fleet {
         }
     }
 
+    /// The controller restarts: its API refuses connections for `down` and its
+    /// WireGuard forgets every peer (as [`Fleet::forget_all_peers`]). Returns when it
+    /// answers again.
+    pub fn restart(&mut self, down: Duration) -> Instant {
+        self.stop_serving();
+        self.forget_all_peers();
+        std::thread::sleep(down);
+        self.serve();
+        Instant::now()
+    }
+
+    /// The controller's kernel drops the ICMP it sends (a firewall that does): a probe
+    /// to a closed port gets no port unreachable, and only WireGuard's passive keepalive
+    /// answers it. The table is in the controller's own namespace.
+    pub fn drop_outgoing_icmp(&self) {
+        self.ctl.exec_ok(&["nft", "add", "table", "ip", "fleet"]);
+        self.ctl.exec_ok(&[
+            "nft",
+            "add",
+            "chain",
+            "ip",
+            "fleet",
+            "out",
+            "{ type filter hook output priority 0; }",
+        ]);
+        self.ctl.exec_ok(&[
+            "nft", "add", "rule", "ip", "fleet", "out", "ip", "protocol", "icmp", "drop",
+        ]);
+    }
+
+    /// `/join` requests received so far (any answer).
+    pub fn requests(&self) -> usize {
+        self.state.lock().unwrap().requests
+    }
+
     /// The last handshake of each peer the controller has, by public key (base64);
     /// a node without a peer is absent. One read of the interface for the whole fleet.
     pub fn handshakes(&self) -> BTreeMap<String, Option<SystemTime>> {
@@ -156,6 +191,15 @@ impl Fleet {
             SocketAddr::from((m.tunnel_ip, API_PORT)),
             token,
         ))
+    }
+
+    /// Stops answering: the listener closes, and connections are refused.
+    fn stop_serving(&mut self) {
+        self.stop.store(true, Ordering::SeqCst);
+        if let Some(h) = self.http.take() {
+            let _ = h.join();
+        }
+        self.stop.store(false, Ordering::SeqCst);
     }
 
     fn serve(&mut self) {
@@ -190,10 +234,7 @@ impl Fleet {
 
 impl Drop for Fleet {
     fn drop(&mut self) {
-        self.stop.store(true, Ordering::SeqCst);
-        if let Some(h) = self.http.take() {
-            let _ = h.join();
-        }
+        self.stop_serving();
         if let Some(wg) = self.wg.take() {
             let _ = wg.remove_interface();
         }
