@@ -301,8 +301,6 @@ impl Mesh {
                 }
                 _ = tokio::time::sleep_until(next_poll) => {
                     let has_handshake = self.poll_handshake(&link, &current, &mut stale).await;
-                    // Often until the first handshake (health shows it at once), then rarely.
-                    next_poll = Instant::now() + if has_handshake { Duration::from_secs(5) } else { Duration::from_millis(200) };
                     if applied
                         && joining
                         && let Some(delay) = self.watch_staleness(&mut stale)
@@ -310,6 +308,9 @@ impl Mesh {
                         next_join = Instant::now() + delay;
                         stale_rejoin = true;
                     }
+                    // Often until the first handshake (health shows it at once), then
+                    // rarely, unless the tunnel has gone quiet.
+                    next_poll = Instant::now() + if has_handshake { stale.look_interval() } else { Duration::from_millis(200) };
                 }
             }
         }

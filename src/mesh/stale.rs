@@ -20,6 +20,11 @@ pub const SPREAD: Duration = Duration::from_secs(10);
 /// The longest delay between two re-joins of a dead tunnel (JOIN_RETRY_MAX when shorter).
 pub const RETRY_MAX: Duration = Duration::from_secs(10);
 
+/// How often the mesh task looks at a live tunnel, and at one quiet for over half of
+/// WG_STALE_AFTER (so a dead one is seen within a second of WG_STALE_AFTER, not five).
+pub const LOOK: Duration = Duration::from_secs(5);
+pub const LOOK_QUIET: Duration = Duration::from_secs(1);
+
 /// What the mesh task should do after a look at the handshake.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Verdict {
@@ -46,6 +51,8 @@ pub struct StaleWatch {
     configured_at: Option<SystemTime>,
     /// The peer's received bytes at the last look, and when they last grew.
     rx: (u64, Option<SystemTime>),
+    /// At the last check: alive, but quiet for over half of `after`.
+    quiet: bool,
 }
 
 /// A dead tunnel: since when, and when it may re-join again.
@@ -66,6 +73,7 @@ impl StaleWatch {
             stale: None,
             configured_at: None,
             rx: (0, None),
+            quiet: false,
         }
     }
 
@@ -86,6 +94,16 @@ impl StaleWatch {
         self.configured_at = Some(at);
     }
 
+    /// When to look again at a tunnel with a handshake: [`LOOK_QUIET`] once it has been
+    /// quiet for over half of WG_STALE_AFTER (or is stale), else [`LOOK`].
+    pub fn look_interval(&self) -> Duration {
+        if self.quiet || self.stale.is_some() {
+            LOOK_QUIET
+        } else {
+            LOOK
+        }
+    }
+
     /// Looks at the last handshake (`None`: none yet) at `now`. Once stale, only a
     /// handshake newer than that ends it (a re-join and a restarted handshake do not).
     pub fn check(
@@ -104,6 +122,7 @@ impl StaleWatch {
                     .flatten()
                     .fold(configured, SystemTime::max);
                 let age = now.duration_since(alive_at).unwrap_or_default();
+                self.quiet = age > after / 2;
                 if age <= after {
                     return Verdict::Wait;
                 }
@@ -232,7 +251,10 @@ mod tests {
         w.configured(t0);
         assert!(w.received(100, at(20).0));
         assert!(!w.received(100, at(25).0), "nothing new");
+        assert_eq!(w.check(None, at(30).0, at(30).1), Verdict::Wait);
+        assert_eq!(w.look_interval(), LOOK, "quiet 10 s of 30");
         assert_eq!(w.check(None, at(45).0, at(45).1), Verdict::Wait);
+        assert_eq!(w.look_interval(), LOOK_QUIET, "quiet 25 s of 30");
         assert!(matches!(
             w.check(None, at(51).0, at(51).1),
             Verdict::Rejoin { first: true, .. }
