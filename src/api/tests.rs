@@ -222,7 +222,8 @@ async fn create_list_replace_delete() {
         v["rules"]["8080"],
         json!({"listen_port": 8080, "target_ip": "192.168.122.51", "target_port": 80, "proto": "tcp",
                "rule_id": "8080", "created_at": v["rules"]["8080"]["created_at"],
-               "updated_at": v["rules"]["8080"]["updated_at"], "created_by": "token", "updated_by": "token"})
+               "updated_at": v["rules"]["8080"]["updated_at"], "created_by": "token", "updated_by": "token",
+               "allow_from": [], "packets": 0, "bytes": 0, "connections": 0, "drops": 0})
     );
     assert_eq!(v["rules"]["8080/udp"]["target_port"], 53);
     assert_eq!(h.fw.maps().unwrap().len(), 2);
@@ -651,6 +652,7 @@ async fn the_openapi_document_lists_exactly_the_served_routes() {
         ("GET", "/images"),
         ("GET", "/openapi.json"),
         ("GET", "/ports"),
+        ("GET", "/ports/{listen_port}"),
         ("GET", "/stats"),
         ("GET", "/vms"),
         ("GET", "/vms/{name}/console"),

@@ -123,7 +123,7 @@ fn create_is_idempotent_and_conflicts_need_replace() {
     assert_eq!(kernel(&fw), vec![a]);
     assert_eq!(
         svc.create(b, true, "t", None).unwrap(),
-        CreateOutcome::Replaced { previous: a }
+        CreateOutcome::Replaced { previous: a.into() }
     );
     assert_eq!(kernel(&fw), vec![b]);
     assert_eq!(stored(&svc), vec![b]);
@@ -259,7 +259,7 @@ fn a_change_to_a_table_deleted_behind_the_agents_back_repairs_it_first() {
     let c2 = map(Proto::Tcp, 9090, 4, 80);
     assert_eq!(
         svc.create(c2, true, "t", None).unwrap(),
-        CreateOutcome::Replaced { previous: c }
+        CreateOutcome::Replaced { previous: c.into() }
     );
     assert_eq!(kernel(&fw), vec![c2, b]);
     fw.wipe();
