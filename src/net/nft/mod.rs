@@ -3,14 +3,19 @@
 //!
 //! ```text
 //! table ip node_vm_agent {
-//!   map tcp_ports { type inet_service : ipv4_addr . inet_service; }
-//!   map udp_ports { type inet_service : ipv4_addr . inet_service; }
+//!   map tcp_ports { type inet_service : ipv4_addr . inet_service; counter; }
+//!   map udp_ports { type inet_service : ipv4_addr . inet_service; counter; }
+//!   set tcp_flows, tcp_restricted, tcp_allow, tcp_drops (and udp_*): see `sets.rs`
 //!   chain prerouting  { type nat hook prerouting priority dstnat; policy accept;
+//!     meta l4proto tcp tcp dport @tcp_restricted fib daddr type local
+//!       tcp dport . ip saddr != @tcp_allow tcp dport @tcp_drops drop
 //!     fib daddr type local meta l4proto tcp dnat ip to tcp dport map @tcp_ports
-//!     fib daddr type local meta l4proto udp dnat ip to udp dport map @udp_ports }
+//!     (the same two for udp) }
 //!   chain output      { type nat hook output priority -100; policy accept;
-//!     ip daddr != 127.0.0.0/8 (then the same two: loopback stays the node's own) }
+//!     ip daddr != 127.0.0.0/8 (then the same four: loopback stays the node's own) }
 //!   chain forward     { type filter hook forward priority filter; policy accept;
+//!     ct status dnat meta l4proto tcp ct original proto-dst @tcp_flows
+//!     ct status dnat meta l4proto udp ct original proto-dst @udp_flows
 //!     ct status dnat accept }
 //!   chain antispoof   { type filter hook prerouting priority raw; policy accept;
 //!     iifname != "<wg_iface>" ip saddr <controller net> drop }  (one per net, once joined)
@@ -21,8 +26,9 @@
 //! }
 //! ```
 //!
-//! Port maps are map elements, so a lookup costs the same for one map or 30,000,
-//! and adding or removing one is a one-element transaction.
+//! Port maps, their allow-lists and their counters are set elements, so a lookup costs
+//! the same for one map or 30,000, and adding or removing one is a one-transaction
+//! change of a few elements (docs/decisions.md §21).
 
 mod drift;
 mod forward;
