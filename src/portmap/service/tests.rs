@@ -356,7 +356,7 @@ fn an_allow_list_is_stored_and_sent_with_its_map_and_changing_it_is_a_replace() 
     );
     assert_eq!(
         fw.rules().unwrap().into_iter().collect::<Vec<_>>(),
-        [rule.clone()]
+        std::slice::from_ref(&rule)
     );
     assert_eq!(svc.list().unwrap()[0].allow_from, allow);
     assert_eq!(
