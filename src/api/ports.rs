@@ -45,7 +45,7 @@ pub struct CreatePortMap {
     /// duplicates and networks inside another entry are dropped. Absent or empty: open to
     /// every source.
     #[serde(default)]
-    #[schema(value_type = Option<Vec<String>>, max_items = 64)]
+    #[schema(schema_with = super::doc::allow_from)]
     pub allow_from: AllowList,
 }
 

@@ -1190,6 +1190,10 @@ async fn the_document_states_the_input_rules_the_code_applies() {
         create["properties"]["proto"]["pattern"],
         super::doc::PROTO_PATTERN
     );
+    let allow = &create["properties"]["allow_from"];
+    assert_eq!(allow["type"], json!(["array", "null"]), "{allow}");
+    assert_eq!(allow["maxItems"], 64);
+    assert_eq!(allow["items"]["pattern"], super::doc::ALLOW_FROM_PATTERN);
     assert_eq!(
         create["properties"]["proto"]["type"],
         json!(["string", "null"])

@@ -50,7 +50,11 @@ impl AllowList {
                 given: given.to_string(),
             };
             // As written: no whitespace trimmed, no leading zeros guessed at.
-            let net: Ipv4Network = if given.contains('/') {
+            let net: Ipv4Network = if let Some((_, len)) = given.split_once('/') {
+                // The prefix as the document's pattern has it: digits, no leading zero.
+                if len.is_empty() || (len.len() > 1 && len.starts_with('0')) {
+                    return Err(bad());
+                }
                 given.parse().map_err(|_| bad())?
             } else {
                 Ipv4Network::from(given.parse::<std::net::Ipv4Addr>().map_err(|_| bad())?)
@@ -141,10 +145,15 @@ mod tests {
             AllowList::parse(&["ok", "x"]),
             Err(AllowListError::NotANetwork { index: 0, .. })
         ));
-        assert!(matches!(
-            AllowList::parse(&[" 10.0.0.1"]),
-            Err(AllowListError::NotANetwork { .. })
-        ));
+        for bad in [" 10.0.0.1", "10.0.0.0/08", "10.0.0.0/", "10.0.0.01"] {
+            assert!(
+                matches!(
+                    AllowList::parse(&[bad]),
+                    Err(AllowListError::NotANetwork { .. })
+                ),
+                "{bad}"
+            );
+        }
         let e = AllowList::parse(&["10.0.0.0/8", "10.1.2.3/8"]).unwrap_err();
         assert_eq!(
             e.to_string(),
