@@ -163,24 +163,6 @@ pub struct KernelState {
     pub problems: Vec<String>,
 }
 
-impl KernelState {
-    /// The rule the kernel holds for a listen port: its map and allow-list.
-    pub fn rule(&self, proto: Proto, listen_port: u16) -> Option<PortRule> {
-        let map = self
-            .maps
-            .iter()
-            .find(|m| m.proto == proto && m.listen_port == listen_port)?;
-        Some(PortRule {
-            map: *map,
-            allow_from: self
-                .allow
-                .get(&(proto, listen_port))
-                .cloned()
-                .unwrap_or_default(),
-        })
-    }
-}
-
 /// The nftables driver: one netlink socket, bound to the network namespace of the
 /// thread that created it.
 pub struct Nft {
@@ -308,11 +290,20 @@ impl Nft {
                 return BTreeMap::new();
             }
         };
+        // By key, not `KernelState::rule` per map: 10,000 scans of 10,000 maps would
+        // cost more than the rewrite itself.
+        let held: BTreeMap<(Proto, u16), &PortMap> = state
+            .maps
+            .iter()
+            .map(|m| ((m.proto, m.listen_port), m))
+            .collect();
+        let none = AllowList::default();
         rules
             .iter()
             .filter_map(|r| {
                 let key = (r.map.proto, r.map.listen_port);
-                let same = state.rule(key.0, key.1).as_ref() == Some(r);
+                let same = held.get(&key) == Some(&&r.map)
+                    && state.allow.get(&key).unwrap_or(&none) == &r.allow_from;
                 let counters = state.counters.get(&key)?;
                 same.then_some((key, *counters))
             })
