@@ -27,7 +27,7 @@ use std::time::{Duration, Instant};
 use ipnetwork::Ipv4Network;
 use nix::sched::{CloneFlags, unshare};
 use node_vm_agent::model::{AllowList, PortMap, PortRule, Proto};
-use node_vm_agent::net::nft::{NatSettings, Nft, ruleset};
+use node_vm_agent::net::nft::{NatSettings, Nft, ruleset, sets};
 use node_vm_agent::store::{Store, StoreError, portmaps};
 
 #[path = "../tests/support/mod.rs"]
@@ -156,22 +156,40 @@ fn nft_script(settings: &NatSettings, maps: &[PortMap]) -> String {
         ruleset::TABLE
     )
     .unwrap();
+    // The sets in apply_all's order (docs/decisions.md §21); no allow-lists here.
     for proto in Proto::ALL {
         let name = ruleset::map_name(proto);
         writeln!(
             s,
-            "  map {name} {{\n    type inet_service : ipv4_addr . inet_service"
+            "  map {name} {{\n    type inet_service : ipv4_addr . inet_service\n    counter"
         )
         .unwrap();
-        let elems: Vec<String> = maps
+        let mine: Vec<&PortMap> = maps.iter().filter(|m| m.proto == proto).collect();
+        let elems: Vec<String> = mine
             .iter()
-            .filter(|m| m.proto == proto)
             .map(|m| format!("{} : {} . {}", m.listen_port, m.target_ip, m.target_port))
             .collect();
         if !elems.is_empty() {
             writeln!(s, "    elements = {{ {} }}", elems.join(",\n      ")).unwrap();
         }
         writeln!(s, "  }}").unwrap();
+        let flows: Vec<String> = mine.iter().map(|m| m.listen_port.to_string()).collect();
+        for (kind, decl, elems) in [
+            (sets::Kind::Flows, "type inet_service\n    counter", flows),
+            (sets::Kind::Restricted, "type inet_service", vec![]),
+            (
+                sets::Kind::Allow,
+                "type inet_service . ipv4_addr\n    flags interval",
+                vec![],
+            ),
+            (sets::Kind::Drops, "type inet_service\n    counter", vec![]),
+        ] {
+            writeln!(s, "  set {} {{\n    {decl}", sets::name(kind, proto)).unwrap();
+            if !elems.is_empty() {
+                writeln!(s, "    elements = {{ {} }}", elems.join(",\n      ")).unwrap();
+            }
+            writeln!(s, "  }}").unwrap();
+        }
     }
     for chain in ruleset::chains(settings) {
         let hook = match chain.name {
@@ -247,7 +265,8 @@ fn apply(o: &Opts) {
             eprintln!("  agent: {x}\n  nft:   {y}");
         }
     }
-    // " : " also appears once in each map's type line.
+    // " : " also appears once in each map's type line (an element's counter comes
+    // before its " : ").
     let elements_listed = by_nft.matches(" : ").count() - Proto::ALL.len();
 
     // Interleaved so that drift on a noisy machine hits both alike. Every run replaces
