@@ -1001,3 +1001,56 @@ fn default_route_iface_follows_the_lowest_metric() {
         );
     });
 }
+
+/// A rebuild keeps the counters of the maps it does not change (written into the new
+/// elements) and starts the others at zero; the counters read back in one go.
+#[test]
+fn apply_all_carries_the_counters_of_unchanged_maps() {
+    in_private_netns(|| async {
+        let nft = Nft::new(settings()).unwrap();
+        let a = PortRule::from(pm(Proto::Tcp, 8080, [10, 200, 2, 10], 80));
+        let mut b = PortRule::from(pm(Proto::Udp, 5353, [10, 200, 2, 10], 53));
+        b.allow_from = node_vm_agent::model::AllowList::parse(&["192.0.2.0/24"]).unwrap();
+        nft.apply_all(&[a.clone(), b.clone()]).await.unwrap();
+        let zero = node_vm_agent::model::MapCounters::default();
+        assert_eq!(nft.counters().await.unwrap()[&(Proto::Tcp, 8080)], zero);
+
+        // Counts as traffic would leave them, put there with the nft CLI.
+        for (set, key, packets, bytes) in [
+            ("tcp_flows", "8080", 7, 700),
+            ("udp_flows", "5353", 3, 300),
+            ("udp_drops", "5353", 2, 80),
+        ] {
+            run(&format!(
+                "nft delete element ip {} {set} {{ {key} }}",
+                ruleset::TABLE
+            ));
+            run(&format!(
+                "nft add element ip {} {set} {{ {key} counter packets {packets} bytes {bytes} }}",
+                ruleset::TABLE
+            ));
+        }
+        let counted = nft.counters().await.unwrap();
+        assert_eq!(
+            (
+                counted[&(Proto::Tcp, 8080)].packets,
+                counted[&(Proto::Tcp, 8080)].bytes
+            ),
+            (7, 700)
+        );
+        assert_eq!(counted[&(Proto::Udp, 5353)].drops, 2);
+
+        // Same rules: both keep theirs. Another allow-list for b: b starts again.
+        nft.apply_all(&[a.clone(), b.clone()]).await.unwrap();
+        assert_eq!(nft.counters().await.unwrap(), counted);
+        let mut b2 = b.clone();
+        b2.allow_from = node_vm_agent::model::AllowList::parse(&["198.51.100.0/24"]).unwrap();
+        nft.apply_all(&[a.clone(), b2.clone()]).await.unwrap();
+        let after = nft.counters().await.unwrap();
+        assert_eq!(after[&(Proto::Tcp, 8080)], counted[&(Proto::Tcp, 8080)]);
+        assert_eq!(after[&(Proto::Udp, 5353)], zero);
+        let state = nft.read().await.unwrap().unwrap();
+        assert!(state.structure_ok, "{:?}", state.problems);
+        assert!(diff(&[a, b2], Some(&state)).is_empty());
+    })
+}
