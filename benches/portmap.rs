@@ -26,8 +26,8 @@ use std::time::{Duration, Instant};
 
 use ipnetwork::Ipv4Network;
 use nix::sched::{CloneFlags, unshare};
-use node_vm_agent::model::{PortMap, Proto};
-use node_vm_agent::net::nft::{NatSettings, Nft, ruleset};
+use node_vm_agent::model::{AllowList, PortMap, PortRule, Proto};
+use node_vm_agent::net::nft::{NatSettings, Nft, ruleset, sets};
 use node_vm_agent::store::{Store, StoreError, portmaps};
 
 #[path = "../tests/support/mod.rs"]
@@ -104,7 +104,7 @@ fn write_rows(store: &Store, maps: &[PortMap]) {
     store
         .transaction(|tx| {
             for m in maps {
-                portmaps::upsert(tx, m, "bench")?;
+                portmaps::upsert(tx, &PortRule::from(*m), "bench")?;
             }
             Ok::<_, StoreError>(())
         })
@@ -156,22 +156,40 @@ fn nft_script(settings: &NatSettings, maps: &[PortMap]) -> String {
         ruleset::TABLE
     )
     .unwrap();
+    // The sets in apply_all's order (docs/decisions.md §21); no allow-lists here.
     for proto in Proto::ALL {
         let name = ruleset::map_name(proto);
         writeln!(
             s,
-            "  map {name} {{\n    type inet_service : ipv4_addr . inet_service"
+            "  map {name} {{\n    type inet_service : ipv4_addr . inet_service\n    counter"
         )
         .unwrap();
-        let elems: Vec<String> = maps
+        let mine: Vec<&PortMap> = maps.iter().filter(|m| m.proto == proto).collect();
+        let elems: Vec<String> = mine
             .iter()
-            .filter(|m| m.proto == proto)
             .map(|m| format!("{} : {} . {}", m.listen_port, m.target_ip, m.target_port))
             .collect();
         if !elems.is_empty() {
             writeln!(s, "    elements = {{ {} }}", elems.join(",\n      ")).unwrap();
         }
         writeln!(s, "  }}").unwrap();
+        let flows: Vec<String> = mine.iter().map(|m| m.listen_port.to_string()).collect();
+        for (kind, decl, elems) in [
+            (sets::Kind::Flows, "type inet_service\n    counter", flows),
+            (sets::Kind::Restricted, "type inet_service", vec![]),
+            (
+                sets::Kind::Allow,
+                "type inet_service . ipv4_addr\n    flags interval",
+                vec![],
+            ),
+            (sets::Kind::Drops, "type inet_service\n    counter", vec![]),
+        ] {
+            writeln!(s, "  set {} {{\n    {decl}", sets::name(kind, proto)).unwrap();
+            if !elems.is_empty() {
+                writeln!(s, "    elements = {{ {} }}", elems.join(",\n      ")).unwrap();
+            }
+            writeln!(s, "  }}").unwrap();
+        }
     }
     for chain in ruleset::chains(settings) {
         let hook = match chain.name {
@@ -215,10 +233,10 @@ fn apply(o: &Opts) {
 
     let (rt, nft) = nft_driver(settings.clone());
 
-    // One SQLite read + apply_all: what restore does (portmaps::list_maps, then apply_all).
+    // One SQLite read + apply_all: what restore does (portmaps::list_rules, then apply_all).
     let agent_once = || -> (Duration, Duration) {
         let t0 = Instant::now();
-        let rows: Vec<PortMap> = store.with(portmaps::list_maps).expect("list");
+        let rows: Vec<PortRule> = store.with(portmaps::list_rules).expect("list");
         let t1 = Instant::now();
         rt.block_on(nft.apply_all(&rows)).expect("apply_all");
         let t2 = Instant::now();
@@ -247,7 +265,8 @@ fn apply(o: &Opts) {
             eprintln!("  agent: {x}\n  nft:   {y}");
         }
     }
-    // " : " also appears once in each map's type line.
+    // " : " also appears once in each map's type line (an element's counter comes
+    // before its " : ").
     let elements_listed = by_nft.matches(" : ").count() - Proto::ALL.len();
 
     // Interleaved so that drift on a noisy machine hits both alike. Every run replaces
@@ -520,6 +539,11 @@ fn connrate(o: &Opts) {
     let secs: f64 = opt(o, "secs", 5.0);
     let rounds: usize = opt(o, "rounds", 3);
     let threads: usize = opt(o, "threads", 2);
+    // `--allow 10.0.0.0/8`: every one of the many maps is restricted to this network
+    // (which must hold the client); the single map stays open. Counters are always on.
+    let allow = o
+        .get("allow")
+        .map(|a| AllowList::parse(&[a.as_str()]).expect("--allow"));
 
     // The VM: accept and close at once, on blocking threads in the vm namespace,
     // with a deep accept queue so that the server is not what limits the rate.
@@ -552,17 +576,24 @@ fn connrate(o: &Opts) {
 
     // The node: the agent's driver in the node namespace, on its own thread.
     let settings = nat_settings(&bridge, subnet, None);
-    let (req_tx, req_rx) = std::sync::mpsc::channel::<Vec<PortMap>>();
-    let (done_tx, done_rx) = std::sync::mpsc::channel::<Duration>();
+    let (req_tx, req_rx) = std::sync::mpsc::channel::<Vec<PortRule>>();
+    let (done_tx, done_rx) = std::sync::mpsc::channel::<(Duration, u64)>();
     let node = {
         let node_ns = node_ns.clone();
         std::thread::spawn(move || {
             enter(&node_ns);
             let (rt, nft) = nft_driver(settings);
-            for maps in req_rx {
+            for rules in req_rx {
+                // The connections counted on the measured map by the run just ended
+                // (read before the table is rebuilt; a new rule set restarts it).
+                let counted = rt
+                    .block_on(nft.counters())
+                    .ok()
+                    .and_then(|c| c.get(&(Proto::Tcp, port)).map(|c| c.connections))
+                    .unwrap_or(0);
                 let t0 = Instant::now();
-                rt.block_on(nft.apply_all(&maps)).expect("apply_all");
-                done_tx.send(t0.elapsed()).unwrap();
+                rt.block_on(nft.apply_all(&rules)).expect("apply_all");
+                done_tx.send((t0.elapsed(), counted)).unwrap();
             }
             rt.block_on(nft.delete_table()).ok();
         })
@@ -579,20 +610,31 @@ fn connrate(o: &Opts) {
         *m = special;
     }
     assert!(many.contains(&special));
+    let many: Vec<PortRule> = many
+        .into_iter()
+        .map(|map| PortRule {
+            map,
+            allow_from: allow.clone().unwrap_or_default(),
+        })
+        .collect();
+    let one = vec![PortRule::from(special)];
     let addr = SocketAddr::from((node_addr, port));
 
     let mut one_rates = vec![];
     let mut many_rates = vec![];
     let mut total_errors = 0;
     // A short warm-up through one map (ARP, caches).
-    req_tx.send(vec![special]).unwrap();
+    req_tx.send(one.clone()).unwrap();
     done_rx.recv().unwrap();
     let (warm, warm_err) = measure_rate(&client_ns, addr, threads, 1.0);
     eprintln!("warm-up: {warm:.0} conn/s, {warm_err} errors");
     for round in 0..rounds {
-        for (label, set) in [("1", vec![special]), ("10k", many.clone())] {
+        for (label, set) in [("1", one.clone()), ("10k", many.clone())] {
             req_tx.send(set).unwrap();
-            let took = done_rx.recv().unwrap();
+            let (took, counted) = done_rx.recv().unwrap();
+            if round > 0 || label != "1" {
+                eprintln!("  (the run before counted {counted} connections on port {port})");
+            }
             std::thread::sleep(Duration::from_millis(300));
             let (rate, errors) = measure_rate(&client_ns, addr, threads, secs);
             total_errors += errors;
@@ -610,6 +652,10 @@ fn connrate(o: &Opts) {
             }
         }
     }
+    // A last apply reports the last run's count.
+    req_tx.send(one.clone()).unwrap();
+    let (_, counted) = done_rx.recv().unwrap();
+    eprintln!("  (the run before counted {counted} connections on port {port})");
     drop(req_tx);
     node.join().expect("node thread");
     stop.store(true, Ordering::Relaxed);
@@ -640,9 +686,12 @@ fn connrate(o: &Opts) {
             .collect(),
     );
     println!(
-        "BENCH connrate threads={threads} secs={secs} rounds={rounds} maps={n} port={port} \
+        "BENCH connrate threads={threads} secs={secs} rounds={rounds} maps={n} port={port} allow={} \
          one_runs={} many_runs={} one_median={m1:.0} many_median={mk:.0} ratio={:.3} pair_ratio_median={:.3} \
          errors={total_errors} accepted={}",
+        allow
+            .as_ref()
+            .map_or("none".to_string(), ToString::to_string),
         fmt(&one_rates),
         fmt(&many_rates),
         mk / m1,

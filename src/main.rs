@@ -30,6 +30,7 @@ enum Command {
 }
 
 fn main() -> ExitCode {
+    node_vm_agent::memory::unmap_large_allocations();
     let cli = Cli::parse();
     let settings = match &cli.command {
         Command::Serve(s) | Command::Diff(s) => s.clone(),

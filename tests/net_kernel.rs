@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 
 use kernel::{NamedNetns, in_private_netns, run, run_with_input, spawn_in_named};
 use nlink::netlink::{Connection, Nftables};
-use node_vm_agent::model::{PortMap, Proto};
+use node_vm_agent::model::{PortMap, PortRule, Proto};
 use node_vm_agent::net::link;
 use node_vm_agent::net::nft::*;
 
@@ -37,6 +37,10 @@ fn pm(proto: Proto, listen_port: u16, target_ip: [u8; 4], target_port: u16) -> P
         target_ip: Ipv4Addr::from(target_ip),
         target_port,
     }
+}
+
+fn rules(maps: &[PortMap]) -> Vec<PortRule> {
+    maps.iter().copied().map(PortRule::from).collect()
 }
 
 fn nft_json(args: &str) -> serde_json::Value {
@@ -65,12 +69,12 @@ fn apply_read_and_nft_agree() {
             pm(Proto::Tcp, 2222, [10, 200, 2, 11], 22),
             pm(Proto::Udp, 5353, [10, 200, 2, 10], 53),
         ];
-        nft.apply_all(&maps).await.unwrap();
+        nft.apply_all(&rules(&maps)).await.unwrap();
 
         let state = nft.read().await.unwrap().expect("table exists");
         assert!(state.structure_ok, "{:?}", state.problems);
         assert_eq!(state.maps, maps.iter().copied().collect::<BTreeSet<_>>());
-        assert!(diff(&maps, Some(&state)).is_empty());
+        assert!(diff(&rules(&maps), Some(&state)).is_empty());
 
         // The nft CLI reads the same thing back.
         let text = run(&format!("nft list table ip {}", ruleset::TABLE));
@@ -78,8 +82,15 @@ fn apply_read_and_nft_agree() {
             text.contains("type inet_service : ipv4_addr . inet_service"),
             "{text}"
         );
-        assert!(text.contains("8080 : 10.200.2.10 . 80"), "{text}");
-        assert!(text.contains("5353 : 10.200.2.10 . 53"), "{text}");
+        // Every element carries its counter (connections).
+        assert!(
+            text.contains("8080 counter packets 0 bytes 0 : 10.200.2.10 . 80"),
+            "{text}"
+        );
+        assert!(
+            text.contains("5353 counter packets 0 bytes 0 : 10.200.2.10 . 53"),
+            "{text}"
+        );
         assert!(
             // nft elides `meta l4proto tcp`, implied by `tcp dport`.
             text.contains("fib daddr type local dnat ip to tcp dport map @tcp_ports"),
@@ -91,9 +102,13 @@ fn apply_read_and_nft_agree() {
         );
         assert!(text.contains("comment \"node-vm-agent\""), "{text}");
         let pre = listed_rules("prerouting");
-        assert_eq!(pre.len(), 2, "one rule per protocol, not per port");
-        assert_eq!(listed_rules("output").len(), 2);
-        assert_eq!(listed_rules("forward").len(), 1);
+        assert_eq!(
+            pre.len(),
+            4,
+            "two rules (allow-list, DNAT) per protocol, not per port"
+        );
+        assert_eq!(listed_rules("output").len(), 4);
+        assert_eq!(listed_rules("forward").len(), 3);
         assert_eq!(listed_rules("postrouting").len(), 3);
         let chains = nft_json(&format!("list table ip {}", ruleset::TABLE));
         let chain_of = |name: &str| {
@@ -119,26 +134,26 @@ fn apply_twice_and_single_element_changes() {
         let a = pm(Proto::Tcp, 8080, [10, 200, 2, 10], 80);
         let b = pm(Proto::Udp, 8080, [10, 200, 2, 10], 80);
         let c = pm(Proto::Tcp, 9090, [10, 200, 2, 12], 90);
-        nft.apply_all(&[a, b]).await.unwrap();
+        nft.apply_all(&rules(&[a, b])).await.unwrap();
         // A second apply replaces the whole table, whatever was in it.
-        nft.apply_all(&[a, c]).await.unwrap();
+        nft.apply_all(&rules(&[a, c])).await.unwrap();
         let maps = |s: Option<KernelState>| s.unwrap().maps.into_iter().collect::<Vec<_>>();
         assert_eq!(maps(nft.read().await.unwrap()), [a, c]);
 
-        nft.add(&b).await.unwrap();
+        nft.add(&PortRule::from(b)).await.unwrap();
         assert_eq!(maps(nft.read().await.unwrap()), [a, c, b]);
 
         // Adding the same key with another target is refused, not silently changed.
         let err = nft
-            .add(&pm(Proto::Udp, 8080, [10, 200, 2, 99], 80))
+            .add(&PortRule::from(pm(Proto::Udp, 8080, [10, 200, 2, 99], 80)))
             .await
             .unwrap_err();
         assert!(err.errno().is_some(), "{err}");
 
-        nft.remove(&a).await.unwrap();
+        nft.remove_all(&rules(&[a])).await.unwrap();
         assert_eq!(maps(nft.read().await.unwrap()), [c, b]);
         // Removing what is not there is ENOENT, with the kernel's reason.
-        let err = nft.remove(&a).await.unwrap_err();
+        let err = nft.remove_all(&rules(&[a])).await.unwrap_err();
         assert!(err.is_not_found(), "{err}");
         assert_eq!(err.reason(), "No such file or directory");
 
@@ -147,19 +162,26 @@ fn apply_twice_and_single_element_changes() {
             pm(Proto::Tcp, 7070, [10, 200, 2, 20], 70),
             pm(Proto::Udp, 7070, [10, 200, 2, 20], 70),
         );
-        nft.add(&d).await.unwrap();
-        nft.add(&e).await.unwrap();
-        let err = nft.remove_all(&[d, e, a]).await.unwrap_err();
+        nft.add(&PortRule::from(d)).await.unwrap();
+        nft.add(&PortRule::from(e)).await.unwrap();
+        let err = nft.remove_all(&rules(&[d, e, a])).await.unwrap_err();
         assert!(err.is_not_found(), "{err}");
         assert_eq!(maps(nft.read().await.unwrap()), [d, c, e, b]);
-        nft.remove_all(&[d, e]).await.unwrap();
+        nft.remove_all(&rules(&[d, e])).await.unwrap();
         assert_eq!(maps(nft.read().await.unwrap()), [c, b]);
 
         let c2 = pm(Proto::Tcp, 9090, [10, 200, 2, 13], 91);
-        nft.replace(&c, &c2).await.unwrap();
+        nft.replace(&PortRule::from(c), &PortRule::from(c2))
+            .await
+            .unwrap();
         assert_eq!(maps(nft.read().await.unwrap()), [c2, b]);
         // A replace whose delete half fails changes nothing.
-        let err = nft.replace(&a, &pm(Proto::Tcp, 1, [10, 0, 0, 1], 1)).await;
+        let err = nft
+            .replace(
+                &PortRule::from(a),
+                &PortRule::from(pm(Proto::Tcp, 1, [10, 0, 0, 1], 1)),
+            )
+            .await;
         assert!(err.unwrap_err().is_not_found());
         let state = nft.read().await.unwrap().unwrap();
         assert!(state.structure_ok);
@@ -169,7 +191,12 @@ fn apply_twice_and_single_element_changes() {
         assert!(!nft.delete_table().await.unwrap());
         assert_eq!(nft.read().await.unwrap(), None);
         // Element operations on a missing table say so.
-        assert!(nft.add(&a).await.unwrap_err().is_not_found());
+        assert!(
+            nft.add(&PortRule::from(a))
+                .await
+                .unwrap_err()
+                .is_not_found()
+        );
     });
 }
 
@@ -182,7 +209,7 @@ fn refused_apply_keeps_the_old_table() {
         // Duplicate keys are caught before anything is sent.
         let dup = [a, pm(Proto::Tcp, 8080, [10, 200, 2, 11], 81)];
         assert!(matches!(
-            nft.apply_all(&dup).await,
+            nft.apply_all(&rules(&dup)).await,
             Err(NftError::Invalid(_))
         ));
 
@@ -202,7 +229,7 @@ fn refused_apply_keeps_the_old_table() {
             .add_set_elements(&ruleset::map(Proto::Tcp), &[ruleset::element(&a)])
             .await
             .unwrap();
-        let err = nft.apply_all(&[b]).await.unwrap_err();
+        let err = nft.apply_all(&rules(&[b])).await.unwrap_err();
         assert_eq!(err.errno(), Some(libc::EPERM), "{err}");
         assert_eq!(err.reason(), "Operation not permitted");
         assert!(err.to_string().contains("Operation not permitted"), "{err}");
@@ -214,7 +241,7 @@ fn refused_apply_keeps_the_old_table() {
         // socket closes, not always before drop returns); then apply_all works again.
         drop(owner);
         let mut tries = 0;
-        while let Err(e) = nft.apply_all(&[b]).await {
+        while let Err(e) = nft.apply_all(&rules(&[b])).await {
             tries += 1;
             assert!(tries < 100, "the owner's table stayed: {e}");
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
@@ -231,14 +258,14 @@ fn diff_sees_outside_changes() {
             pm(Proto::Tcp, 8080, [10, 200, 2, 10], 80),
             pm(Proto::Udp, 5353, [10, 200, 2, 10], 53),
         ];
-        nft.apply_all(&maps).await.unwrap();
-        assert!(diff(&maps, nft.read().await.unwrap().as_ref()).is_empty());
+        nft.apply_all(&rules(&maps)).await.unwrap();
+        assert!(diff(&rules(&maps), nft.read().await.unwrap().as_ref()).is_empty());
 
         run(&format!(
             "nft delete element ip {} tcp_ports {{ 8080 }}",
             ruleset::TABLE
         ));
-        let d = diff(&maps, nft.read().await.unwrap().as_ref());
+        let d = diff(&rules(&maps), nft.read().await.unwrap().as_ref());
         assert_eq!(d.missing, [maps[0]]);
         assert!(d.elements_only(), "{d}");
 
@@ -246,31 +273,31 @@ fn diff_sees_outside_changes() {
             "nft add element ip {} udp_ports {{ 7000 : 10.200.2.50 . 7000 }}",
             ruleset::TABLE
         ));
-        let d = diff(&maps, nft.read().await.unwrap().as_ref());
+        let d = diff(&rules(&maps), nft.read().await.unwrap().as_ref());
         assert_eq!(d.extra, [pm(Proto::Udp, 7000, [10, 200, 2, 50], 7000)]);
 
         run(&format!("nft flush chain ip {} prerouting", ruleset::TABLE));
         let state = nft.read().await.unwrap().unwrap();
         assert!(!state.structure_ok);
-        let d = diff(&maps, Some(&state));
+        let d = diff(&rules(&maps), Some(&state));
         assert!(!d.elements_only());
         assert!(d.to_string().contains("chain prerouting: rule"), "{d}");
 
         // A changed rule is caught too, not only a missing one.
-        nft.apply_all(&maps).await.unwrap();
+        nft.apply_all(&rules(&maps)).await.unwrap();
         run(&format!(
             "nft add rule ip {} forward meta l4proto tcp accept",
             ruleset::TABLE
         ));
-        let d = diff(&maps, nft.read().await.unwrap().as_ref());
+        let d = diff(&rules(&maps), nft.read().await.unwrap().as_ref());
         assert!(
             d.to_string().contains("chain forward: unexpected rule"),
             "{d}"
         );
 
-        nft.apply_all(&maps).await.unwrap();
+        nft.apply_all(&rules(&maps)).await.unwrap();
         run(&format!("nft delete table ip {}", ruleset::TABLE));
-        let d = diff(&maps, nft.read().await.unwrap().as_ref());
+        let d = diff(&rules(&maps), nft.read().await.unwrap().as_ref());
         assert!(d.table_missing);
         assert_eq!(d.missing.len(), 2);
     });
@@ -299,13 +326,13 @@ fn thirty_thousand_maps_in_one_transaction() {
 
         // Timings are printed, never asserted: these machines are shared and noisy.
         let started = Instant::now();
-        nft.apply_all(&maps[..10_000]).await.unwrap();
+        nft.apply_all(&rules(&maps[..10_000])).await.unwrap();
         let ten_thousand = started.elapsed();
 
         // 30,000 over the 10,000: destroy + create with every element, one batch of
         // about a megabyte, beyond the default socket send buffer.
         let started = Instant::now();
-        nft.apply_all(&maps).await.unwrap();
+        nft.apply_all(&rules(&maps)).await.unwrap();
         let thirty_thousand = started.elapsed();
 
         let started = Instant::now();
@@ -314,7 +341,7 @@ fn thirty_thousand_maps_in_one_transaction() {
         assert!(state.structure_ok, "{:?}", state.problems);
         assert_eq!(state.maps.len(), 30_000);
         assert_eq!(state.maps, maps.iter().copied().collect::<BTreeSet<_>>());
-        assert!(diff(&maps, Some(&state)).is_empty());
+        assert!(diff(&rules(&maps), Some(&state)).is_empty());
         eprintln!(
             "apply_all: 10,000 maps into an empty table {ten_thousand:?}; \
              30,000 replacing them {thirty_thousand:?}; read back {read:?}"
@@ -468,7 +495,7 @@ fn mapped_ports_carry_real_traffic() {
         let nft = Nft::new(settings()).unwrap();
         let tcp = pm(Proto::Tcp, 18080, VM_IP, VM_TCP_PORT);
         let udp = pm(Proto::Udp, 15353, VM_IP, VM_UDP_PORT);
-        nft.apply_all(&[tcp, udp]).await.unwrap();
+        nft.apply_all(&rules(&[tcp, udp])).await.unwrap();
 
         // client -> node:18080 -> vm:80; the vm sees the node's bridge address.
         let answer = tcp_get(&topo.client, 18080).expect("mapped tcp port answers");
@@ -498,15 +525,17 @@ fn mapped_ports_carry_real_traffic() {
         server.join().unwrap();
 
         // Removing the element stops new connections at once.
-        nft.remove(&tcp).await.unwrap();
+        nft.remove_all(&rules(&[tcp])).await.unwrap();
         assert_eq!(tcp_get(&topo.client, 18080), None);
-        nft.remove(&udp).await.unwrap();
+        nft.remove_all(&rules(&[udp])).await.unwrap();
         assert_eq!(udp_ask(&topo.client, 15353), None);
         // And a replace moves a port to another target atomically.
-        nft.add(&tcp).await.unwrap();
+        nft.add(&PortRule::from(tcp)).await.unwrap();
         assert!(tcp_get(&topo.client, 18080).is_some());
         let moved = pm(Proto::Tcp, 18080, VM_IP, 81);
-        nft.replace(&tcp, &moved).await.unwrap();
+        nft.replace(&PortRule::from(tcp), &PortRule::from(moved))
+            .await
+            .unwrap();
         assert_eq!(tcp_get(&topo.client, 18080), None, "nothing listens on :81");
     });
 }
@@ -589,10 +618,10 @@ fn forward_accept_beats_iptables_nft_libvirt_reject() {
         let report = nft.ensure_forward_accept().await.unwrap();
         assert_eq!(report, ForwardAcceptReport::default());
 
-        nft.apply_all(&[
+        nft.apply_all(&rules(&[
             pm(Proto::Tcp, 18080, VM_IP, VM_TCP_PORT),
             pm(Proto::Udp, 15353, VM_IP, VM_UDP_PORT),
-        ])
+        ]))
         .await
         .unwrap();
         run_with_input("iptables-restore", Some(IPTABLES_NFT_LIBVIRT));
@@ -884,7 +913,7 @@ fn other_settings_round_trip_through_the_kernel() {
             tunnel_sources: vec![],
         })
         .unwrap();
-        nft.apply_all(&[]).await.unwrap();
+        nft.apply_all(&rules(&[])).await.unwrap();
         let state = nft.read().await.unwrap().unwrap();
         assert!(state.structure_ok, "{:?}", state.problems);
         assert!(state.maps.is_empty());
@@ -971,4 +1000,57 @@ fn default_route_iface_follows_the_lowest_metric() {
             Some("dummy-a")
         );
     });
+}
+
+/// A rebuild keeps the counters of the maps it does not change (written into the new
+/// elements) and starts the others at zero; the counters read back in one go.
+#[test]
+fn apply_all_carries_the_counters_of_unchanged_maps() {
+    in_private_netns(|| async {
+        let nft = Nft::new(settings()).unwrap();
+        let a = PortRule::from(pm(Proto::Tcp, 8080, [10, 200, 2, 10], 80));
+        let mut b = PortRule::from(pm(Proto::Udp, 5353, [10, 200, 2, 10], 53));
+        b.allow_from = node_vm_agent::model::AllowList::parse(&["192.0.2.0/24"]).unwrap();
+        nft.apply_all(&[a.clone(), b.clone()]).await.unwrap();
+        let zero = node_vm_agent::model::MapCounters::default();
+        assert_eq!(nft.counters().await.unwrap()[&(Proto::Tcp, 8080)], zero);
+
+        // Counts as traffic would leave them, put there with the nft CLI.
+        for (set, key, packets, bytes) in [
+            ("tcp_flows", "8080", 7, 700),
+            ("udp_flows", "5353", 3, 300),
+            ("udp_drops", "5353", 2, 80),
+        ] {
+            run(&format!(
+                "nft delete element ip {} {set} {{ {key} }}",
+                ruleset::TABLE
+            ));
+            run(&format!(
+                "nft add element ip {} {set} {{ {key} counter packets {packets} bytes {bytes} }}",
+                ruleset::TABLE
+            ));
+        }
+        let counted = nft.counters().await.unwrap();
+        assert_eq!(
+            (
+                counted[&(Proto::Tcp, 8080)].packets,
+                counted[&(Proto::Tcp, 8080)].bytes
+            ),
+            (7, 700)
+        );
+        assert_eq!(counted[&(Proto::Udp, 5353)].drops, 2);
+
+        // Same rules: both keep theirs. Another allow-list for b: b starts again.
+        nft.apply_all(&[a.clone(), b.clone()]).await.unwrap();
+        assert_eq!(nft.counters().await.unwrap(), counted);
+        let mut b2 = b.clone();
+        b2.allow_from = node_vm_agent::model::AllowList::parse(&["198.51.100.0/24"]).unwrap();
+        nft.apply_all(&[a.clone(), b2.clone()]).await.unwrap();
+        let after = nft.counters().await.unwrap();
+        assert_eq!(after[&(Proto::Tcp, 8080)], counted[&(Proto::Tcp, 8080)]);
+        assert_eq!(after[&(Proto::Udp, 5353)], zero);
+        let state = nft.read().await.unwrap().unwrap();
+        assert!(state.structure_ok, "{:?}", state.problems);
+        assert!(diff(&[a, b2], Some(&state)).is_empty());
+    })
 }

@@ -37,6 +37,9 @@ pub const URL_PATTERN: &str = concat!(
 /// `tcp` or `udp` in any case: the original agent lower-cased `proto`, and its clients
 /// may send `"TCP"`. Answers always carry the lower-case name (an enum there).
 pub const PROTO_PATTERN: &str = "^([Tt][Cc][Pp]|[Uu][Dd][Pp])$";
+/// An `allow_from` entry (`model::AllowList::parse`): an IPv4 address, optionally with a
+/// prefix length 0..32 without leading zero.
+pub const ALLOW_FROM_PATTERN: &str = "^(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])(\\.(25[0-5]|2[0-4][0-9]|1[0-9]{2}|[1-9]?[0-9])){3}(/(3[0-2]|[12][0-9]|[0-9]))?$";
 pub const SHA256_PATTERN: &str = "^[0-9A-Fa-f]{64}$";
 
 /// A hostname (`vm::spec::check_hostname`): dot-separated labels of letters, digits and
@@ -89,6 +92,23 @@ pub fn proto() -> Schema {
 pub fn proto_param() -> Schema {
     string(PROTO_PATTERN, None)
         .description(Some("`tcp` (default) or `udp`, in any case"))
+        .build()
+        .into()
+}
+
+/// `allow_from`: null, or at most 64 IPv4 networks or addresses.
+pub fn allow_from() -> Schema {
+    utoipa::openapi::schema::ArrayBuilder::new()
+        .schema_type(SchemaType::Array(vec![Type::Array, Type::Null]))
+        .items(
+            string(ALLOW_FROM_PATTERN, None)
+                .examples([json!("203.0.113.0/24"), json!("198.51.100.7")]),
+        )
+        .max_items(Some(crate::model::allow::MAX_ALLOW_FROM))
+        .description(Some(
+            "Sources allowed to connect (`a.b.c.d/len` without host bits, or an address); \
+             absent, null or empty: every source",
+        ))
         .build()
         .into()
 }

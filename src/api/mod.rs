@@ -154,7 +154,7 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(health::health))
         .routes(routes!(openapi_json))
         .routes(routes!(ports::list, ports::create))
-        .routes(routes!(ports::delete))
+        .routes(routes!(ports::get, ports::delete))
         .routes(routes!(ports::restore))
         .routes(routes!(vms::list, vms::create))
         .routes(routes!(vms::status))

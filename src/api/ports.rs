@@ -14,7 +14,7 @@ use super::audit::{AuditedResponse, Draft};
 use super::body::{self, port};
 use super::error::ApiError;
 use super::{AppState, Identity};
-use crate::model::{PortMap, Proto};
+use crate::model::{AllowList, PortMap, PortRule, Proto};
 use crate::portmap::CreateOutcome;
 
 /// Body of `POST /ports`.
@@ -34,11 +34,19 @@ pub struct CreatePortMap {
     #[serde(default)]
     #[schema(schema_with = super::doc::proto)]
     pub proto: Proto,
-    /// Switch an existing map of this port to the new target (atomically) instead of
-    /// answering 409.
+    /// Switch an existing map of this port to the new target or allow-list (atomically)
+    /// instead of answering 409.
     #[serde(default)]
     #[schema(value_type = Option<bool>)]
     pub replace: bool,
+    /// Sources allowed to connect: IPv4 networks (`"192.0.2.0/24"`) or addresses
+    /// (`"192.0.2.7"`, a /32), at most 64. Connections from anywhere else are dropped
+    /// before the DNAT and counted as `drops`. Host bits set (`"10.1.2.3/8"`) are a 400;
+    /// duplicates and networks inside another entry are dropped. Absent or empty: open to
+    /// every source.
+    #[serde(default)]
+    #[schema(schema_with = super::doc::allow_from)]
+    pub allow_from: AllowList,
 }
 
 #[derive(Deserialize)]
@@ -51,6 +59,30 @@ struct RawCreate {
     proto: Option<serde_json::Value>,
     #[serde(default)]
     replace: Option<serde_json::Value>,
+    #[serde(default)]
+    allow_from: Option<serde_json::Value>,
+}
+
+/// `allow_from` as sent: `null`, or an array of strings.
+fn allow_from(v: Option<&serde_json::Value>) -> Result<AllowList, String> {
+    let items = match v {
+        None | Some(serde_json::Value::Null) => return Ok(AllowList::default()),
+        Some(serde_json::Value::Array(items)) => items,
+        Some(other) => {
+            return Err(format!(
+                "allow_from must be a list of IPv4 networks, not {other}"
+            ));
+        }
+    };
+    let strings = items
+        .iter()
+        .enumerate()
+        .map(|(i, v)| match v {
+            serde_json::Value::String(s) => Ok(s.as_str()),
+            other => Err(format!("allow_from[{i}] must be a string, not {other}")),
+        })
+        .collect::<Result<Vec<&str>, String>>()?;
+    AllowList::parse(&strings).map_err(|e| e.to_string())
 }
 
 impl TryFrom<RawCreate> for CreatePortMap {
@@ -81,6 +113,7 @@ impl TryFrom<RawCreate> for CreatePortMap {
             target_port: port("target_port", &r.target_port)?,
             proto,
             replace,
+            allow_from: allow_from(r.allow_from.as_ref())?,
         })
     }
 }
@@ -96,6 +129,10 @@ pub struct PortMapView {
     pub target_port: u16,
     #[schema(value_type = ProtoName)]
     pub proto: Proto,
+    /// The map's allow-list; absent when the map is open to every source.
+    #[serde(skip_serializing_if = "AllowList::is_empty")]
+    #[schema(value_type = Option<Vec<String>>)]
+    pub allow_from: AllowList,
 }
 
 impl From<PortMap> for PortMapView {
@@ -105,6 +142,16 @@ impl From<PortMap> for PortMapView {
             target_ip: m.target_ip,
             target_port: m.target_port,
             proto: m.proto,
+            allow_from: AllowList::default(),
+        }
+    }
+}
+
+impl From<PortRule> for PortMapView {
+    fn from(r: PortRule) -> Self {
+        Self {
+            allow_from: r.allow_from,
+            ..r.map.into()
         }
     }
 }
@@ -117,13 +164,55 @@ enum ProtoName {
     udp,
 }
 
-/// Answer of `GET /ports` (written by `PortMaps::list_body`, cached).
+/// A map as `GET /ports` and `GET /ports/{listen_port}` show it (written by
+/// `PortMaps::list_body` and `PortMaps::rule_json`).
+#[derive(ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+struct ListedPortMap {
+    #[schema(minimum = 1, maximum = 65535)]
+    listen_port: u16,
+    #[schema(value_type = String, format = Ipv4)]
+    target_ip: Ipv4Addr,
+    #[schema(minimum = 1, maximum = 65535)]
+    target_port: u16,
+    #[schema(value_type = ProtoName)]
+    proto: Proto,
+    /// Sources allowed to connect; empty: every source.
+    allow_from: Vec<String>,
+    created_at: String,
+    updated_at: String,
+    created_by: String,
+    updated_by: String,
+    rule_id: String,
+    /// Packets of the map's connections forwarded to or from the VM, both directions
+    /// (traffic from the node itself to a mapped port is not forwarded, so not counted).
+    packets: u64,
+    /// Bytes of those packets (whole IP packets).
+    bytes: u64,
+    /// New connections DNAT'd to the target.
+    connections: u64,
+    /// Connections refused by `allow_from` (each refused first packet, retries included).
+    drops: u64,
+}
+
+/// Answer of `GET /ports` (written by `PortMaps::list_body`, cached for at most a
+/// second: counters may be that old).
 #[derive(ToSchema)]
 #[allow(dead_code, reason = "documentation only")]
 struct PortList {
     ok: bool,
-    /// Every map by rule id (`8080`, `8080/udp`), with when and by whom it was made.
-    rules: std::collections::BTreeMap<String, PortMapView>,
+    /// Every map by rule id (`8080`, `8080/udp`), with when and by whom it was made and
+    /// its counters. Counters start at zero when the map is created or replaced.
+    rules: std::collections::BTreeMap<String, ListedPortMap>,
+}
+
+/// Answer of `GET /ports/{listen_port}`.
+#[derive(ToSchema)]
+#[allow(dead_code, reason = "documentation only")]
+struct OnePort {
+    ok: bool,
+    /// The same object as the map's entry in `GET /ports`, with counters read now.
+    rule: ListedPortMap,
 }
 
 /// Answer of `POST /ports`.
@@ -166,12 +255,17 @@ pub async fn create(
         target_ip: req.target_ip,
         target_port: req.target_port,
     };
+    let rule = PortRule {
+        map,
+        allow_from: req.allow_from,
+    };
+    let view: PortMapView = rule.clone().into();
     let svc = state.portmaps.clone();
     let by = identity.0.as_str().to_string();
     let entry = draft.accepted(StatusCode::OK);
     let outcome = state
         .store
-        .run(move |_| svc.create(map, req.replace, &by, Some(&entry)))
+        .run(move |_| svc.create(rule, req.replace, &by, Some(&entry)))
         .await?;
     let (result, previous) = match outcome {
         CreateOutcome::Created => ("created", None),
@@ -182,14 +276,14 @@ pub async fn create(
         ok: true,
         rule_id: map.rule_id(),
         result,
-        rule: map.into(),
+        rule: view,
         previous,
     })))
 }
 
 #[utoipa::path(
     get, path = "/ports", tag = "ports",
-    responses((status = 200, description = "Every map, keyed by rule id (`8080`, `8080/udp`)", body = PortList)),
+    responses((status = 200, description = "Every map, keyed by rule id (`8080`, `8080/udp`), with its allow-list and counters (at most a second old)", body = PortList)),
     security(("bearer" = []))
 )]
 pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
@@ -205,7 +299,56 @@ pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
-/// Query of `DELETE /ports/{listen_port}`.
+/// The protocol of a `?proto=` query: `tcp` when absent, in any case.
+fn query_proto(p: Option<String>) -> Result<Proto, ApiError> {
+    match p {
+        None => Ok(Proto::Tcp),
+        Some(p) => p
+            .to_ascii_lowercase()
+            .parse()
+            .map_err(ApiError::bad_request),
+    }
+}
+
+#[utoipa::path(
+    get, path = "/ports/{listen_port}", tag = "ports",
+    params(("listen_port" = u16, Path, description = "Node port, 1..65535"), DeleteQuery),
+    responses(
+        (status = 200, description = "The map with its counters, read from the kernel now", body = OnePort),
+        (status = 400, description = "Bad port or query", body = super::ErrorBody),
+        (status = 404, description = "No map of this port and protocol", body = super::ErrorBody),
+        (status = 500, description = "The kernel's counters could not be read", body = super::ErrorBody),
+    ),
+    security(("bearer" = []))
+)]
+pub async fn get(
+    State(state): State<AppState>,
+    Path(listen_port): Path<String>,
+    RawQuery(query): RawQuery,
+) -> Result<Response, ApiError> {
+    let listen_port = port(
+        "listen_port",
+        &serde_json::Value::String(listen_port.clone()),
+    )
+    .map_err(ApiError::bad_request)?;
+    let q: DeleteQuery = body::query(query.as_deref())?;
+    let proto = query_proto(q.proto)?;
+    let svc = state.portmaps.clone();
+    let found = state
+        .store
+        .run(move |_| svc.get(proto, listen_port))
+        .await?;
+    let Some((row, counters)) = found else {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            format!("no {proto} map of listen_port {listen_port}"),
+        ));
+    };
+    let rule = crate::portmap::PortMaps::rule_json(&row, counters);
+    Ok(Json(serde_json::json!({"ok": true, "rule": rule})).into_response())
+}
+
+/// Query of `DELETE /ports/{listen_port}` and `GET /ports/{listen_port}`.
 #[derive(Debug, Default, Deserialize, utoipa::IntoParams)]
 #[serde(deny_unknown_fields)]
 #[into_params(parameter_in = Query)]
@@ -249,13 +392,7 @@ pub async fn delete(
     )
     .map_err(ApiError::bad_request)?;
     let q: DeleteQuery = body::query(query.as_deref())?;
-    let proto = match q.proto {
-        None => Proto::Tcp,
-        Some(p) => p
-            .to_ascii_lowercase()
-            .parse()
-            .map_err(ApiError::bad_request)?,
-    };
+    let proto = query_proto(q.proto)?;
     let svc = state.portmaps.clone();
     let entry = draft.accepted(StatusCode::OK);
     let deleted = state

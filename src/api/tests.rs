@@ -222,7 +222,8 @@ async fn create_list_replace_delete() {
         v["rules"]["8080"],
         json!({"listen_port": 8080, "target_ip": "192.168.122.51", "target_port": 80, "proto": "tcp",
                "rule_id": "8080", "created_at": v["rules"]["8080"]["created_at"],
-               "updated_at": v["rules"]["8080"]["updated_at"], "created_by": "token", "updated_by": "token"})
+               "updated_at": v["rules"]["8080"]["updated_at"], "created_by": "token", "updated_by": "token",
+               "allow_from": [], "packets": 0, "bytes": 0, "connections": 0, "drops": 0})
     );
     assert_eq!(v["rules"]["8080/udp"]["target_port"], 53);
     assert_eq!(h.fw.maps().unwrap().len(), 2);
@@ -651,6 +652,7 @@ async fn the_openapi_document_lists_exactly_the_served_routes() {
         ("GET", "/images"),
         ("GET", "/openapi.json"),
         ("GET", "/ports"),
+        ("GET", "/ports/{listen_port}"),
         ("GET", "/stats"),
         ("GET", "/vms"),
         ("GET", "/vms/{name}/console"),
@@ -1188,6 +1190,10 @@ async fn the_document_states_the_input_rules_the_code_applies() {
         create["properties"]["proto"]["pattern"],
         super::doc::PROTO_PATTERN
     );
+    let allow = &create["properties"]["allow_from"];
+    assert_eq!(allow["type"], json!(["array", "null"]), "{allow}");
+    assert_eq!(allow["maxItems"], 64);
+    assert_eq!(allow["items"]["pattern"], super::doc::ALLOW_FROM_PATTERN);
     assert_eq!(
         create["properties"]["proto"]["type"],
         json!(["string", "null"])
@@ -1472,4 +1478,65 @@ async fn a_create_without_waiting_answers_202_and_its_later_failure_is_visible()
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let (s, v) = h.authed("POST", "/vms", Some(&body)).await;
     assert_eq!(s, StatusCode::BAD_REQUEST, "synchronous by default: {v}");
+}
+
+#[tokio::test]
+async fn allow_from_is_checked_stored_and_shown_and_one_map_is_read_by_its_port() {
+    let h = harness();
+    for (bad, needle) in [
+        (r#""10.0.0.0/8""#, "list of IPv4 networks"),
+        (r#"[8]"#, "allow_from[0] must be a string"),
+        (r#"["10.0.0.0/8", "10.0.0.256"]"#, "allow_from[1]"),
+        (
+            r#"["10.1.2.3/8"]"#,
+            "host bits set; the network is 10.0.0.0/8",
+        ),
+    ] {
+        let body = format!(
+            r#"{{"listen_port": 8080, "target_ip": "192.168.122.50", "target_port": 80, "allow_from": {bad}}}"#
+        );
+        let (s, v) = h.authed("POST", "/ports", Some(&body)).await;
+        assert_error(s, &v, StatusCode::BAD_REQUEST, needle);
+    }
+    let many: Vec<String> = (0..65).map(|i| format!("\"10.0.{i}.0/24\"")).collect();
+    let body = format!(
+        r#"{{"listen_port": 8080, "target_ip": "192.168.122.50", "target_port": 80, "allow_from": [{}]}}"#,
+        many.join(",")
+    );
+    let (s, v) = h.authed("POST", "/ports", Some(&body)).await;
+    assert_error(s, &v, StatusCode::BAD_REQUEST, "at most 64");
+    assert!(h.fw.maps().unwrap().is_empty());
+
+    // Without allow_from the answer is what it always was.
+    let (s, v) = h.authed("POST", "/ports", Some(GOOD)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["rule"].get("allow_from").is_none(), "{v}");
+    let body = r#"{"listen_port": 2222, "target_ip": "192.168.122.50", "target_port": 22,
+                   "allow_from": ["203.0.113.0/24", "198.51.100.7", "203.0.113.128/25"]}"#;
+    let (s, v) = h.authed("POST", "/ports", Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(
+        v["rule"]["allow_from"],
+        json!(["198.51.100.7/32", "203.0.113.0/24"])
+    );
+
+    let (s, v) = h.authed("GET", "/ports/2222", None).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["ok"], true);
+    assert_eq!(
+        v["rule"]["allow_from"],
+        json!(["198.51.100.7/32", "203.0.113.0/24"])
+    );
+    for k in ["packets", "bytes", "connections", "drops"] {
+        assert_eq!(v["rule"][k], 0, "{k}: {v}");
+    }
+    let (s, list) = h.authed("GET", "/ports", None).await;
+    assert_eq!(s, StatusCode::OK);
+    assert_eq!(list["rules"]["2222"], v["rule"]);
+    let (s, v) = h.authed("GET", "/ports/2222?proto=udp", None).await;
+    assert_error(s, &v, StatusCode::NOT_FOUND, "no udp map");
+    let (s, v) = h.authed("GET", "/ports/0", None).await;
+    assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
+    let (s, _) = h.call("GET", "/ports/2222", None, None).await;
+    assert_eq!(s, StatusCode::UNAUTHORIZED);
 }

@@ -101,14 +101,16 @@ macro_rules! checked_string {
     };
 }
 
+pub mod allow;
 pub mod iface;
 pub mod name;
 pub mod portmap;
 pub mod ssh_key;
 
+pub use allow::{AllowList, AllowListError};
 pub use iface::IfaceName;
 pub use name::VmName;
-pub use portmap::{PortMap, Proto};
+pub use portmap::{MapCounters, PortMap, PortRule, Proto};
 pub use ssh_key::SshKey;
 
 /// Spells a fieldless enum one way in Rust, SQL (its CHECK constraint) and JSON.

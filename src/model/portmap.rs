@@ -85,6 +85,36 @@ impl PortMap {
     }
 }
 
+/// A port map with its source allow-list: everything the kernel holds for one listen
+/// port. Changing either half is a replace (the map's counters start again).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct PortRule {
+    pub map: PortMap,
+    pub allow_from: super::AllowList,
+}
+
+impl From<PortMap> for PortRule {
+    fn from(map: PortMap) -> Self {
+        Self {
+            map,
+            allow_from: super::AllowList::default(),
+        }
+    }
+}
+
+/// A map's live counters, from the kernel's per-element counters.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MapCounters {
+    /// Packets of the map's connections, both directions, forwarded to or from the VM.
+    pub packets: u64,
+    /// Bytes (IP packets, headers included) of the same packets.
+    pub bytes: u64,
+    /// New connections DNAT'd (a connection's first packet).
+    pub connections: u64,
+    /// First packets dropped because their source is outside `allow_from`.
+    pub drops: u64,
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

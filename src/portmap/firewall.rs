@@ -1,13 +1,13 @@
 //! The port maps' view of the kernel: a small blocking trait, so the domain logic can be
 //! unit-tested against memory and run against nftables in production.
 
-use std::collections::{BTreeSet, VecDeque};
+use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
 use ipnetwork::Ipv4Network;
 
-use crate::model::PortMap;
+use crate::model::{MapCounters, PortMap, PortRule, Proto};
 use crate::net::antispoof::TunnelGuard;
 use crate::net::nft::NftError;
 
@@ -84,20 +84,24 @@ impl From<NftError> for FirewallError {
 }
 
 /// What the port-map logic needs from the packet filter. Every method is one atomic
-/// change; implementations block (call them off the async runtime).
+/// change; implementations block (call them off the async runtime). A rule is a map and
+/// its source allow-list; the kernel carries both, and the map's counters.
 pub trait Firewall: Send + Sync + 'static {
-    /// Rewrites everything (table, maps with all elements, chains, rules) in one
-    /// transaction.
-    fn apply_all(&self, maps: &[PortMap]) -> Result<(), FirewallError>;
+    /// Rewrites everything (table, sets with all elements, chains, rules) in one
+    /// transaction. Maps the kernel already held unchanged keep their counters.
+    fn apply_all(&self, rules: &[PortRule]) -> Result<(), FirewallError>;
     /// Fails with `Exists` if the listen port is mapped, `NotFound` without the table.
-    fn add(&self, map: &PortMap) -> Result<(), FirewallError>;
-    /// Removes `maps` in one transaction: all of them, or none (`NotFound` if one is
+    fn add(&self, rule: &PortRule) -> Result<(), FirewallError>;
+    /// Removes `rules` in one transaction: all of them, or none (`NotFound` if one is
     /// missing).
-    fn remove(&self, maps: &[PortMap]) -> Result<(), FirewallError>;
-    /// Points `old.listen_port` at `new`'s target in one transaction.
-    fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), FirewallError>;
+    fn remove(&self, rules: &[PortRule]) -> Result<(), FirewallError>;
+    /// Puts `new` in the place of `old` (same listen port) in one transaction; the map's
+    /// counters start again.
+    fn replace(&self, old: &PortRule, new: &PortRule) -> Result<(), FirewallError>;
     /// Human-readable differences between the kernel and `desired`; empty when in sync.
-    fn drift(&self, desired: &[PortMap]) -> Result<Vec<String>, FirewallError>;
+    fn drift(&self, desired: &[PortRule]) -> Result<Vec<String>, FirewallError>;
+    /// Every map's live counters, read at once; a map the kernel lacks is absent.
+    fn counters(&self) -> Result<BTreeMap<(Proto, u16), MapCounters>, FirewallError>;
     /// What `ensure_forward_accept` would change; empty when nothing.
     fn forward_accept_drift(&self) -> Result<Vec<String>, FirewallError>;
     /// Makes sure forwarded DNAT traffic gets past libvirt's reject rules; returns what it
@@ -112,7 +116,9 @@ pub trait Firewall: Send + Sync + 'static {
 /// The fake kernel's table: the maps, and the anti-spoofing networks in force.
 #[derive(Default)]
 struct Table {
-    maps: BTreeSet<PortMap>,
+    rules: BTreeSet<PortRule>,
+    /// Counters as a test set them ([`MemoryFirewall::count`]); kept like the kernel's.
+    counters: BTreeMap<(Proto, u16), MapCounters>,
     tunnel_sources: Vec<Ipv4Network>,
 }
 
@@ -148,10 +154,24 @@ fn poisoned() -> FirewallError {
 
 impl MemoryFirewall {
     pub fn maps(&self) -> Option<BTreeSet<PortMap>> {
+        self.rules().map(|r| r.into_iter().map(|r| r.map).collect())
+    }
+
+    /// The rules (maps with their allow-lists) in the fake kernel; `None` without it.
+    pub fn rules(&self) -> Option<BTreeSet<PortRule>> {
         self.state
             .lock()
             .ok()
-            .and_then(|s| s.table.as_ref().map(|t| t.maps.clone()))
+            .and_then(|s| s.table.as_ref().map(|t| t.rules.clone()))
+    }
+
+    /// Sets a map's counters, as traffic would.
+    pub fn count(&self, proto: Proto, listen_port: u16, c: MapCounters) {
+        if let Ok(mut s) = self.state.lock()
+            && let Some(t) = s.table.as_mut()
+        {
+            t.counters.insert((proto, listen_port), c);
+        }
     }
 
     /// The anti-spoofing networks in the fake kernel; `None` without the table.
@@ -203,70 +223,81 @@ impl MemoryFirewall {
     /// An element change: fails like the kernel when the table is missing.
     fn change(
         &self,
-        f: impl FnOnce(&mut BTreeSet<PortMap>) -> Result<(), FirewallError>,
+        f: impl FnOnce(&mut Table) -> Result<(), FirewallError>,
     ) -> Result<(), FirewallError> {
         self.write(|s| {
             let table = s
                 .table
                 .as_mut()
                 .ok_or_else(|| not_found(" (table missing)"))?;
-            f(&mut table.maps)
+            f(table)
         })
     }
 }
 
+fn key(r: &PortRule) -> (Proto, u16) {
+    (r.map.proto, r.map.listen_port)
+}
+
 impl Firewall for MemoryFirewall {
-    fn apply_all(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
+    fn apply_all(&self, rules: &[PortRule]) -> Result<(), FirewallError> {
         self.write(|s| {
+            let old = s.table.take().unwrap_or_default();
+            let counters = rules
+                .iter()
+                .filter(|r| old.rules.contains(*r))
+                .filter_map(|r| old.counters.get(&key(r)).map(|c| (key(r), *c)))
+                .collect();
             s.table = Some(Table {
-                maps: maps.iter().copied().collect(),
+                rules: rules.iter().cloned().collect(),
+                counters,
                 tunnel_sources: s.tunnel_sources.clone(),
             });
             Ok(())
         })
     }
 
-    fn add(&self, map: &PortMap) -> Result<(), FirewallError> {
-        self.change(|m| {
-            if m.iter()
-                .any(|x| x.proto == map.proto && x.listen_port == map.listen_port)
-            {
+    fn add(&self, rule: &PortRule) -> Result<(), FirewallError> {
+        self.change(|t| {
+            if t.rules.iter().any(|x| key(x) == key(rule)) {
                 return Err(FirewallError::new(FirewallErrorKind::Exists, "File exists"));
             }
-            m.insert(*map);
+            t.rules.insert(rule.clone());
             Ok(())
         })
     }
 
-    fn remove(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
-        self.change(|m| {
-            if !maps.iter().all(|x| m.contains(x)) {
+    fn remove(&self, rules: &[PortRule]) -> Result<(), FirewallError> {
+        self.change(|t| {
+            if !rules.iter().all(|x| t.rules.contains(x)) {
                 return Err(not_found(""));
             }
-            for x in maps {
-                m.remove(x);
+            for x in rules {
+                t.rules.remove(x);
+                t.counters.remove(&key(x));
             }
             Ok(())
         })
     }
 
-    fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), FirewallError> {
-        self.change(|m| {
-            if !m.remove(old) {
+    fn replace(&self, old: &PortRule, new: &PortRule) -> Result<(), FirewallError> {
+        self.change(|t| {
+            if !t.rules.remove(old) {
                 return Err(not_found(""));
             }
-            m.insert(*new);
+            t.counters.remove(&key(old));
+            t.rules.insert(new.clone());
             Ok(())
         })
     }
 
-    fn drift(&self, desired: &[PortMap]) -> Result<Vec<String>, FirewallError> {
+    fn drift(&self, desired: &[PortRule]) -> Result<Vec<String>, FirewallError> {
         self.write(|s| {
             let Some(table) = &s.table else {
                 return Ok(vec!["table missing".into()]);
             };
-            let have = &table.maps;
-            let want: BTreeSet<PortMap> = desired.iter().copied().collect();
+            let have = &table.rules;
+            let want: BTreeSet<PortRule> = desired.iter().cloned().collect();
             let mut out = Vec::new();
             for m in want.difference(have) {
                 out.push(format!("missing {m:?}"));
@@ -282,6 +313,17 @@ impl Firewall for MemoryFirewall {
             }
             Ok(out)
         })
+    }
+
+    fn counters(&self) -> Result<BTreeMap<(Proto, u16), MapCounters>, FirewallError> {
+        let s = self.state.lock().map_err(|_| poisoned())?;
+        let Some(t) = &s.table else {
+            return Err(not_found(" (table missing)"));
+        };
+        Ok(t.rules
+            .iter()
+            .map(|r| (key(r), t.counters.get(&key(r)).copied().unwrap_or_default()))
+            .collect())
     }
 
     fn forward_accept_drift(&self) -> Result<Vec<String>, FirewallError> {

@@ -2,13 +2,14 @@
 //! async nftables driver (`net::nft`) on the agent's runtime. It lives with the service
 //! that defines the trait, so the driver below knows nothing of the service.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use nlink::netlink::{Connection, Route};
 use tokio::runtime::Handle;
 
 use super::{Firewall, FirewallError};
-use crate::model::PortMap;
+use crate::model::{MapCounters, PortRule, Proto};
 use crate::net::antispoof::TunnelGuard;
 use crate::net::link;
 use crate::net::nft::{self, NatSettings, Nft, NftError};
@@ -85,38 +86,31 @@ async fn default_egress(vms_bridge: &str) -> Result<Option<String>, FirewallErro
 // Every method blocks on the runtime: callers are on blocking threads (spawn_blocking),
 // never on a runtime worker.
 impl Firewall for NftFirewall {
-    fn apply_all(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
+    fn apply_all(&self, rules: &[PortRule]) -> Result<(), FirewallError> {
         self.rt
-            .block_on(self.nft.apply_all(maps))
+            .block_on(self.nft.apply_all(rules))
             .map_err(FirewallError::from)
     }
 
-    fn add(&self, map: &PortMap) -> Result<(), FirewallError> {
+    fn add(&self, rule: &PortRule) -> Result<(), FirewallError> {
         self.rt
-            .block_on(self.nft.add(map))
+            .block_on(self.nft.add(rule))
             .map_err(FirewallError::from)
     }
 
-    fn remove(&self, maps: &[PortMap]) -> Result<(), FirewallError> {
-        match maps {
-            [one] => self
-                .rt
-                .block_on(self.nft.remove(one))
-                .map_err(FirewallError::from),
-            _ => self
-                .rt
-                .block_on(self.nft.remove_all(maps))
-                .map_err(FirewallError::from),
-        }
+    fn remove(&self, rules: &[PortRule]) -> Result<(), FirewallError> {
+        self.rt
+            .block_on(self.nft.remove_all(rules))
+            .map_err(FirewallError::from)
     }
 
-    fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), FirewallError> {
+    fn replace(&self, old: &PortRule, new: &PortRule) -> Result<(), FirewallError> {
         self.rt
             .block_on(self.nft.replace(old, new))
             .map_err(FirewallError::from)
     }
 
-    fn drift(&self, desired: &[PortMap]) -> Result<Vec<String>, FirewallError> {
+    fn drift(&self, desired: &[PortRule]) -> Result<Vec<String>, FirewallError> {
         let kernel = self
             .rt
             .block_on(self.nft.read())
@@ -126,6 +120,12 @@ impl Firewall for NftFirewall {
             return Ok(Vec::new());
         }
         Ok(drift.to_string().lines().map(str::to_owned).collect())
+    }
+
+    fn counters(&self) -> Result<BTreeMap<(Proto, u16), MapCounters>, FirewallError> {
+        self.rt
+            .block_on(self.nft.counters())
+            .map_err(FirewallError::from)
     }
 
     fn forward_accept_drift(&self) -> Result<Vec<String>, FirewallError> {

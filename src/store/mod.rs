@@ -26,6 +26,8 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0004_vm_seeds.sql"),
     include_str!("../../migrations/0005_refused_requests.sql"),
     include_str!("../../migrations/0006_vm_last_state_check.sql"),
+    // 0007 is another branch's (pinned VM addresses); renumbered when both merge.
+    include_str!("../../migrations/0008_port_map_allow_from.sql"),
 ];
 
 /// Blocking threads that `Store::run` work may hold at once. The work serializes on the

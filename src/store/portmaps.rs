@@ -1,18 +1,24 @@
-//! `port_maps`: the desired port maps, one row per (proto, listen_port).
+//! `port_maps`: the desired port maps, one row per (proto, listen_port), and
+//! `port_map_allow`: each map's source allow-list, one row per network.
 
+use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
+
+use ipnetwork::Ipv4Network;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
 use super::{NOW, StoreError};
-use crate::model::{PortMap, Proto};
+use crate::model::{AllowList, PortMap, PortRule, Proto};
 
-/// A port map with its bookkeeping.
+/// A port map with its allow-list and bookkeeping.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct PortMapRow {
     #[serde(flatten)]
     pub map: PortMap,
+    /// Sources allowed to connect; empty: everyone.
+    pub allow_from: AllowList,
     pub created_at: String,
     pub updated_at: String,
     pub created_by: String,
@@ -38,6 +44,7 @@ fn map_from_row(r: &Row<'_>) -> rusqlite::Result<PortMap> {
 fn from_row(r: &Row<'_>) -> rusqlite::Result<PortMapRow> {
     Ok(PortMapRow {
         map: map_from_row(r)?,
+        allow_from: AllowList::default(),
         created_at: r.get(4)?,
         updated_at: r.get(5)?,
         created_by: r.get(6)?,
@@ -45,13 +52,52 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<PortMapRow> {
     })
 }
 
+/// Every allow-list, by protocol and listen port (few rows: most maps have none).
+fn all_allow_lists(conn: &Connection) -> Result<BTreeMap<(Proto, u16), AllowList>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT proto, listen_port, cidr FROM port_map_allow")?;
+    let mut rows = stmt.query([])?;
+    let mut nets: BTreeMap<(Proto, u16), Vec<Ipv4Network>> = BTreeMap::new();
+    while let Some(r) = rows.next()? {
+        let cidr: String = r.get(2)?;
+        let net = cidr.parse::<Ipv4Network>().map_err(|e| {
+            rusqlite::Error::FromSqlConversionFailure(2, rusqlite::types::Type::Text, e.into())
+        })?;
+        nets.entry((r.get(0)?, r.get(1)?)).or_default().push(net);
+    }
+    Ok(nets
+        .into_iter()
+        .map(|(k, v)| (k, AllowList::from_networks(v)))
+        .collect())
+}
+
+fn allow_list(conn: &Connection, proto: Proto, listen_port: u16) -> Result<AllowList, StoreError> {
+    let mut stmt = conn
+        .prepare_cached("SELECT cidr FROM port_map_allow WHERE proto = ?1 AND listen_port = ?2")?;
+    let nets = stmt
+        .query_map(params![proto, listen_port], |r| r.get::<_, String>(0))?
+        .map(|c| {
+            c.and_then(|c| {
+                c.parse::<Ipv4Network>().map_err(|e| {
+                    rusqlite::Error::FromSqlConversionFailure(
+                        0,
+                        rusqlite::types::Type::Text,
+                        e.into(),
+                    )
+                })
+            })
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    Ok(AllowList::from_networks(nets))
+}
+
 /// Every port map, ordered by protocol then listen port.
 pub fn list(conn: &Connection) -> Result<Vec<PortMapRow>, StoreError> {
-    let mut stmt = conn.prepare_cached(&format!(
-        "SELECT {COLUMNS} FROM port_maps ORDER BY proto, listen_port"
-    ))?;
-    let rows = stmt.query_map([], from_row)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    let mut out = Vec::new();
+    for_each(conn, |row| {
+        out.push(row.clone());
+        Ok(())
+    })?;
+    Ok(out)
 }
 
 /// Calls `f` with every row in order (proto, listen port), without collecting them.
@@ -59,23 +105,38 @@ pub fn for_each(
     conn: &Connection,
     mut f: impl FnMut(&PortMapRow) -> Result<(), StoreError>,
 ) -> Result<(), StoreError> {
+    let mut allow = all_allow_lists(conn)?;
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM port_maps ORDER BY proto, listen_port"
     ))?;
     let mut rows = stmt.query([])?;
     while let Some(r) = rows.next()? {
-        f(&from_row(r)?)?;
+        let mut row = from_row(r)?;
+        if let Some(a) = allow.remove(&(row.map.proto, row.map.listen_port)) {
+            row.allow_from = a;
+        }
+        f(&row)?;
     }
     Ok(())
 }
 
-/// Just the maps, as the kernel needs them (no bookkeeping columns).
-pub fn list_maps(conn: &Connection) -> Result<Vec<PortMap>, StoreError> {
+/// Just the maps and their allow-lists, as the kernel needs them (no bookkeeping).
+pub fn list_rules(conn: &Connection) -> Result<Vec<PortRule>, StoreError> {
+    let mut allow = all_allow_lists(conn)?;
     let mut stmt = conn.prepare_cached(
         "SELECT proto, listen_port, target_ip, target_port FROM port_maps ORDER BY proto, listen_port",
     )?;
     let rows = stmt.query_map([], map_from_row)?;
-    Ok(rows.collect::<Result<_, _>>()?)
+    rows.map(|m| {
+        let map = m?;
+        Ok(PortRule {
+            map,
+            allow_from: allow
+                .remove(&(map.proto, map.listen_port))
+                .unwrap_or_default(),
+        })
+    })
+    .collect()
 }
 
 pub fn count(conn: &Connection) -> Result<i64, StoreError> {
@@ -90,13 +151,19 @@ pub fn get(
     let mut stmt = conn.prepare_cached(&format!(
         "SELECT {COLUMNS} FROM port_maps WHERE proto = ?1 AND listen_port = ?2"
     ))?;
-    Ok(stmt
+    let Some(mut row) = stmt
         .query_row(params![proto, listen_port], from_row)
-        .optional()?)
+        .optional()?
+    else {
+        return Ok(None);
+    };
+    row.allow_from = allow_list(conn, proto, listen_port)?;
+    Ok(Some(row))
 }
 
-/// Inserts a new map or points an existing one at a new target.
-pub fn upsert(conn: &Connection, map: &PortMap, by: &str) -> Result<(), StoreError> {
+/// Inserts a new map or points an existing one at a new target, and sets its allow-list.
+pub fn upsert(conn: &Connection, rule: &PortRule, by: &str) -> Result<(), StoreError> {
+    let map = &rule.map;
     let mut stmt = conn.prepare_cached(&format!(
         "INSERT INTO port_maps ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, {NOW}, {NOW}, ?5, ?5)
          ON CONFLICT (proto, listen_port) DO UPDATE SET
@@ -110,6 +177,14 @@ pub fn upsert(conn: &Connection, map: &PortMap, by: &str) -> Result<(), StoreErr
         map.target_port,
         by
     ])?;
+    conn.prepare_cached("DELETE FROM port_map_allow WHERE proto = ?1 AND listen_port = ?2")?
+        .execute(params![map.proto, map.listen_port])?;
+    let mut insert = conn.prepare_cached(
+        "INSERT INTO port_map_allow (proto, listen_port, cidr) VALUES (?1, ?2, ?3)",
+    )?;
+    for net in rule.allow_from.networks() {
+        insert.execute(params![map.proto, map.listen_port, net.to_string()])?;
+    }
     Ok(())
 }
 
@@ -139,8 +214,8 @@ mod tests {
         let store = Store::open_in_memory().unwrap();
         store
             .with(|c| {
-                upsert(c, &map(8080, [10, 0, 0, 2], 80), "token")?;
-                upsert(c, &map(8080, [10, 0, 0, 3], 81), "other")?;
+                upsert(c, &map(8080, [10, 0, 0, 2], 80).into(), "token")?;
+                upsert(c, &map(8080, [10, 0, 0, 3], 81).into(), "other")?;
                 let row = get(c, Proto::Tcp, 8080)?.unwrap();
                 assert_eq!(row.map, map(8080, [10, 0, 0, 3], 81));
                 assert_eq!(row.created_by, "token");
@@ -165,5 +240,35 @@ mod tests {
             )?)
         });
         assert!(err.is_err());
+    }
+
+    #[test]
+    fn allow_lists_are_stored_replaced_and_deleted_with_their_map() {
+        let store = Store::open_in_memory().unwrap();
+        store
+            .with(|c| {
+                let mut rule = PortRule::from(map(8080, [10, 0, 0, 2], 80));
+                rule.allow_from = AllowList::parse(&["192.0.2.0/24", "10.0.0.0/8"]).unwrap();
+                upsert(c, &rule, "token")?;
+                upsert(c, &map(9090, [10, 0, 0, 2], 90).into(), "token")?;
+                assert_eq!(
+                    get(c, Proto::Tcp, 8080)?.unwrap().allow_from,
+                    rule.allow_from
+                );
+                let rules = list_rules(c)?;
+                assert_eq!(rules[0], rule);
+                assert!(rules[1].allow_from.is_empty());
+                assert_eq!(list(c)?[0].allow_from, rule.allow_from);
+
+                rule.allow_from = AllowList::parse(&["198.51.100.7"]).unwrap();
+                upsert(c, &rule, "token")?;
+                assert_eq!(list_rules(c)?[0], rule);
+                assert!(delete(c, Proto::Tcp, 8080)?);
+                let left: i64 =
+                    c.query_row("SELECT count(*) FROM port_map_allow", [], |r| r.get(0))?;
+                assert_eq!(left, 0, "ON DELETE CASCADE");
+                Ok::<_, StoreError>(())
+            })
+            .unwrap();
     }
 }

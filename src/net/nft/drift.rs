@@ -3,9 +3,11 @@
 use std::collections::BTreeMap;
 use std::fmt;
 
-use crate::model::{PortMap, Proto};
+use crate::model::{AllowList, PortMap, PortRule, Proto};
 
 use super::KernelState;
+use super::readback::expected_members;
+use super::sets::{self, Kind};
 
 /// Differences between the desired port maps and the kernel. Empty means in sync.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -20,6 +22,8 @@ pub struct Drift {
     pub wrong: Vec<(PortMap, PortMap)>,
     /// Chains, rules or maps differ from what `apply_all` writes.
     pub structure: Vec<String>,
+    /// Allow-lists, or the ports the flow, restricted and drop sets hold, differ.
+    pub sets: Vec<String>,
 }
 
 impl Drift {
@@ -29,6 +33,7 @@ impl Drift {
             && self.extra.is_empty()
             && self.wrong.is_empty()
             && self.structure.is_empty()
+            && self.sets.is_empty()
     }
 
     /// Whether only elements differ, so element operations can repair it without
@@ -40,17 +45,17 @@ impl Drift {
 
 /// Compares desired port maps with what [`super::Nft::read`] found. Pure.
 pub fn diff<'a>(
-    desired: impl IntoIterator<Item = &'a PortMap>,
+    desired: impl IntoIterator<Item = &'a PortRule>,
     kernel: Option<&KernelState>,
 ) -> Drift {
-    let desired: BTreeMap<(Proto, u16), PortMap> = desired
+    let desired: BTreeMap<(Proto, u16), &PortRule> = desired
         .into_iter()
-        .map(|m| ((m.proto, m.listen_port), *m))
+        .map(|r| ((r.map.proto, r.map.listen_port), r))
         .collect();
     let Some(kernel) = kernel else {
         return Drift {
             table_missing: true,
-            missing: desired.into_values().collect(),
+            missing: desired.into_values().map(|r| r.map).collect(),
             ..Drift::default()
         };
     };
@@ -69,8 +74,8 @@ pub fn diff<'a>(
     }
     for (key, want) in &desired {
         match have.get(key) {
-            None => drift.missing.push(*want),
-            Some(got) if got != want => drift.wrong.push((*want, *got)),
+            None => drift.missing.push(want.map),
+            Some(got) if *got != want.map => drift.wrong.push((want.map, *got)),
             Some(_) => {}
         }
     }
@@ -79,7 +84,45 @@ pub fn diff<'a>(
         .filter(|(key, _)| !desired.contains_key(key))
         .map(|(_, m)| *m)
         .collect();
+    drift.sets = set_differences(&desired, kernel);
     drift
+}
+
+/// Allow-lists and set memberships that differ, one line each.
+fn set_differences(
+    desired: &BTreeMap<(Proto, u16), &PortRule>,
+    kernel: &KernelState,
+) -> Vec<String> {
+    let mut lines = Vec::new();
+    let none = AllowList::default();
+    let keys: std::collections::BTreeSet<(Proto, u16)> =
+        desired.keys().chain(kernel.allow.keys()).copied().collect();
+    for key in keys {
+        let want = desired.get(&key).map_or(&none, |r| &r.allow_from);
+        let got = kernel.allow.get(&key).unwrap_or(&none);
+        if want != got {
+            lines.push(format!(
+                "allow-list of {} {}: {want}, kernel has {got}",
+                key.0, key.1
+            ));
+        }
+    }
+    for proto in Proto::ALL {
+        for kind in [Kind::Flows, Kind::Restricted, Kind::Drops] {
+            let name = sets::name(kind, proto);
+            let want = expected_members(kind, proto, desired.values().copied());
+            let empty = Default::default();
+            let got = kernel.members.get(name).unwrap_or(&empty);
+            let missing: Vec<_> = want.difference(got).collect();
+            let extra: Vec<_> = got.difference(&want).collect();
+            if !missing.is_empty() || !extra.is_empty() {
+                lines.push(format!(
+                    "set {name}: missing ports {missing:?}, extra ports {extra:?}"
+                ));
+            }
+        }
+    }
+    lines
 }
 
 fn target(m: &PortMap) -> String {
@@ -99,6 +142,7 @@ impl fmt::Display for Drift {
             lines.push(format!("table ip {} is missing", super::ruleset::TABLE));
         }
         lines.extend(self.structure.iter().cloned());
+        lines.extend(self.sets.iter().cloned());
         lines.extend(
             self.missing
                 .iter()
@@ -133,18 +177,31 @@ mod tests {
         }
     }
 
+    fn rules(maps: &[PortMap]) -> Vec<PortRule> {
+        maps.iter().copied().map(PortRule::from).collect()
+    }
+
+    /// The kernel holding `maps` without allow-lists: a flow counter for each.
     fn state(maps: &[PortMap]) -> KernelState {
+        let mut members: BTreeMap<&'static str, std::collections::BTreeSet<u16>> = BTreeMap::new();
+        for m in maps {
+            members
+                .entry(sets::name(Kind::Flows, m.proto))
+                .or_default()
+                .insert(m.listen_port);
+        }
         KernelState {
             maps: maps.iter().copied().collect(),
+            members,
             structure_ok: true,
-            problems: vec![],
+            ..KernelState::default()
         }
     }
 
     #[test]
     fn in_sync_is_empty() {
         let maps = [pm(Proto::Tcp, 80, 2, 80), pm(Proto::Udp, 80, 2, 53)];
-        let d = diff(&maps, Some(&state(&maps)));
+        let d = diff(&rules(&maps), Some(&state(&maps)));
         assert!(d.is_empty(), "{d}");
         assert_eq!(d.to_string(), "in sync");
     }
@@ -152,7 +209,7 @@ mod tests {
     #[test]
     fn missing_table_lists_everything_missing() {
         let maps = [pm(Proto::Tcp, 80, 2, 80)];
-        let d = diff(&maps, None);
+        let d = diff(&rules(&maps), None);
         assert!(d.table_missing);
         assert_eq!(d.missing, maps);
         assert!(!d.elements_only());
@@ -172,7 +229,7 @@ mod tests {
             pm(Proto::Udp, 53, 4, 53),
             pm(Proto::Tcp, 22, 9, 22),
         ]);
-        let d = diff(&desired, Some(&kernel));
+        let d = diff(&rules(&desired), Some(&kernel));
         assert_eq!(d.missing, [pm(Proto::Tcp, 443, 2, 443)]);
         assert_eq!(d.extra, [pm(Proto::Tcp, 22, 9, 22)]);
         assert_eq!(
@@ -190,9 +247,46 @@ mod tests {
         let mut kernel = state(&[]);
         kernel.structure_ok = false;
         kernel.problems = vec!["chain prerouting: rule `x` is missing".into()];
-        let d = diff(&[], Some(&kernel));
+        let d = diff(&[] as &[PortRule], Some(&kernel));
         assert!(!d.is_empty());
         assert!(!d.elements_only());
         assert_eq!(d.to_string(), "chain prerouting: rule `x` is missing");
+    }
+
+    #[test]
+    fn allow_lists_and_set_members_are_compared() {
+        let m = pm(Proto::Tcp, 80, 2, 80);
+        let mut want = PortRule::from(m);
+        want.allow_from = AllowList::parse(&["192.0.2.0/24"]).unwrap();
+        // The kernel has the map but lost the allow-list and its restricted/drop ports.
+        let kernel = state(&[m]);
+        let d = diff([&want], Some(&kernel));
+        assert!(!d.is_empty() && d.elements_only());
+        let text = d.to_string();
+        assert!(
+            text.contains("allow-list of tcp 80: [192.0.2.0/24], kernel has []"),
+            "{text}"
+        );
+        assert!(
+            text.contains("set tcp_restricted: missing ports [80]"),
+            "{text}"
+        );
+        assert!(text.contains("set tcp_drops: missing ports [80]"), "{text}");
+
+        let mut kernel = state(&[m]);
+        kernel
+            .allow
+            .insert((Proto::Tcp, 80), want.allow_from.clone());
+        for kind in [Kind::Restricted, Kind::Drops] {
+            kernel
+                .members
+                .entry(sets::name(kind, Proto::Tcp))
+                .or_default()
+                .insert(80);
+        }
+        assert!(diff([&want], Some(&kernel)).is_empty());
+        // An open map where the kernel still restricts it.
+        let d = diff([&PortRule::from(m)], Some(&kernel));
+        assert!(d.to_string().contains("extra ports [80]"), "{d}");
     }
 }

@@ -3,14 +3,19 @@
 //!
 //! ```text
 //! table ip node_vm_agent {
-//!   map tcp_ports { type inet_service : ipv4_addr . inet_service; }
-//!   map udp_ports { type inet_service : ipv4_addr . inet_service; }
+//!   map tcp_ports { type inet_service : ipv4_addr . inet_service; counter; }
+//!   map udp_ports { type inet_service : ipv4_addr . inet_service; counter; }
+//!   set tcp_flows, tcp_restricted, tcp_allow, tcp_drops (and udp_*): see `sets.rs`
 //!   chain prerouting  { type nat hook prerouting priority dstnat; policy accept;
+//!     meta l4proto tcp tcp dport @tcp_restricted fib daddr type local
+//!       tcp dport . ip saddr != @tcp_allow tcp dport @tcp_drops drop
 //!     fib daddr type local meta l4proto tcp dnat ip to tcp dport map @tcp_ports
-//!     fib daddr type local meta l4proto udp dnat ip to udp dport map @udp_ports }
+//!     (the same two for udp) }
 //!   chain output      { type nat hook output priority -100; policy accept;
-//!     ip daddr != 127.0.0.0/8 (then the same two: loopback stays the node's own) }
+//!     ip daddr != 127.0.0.0/8 (then the same four: loopback stays the node's own) }
 //!   chain forward     { type filter hook forward priority filter; policy accept;
+//!     ct status dnat meta l4proto tcp ct original proto-dst @tcp_flows
+//!     ct status dnat meta l4proto udp ct original proto-dst @udp_flows
 //!     ct status dnat accept }
 //!   chain antispoof   { type filter hook prerouting priority raw; policy accept;
 //!     iifname != "<wg_iface>" ip saddr <controller net> drop }  (one per net, once joined)
@@ -21,25 +26,29 @@
 //! }
 //! ```
 //!
-//! Port maps are map elements, so a lookup costs the same for one map or 30,000,
-//! and adding or removing one is a one-element transaction.
+//! Port maps, their allow-lists and their counters are set elements, so a lookup costs
+//! the same for one map or 30,000, and adding or removing one is a one-transaction
+//! change of a few elements (docs/decisions.md §21).
 
 mod drift;
 mod forward;
+mod readback;
 pub mod ruleset;
+pub mod sets;
 mod xt;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::os::fd::AsFd;
 
 use ipnetwork::Ipv4Network;
-use nlink::netlink::nftables::{RuleInfo, SetElementData, SetKeyType};
+use nlink::netlink::nftables::{RuleInfo, Transaction};
 use nlink::netlink::{Connection, Nftables};
 
-use crate::model::{PortMap, Proto};
+use crate::model::{AllowList, MapCounters, PortMap, PortRule, Proto};
 
 pub use drift::{Drift, diff};
 pub use forward::{ForwardAcceptReport, ForwardChainOutcome};
+pub use sets::ElementCounters;
 
 use ruleset::{FAMILY, TABLE};
 
@@ -142,7 +151,13 @@ impl NatSettings {
 pub struct KernelState {
     /// Every element of both maps that decodes as a port map.
     pub maps: BTreeSet<PortMap>,
-    /// Maps, chains and rules are exactly what [`Nft::apply_all`] writes.
+    /// The allow-lists in the allow sets, by protocol and listen port.
+    pub allow: BTreeMap<(Proto, u16), AllowList>,
+    /// The listen ports each of the other sets holds, by set name.
+    pub members: BTreeMap<&'static str, BTreeSet<u16>>,
+    /// Each map's element counters.
+    pub counters: BTreeMap<(Proto, u16), ElementCounters>,
+    /// Sets, chains and rules are exactly what [`Nft::apply_all`] writes.
     pub structure_ok: bool,
     /// Why `structure_ok` is false, one line each.
     pub problems: Vec<String>,
@@ -190,25 +205,32 @@ impl Nft {
     }
 
     /// Replaces the whole table in ONE transaction: destroy (if present), then table,
-    /// maps with every element, chains and rules. The kernel commits all or nothing, so
+    /// sets with every element, chains and rules. The kernel commits all or nothing, so
     /// a refused batch leaves the previous table in place.
-    pub async fn apply_all(&self, maps: &[PortMap]) -> Result<(), NftError> {
-        let mut by_proto: BTreeMap<Proto, Vec<&PortMap>> = BTreeMap::new();
+    ///
+    /// A map the old table held unchanged (same target, same allow-list) keeps its
+    /// counters: they are read first and written into the new elements.
+    pub async fn apply_all(&self, rules: &[PortRule]) -> Result<(), NftError> {
+        let mut by_proto: BTreeMap<Proto, Vec<&PortRule>> = BTreeMap::new();
         let mut seen = BTreeSet::new();
-        for m in maps {
-            if !seen.insert((m.proto, m.listen_port)) {
+        for r in rules {
+            if !seen.insert((r.map.proto, r.map.listen_port)) {
                 return Err(NftError::Invalid(format!(
                     "{} port {} is mapped twice",
-                    m.proto, m.listen_port
+                    r.map.proto, r.map.listen_port
                 )));
             }
-            by_proto.entry(m.proto).or_default().push(m);
+            by_proto.entry(r.map.proto).or_default().push(r);
         }
+        let carried = self.counters_to_carry(rules).await;
 
         // The whole batch goes out in one sendmsg (nfnetlink only treats a batch
         // atomically inside one skb), and a netlink sendmsg larger than the socket's
         // send buffer fails with EMSGSIZE: grow the buffer to fit.
-        self.ensure_send_buffer(BATCH_OVERHEAD_BYTES + maps.len() * ELEMENT_WIRE_BYTES)?;
+        let allow_count: usize = rules.iter().map(|r| r.allow_from.networks().len()).sum();
+        self.ensure_send_buffer(
+            BATCH_OVERHEAD_BYTES + (rules.len() * 4 + allow_count) * ELEMENT_WIRE_BYTES,
+        )?;
 
         let mut tx = self
             .conn
@@ -216,16 +238,31 @@ impl Nft {
             .destroy_table(TABLE, FAMILY)
             .add_table(TABLE, FAMILY);
         for proto in Proto::ALL {
-            let set = ruleset::map(proto);
-            tx = tx.add_set(set.clone());
-            let elements: Vec<_> = by_proto
-                .get(&proto)
-                .map(|ms| ms.iter().map(|m| ruleset::element(m)).collect())
-                .unwrap_or_default();
-            // One element list is a single attribute nest with a u16 length; split
-            // across several messages of the same batch.
-            for chunk in elements.chunks(ruleset::ELEMENTS_PER_MESSAGE) {
-                tx = tx.add_set_elements(&set, chunk);
+            let mine: &[&PortRule] = by_proto.get(&proto).map(Vec::as_slice).unwrap_or_default();
+            for kind in sets::Kind::ALL {
+                let set = sets::set(kind, proto);
+                tx = tx.add_set(set.clone());
+                if kind.counted() {
+                    let items: Vec<(&PortRule, (u64, u64))> = mine
+                        .iter()
+                        .filter(|r| sets::holds(kind, r))
+                        .map(|r| {
+                            let key = (proto, r.map.listen_port);
+                            let c = carried.get(&key).map(|c| c.get(kind)).unwrap_or_default();
+                            (*r, c)
+                        })
+                        .collect();
+                    for chunk in items.chunks(sets::COUNTED_PER_MESSAGE) {
+                        tx = tx.raw(sets::counted_elements(kind, proto, chunk));
+                    }
+                } else {
+                    // One element list is a single attribute nest with a u16 length;
+                    // split across several messages of the same batch.
+                    let elements = sets::plain_elements(kind, mine);
+                    for chunk in elements.chunks(ruleset::ELEMENTS_PER_MESSAGE) {
+                        tx = tx.add_set_elements(&set, chunk);
+                    }
+                }
             }
         }
         for chain in ruleset::chains(&self.settings()) {
@@ -239,62 +276,87 @@ impl Nft {
             .map_err(NftError::kernel("apply_all"))
     }
 
-    /// Adds one port map. Fails if its listen port is already mapped (use
-    /// [`replace`](Self::replace) to move it) or the table is absent.
-    pub async fn add(&self, m: &PortMap) -> Result<(), NftError> {
-        self.conn
-            .transaction()
-            .add_set_elements(&ruleset::map(m.proto), &[ruleset::element(m)])
+    /// The counters of the maps the kernel holds exactly as in `rules`. A table that
+    /// cannot be read (or is not there) carries nothing over: the counts start again.
+    async fn counters_to_carry(
+        &self,
+        rules: &[PortRule],
+    ) -> BTreeMap<(Proto, u16), ElementCounters> {
+        let state = match self.read().await {
+            Ok(Some(state)) => state,
+            Ok(None) => return BTreeMap::new(),
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot read the counters to keep; they start at zero");
+                return BTreeMap::new();
+            }
+        };
+        // By key, not `KernelState::rule` per map: 10,000 scans of 10,000 maps would
+        // cost more than the rewrite itself.
+        let held: BTreeMap<(Proto, u16), &PortMap> = state
+            .maps
+            .iter()
+            .map(|m| ((m.proto, m.listen_port), m))
+            .collect();
+        let none = AllowList::default();
+        rules
+            .iter()
+            .filter_map(|r| {
+                let key = (r.map.proto, r.map.listen_port);
+                let same = held.get(&key) == Some(&&r.map)
+                    && state.allow.get(&key).unwrap_or(&none) == &r.allow_from;
+                let counters = state.counters.get(&key)?;
+                same.then_some((key, *counters))
+            })
+            .collect()
+    }
+
+    /// Adds one map (and its allow-list) in one transaction. Fails if its listen port
+    /// is already mapped (use [`replace`](Self::replace) to move it) or the table is
+    /// absent.
+    pub async fn add(&self, r: &PortRule) -> Result<(), NftError> {
+        with_elements(self.conn.transaction(), &[r], Op::Add)
             .commit(&self.conn)
             .await
             .map_err(NftError::kernel("add port map"))
     }
 
-    /// Removes one port map, by its protocol and listen port (the kernel deletes map
-    /// elements by key; the target is not compared).
+    /// Removes several maps in one transaction: all of them, or (one missing element,
+    /// `ENOENT`) none. The kernel deletes elements by key; the target is not compared.
     ///
-    /// A missing element is an error (`ENOENT`, [`NftError::is_not_found`]): the
-    /// caller deletes only what it believes is there, so "not there" means the kernel
-    /// drifted from the database and a reconcile is due.
-    pub async fn remove(&self, m: &PortMap) -> Result<(), NftError> {
-        self.conn
-            .transaction()
-            .del_set_elements(&ruleset::map(m.proto), &[ruleset::element(m)])
+    /// A missing element is an error ([`NftError::is_not_found`]): the caller deletes
+    /// only what it believes is there, so "not there" means the kernel drifted from the
+    /// database and a reconcile is due.
+    pub async fn remove_all(&self, rules: &[PortRule]) -> Result<(), NftError> {
+        let allow_count: usize = rules.iter().map(|r| r.allow_from.networks().len()).sum();
+        self.ensure_send_buffer(
+            BATCH_OVERHEAD_BYTES + (rules.len() * 4 + allow_count) * ELEMENT_WIRE_BYTES,
+        )?;
+        let refs: Vec<&PortRule> = rules.iter().collect();
+        with_elements(self.conn.transaction(), &refs, Op::Delete)
             .commit(&self.conn)
-            .await
-            .map_err(NftError::kernel("remove port map"))
-    }
-
-    /// Removes several port maps in one transaction: all of them, or (one missing,
-    /// `ENOENT`) none.
-    pub async fn remove_all(&self, maps: &[PortMap]) -> Result<(), NftError> {
-        self.ensure_send_buffer(BATCH_OVERHEAD_BYTES + maps.len() * ELEMENT_WIRE_BYTES)?;
-        let mut tx = self.conn.transaction();
-        for proto in Proto::ALL {
-            let elements: Vec<_> = maps
-                .iter()
-                .filter(|m| m.proto == proto)
-                .map(ruleset::element)
-                .collect();
-            for chunk in elements.chunks(ruleset::ELEMENTS_PER_MESSAGE) {
-                tx = tx.del_set_elements(&ruleset::map(proto), chunk);
-            }
-        }
-        tx.commit(&self.conn)
             .await
             .map_err(NftError::kernel("remove port maps"))
     }
 
-    /// Deletes `old` and adds `new` in one transaction: traffic switches target
-    /// atomically, and if either half is refused nothing changes.
-    pub async fn replace(&self, old: &PortMap, new: &PortMap) -> Result<(), NftError> {
-        self.conn
-            .transaction()
-            .del_set_elements(&ruleset::map(old.proto), &[ruleset::element(old)])
-            .add_set_elements(&ruleset::map(new.proto), &[ruleset::element(new)])
+    /// Deletes `old` and adds `new` in one transaction: traffic switches target (or
+    /// allow-list) atomically, and if either half is refused nothing changes. The map's
+    /// counters start again.
+    pub async fn replace(&self, old: &PortRule, new: &PortRule) -> Result<(), NftError> {
+        let tx = with_elements(self.conn.transaction(), &[old], Op::Delete);
+        with_elements(tx, &[new], Op::Add)
             .commit(&self.conn)
             .await
             .map_err(NftError::kernel("replace port map"))
+    }
+
+    /// Every map's live counters, by protocol and listen port (one dump per counted
+    /// set, not one call per map).
+    pub async fn counters(&self) -> Result<BTreeMap<(Proto, u16), MapCounters>, NftError> {
+        Ok(readback::read_counters(&self.conn)
+            .await?
+            .into_iter()
+            .map(|(k, c)| (k, c.to_map()))
+            .collect())
     }
 
     /// Deletes the agent's table; `false` if it was not there.
@@ -317,68 +379,10 @@ impl Nft {
         }
 
         let mut state = KernelState::default();
-        self.read_maps(&mut state).await?;
+        readback::read_sets(&self.conn, &mut state).await?;
         self.check_chains(&mut state).await?;
         state.structure_ok = state.problems.is_empty();
         Ok(Some(state))
-    }
-
-    async fn read_maps(&self, state: &mut KernelState) -> Result<(), NftError> {
-        let sets = self
-            .conn
-            .list_sets_in(TABLE, FAMILY)
-            .await
-            .map_err(NftError::kernel("list maps"))?;
-        let value_type = ruleset::map_value_type();
-        for proto in Proto::ALL {
-            let name = ruleset::map_name(proto);
-            let Some(info) = sets.iter().find(|s| s.name == name) else {
-                state.problems.push(format!("map {name} is missing"));
-                continue;
-            };
-            let key_ok = info.key_type == SetKeyType::InetService.type_id()
-                && info.key_len == SetKeyType::InetService.len();
-            let data_ok = info.data_type == Some(value_type.type_id())
-                && info.data_len == Some(value_type.len());
-            if !key_ok || !data_ok {
-                state.problems.push(format!(
-                    "map {name} is not `type inet_service : ipv4_addr . inet_service`"
-                ));
-                continue;
-            }
-            let elements = self
-                .conn
-                .list_set_elements(TABLE, name, FAMILY)
-                .await
-                .map_err(NftError::kernel("list map elements"))?;
-            let mut unreadable = 0usize;
-            for e in &elements {
-                let decoded = match e.data() {
-                    Some(SetElementData::Value(v)) => ruleset::decode_element(proto, e.key(), v),
-                    _ => None,
-                };
-                match decoded {
-                    Some(m) => {
-                        state.maps.insert(m);
-                    }
-                    None => unreadable += 1,
-                }
-            }
-            if unreadable > 0 {
-                state
-                    .problems
-                    .push(format!("map {name} holds {unreadable} unreadable elements"));
-            }
-        }
-        for extra in sets
-            .iter()
-            .filter(|s| !Proto::ALL.iter().any(|p| ruleset::map_name(*p) == s.name))
-        {
-            state
-                .problems
-                .push(format!("unexpected set {} in the table", extra.name));
-        }
-        Ok(())
     }
 
     async fn check_chains(&self, state: &mut KernelState) -> Result<(), NftError> {
@@ -480,4 +484,44 @@ impl Nft {
 fn describe(rule: &RuleInfo) -> String {
     rule.nft_syntax_stateless()
         .unwrap_or_else(|| format!("handle {}", rule.handle))
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Op {
+    Add,
+    Delete,
+}
+
+/// `tx` plus adding or deleting every element of `rules` in every set, grouped into one
+/// message per set and protocol.
+fn with_elements(mut tx: Transaction, rules: &[&PortRule], op: Op) -> Transaction {
+    for proto in Proto::ALL {
+        let mine: Vec<&PortRule> = rules
+            .iter()
+            .copied()
+            .filter(|r| r.map.proto == proto)
+            .collect();
+        if mine.is_empty() {
+            continue;
+        }
+        for kind in sets::Kind::ALL {
+            let set = sets::set(kind, proto);
+            let elements: Vec<_> = match kind {
+                sets::Kind::Ports => mine.iter().map(|r| ruleset::element(&r.map)).collect(),
+                sets::Kind::Flows | sets::Kind::Drops => mine
+                    .iter()
+                    .filter(|r| sets::holds(kind, r))
+                    .map(|r| nlink::netlink::nftables::SetElement::port(r.map.listen_port))
+                    .collect(),
+                sets::Kind::Restricted | sets::Kind::Allow => sets::plain_elements(kind, &mine),
+            };
+            for chunk in elements.chunks(ruleset::ELEMENTS_PER_MESSAGE) {
+                tx = match op {
+                    Op::Add => tx.add_set_elements(&set, chunk),
+                    Op::Delete => tx.del_set_elements(&set, chunk),
+                };
+            }
+        }
+    }
+    tx
 }

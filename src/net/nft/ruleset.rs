@@ -10,8 +10,8 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 use nlink::netlink::MessageBuilder;
 use nlink::netlink::nftables::{
-    BaseChain, Chain, ChainKind, CmpOp, CtKey, CtStatus, Expr, Family, FibFlags, FibResult,
-    LookupExpr, MasqExpr, MetaKey, NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED,
+    BaseChain, Chain, ChainKind, CmpOp, CtDirection, CtKey, CtStatus, Expr, Family, FibFlags,
+    FibResult, LookupExpr, MasqExpr, MetaKey, NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED,
     NFTA_NAT_FAMILY, NFTA_NAT_FLAGS, NFTA_NAT_REG_ADDR_MIN, NFTA_NAT_REG_PROTO_MIN, NFTA_NAT_TYPE,
     NatHook, NatType, PayloadBase, Policy, Priority, RawExpr, Register, Rule, RuleExpr, Set,
     SetDataType, SetElement, SetKeyType, Verdict, parse_expressions, write_expressions,
@@ -161,10 +161,16 @@ pub fn chain(spec: &ChainSpec) -> Result<Chain, nlink::Error> {
 
 /// Every chain of the table, in the order they are created, with their rules.
 pub fn chains(settings: &NatSettings) -> Vec<ChainSpec> {
+    // Per protocol: the allow-list's drop, then the DNAT it guards.
     let dnat_rules = |skip_loopback: bool| -> Vec<RuleSpec> {
         Proto::ALL
             .iter()
-            .map(|p| dnat_rule(*p, skip_loopback))
+            .flat_map(|p| {
+                [
+                    allow_drop_rule(*p, skip_loopback),
+                    dnat_rule(*p, skip_loopback),
+                ]
+            })
             .collect()
     };
     vec![
@@ -187,7 +193,11 @@ pub fn chains(settings: &NatSettings) -> Vec<ChainSpec> {
                 )
                 .policy(Policy::Accept),
             ),
-            rules: vec![ct_dnat_accept_rule()],
+            rules: vec![
+                flow_count_rule(Proto::Tcp),
+                flow_count_rule(Proto::Udp),
+                ct_dnat_accept_rule(),
+            ],
         },
         ChainSpec {
             name: CHAIN_POSTROUTING,
@@ -279,6 +289,106 @@ fn dnat_rule(proto: Proto, skip_loopback: bool) -> RuleSpec {
     }
 }
 
+/// `[ip daddr != 127.0.0.0/8] meta l4proto <p> <p> dport @<p>_restricted fib daddr type local
+/// <p> dport . ip saddr != @<p>_allow <p> dport @<p>_drops drop`
+///
+/// Before the DNAT, in the same NAT chain, so only a connection's first packet pays it
+/// and a refused one is never translated. A port without an allow-list leaves at the
+/// first lookup (one hash miss); a restricted one adds one interval lookup of
+/// `port . source`; only a refused packet reaches `@<p>_drops`, whose element counter
+/// is the map's drop count.
+fn allow_drop_rule(proto: Proto, skip_loopback: bool) -> RuleSpec {
+    use super::sets::{Kind, name};
+    let (restricted, allow, drops) = (
+        name(Kind::Restricted, proto),
+        name(Kind::Allow, proto),
+        name(Kind::Drops, proto),
+    );
+    let mut exprs = Vec::new();
+    if skip_loopback {
+        exprs.extend(ip_addr_in(IPV4_DADDR_OFFSET, CmpOp::Neq, loopback_net()));
+    }
+    exprs.extend([
+        Expr::Meta {
+            dreg: Register::R0,
+            key: MetaKey::L4Proto,
+        },
+        Expr::Cmp {
+            sreg: Register::R0,
+            op: CmpOp::Eq,
+            data: vec![l4proto(proto)],
+        },
+        dport_to_r0(),
+        LookupExpr::new(restricted, Register::R0).into(),
+    ]);
+    exprs.extend(fib_daddr_local_in(Register::R1));
+    exprs.extend([
+        // R0 = dport (word 0, zero-padded) . saddr (word 1)
+        Expr::Payload {
+            dreg: Register::Reg32_01,
+            base: PayloadBase::Network,
+            offset: IPV4_SADDR_OFFSET,
+            len: 4,
+        },
+        LookupExpr::new(allow, Register::R0).invert().into(),
+        LookupExpr::new(drops, Register::R0).into(),
+        Expr::Verdict(Verdict::Drop),
+    ]);
+    RuleSpec {
+        nft: format!(
+            "{}meta l4proto {proto} {proto} dport @{restricted} fib daddr type local \
+             {proto} dport . ip saddr != @{allow} {proto} dport @{drops} drop",
+            if skip_loopback {
+                "ip daddr != 127.0.0.0/8 "
+            } else {
+                ""
+            }
+        ),
+        exprs,
+    }
+}
+
+/// `ct status dnat meta l4proto <p> ct original proto-dst @<p>_flows`
+///
+/// Every forwarded packet of a DNAT'd connection, both directions: the original
+/// destination port is the listen port, and the lookup that matches updates that map's
+/// element counter (packets and bytes of the whole flow). No verdict: the accept follows.
+fn flow_count_rule(proto: Proto) -> RuleSpec {
+    let flows = super::sets::name(super::sets::Kind::Flows, proto);
+    let mut exprs = ct_status_dnat();
+    exprs.extend([
+        Expr::Meta {
+            dreg: Register::R0,
+            key: MetaKey::L4Proto,
+        },
+        Expr::Cmp {
+            sreg: Register::R0,
+            op: CmpOp::Eq,
+            data: vec![l4proto(proto)],
+        },
+        Expr::CtDirectional {
+            dreg: Register::R0,
+            key: CtKey::ProtoDst,
+            direction: CtDirection::Original,
+        },
+        LookupExpr::new(flows, Register::R0).into(),
+    ]);
+    RuleSpec {
+        nft: format!("ct status dnat meta l4proto {proto} ct original proto-dst @{flows}"),
+        exprs,
+    }
+}
+
+/// `th dport` into R0's first word (the rest of the word zeroed by the kernel).
+fn dport_to_r0() -> Expr {
+    Expr::Payload {
+        dreg: Register::R0,
+        base: PayloadBase::Transport,
+        offset: L4_DPORT_OFFSET,
+        len: 2,
+    }
+}
+
 /// 127.0.0.0/8, the loopback network.
 fn loopback_net() -> Ipv4Network {
     Ipv4Network::new_checked(std::net::Ipv4Addr::new(127, 0, 0, 0), 8)
@@ -286,14 +396,19 @@ fn loopback_net() -> Ipv4Network {
 }
 
 fn fib_daddr_local() -> Vec<Expr> {
+    fib_daddr_local_in(Register::R0)
+}
+
+/// `fib daddr type local`, its result in `reg` (R1 where R0 holds a key being built).
+fn fib_daddr_local_in(reg: Register) -> Vec<Expr> {
     vec![
         Expr::Fib {
-            dreg: Register::R0,
+            dreg: reg,
             result: FibResult::AddrType,
             flags: FibFlags::DADDR,
         },
         Expr::Cmp {
-            sreg: Register::R0,
+            sreg: reg,
             op: CmpOp::Eq,
             data: RTN_LOCAL.to_ne_bytes().to_vec(),
         },
@@ -521,10 +636,26 @@ mod tests {
             ]
         );
         assert!(c[4].rules.is_empty());
-        assert_eq!(c[0].rules.len(), 2);
+        assert_eq!(c[0].rules.len(), 4);
+        assert!(
+            c[0].rules[0]
+                .nft
+                .contains("tcp dport . ip saddr != @tcp_allow tcp dport @tcp_drops drop"),
+            "{}",
+            c[0].rules[0].nft
+        );
         assert_eq!(
-            c[0].rules[0].nft,
+            c[0].rules[1].nft,
             "fib daddr type local meta l4proto tcp dnat ip to tcp dport map @tcp_ports"
+        );
+        let forward: Vec<_> = c[2].rules.iter().map(|r| r.nft.as_str()).collect();
+        assert_eq!(
+            forward,
+            [
+                "ct status dnat meta l4proto tcp ct original proto-dst @tcp_flows",
+                "ct status dnat meta l4proto udp ct original proto-dst @udp_flows",
+                "ct status dnat accept",
+            ]
         );
         let post: Vec<_> = c[3].rules.iter().map(|r| r.nft.as_str()).collect();
         assert_eq!(
@@ -561,6 +692,42 @@ mod tests {
         assert_eq!(ip_addr_in(IPV4_SADDR_OFFSET, CmpOp::Eq, net).len(), 2);
         let net: Ipv4Network = "10.1.2.0/24".parse().unwrap();
         assert_eq!(ip_addr_in(IPV4_SADDR_OFFSET, CmpOp::Eq, net).len(), 3);
+    }
+
+    /// The allow-list rule: three lookups of the listen port (and source), the last only
+    /// reached by a refused packet, and one per protocol in both NAT chains.
+    #[test]
+    fn allow_rule_looks_up_restricted_allow_and_drops() {
+        let rule = allow_drop_rule(Proto::Udp, true);
+        let lookups: Vec<(String, bool)> = decoded(&rule.exprs)
+            .iter()
+            .filter_map(|e| match e {
+                RuleExpr::Lookup { set, invert, .. } => Some((set.clone(), *invert)),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(
+            lookups,
+            [
+                ("udp_restricted".to_string(), false),
+                ("udp_allow".to_string(), true),
+                ("udp_drops".to_string(), false),
+            ]
+        );
+        assert!(
+            rule.nft
+                .starts_with("ip daddr != 127.0.0.0/8 meta l4proto udp")
+        );
+        assert!(matches!(
+            rule.exprs.last(),
+            Some(Expr::Verdict(Verdict::Drop))
+        ));
+        let flows = decoded(&flow_count_rule(Proto::Tcp).exprs);
+        assert!(
+            flows
+                .iter()
+                .any(|e| matches!(e, RuleExpr::Lookup { set, .. } if set == "tcp_flows"))
+        );
     }
 
     #[test]

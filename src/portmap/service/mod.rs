@@ -5,24 +5,33 @@
 //! connection lock is held across the kernel change, so concurrent requests reach SQLite
 //! and the kernel in the same order and the two never disagree.
 
+use std::collections::BTreeMap;
 use std::sync::{Arc, RwLock};
+use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
 use super::firewall::{Firewall, FirewallError};
 use super::policy::{Policy, PolicyError};
-use crate::model::{PortMap, Proto};
+use crate::model::{MapCounters, PortMap, PortRule, Proto};
 use crate::store::audit::{self, Entry, Outcome};
 use crate::store::portmaps::{self, PortMapRow};
 use crate::store::{Store, StoreError};
 
-/// One rule of the `GET /ports` listing: the row plus its id.
+/// One rule of the `GET /ports` listing: the row, its id and its counters.
 #[derive(serde::Serialize)]
 struct RuleView<'a> {
     #[serde(flatten)]
     row: &'a PortMapRow,
     rule_id: &'a str,
+    #[serde(flatten)]
+    counters: MapCounters,
 }
+
+/// How long a `GET /ports` body (with its counters) is served from the cache: the
+/// listing of 10,000 maps is megabytes and six kernel dumps, so a load of listings
+/// rebuilds it at most once a second. A change to the maps clears it at once.
+pub const LIST_MAX_AGE: Duration = Duration::from_secs(1);
 
 #[derive(Debug, thiserror::Error)]
 pub enum PortMapError {
@@ -62,14 +71,14 @@ pub enum PortMapError {
 }
 
 /// What a create did.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub enum CreateOutcome {
     Created,
     /// The same map existed already: nothing changed.
     Unchanged,
-    /// The listen port pointed elsewhere and was switched.
+    /// The listen port pointed elsewhere (or had another allow-list) and was switched.
     Replaced {
-        previous: PortMap,
+        previous: PortRule,
     },
 }
 
@@ -96,8 +105,9 @@ pub struct PortMaps {
     store: Store,
     fw: Arc<dyn Firewall>,
     policy: Policy,
-    /// The serialized `GET /ports` rules object; filled and cleared under the store lock.
-    list_cache: RwLock<Option<Bytes>>,
+    /// The serialized `GET /ports` body and when it was built; filled and cleared under
+    /// the store lock, served for at most [`LIST_MAX_AGE`].
+    list_cache: RwLock<Option<(Bytes, Instant)>>,
 }
 
 impl PortMaps {
@@ -122,13 +132,16 @@ impl PortMaps {
 
     /// Creates (or, with `replace`, re-targets) a map. `audit`, the caller's audit row,
     /// is written in the same transaction: the map and its row stand or fall together.
+    /// A different allow-list for the same target is a replace too.
     pub fn create(
         &self,
-        map: PortMap,
+        rule: impl Into<PortRule>,
         replace: bool,
         by: &str,
         audit: Option<&Entry>,
     ) -> Result<CreateOutcome, PortMapError> {
+        let rule = rule.into();
+        let map = rule.map;
         self.policy.check(&map)?;
         if self.fw.is_local_address(map.target_ip)? {
             return Err(PolicyError::TargetIsNode {
@@ -138,7 +151,7 @@ impl PortMaps {
         }
         let outcome = self.store.transaction(|tx| {
             let outcome = match portmaps::get(tx, map.proto, map.listen_port)? {
-                Some(row) if row.map == map => {
+                Some(row) if row.map == map && row.allow_from == rule.allow_from => {
                     audit::record_opt(tx, audit)?;
                     return Ok(CreateOutcome::Unchanged);
                 }
@@ -146,18 +159,23 @@ impl PortMaps {
                     return Err(PortMapError::Conflict {
                         proto: map.proto,
                         listen_port: map.listen_port,
-                        target: format!("{}:{}", row.map.target_ip, row.map.target_port),
+                        target: describe(&row),
                     });
                 }
-                Some(row) => CreateOutcome::Replaced { previous: row.map },
+                Some(row) => CreateOutcome::Replaced {
+                    previous: PortRule {
+                        map: row.map,
+                        allow_from: row.allow_from,
+                    },
+                },
                 None => CreateOutcome::Created,
             };
-            portmaps::upsert(tx, &map, by)?;
+            portmaps::upsert(tx, &rule, by)?;
             audit::record_opt(tx, audit)?;
             // The kernel goes last: if it refuses, the transaction rolls back.
-            self.change_kernel(tx, || match outcome {
-                CreateOutcome::Replaced { previous } => self.fw.replace(&previous, &map),
-                _ => self.fw.add(&map),
+            self.change_kernel(tx, || match &outcome {
+                CreateOutcome::Replaced { previous } => self.fw.replace(previous, &rule),
+                _ => self.fw.add(&rule),
             })?;
             Ok(outcome)
         });
@@ -192,7 +210,11 @@ impl PortMaps {
                 return Ok(None);
             };
             portmaps::delete(tx, proto, listen_port)?;
-            self.change_kernel(tx, || self.fw.remove(&[row.map]))?;
+            let rule = PortRule {
+                map: row.map,
+                allow_from: row.allow_from,
+            };
+            self.change_kernel(tx, || self.fw.remove(std::slice::from_ref(&rule)))?;
             Ok(Some(row.map))
         });
         match deleted {
@@ -217,20 +239,19 @@ impl PortMaps {
         audit: impl Fn(&PortMap) -> Entry,
     ) -> Result<Vec<PortMap>, PortMapError> {
         let deleted = self.store.transaction(|tx| {
-            let gone: Vec<PortMap> = portmaps::list(tx)?
+            let gone: Vec<PortRule> = portmaps::list_rules(tx)?
                 .into_iter()
-                .map(|r| r.map)
-                .filter(|m| targets.contains(&m.target_ip))
+                .filter(|r| targets.contains(&r.map.target_ip))
                 .collect();
             if gone.is_empty() {
-                return Ok(gone);
+                return Ok(Vec::new());
             }
-            for m in &gone {
-                audit::record(tx, &audit(m))?;
-                portmaps::delete(tx, m.proto, m.listen_port)?;
+            for r in &gone {
+                audit::record(tx, &audit(&r.map))?;
+                portmaps::delete(tx, r.map.proto, r.map.listen_port)?;
             }
             self.change_kernel(tx, || self.fw.remove(&gone))?;
-            Ok(gone)
+            Ok(gone.into_iter().map(|r| r.map).collect())
         });
         match deleted {
             Err(PortMapError::Store(e)) => {
@@ -264,7 +285,7 @@ impl PortMaps {
             Err(e) if e.is_drift() => e,
             Err(e) => return Err(e.into()),
         };
-        let maps = portmaps::list_maps(tx)?;
+        let maps = portmaps::list_rules(tx)?;
         if let Err(repair) = self.fw.apply_all(&maps) {
             return Err(PortMapError::Drifted { drift, repair });
         }
@@ -283,9 +304,50 @@ impl PortMaps {
         Ok(self.store.with(portmaps::list)?)
     }
 
-    /// The `GET /ports` body if it is cached (no blocking).
+    /// The `GET /ports` body if it is cached and fresh (no blocking).
     pub fn cached_list_body(&self) -> Option<Bytes> {
-        self.list_cache.read().ok().and_then(|c| c.clone())
+        let c = self.list_cache.read().ok()?;
+        let (body, at) = c.as_ref()?;
+        (at.elapsed() < LIST_MAX_AGE).then(|| body.clone())
+    }
+
+    /// Every map's counters; zeros (and a warning) when the kernel cannot be read, so a
+    /// listing still answers.
+    fn counters_or_zero(&self) -> BTreeMap<(Proto, u16), MapCounters> {
+        self.fw.counters().unwrap_or_else(|e| {
+            tracing::warn!(error = %e, "cannot read the port maps' counters; listing zeros");
+            BTreeMap::new()
+        })
+    }
+
+    /// One map with its live counters (read from the kernel now); `None` when there is
+    /// no such map.
+    pub fn get(
+        &self,
+        proto: Proto,
+        listen_port: u16,
+    ) -> Result<Option<(PortMapRow, MapCounters)>, PortMapError> {
+        let Some(row) = self.store.with(|c| portmaps::get(c, proto, listen_port))? else {
+            return Ok(None);
+        };
+        let counters = self
+            .fw
+            .counters()
+            .map_err(PortMapError::Read)?
+            .remove(&(proto, listen_port))
+            .unwrap_or_default();
+        Ok(Some((row, counters)))
+    }
+
+    /// A map as the listing shows it, `{"listen_port":..,...,"rule_id":..,"packets":..}`.
+    pub fn rule_json(row: &PortMapRow, counters: MapCounters) -> serde_json::Value {
+        let rule_id = row.map.rule_id();
+        serde_json::to_value(RuleView {
+            row,
+            rule_id: &rule_id,
+            counters,
+        })
+        .unwrap_or_default()
     }
 
     /// The `GET /ports` body, `{"ok":true,"rules":{"<rule_id>":{...},...}}` (the original
@@ -304,7 +366,8 @@ impl PortMaps {
             if let Some(v) = self.cached_list_body() {
                 return Ok((v, false));
             }
-            let mut out = Vec::with_capacity(32 + 256 * portmaps::count(conn)?.max(0) as usize);
+            let counters = self.counters_or_zero();
+            let mut out = Vec::with_capacity(32 + 320 * portmaps::count(conn)?.max(0) as usize);
             out.extend_from_slice(br#"{"ok":true,"rules":{"#);
             let mut first = true;
             portmaps::for_each(conn, |row| {
@@ -321,6 +384,10 @@ impl PortMaps {
                             &RuleView {
                                 row,
                                 rule_id: &rule_id,
+                                counters: counters
+                                    .get(&(row.map.proto, row.map.listen_port))
+                                    .copied()
+                                    .unwrap_or_default(),
                             },
                         )
                     })
@@ -332,7 +399,7 @@ impl PortMaps {
             out.shrink_to_fit();
             let bytes = Bytes::from(out);
             if let Ok(mut c) = self.list_cache.write() {
-                *c = Some(bytes.clone());
+                *c = Some((bytes.clone(), Instant::now()));
             }
             Ok::<_, PortMapError>((bytes, true))
         })?;
@@ -346,7 +413,7 @@ impl PortMaps {
     /// of maps written.
     pub fn restore(&self) -> Result<usize, PortMapError> {
         self.store.with(|conn| {
-            let maps = portmaps::list_maps(conn)?;
+            let maps = portmaps::list_rules(conn)?;
             self.fw.apply_all(&maps)?;
             Ok(maps.len())
         })
@@ -356,7 +423,7 @@ impl PortMaps {
     /// rewrite, which is one cheap transaction), and keeps the libvirt accept in place.
     pub fn reconcile(&self) -> Result<ReconcileReport, PortMapError> {
         self.store.with(|conn| {
-            let maps = portmaps::list_maps(conn)?;
+            let maps = portmaps::list_rules(conn)?;
             let drift = self.fw.drift(&maps)?;
             let rewritten = !drift.is_empty();
             if rewritten {
@@ -383,7 +450,7 @@ impl PortMaps {
     /// changing nothing.
     pub fn drift(&self) -> Result<Vec<String>, PortMapError> {
         self.store.with(|conn| {
-            let maps = portmaps::list_maps(conn)?;
+            let maps = portmaps::list_rules(conn)?;
             let mut lines = self.fw.drift(&maps).map_err(PortMapError::Read)?;
             lines.extend(self.fw.forward_accept_drift().map_err(PortMapError::Read)?);
             Ok(lines)
@@ -392,6 +459,16 @@ impl PortMaps {
 
     pub fn cleanup(&self) -> Result<(), PortMapError> {
         Ok(self.fw.cleanup()?)
+    }
+}
+
+/// What a conflicting map points at, for the 409's message.
+fn describe(row: &PortMapRow) -> String {
+    let target = format!("{}:{}", row.map.target_ip, row.map.target_port);
+    if row.allow_from.is_empty() {
+        target
+    } else {
+        format!("{target} (allow_from {})", row.allow_from)
     }
 }
 

@@ -123,7 +123,7 @@ fn create_is_idempotent_and_conflicts_need_replace() {
     assert_eq!(kernel(&fw), vec![a]);
     assert_eq!(
         svc.create(b, true, "t", None).unwrap(),
-        CreateOutcome::Replaced { previous: a }
+        CreateOutcome::Replaced { previous: a.into() }
     );
     assert_eq!(kernel(&fw), vec![b]);
     assert_eq!(stored(&svc), vec![b]);
@@ -259,7 +259,7 @@ fn a_change_to_a_table_deleted_behind_the_agents_back_repairs_it_first() {
     let c2 = map(Proto::Tcp, 9090, 4, 80);
     assert_eq!(
         svc.create(c2, true, "t", None).unwrap(),
-        CreateOutcome::Replaced { previous: c }
+        CreateOutcome::Replaced { previous: c.into() }
     );
     assert_eq!(kernel(&fw), vec![c2, b]);
     fw.wipe();
@@ -339,4 +339,75 @@ fn the_list_cache_follows_every_change() {
     assert_eq!(v["8080/udp"]["proto"], "udp");
     svc.delete(Proto::Tcp, 8080, None).unwrap();
     assert!(json(&svc).get("8080").is_none());
+}
+
+#[test]
+fn an_allow_list_is_stored_and_sent_with_its_map_and_changing_it_is_a_replace() {
+    let (svc, fw) = setup();
+    let m = map(Proto::Tcp, 8080, 5, 80);
+    let allow = crate::model::AllowList::parse(&["192.0.2.0/24"]).unwrap();
+    let rule = PortRule {
+        map: m,
+        allow_from: allow.clone(),
+    };
+    assert_eq!(
+        svc.create(rule.clone(), false, "t", None).unwrap(),
+        CreateOutcome::Created
+    );
+    assert_eq!(
+        fw.rules().unwrap().into_iter().collect::<Vec<_>>(),
+        std::slice::from_ref(&rule)
+    );
+    assert_eq!(svc.list().unwrap()[0].allow_from, allow);
+    assert_eq!(
+        svc.create(rule.clone(), false, "t", None).unwrap(),
+        CreateOutcome::Unchanged
+    );
+    // The same target without the list: a change, so 409 without replace.
+    let open = PortRule::from(m);
+    let err = svc.create(open.clone(), false, "t", None).unwrap_err();
+    assert!(
+        err.to_string()
+            .contains("10.0.0.5:80 (allow_from [192.0.2.0/24])"),
+        "{err}"
+    );
+    assert_eq!(
+        svc.create(open.clone(), true, "t", None).unwrap(),
+        CreateOutcome::Replaced { previous: rule }
+    );
+    assert_eq!(fw.rules().unwrap().into_iter().collect::<Vec<_>>(), [open]);
+    assert!(svc.drift().unwrap().is_empty());
+}
+
+#[test]
+fn counters_are_listed_and_read_for_one_map_and_a_replace_resets_them() {
+    let (svc, fw) = setup();
+    let m = map(Proto::Udp, 5353, 5, 53);
+    svc.create(m, false, "t", None).unwrap();
+    let c = crate::model::MapCounters {
+        packets: 10,
+        bytes: 1000,
+        connections: 5,
+        drops: 1,
+    };
+    fw.count(Proto::Udp, 5353, c);
+    let (row, got) = svc.get(Proto::Udp, 5353).unwrap().unwrap();
+    assert_eq!((row.map, got), (m, c));
+    assert!(svc.get(Proto::Tcp, 5353).unwrap().is_none());
+    let json = PortMaps::rule_json(&row, got);
+    assert_eq!(json["rule_id"], "5353/udp");
+    assert_eq!(json["connections"], 5);
+    assert_eq!(json["allow_from"], serde_json::json!([]));
+
+    // The listing carries them; a restore keeps them (the map is unchanged).
+    let body: serde_json::Value = serde_json::from_slice(&svc.list_body().unwrap()).unwrap();
+    assert_eq!(body["rules"]["5353/udp"]["packets"], 10);
+    svc.restore().unwrap();
+    assert_eq!(svc.get(Proto::Udp, 5353).unwrap().unwrap().1, c);
+    svc.create(map(Proto::Udp, 5353, 6, 53), true, "t", None)
+        .unwrap();
+    assert_eq!(
+        svc.get(Proto::Udp, 5353).unwrap().unwrap().1,
+        crate::model::MapCounters::default()
+    );
 }

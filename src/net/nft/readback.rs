@@ -1,0 +1,197 @@
+//! Reading the table's sets back: the DNAT maps, the allow-lists, which ports the other
+//! sets hold, and every element's counter. One dump per set, whatever the number of maps.
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use nlink::netlink::nftables::{RuleExpr, SetElementData, SetInfo};
+use nlink::netlink::{Connection, Nftables};
+
+use crate::model::{AllowList, Proto};
+
+use super::ruleset::{self, FAMILY, TABLE};
+use super::sets::{self, ElementCounters, Kind};
+use super::{KernelState, NftError};
+
+/// Fills `state` from the sets; problems with a set's declaration or elements go to
+/// `state.problems`.
+pub async fn read_sets(
+    conn: &Connection<Nftables>,
+    state: &mut KernelState,
+) -> Result<(), NftError> {
+    let infos = conn
+        .list_sets_in(TABLE, FAMILY)
+        .await
+        .map_err(NftError::kernel("list sets"))?;
+    let mut allow: BTreeMap<(Proto, u16), Vec<ipnetwork::Ipv4Network>> = BTreeMap::new();
+    for proto in Proto::ALL {
+        for kind in Kind::ALL {
+            let name = sets::name(kind, proto);
+            let Some(info) = infos.iter().find(|s| s.name == name) else {
+                state.problems.push(format!("set {name} is missing"));
+                continue;
+            };
+            if let Some(problem) = key_problem(kind, info) {
+                state.problems.push(problem);
+                continue;
+            }
+            // Wrong flags or statements: drift, but its elements still say which maps
+            // the kernel holds.
+            if let Some(problem) = declaration_problem(kind, info) {
+                state.problems.push(problem);
+            }
+            let elements = conn
+                .list_set_elements(TABLE, name, FAMILY)
+                .await
+                .map_err(NftError::kernel("list set elements"))?;
+            let mut unreadable = 0usize;
+            for e in &elements {
+                let ok = match kind {
+                    Kind::Ports => read_map_element(proto, e, state),
+                    Kind::Allow => match sets::decode_allow(e.key(), e.key_end()) {
+                        Some((port, net)) => {
+                            allow.entry((proto, port)).or_default().push(net);
+                            true
+                        }
+                        None => false,
+                    },
+                    Kind::Flows | Kind::Restricted | Kind::Drops => {
+                        match <[u8; 2]>::try_from(e.key()) {
+                            Ok(k) => {
+                                let port = u16::from_be_bytes(k);
+                                state.members.entry(name).or_default().insert(port);
+                                if kind.counted() {
+                                    state
+                                        .counters
+                                        .entry((proto, port))
+                                        .or_default()
+                                        .set(kind, e.counter().unwrap_or_default());
+                                }
+                                true
+                            }
+                            Err(_) => false,
+                        }
+                    }
+                };
+                if !ok {
+                    unreadable += 1;
+                }
+            }
+            if unreadable > 0 {
+                state
+                    .problems
+                    .push(format!("set {name} holds {unreadable} unreadable elements"));
+            }
+        }
+    }
+    state.allow = allow
+        .into_iter()
+        .map(|(k, nets)| (k, AllowList::from_networks(nets)))
+        .collect();
+    for extra in infos
+        .iter()
+        .filter(|s| !sets::all_names().any(|n| n == s.name))
+    {
+        state
+            .problems
+            .push(format!("unexpected set {} in the table", extra.name));
+    }
+    Ok(())
+}
+
+fn read_map_element(
+    proto: Proto,
+    e: &nlink::netlink::nftables::SetElement,
+    state: &mut KernelState,
+) -> bool {
+    let decoded = match e.data() {
+        Some(SetElementData::Value(v)) => ruleset::decode_element(proto, e.key(), v),
+        _ => None,
+    };
+    let Some(m) = decoded else {
+        return false;
+    };
+    state
+        .counters
+        .entry((proto, m.listen_port))
+        .or_default()
+        .set(Kind::Ports, e.counter().unwrap_or_default());
+    state.maps.insert(m);
+    true
+}
+
+/// Why a set's elements cannot be read as ours (wrong key or data type), if so.
+fn key_problem(kind: Kind, info: &SetInfo) -> Option<String> {
+    let name = info.name.as_str();
+    let key = match kind {
+        Kind::Ports | Kind::Flows | Kind::Restricted | Kind::Drops => {
+            nlink::netlink::nftables::SetKeyType::InetService
+        }
+        Kind::Allow => sets::allow_key_type(),
+    };
+    if info.key_type != key.type_id() || info.key_len != key.len() {
+        return Some(format!("set {name} has the wrong key type"));
+    }
+    if kind == Kind::Ports {
+        let value = ruleset::map_value_type();
+        if info.data_type != Some(value.type_id()) || info.data_len != Some(value.len()) {
+            return Some(format!(
+                "map {name} is not `type inet_service : ipv4_addr . inet_service`"
+            ));
+        }
+    }
+    None
+}
+
+/// Why a set is not declared as [`sets::set`] declares it (flags, per-element counter),
+/// if it is not.
+fn declaration_problem(kind: Kind, info: &SetInfo) -> Option<String> {
+    let name = info.name.as_str();
+    if sets::significant_flags(info.flags) != sets::expected_flags(kind) {
+        return Some(format!("set {name} has the wrong flags"));
+    }
+    let counted = matches!(info.statements[..], [RuleExpr::Counter { .. }]);
+    let none = info.statements.is_empty();
+    if (kind.counted() && !counted) || (!kind.counted() && !none) {
+        return Some(format!(
+            "set {name} should {}carry a counter on every element",
+            if kind.counted() { "" } else { "not " }
+        ));
+    }
+    None
+}
+
+/// Every map's counters, read from the three counted sets of each protocol (six dumps).
+pub async fn read_counters(
+    conn: &Connection<Nftables>,
+) -> Result<BTreeMap<(Proto, u16), ElementCounters>, NftError> {
+    let mut out: BTreeMap<(Proto, u16), ElementCounters> = BTreeMap::new();
+    for proto in Proto::ALL {
+        for kind in [Kind::Ports, Kind::Flows, Kind::Drops] {
+            let elements = conn
+                .list_set_elements(TABLE, sets::name(kind, proto), FAMILY)
+                .await
+                .map_err(NftError::kernel("list counters"))?;
+            for e in elements {
+                if let Ok(k) = <[u8; 2]>::try_from(e.key()) {
+                    out.entry((proto, u16::from_be_bytes(k)))
+                        .or_default()
+                        .set(kind, e.counter().unwrap_or_default());
+                }
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// The listen ports a set of `kind` should hold, for the drift check.
+pub fn expected_members<'a>(
+    kind: Kind,
+    proto: Proto,
+    rules: impl IntoIterator<Item = &'a crate::model::PortRule>,
+) -> BTreeSet<u16> {
+    rules
+        .into_iter()
+        .filter(|r| r.map.proto == proto && sets::holds(kind, r))
+        .map(|r| r.map.listen_port)
+        .collect()
+}
