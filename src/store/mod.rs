@@ -26,6 +26,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0004_vm_seeds.sql"),
     include_str!("../../migrations/0005_refused_requests.sql"),
     include_str!("../../migrations/0006_vm_last_state_check.sql"),
+    include_str!("../../migrations/0007_vm_pinned_ip.sql"),
 ];
 
 /// Blocking threads that `Store::run` work may hold at once. The work serializes on the

@@ -1,5 +1,7 @@
 //! `vms` and `images`: the desired VMs and base images.
 
+use std::net::Ipv4Addr;
+
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
@@ -34,6 +36,9 @@ pub struct VmRow {
     pub last_state: Option<VmState>,
     pub last_ip: Option<String>,
     pub last_ip_at: Option<String>,
+    /// The address reserved for the VM in its network's DHCP range (a host entry);
+    /// `None` for a VM created before schema 7, which gets whatever DHCP gives it.
+    pub pinned_ip: Option<String>,
     pub created_at: String,
     pub updated_at: String,
     pub created_by: String,
@@ -42,7 +47,7 @@ pub struct VmRow {
 const VM_COLUMNS: &str = "name, uuid, instance_id, hostname, memory_mib, vcpus, disk_size_gb, \
     network_name, os_arch, domain_type, image, mac, kernel, initrd, cmdline, ssh_keys, user_data, \
     disk_volume, seed_volume, desired_state, last_state, last_ip, last_ip_at, created_at, \
-    updated_at, created_by";
+    updated_at, created_by, pinned_ip";
 
 fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
     Ok(VmRow {
@@ -72,6 +77,7 @@ fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
         created_at: r.get(23)?,
         updated_at: r.get(24)?,
         created_by: r.get(25)?,
+        pinned_ip: r.get(26)?,
     })
 }
 
@@ -91,6 +97,40 @@ pub fn mac_in_use(conn: &Connection, mac: &str) -> Result<bool, StoreError> {
         r.get(0)
     })?;
     Ok(n > 0)
+}
+
+/// The pinned address of VM `name`; `None` when it has none (created before schema 7)
+/// or there is no such VM. For port maps that name a VM.
+pub fn pinned_ip(conn: &Connection, name: &str) -> Result<Option<Ipv4Addr>, StoreError> {
+    let ip: Option<Option<String>> = conn
+        .query_row("SELECT pinned_ip FROM vms WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(ip.flatten().and_then(|i| i.parse().ok()))
+}
+
+/// The pinned addresses on `network` of every VM but `except`, with the VM holding each.
+pub fn pinned_on(
+    conn: &Connection,
+    network: &str,
+    except: &str,
+) -> Result<Vec<(Ipv4Addr, String)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT pinned_ip, name FROM vms \
+         WHERE network_name = ?1 AND name <> ?2 AND pinned_ip IS NOT NULL",
+    )?;
+    let rows = stmt.query_map([network, except], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (ip, name) = row?;
+        if let Ok(ip) = ip.parse() {
+            out.push((ip, name));
+        }
+    }
+    Ok(out)
 }
 
 /// What a VM's cloud-init seed was built from (`vm_seeds`), kept so that reconcile can
@@ -146,7 +186,7 @@ fn upsert_row(conn: &Connection, vm: &VmRow) -> Result<(), StoreError> {
     conn.execute(
         &format!(
             "INSERT OR REPLACE INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
-             ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, {NOW}, {NOW}, ?24)"
+             ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, {NOW}, {NOW}, ?24, ?25)"
         ),
         params![
             vm.name,
@@ -173,6 +213,7 @@ fn upsert_row(conn: &Connection, vm: &VmRow) -> Result<(), StoreError> {
             vm.last_ip,
             vm.last_ip_at,
             vm.created_by,
+            vm.pinned_ip,
         ],
     )?;
     Ok(())
@@ -354,6 +395,7 @@ pub(crate) fn test_row(name: &str, mac: &str) -> VmRow {
         last_state: None,
         last_ip: None,
         last_ip_at: None,
+        pinned_ip: None,
         created_at: String::new(),
         updated_at: String::new(),
         created_by: "test".into(),

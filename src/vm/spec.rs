@@ -71,6 +71,12 @@ pub struct CreateVm {
     #[serde(default)]
     #[schema(schema_with = crate::api::doc::cmdline_or_null)]
     pub cmdline: Option<String>,
+    /// The IPv4 address to pin, inside the network's DHCP range (400 when outside it,
+    /// 409 when another VM, host entry or lease holds it); default: the lowest free one
+    /// (a recreated VM keeps its own).
+    #[serde(default)]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
 impl std::fmt::Debug for CreateVm {
@@ -92,6 +98,7 @@ impl std::fmt::Debug for CreateVm {
             .field("kernel", &self.kernel)
             .field("initrd", &self.initrd)
             .field("cmdline", &self.cmdline)
+            .field("ip", &self.ip)
             .finish()
     }
 }

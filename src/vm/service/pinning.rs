@@ -1,0 +1,89 @@
+//! Pinned addresses: a create reserves its VM's address as a DHCP host entry of the
+//! VM's network before the domain first boots, so the first lease is that address and
+//! stays it; a delete takes the entry away, the reconcile puts back a vanished one.
+
+use std::net::Ipv4Addr;
+use std::sync::Arc;
+
+use super::Vms;
+use crate::store::vms::{self, VmRow};
+use crate::vm::VmError;
+use crate::vm::addresses::Taken;
+use crate::vm::dhcp_hosts::{self, Pin, Reservation};
+
+impl Vms {
+    /// The pinned address of VM `name` (`None`: no such VM, or one created before
+    /// pinning). For port maps that name a VM.
+    pub async fn pinned_ip(&self, name: &str) -> Result<Option<Ipv4Addr>, VmError> {
+        let n = name.to_string();
+        Ok(self
+            .store
+            .run(move |s| s.with(|c| vms::pinned_ip(c, &n)))
+            .await?)
+    }
+
+    /// Chooses `row`'s address (`requested` exactly, else `preferred` if free, else the
+    /// lowest free one) and writes its host entry, under the agent's pinning lock: the
+    /// lock travels into the libvirt call, so a request that stops waiting does not let
+    /// another create choose before this one's entry is written.
+    pub(super) async fn pin(
+        &self,
+        row: &VmRow,
+        requested: Option<Ipv4Addr>,
+        preferred: Option<Ipv4Addr>,
+    ) -> Result<Reservation, VmError> {
+        let guard = Arc::clone(&self.pinning).lock_owned().await;
+        let (net, name) = (row.network_name.clone(), row.name.clone());
+        let others: Taken = self
+            .store
+            .run(move |s| s.with(|c| vms::pinned_on(c, &net, &name)))
+            .await?
+            .into_iter()
+            .map(|(ip, vm)| (ip, format!("pinned for VM {vm}")))
+            .collect();
+        let row = row.clone();
+        self.lv
+            .call(move |conn| {
+                let _held = guard;
+                crate::vm::domain::ensure_network(conn, &row.network_name)?;
+                dhcp_hosts::reserve(conn, &pin_of(&row, requested, preferred, others))
+            })
+            .await
+    }
+
+    /// Undoes [`Vms::pin`] after a create failed: the MAC's entry as it was before.
+    /// A failure is logged (the entry then stays until the name is created again).
+    pub(super) async fn unpin(&self, row: &VmRow, r: Reservation) {
+        let row = row.clone();
+        let undone = self
+            .lv
+            .call_unbounded(move |conn| {
+                dhcp_hosts::release(conn, &pin_of(&row, None, None, Taken::new()), &r)
+            })
+            .await;
+        if let Err(e) = undone {
+            tracing::error!(error = %e, ip = %r.ip, "could not remove the DHCP host entry of a failed create");
+        }
+    }
+}
+
+fn pin_of(
+    row: &VmRow,
+    requested: Option<Ipv4Addr>,
+    preferred: Option<Ipv4Addr>,
+    others: Taken,
+) -> Pin<'_> {
+    Pin {
+        network: &row.network_name,
+        mac: &row.mac,
+        name: &row.name,
+        requested,
+        preferred,
+        others,
+    }
+}
+
+/// The address a VM's row pins, if any.
+pub(super) fn pinned(row: &VmRow) -> Option<Ipv4Addr> {
+    row.pinned_ip.as_deref().and_then(|i| i.parse().ok())
+}
