@@ -110,6 +110,13 @@ pub fn pinned_ip(conn: &Connection, name: &str) -> Result<Option<Ipv4Addr>, Stor
     Ok(ip.flatten().and_then(|i| i.parse().ok()))
 }
 
+/// The MAC of every VM.
+pub fn macs(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT mac FROM vms")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
 /// The pinned addresses on `network` of every VM but `except`, with the VM holding each.
 pub fn pinned_on(
     conn: &Connection,

@@ -6,6 +6,7 @@
 //! active, and its persistent definition when it has one (`VIR_NETWORK_UPDATE_AFFECT_*`:
 //! LIVE on an inactive network, or CONFIG on a transient one, is refused by libvirt).
 
+use std::collections::BTreeSet;
 use std::net::Ipv4Addr;
 
 use virt::connect::Connect;
@@ -29,6 +30,8 @@ pub struct Pin<'a> {
     pub preferred: Option<Ipv4Addr>,
     /// Other VMs' pinned addresses from the database.
     pub others: Taken,
+    /// The MAC of every VM in the database.
+    pub known_macs: BTreeSet<String>,
 }
 
 /// A pinned address, and the address the MAC's entry had before (to put back when the
@@ -64,6 +67,8 @@ pub fn subnets(net: &Network) -> Result<Vec<NetIpv4>, VmError> {
 /// write; libvirt itself refuses a second entry with the same MAC, name or address.
 pub fn reserve(conn: &Connect, pin: &Pin<'_>) -> Result<Reservation, VmError> {
     let net = network(conn, pin.network)?;
+    let leases = current_leases(&net)?;
+    remove_leftover(&net, pin, &leases)?;
     let subnets = subnets(&net)?;
     let subnet = addresses::dhcp_subnet(pin.network, &subnets)?;
     let mut taken = pin.others.clone();
@@ -79,7 +84,7 @@ pub fn reserve(conn: &Connect, pin: &Pin<'_>) -> Result<Reservation, VmError> {
                 .or_insert_with(|| format!("DHCP host entry {who}"));
         }
     }
-    for l in current_leases(&net)? {
+    for l in &leases {
         if let (false, Ok(ip)) = (same_mac(Some(&l.mac), pin.mac), l.ip.parse()) {
             taken
                 .entry(ip)
@@ -99,6 +104,27 @@ pub fn reserve(conn: &Connect, pin: &Pin<'_>) -> Result<Reservation, VmError> {
         }
     }
     Ok(Reservation { ip, previous })
+}
+
+/// Removes an entry of this VM's name whose MAC no VM of the agent has and nothing
+/// leases: what an earlier create of the name left when it was cut off inside libvirt
+/// (its MAC was new, and died with it). libvirt refuses a second entry of one name, so
+/// it would keep the name from ever being created again.
+fn remove_leftover(net: &Network, pin: &Pin<'_>, leases: &[leases::Lease]) -> Result<(), VmError> {
+    let subnets = subnets(net)?;
+    let leftover = subnets.iter().flat_map(|s| &s.hosts).find(|h| {
+        h.name.as_deref() == Some(pin.name)
+            && h.mac.as_deref().is_some_and(|m| {
+                !same_mac(Some(m), pin.mac)
+                    && !pin.known_macs.iter().any(|k| same_mac(Some(k), m))
+                    && !leases.iter().any(|l| same_mac(Some(&l.mac), m))
+            })
+    });
+    if let Some(mac) = leftover.and_then(|h| h.mac.clone()) {
+        tracing::warn!(vm = pin.name, mac = %mac, "removing the DHCP host entry a cut-off create of this name left");
+        remove(net, &mac)?;
+    }
+    Ok(())
 }
 
 /// Undoes [`reserve`]: the MAC's entry as it was before.

@@ -34,10 +34,18 @@ impl Vms {
     ) -> Result<Reservation, VmError> {
         let guard = Arc::clone(&self.pinning).lock_owned().await;
         let (net, name) = (row.network_name.clone(), row.name.clone());
-        let others: Taken = self
+        let (pinned, macs) = self
             .store
-            .run(move |s| s.with(|c| vms::pinned_on(c, &net, &name)))
-            .await?
+            .run(move |s| {
+                s.with(|c| {
+                    Ok::<_, crate::store::StoreError>((
+                        vms::pinned_on(c, &net, &name)?,
+                        vms::macs(c)?,
+                    ))
+                })
+            })
+            .await?;
+        let others: Taken = pinned
             .into_iter()
             .map(|(ip, vm)| (ip, format!("pinned for VM {vm}")))
             .collect();
@@ -46,7 +54,9 @@ impl Vms {
             .call(move |conn| {
                 let _held = guard;
                 crate::vm::domain::ensure_network(conn, &row.network_name)?;
-                dhcp_hosts::reserve(conn, &pin_of(&row, requested, preferred, others))
+                let mut pin = pin_of(&row, requested, preferred, others);
+                pin.known_macs = macs.into_iter().collect();
+                dhcp_hosts::reserve(conn, &pin)
             })
             .await
     }
@@ -80,6 +90,7 @@ fn pin_of(
         requested,
         preferred,
         others,
+        known_macs: Default::default(),
     }
 }
 

@@ -336,3 +336,35 @@ async fn a_failed_create_leaves_no_entry_and_a_recreate_keeps_the_address() {
         "the old VM's entry is as it was"
     );
 }
+
+/// An entry of the VM's name that a cut-off create left (its MAC is no VM's and has no
+/// lease) does not keep the name from being created again: it is replaced. One whose
+/// MAC is a VM's of the agent stays, and libvirt refuses the second entry of that name.
+#[tokio::test]
+async fn a_leftover_entry_of_the_name_is_replaced_and_a_vms_entry_is_not() {
+    let (vms, store) = remote_service();
+    network(&vms, "pin5", 5, 40).await;
+    let left = row_on("pin5-a", "52:54:00:77:05:99", "pin5");
+    vms.pin(&left, Some(ip(5, 30)), None).await.unwrap();
+    let again = row_on("pin5-a", "52:54:00:77:05:01", "pin5");
+    let r = vms.pin(&again, None, None).await.unwrap();
+    let entries = hosts(&vms, "pin5").await;
+    assert_eq!(entries.len(), 1, "{entries:?}");
+    assert_eq!(entries[0].mac.as_deref(), Some("52:54:00:77:05:01"));
+    assert_eq!(r.ip, ip(5, 2));
+
+    // The entry's MAC is a VM's (a row of another name, say): not a leftover.
+    store
+        .transaction(|tx| {
+            vms::upsert(
+                tx,
+                &row_on("pin5-b", "52:54:00:77:05:01", "pin5"),
+                &Default::default(),
+            )
+        })
+        .unwrap();
+    let third = row_on("pin5-a", "52:54:00:77:05:02", "pin5");
+    let e = vms.pin(&third, None, None).await.unwrap_err();
+    assert!(matches!(e, VmError::Libvirt(_)), "{e:?}");
+    assert_eq!(hosts(&vms, "pin5").await.len(), 1);
+}
