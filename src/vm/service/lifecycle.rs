@@ -231,7 +231,12 @@ impl Vms {
                 remove_vm(conn, &cfg, &n, dom, delete_files)?;
                 // Its reservation goes with it (a VM from before pinning has none).
                 if let (Some(_), Some(mac), Some(net)) = (pinned, &mac, &network) {
-                    dhcp_hosts::remove(&dhcp_hosts::network(conn, net)?, mac)?;
+                    match dhcp_hosts::network(conn, net) {
+                        Ok(net) => drop(dhcp_hosts::remove(&net, mac)?),
+                        // The network went first: so did the entry.
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e),
+                    }
                 }
                 Ok(ip)
             })

@@ -32,7 +32,15 @@ impl Vms {
         requested: Option<Ipv4Addr>,
         preferred: Option<Ipv4Addr>,
     ) -> Result<Reservation, VmError> {
-        let guard = Arc::clone(&self.pinning).lock_owned().await;
+        let wait = self.lv.timeout();
+        let guard = tokio::time::timeout(wait, Arc::clone(&self.pinning).lock_owned())
+            .await
+            .map_err(|_| {
+                VmError::Unavailable(format!(
+                    "another create did not finish choosing its address within {} s",
+                    wait.as_secs()
+                ))
+            })?;
         let (net, name) = (row.network_name.clone(), row.name.clone());
         let (pinned, macs) = self
             .store

@@ -63,7 +63,16 @@ impl Vms {
                 .call_unbounded(move |conn| {
                     // The reservation first: a domain started here gets its address on
                     // its first lease.
-                    let mut done = reassert_pin(conn, &row)?;
+                    let mut done = match reassert_pin(conn, &row) {
+                        Ok(done) => done,
+                        Err(e) if e.is_unavailable() => return Err(e),
+                        // The domain is still worth restoring (a network defined
+                        // anew later gets the entry at the next pass).
+                        Err(e) => {
+                            tracing::error!(vm = %row.name, error = %e, "cannot restore the VM's DHCP host entry");
+                            Vec::new()
+                        }
+                    };
                     done.extend(reconcile_one(conn, &cfg, &row, seed.as_ref(), &images)?);
                     Ok(done)
                 })
