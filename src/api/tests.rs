@@ -1118,6 +1118,28 @@ async fn served_document() -> Value {
     doc
 }
 
+/// `ip` on `POST /vms`: not an IPv4 address, or outside the network's DHCP range, is a
+/// 400 in the usual error shape, before anything is created.
+#[tokio::test]
+async fn a_create_asking_for_an_ip_outside_the_range_is_refused() {
+    let h = harness();
+    let kernel = tempfile::NamedTempFile::new().unwrap();
+    let kernel = kernel.path().to_string_lossy().into_owned();
+    for (ip, says) in [
+        ("::1", "ip"),
+        ("192.168.122.300", "ip"),
+        ("10.9.9.9", "DHCP range"),
+    ] {
+        let body = json!({"name": "ipwant", "kernel": kernel, "memory_mib": 64, "ip": ip});
+        let (s, v) = h.authed("POST", "/vms", Some(&body.to_string())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{ip}: {v}");
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{ip}: {v}");
+    }
+    let (s, _) = h.authed("GET", "/vms/ipwant/status", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
 /// Pinned addresses and a VM's port maps are in the document: `ip` on the create's
 /// body and answers, `pinned_ip` and `port_maps` on the status.
 #[tokio::test]

@@ -414,6 +414,49 @@ mod tests {
     use super::*;
     use crate::store::Store;
 
+    /// `pinned_ip` is kept with the row; a VM without one (created before schema 7)
+    /// reads as `None` and holds nothing on its network.
+    #[test]
+    fn pinned_addresses_are_read_per_vm_and_per_network() {
+        let store = Store::open_in_memory().unwrap();
+        let pinned = |name: &str, mac: &str, net: &str, ip: Option<&str>| VmRow {
+            network_name: net.into(),
+            pinned_ip: ip.map(Into::into),
+            ..test_row(name, mac)
+        };
+        for row in [
+            pinned("a", "52:54:00:00:00:01", "default", Some("192.168.122.2")),
+            pinned("b", "52:54:00:00:00:02", "default", Some("192.168.122.3")),
+            pinned("c", "52:54:00:00:00:03", "other", Some("10.0.0.2")),
+            pinned("old", "52:54:00:00:00:04", "default", None),
+        ] {
+            store
+                .transaction(|tx| upsert(tx, &row, &SeedInputs::default()))
+                .unwrap();
+        }
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            store.with(|c| pinned_ip(c, "a")).unwrap(),
+            Some(ip("192.168.122.2"))
+        );
+        assert_eq!(store.with(|c| pinned_ip(c, "old")).unwrap(), None);
+        assert_eq!(store.with(|c| pinned_ip(c, "nobody")).unwrap(), None);
+        assert_eq!(
+            store
+                .with(|c| get(c, "b"))
+                .unwrap()
+                .unwrap()
+                .pinned_ip
+                .as_deref(),
+            Some("192.168.122.3")
+        );
+        assert_eq!(
+            store.with(|c| pinned_on(c, "default", "a")).unwrap(),
+            [(ip("192.168.122.3"), "b".to_string())]
+        );
+        assert_eq!(store.with(macs).unwrap().len(), 4);
+    }
+
     #[test]
     fn seed_inputs_follow_their_vm() {
         let store = Store::open_in_memory().unwrap();
