@@ -27,6 +27,8 @@ pub(super) struct Plan {
     requested_ip: Option<Ipv4Addr>,
     /// A recreated VM's address, kept when it is free.
     preferred_ip: Option<Ipv4Addr>,
+    /// A recreated VM's network when the new one differs: its entry there goes.
+    moved_from: Option<String>,
 }
 
 impl Vms {
@@ -97,11 +99,16 @@ impl Vms {
         plan.row.pinned_ip = Some(pinned.ip.to_string());
         self.set_pending(&name, Some(Pending::Creating));
         let this = Arc::clone(self);
-        let row = plan.row.clone();
+        let (row, moved) = (plan.row.clone(), plan.moved_from.clone());
         let work = async move {
             let result = this.provision_and_persist(plan).await;
             match &result {
-                Ok(_) => this.set_pending(&name, None),
+                Ok(_) => {
+                    if let Some(old) = &moved {
+                        this.unpin_from(old, &row).await;
+                    }
+                    this.set_pending(&name, None)
+                }
                 Err(e) => {
                     // Nothing of a failed create stays behind, its address neither.
                     this.unpin(&row, pinned).await;
@@ -219,11 +226,12 @@ impl Vms {
             Some(r) => r.mac.clone(),
             None => self.fresh_mac().await?,
         };
-        // ... and its address: the one pinned, or (a VM from before pinning) the one
-        // its last lease gave, when free.
-        let preferred_ip = existing
-            .as_ref()
-            .and_then(|r| super::pinning::pinned(r).or_else(|| r.last_ip.as_deref()?.parse().ok()));
+        let network_name = req
+            .network_name
+            .clone()
+            .unwrap_or_else(|| self.cfg.default_network.clone());
+        // ... and its address, when free.
+        let (preferred_ip, moved_from) = super::pinning::kept(existing.as_ref(), &network_name);
         let row = VmRow {
             name: name.to_string(),
             uuid,
@@ -232,10 +240,7 @@ impl Vms {
             memory_mib: req.memory_mib,
             vcpus: req.vcpus,
             disk_size_gb: req.disk_size_gb,
-            network_name: req
-                .network_name
-                .clone()
-                .unwrap_or_else(|| self.cfg.default_network.clone()),
+            network_name,
             os_arch: req
                 .os_arch
                 .clone()
@@ -272,6 +277,7 @@ impl Vms {
             had_row: existing.is_some(),
             requested_ip: req.ip,
             preferred_ip,
+            moved_from,
         })
     }
 

@@ -85,6 +85,21 @@ impl Vms {
     }
 }
 
+impl Vms {
+    /// Removes `row`'s MAC entry from `network`, where a recreate on another network
+    /// left it. A failure is logged.
+    pub(super) async fn unpin_from(&self, network: &str, row: &VmRow) {
+        let (net, mac) = (network.to_string(), row.mac.clone());
+        let undone = self
+            .lv
+            .call_unbounded(move |conn| dhcp_hosts::remove(&dhcp_hosts::network(conn, &net)?, &mac))
+            .await;
+        if let Err(e) = undone {
+            tracing::error!(vm = %row.name, network, error = %e, "could not remove the DHCP host entry on the VM's old network");
+        }
+    }
+}
+
 fn pin_of(
     row: &VmRow,
     requested: Option<Ipv4Addr>,
@@ -105,4 +120,17 @@ fn pin_of(
 /// The address a VM's row pins, if any.
 pub(super) fn pinned(row: &VmRow) -> Option<Ipv4Addr> {
     row.pinned_ip.as_deref().and_then(|i| i.parse().ok())
+}
+
+/// What a recreate keeps of the VM it replaces (`old`): the address to prefer (the one
+/// pinned, or for a VM from before pinning the one its last lease gave), and the old
+/// network when the new one differs and holds the old entry.
+pub(super) fn kept(old: Option<&VmRow>, network: &str) -> (Option<Ipv4Addr>, Option<String>) {
+    let Some(old) = old else {
+        return (None, None);
+    };
+    let preferred = pinned(old).or_else(|| old.last_ip.as_deref()?.parse().ok());
+    let moved =
+        (old.pinned_ip.is_some() && old.network_name != network).then(|| old.network_name.clone());
+    (preferred, moved)
 }

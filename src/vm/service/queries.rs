@@ -222,27 +222,31 @@ impl Vms {
         }
     }
 
-    /// The port maps whose target is one of `targets`, as `GET /ports` lists them.
+    /// The port maps whose target is one of `targets`, as `GET /ports` lists them. Rows
+    /// are streamed and filtered: a node with 10,000 maps does not copy them all.
     async fn port_maps_to(
         &self,
         targets: Vec<std::net::Ipv4Addr>,
     ) -> Result<Vec<super::VmPortMap>, VmError> {
-        let Some(pm) = self.portmaps.clone() else {
-            return Ok(Vec::new());
-        };
         if targets.is_empty() {
             return Ok(Vec::new());
         }
-        let rows = self
+        let found = self
             .store
-            .run(move |_| pm.list())
-            .await
-            .map_err(|e| VmError::Internal(format!("reading the port maps: {e}")))?;
-        Ok(rows
-            .into_iter()
-            .filter(|r| targets.contains(&r.map.target_ip))
-            .map(super::VmPortMap::from)
-            .collect())
+            .run(move |s| {
+                s.with(|c| {
+                    let mut out = Vec::new();
+                    crate::store::portmaps::for_each(c, |r| {
+                        if targets.contains(&r.map.target_ip) {
+                            out.push(super::VmPortMap::from(r.clone()));
+                        }
+                        Ok(())
+                    })?;
+                    Ok::<_, crate::store::StoreError>(out)
+                })
+            })
+            .await?;
+        Ok(found)
     }
 
     /// `GET /vms/{name}/console`: the last `max` bytes of the serial console log.
