@@ -71,26 +71,7 @@ pub fn reserve(conn: &Connect, pin: &Pin<'_>) -> Result<Reservation, VmError> {
     remove_leftover(&net, pin, &leases)?;
     let subnets = subnets(&net)?;
     let subnet = addresses::dhcp_subnet(pin.network, &subnets)?;
-    let mut taken = pin.others.clone();
-    for h in subnet
-        .hosts
-        .iter()
-        .filter(|h| !same_mac(h.mac.as_deref(), pin.mac))
-    {
-        if let Some(ip) = h.ip {
-            let who = h.name.as_deref().or(h.mac.as_deref()).unwrap_or("?");
-            taken
-                .entry(ip)
-                .or_insert_with(|| format!("DHCP host entry {who}"));
-        }
-    }
-    for l in &leases {
-        if let (false, Ok(ip)) = (same_mac(Some(&l.mac), pin.mac), l.ip.parse()) {
-            taken
-                .entry(ip)
-                .or_insert_with(|| format!("leased to {}", l.mac));
-        }
-    }
+    let taken = taken_on(subnet, &leases, pin);
     let previous = entry_of(&subnets, pin.mac).and_then(|h| h.ip);
     let ip = addresses::choose(pin.network, subnet, &taken, pin.requested, pin.preferred)?;
     if previous != Some(ip) {
@@ -104,6 +85,32 @@ pub fn reserve(conn: &Connect, pin: &Pin<'_>) -> Result<Reservation, VmError> {
         }
     }
     Ok(Reservation { ip, previous })
+}
+
+/// The addresses `pin` must avoid on `subnet`: other VMs' pins, other MACs' host entries
+/// and leases, each with its holder (the 409 names it).
+fn taken_on(subnet: &NetIpv4, leases: &[leases::Lease], pin: &Pin<'_>) -> Taken {
+    let mut taken = pin.others.clone();
+    let others = subnet
+        .hosts
+        .iter()
+        .filter(|h| !same_mac(h.mac.as_deref(), pin.mac));
+    for h in others {
+        if let Some(ip) = h.ip {
+            let who = h.name.as_deref().or(h.mac.as_deref()).unwrap_or("?");
+            taken
+                .entry(ip)
+                .or_insert_with(|| format!("DHCP host entry {who}"));
+        }
+    }
+    for l in leases.iter().filter(|l| !same_mac(Some(&l.mac), pin.mac)) {
+        if let Ok(ip) = l.ip.parse() {
+            taken
+                .entry(ip)
+                .or_insert_with(|| format!("leased to {}", l.mac));
+        }
+    }
+    taken
 }
 
 /// Removes an entry of this VM's name whose MAC no VM of the agent has and nothing
