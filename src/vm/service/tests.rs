@@ -401,6 +401,21 @@ async fn a_create_libvirt_refuses_half_way_leaves_nothing_behind() {
     )
     .await;
     assert!(left.is_empty(), "{left:?}");
+    // Its address was pinned before libvirt refused: the DHCP host entry went too.
+    let entries = vms
+        .lv
+        .call(|conn| {
+            let net = crate::vm::dhcp_hosts::network(conn, "default")?;
+            crate::vm::dhcp_hosts::subnets(&net)
+        })
+        .await
+        .unwrap();
+    let named = entries
+        .iter()
+        .flat_map(|s| &s.hosts)
+        .filter(|h| h.name.as_deref() == Some("half-a"))
+        .count();
+    assert_eq!(named, 0, "{entries:?}");
     assert!(vms.status(&vm("half-a")).await.unwrap_err().is_not_found());
     drop(vms.claim("half-a").await.expect("the name is free"));
 }
