@@ -140,22 +140,32 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         .exec_ok(&["cat", &format!("/sys/class/net/{tap}/brport/hairpin_mode")]);
     assert_eq!(hairpin.trim(), "1", "hairpin on {tap}");
 
-    // The IP comes from the DHCP lease of the VM's MAC.
-    let r = api.call_waiting("GET", "/vms/tiny1/ip?timeout=120&network=default", BOOT);
+    // The address is pinned before the first boot: the create answered it, the network
+    // holds its DHCP host entry, and `/ip` answers it at once (no lease to wait for).
+    let ip: Ipv4Addr = created["ip"].as_str().unwrap().parse().unwrap();
+    let t = Instant::now();
+    let r = api.get("/vms/tiny1/ip?timeout=120&network=default");
     assert_eq!(r.status, 200, "{r:?}");
-    let ip: Ipv4Addr = r.json()["ip"].as_str().unwrap().parse().unwrap();
+    assert!(t.elapsed() < Duration::from_secs(2), "{:?}", t.elapsed());
+    assert_eq!(r.json()["ip"], ip.to_string());
     assert_eq!(r.json()["name"], "tiny1");
-    let lease = virsh(&["net-dhcp-leases", "default", "--mac", &mac]);
-    assert!(lease.contains(&ip.to_string()), "{lease}");
+    let entry = format!("<host mac='{mac}' name='tiny1' ip='{ip}'/>");
+    assert!(
+        virsh(&["net-dumpxml", "default"]).contains(&entry),
+        "{entry}"
+    );
     assert_eq!(
         e.agent
-            .sql("select last_ip from vms where name='tiny1'")
+            .sql("select pinned_ip from vms where name='tiny1'")
             .trim(),
         ip.to_string()
     );
 
     // The guest booted with its own seed: hostname and instance-id are the VM's.
     let marker = e.wait_ready("tiny1", 1);
+    // Its first DHCP lease is the pinned address.
+    let lease = virsh(&["net-dhcp-leases", "default", "--mac", &mac]);
+    assert!(lease.contains(&format!("{ip}/")), "{lease}");
     assert_eq!(
         marker.get(1).map(String::as_str),
         Some("tiny1"),
@@ -179,6 +189,11 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     assert_eq!(r.status, 200, "{r:?}");
     let body = e.via_node_port(18080, "/hostname");
     assert_eq!(body.trim(), "tiny1");
+    // The VM's status lists the map to its address.
+    let maps = api.get("/vms/tiny1/status").json()["status"]["port_maps"].clone();
+    assert_eq!(maps.as_array().map(Vec::len), Some(1), "{maps}");
+    assert_eq!(maps[0]["rule_id"], "18080", "{maps}");
+    assert_eq!(maps[0]["target_ip"], ip.to_string(), "{maps}");
 
     // Listed as the agent's, next to a domain someone else defined.
     let foreign = e.scratch.path("foreign.xml");
@@ -237,14 +252,17 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         "stopped"
     );
 
-    // Start again: same MAC, so the same lease; the guest answers again.
+    // Start again: the pinned address again; the guest answers on it.
     let r = api.post("/vms/tiny1/start", &json!({}));
     assert_eq!(r.status, 200, "{r:?}");
     e.wait_ready("tiny1", 2);
     let r = api.call_waiting("GET", "/vms/tiny1/ip?timeout=120", BOOT);
     assert_eq!(r.status, 200, "{r:?}");
     let ip2: Ipv4Addr = r.json()["ip"].as_str().unwrap().parse().unwrap();
+    assert_eq!(ip2, ip);
     assert_eq!(e.guest_http(ip2, "/hostname").trim(), "tiny1");
+    let lease = virsh(&["net-dhcp-leases", "default", "--mac", &mac]);
+    assert!(lease.contains(&format!("{ip}/")), "{lease}");
 
     // Reboot: the guest comes up a third time without a stop in between.
     let r = api.post("/vms/tiny1/reboot", &json!({}));
@@ -399,6 +417,10 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         "agent|1"
     );
     assert!(!e.domains().contains(&"tiny1".to_owned()));
+    assert!(
+        !virsh(&["net-dumpxml", "default"]).contains(&mac),
+        "the DHCP host entry went with the VM"
+    );
     let vols = e.volumes();
     assert!(!vols.iter().any(|v| v.starts_with("vm.tiny1")), "{vols:?}");
     assert_eq!(api.get("/ports").json()["rules"], json!({}));

@@ -1071,7 +1071,11 @@ async fn the_vm_list_and_status_show_the_instance_id() {
         assert_eq!(listed["managed"], *managed, "{listed}");
         assert_eq!(*s, StatusCode::OK, "{status}");
         assert_eq!(status["status"]["instance_id"], *iid, "{status}");
-        assert_eq!(status["status"], *listed);
+        // The status is the listing's entry plus the VM's port maps.
+        let mut status = status["status"].clone();
+        let maps = status.as_object_mut().unwrap().remove("port_maps");
+        assert_eq!(maps, Some(json!([])), "{status}");
+        assert_eq!(status, *listed);
     }
     assert_eq!(statuses[1].1["status"]["state"], "missing");
     // Another harness (no row for "test"): a domain the agent did not create has none.
@@ -1114,6 +1118,61 @@ async fn served_document() -> Value {
     let (s, doc) = h.authed("GET", "/openapi.json", None).await;
     assert_eq!(s, StatusCode::OK);
     doc
+}
+
+/// `ip` on `POST /vms`: not an IPv4 address, or outside the network's DHCP range, is a
+/// 400 in the usual error shape, before anything is created.
+#[tokio::test]
+async fn a_create_asking_for_an_ip_outside_the_range_is_refused() {
+    let h = harness();
+    let kernel = tempfile::NamedTempFile::new().unwrap();
+    let kernel = kernel.path().to_string_lossy().into_owned();
+    for (ip, says) in [
+        ("::1", "ip"),
+        ("192.168.122.300", "ip"),
+        ("10.9.9.9", "DHCP range"),
+    ] {
+        let body = json!({"name": "ipwant", "kernel": kernel, "memory_mib": 64, "ip": ip});
+        let (s, v) = h.authed("POST", "/vms", Some(&body.to_string())).await;
+        assert_eq!(s, StatusCode::BAD_REQUEST, "{ip}: {v}");
+        assert_eq!(v["ok"], false, "{v}");
+        assert!(v["error"].as_str().unwrap().contains(says), "{ip}: {v}");
+    }
+    let (s, _) = h.authed("GET", "/vms/ipwant/status", None).await;
+    assert_eq!(s, StatusCode::NOT_FOUND);
+}
+
+/// Pinned addresses and a VM's port maps are in the document: `ip` on the create's
+/// body and answers, `pinned_ip` and `port_maps` on the status.
+#[tokio::test]
+async fn the_document_describes_pinned_addresses_and_a_vms_port_maps() {
+    let doc = served_document().await;
+    let schemas = &doc["components"]["schemas"];
+    let ipv4 = |v: &Value| v.to_string().contains("ipv4");
+    assert!(
+        ipv4(&schemas["CreateVm"]["properties"]["ip"]),
+        "{}",
+        schemas["CreateVm"]
+    );
+    assert!(
+        ipv4(&schemas["Created"]["properties"]["ip"]),
+        "{}",
+        schemas["Created"]
+    );
+    assert!(ipv4(&schemas["VmCreating"]["properties"]["ip"]));
+    assert!(ipv4(&schemas["VmStatus"]["properties"]["pinned_ip"]));
+    let maps = &schemas["VmStatus"]["properties"]["port_maps"];
+    assert!(maps.to_string().contains("VmPortMap"), "{maps}");
+    let map = &schemas["VmPortMap"]["properties"];
+    for field in [
+        "proto",
+        "listen_port",
+        "target_ip",
+        "target_port",
+        "rule_id",
+    ] {
+        assert!(map[field].is_object(), "{field}: {map}");
+    }
 }
 
 #[tokio::test]
@@ -1402,7 +1461,16 @@ async fn a_create_without_waiting_answers_202_and_its_later_failure_is_visible()
     let body = json!({"name": "bg1", "kernel": kernel, "memory_mib": 64}).to_string();
     let (s, v) = h.authed("POST", "/vms?wait=false", Some(&body)).await;
     assert_eq!(s, StatusCode::ACCEPTED, "{v}");
-    assert_eq!(v, json!({"ok": true, "name": "bg1", "state": "creating"}));
+    let ip: std::net::Ipv4Addr = v["ip"].as_str().unwrap().parse().unwrap();
+    assert_eq!(
+        ip.octets()[..3],
+        [192, 168, 122],
+        "pinned in the test network's range"
+    );
+    assert_eq!(
+        v,
+        json!({"ok": true, "name": "bg1", "state": "creating", "ip": ip.to_string()})
+    );
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
     let status = loop {
         let (s, v) = h.authed("GET", "/vms/bg1/status", None).await;

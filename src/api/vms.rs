@@ -167,6 +167,9 @@ pub struct VmCreating {
     name: String,
     /// `creating`.
     state: String,
+    /// The address pinned for the VM (its DHCP lease once it boots).
+    #[schema(format = Ipv4)]
+    ip: String,
 }
 
 #[utoipa::path(
@@ -176,9 +179,9 @@ pub struct VmCreating {
     responses(
         (status = 200, description = "Created and started", body = VmCreated),
         (status = 202, description = "`wait=false`: accepted, being created", body = VmCreating),
-        (status = 400, description = "Invalid body, name, network or bounds; nothing created", body = super::ErrorBody),
+        (status = 400, description = "Invalid body, name, network or bounds, or an `ip` outside the network's DHCP range; nothing created", body = super::ErrorBody),
         (status = 404, description = "Image not found", body = super::ErrorBody),
-        (status = 409, description = "VM exists (without `recreate`), is not the agent's, or is busy", body = super::ErrorBody),
+        (status = 409, description = "VM exists (without `recreate`), is not the agent's, or is busy; the `ip` asked for is taken; the network has no DHCP range, or no free address in it", body = super::ErrorBody),
         (status = 503, description = "libvirt unavailable, or the default image is being fetched", body = super::ErrorBody),
     ),
     security(("bearer" = []))
@@ -195,13 +198,13 @@ pub async fn create(
     if q.wait == Some(false) {
         let name = req.name.clone();
         return around(&state.store, &draft, StatusCode::ACCEPTED, async {
-            state
+            let ip = state
                 .vms
                 .create_in_background(req, identity.0.as_str())
                 .await?;
             Ok((
                 StatusCode::ACCEPTED,
-                Json(json!({"ok": true, "name": name, "state": "creating"})),
+                Json(json!({"ok": true, "name": name, "state": "creating", "ip": ip.to_string()})),
             ))
         })
         .await;
@@ -364,7 +367,7 @@ pub struct IpQuery {
     get, path = "/vms/{name}/ip", tag = "vms",
     params(("name" = String, Path, description = "VM name"), IpQuery),
     responses(
-        (status = 200, description = "As soon as the DHCP lease exists", body = VmIp),
+        (status = 200, description = "A VM with a pinned address: that address, at once (`timeout` is accepted and not needed). Others: as soon as the DHCP lease exists", body = VmIp),
         (status = 504, description = "No lease within `timeout`", body = super::ErrorBody),
     ),
     security(("bearer" = []))

@@ -26,7 +26,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0004_vm_seeds.sql"),
     include_str!("../../migrations/0005_refused_requests.sql"),
     include_str!("../../migrations/0006_vm_last_state_check.sql"),
-    // 0007 is another branch's (pinned VM addresses); renumbered when both merge.
+    include_str!("../../migrations/0007_vm_pinned_ip.sql"),
     include_str!("../../migrations/0008_port_map_allow_from.sql"),
 ];
 

@@ -1,5 +1,7 @@
 //! `vms` and `images`: the desired VMs and base images.
 
+use std::net::Ipv4Addr;
+
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
@@ -34,6 +36,9 @@ pub struct VmRow {
     pub last_state: Option<VmState>,
     pub last_ip: Option<String>,
     pub last_ip_at: Option<String>,
+    /// The address reserved for the VM in its network's DHCP range (a host entry);
+    /// `None` for a VM created before schema 7, which gets whatever DHCP gives it.
+    pub pinned_ip: Option<String>,
     pub created_at: String,
     pub updated_at: String,
     pub created_by: String,
@@ -42,7 +47,7 @@ pub struct VmRow {
 const VM_COLUMNS: &str = "name, uuid, instance_id, hostname, memory_mib, vcpus, disk_size_gb, \
     network_name, os_arch, domain_type, image, mac, kernel, initrd, cmdline, ssh_keys, user_data, \
     disk_volume, seed_volume, desired_state, last_state, last_ip, last_ip_at, created_at, \
-    updated_at, created_by";
+    updated_at, created_by, pinned_ip";
 
 fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
     Ok(VmRow {
@@ -72,6 +77,7 @@ fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
         created_at: r.get(23)?,
         updated_at: r.get(24)?,
         created_by: r.get(25)?,
+        pinned_ip: r.get(26)?,
     })
 }
 
@@ -91,6 +97,47 @@ pub fn mac_in_use(conn: &Connection, mac: &str) -> Result<bool, StoreError> {
         r.get(0)
     })?;
     Ok(n > 0)
+}
+
+/// The pinned address of VM `name`; `None` when it has none (created before schema 7)
+/// or there is no such VM. For port maps that name a VM.
+pub fn pinned_ip(conn: &Connection, name: &str) -> Result<Option<Ipv4Addr>, StoreError> {
+    let ip: Option<Option<String>> = conn
+        .query_row("SELECT pinned_ip FROM vms WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })
+        .optional()?;
+    Ok(ip.flatten().and_then(|i| i.parse().ok()))
+}
+
+/// The MAC of every VM.
+pub fn macs(conn: &Connection) -> Result<Vec<String>, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT mac FROM vms")?;
+    let rows = stmt.query_map([], |r| r.get(0))?;
+    Ok(rows.collect::<Result<_, _>>()?)
+}
+
+/// The pinned addresses on `network` of every VM but `except`, with the VM holding each.
+pub fn pinned_on(
+    conn: &Connection,
+    network: &str,
+    except: &str,
+) -> Result<Vec<(Ipv4Addr, String)>, StoreError> {
+    let mut stmt = conn.prepare_cached(
+        "SELECT pinned_ip, name FROM vms \
+         WHERE network_name = ?1 AND name <> ?2 AND pinned_ip IS NOT NULL",
+    )?;
+    let rows = stmt.query_map([network, except], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+    })?;
+    let mut out = Vec::new();
+    for row in rows {
+        let (ip, name) = row?;
+        if let Ok(ip) = ip.parse() {
+            out.push((ip, name));
+        }
+    }
+    Ok(out)
 }
 
 /// What a VM's cloud-init seed was built from (`vm_seeds`), kept so that reconcile can
@@ -146,7 +193,7 @@ fn upsert_row(conn: &Connection, vm: &VmRow) -> Result<(), StoreError> {
     conn.execute(
         &format!(
             "INSERT OR REPLACE INTO vms ({VM_COLUMNS}) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, ?8, ?9, \
-             ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, {NOW}, {NOW}, ?24)"
+             ?10, ?11, ?12, ?13, ?14, ?15, ?16, ?17, ?18, ?19, ?20, ?21, ?22, ?23, {NOW}, {NOW}, ?24, ?25)"
         ),
         params![
             vm.name,
@@ -173,6 +220,7 @@ fn upsert_row(conn: &Connection, vm: &VmRow) -> Result<(), StoreError> {
             vm.last_ip,
             vm.last_ip_at,
             vm.created_by,
+            vm.pinned_ip,
         ],
     )?;
     Ok(())
@@ -354,6 +402,7 @@ pub(crate) fn test_row(name: &str, mac: &str) -> VmRow {
         last_state: None,
         last_ip: None,
         last_ip_at: None,
+        pinned_ip: None,
         created_at: String::new(),
         updated_at: String::new(),
         created_by: "test".into(),
@@ -364,6 +413,49 @@ pub(crate) fn test_row(name: &str, mac: &str) -> VmRow {
 mod tests {
     use super::*;
     use crate::store::Store;
+
+    /// `pinned_ip` is kept with the row; a VM without one (created before schema 7)
+    /// reads as `None` and holds nothing on its network.
+    #[test]
+    fn pinned_addresses_are_read_per_vm_and_per_network() {
+        let store = Store::open_in_memory().unwrap();
+        let pinned = |name: &str, mac: &str, net: &str, ip: Option<&str>| VmRow {
+            network_name: net.into(),
+            pinned_ip: ip.map(Into::into),
+            ..test_row(name, mac)
+        };
+        for row in [
+            pinned("a", "52:54:00:00:00:01", "default", Some("192.168.122.2")),
+            pinned("b", "52:54:00:00:00:02", "default", Some("192.168.122.3")),
+            pinned("c", "52:54:00:00:00:03", "other", Some("10.0.0.2")),
+            pinned("old", "52:54:00:00:00:04", "default", None),
+        ] {
+            store
+                .transaction(|tx| upsert(tx, &row, &SeedInputs::default()))
+                .unwrap();
+        }
+        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        assert_eq!(
+            store.with(|c| pinned_ip(c, "a")).unwrap(),
+            Some(ip("192.168.122.2"))
+        );
+        assert_eq!(store.with(|c| pinned_ip(c, "old")).unwrap(), None);
+        assert_eq!(store.with(|c| pinned_ip(c, "nobody")).unwrap(), None);
+        assert_eq!(
+            store
+                .with(|c| get(c, "b"))
+                .unwrap()
+                .unwrap()
+                .pinned_ip
+                .as_deref(),
+            Some("192.168.122.3")
+        );
+        assert_eq!(
+            store.with(|c| pinned_on(c, "default", "a")).unwrap(),
+            [(ip("192.168.122.3"), "b".to_string())]
+        );
+        assert_eq!(store.with(macs).unwrap().len(), 4);
+    }
 
     #[test]
     fn seed_inputs_follow_their_vm() {

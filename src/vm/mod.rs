@@ -1,10 +1,13 @@
 //! Virtual machines through libvirt's API only: the connection, storage pool and volumes,
-//! domain XML, the in-memory cloud-init seed, DHCP leases, and host statistics.
+//! domain XML, the in-memory cloud-init seed, DHCP leases and pinned addresses (DHCP
+//! host entries), and host statistics.
 
 mod abandoned;
+pub mod addresses;
 mod claims;
 mod config;
 pub mod conn;
+pub mod dhcp_hosts;
 mod domain;
 mod error;
 pub mod events;

@@ -71,6 +71,12 @@ pub struct CreateVm {
     #[serde(default)]
     #[schema(schema_with = crate::api::doc::cmdline_or_null)]
     pub cmdline: Option<String>,
+    /// The IPv4 address to pin, inside the network's DHCP range (400 when outside it,
+    /// 409 when another VM, host entry or lease holds it); default: the lowest free one
+    /// (a recreated VM keeps its own).
+    #[serde(default, deserialize_with = "ipv4_or_null")]
+    #[schema(value_type = Option<String>, format = Ipv4)]
+    pub ip: Option<std::net::Ipv4Addr>,
 }
 
 impl std::fmt::Debug for CreateVm {
@@ -92,8 +98,23 @@ impl std::fmt::Debug for CreateVm {
             .field("kernel", &self.kernel)
             .field("initrd", &self.initrd)
             .field("cmdline", &self.cmdline)
+            .field("ip", &self.ip)
             .finish()
     }
+}
+
+/// `ip`: a dotted IPv4 address or null; the refusal names the field (the parser's own
+/// message does not).
+fn ipv4_or_null<'de, D: serde::Deserializer<'de>>(
+    d: D,
+) -> Result<Option<std::net::Ipv4Addr>, D::Error> {
+    let text: Option<String> = Option::deserialize(d)?;
+    text.map(|t| {
+        t.parse().map_err(|_| {
+            serde::de::Error::custom(format!("ip must be an IPv4 address (a.b.c.d), not {t:?}"))
+        })
+    })
+    .transpose()
 }
 
 /// A `u32` written as a JSON integer or with a zero fraction (`2048.0`): JSON Schema

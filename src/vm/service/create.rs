@@ -2,6 +2,7 @@
 //! image, keys, seed, MAC), provision (libvirt builds it), persist (the row and its seed
 //! inputs in one transaction, or libvirt's side taken away again).
 
+use std::net::Ipv4Addr;
 use std::sync::Arc;
 use std::time::Instant;
 
@@ -22,6 +23,12 @@ pub(super) struct Plan {
     inputs: SeedInputs,
     recreate: bool,
     had_row: bool,
+    /// The request's `ip`: pinned exactly, or refused.
+    requested_ip: Option<Ipv4Addr>,
+    /// A recreated VM's address, kept when it is free.
+    preferred_ip: Option<Ipv4Addr>,
+    /// A recreated VM's network when the new one differs: its entry there goes.
+    moved_from: Option<String>,
 }
 
 impl Vms {
@@ -29,7 +36,7 @@ impl Vms {
     /// outlives `LIBVIRT_TIMEOUT` answers 504 and goes on; its row appears when it ends.
     pub async fn create(self: &Arc<Self>, req: CreateVm, by: &str) -> Result<Created, VmError> {
         let name = req.name.clone();
-        let (claim, work) = self.begin_create(req, by).await?;
+        let (claim, _ip, work) = self.begin_create(req, by).await?;
         let result = self
             .to_the_end(claim, format!("POST /vms {name}"), self.lv.timeout(), work)
             .await;
@@ -43,21 +50,23 @@ impl Vms {
     }
 
     /// `POST /vms?wait=false`: checked and planned now (a bad request is refused as
-    /// usual); built in the background, shown as `creating`, then running, or `failed`
-    /// with its error (and an audit row) if libvirt refuses.
+    /// usual, and the address pinned); built in the background, shown as `creating`,
+    /// then running, or `failed` with its error (and an audit row) if libvirt refuses.
+    /// Returns the pinned address.
     pub async fn create_in_background(
         self: &Arc<Self>,
         req: CreateVm,
         by: &str,
-    ) -> Result<(), VmError> {
+    ) -> Result<Ipv4Addr, VmError> {
         let name = req.name.clone();
-        let (claim, work) = self.begin_create(req, by).await?;
+        let (claim, ip, work) = self.begin_create(req, by).await?;
         self.in_background(claim, format!("POST /vms {name} (wait=false)"), work);
-        Ok(())
+        Ok(ip)
     }
 
-    /// Validates, claims the name and plans; returns the claim and the rest of the
-    /// create (provision, persist), which marks the name `creating` until it ends.
+    /// Validates, claims the name, plans and pins the address; returns the claim, the
+    /// address and the rest of the create (provision, persist), which marks the name
+    /// `creating` until it ends and takes the address's host entry away if it fails.
     async fn begin_create(
         self: &Arc<Self>,
         req: CreateVm,
@@ -65,6 +74,7 @@ impl Vms {
     ) -> Result<
         (
             crate::vm::claims::Claim,
+            Ipv4Addr,
             impl std::future::Future<Output = Result<Created, VmError>> + Send + 'static,
         ),
         VmError,
@@ -82,19 +92,33 @@ impl Vms {
                 crate::vm::abandoned::SETTLE.as_secs()
             )));
         }
-        let plan = self.plan(&name, &req, by).await?;
+        let mut plan = self.plan(&name, &req, by).await?;
+        let pinned = self
+            .pin(&plan.row, plan.requested_ip, plan.preferred_ip)
+            .await?;
+        plan.row.pinned_ip = Some(pinned.ip.to_string());
         self.set_pending(&name, Some(Pending::Creating));
         let this = Arc::clone(self);
+        let (row, moved) = (plan.row.clone(), plan.moved_from.clone());
         let work = async move {
             let result = this.provision_and_persist(plan).await;
             match &result {
-                Ok(_) => this.set_pending(&name, None),
-                Err(e) => this.set_pending(&name, Some(Pending::Failed(e.to_string()))),
+                Ok(_) => {
+                    if let Some(old) = &moved {
+                        this.unpin_from(old, &row).await;
+                    }
+                    this.set_pending(&name, None)
+                }
+                Err(e) => {
+                    // Nothing of a failed create stays behind, its address neither.
+                    this.unpin(&row, pinned).await;
+                    this.set_pending(&name, Some(Pending::Failed(e.to_string())));
+                }
             }
             this.observe_one(&name).await;
             result
         };
-        Ok((claim, work))
+        Ok((claim, pinned.ip, work))
     }
 
     async fn provision_and_persist(&self, plan: Plan) -> Result<Created, VmError> {
@@ -202,6 +226,12 @@ impl Vms {
             Some(r) => r.mac.clone(),
             None => self.fresh_mac().await?,
         };
+        let network_name = req
+            .network_name
+            .clone()
+            .unwrap_or_else(|| self.cfg.default_network.clone());
+        // ... and its address, when free.
+        let (preferred_ip, moved_from) = super::pinning::kept(existing.as_ref(), &network_name);
         let row = VmRow {
             name: name.to_string(),
             uuid,
@@ -210,10 +240,7 @@ impl Vms {
             memory_mib: req.memory_mib,
             vcpus: req.vcpus,
             disk_size_gb: req.disk_size_gb,
-            network_name: req
-                .network_name
-                .clone()
-                .unwrap_or_else(|| self.cfg.default_network.clone()),
+            network_name,
             os_arch: req
                 .os_arch
                 .clone()
@@ -232,6 +259,7 @@ impl Vms {
             last_state: None,
             last_ip: None,
             last_ip_at: None,
+            pinned_ip: None,
             created_at: String::new(),
             updated_at: String::new(),
             created_by: by.to_string(),
@@ -247,6 +275,9 @@ impl Vms {
             },
             recreate: req.recreate,
             had_row: existing.is_some(),
+            requested_ip: req.ip,
+            preferred_ip,
+            moved_from,
         })
     }
 
@@ -328,6 +359,7 @@ impl Vms {
             hostname: row.hostname,
             image: row.image,
             recreated,
+            ip: row.pinned_ip.unwrap_or_default(),
         })
     }
 }

@@ -9,7 +9,7 @@ use crate::model::{DesiredState, VmName};
 use crate::store::audit;
 use crate::store::vms;
 use crate::vm::domain::{existing, facts, hairpin, lookup, remove_vm};
-use crate::vm::{VmError, leases};
+use crate::vm::{VmError, dhcp_hosts, leases};
 
 impl Vms {
     /// `POST /vms/{name}/start`; true when it was already running.
@@ -198,6 +198,7 @@ impl Vms {
         let cfg = self.cfg.clone();
         let had_row = row.is_some();
         let row_ip = row.as_ref().and_then(|r| r.last_ip.clone());
+        let pinned = row.as_ref().and_then(super::pinning::pinned);
         let (mac, network) = match &row {
             Some(r) => (Some(r.mac.clone()), Some(r.network_name.clone())),
             None => (None, None),
@@ -228,6 +229,15 @@ impl Vms {
                         .and_then(|l| leases::ipv4_of(&l, mac));
                 }
                 remove_vm(conn, &cfg, &n, dom, delete_files)?;
+                // Its reservation goes with it (a VM from before pinning has none).
+                if let (Some(_), Some(mac), Some(net)) = (pinned, &mac, &network) {
+                    match dhcp_hosts::network(conn, net) {
+                        Ok(net) => drop(dhcp_hosts::remove(&net, mac)?),
+                        // The network went first: so did the entry.
+                        Err(e) if e.is_not_found() => {}
+                        Err(e) => return Err(e),
+                    }
+                }
                 Ok(ip)
             })
             .await?;
@@ -235,11 +245,12 @@ impl Vms {
         self.store
             .run(move |s| s.with(|c| vms::delete(c, &n)))
             .await?;
-        let targets: Vec<std::net::Ipv4Addr> = [row_ip, lease_ip]
+        let mut targets: Vec<std::net::Ipv4Addr> = [row_ip, lease_ip]
             .into_iter()
             .flatten()
             .filter_map(|ip| ip.parse().ok())
             .collect();
+        targets.extend(pinned.filter(|p| !targets.contains(p)));
         let removed = self.remove_port_maps_to(name, targets).await;
         tracing::info!(
             vm = name,

@@ -6,6 +6,7 @@
 //! - `lifecycle.rs`: start, stop, reboot, delete;
 //! - `queries.rs`: the reads, from SQLite and the last observation of libvirt
 //!   (`vm::observed`), never waiting behind a libvirt call; IP, console;
+//! - `pinning.rs`: each VM's address, reserved as a DHCP host entry of its network;
 //! - `reconcile.rs`: libvirt made to match the rows again.
 //!
 //! An operation holds its VM's claim (`vm::claims`) until its libvirt work has really
@@ -15,6 +16,9 @@
 mod abandoned;
 mod create;
 mod lifecycle;
+mod pinning;
+#[cfg(test)]
+mod pinning_tests;
 mod queries;
 mod reconcile;
 #[cfg(test)]
@@ -46,6 +50,10 @@ pub struct Created {
     pub hostname: String,
     pub image: Option<String>,
     pub recreated: bool,
+    /// The address pinned for the VM in its network's DHCP range: its DHCP lease,
+    /// from the first boot on.
+    #[schema(format = Ipv4)]
+    pub ip: String,
 }
 
 /// One VM as `GET /vms` and `/status` show it.
@@ -61,7 +69,13 @@ pub struct VmStatus {
     pub instance_id: Option<String>,
     /// Created (and so deletable) by this agent.
     pub managed: bool,
+    /// The address the VM's last DHCP lease gave (`GET /vms/{name}/ip` records it).
     pub ip: Option<String>,
+    /// The address the agent reserved for the VM (absent for VMs created before
+    /// pinning, and for domains the agent did not create).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(format = Ipv4)]
+    pub pinned_ip: Option<String>,
     pub mac: Option<String>,
     pub network: Option<String>,
     pub memory_mib: Option<u32>,
@@ -76,6 +90,43 @@ pub struct VmStatus {
     /// Why a create failed after its request stopped waiting (state `failed`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub error: Option<String>,
+    /// `GET /vms/{name}/status` only: the port maps whose target is the VM's pinned or
+    /// last address, as `GET /ports` lists them.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub port_maps: Option<Vec<VmPortMap>>,
+}
+
+/// One port map to a VM, as `GET /ports` lists it (the row and its `rule_id`).
+#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+pub struct VmPortMap {
+    /// `tcp` or `udp`.
+    pub proto: String,
+    pub listen_port: u16,
+    #[schema(format = Ipv4)]
+    pub target_ip: String,
+    pub target_port: u16,
+    pub created_at: String,
+    pub updated_at: String,
+    pub created_by: String,
+    pub updated_by: String,
+    /// The map's key in `GET /ports` (`8080`, `8080/udp`).
+    pub rule_id: String,
+}
+
+impl From<crate::store::portmaps::PortMapRow> for VmPortMap {
+    fn from(r: crate::store::portmaps::PortMapRow) -> Self {
+        Self {
+            rule_id: r.map.rule_id(),
+            proto: r.map.proto.to_string(),
+            listen_port: r.map.listen_port,
+            target_ip: r.map.target_ip.to_string(),
+            target_port: r.map.target_port,
+            created_at: r.created_at,
+            updated_at: r.updated_at,
+            created_by: r.created_by,
+            updated_by: r.updated_by,
+        }
+    }
 }
 
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
@@ -103,6 +154,9 @@ pub struct Vms {
     /// Creates in flight (shown as `creating`) and creates that failed after their
     /// request stopped waiting (shown as `failed`, with the error), by VM name.
     pending: std::sync::Mutex<std::collections::BTreeMap<String, Pending>>,
+    /// Held while a create chooses its address and writes its DHCP host entry, so that
+    /// two creates never choose the same one (`pinning.rs`).
+    pinning: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// A create the database does not hold yet.
@@ -134,6 +188,7 @@ impl Vms {
             abandoned: Default::default(),
             observed: Arc::new(Observed::default()),
             pending: Default::default(),
+            pinning: Default::default(),
         }
     }
 

@@ -137,6 +137,12 @@ impl Vms {
         if matches!(pending, Some(Pending::Creating)) {
             status.state = VmState::Creating;
         }
+        let targets = [&status.pinned_ip, &status.ip]
+            .into_iter()
+            .flatten()
+            .filter_map(|ip| ip.parse().ok())
+            .collect();
+        status.port_maps = Some(self.port_maps_to(targets).await?);
         Ok(status)
     }
 
@@ -149,6 +155,13 @@ impl Vms {
         timeout: Duration,
     ) -> Result<String, VmError> {
         let row = self.row(name).await?;
+        // A pinned VM's address is known before it boots: no lease to wait for.
+        if let Some(r) = &row
+            && let Some(ip) = super::pinning::pinned(r)
+            && network.as_ref().is_none_or(|n| *n == r.network_name)
+        {
+            return Ok(ip.to_string());
+        }
         let (mac, net) = match &row {
             Some(r) => (
                 r.mac.clone(),
@@ -207,6 +220,33 @@ impl Vms {
             }
             tokio::time::sleep(self.cfg.lease_poll.min(deadline - now)).await;
         }
+    }
+
+    /// The port maps whose target is one of `targets`, as `GET /ports` lists them. Rows
+    /// are streamed and filtered: a node with 10,000 maps does not copy them all.
+    async fn port_maps_to(
+        &self,
+        targets: Vec<std::net::Ipv4Addr>,
+    ) -> Result<Vec<super::VmPortMap>, VmError> {
+        if targets.is_empty() {
+            return Ok(Vec::new());
+        }
+        let found = self
+            .store
+            .run(move |s| {
+                s.with(|c| {
+                    let mut out = Vec::new();
+                    crate::store::portmaps::for_each(c, |r| {
+                        if targets.contains(&r.map.target_ip) {
+                            out.push(super::VmPortMap::from(r.clone()));
+                        }
+                        Ok(())
+                    })?;
+                    Ok::<_, crate::store::StoreError>(out)
+                })
+            })
+            .await?;
+        Ok(found)
     }
 
     /// `GET /vms/{name}/console`: the last `max` bytes of the serial console log.
@@ -319,6 +359,7 @@ fn status_of(name: &str, seen: &Seen, row: Option<&VmRow>) -> VmStatus {
             .or_else(|| f.instance_id.clone()),
         managed: row.is_some(),
         ip: row.and_then(|r| r.last_ip.clone()),
+        pinned_ip: row.and_then(|r| r.pinned_ip.clone()),
         mac: iface
             .map(|i| i.0.clone())
             .or_else(|| row.map(|r| r.mac.clone())),
@@ -332,6 +373,7 @@ fn status_of(name: &str, seen: &Seen, row: Option<&VmRow>) -> VmStatus {
         created_at: row.map(|r| r.created_at.clone()),
         observed_at: seen.at.map(iso_utc),
         error: None,
+        port_maps: None,
     }
 }
 
@@ -346,6 +388,7 @@ fn missing_status(r: &VmRow, listed_at: Option<SystemTime>) -> VmStatus {
         instance_id: Some(r.instance_id.clone()),
         managed: true,
         ip: r.last_ip.clone(),
+        pinned_ip: r.pinned_ip.clone(),
         mac: Some(r.mac.clone()),
         network: Some(r.network_name.clone()),
         memory_mib: Some(r.memory_mib),
@@ -355,6 +398,7 @@ fn missing_status(r: &VmRow, listed_at: Option<SystemTime>) -> VmStatus {
         created_at: Some(r.created_at.clone()),
         observed_at: listed_at.map(iso_utc),
         error: None,
+        port_maps: None,
     }
 }
 
@@ -384,5 +428,7 @@ fn pending_status(name: &str, pending: &Pending) -> VmStatus {
             Pending::Creating => None,
             Pending::Failed(e) => Some(e.clone()),
         },
+        pinned_ip: None,
+        port_maps: None,
     }
 }

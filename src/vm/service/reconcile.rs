@@ -1,11 +1,13 @@
 //! The VM reconcile: a VM whose domain vanished from libvirt is defined again (and
-//! started if it should run); domains the agent did not create are never touched.
+//! started if it should run), a pinned address whose DHCP host entry vanished is
+//! reserved again; domains the agent did not create are never touched.
 
 use std::sync::Arc;
 
 use super::Vms;
 use crate::store::vms;
 use crate::vm::VmError;
+use crate::vm::dhcp_hosts;
 use crate::vm::domain::reconcile_one;
 
 impl Vms {
@@ -58,7 +60,22 @@ impl Vms {
             // Waits for libvirt's real answer: the claim lives as long as the work.
             let result = self
                 .lv
-                .call_unbounded(move |conn| reconcile_one(conn, &cfg, &row, seed.as_ref(), &images))
+                .call_unbounded(move |conn| {
+                    // The reservation first: a domain started here gets its address on
+                    // its first lease.
+                    let mut done = match reassert_pin(conn, &row) {
+                        Ok(done) => done,
+                        Err(e) if e.is_unavailable() => return Err(e),
+                        // The domain is still worth restoring (a network defined
+                        // anew later gets the entry at the next pass).
+                        Err(e) => {
+                            tracing::error!(vm = %row.name, error = %e, "cannot restore the VM's DHCP host entry");
+                            Vec::new()
+                        }
+                    };
+                    done.extend(reconcile_one(conn, &cfg, &row, seed.as_ref(), &images)?);
+                    Ok(done)
+                })
                 .await;
             match result {
                 Ok(done) if done.is_empty() => {}
@@ -79,4 +96,19 @@ impl Vms {
         }
         Ok(repaired)
     }
+}
+
+/// Puts back the DHCP host entry of a VM with a pinned address when the network lacks it
+/// (someone ran `virsh net-update ... delete`, or the network was defined anew).
+fn reassert_pin(
+    conn: &virt::connect::Connect,
+    row: &vms::VmRow,
+) -> Result<Vec<&'static str>, VmError> {
+    let Some(ip) = super::pinning::pinned(row) else {
+        return Ok(Vec::new());
+    };
+    if dhcp_hosts::ensure(conn, &row.network_name, &row.mac, &row.name, ip)? {
+        return Ok(vec!["DHCP host entry added again"]);
+    }
+    Ok(Vec::new())
 }

@@ -46,7 +46,7 @@ fn service() -> (Arc<Vms>, Store) {
 }
 
 /// (action, outcome, error) of every audit row.
-fn audit(store: &Store) -> Vec<(String, String, Option<String>)> {
+pub(super) fn audit(store: &Store) -> Vec<(String, String, Option<String>)> {
     store
         .with(|c| {
             let mut st = c.prepare("SELECT action, outcome, error FROM audit_log ORDER BY id")?;
@@ -116,13 +116,13 @@ async fn a_vm_being_created_shows_as_creating_and_reads_do_not_wait_for_it() {
     assert!(vms.status(&name).await.unwrap_err().is_not_found());
 }
 
-fn vm(name: &str) -> VmName {
+pub(super) fn vm(name: &str) -> VmName {
     name.parse().unwrap()
 }
 
 /// A service whose VMs never touch the host's taps (`local: false`: the test driver's
 /// domains have made-up interfaces), creating the guests the test driver offers.
-fn remote_service() -> (Arc<Vms>, Store) {
+pub(super) fn remote_service() -> (Arc<Vms>, Store) {
     let store = Store::open_in_memory().unwrap();
     let lv = Libvirt::new("test:///default", Duration::from_secs(30));
     let cfg = VmConfig {
@@ -138,7 +138,7 @@ fn remote_service() -> (Arc<Vms>, Store) {
 
 /// A VM as a create leaves it, made directly (the test driver cannot upload a seed):
 /// its row with seed inputs, its disk and seed volumes in the pool; no domain.
-async fn planted(vms: &Vms, store: &Store, name: &str, mac: &str) -> VmRow {
+pub(super) async fn planted(vms: &Vms, store: &Store, name: &str, mac: &str) -> VmRow {
     let row = VmRow {
         uuid: uuid::Uuid::new_v4().to_string(),
         disk_volume: storage::disk_volume(name),
@@ -163,7 +163,7 @@ async fn planted(vms: &Vms, store: &Store, name: &str, mac: &str) -> VmRow {
 }
 
 /// Whether libvirt has the domain, and whether it runs.
-async fn domain(vms: &Vms, name: &str) -> Option<bool> {
+pub(super) async fn domain(vms: &Vms, name: &str) -> Option<bool> {
     let n = name.to_string();
     vms.lv
         .call(move |conn| Ok(lookup(conn, &n)?.map(|d| d.is_active().unwrap())))
@@ -401,6 +401,21 @@ async fn a_create_libvirt_refuses_half_way_leaves_nothing_behind() {
     )
     .await;
     assert!(left.is_empty(), "{left:?}");
+    // Its address was pinned before libvirt refused: the DHCP host entry went too.
+    let entries = vms
+        .lv
+        .call(|conn| {
+            let net = crate::vm::dhcp_hosts::network(conn, "default")?;
+            crate::vm::dhcp_hosts::subnets(&net)
+        })
+        .await
+        .unwrap();
+    let named = entries
+        .iter()
+        .flat_map(|s| &s.hosts)
+        .filter(|h| h.name.as_deref() == Some("half-a"))
+        .count();
+    assert_eq!(named, 0, "{entries:?}");
     assert!(vms.status(&vm("half-a")).await.unwrap_err().is_not_found());
     drop(vms.claim("half-a").await.expect("the name is free"));
 }

@@ -11,11 +11,13 @@
 //! `write.rs` makes the documents the agent sends (domain, pool, volume); `read.rs` reads
 //! back what libvirt returns (a domain's facts, a pool's path, the host's capabilities).
 
+mod network;
 mod read;
 mod write;
 
+pub use network::{DhcpHost, NetIpv4, parse_network};
 pub use read::{DomainFacts, XmlError, guest_support, parse_domain, pool_path};
-pub use write::{ARCHES, DomainSpec, domain, pool, volume};
+pub use write::{ARCHES, DomainSpec, dhcp_host, domain, pool, volume};
 
 /// Namespace of the agent's element in a domain's `<metadata>`.
 pub const METADATA_NS: &str = "https://github.com/node-vm-agent/xmlns/vm/1";

@@ -138,7 +138,7 @@ fn resolve_ref(r: &BytesRef<'_>) -> Result<Cow<'static, str>, XmlError> {
 }
 
 /// Value of the unprefixed attribute `key`, unescaped.
-fn attr(start: &BytesStart<'_>, key: &str) -> Result<Option<String>, XmlError> {
+pub(super) fn attr(start: &BytesStart<'_>, key: &str) -> Result<Option<String>, XmlError> {
     for a in start.attributes() {
         let a = a.map_err(|e| XmlError(e.to_string()))?;
         if a.key.prefix().is_none() && a.key.local_name().as_ref() == key {

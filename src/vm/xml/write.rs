@@ -283,3 +283,18 @@ pub fn volume(
         Ok(())
     })
 }
+
+/// `<host mac= name= ip=/>`: one DHCP host entry of a network, as `virNetworkUpdate`
+/// takes it (section `IP_DHCP_HOST`). `ip` is omitted when `None` (a delete matches on
+/// the attributes given).
+pub fn dhcp_host(mac: &str, name: Option<&str>, ip: Option<std::net::Ipv4Addr>) -> String {
+    let ip = ip.map(|i| i.to_string());
+    let mut attrs = vec![("mac", mac)];
+    if let Some(n) = name {
+        attrs.push(("name", n));
+    }
+    if let Some(i) = &ip {
+        attrs.push(("ip", i.as_str()));
+    }
+    render(|w| empty_el(w, "host", &attrs))
+}
