@@ -104,7 +104,7 @@ fn write_rows(store: &Store, maps: &[PortMap]) {
     store
         .transaction(|tx| {
             for m in maps {
-                portmaps::upsert(tx, &PortRule::from(*m), "bench")?;
+                portmaps::upsert(tx, &PortRule::from(*m), None, "bench")?;
             }
             Ok::<_, StoreError>(())
         })

@@ -1,5 +1,4 @@
--- Per-map source allow-lists (issue 13). File 0008: 0007 is taken by another branch;
--- the number in MIGRATIONS decides the schema version.
+-- Per-map source allow-lists (issue 13).
 -- One row per allowed network, as the client's list after normalisation (no host bits,
 -- none inside another). No rows: the map is open to every source, as before.
 CREATE TABLE port_map_allow (

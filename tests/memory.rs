@@ -54,7 +54,7 @@ fn seed(agent: &Agent) {
                     target_ip: VM_IP,
                     target_port: 1 + i % 1000,
                 };
-                portmaps::upsert(tx, &map.into(), "test")?;
+                portmaps::upsert(tx, &map.into(), None, "test")?;
             }
             Ok::<_, StoreError>(())
         })

@@ -189,11 +189,27 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     assert_eq!(r.status, 200, "{r:?}");
     let body = e.via_node_port(18080, "/hostname");
     assert_eq!(body.trim(), "tiny1");
-    // The VM's status lists the map to its address.
+    // So does a map that names the VM: it goes to the pinned address.
+    let r = api.post(
+        "/ports",
+        &json!({"listen_port": 18081, "target_vm": "tiny1", "target_port": 80}),
+    );
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["rule"]["target_ip"], ip.to_string());
+    assert_eq!(e.via_node_port(18081, "/hostname").trim(), "tiny1");
+    // Its counters saw that request: at least one connection, packets both ways.
+    let one = api.get("/ports/18081").json()["rule"].clone();
+    assert_eq!(one["target_vm"], "tiny1", "{one}");
+    assert!(one["connections"].as_u64() >= Some(1), "{one}");
+    assert!(one["packets"].as_u64() >= Some(4), "{one}");
+    assert!(one["bytes"].as_u64() > one["packets"].as_u64(), "{one}");
+    // The VM's status lists both maps to its address.
     let maps = api.get("/vms/tiny1/status").json()["status"]["port_maps"].clone();
-    assert_eq!(maps.as_array().map(Vec::len), Some(1), "{maps}");
+    assert_eq!(maps.as_array().map(Vec::len), Some(2), "{maps}");
     assert_eq!(maps[0]["rule_id"], "18080", "{maps}");
     assert_eq!(maps[0]["target_ip"], ip.to_string(), "{maps}");
+    assert_eq!(maps[1]["rule_id"], "18081", "{maps}");
+    assert_eq!(maps[1]["target_vm"], "tiny1", "{maps}");
 
     // Listed as the agent's, next to a domain someone else defined.
     let foreign = e.scratch.path("foreign.xml");
@@ -343,6 +359,7 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     assert_eq!(r.json()["ip"], ip.to_string());
     let body = e.via_node_port(18080, "/instance-id");
     assert_eq!(body.trim(), new_id);
+    assert_eq!(e.via_node_port(18081, "/instance-id").trim(), new_id);
     assert_eq!(e.guest_http(ip, "/user-data"), raw);
 
     // Someone deletes the running VM's seed volume: the next boot needs it, so
@@ -403,8 +420,39 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         raw.trim_end()
     );
 
+    // Recreated at another address of the range: the map naming the VM follows it (an
+    // audit row says so); a map to the old address would not, so that one goes first.
+    assert_eq!(api.delete("/ports/18080").status, 200);
+    // From the top of the range, where the agents of the tests beside this one (which
+    // share the network and pick from the bottom) are not.
+    let hosts = virsh(&["net-dumpxml", "default"]);
+    let [a, b, c, _] = ip.octets();
+    let moved_to = (200..=250u8)
+        .rev()
+        .map(|d| Ipv4Addr::new(a, b, c, d))
+        .find(|m| !hosts.contains(&format!("ip='{m}'")))
+        .expect("a free address at the top of the range");
+    let mut third = tiny_vm("tiny1", &kernel, &initrd);
+    third["recreate"] = json!(true);
+    third["ip"] = json!(moved_to.to_string());
+    let r = api.post("/vms", &third);
+    assert_eq!(r.status, 200, "{r:?}");
+    assert_eq!(r.json()["ip"], moved_to.to_string());
+    let third_id = r.json()["instance_id"].as_str().unwrap().to_owned();
+    e.wait_ready("tiny1", 1);
+    assert_eq!(e.via_node_port(18081, "/instance-id").trim(), third_id);
+    let listed = api.get("/ports").json()["rules"]["18081"].clone();
+    assert_eq!(listed["target_ip"], moved_to.to_string(), "{listed}");
+    assert_eq!(listed["target_vm"], "tiny1", "{listed}");
+    assert_eq!(
+        e.agent
+            .sql("select count(*) from audit_log where action = 'POST /ports (VM readdressed)'")
+            .trim(),
+        "1"
+    );
+
     // Delete with files: domain, disk, seed and console go, and so does the port map
-    // that pointed at the VM's address.
+    // that named the VM.
     let r = api.delete("/vms/tiny1?delete_files=true");
     assert_eq!(r.status, 200, "{r:?}");
     assert_eq!(r.json()["deleted_files"], true);

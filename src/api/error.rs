@@ -80,7 +80,10 @@ impl From<PortMapError> for ApiError {
         }
         let status = match &e {
             PortMapError::Policy(_) => StatusCode::FORBIDDEN,
-            PortMapError::Conflict { .. } => StatusCode::CONFLICT,
+            PortMapError::Conflict { .. }
+            | PortMapError::VmWithoutAddress(_)
+            | PortMapError::VmMoved(_) => StatusCode::CONFLICT,
+            PortMapError::UnknownVm(_) => StatusCode::NOT_FOUND,
             // The kernel drifted from the database: a reconcile repairs it, so the client
             // may try again; anything else the kernel says is the node's fault.
             PortMapError::Drifted { .. } => StatusCode::SERVICE_UNAVAILABLE,

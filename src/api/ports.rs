@@ -14,7 +14,7 @@ use super::audit::{AuditedResponse, Draft};
 use super::body::{self, port};
 use super::error::ApiError;
 use super::{AppState, Identity};
-use crate::model::{AllowList, PortMap, PortRule, Proto};
+use crate::model::{AllowList, PortMap, PortRule, Proto, VmName};
 use crate::portmap::CreateOutcome;
 
 /// Body of `POST /ports`.
@@ -24,9 +24,14 @@ pub struct CreatePortMap {
     /// Node port, 1..65535 (a string of digits is accepted too).
     #[schema(schema_with = super::doc::port)]
     pub listen_port: u16,
-    /// VM address; must lie in VM_SUBNET (or ALLOWED_TARGETS).
+    /// VM address; must lie in VM_SUBNET (or ALLOWED_TARGETS). Give this or `target_vm`.
     #[schema(schema_with = super::doc::ipv4)]
-    pub target_ip: Ipv4Addr,
+    pub target_ip: Option<Ipv4Addr>,
+    /// A VM of this agent by name, instead of `target_ip`: the map goes to the VM's
+    /// pinned address (for a VM from before pinned addresses: its last seen one), follows
+    /// it through a recreate, and is removed with it. Unknown VM: 404.
+    #[schema(value_type = Option<String>, example = "web1")]
+    pub target_vm: Option<VmName>,
     /// VM port, 1..65535.
     #[schema(schema_with = super::doc::port)]
     pub target_port: u16,
@@ -53,7 +58,10 @@ pub struct CreatePortMap {
 #[serde(deny_unknown_fields)]
 struct RawCreate {
     listen_port: serde_json::Value,
-    target_ip: serde_json::Value,
+    #[serde(default)]
+    target_ip: Option<serde_json::Value>,
+    #[serde(default)]
+    target_vm: Option<serde_json::Value>,
     target_port: serde_json::Value,
     #[serde(default)]
     proto: Option<serde_json::Value>,
@@ -61,6 +69,31 @@ struct RawCreate {
     replace: Option<serde_json::Value>,
     #[serde(default)]
     allow_from: Option<serde_json::Value>,
+}
+
+/// `target_ip` or `target_vm`, exactly one of them (`null` counts as absent).
+fn target(
+    ip: Option<&serde_json::Value>,
+    vm: Option<&serde_json::Value>,
+) -> Result<(Option<Ipv4Addr>, Option<VmName>), String> {
+    match (ip.filter(|v| !v.is_null()), vm.filter(|v| !v.is_null())) {
+        (Some(_), Some(_)) => Err("give target_ip or target_vm, not both".into()),
+        (None, None) => Err("missing field `target_ip` (or `target_vm`, a VM's name)".into()),
+        // As written: an address with whitespace around it (" 10.0.0.5\n") is refused,
+        // not trimmed into a different string from the one that was sent.
+        (Some(serde_json::Value::String(s)), None) => s
+            .parse::<Ipv4Addr>()
+            .map(|ip| (Some(ip), None))
+            .map_err(|_| {
+                format!("target_ip must be an IPv4 address like \"192.168.122.50\", not {s:?}")
+            }),
+        (Some(other), None) => Err(format!("target_ip must be a string, not {other}")),
+        (None, Some(serde_json::Value::String(s))) => s
+            .parse::<VmName>()
+            .map(|n| (None, Some(n)))
+            .map_err(|e| format!("target_vm: {e}")),
+        (None, Some(other)) => Err(format!("target_vm must be a VM's name, not {other}")),
+    }
 }
 
 /// `allow_from` as sent: `null`, or an array of strings.
@@ -88,14 +121,7 @@ fn allow_from(v: Option<&serde_json::Value>) -> Result<AllowList, String> {
 impl TryFrom<RawCreate> for CreatePortMap {
     type Error = String;
     fn try_from(r: RawCreate) -> Result<Self, String> {
-        let target_ip = match &r.target_ip {
-            // As written: an address with whitespace around it (" 10.0.0.5\n") is refused,
-            // not trimmed into a different string from the one that was sent.
-            serde_json::Value::String(s) => s.parse::<Ipv4Addr>().map_err(|_| {
-                format!("target_ip must be an IPv4 address like \"192.168.122.50\", not {s:?}")
-            })?,
-            other => return Err(format!("target_ip must be a string, not {other}")),
-        };
+        let (target_ip, target_vm) = target(r.target_ip.as_ref(), r.target_vm.as_ref())?;
         let proto = match &r.proto {
             None | Some(serde_json::Value::Null) => Proto::Tcp,
             // In any case, as the original took it.
@@ -110,6 +136,7 @@ impl TryFrom<RawCreate> for CreatePortMap {
         Ok(Self {
             listen_port: port("listen_port", &r.listen_port)?,
             target_ip,
+            target_vm,
             target_port: port("target_port", &r.target_port)?,
             proto,
             replace,
@@ -133,6 +160,10 @@ pub struct PortMapView {
     #[serde(skip_serializing_if = "AllowList::is_empty")]
     #[schema(value_type = Option<Vec<String>>)]
     pub allow_from: AllowList,
+    /// The VM the map names (`target_ip` is its address); absent for a map to an address.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    #[schema(value_type = Option<String>)]
+    pub target_vm: Option<VmName>,
 }
 
 impl From<PortMap> for PortMapView {
@@ -143,6 +174,7 @@ impl From<PortMap> for PortMapView {
             target_port: m.target_port,
             proto: m.proto,
             allow_from: AllowList::default(),
+            target_vm: None,
         }
     }
 }
@@ -179,6 +211,9 @@ struct ListedPortMap {
     proto: Proto,
     /// Sources allowed to connect; empty: every source.
     allow_from: Vec<String>,
+    /// The VM the map names (`target_ip` is its address now); null for a map to an
+    /// address.
+    target_vm: Option<String>,
     created_at: String,
     updated_at: String,
     created_by: String,
@@ -236,7 +271,8 @@ pub struct CreatedPortMap {
         (status = 200, description = "Created, unchanged (same map again) or replaced", body = CreatedPortMap),
         (status = 400, description = "Malformed or invalid body", body = super::ErrorBody),
         (status = 403, description = "Reserved listen port or target outside the VM networks", body = super::ErrorBody),
-        (status = 409, description = "Listen port mapped elsewhere and `replace` not set", body = super::ErrorBody),
+        (status = 404, description = "`target_vm` names no VM", body = super::ErrorBody),
+        (status = 409, description = "Listen port mapped elsewhere (or to another allow-list or VM) and `replace` not set; or the VM named has no known address yet (created before pinned addresses, no lease seen)", body = super::ErrorBody),
         (status = 500, description = "The kernel refused; nothing changed", body = super::ErrorBody),
         (status = 503, description = "The kernel had drifted from the database (table or map deleted behind the agent's back) and rewriting it failed; nothing changed: a reconcile is due, try again. Also: the agent is at its connection cap", body = super::ErrorBody),
     ),
@@ -249,24 +285,35 @@ pub async fn create(
     body: Bytes,
 ) -> Result<AuditedResponse<Json<CreatedPortMap>>, ApiError> {
     let req: CreatePortMap = body::json(&body)?;
-    let map = PortMap {
-        proto: req.proto,
-        listen_port: req.listen_port,
-        target_ip: req.target_ip,
-        target_port: req.target_port,
-    };
-    let rule = PortRule {
-        map,
-        allow_from: req.allow_from,
-    };
-    let view: PortMapView = rule.clone().into();
+    let req_vm = req.target_vm.clone();
     let svc = state.portmaps.clone();
     let by = identity.0.as_str().to_string();
     let entry = draft.accepted(StatusCode::OK);
-    let outcome = state
+    let (outcome, rule) = state
         .store
-        .run(move |_| svc.create(rule, req.replace, &by, Some(&entry)))
+        .run(move |_| {
+            let vm = req.target_vm.as_ref().map(VmName::as_str);
+            // Parsing left exactly one of the two.
+            let target_ip = match req.target_ip {
+                Some(ip) => ip,
+                None => svc.vm_address(vm.unwrap_or_default())?,
+            };
+            let rule = PortRule {
+                map: PortMap {
+                    proto: req.proto,
+                    listen_port: req.listen_port,
+                    target_ip,
+                    target_port: req.target_port,
+                },
+                allow_from: req.allow_from,
+            };
+            let outcome = svc.create_naming(rule.clone(), vm, req.replace, &by, Some(&entry))?;
+            Ok::<_, crate::portmap::PortMapError>((outcome, rule))
+        })
         .await?;
+    let map = rule.map;
+    let mut view: PortMapView = rule.into();
+    view.target_vm = req_vm;
     let (result, previous) = match outcome {
         CreateOutcome::Created => ("created", None),
         CreateOutcome::Unchanged => ("unchanged", None),

@@ -223,6 +223,7 @@ async fn create_list_replace_delete() {
         json!({"listen_port": 8080, "target_ip": "192.168.122.51", "target_port": 80, "proto": "tcp",
                "rule_id": "8080", "created_at": v["rules"]["8080"]["created_at"],
                "updated_at": v["rules"]["8080"]["updated_at"], "created_by": "token", "updated_by": "token",
+               "target_vm": null,
                "allow_from": [], "packets": 0, "bytes": 0, "connections": 0, "drops": 0})
     );
     assert_eq!(v["rules"]["8080/udp"]["target_port"], 53);
@@ -1607,4 +1608,81 @@ async fn allow_from_is_checked_stored_and_shown_and_one_map_is_read_by_its_port(
     assert_eq!(s, StatusCode::BAD_REQUEST, "{v}");
     let (s, _) = h.call("GET", "/ports/2222", None, None).await;
     assert_eq!(s, StatusCode::UNAUTHORIZED);
+}
+
+#[tokio::test]
+async fn a_map_naming_a_vm_goes_to_its_pinned_address_and_bad_targets_are_4xx() {
+    let h = harness();
+    let row = crate::store::vms::VmRow {
+        pinned_ip: Some("192.168.122.77".into()),
+        ..crate::store::vms::test_row("web1", "52:54:00:00:77:01")
+    };
+    let old = crate::store::vms::test_row("old1", "52:54:00:00:77:02");
+    h.store
+        .transaction(|tx| {
+            crate::store::vms::upsert(tx, &row, &Default::default())?;
+            crate::store::vms::upsert(tx, &old, &Default::default())
+        })
+        .unwrap();
+    let before = h.snapshot().await;
+    for (body, want, needle) in [
+        (
+            r#"{"listen_port": 2222, "target_ip": "192.168.122.77", "target_vm": "web1", "target_port": 22}"#,
+            StatusCode::BAD_REQUEST,
+            "not both",
+        ),
+        (
+            r#"{"listen_port": 2222, "target_port": 22}"#,
+            StatusCode::BAD_REQUEST,
+            "target_vm",
+        ),
+        (
+            r#"{"listen_port": 2222, "target_vm": 7, "target_port": 22}"#,
+            StatusCode::BAD_REQUEST,
+            "target_vm must be a VM's name",
+        ),
+        (
+            r#"{"listen_port": 2222, "target_vm": "bad name", "target_port": 22}"#,
+            StatusCode::BAD_REQUEST,
+            "target_vm",
+        ),
+        (
+            r#"{"listen_port": 2222, "target_vm": "nobody", "target_port": 22}"#,
+            StatusCode::NOT_FOUND,
+            "no VM named nobody",
+        ),
+        // From before pinned addresses and never seen with a lease.
+        (
+            r#"{"listen_port": 2222, "target_vm": "old1", "target_port": 22}"#,
+            StatusCode::CONFLICT,
+            "no known address",
+        ),
+    ] {
+        let (s, v) = h.authed("POST", "/ports", Some(body)).await;
+        assert_error(s, &v, want, needle);
+    }
+    assert_eq!(h.snapshot().await, before, "a refused map changes nothing");
+
+    let body =
+        r#"{"listen_port": 2222, "target_vm": "web1", "target_port": 22, "target_ip": null}"#;
+    let (s, v) = h.authed("POST", "/ports", Some(body)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert_eq!(v["rule"]["target_vm"], "web1");
+    assert_eq!(v["rule"]["target_ip"], "192.168.122.77");
+    assert_eq!(
+        h.fw.maps().unwrap().into_iter().collect::<Vec<_>>(),
+        vec![crate::model::PortMap {
+            proto: crate::model::Proto::Tcp,
+            listen_port: 2222,
+            target_ip: "192.168.122.77".parse().unwrap(),
+            target_port: 22,
+        }]
+    );
+    let (_, list) = h.authed("GET", "/ports", None).await;
+    assert_eq!(list["rules"]["2222"]["target_vm"], "web1");
+    assert_eq!(list["rules"]["2222"]["target_ip"], "192.168.122.77");
+    // An address map shows no target_vm in its answer, as before.
+    let (s, v) = h.authed("POST", "/ports", Some(GOOD)).await;
+    assert_eq!(s, StatusCode::OK, "{v}");
+    assert!(v["rule"].get("target_vm").is_none(), "{v}");
 }

@@ -91,7 +91,7 @@ pub fn import_original_state(
                         .and_then(|m| policy.check(&m).map(|_| m).map_err(|e| e.to_string()))
                     {
                         Ok(m) if portmaps::get(tx, m.proto, m.listen_port)?.is_none() => {
-                            portmaps::upsert(tx, &m.into(), "import:portmap.json")?;
+                            portmaps::upsert(tx, &m.into(), None, "import:portmap.json")?;
                             report.imported.push(m);
                         }
                         Ok(_) => report.skipped.push((id.clone(), "duplicate".into())),

@@ -28,6 +28,7 @@ const MIGRATIONS: &[&str] = &[
     include_str!("../../migrations/0006_vm_last_state_check.sql"),
     include_str!("../../migrations/0007_vm_pinned_ip.sql"),
     include_str!("../../migrations/0008_port_map_allow_from.sql"),
+    include_str!("../../migrations/0009_port_map_target_vm.sql"),
 ];
 
 /// Blocking threads that `Store::run` work may hold at once. The work serializes on the

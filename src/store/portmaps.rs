@@ -19,14 +19,17 @@ pub struct PortMapRow {
     pub map: PortMap,
     /// Sources allowed to connect; empty: everyone.
     pub allow_from: AllowList,
+    /// The VM the client named; `target_ip` is kept at its address. `None`: a map to
+    /// an address.
+    pub target_vm: Option<String>,
     pub created_at: String,
     pub updated_at: String,
     pub created_by: String,
     pub updated_by: String,
 }
 
-const COLUMNS: &str =
-    "proto, listen_port, target_ip, target_port, created_at, updated_at, created_by, updated_by";
+const COLUMNS: &str = "proto, listen_port, target_ip, target_port, created_at, updated_at, \
+    created_by, updated_by, target_vm";
 
 /// The map in a row's first four columns (proto, listen_port, target_ip, target_port).
 fn map_from_row(r: &Row<'_>) -> rusqlite::Result<PortMap> {
@@ -49,6 +52,7 @@ fn from_row(r: &Row<'_>) -> rusqlite::Result<PortMapRow> {
         updated_at: r.get(5)?,
         created_by: r.get(6)?,
         updated_by: r.get(7)?,
+        target_vm: r.get(8)?,
     })
 }
 
@@ -161,13 +165,20 @@ pub fn get(
     Ok(Some(row))
 }
 
-/// Inserts a new map or points an existing one at a new target, and sets its allow-list.
-pub fn upsert(conn: &Connection, rule: &PortRule, by: &str) -> Result<(), StoreError> {
+/// Inserts a new map or points an existing one at a new target, and sets its allow-list
+/// and the VM it names (`None`: an address).
+pub fn upsert(
+    conn: &Connection,
+    rule: &PortRule,
+    target_vm: Option<&str>,
+    by: &str,
+) -> Result<(), StoreError> {
     let map = &rule.map;
     let mut stmt = conn.prepare_cached(&format!(
-        "INSERT INTO port_maps ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, {NOW}, {NOW}, ?5, ?5)
+        "INSERT INTO port_maps ({COLUMNS}) VALUES (?1, ?2, ?3, ?4, {NOW}, {NOW}, ?5, ?5, ?6)
          ON CONFLICT (proto, listen_port) DO UPDATE SET
              target_ip = excluded.target_ip, target_port = excluded.target_port,
+             target_vm = excluded.target_vm,
              updated_at = excluded.updated_at, updated_by = excluded.updated_by"
     ))?;
     stmt.execute(params![
@@ -175,7 +186,8 @@ pub fn upsert(conn: &Connection, rule: &PortRule, by: &str) -> Result<(), StoreE
         map.listen_port,
         map.target_ip.to_string(),
         map.target_port,
-        by
+        by,
+        target_vm
     ])?;
     conn.prepare_cached("DELETE FROM port_map_allow WHERE proto = ?1 AND listen_port = ?2")?
         .execute(params![map.proto, map.listen_port])?;
@@ -186,6 +198,22 @@ pub fn upsert(conn: &Connection, rule: &PortRule, by: &str) -> Result<(), StoreE
         insert.execute(params![map.proto, map.listen_port, net.to_string()])?;
     }
     Ok(())
+}
+
+/// The maps that name `vm`, with their allow-lists, in order.
+pub fn naming(conn: &Connection, vm: &str) -> Result<Vec<PortMapRow>, StoreError> {
+    let mut stmt = conn.prepare_cached(&format!(
+        "SELECT {COLUMNS} FROM port_maps WHERE target_vm = ?1 ORDER BY proto, listen_port"
+    ))?;
+    let rows = stmt
+        .query_map([vm], from_row)?
+        .collect::<Result<Vec<_>, _>>()?;
+    rows.into_iter()
+        .map(|mut row| {
+            row.allow_from = allow_list(conn, row.map.proto, row.map.listen_port)?;
+            Ok(row)
+        })
+        .collect()
 }
 
 /// Deletes a map; true when there was one.
@@ -214,8 +242,8 @@ mod tests {
         let store = Store::open_in_memory().unwrap();
         store
             .with(|c| {
-                upsert(c, &map(8080, [10, 0, 0, 2], 80).into(), "token")?;
-                upsert(c, &map(8080, [10, 0, 0, 3], 81).into(), "other")?;
+                upsert(c, &map(8080, [10, 0, 0, 2], 80).into(), None, "token")?;
+                upsert(c, &map(8080, [10, 0, 0, 3], 81).into(), None, "other")?;
                 let row = get(c, Proto::Tcp, 8080)?.unwrap();
                 assert_eq!(row.map, map(8080, [10, 0, 0, 3], 81));
                 assert_eq!(row.created_by, "token");
@@ -249,8 +277,8 @@ mod tests {
             .with(|c| {
                 let mut rule = PortRule::from(map(8080, [10, 0, 0, 2], 80));
                 rule.allow_from = AllowList::parse(&["192.0.2.0/24", "10.0.0.0/8"]).unwrap();
-                upsert(c, &rule, "token")?;
-                upsert(c, &map(9090, [10, 0, 0, 2], 90).into(), "token")?;
+                upsert(c, &rule, None, "token")?;
+                upsert(c, &map(9090, [10, 0, 0, 2], 90).into(), None, "token")?;
                 assert_eq!(
                     get(c, Proto::Tcp, 8080)?.unwrap().allow_from,
                     rule.allow_from
@@ -261,7 +289,7 @@ mod tests {
                 assert_eq!(list(c)?[0].allow_from, rule.allow_from);
 
                 rule.allow_from = AllowList::parse(&["198.51.100.7"]).unwrap();
-                upsert(c, &rule, "token")?;
+                upsert(c, &rule, None, "token")?;
                 assert_eq!(list_rules(c)?[0], rule);
                 assert!(delete(c, Proto::Tcp, 8080)?);
                 let left: i64 =

@@ -110,6 +110,20 @@ pub fn pinned_ip(conn: &Connection, name: &str) -> Result<Option<Ipv4Addr>, Stor
     Ok(ip.flatten().and_then(|i| i.parse().ok()))
 }
 
+/// Where port maps that name VM `name` go: `None` when there is no such VM; else its
+/// pinned address, or, for a VM from before pinning, the last address the agent saw
+/// (`Some(None)`: none yet).
+pub fn map_address(conn: &Connection, name: &str) -> Result<Option<Option<Ipv4Addr>>, StoreError> {
+    let row: Option<(Option<String>, Option<String>)> = conn
+        .query_row(
+            "SELECT pinned_ip, last_ip FROM vms WHERE name = ?1",
+            [name],
+            |r| Ok((r.get(0)?, r.get(1)?)),
+        )
+        .optional()?;
+    Ok(row.map(|(pinned, last)| pinned.or(last).and_then(|i| i.parse().ok())))
+}
+
 /// The MAC of every VM.
 pub fn macs(conn: &Connection) -> Result<Vec<String>, StoreError> {
     let mut stmt = conn.prepare_cached("SELECT mac FROM vms")?;

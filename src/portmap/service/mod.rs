@@ -18,6 +18,8 @@ use crate::store::audit::{self, Entry, Outcome};
 use crate::store::portmaps::{self, PortMapRow};
 use crate::store::{Store, StoreError};
 
+mod naming;
+
 /// One rule of the `GET /ports` listing: the row, its id and its counters.
 #[derive(serde::Serialize)]
 struct RuleView<'a> {
@@ -66,6 +68,19 @@ pub enum PortMapError {
     /// The kernel's state could not be read (a comparison, which changes nothing).
     #[error("cannot read the kernel's nftables state: {0}")]
     Read(FirewallError),
+    /// `target_vm` names no VM.
+    #[error("no VM named {0}")]
+    UnknownVm(String),
+    /// The VM named has no address to map to yet: it was created before pinned
+    /// addresses and no lease of it has been seen.
+    #[error(
+        "VM {0} has no known address yet (created before pinned addresses, no lease seen): \
+         try again once GET /vms/{0}/ip answers"
+    )]
+    VmWithoutAddress(String),
+    /// The VM named got another address while the map was being made.
+    #[error("VM {0} changed its address while the map was being made; try again")]
+    VmMoved(String),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
@@ -140,7 +155,20 @@ impl PortMaps {
         by: &str,
         audit: Option<&Entry>,
     ) -> Result<CreateOutcome, PortMapError> {
-        let rule = rule.into();
+        self.create_naming(rule.into(), None, replace, by, audit)
+    }
+
+    /// [`PortMaps::create`] of a map that names VM `target_vm` (`rule`'s target is its
+    /// address, from [`PortMaps::vm_address`]; checked again in the transaction). A
+    /// different `target_vm` for the same map is a replace too.
+    pub fn create_naming(
+        &self,
+        rule: PortRule,
+        target_vm: Option<&str>,
+        replace: bool,
+        by: &str,
+        audit: Option<&Entry>,
+    ) -> Result<CreateOutcome, PortMapError> {
         let map = rule.map;
         self.policy.check(&map)?;
         if self.fw.is_local_address(map.target_ip)? {
@@ -150,8 +178,15 @@ impl PortMaps {
             .into());
         }
         let outcome = self.store.transaction(|tx| {
+            if let Some(vm) = target_vm {
+                self.check_vm_address(tx, vm, map.target_ip)?;
+            }
             let outcome = match portmaps::get(tx, map.proto, map.listen_port)? {
-                Some(row) if row.map == map && row.allow_from == rule.allow_from => {
+                Some(row)
+                    if row.map == map
+                        && row.allow_from == rule.allow_from
+                        && row.target_vm.as_deref() == target_vm =>
+                {
                     audit::record_opt(tx, audit)?;
                     return Ok(CreateOutcome::Unchanged);
                 }
@@ -170,7 +205,7 @@ impl PortMaps {
                 },
                 None => CreateOutcome::Created,
             };
-            portmaps::upsert(tx, &rule, by)?;
+            portmaps::upsert(tx, &rule, target_vm, by)?;
             audit::record_opt(tx, audit)?;
             // The kernel goes last: if it refuses, the transaction rolls back.
             self.change_kernel(tx, || match &outcome {
@@ -230,18 +265,26 @@ impl PortMaps {
         }
     }
 
-    /// Removes every map that targets one of `targets`: one SQLite transaction holding
-    /// each map's audit row (`audit` says it), one kernel transaction. Returns the maps
-    /// removed.
+    /// Removes every map that targets one of `targets` or names VM `vm`: one SQLite
+    /// transaction holding each map's audit row (`audit` says it), one kernel
+    /// transaction. Returns the maps removed.
     pub fn delete_targeting(
         &self,
         targets: &[std::net::Ipv4Addr],
+        vm: Option<&str>,
         audit: impl Fn(&PortMap) -> Entry,
     ) -> Result<Vec<PortMap>, PortMapError> {
         let deleted = self.store.transaction(|tx| {
-            let gone: Vec<PortRule> = portmaps::list_rules(tx)?
+            let gone: Vec<PortRule> = portmaps::list(tx)?
                 .into_iter()
-                .filter(|r| targets.contains(&r.map.target_ip))
+                .filter(|r| {
+                    targets.contains(&r.map.target_ip)
+                        || vm.is_some_and(|v| r.target_vm.as_deref() == Some(v))
+                })
+                .map(|r| PortRule {
+                    map: r.map,
+                    allow_from: r.allow_from,
+                })
                 .collect();
             if gone.is_empty() {
                 return Ok(Vec::new());

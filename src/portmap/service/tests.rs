@@ -71,7 +71,7 @@ fn the_maps_of_a_target_go_in_one_transaction_with_their_audit_rows_or_not_at_al
     // The kernel refuses: nothing changes anywhere.
     fw.fail_next("Operation not permitted");
     assert!(
-        svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 5)], entry)
+        svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 5)], None, entry)
             .is_err()
     );
     assert_eq!(stored(&svc), vec![a, c, b]);
@@ -79,14 +79,14 @@ fn the_maps_of_a_target_go_in_one_transaction_with_their_audit_rows_or_not_at_al
     assert_eq!(audit_rows(&svc), 0);
 
     let gone = svc
-        .delete_targeting(&[Ipv4Addr::new(10, 0, 0, 5)], entry)
+        .delete_targeting(&[Ipv4Addr::new(10, 0, 0, 5)], None, entry)
         .unwrap();
     assert_eq!(gone, vec![a, b]);
     assert_eq!(stored(&svc), vec![c]);
     assert_eq!(kernel(&fw), vec![c]);
     assert_eq!(audit_rows(&svc), 2);
     assert!(
-        svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 9)], entry)
+        svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 9)], None, entry)
             .unwrap()
             .is_empty()
     );
@@ -263,7 +263,7 @@ fn a_change_to_a_table_deleted_behind_the_agents_back_repairs_it_first() {
     );
     assert_eq!(kernel(&fw), vec![c2, b]);
     fw.wipe();
-    svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 2)], |_| Entry {
+    svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 2)], None, |_| Entry {
         client_addr: None,
         identity: "agent".into(),
         action: "DELETE (VM deleted)".into(),
@@ -410,4 +410,155 @@ fn counters_are_listed_and_read_for_one_map_and_a_replace_resets_them() {
         svc.get(Proto::Udp, 5353).unwrap().unwrap().1,
         crate::model::MapCounters::default()
     );
+}
+
+/// A VM row in the service's store, pinned to 10.0.0.`host` (`None`: a VM from before
+/// pinned addresses, with its last seen address `last`).
+fn plant_vm(svc: &PortMaps, name: &str, pinned: Option<u8>, last: Option<u8>) {
+    let ip = |h: Option<u8>| h.map(|h| format!("10.0.0.{h}"));
+    let row = crate::store::vms::VmRow {
+        pinned_ip: ip(pinned),
+        last_ip: ip(last),
+        ..crate::store::vms::test_row(
+            name,
+            &format!(
+                "52:54:00:00:{:02x}:{:02x}",
+                name.as_bytes()[0],
+                name.as_bytes()[1]
+            ),
+        )
+    };
+    svc.store()
+        .transaction(|tx| crate::store::vms::upsert(tx, &row, &Default::default()))
+        .unwrap();
+}
+
+fn naming(svc: &PortMaps, vm: &str, port: u16) -> Result<CreateOutcome, PortMapError> {
+    let ip = svc.vm_address(vm)?;
+    svc.create_naming(
+        map(Proto::Tcp, port, ip.octets()[3], 80).into(),
+        Some(vm),
+        false,
+        "t",
+        None,
+    )
+}
+
+#[test]
+fn a_map_naming_a_vm_goes_to_its_pinned_address_and_is_stored_by_name() {
+    let (svc, fw) = setup();
+    plant_vm(&svc, "web1", Some(7), Some(9));
+    plant_vm(&svc, "old1", None, Some(9));
+    plant_vm(&svc, "new1", None, None);
+    assert_eq!(naming(&svc, "web1", 2222).unwrap(), CreateOutcome::Created);
+    // A VM from before pinning: its last seen address; none seen yet: 409, nothing made.
+    naming(&svc, "old1", 2223).unwrap();
+    assert!(matches!(
+        naming(&svc, "new1", 2224),
+        Err(PortMapError::VmWithoutAddress(_))
+    ));
+    assert!(matches!(
+        naming(&svc, "nobody", 2225),
+        Err(PortMapError::UnknownVm(_))
+    ));
+    assert_eq!(
+        kernel(&fw),
+        vec![map(Proto::Tcp, 2222, 7, 80), map(Proto::Tcp, 2223, 9, 80)]
+    );
+    let rows = svc.list().unwrap();
+    assert_eq!(rows[0].target_vm.as_deref(), Some("web1"));
+    assert_eq!(rows[1].target_vm.as_deref(), Some("old1"));
+    // The same again is unchanged; the same address without the name is a change.
+    assert_eq!(
+        naming(&svc, "web1", 2222).unwrap(),
+        CreateOutcome::Unchanged
+    );
+    assert!(matches!(
+        svc.create(map(Proto::Tcp, 2222, 7, 80), false, "t", None),
+        Err(PortMapError::Conflict { .. })
+    ));
+}
+
+#[test]
+fn a_create_whose_vm_moved_meanwhile_changes_nothing() {
+    let (svc, fw) = setup();
+    plant_vm(&svc, "web1", Some(7), None);
+    let ip = svc.vm_address("web1").unwrap();
+    // Recreated with another address between the lookup and the transaction.
+    plant_vm(&svc, "web1", Some(8), None);
+    let r = svc.create_naming(
+        map(Proto::Tcp, 2222, ip.octets()[3], 80).into(),
+        Some("web1"),
+        false,
+        "t",
+        None,
+    );
+    assert!(matches!(r, Err(PortMapError::VmMoved(_))), "{r:?}");
+    assert!(kernel(&fw).is_empty());
+    assert!(svc.list().unwrap().is_empty());
+}
+
+#[test]
+fn maps_naming_a_vm_follow_its_new_address_and_go_with_it() {
+    let (svc, fw) = setup();
+    plant_vm(&svc, "web1", Some(7), None);
+    naming(&svc, "web1", 2222).unwrap();
+    svc.create(map(Proto::Tcp, 8080, 7, 80), false, "t", None)
+        .unwrap();
+    svc.create(map(Proto::Tcp, 9090, 6, 80), false, "t", None)
+        .unwrap();
+    let audit = |old: &PortMap, new: &PortMap| Entry {
+        client_addr: None,
+        identity: "agent".into(),
+        action: "POST /ports (VM readdressed)".into(),
+        parameters: Some(format!("{} -> {}", old.target_ip, new.target_ip)),
+        outcome: audit::Outcome::Ok,
+        status: None,
+        error: None,
+    };
+    // Same address: nothing moves.
+    assert!(svc.follow_vm("web1", audit).unwrap().is_empty());
+    // Recreated at .8: the map naming it follows; the map to its old address does not.
+    plant_vm(&svc, "web1", Some(8), None);
+    assert_eq!(
+        svc.follow_vm("web1", audit).unwrap(),
+        vec![map(Proto::Tcp, 2222, 8, 80)]
+    );
+    assert_eq!(
+        kernel(&fw),
+        vec![
+            map(Proto::Tcp, 2222, 8, 80),
+            map(Proto::Tcp, 8080, 7, 80),
+            map(Proto::Tcp, 9090, 6, 80)
+        ]
+    );
+    assert_eq!(stored(&svc), kernel(&fw));
+    let moved: String = svc
+        .store()
+        .with(|c| {
+            Ok::<_, crate::store::StoreError>(c.query_row(
+                "SELECT parameters FROM audit_log WHERE action = 'POST /ports (VM readdressed)'",
+                [],
+                |r| r.get(0),
+            )?)
+        })
+        .unwrap();
+    assert_eq!(moved, "10.0.0.7 -> 10.0.0.8");
+    // Deleted: the map naming it goes by name, the one to its old address by address.
+    let gone = svc
+        .delete_targeting(&[Ipv4Addr::new(10, 0, 0, 7)], Some("web1"), |m| Entry {
+            client_addr: None,
+            identity: "agent".into(),
+            action: format!("DELETE /ports/{} (VM deleted)", m.listen_port),
+            parameters: None,
+            outcome: audit::Outcome::Ok,
+            status: None,
+            error: None,
+        })
+        .unwrap();
+    assert_eq!(
+        gone,
+        vec![map(Proto::Tcp, 2222, 8, 80), map(Proto::Tcp, 8080, 7, 80)]
+    );
+    assert_eq!(kernel(&fw), vec![map(Proto::Tcp, 9090, 6, 80)]);
 }

@@ -351,6 +351,9 @@ impl Vms {
             return Err(e.into());
         }
         tracing::info!(vm = %row.name, uuid = %row.uuid, mac = %row.mac, recreated, "VM created");
+        if recreated {
+            self.follow_port_maps(&row.name).await;
+        }
         Ok(Created {
             name: row.name,
             uuid: row.uuid,

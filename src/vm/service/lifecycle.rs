@@ -265,7 +265,52 @@ impl Vms {
         })
     }
 
-    /// Removes the port maps that target the deleted VM's addresses: one call of the
+    /// Moves the port maps that name a recreated VM to its address, if the recreate gave
+    /// it another (an `ip` of its own). A failure is logged: the VM is there either way,
+    /// and the maps keep their old target until the next recreate or a replace.
+    pub(super) async fn follow_port_maps(&self, vm: &str) {
+        let Some(pm) = self.portmaps.clone() else {
+            return;
+        };
+        let name = vm.to_string();
+        let moved = tokio::task::spawn_blocking(move || {
+            pm.follow_vm(&name, |old, new| audit::Entry {
+                client_addr: None,
+                identity: "agent".into(),
+                action: "POST /ports (VM readdressed)".into(),
+                parameters: Some(
+                    serde_json::json!({
+                        "vm": name,
+                        "listen_port": new.listen_port,
+                        "proto": new.proto.to_string(),
+                        "from": format!("{}:{}", old.target_ip, old.target_port),
+                        "target": format!("{}:{}", new.target_ip, new.target_port),
+                    })
+                    .to_string(),
+                ),
+                outcome: audit::Outcome::Ok,
+                status: None,
+                error: None,
+            })
+        })
+        .await;
+        match moved {
+            Ok(Ok(maps)) if !maps.is_empty() => {
+                tracing::info!(
+                    vm,
+                    moved = maps.len(),
+                    "port maps naming the VM follow its new address"
+                )
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::error!(vm, error = %e, "could not move the port maps naming the recreated VM")
+            }
+            Err(e) => tracing::error!(vm, error = %e, "port-map follow task failed"),
+        }
+    }
+
+    /// Removes the port maps that target the deleted VM's addresses or name it: one call of the
     /// port-map service (one SQLite transaction with each map's audit row, one kernel
     /// transaction). A failure is logged; the VM is gone either way, and the maps'
     /// reconcile keeps kernel and database agreeing.
@@ -273,14 +318,11 @@ impl Vms {
         let Some(pm) = self.portmaps.clone() else {
             return Vec::new();
         };
-        if targets.is_empty() {
-            return Vec::new();
-        }
         let name = vm.to_string();
         let gone = tokio::task::spawn_blocking(move || {
             // The operator asked for the VM's deletion, not for this: the audit trail
             // says why each map went.
-            pm.delete_targeting(&targets, |m| audit::Entry {
+            pm.delete_targeting(&targets, Some(&name), |m| audit::Entry {
                 client_addr: None,
                 identity: "agent".into(),
                 action: "DELETE /ports (VM deleted)".into(),

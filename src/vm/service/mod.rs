@@ -105,6 +105,10 @@ pub struct VmPortMap {
     #[schema(format = Ipv4)]
     pub target_ip: String,
     pub target_port: u16,
+    /// The VM the map names; null for a map to the VM's address.
+    pub target_vm: Option<String>,
+    /// Sources allowed to connect; empty: every source.
+    pub allow_from: Vec<String>,
     pub created_at: String,
     pub updated_at: String,
     pub created_by: String,
@@ -121,6 +125,13 @@ impl From<crate::store::portmaps::PortMapRow> for VmPortMap {
             listen_port: r.map.listen_port,
             target_ip: r.map.target_ip.to_string(),
             target_port: r.map.target_port,
+            target_vm: r.target_vm,
+            allow_from: r
+                .allow_from
+                .networks()
+                .iter()
+                .map(|n| n.to_string())
+                .collect(),
             created_at: r.created_at,
             updated_at: r.updated_at,
             created_by: r.created_by,
@@ -297,10 +308,12 @@ impl Vms {
         let this = Arc::clone(self);
         let task = tokio::spawn(async move {
             let result = work.await;
+            // The name is free as soon as the work ended (its status already shows how):
+            // a client that saw `failed` and deletes at once must not meet the claim.
+            drop(claim);
             if flag.load(Ordering::Acquire) {
                 this.record_late_outcome(&what, result.as_ref().err()).await;
             }
-            drop(claim);
             result
         });
         (task, detached)

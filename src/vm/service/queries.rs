@@ -142,7 +142,7 @@ impl Vms {
             .flatten()
             .filter_map(|ip| ip.parse().ok())
             .collect();
-        status.port_maps = Some(self.port_maps_to(targets).await?);
+        status.port_maps = Some(self.port_maps_to(name.as_str(), targets).await?);
         Ok(status)
     }
 
@@ -222,22 +222,24 @@ impl Vms {
         }
     }
 
-    /// The port maps whose target is one of `targets`, as `GET /ports` lists them. Rows
-    /// are streamed and filtered: a node with 10,000 maps does not copy them all.
+    /// The port maps that name VM `vm` or whose target is one of `targets`, as
+    /// `GET /ports` lists them (without counters). Rows are streamed and filtered: a node
+    /// with 10,000 maps does not copy them all.
     async fn port_maps_to(
         &self,
+        vm: &str,
         targets: Vec<std::net::Ipv4Addr>,
     ) -> Result<Vec<super::VmPortMap>, VmError> {
-        if targets.is_empty() {
-            return Ok(Vec::new());
-        }
+        let vm = vm.to_owned();
         let found = self
             .store
             .run(move |s| {
                 s.with(|c| {
                     let mut out = Vec::new();
                     crate::store::portmaps::for_each(c, |r| {
-                        if targets.contains(&r.map.target_ip) {
+                        if targets.contains(&r.map.target_ip)
+                            || r.target_vm.as_deref() == Some(vm.as_str())
+                        {
                             out.push(super::VmPortMap::from(r.clone()));
                         }
                         Ok(())
