@@ -346,6 +346,14 @@ pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
+/// The map a `/ports/{listen_port}?proto=` path names.
+fn port_and_proto(listen_port: String, query: Option<&str>) -> Result<(u16, Proto), ApiError> {
+    let listen_port = port("listen_port", &serde_json::Value::String(listen_port))
+        .map_err(ApiError::bad_request)?;
+    let q: DeleteQuery = body::query(query)?;
+    Ok((listen_port, query_proto(q.proto)?))
+}
+
 /// The protocol of a `?proto=` query: `tcp` when absent, in any case.
 fn query_proto(p: Option<String>) -> Result<Proto, ApiError> {
     match p {
@@ -373,13 +381,7 @@ pub async fn get(
     Path(listen_port): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
-    let listen_port = port(
-        "listen_port",
-        &serde_json::Value::String(listen_port.clone()),
-    )
-    .map_err(ApiError::bad_request)?;
-    let q: DeleteQuery = body::query(query.as_deref())?;
-    let proto = query_proto(q.proto)?;
+    let (listen_port, proto) = port_and_proto(listen_port, query.as_deref())?;
     let svc = state.portmaps.clone();
     let found = state
         .store
@@ -433,13 +435,7 @@ pub async fn delete(
     Path(listen_port): Path<String>,
     RawQuery(query): RawQuery,
 ) -> Result<AuditedResponse<Json<DeletedPortMap>>, ApiError> {
-    let listen_port = port(
-        "listen_port",
-        &serde_json::Value::String(listen_port.clone()),
-    )
-    .map_err(ApiError::bad_request)?;
-    let q: DeleteQuery = body::query(query.as_deref())?;
-    let proto = query_proto(q.proto)?;
+    let (listen_port, proto) = port_and_proto(listen_port, query.as_deref())?;
     let svc = state.portmaps.clone();
     let entry = draft.accepted(StatusCode::OK);
     let deleted = state
