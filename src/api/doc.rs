@@ -315,6 +315,13 @@ pub fn finish(doc: &mut Value, limits: Option<&crate::vm::spec::Limits>) {
             schema["additionalProperties"] = json!(false);
         }
     }
+    // A map's target: `target_ip` or `target_vm`, exactly one given (null is absent).
+    let ports = &mut doc["components"]["schemas"]["CreatePortMap"];
+    if ports.is_object() {
+        let given =
+            |field: &str| json!({"required": [field], "properties": {field: {"type": "string"}}});
+        ports["oneOf"] = json!([given("target_ip"), given("target_vm")]);
+    }
     // `initrd` and `cmdline` (given, not null) need a `kernel` (given, not null).
     let vm = &mut doc["components"]["schemas"]["CreateVm"];
     if vm.is_object() {

@@ -30,7 +30,7 @@ pub struct CreatePortMap {
     /// A VM of this agent by name, instead of `target_ip`: the map goes to the VM's
     /// pinned address (for a VM from before pinned addresses: its last seen one), follows
     /// it through a recreate, and is removed with it. Unknown VM: 404.
-    #[schema(value_type = Option<String>, example = "web1")]
+    #[schema(schema_with = super::doc::name_or_null)]
     pub target_vm: Option<VmName>,
     /// VM port, 1..65535.
     #[schema(schema_with = super::doc::port)]
