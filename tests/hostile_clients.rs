@@ -8,7 +8,7 @@ mod support;
 
 use std::io::{Read, Write};
 use std::net::TcpStream;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use serde_json::json;
 use support::netns::in_netns;
@@ -334,7 +334,14 @@ fn a_full_disk_refuses_changes_with_507_and_leaves_database_kernel_and_libvirt_a
     kernel.sort();
     assert_eq!(kernel, want, "the kernel's map");
     assert!(!kernel.contains(&refused));
-    let vms = api.get("/vms");
+    // The test driver connects in the background: until then reads answer 503.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut vms = api.get("/vms");
+    while vms.status == 503 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        vms = api.get("/vms");
+    }
+    assert_eq!(vms.status, 200, "{vms:?}");
     let test_vm = vms.json()["vms"]
         .as_array()
         .unwrap()
