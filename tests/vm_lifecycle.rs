@@ -286,6 +286,8 @@ fn a_vm_lives_its_whole_life_through_the_api() {
     e.wait_ready("tiny1", 3);
     assert_eq!(e.state("tiny1"), "running");
 
+    twin_creates_get_different_addresses(&e, ip, &kernel, &initrd);
+
     // The image backs the VM's disk: it cannot go.
     api.delete("/images/tiny").assert_error(|s| s == 409);
 
@@ -570,6 +572,50 @@ fn a_remote_libvirtd_is_driven_through_its_uri_alone() {
     assert!(!vols.iter().any(|v| v.starts_with("vm.far1")), "{vols:?}");
     assert_eq!(api.delete("/images/tiny").status, 200);
     assert!(e.volumes().is_empty(), "{:?}", e.volumes());
+}
+
+/// Two creates at the same moment on the real libvirtd, next to a running VM pinned at
+/// `taken`: each gets its own address, and the network holds one host entry per VM.
+/// Both go again at once; so do their entries.
+fn twin_creates_get_different_addresses(e: &Env, taken: Ipv4Addr, kernel: &str, initrd: &str) {
+    let api = &e.agent.api;
+    let (a, b) = std::thread::scope(|s| {
+        let a = s.spawn(|| api.post("/vms", &tiny_vm("twin1", kernel, initrd)));
+        let b = s.spawn(|| api.post("/vms", &tiny_vm("twin2", kernel, initrd)));
+        (a.join().unwrap(), b.join().unwrap())
+    });
+    assert_eq!(a.status, 200, "{a:?}\n{}", e.agent.log());
+    assert_eq!(b.status, 200, "{b:?}\n{}", e.agent.log());
+    let ip_of = |r: &Response| -> Ipv4Addr { r.json()["ip"].as_str().unwrap().parse().unwrap() };
+    let (ip_a, ip_b) = (ip_of(&a), ip_of(&b));
+    assert_ne!(ip_a, ip_b, "two simultaneous creates got the same address");
+    assert!(![ip_a, ip_b].contains(&taken), "{ip_a} {ip_b} vs {taken}");
+    let net = virsh(&["net-dumpxml", "default"]);
+    for (name, r, ip) in [("twin1", &a, ip_a), ("twin2", &b, ip_b)] {
+        let mac = r.json()["mac"].as_str().unwrap().to_owned();
+        let entry = format!("<host mac='{mac}' name='{name}' ip='{ip}'/>");
+        assert!(net.contains(&entry), "{entry} not in\n{net}");
+        assert_eq!(
+            net.matches(&format!("ip='{ip}'")).count(),
+            1,
+            "{ip} held twice:\n{net}"
+        );
+    }
+    std::thread::scope(|s| {
+        for name in ["twin1", "twin2"] {
+            s.spawn(move || {
+                let r = api.delete(&format!("/vms/{name}"));
+                assert_eq!(r.status, 200, "DELETE {name}: {r:?}");
+            });
+        }
+    });
+    let net = virsh(&["net-dumpxml", "default"]);
+    assert!(!net.contains("twin"), "host entries left behind:\n{net}");
+    let domains = e.domains();
+    assert!(
+        !domains.iter().any(|d| d.starts_with("twin")),
+        "{domains:?}"
+    );
 }
 
 /// The tap device of `vm`'s NIC with `mac`, as libvirt reports it.
