@@ -2,8 +2,9 @@
 //!
 //! `cargo bench --bench portmap -- <which> [options]`:
 //!
-//! - `apply`    (a) 10,000 maps: SQLite rows -> `Nft::apply_all`, next to `nft -f` loading
-//!   the same ruleset, interleaved, in a private network namespace this process creates.
+//! - `apply`    (a) 10,000 maps: SQLite rows -> `Nft::apply_all` with the table already
+//!   there, into no table, every map moved, a rebuild; next to `nft -f` loading the same
+//!   ruleset, interleaved, in a private network namespace this process creates.
 //! - `seed`     writes port-map rows into `$DATA_DIR/agent.db` before the agent starts.
 //! - `post`     (b) sequential `POST /ports` on one keep-alive connection, from inside a
 //!   named namespace (`ip netns add`), timing every request.
@@ -176,7 +177,11 @@ fn nft_script(settings: &NatSettings, maps: &[PortMap]) -> String {
         let flows: Vec<String> = mine.iter().map(|m| m.listen_port.to_string()).collect();
         for (kind, decl, elems) in [
             (sets::Kind::Flows, "type inet_service\n    counter", flows),
-            (sets::Kind::Restricted, "type inet_service", vec![]),
+            (
+                sets::Kind::Restricted,
+                "type inet_service\n    flags dynamic",
+                vec![],
+            ),
             (
                 sets::Kind::Allow,
                 "type inet_service . ipv4_addr\n    flags interval",
@@ -269,26 +274,59 @@ fn apply(o: &Opts) {
     // before its " : ").
     let elements_listed = by_nft.matches(" : ").count() - Proto::ALL.len();
 
-    // Interleaved so that drift on a noisy machine hits both alike. Every run replaces
-    // an existing table of n maps (as a restart or a drift repair does).
-    let (mut read, mut apply_only, mut total, mut nft_f) = (vec![], vec![], vec![], vec![]);
-    for _ in 0..runs {
+    // The other cases, on the rules as restore reads them. `moved`: every map to
+    // another target (10,000 maps changed in place). `rebuild`: other anti-spoofing
+    // networks, so other rules: the table is built again and carries the counters.
+    let rows: Vec<PortRule> = store.with(portmaps::list_rules).expect("list");
+    let moved: Vec<PortRule> = rows
+        .iter()
+        .map(|r| {
+            let mut m = r.clone();
+            m.map.target_port += 1;
+            m
+        })
+        .collect();
+    let timed = |rules: &[PortRule]| -> f64 {
+        let t = Instant::now();
+        rt.block_on(nft.apply_all(rules)).expect("apply_all");
+        ms(t.elapsed())
+    };
+    let sources = [
+        "10.99.0.0/24".parse().unwrap(),
+        "10.98.0.0/24".parse().unwrap(),
+    ];
+
+    // Interleaved so that drift on a noisy machine hits every case alike. `total` is a
+    // restore with the table already holding these maps (what a restart does).
+    let mut runs_of: [Vec<f64>; 7] = Default::default();
+    for i in 0..runs {
+        runs_of[3].push(ms(nft_once()));
+        // nft compiles some rules otherwise (no `meta l4proto` before `tcp dport`), so
+        // the agent builds its own table again before the restore is timed.
+        timed(&rows);
         let (r, a) = agent_once();
-        read.push(ms(r));
-        apply_only.push(ms(a));
-        total.push(ms(r + a));
-        nft_f.push(ms(nft_once()));
+        runs_of[0].push(ms(r));
+        runs_of[1].push(ms(a));
+        runs_of[2].push(ms(r + a));
+        // A boot: no table yet. SQLite read included, as in `total`.
+        rt.block_on(nft.delete_table()).expect("delete table");
+        let (r, a) = agent_once();
+        runs_of[4].push(ms(r + a));
+        runs_of[5].push(timed(&moved));
+        runs_of[5].push(timed(&rows));
+        nft.set_tunnel_sources(vec![sources[i % 2]]);
+        runs_of[6].push(timed(&rows));
+        // Back to the settings of the `nft -f` file, so `total` stays a restore.
+        nft.set_tunnel_sources(vec![]);
+        timed(&rows);
     }
-    let (read, apply_only, total, nft_f) = (
-        sorted(read),
-        sorted(apply_only),
-        sorted(total),
-        sorted(nft_f),
-    );
+    let [read, apply_only, total, nft_f, empty, moved, rebuild] = runs_of.map(sorted);
     println!(
         "BENCH apply maps={n} runs={runs} total_p50_ms={:.2} total_p90_ms={:.2} total_min_ms={:.2} \
          read_p50_ms={:.2} apply_p50_ms={:.2} apply_p90_ms={:.2} nft_f_p50_ms={:.2} nft_f_p90_ms={:.2} \
-         nft_f_min_ms={:.2} first_into_empty_ms={:.2} listings_equal={equal} elements_listed={elements_listed}",
+         nft_f_min_ms={:.2} into_empty_p50_ms={:.2} into_empty_p90_ms={:.2} all_moved_p50_ms={:.2} \
+         rebuild_p50_ms={:.2} rebuild_p90_ms={:.2} first_into_empty_ms={:.2} listings_equal={equal} \
+         elements_listed={elements_listed}",
         pct(&total, 50.0),
         pct(&total, 90.0),
         total[0],
@@ -298,6 +336,11 @@ fn apply(o: &Opts) {
         pct(&nft_f, 50.0),
         pct(&nft_f, 90.0),
         nft_f[0],
+        pct(&empty, 50.0),
+        pct(&empty, 90.0),
+        pct(&moved, 50.0),
+        pct(&rebuild, 50.0),
+        pct(&rebuild, 90.0),
         ms(first_into_empty),
     );
     rt.block_on(nft.delete_table()).ok();

@@ -1005,7 +1005,7 @@ fn default_route_iface_follows_the_lowest_metric() {
 /// A rebuild keeps the counters of the maps it does not change (written into the new
 /// elements) and starts the others at zero; the counters read back in one go.
 #[test]
-fn apply_all_carries_the_counters_of_unchanged_maps() {
+fn apply_all_changes_in_place_and_a_rebuild_carries_the_counters_of_unchanged_maps() {
     in_private_netns(|| async {
         let nft = Nft::new(settings()).unwrap();
         let a = PortRule::from(pm(Proto::Tcp, 8080, [10, 200, 2, 10], 80));
@@ -1040,7 +1040,9 @@ fn apply_all_carries_the_counters_of_unchanged_maps() {
         );
         assert_eq!(counted[&(Proto::Udp, 5353)].drops, 2);
 
-        // Same rules: both keep theirs. Another allow-list for b: b starts again.
+        // Same rules: both keep theirs. Another allow-list for b: b starts again. Both
+        // in place: the table is the same table (same handle).
+        let handle = table_handle();
         nft.apply_all(&[a.clone(), b.clone()]).await.unwrap();
         assert_eq!(nft.counters().await.unwrap(), counted);
         let mut b2 = b.clone();
@@ -1051,6 +1053,44 @@ fn apply_all_carries_the_counters_of_unchanged_maps() {
         assert_eq!(after[&(Proto::Udp, 5353)], zero);
         let state = nft.read().await.unwrap().unwrap();
         assert!(state.structure_ok, "{:?}", state.problems);
-        assert!(diff(&[a, b2], Some(&state)).is_empty());
+        assert!(diff(&[a.clone(), b2.clone()], Some(&state)).is_empty());
+        assert_eq!(table_handle(), handle, "changed in place");
+
+        // Other settings (anti-spoofing networks) need other rules: the table is built
+        // again, and a's counts go with it.
+        nft.set_tunnel_sources(vec!["10.99.0.0/24".parse().unwrap()]);
+        nft.apply_all(&[a.clone(), b2.clone()]).await.unwrap();
+        assert_ne!(table_handle(), handle, "rebuilt");
+        let rebuilt = nft.counters().await.unwrap();
+        assert_eq!(rebuilt[&(Proto::Tcp, 8080)], counted[&(Proto::Tcp, 8080)]);
+        assert_eq!(rebuilt[&(Proto::Udp, 5353)], zero);
+
+        // Sets that disagree (a flow element deleted behind the agent's back) cannot
+        // be changed element by element safely: rebuilt too, the element back.
+        let handle = table_handle();
+        run(&format!(
+            "nft delete element ip {} udp_flows {{ 5353 }}",
+            ruleset::TABLE
+        ));
+        nft.apply_all(&[a.clone(), b2.clone()]).await.unwrap();
+        assert_ne!(table_handle(), handle, "rebuilt");
+        let state = nft.read().await.unwrap().unwrap();
+        assert!(diff(&[a.clone(), b2], Some(&state)).is_empty());
+        assert_eq!(
+            nft.counters().await.unwrap()[&(Proto::Tcp, 8080)],
+            counted[&(Proto::Tcp, 8080)]
+        );
     })
+}
+
+/// The kernel's handle of the agent's table: a new one means the table was built again.
+fn table_handle() -> String {
+    let listing = run(&format!("nft -a list table ip {}", ruleset::TABLE));
+    let first = listing.lines().next().unwrap_or_default();
+    first
+        .split("# handle ")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no handle in {first:?}"))
+        .trim()
+        .to_owned()
 }

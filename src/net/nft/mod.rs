@@ -30,6 +30,7 @@
 //! the same for one map or 30,000, and adding or removing one is a one-transaction
 //! change of a few elements (docs/decisions.md §22).
 
+mod apply;
 mod drift;
 mod forward;
 mod readback;
@@ -202,112 +203,6 @@ impl Nft {
             Err(poisoned) => poisoned.into_inner(),
         };
         s.tunnel_sources = nets;
-    }
-
-    /// Replaces the whole table in ONE transaction: destroy (if present), then table,
-    /// sets with every element, chains and rules. The kernel commits all or nothing, so
-    /// a refused batch leaves the previous table in place.
-    ///
-    /// A map the old table held unchanged (same target, same allow-list) keeps its
-    /// counters: they are read first and written into the new elements.
-    pub async fn apply_all(&self, rules: &[PortRule]) -> Result<(), NftError> {
-        let mut by_proto: BTreeMap<Proto, Vec<&PortRule>> = BTreeMap::new();
-        let mut seen = BTreeSet::new();
-        for r in rules {
-            if !seen.insert((r.map.proto, r.map.listen_port)) {
-                return Err(NftError::Invalid(format!(
-                    "{} port {} is mapped twice",
-                    r.map.proto, r.map.listen_port
-                )));
-            }
-            by_proto.entry(r.map.proto).or_default().push(r);
-        }
-        let carried = self.counters_to_carry(rules).await;
-
-        // The whole batch goes out in one sendmsg (nfnetlink only treats a batch
-        // atomically inside one skb), and a netlink sendmsg larger than the socket's
-        // send buffer fails with EMSGSIZE: grow the buffer to fit.
-        let allow_count: usize = rules.iter().map(|r| r.allow_from.networks().len()).sum();
-        self.ensure_send_buffer(
-            BATCH_OVERHEAD_BYTES + (rules.len() * 4 + allow_count) * ELEMENT_WIRE_BYTES,
-        )?;
-
-        let mut tx = self
-            .conn
-            .transaction()
-            .destroy_table(TABLE, FAMILY)
-            .add_table(TABLE, FAMILY);
-        for proto in Proto::ALL {
-            let mine: &[&PortRule] = by_proto.get(&proto).map(Vec::as_slice).unwrap_or_default();
-            for kind in sets::Kind::ALL {
-                let set = sets::set(kind, proto);
-                tx = tx.add_set(set.clone());
-                if kind.counted() {
-                    let items: Vec<(&PortRule, (u64, u64))> = mine
-                        .iter()
-                        .filter(|r| sets::holds(kind, r))
-                        .map(|r| {
-                            let key = (proto, r.map.listen_port);
-                            let c = carried.get(&key).map(|c| c.get(kind)).unwrap_or_default();
-                            (*r, c)
-                        })
-                        .collect();
-                    for chunk in items.chunks(sets::COUNTED_PER_MESSAGE) {
-                        tx = tx.raw(sets::counted_elements(kind, proto, chunk));
-                    }
-                } else {
-                    // One element list is a single attribute nest with a u16 length;
-                    // split across several messages of the same batch.
-                    let elements = sets::plain_elements(kind, mine);
-                    for chunk in elements.chunks(ruleset::ELEMENTS_PER_MESSAGE) {
-                        tx = tx.add_set_elements(&set, chunk);
-                    }
-                }
-            }
-        }
-        for chain in ruleset::chains(&self.settings()) {
-            tx = tx.add_chain(ruleset::chain(&chain).map_err(NftError::kernel("apply_all"))?);
-            for rule in &chain.rules {
-                tx = tx.add_rule(rule.to_rule(chain.name));
-            }
-        }
-        tx.commit(&self.conn)
-            .await
-            .map_err(NftError::kernel("apply_all"))
-    }
-
-    /// The counters of the maps the kernel holds exactly as in `rules`. A table that
-    /// cannot be read (or is not there) carries nothing over: the counts start again.
-    async fn counters_to_carry(
-        &self,
-        rules: &[PortRule],
-    ) -> BTreeMap<(Proto, u16), ElementCounters> {
-        let state = match self.read().await {
-            Ok(Some(state)) => state,
-            Ok(None) => return BTreeMap::new(),
-            Err(e) => {
-                tracing::warn!(error = %e, "cannot read the counters to keep; they start at zero");
-                return BTreeMap::new();
-            }
-        };
-        // By key, not `KernelState::rule` per map: 10,000 scans of 10,000 maps would
-        // cost more than the rewrite itself.
-        let held: BTreeMap<(Proto, u16), &PortMap> = state
-            .maps
-            .iter()
-            .map(|m| ((m.proto, m.listen_port), m))
-            .collect();
-        let none = AllowList::default();
-        rules
-            .iter()
-            .filter_map(|r| {
-                let key = (r.map.proto, r.map.listen_port);
-                let same = held.get(&key) == Some(&&r.map)
-                    && state.allow.get(&key).unwrap_or(&none) == &r.allow_from;
-                let counters = state.counters.get(&key)?;
-                same.then_some((key, *counters))
-            })
-            .collect()
     }
 
     /// Adds one map (and its allow-list) in one transaction. Fails if its listen port
@@ -506,15 +401,7 @@ fn with_elements(mut tx: Transaction, rules: &[&PortRule], op: Op) -> Transactio
         }
         for kind in sets::Kind::ALL {
             let set = sets::set(kind, proto);
-            let elements: Vec<_> = match kind {
-                sets::Kind::Ports => mine.iter().map(|r| ruleset::element(&r.map)).collect(),
-                sets::Kind::Flows | sets::Kind::Drops => mine
-                    .iter()
-                    .filter(|r| sets::holds(kind, r))
-                    .map(|r| nlink::netlink::nftables::SetElement::port(r.map.listen_port))
-                    .collect(),
-                sets::Kind::Restricted | sets::Kind::Allow => sets::plain_elements(kind, &mine),
-            };
+            let elements = sets::elements(kind, &mine);
             for chunk in elements.chunks(ruleset::ELEMENTS_PER_MESSAGE) {
                 tx = match op {
                     Op::Add => tx.add_set_elements(&set, chunk),

@@ -3,7 +3,7 @@
 //! ```text
 //! map tcp_ports      { type inet_service : ipv4_addr . inet_service; counter; }  (connections)
 //! set tcp_flows      { type inet_service; counter; }        (packets, bytes: forward chain)
-//! set tcp_restricted { type inet_service; }                 (ports with an allow-list)
+//! set tcp_restricted { type inet_service; flags dynamic; }  (ports with an allow-list)
 //! set tcp_allow      { type inet_service . ipv4_addr; flags interval; }
 //! set tcp_drops      { type inet_service; counter; }        (first packets refused)
 //! ```
@@ -90,7 +90,10 @@ pub fn set(kind: Kind, proto: Proto) -> Set {
     match kind {
         Kind::Ports => ruleset::map(proto).counter(),
         Kind::Flows | Kind::Drops => base(SetKeyType::InetService).counter(),
-        Kind::Restricted => base(SetKeyType::InetService),
+        // `flags dynamic` only to keep the kernel off its bitmap backend, which it
+        // picks for a plain 2-byte key and whose insert scans every element: 10,000
+        // ports took 630 ms to add, 23 ms in the hash (docs/benchmarks.md (a)).
+        Kind::Restricted => base(SetKeyType::InetService).dynamic(),
         Kind::Allow => base(allow_key_type()).interval(),
     }
 }
@@ -193,14 +196,11 @@ pub fn holds(kind: Kind, rule: &PortRule) -> bool {
     }
 }
 
-/// The elements of the uncounted sets for `rules` (all of one protocol).
-pub fn plain_elements(kind: Kind, rules: &[&PortRule]) -> Vec<SetElement> {
+/// The elements of a set of `kind` for `rules` (all of one protocol), without counts
+/// of their own: a counted set gives each a fresh copy of its counter.
+pub fn elements(kind: Kind, rules: &[&PortRule]) -> Vec<SetElement> {
     match kind {
-        Kind::Restricted => rules
-            .iter()
-            .filter(|r| holds(kind, r))
-            .map(|r| SetElement::port(r.map.listen_port))
-            .collect(),
+        Kind::Ports => rules.iter().map(|r| ruleset::element(&r.map)).collect(),
         Kind::Allow => rules
             .iter()
             .flat_map(|r| {
@@ -210,7 +210,11 @@ pub fn plain_elements(kind: Kind, rules: &[&PortRule]) -> Vec<SetElement> {
                     .map(|n| allow_element(r.map.listen_port, *n))
             })
             .collect(),
-        Kind::Ports | Kind::Flows | Kind::Drops => Vec::new(),
+        Kind::Flows | Kind::Restricted | Kind::Drops => rules
+            .iter()
+            .filter(|r| holds(kind, r))
+            .map(|r| SetElement::port(r.map.listen_port))
+            .collect(),
     }
 }
 
