@@ -32,6 +32,7 @@
 
 mod apply;
 mod drift;
+mod dump;
 mod forward;
 mod readback;
 pub mod ruleset;

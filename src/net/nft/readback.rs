@@ -10,7 +10,7 @@ use crate::model::{AllowList, Proto};
 
 use super::ruleset::{self, FAMILY, TABLE};
 use super::sets::{self, ElementCounters, Kind};
-use super::{KernelState, NftError};
+use super::{KernelState, NftError, dump};
 
 /// Fills `state` from the sets; problems with a set's declaration or elements go to
 /// `state.problems`.
@@ -22,10 +22,7 @@ pub async fn read_sets(
         .list_sets_in(TABLE, FAMILY)
         .await
         .map_err(NftError::kernel("list sets"))?;
-    let mut allow: BTreeMap<(Proto, u16), Vec<ipnetwork::Ipv4Network>> = BTreeMap::new();
-    // Gathered in the kernel's (hash) order and sorted once at the end: 10,000 tree
-    // inserts each cost more than the sort.
-    let mut found = Found::default();
+    let mut readable = Vec::new();
     for proto in Proto::ALL {
         for kind in Kind::ALL {
             let name = sets::name(kind, proto);
@@ -42,48 +39,55 @@ pub async fn read_sets(
             if let Some(problem) = declaration_problem(kind, info) {
                 state.problems.push(problem);
             }
-            let elements = conn
-                .list_set_elements(TABLE, name, FAMILY)
-                .await
-                .map_err(NftError::kernel("list set elements"))?;
-            let mut unreadable = 0usize;
-            for e in &elements {
-                let ok = match kind {
-                    Kind::Ports => read_map_element(proto, e, &mut found),
-                    Kind::Allow => match sets::decode_allow(e.key(), e.key_end()) {
-                        Some((port, net)) => {
-                            allow.entry((proto, port)).or_default().push(net);
+            readable.push((proto, kind, name));
+        }
+    }
+    let names: Vec<&'static str> = readable.iter().map(|(_, _, name)| *name).collect();
+    let mut dumped = dump::elements(conn, &names).await?;
+
+    let mut allow: BTreeMap<(Proto, u16), Vec<ipnetwork::Ipv4Network>> = BTreeMap::new();
+    // Gathered in the kernel's (hash) order and sorted once at the end: 10,000 tree
+    // inserts each cost more than the sort.
+    let mut found = Found::default();
+    for (proto, kind, name) in readable {
+        let elements = dumped.remove(name).unwrap_or_default();
+        let mut unreadable = 0usize;
+        for e in &elements {
+            let ok = match kind {
+                Kind::Ports => read_map_element(proto, e, &mut found),
+                Kind::Allow => match sets::decode_allow(e.key(), e.key_end()) {
+                    Some((port, net)) => {
+                        allow.entry((proto, port)).or_default().push(net);
+                        true
+                    }
+                    None => false,
+                },
+                Kind::Flows | Kind::Restricted | Kind::Drops => {
+                    match <[u8; 2]>::try_from(e.key()) {
+                        Ok(k) => {
+                            let port = u16::from_be_bytes(k);
+                            found.members.entry(name).or_default().push(port);
+                            if kind.counted() {
+                                found.counts.push((
+                                    (proto, port),
+                                    kind,
+                                    e.counter().unwrap_or_default(),
+                                ));
+                            }
                             true
                         }
-                        None => false,
-                    },
-                    Kind::Flows | Kind::Restricted | Kind::Drops => {
-                        match <[u8; 2]>::try_from(e.key()) {
-                            Ok(k) => {
-                                let port = u16::from_be_bytes(k);
-                                found.members.entry(name).or_default().push(port);
-                                if kind.counted() {
-                                    found.counts.push((
-                                        (proto, port),
-                                        kind,
-                                        e.counter().unwrap_or_default(),
-                                    ));
-                                }
-                                true
-                            }
-                            Err(_) => false,
-                        }
+                        Err(_) => false,
                     }
-                };
-                if !ok {
-                    unreadable += 1;
                 }
+            };
+            if !ok {
+                unreadable += 1;
             }
-            if unreadable > 0 {
-                state
-                    .problems
-                    .push(format!("set {name} holds {unreadable} unreadable elements"));
-            }
+        }
+        if unreadable > 0 {
+            state
+                .problems
+                .push(format!("set {name} holds {unreadable} unreadable elements"));
         }
     }
     found.into_state(state);
@@ -204,19 +208,19 @@ fn declaration_problem(kind: Kind, info: &SetInfo) -> Option<String> {
 pub async fn read_counters(
     conn: &Connection<Nftables>,
 ) -> Result<BTreeMap<(Proto, u16), ElementCounters>, NftError> {
+    let counted: Vec<(Proto, Kind, &'static str)> = Proto::ALL
+        .into_iter()
+        .flat_map(|p| [Kind::Ports, Kind::Flows, Kind::Drops].map(|k| (p, k, sets::name(k, p))))
+        .collect();
+    let names: Vec<&'static str> = counted.iter().map(|(_, _, name)| *name).collect();
+    let mut dumped = dump::elements(conn, &names).await?;
     let mut out: BTreeMap<(Proto, u16), ElementCounters> = BTreeMap::new();
-    for proto in Proto::ALL {
-        for kind in [Kind::Ports, Kind::Flows, Kind::Drops] {
-            let elements = conn
-                .list_set_elements(TABLE, sets::name(kind, proto), FAMILY)
-                .await
-                .map_err(NftError::kernel("list counters"))?;
-            for e in elements {
-                if let Ok(k) = <[u8; 2]>::try_from(e.key()) {
-                    out.entry((proto, u16::from_be_bytes(k)))
-                        .or_default()
-                        .set(kind, e.counter().unwrap_or_default());
-                }
+    for (proto, kind, name) in counted {
+        for e in dumped.remove(name).unwrap_or_default() {
+            if let Ok(k) = <[u8; 2]>::try_from(e.key()) {
+                out.entry((proto, u16::from_be_bytes(k)))
+                    .or_default()
+                    .set(kind, e.counter().unwrap_or_default());
             }
         }
     }
