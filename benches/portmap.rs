@@ -215,6 +215,13 @@ fn nft_script(settings: &NatSettings, maps: &[PortMap]) -> String {
     s
 }
 
+/// After a table is replaced or deleted, the kernel frees its elements (20,000 per-CPU
+/// counters) in a worker, on one of the cores the next timed run needs. A restart or a
+/// boot does not come right after a rebuild: let the worker finish first.
+fn settle() {
+    std::thread::sleep(Duration::from_millis(300));
+}
+
 fn list_table() -> String {
     run_ok(Command::new("nft").args(["list", "table", "ip", ruleset::TABLE]))
 }
@@ -304,12 +311,14 @@ fn apply(o: &Opts) {
         // nft compiles some rules otherwise (no `meta l4proto` before `tcp dport`), so
         // the agent builds its own table again before the restore is timed.
         timed(&rows);
+        settle();
         let (r, a) = agent_once();
         runs_of[0].push(ms(r));
         runs_of[1].push(ms(a));
         runs_of[2].push(ms(r + a));
         // A boot: no table yet. SQLite read included, as in `total`.
         rt.block_on(nft.delete_table()).expect("delete table");
+        settle();
         let (r, a) = agent_once();
         runs_of[4].push(ms(r + a));
         runs_of[5].push(timed(&moved));

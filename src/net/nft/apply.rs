@@ -44,7 +44,8 @@ impl Nft {
         };
         if let Some(kernel) = kernel_rules(&held) {
             match self.change_in_place(&wanted, &kernel).await {
-                Ok(()) => return Ok(()),
+                Ok(InPlace::Done) => return Ok(()),
+                Ok(InPlace::TooBig) => {}
                 Err(e) => {
                     tracing::debug!(error = %e, "in-place change refused; rebuilding the table")
                 }
@@ -56,12 +57,12 @@ impl Nft {
 
     /// Deletes the maps of `kernel` that `wanted` does not hold as they are, and adds
     /// the maps of `wanted` that `kernel` does not: one transaction, or nothing at all
-    /// when they agree.
+    /// when they agree. [`InPlace::TooBig`] when a rebuild is cheaper.
     async fn change_in_place(
         &self,
         wanted: &ByKey<'_>,
         kernel: &BTreeMap<(Proto, u16), PortRule>,
-    ) -> Result<(), NftError> {
+    ) -> Result<InPlace, NftError> {
         let gone: Vec<&PortRule> = kernel
             .iter()
             .filter(|(key, rule)| wanted.get(key) != Some(rule))
@@ -73,14 +74,18 @@ impl Nft {
             .map(|(_, rule)| *rule)
             .collect();
         if gone.is_empty() && new.is_empty() {
-            return Ok(());
+            return Ok(InPlace::Done);
+        }
+        if rebuild_is_cheaper(&gone, new.len(), kernel.len().max(wanted.len())) {
+            return Ok(InPlace::TooBig);
         }
         self.ensure_send_buffer(batch_bytes(gone.iter().chain(&new).copied()))?;
         let tx = with_elements(self.conn.transaction(), &gone, Op::Delete);
         with_elements(tx, &new, Op::Add)
             .commit(&self.conn)
             .await
-            .map_err(NftError::kernel("apply_all in place"))
+            .map_err(NftError::kernel("apply_all in place"))?;
+        Ok(InPlace::Done)
     }
 
     /// Destroy (if present), then table, sets with every element, chains and rules.
@@ -144,6 +149,27 @@ impl Nft {
             .await
             .map_err(NftError::kernel("apply_all"))
     }
+}
+
+/// What [`Nft::change_in_place`] did.
+enum InPlace {
+    Done,
+    /// Nothing: the change is better made by a rebuild.
+    TooBig,
+}
+
+/// Allow-list networks that an in-place change may delete; above it, a rebuild. The
+/// kernel's interval set (pipapo) reworks its lookup table for every deleted element:
+/// deleting 10,000 took 2.8 s in one batch (docs/benchmarks.md (c)), a rebuild of such a
+/// table a small part of that.
+const IN_PLACE_MAX_ALLOW_DELETES: usize = 256;
+
+/// Whether rebuilding the table costs less than deleting `gone` and adding `added` maps
+/// of a table of `size`: the change touches more than half the maps, or deletes many
+/// allow-list networks.
+fn rebuild_is_cheaper(gone: &[&PortRule], added: usize, size: usize) -> bool {
+    let nets: usize = gone.iter().map(|r| r.allow_from.networks().len()).sum();
+    (gone.len() + added) * 2 > size.max(64) || nets > IN_PLACE_MAX_ALLOW_DELETES
 }
 
 /// `rules` by protocol and listen port; a key twice is refused.
@@ -227,4 +253,48 @@ fn counters_to_carry(
         })
         .filter_map(|(key, _)| Some((*key, *held.counters.get(key)?)))
         .collect()
+}
+
+#[cfg(test)]
+#[allow(clippy::unwrap_used)]
+mod tests {
+    use super::*;
+    use crate::model::PortMap;
+
+    fn rule<S: AsRef<str>>(port: u16, nets: &[S]) -> PortRule {
+        PortRule {
+            map: PortMap {
+                proto: Proto::Tcp,
+                listen_port: port,
+                target_ip: "10.0.0.2".parse().unwrap(),
+                target_port: 80,
+            },
+            allow_from: AllowList::parse(nets).unwrap(),
+        }
+    }
+
+    #[test]
+    fn small_changes_go_in_place_and_large_ones_rebuild() {
+        let none: [&str; 0] = [];
+        let one = [rule(1, &none)];
+        let one: Vec<&PortRule> = one.iter().collect();
+        assert!(!rebuild_is_cheaper(&one, 1, 10_000));
+        assert!(
+            !rebuild_is_cheaper(&one, 1, 2),
+            "a small table changes in place"
+        );
+        let many: Vec<PortRule> = (0..6_000).map(|p| rule(p, &none)).collect();
+        let many: Vec<&PortRule> = many.iter().collect();
+        assert!(rebuild_is_cheaper(&many, 0, 10_000), "more than half");
+        // Few maps, but many allow-list networks to delete from the interval set.
+        let listed: Vec<PortRule> = (0..5)
+            .map(|p| {
+                let nets: Vec<String> = (0..60).map(|i| format!("10.{p}.{i}.0/24")).collect();
+                rule(p, &nets)
+            })
+            .collect();
+        let listed: Vec<&PortRule> = listed.iter().collect();
+        assert!(rebuild_is_cheaper(&listed, 0, 10_000));
+        assert!(!rebuild_is_cheaper(&listed[..4], 0, 10_000));
+    }
 }

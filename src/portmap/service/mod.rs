@@ -462,8 +462,8 @@ impl PortMaps {
         })
     }
 
-    /// Compares the kernel with the database and repairs any difference (whole-table
-    /// rewrite, which is one cheap transaction), and keeps the libvirt accept in place.
+    /// Compares the kernel with the database and repairs any difference (`apply_all`:
+    /// one transaction, in place or a rebuild), and keeps the libvirt accept in place.
     pub fn reconcile(&self) -> Result<ReconcileReport, PortMapError> {
         self.store.with(|conn| {
             let maps = portmaps::list_rules(conn)?;
