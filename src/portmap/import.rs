@@ -7,7 +7,7 @@ use serde::Deserialize;
 
 use super::policy::Policy;
 use crate::model::{PortMap, Proto};
-use crate::store::audit::{self, Entry, Outcome};
+use crate::store::audit::{self, Entry};
 use crate::store::{Store, StoreError, portmaps, settings};
 
 /// `node_settings` key recording that the import ran (and what it found).
@@ -109,15 +109,7 @@ pub fn import_original_state(
         settings::set(tx, IMPORTED_KEY, &summary)?;
         audit::record(
             tx,
-            &Entry {
-                client_addr: None,
-                identity: "agent".into(),
-                action: "import portmap.json".into(),
-                parameters: Some(summary),
-                outcome: Outcome::Ok,
-                status: None,
-                error: None,
-            },
+            &Entry::by_agent("import portmap.json", Some(summary)),
         )?;
         Ok(Some(report))
     })

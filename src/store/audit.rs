@@ -38,6 +38,21 @@ pub struct Entry {
     pub error: Option<String>,
 }
 
+impl Entry {
+    /// A successful `action` the agent did on its own: no client, identity `agent`.
+    pub fn by_agent(action: impl Into<String>, parameters: Option<String>) -> Self {
+        Self {
+            client_addr: None,
+            identity: "agent".into(),
+            action: action.into(),
+            parameters,
+            outcome: Outcome::Ok,
+            status: None,
+            error: None,
+        }
+    }
+}
+
 /// Writes one row; returns its id. Text columns get their control characters escaped: a
 /// row is read in a terminal, and nothing a client sent may move its cursor or forge a
 /// line there.

@@ -14,7 +14,7 @@ use bytes::Bytes;
 use super::firewall::{Firewall, FirewallError};
 use super::policy::{Policy, PolicyError};
 use crate::model::{MapCounters, PortMap, PortRule, Proto};
-use crate::store::audit::{self, Entry, Outcome};
+use crate::store::audit::{self, Entry};
 use crate::store::portmaps::{self, PortMapRow};
 use crate::store::{Store, StoreError};
 
@@ -296,16 +296,26 @@ impl PortMaps {
             self.change_kernel(tx, || self.fw.remove(&gone))?;
             Ok(gone.into_iter().map(|r| r.map).collect())
         });
-        match deleted {
+        self.after_bulk_change(deleted)
+    }
+
+    /// The end of a change of several maps in one transaction: a failed commit (the
+    /// kernel may already hold the change) is followed by a reconcile, and a change that
+    /// touched maps makes the listing cache stale.
+    fn after_bulk_change(
+        &self,
+        changed: Result<Vec<PortMap>, PortMapError>,
+    ) -> Result<Vec<PortMap>, PortMapError> {
+        match changed {
             Err(PortMapError::Store(e)) => {
                 self.resync_after_failed_commit();
                 Err(e.into())
             }
-            Ok(gone) => {
-                if !gone.is_empty() {
+            Ok(maps) => {
+                if !maps.is_empty() {
                     self.invalidate();
                 }
-                Ok(gone)
+                Ok(maps)
             }
             other => other,
         }
@@ -517,21 +527,11 @@ fn describe(row: &PortMapRow) -> String {
 
 /// The audit row of a repair of the kernel from the database.
 fn reconcile_entry(drift: &[String], forward_accept: &[String]) -> Entry {
-    Entry {
-        client_addr: None,
-        identity: "agent".into(),
-        action: "reconcile".into(),
-        parameters: Some(
-            serde_json::json!({
-                "drift": drift,
-                "forward_accept": forward_accept,
-            })
-            .to_string(),
-        ),
-        outcome: Outcome::Ok,
-        status: None,
-        error: None,
-    }
+    let parameters = serde_json::json!({
+        "drift": drift,
+        "forward_accept": forward_accept,
+    });
+    Entry::by_agent("reconcile", Some(parameters.to_string()))
 }
 
 #[cfg(test)]

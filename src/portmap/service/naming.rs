@@ -67,19 +67,7 @@ impl PortMaps {
             }
             Ok(moved)
         });
-        match moved {
-            Err(PortMapError::Store(e)) => {
-                self.resync_after_failed_commit();
-                Err(e.into())
-            }
-            Ok(moved) => {
-                if !moved.is_empty() {
-                    self.invalidate();
-                }
-                Ok(moved)
-            }
-            other => other,
-        }
+        self.after_bulk_change(moved)
     }
 }
 

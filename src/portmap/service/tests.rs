@@ -48,14 +48,11 @@ fn the_maps_of_a_target_go_in_one_transaction_with_their_audit_rows_or_not_at_al
     for m in [a, b, c] {
         svc.create(m, false, "t", None).unwrap();
     }
-    let entry = |m: &PortMap| Entry {
-        client_addr: None,
-        identity: "agent".into(),
-        action: format!("DELETE /ports/{} (VM deleted)", m.listen_port),
-        parameters: None,
-        outcome: audit::Outcome::Ok,
-        status: None,
-        error: None,
+    let entry = |m: &PortMap| {
+        Entry::by_agent(
+            format!("DELETE /ports/{} (VM deleted)", m.listen_port),
+            None,
+        )
     };
     let audit_rows = |svc: &PortMaps| -> i64 {
         svc.store()
@@ -263,14 +260,8 @@ fn a_change_to_a_table_deleted_behind_the_agents_back_repairs_it_first() {
     );
     assert_eq!(kernel(&fw), vec![c2, b]);
     fw.wipe();
-    svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 2)], None, |_| Entry {
-        client_addr: None,
-        identity: "agent".into(),
-        action: "DELETE (VM deleted)".into(),
-        parameters: None,
-        outcome: Outcome::Ok,
-        status: None,
-        error: None,
+    svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 2)], None, |_| {
+        Entry::by_agent("DELETE (VM deleted)", None)
     })
     .unwrap();
     assert_eq!(kernel(&fw), vec![c2]);
@@ -507,14 +498,11 @@ fn maps_naming_a_vm_follow_its_new_address_and_go_with_it() {
         .unwrap();
     svc.create(map(Proto::Tcp, 9090, 6, 80), false, "t", None)
         .unwrap();
-    let audit = |old: &PortMap, new: &PortMap| Entry {
-        client_addr: None,
-        identity: "agent".into(),
-        action: "POST /ports (VM readdressed)".into(),
-        parameters: Some(format!("{} -> {}", old.target_ip, new.target_ip)),
-        outcome: audit::Outcome::Ok,
-        status: None,
-        error: None,
+    let audit = |old: &PortMap, new: &PortMap| {
+        Entry::by_agent(
+            "POST /ports (VM readdressed)",
+            Some(format!("{} -> {}", old.target_ip, new.target_ip)),
+        )
     };
     // Same address: nothing moves.
     assert!(svc.follow_vm("web1", audit).unwrap().is_empty());
@@ -546,14 +534,11 @@ fn maps_naming_a_vm_follow_its_new_address_and_go_with_it() {
     assert_eq!(moved, "10.0.0.7 -> 10.0.0.8");
     // Deleted: the map naming it goes by name, the one to its old address by address.
     let gone = svc
-        .delete_targeting(&[Ipv4Addr::new(10, 0, 0, 7)], Some("web1"), |m| Entry {
-            client_addr: None,
-            identity: "agent".into(),
-            action: format!("DELETE /ports/{} (VM deleted)", m.listen_port),
-            parameters: None,
-            outcome: audit::Outcome::Ok,
-            status: None,
-            error: None,
+        .delete_targeting(&[Ipv4Addr::new(10, 0, 0, 7)], Some("web1"), |m| {
+            Entry::by_agent(
+                format!("DELETE /ports/{} (VM deleted)", m.listen_port),
+                None,
+            )
         })
         .unwrap();
     assert_eq!(

@@ -5,7 +5,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Deleted, Vms};
-use crate::model::{DesiredState, VmName};
+use crate::model::{DesiredState, PortMap, VmName};
 use crate::store::audit;
 use crate::store::vms;
 use crate::vm::domain::{existing, facts, hairpin, lookup, remove_vm};
@@ -274,23 +274,8 @@ impl Vms {
         };
         let name = vm.to_string();
         let moved = tokio::task::spawn_blocking(move || {
-            pm.follow_vm(&name, |old, new| audit::Entry {
-                client_addr: None,
-                identity: "agent".into(),
-                action: "POST /ports (VM readdressed)".into(),
-                parameters: Some(
-                    serde_json::json!({
-                        "vm": name,
-                        "listen_port": new.listen_port,
-                        "proto": new.proto.to_string(),
-                        "from": format!("{}:{}", old.target_ip, old.target_port),
-                        "target": format!("{}:{}", new.target_ip, new.target_port),
-                    })
-                    .to_string(),
-                ),
-                outcome: audit::Outcome::Ok,
-                status: None,
-                error: None,
+            pm.follow_vm(&name, |old, new| {
+                map_entry("POST /ports (VM readdressed)", &name, new, Some(old))
             })
         })
         .await;
@@ -322,22 +307,8 @@ impl Vms {
         let gone = tokio::task::spawn_blocking(move || {
             // The operator asked for the VM's deletion, not for this: the audit trail
             // says why each map went.
-            pm.delete_targeting(&targets, Some(&name), |m| audit::Entry {
-                client_addr: None,
-                identity: "agent".into(),
-                action: "DELETE /ports (VM deleted)".into(),
-                parameters: Some(
-                    serde_json::json!({
-                        "vm": name,
-                        "listen_port": m.listen_port,
-                        "proto": m.proto.to_string(),
-                        "target": format!("{}:{}", m.target_ip, m.target_port),
-                    })
-                    .to_string(),
-                ),
-                outcome: audit::Outcome::Ok,
-                status: None,
-                error: None,
+            pm.delete_targeting(&targets, Some(&name), |m| {
+                map_entry("DELETE /ports (VM deleted)", &name, m, None)
             })
         })
         .await;
@@ -361,4 +332,19 @@ impl Vms {
             }
         }
     }
+}
+
+/// The audit row of a change the agent made to port map `m` because of what happened to
+/// VM `vm`; `from` is the map before, when it was moved.
+fn map_entry(action: &str, vm: &str, m: &PortMap, from: Option<&PortMap>) -> audit::Entry {
+    let mut parameters = serde_json::json!({
+        "vm": vm,
+        "listen_port": m.listen_port,
+        "proto": m.proto.to_string(),
+        "target": format!("{}:{}", m.target_ip, m.target_port),
+    });
+    if let Some(old) = from {
+        parameters["from"] = format!("{}:{}", old.target_ip, old.target_port).into();
+    }
+    audit::Entry::by_agent(action, Some(parameters.to_string()))
 }

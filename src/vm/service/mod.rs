@@ -331,17 +331,13 @@ impl Vms {
             }
         }
         let entry = audit::Entry {
-            client_addr: None,
-            identity: "agent".into(),
-            action: format!("{what} (finished after the answer)"),
-            parameters: None,
             outcome: if error.is_none() {
                 audit::Outcome::Ok
             } else {
                 audit::Outcome::Failed
             },
-            status: None,
             error: error.map(|e| crate::logging::escape_str(&e.to_string()).into_owned()),
+            ..audit::Entry::by_agent(format!("{what} (finished after the answer)"), None)
         };
         self.record_own(entry).await;
     }
@@ -360,15 +356,7 @@ impl Vms {
 
     /// [`Vms::record_own`] of a successful `action` with its `parameters`.
     async fn record_own_ok(&self, action: &str, parameters: serde_json::Value) {
-        self.record_own(audit::Entry {
-            client_addr: None,
-            identity: "agent".into(),
-            action: action.into(),
-            parameters: Some(parameters.to_string()),
-            outcome: audit::Outcome::Ok,
-            status: None,
-            error: None,
-        })
-        .await;
+        self.record_own(audit::Entry::by_agent(action, Some(parameters.to_string())))
+            .await;
     }
 }
