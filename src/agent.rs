@@ -82,7 +82,14 @@ pub async fn run(settings: Settings) -> Result<(), AgentError> {
     let fw = Arc::new(NftFirewall::from_settings(settings.nat()).await?);
     // Held until the table's last change (CLEANUP_ON_EXIT included) is done.
     let _locks = ready.locks;
-    serve(settings, fw.clone(), fw, ready.listener).await
+    serve(
+        settings,
+        fw.clone(),
+        fw,
+        ready.listener,
+        ready.metrics_listener,
+    )
+    .await
 }
 
 /// `fw` carries the port maps, `guard` the mesh's anti-spoofing rule: in production the
@@ -92,6 +99,7 @@ async fn serve(
     fw: Arc<dyn Firewall>,
     guard: Arc<dyn TunnelGuard>,
     listener: TcpListener,
+    metrics_listener: Option<TcpListener>,
 ) -> Result<(), AgentError> {
     let limits = connection_limits(&settings.api);
     let store = open_state(&settings)?;
@@ -194,7 +202,7 @@ async fn serve(
         REFUSED_FLUSH_EVERY,
         stop_rx.clone(),
     ));
-    let app = api::app(
+    let (app, metrics_app) = api::apps(
         store,
         portmaps.clone(),
         api::Callers {
@@ -208,7 +216,25 @@ async fn serve(
             stats_dir: stats_dir(&settings),
         },
     );
-    api::server::serve(listener, app, limits, shutdown_signal()).await;
+    // Event streams never end on their own: the bus closes them when the shutdown
+    // begins, so the server can finish.
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let metrics_server = metrics_listener.map(|l| {
+        tracing::info!(addr = ?l.local_addr().ok(), "metrics listening (METRICS_LISTEN, GET /metrics only, no token)");
+        let mut stopping = shutdown_rx.clone();
+        tokio::spawn(api::server::serve(l, metrics_app, limits, async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        }))
+    });
+    let shutdown = async move {
+        shutdown_signal().await;
+        crate::events::bus().close();
+        let _ = shutdown_tx.send(true);
+    };
+    api::server::serve(listener, app, limits, shutdown).await;
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
 
     let _ = stop_tx.send(true);
     let _ = reconciler.await;
@@ -340,7 +366,14 @@ async fn vm_reconcile_loop(
         }
     };
     let partial_volumes_due = Arc::new(std::sync::atomic::AtomicBool::new(partial_volumes_due));
-    crate::periodic::every(every, crate::periodic::First::Now, stop, || {
+    let woken = {
+        let vms = vms.clone();
+        move || {
+            let vms = vms.clone();
+            async move { vms.reconcile_asked().await }
+        }
+    };
+    crate::periodic::every_or_woken(every, crate::periodic::First::Now, stop, woken, || {
         let (vms, images, due) = (vms.clone(), images.clone(), partial_volumes_due.clone());
         async move { vm_reconcile_pass(&vms, &images, &due).await }
     })
@@ -378,9 +411,18 @@ async fn vm_reconcile_pass(
     }
     match vms.reconcile().await {
         Ok(r) if !r.is_empty() => {
+            crate::metrics::global().reconciled("vms", r.len());
+            crate::events::publish(
+                crate::events::Kind::ReconcileRepaired,
+                "vms",
+                serde_json::json!({ "repaired": r }),
+            );
             tracing::warn!(repaired = ?r, "VM reconcile repaired libvirt")
         }
-        Ok(_) => tracing::debug!("VM reconcile: libvirt in sync"),
+        Ok(_) => {
+            crate::metrics::global().reconciled("vms", 0);
+            tracing::debug!("VM reconcile: libvirt in sync")
+        }
         Err(e) if e.is_unavailable() => {
             tracing::debug!(error = %e, "libvirt unavailable; VM reconcile retries next interval")
         }
@@ -452,14 +494,29 @@ async fn reconcile_loop(
         let pm = portmaps.clone();
         async move {
             match tokio::task::spawn_blocking(move || pm.reconcile()).await {
-                Ok(Ok(r)) if r.changed() => tracing::warn!(
-                    drift = ?r.drift,
-                    rewritten = r.rewritten,
-                    forward_accept = ?r.forward_accept,
-                    maps = r.maps,
-                    "reconcile repaired drift"
-                ),
-                Ok(Ok(_)) => tracing::debug!("reconcile: kernel in sync"),
+                Ok(Ok(r)) if r.changed() => {
+                    crate::metrics::global().reconciled("portmaps", 1);
+                    crate::events::publish(
+                        crate::events::Kind::PortMapRepaired,
+                        "portmaps",
+                        serde_json::json!({
+                            "drift": r.drift,
+                            "forward_accept": r.forward_accept,
+                            "maps": r.maps,
+                        }),
+                    );
+                    tracing::warn!(
+                        drift = ?r.drift,
+                        rewritten = r.rewritten,
+                        forward_accept = ?r.forward_accept,
+                        maps = r.maps,
+                        "reconcile repaired drift"
+                    )
+                }
+                Ok(Ok(_)) => {
+                    crate::metrics::global().reconciled("portmaps", 0);
+                    tracing::debug!("reconcile: kernel in sync")
+                }
                 Ok(Err(e)) => {
                     tracing::error!(error = %e, "reconcile failed; retrying next interval")
                 }

@@ -3,6 +3,7 @@
 pub mod agent;
 pub mod api;
 pub mod config;
+pub mod events;
 pub mod fdlimit;
 pub mod join;
 pub mod keys;
@@ -10,6 +11,7 @@ pub mod locks;
 pub mod logging;
 pub mod memory;
 pub mod mesh;
+pub mod metrics;
 pub mod model;
 pub mod net;
 pub mod periodic;

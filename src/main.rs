@@ -11,7 +11,7 @@ use node_vm_agent::portmap::{NftFirewall, PortMaps};
 /// Edge-node agent: maps node ports to VMs with one atomic nftables table, keeps its state
 /// in SQLite ($DATA_DIR/agent.db) and serves an authenticated REST API.
 #[derive(Parser)]
-#[command(version, about, long_about = None)]
+#[command(version = node_vm_agent::metrics::VERSION_LINE, about, long_about = None)]
 struct Cli {
     #[command(subcommand)]
     command: Command,

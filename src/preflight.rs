@@ -61,6 +61,8 @@ pub enum PreflightError {
     IpForwardUnreadable(io::Error),
     #[error("cannot listen on {addr} (API_LISTEN, NODE_API_PORT): {source}")]
     Listen { addr: SocketAddr, source: io::Error },
+    #[error("cannot listen on {addr} (METRICS_LISTEN): {source}")]
+    MetricsListen { addr: SocketAddr, source: io::Error },
     #[error(transparent)]
     Lock(#[from] LockError),
 }
@@ -69,6 +71,8 @@ pub enum PreflightError {
 /// both kept until `serve` returns.
 pub struct Ready {
     pub listener: TcpListener,
+    /// METRICS_LISTEN's socket, when it is set.
+    pub metrics_listener: Option<TcpListener>,
     pub locks: AgentLocks,
 }
 
@@ -91,11 +95,17 @@ pub async fn serve(settings: &Settings) -> Result<Ready, PreflightError> {
     let netns = NetnsLock::acquire(NETNS_LOCK_NAME)?;
     let addr = settings.api.listen_addr();
     let listener = listen(addr).map_err(|source| PreflightError::Listen { addr, source })?;
+    let metrics_listener = settings
+        .api
+        .metrics_listen
+        .map(|addr| listen(addr).map_err(|source| PreflightError::MetricsListen { addr, source }))
+        .transpose()?;
     // Last, because it is the first change: it creates DATA_DIR and agent.lock when
     // they are missing.
     let data_dir = DataDirLock::acquire(&settings.state.data_dir)?;
     Ok(Ready {
         listener,
+        metrics_listener,
         locks: AgentLocks { netns, data_dir },
     })
 }

@@ -5,7 +5,9 @@ pub mod auth;
 pub mod body;
 pub mod doc;
 pub mod error;
+mod events;
 mod health;
+mod metrics;
 mod ports;
 pub mod refused;
 pub mod server;
@@ -86,6 +88,8 @@ pub struct Shared {
     pub images: Arc<crate::vm::images::Images>,
     /// Directory whose filesystem `GET /stats` reports as `disk`.
     pub stats_dir: std::path::PathBuf,
+    /// One permit per open `GET /events` stream.
+    pub event_streams: Arc<tokio::sync::Semaphore>,
     openapi: Bytes,
 }
 
@@ -153,6 +157,8 @@ fn routes() -> (Router<AppState>, utoipa::openapi::OpenApi) {
     OpenApiRouter::with_openapi(ApiDoc::openapi())
         .routes(routes!(health::health))
         .routes(routes!(openapi_json))
+        .routes(routes!(metrics::scrape))
+        .routes(routes!(events::stream))
         .routes(routes!(ports::list, ports::create))
         .routes(routes!(ports::get, ports::delete))
         .routes(routes!(ports::restore))
@@ -195,8 +201,14 @@ pub struct Callers {
     pub refused: Arc<refused::RefusedRequests>,
 }
 
-/// The whole HTTP application.
-pub fn app(store: Store, portmaps: Arc<PortMaps>, callers: Callers, vm: VmApi) -> Router {
+/// The whole HTTP application, and the one of METRICS_LISTEN (`GET /metrics` only,
+/// without authentication), over the same state.
+pub fn apps(
+    store: Store,
+    portmaps: Arc<PortMaps>,
+    callers: Callers,
+    vm: VmApi,
+) -> (Router, Router) {
     let (router, doc) = routes();
     let openapi = Bytes::from(document(&doc, Some(vm.vms.limits())).to_string());
     let Callers {
@@ -214,14 +226,23 @@ pub fn app(store: Store, portmaps: Arc<PortMaps>, callers: Callers, vm: VmApi) -
         vms: vm.vms,
         images: vm.images,
         stats_dir: vm.stats_dir,
+        event_streams: Arc::new(tokio::sync::Semaphore::new(events::MAX_STREAMS)),
         openapi,
     }));
-    router
+    let metrics_only = Router::new()
+        .route("/metrics", axum::routing::get(metrics::scrape))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(middleware::from_fn(metrics::record))
+        .layer(middleware::from_fn(error::json_errors))
+        .with_state(state.clone());
+    let app = router
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         // Layers run bottom-up on the way in: auth first, from the headers alone, so
         // a refused request's body is never read and it is only counted; audit then
-        // records every authorised mutating call; errors of any layer come out as JSON.
+        // records every authorised mutating call; errors of any layer come out as JSON;
+        // the outermost layer counts and times every answer, refusals and panics too.
         .layer(middleware::from_fn_with_state(state.clone(), audit::record))
         .layer(middleware::from_fn_with_state(
             state.clone(),
@@ -233,7 +254,14 @@ pub fn app(store: Store, portmaps: Arc<PortMaps>, callers: Callers, vm: VmApi) -
                 ApiError::internal("internal error (panic); see the agent log").into_response()
             },
         ))
-        .with_state(state)
+        .layer(middleware::from_fn(metrics::record))
+        .with_state(state);
+    (app, metrics_only)
+}
+
+/// The whole HTTP application.
+pub fn app(store: Store, portmaps: Arc<PortMaps>, callers: Callers, vm: VmApi) -> Router {
+    apps(store, portmaps, callers, vm).0
 }
 
 async fn not_found() -> ApiError {

@@ -45,6 +45,7 @@ impl RefusedRequests {
     /// Counts one refused request from `addr` to `route` (the route's template, e.g.
     /// `POST /ports`, so that the set of names is small).
     pub fn count(&self, addr: Option<IpAddr>, route: &str) {
+        crate::metrics::global().refused_requests.inc();
         let Ok(mut p) = self.period.lock() else {
             return;
         };

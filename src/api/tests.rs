@@ -108,6 +108,30 @@ impl Harness {
         (status, v)
     }
 
+    /// An authorised request's status and `Content-Type`; the body stays unread (and
+    /// is returned, for a stream).
+    async fn head(
+        &self,
+        method: &str,
+        uri: &str,
+        headers: &[(&str, &str)],
+    ) -> (StatusCode, axum::response::Response) {
+        let mut req = Request::builder()
+            .method(method)
+            .uri(uri)
+            .header("authorization", format!("Bearer {TOKEN}"));
+        for (k, v) in headers {
+            req = req.header(*k, *v);
+        }
+        let resp = self
+            .app
+            .clone()
+            .oneshot(req.body(Body::empty()).unwrap())
+            .await
+            .unwrap();
+        (resp.status(), resp)
+    }
+
     async fn authed(&self, method: &str, uri: &str, body: Option<&str>) -> (StatusCode, Value) {
         self.call(method, uri, body, Some(TOKEN)).await
     }
@@ -649,8 +673,10 @@ async fn the_openapi_document_lists_exactly_the_served_routes() {
         ("DELETE", "/images/{name}"),
         ("DELETE", "/ports/{listen_port}"),
         ("DELETE", "/vms/{name}"),
+        ("GET", "/events"),
         ("GET", "/health"),
         ("GET", "/images"),
+        ("GET", "/metrics"),
         ("GET", "/openapi.json"),
         ("GET", "/ports"),
         ("GET", "/ports/{listen_port}"),
@@ -679,6 +705,12 @@ async fn the_openapi_document_lists_exactly_the_served_routes() {
             .replace("{listen_port}", "8080")
             .replace("{name}", "no-such-vm")
             .replace("/ip", "/ip?timeout=0");
+        if p == "/metrics" || p == "/events" {
+            // Not JSON (and /events never ends): tests/observe.rs reads them.
+            let (s, _) = h.head(m, &uri, &[]).await;
+            assert_eq!(s, StatusCode::OK, "{m} {p}");
+            continue;
+        }
         let body = (m == "POST" && p == "/ports").then_some(GOOD);
         let (s, v) = h.authed(m, &uri, body).await;
         // A 404 about the VM or image itself is an answer; the router's is not.
@@ -1218,6 +1250,14 @@ async fn every_protected_operation_documents_401_and_every_error_has_the_error_s
                         r["content"]["application/json"]["schema"]["$ref"], error_ref,
                         "{method} {path} {status}"
                     );
+                } else if path == "/metrics" || path == "/events" {
+                    // Prometheus' text format and Server-Sent Events, not JSON.
+                    let content = r["content"].as_object().unwrap();
+                    assert!(
+                        content.contains_key("text/plain")
+                            || content.contains_key("text/event-stream"),
+                        "{method} {path} {status}: {content:?}"
+                    );
                 } else {
                     // Typed answers, never a bare object.
                     let schema = &r["content"]["application/json"]["schema"];
@@ -1686,3 +1726,5 @@ async fn a_map_naming_a_vm_goes_to_its_pinned_address_and_bad_targets_are_4xx() 
     assert_eq!(s, StatusCode::OK, "{v}");
     assert!(v["rule"].get("target_vm").is_none(), "{v}");
 }
+
+mod observe;

@@ -82,6 +82,13 @@ pub struct ApiSettings {
     /// spends storing the upload does not count).
     #[arg(long, env = "UPLOAD_WINDOW", value_name = "UPLOAD_WINDOW", default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub upload_window: u64,
+
+    /// A second address (`IP:PORT`) that serves only `GET /metrics`, without
+    /// authentication, for a Prometheus that scrapes over loopback or the tunnel
+    /// (`127.0.0.1:9101`, `10.66.0.5:9101`). Unset: none; `/metrics` on the API port
+    /// always needs the token.
+    #[arg(long, env = "METRICS_LISTEN", value_name = "METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl ApiSettings {

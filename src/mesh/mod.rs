@@ -58,6 +58,10 @@ pub struct Status {
     pub stale: bool,
     /// The last join or tunnel error, for operators.
     pub error: Option<String>,
+    /// Bytes received from and sent to the controller through the tunnel, as of the
+    /// last look at it.
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
 }
 
 /// Shared, cheap to read from request handlers.
@@ -85,10 +89,35 @@ impl MeshStatus {
         }
     }
 
+    /// Changes the status; a new join state, a tunnel come up or gone, or a tunnel gone
+    /// stale or live again is published to `GET /events`.
     fn update(&self, f: impl FnOnce(&mut Status)) {
-        match self.inner.write() {
-            Ok(mut s) => f(&mut s),
-            Err(p) => f(&mut p.into_inner()),
+        let look = |s: &Status| (s.state, s.tunnel.is_some(), s.stale);
+        let (before, after) = {
+            let mut s = self.inner.write().unwrap_or_else(|p| p.into_inner());
+            let before = look(&s);
+            f(&mut s);
+            (before, look(&s))
+        };
+        use crate::events::{Kind, publish};
+        if before.0 != after.0 {
+            publish(
+                Kind::MeshState,
+                "mesh",
+                serde_json::json!({ "state": after.0.as_str(), "previous": before.0.as_str() }),
+            );
+        }
+        if (before.1, before.2) != (after.1, after.2) {
+            let tunnel = match after {
+                (_, false, _) => "down",
+                (_, true, true) => "stale",
+                (_, true, false) => "live",
+            };
+            publish(
+                Kind::MeshTunnel,
+                "mesh",
+                serde_json::json!({ "tunnel": tunnel }),
+            );
         }
     }
 
@@ -457,8 +486,9 @@ impl Mesh {
         };
         let key = j.controller_pubkey.clone();
         match on_link(link, move |l| l.peer_activity(&key)).await {
-            Ok((t, rx_bytes)) => {
-                let heard = stale.received(rx_bytes, SystemTime::now());
+            Ok(activity) => {
+                let t = activity.last_handshake;
+                let heard = stale.received(activity.rx_bytes, SystemTime::now());
                 if t.is_none() || !heard {
                     nudge(j);
                 }
@@ -466,7 +496,11 @@ impl Mesh {
                 if first {
                     tracing::info!("first handshake with the controller");
                 }
-                self.status.update(|s| s.last_handshake = t);
+                self.status.update(|s| {
+                    s.last_handshake = t;
+                    s.rx_bytes = activity.rx_bytes;
+                    s.tx_bytes = activity.tx_bytes;
+                });
                 t.is_some()
             }
             _ => false,

@@ -83,31 +83,33 @@ async fn default_egress(vms_bridge: &str) -> Result<Option<String>, FirewallErro
     }
 }
 
+/// Runs one nftables batch, observed as `node_vm_agent_kernel_apply_duration_seconds`.
+fn timed<T>(batch: impl FnOnce() -> T) -> T {
+    let started = std::time::Instant::now();
+    let result = batch();
+    crate::metrics::global()
+        .kernel_apply_duration
+        .observe(started.elapsed().as_secs_f64());
+    result
+}
+
 // Every method blocks on the runtime: callers are on blocking threads (spawn_blocking),
 // never on a runtime worker.
 impl Firewall for NftFirewall {
     fn apply_all(&self, rules: &[PortRule]) -> Result<(), FirewallError> {
-        self.rt
-            .block_on(self.nft.apply_all(rules))
-            .map_err(FirewallError::from)
+        timed(|| self.rt.block_on(self.nft.apply_all(rules))).map_err(FirewallError::from)
     }
 
     fn add(&self, rule: &PortRule) -> Result<(), FirewallError> {
-        self.rt
-            .block_on(self.nft.add(rule))
-            .map_err(FirewallError::from)
+        timed(|| self.rt.block_on(self.nft.add(rule))).map_err(FirewallError::from)
     }
 
     fn remove(&self, rules: &[PortRule]) -> Result<(), FirewallError> {
-        self.rt
-            .block_on(self.nft.remove_all(rules))
-            .map_err(FirewallError::from)
+        timed(|| self.rt.block_on(self.nft.remove_all(rules))).map_err(FirewallError::from)
     }
 
     fn replace(&self, old: &PortRule, new: &PortRule) -> Result<(), FirewallError> {
-        self.rt
-            .block_on(self.nft.replace(old, new))
-            .map_err(FirewallError::from)
+        timed(|| self.rt.block_on(self.nft.replace(old, new))).map_err(FirewallError::from)
     }
 
     fn drift(&self, desired: &[PortRule]) -> Result<Vec<String>, FirewallError> {

@@ -78,6 +78,7 @@ pub fn record(conn: &Connection, e: &Entry) -> Result<i64, StoreError> {
             text(&e.error)
         ],
     )?;
+    crate::metrics::global().audit_rows.inc();
     Ok(conn.last_insert_rowid())
 }
 

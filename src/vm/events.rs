@@ -5,9 +5,9 @@
 //!
 //! The `virt` crate does not wrap `virConnectDomainEventRegisterAny`; this is the small
 //! wrapper. The callback runs on libvirt's event loop thread (`conn::start_event_loop`)
-//! and only copies the domain's name into a bounded channel: it never calls into
-//! libvirt over the network, and a full channel drops the name (a read's listing, at
-//! most `observed::FRESH` old, covers what a dropped event would have said).
+//! and only copies the domain's name and the event into a bounded channel: it never
+//! calls into libvirt over the network, and a full channel drops the event (a read's
+//! listing, at most `observed::FRESH` old, covers what a dropped event would have said).
 
 use std::ffi::{CStr, c_int, c_void};
 
@@ -15,13 +15,68 @@ use tokio::sync::mpsc;
 use virt::connect::Connect;
 use virt::sys;
 
-/// Names waiting to be observed; more at once are dropped.
+/// Events waiting to be handled; more at once are dropped.
 pub const QUEUE: usize = 1024;
 
-type Sender = mpsc::Sender<String>;
+/// One lifecycle event: the domain's name, libvirt's `virDomainEventType` and its
+/// detail (for `Stopped`: shut down, destroyed, crashed, ...).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Lifecycle {
+    pub domain: String,
+    pub event: c_int,
+    pub detail: c_int,
+}
 
-/// Subscribes `conn` to every domain's lifecycle events, sending each domain's name to
-/// `tx`. The subscription ends with the connection (libvirt then frees the sender).
+impl Lifecycle {
+    /// The event stream's kind for this event (`None` for one libvirt added later).
+    pub fn kind(&self) -> Option<crate::events::Kind> {
+        use crate::events::Kind;
+        Some(match self.event as u32 {
+            sys::VIR_DOMAIN_EVENT_DEFINED => Kind::VmDefined,
+            sys::VIR_DOMAIN_EVENT_UNDEFINED => Kind::VmUndefined,
+            sys::VIR_DOMAIN_EVENT_STARTED => Kind::VmStarted,
+            sys::VIR_DOMAIN_EVENT_SUSPENDED => Kind::VmSuspended,
+            sys::VIR_DOMAIN_EVENT_RESUMED => Kind::VmResumed,
+            sys::VIR_DOMAIN_EVENT_STOPPED => Kind::VmStopped,
+            sys::VIR_DOMAIN_EVENT_SHUTDOWN => Kind::VmShutdown,
+            sys::VIR_DOMAIN_EVENT_PMSUSPENDED => Kind::VmPmSuspended,
+            sys::VIR_DOMAIN_EVENT_CRASHED => Kind::VmCrashed,
+            _ => return None,
+        })
+    }
+
+    /// Why a domain stopped, in libvirt's words (`virDomainEventStoppedDetailType`).
+    pub fn reason(&self) -> Option<&'static str> {
+        if self.event as u32 != sys::VIR_DOMAIN_EVENT_STOPPED {
+            return None;
+        }
+        Some(match self.detail as u32 {
+            sys::VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN => "shutdown",
+            sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED => "destroyed",
+            sys::VIR_DOMAIN_EVENT_STOPPED_CRASHED => "crashed",
+            sys::VIR_DOMAIN_EVENT_STOPPED_MIGRATED => "migrated",
+            sys::VIR_DOMAIN_EVENT_STOPPED_SAVED => "saved",
+            sys::VIR_DOMAIN_EVENT_STOPPED_FAILED => "failed",
+            sys::VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT => "from-snapshot",
+            _ => "other",
+        })
+    }
+
+    /// Whether the event may leave an agent's VM in need of a repair (its domain gone,
+    /// stopped or crashed), so the VM reconcile should run now.
+    pub fn may_need_repair(&self) -> bool {
+        matches!(
+            self.event as u32,
+            sys::VIR_DOMAIN_EVENT_UNDEFINED
+                | sys::VIR_DOMAIN_EVENT_STOPPED
+                | sys::VIR_DOMAIN_EVENT_CRASHED
+        )
+    }
+}
+
+type Sender = mpsc::Sender<Lifecycle>;
+
+/// Subscribes `conn` to every domain's lifecycle events, sending each to `tx`. The subscription ends with the connection (libvirt then frees the sender).
 #[allow(
     unsafe_code,
     reason = "the virt crate has no wrapper for domain events"
@@ -57,8 +112,8 @@ pub fn subscribe(conn: &Connect, tx: &Sender) -> Result<(), String> {
 unsafe extern "C" fn on_lifecycle(
     _conn: sys::virConnectPtr,
     dom: sys::virDomainPtr,
-    _event: c_int,
-    _detail: c_int,
+    event: c_int,
+    detail: c_int,
     opaque: *mut c_void,
 ) {
     if dom.is_null() || opaque.is_null() {
@@ -76,7 +131,11 @@ unsafe extern "C" fn on_lifecycle(
             CStr::from_ptr(name).to_string_lossy().into_owned(),
         )
     };
-    let _ = tx.try_send(name);
+    let _ = tx.try_send(Lifecycle {
+        domain: name,
+        event,
+        detail,
+    });
 }
 
 #[allow(

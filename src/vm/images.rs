@@ -19,6 +19,9 @@ use crate::model::ImageState;
 use crate::store::Store;
 use crate::store::vms::{self, ImageRow};
 
+/// At most one `image.progress` event per transfer this often.
+const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// An image as `GET /images` shows it.
 #[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ImageInfo {
@@ -239,6 +242,11 @@ impl Images {
             Ok(s) => {
                 let (sha, fmt, size) = (s.sha256.clone(), s.format, s.size as i64);
                 tracing::info!(image = name, size, format = fmt, "image stored");
+                crate::events::publish(
+                    crate::events::Kind::ImageReady,
+                    name,
+                    serde_json::json!({ "size_bytes": size, "format": fmt }),
+                );
                 self.store
                     .run(move |st| st.with(|c| vms::image_ready(c, &n, &sha, fmt, size)))
                     .await
@@ -246,6 +254,11 @@ impl Images {
             Err(e) => {
                 let msg = e.to_string();
                 tracing::warn!(image = name, error = %msg, "image transfer failed; nothing was kept");
+                crate::events::publish(
+                    crate::events::Kind::ImageFailed,
+                    name,
+                    serde_json::json!({ "error": msg }),
+                );
                 self.store
                     .run(move |st| st.with(|c| vms::image_failed(c, &n, &msg)))
                     .await
@@ -423,6 +436,7 @@ impl Images {
         let max_bytes = self.max_bytes;
         let feeder = async move {
             let mut received = 0u64;
+            let mut told: Option<std::time::Instant> = None;
             while let Some(chunk) = body.next().await {
                 let chunk = chunk.map_err(VmError::Invalid);
                 let failed = chunk.is_err();
@@ -430,6 +444,14 @@ impl Images {
                     received += c.len() as u64;
                     if let Ok(mut p) = progress.lock() {
                         p.insert(name_owned.clone(), Progress { received, total });
+                    }
+                    if told.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+                        told = Some(std::time::Instant::now());
+                        crate::events::publish(
+                            crate::events::Kind::ImageProgress,
+                            name_owned.clone(),
+                            serde_json::json!({ "received_bytes": received, "total_bytes": total }),
+                        );
                     }
                     if received > max_bytes {
                         let _ = tx

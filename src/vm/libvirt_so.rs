@@ -86,6 +86,7 @@ macro_rules! trampolines {
 trampolines!(
     virConnectClose,
     virConnectDomainEventRegisterAny,
+    virConnectGetAllDomainStats,
     virConnectGetCapabilities,
     virConnectGetMaxVcpus,
     virConnectIsAlive,
@@ -107,6 +108,7 @@ trampolines!(
     virDomainShutdown,
     virDomainUndefine,
     virDomainUndefineFlags,
+    virDomainStatsRecordListFree,
     virEventRegisterDefaultImpl,
     virEventRunDefaultImpl,
     virGetLastError,

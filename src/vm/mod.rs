@@ -19,6 +19,7 @@ pub mod observed;
 pub mod seed;
 pub mod service;
 pub mod spec;
+pub mod stats;
 pub mod storage;
 pub mod xml;
 

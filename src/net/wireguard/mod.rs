@@ -184,6 +184,14 @@ enum Api {
     Userspace(WGApi<Userspace>),
 }
 
+/// What the tunnel's peer has done, as WireGuard counts it.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PeerActivity {
+    pub last_handshake: Option<SystemTime>,
+    pub rx_bytes: u64,
+    pub tx_bytes: u64,
+}
+
 /// The WireGuard link of the node. Every method blocks: call it off the async runtime.
 pub struct WgLink {
     ifname: String,
@@ -449,16 +457,18 @@ impl WgLink {
         Ok(changed)
     }
 
-    /// When the controller last completed a handshake, if ever.
-    /// The peer's last handshake (`None`: none yet) and the bytes received from it.
-    pub fn peer_activity(&self, peer: &Key) -> Result<(Option<SystemTime>, u64), WgError> {
+    /// The peer's last handshake (`None`: none yet) and the bytes received from it and
+    /// sent to it.
+    pub fn peer_activity(&self, peer: &Key) -> Result<PeerActivity, WgError> {
         let host = self.read_host()?;
         let p = host.peers.get(peer);
-        Ok((
-            p.and_then(|p| p.last_handshake)
+        Ok(PeerActivity {
+            last_handshake: p
+                .and_then(|p| p.last_handshake)
                 .filter(|t| *t > SystemTime::UNIX_EPOCH),
-            p.map_or(0, |p| p.rx_bytes),
-        ))
+            rx_bytes: p.map_or(0, |p| p.rx_bytes),
+            tx_bytes: p.map_or(0, |p| p.tx_bytes),
+        })
     }
 
     /// A kernel link stays (the mesh stays reachable while the agent restarts); a

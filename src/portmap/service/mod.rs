@@ -19,6 +19,24 @@ use crate::store::portmaps::{self, PortMapRow};
 use crate::store::{Store, StoreError};
 
 mod naming;
+mod sample;
+
+use crate::events::Kind;
+
+/// An event about map `m` (its rule id for a subject, its target in the detail).
+fn publish(kind: Kind, m: &PortMap, mut detail: serde_json::Value) {
+    let target = serde_json::json!({
+        "proto": m.proto.to_string(),
+        "listen_port": m.listen_port,
+        "target_ip": m.target_ip.to_string(),
+        "target_port": m.target_port,
+    });
+    match (&mut detail, target) {
+        (serde_json::Value::Object(d), serde_json::Value::Object(t)) => d.extend(t),
+        (d, t) => *d = t,
+    }
+    crate::events::publish(kind, m.rule_id(), detail);
+}
 
 /// One rule of the `GET /ports` listing: the row, its id and its counters.
 #[derive(serde::Serialize)]
@@ -123,6 +141,8 @@ pub struct PortMaps {
     /// The serialized `GET /ports` body and when it was built; filled and cleared under
     /// the store lock, served for at most [`LIST_MAX_AGE`].
     list_cache: RwLock<Option<(Bytes, Instant)>>,
+    /// Every map's counters for `GET /metrics`, read at most once per [`LIST_MAX_AGE`].
+    counters_cache: sample::CountersCache,
 }
 
 impl PortMaps {
@@ -132,6 +152,7 @@ impl PortMaps {
             fw,
             policy,
             list_cache: RwLock::new(None),
+            counters_cache: Default::default(),
         }
     }
 
@@ -224,6 +245,15 @@ impl PortMaps {
             Ok(o) => {
                 if o != CreateOutcome::Unchanged {
                     self.invalidate();
+                    publish(
+                        Kind::PortMapAdded,
+                        &map,
+                        serde_json::json!({
+                            "target_vm": target_vm,
+                            "allow_from": rule.allow_from.networks().iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+                            "replaced": matches!(o, CreateOutcome::Replaced { .. }),
+                        }),
+                    );
                 }
                 Ok(o)
             }
@@ -259,6 +289,7 @@ impl PortMaps {
             }
             Ok(Some(m)) => {
                 self.invalidate();
+                publish(Kind::PortMapRemoved, &m, serde_json::Value::Null);
                 Ok(Some(m))
             }
             other => other,
@@ -296,7 +327,7 @@ impl PortMaps {
             self.change_kernel(tx, || self.fw.remove(&gone))?;
             Ok(gone.into_iter().map(|r| r.map).collect())
         });
-        self.after_bulk_change(deleted)
+        self.after_bulk_change(deleted, Kind::PortMapRemoved)
     }
 
     /// The end of a change of several maps in one transaction: a failed commit (the
@@ -305,6 +336,7 @@ impl PortMaps {
     fn after_bulk_change(
         &self,
         changed: Result<Vec<PortMap>, PortMapError>,
+        kind: Kind,
     ) -> Result<Vec<PortMap>, PortMapError> {
         match changed {
             Err(PortMapError::Store(e)) => {
@@ -314,6 +346,9 @@ impl PortMaps {
             Ok(maps) => {
                 if !maps.is_empty() {
                     self.invalidate();
+                }
+                for m in &maps {
+                    publish(kind, m, serde_json::Value::Null);
                 }
                 Ok(maps)
             }
@@ -343,6 +378,11 @@ impl PortMaps {
             return Err(PortMapError::Drifted { drift, repair });
         }
         tracing::warn!(error = %drift, maps = maps.len(), "nftables had drifted from the database: table rewritten from it");
+        crate::events::publish(
+            Kind::PortMapRepaired,
+            "portmaps",
+            serde_json::json!({ "drift": [drift.to_string()], "maps": maps.len() }),
+        );
         audit::record(tx, &reconcile_entry(&[drift.to_string()], &[]))?;
         Ok(())
     }

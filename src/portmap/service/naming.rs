@@ -67,7 +67,7 @@ impl PortMaps {
             }
             Ok(moved)
         });
-        self.after_bulk_change(moved)
+        self.after_bulk_change(moved, super::Kind::PortMapAdded)
     }
 }
 

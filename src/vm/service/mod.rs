@@ -162,6 +162,11 @@ pub struct Vms {
     abandoned: crate::vm::abandoned::Abandoned,
     /// What libvirt last said about each domain; the reads answer from it.
     observed: Arc<Observed>,
+    /// libvirt's last statistics of every domain, for `GET /metrics`.
+    stats: Arc<crate::vm::stats::StatsCache>,
+    /// Woken by libvirt's events that may need a repair (a domain undefined, stopped or
+    /// crashed): the VM reconcile runs at once instead of at its next interval.
+    reconcile_due: Arc<tokio::sync::Notify>,
     /// Creates in flight (shown as `creating`) and creates that failed after their
     /// request stopped waiting (shown as `failed`, with the error), by VM name.
     pending: std::sync::Mutex<std::collections::BTreeMap<String, Pending>>,
@@ -198,6 +203,8 @@ impl Vms {
             claims: Arc::new(Claims::default()),
             abandoned: Default::default(),
             observed: Arc::new(Observed::default()),
+            stats: Default::default(),
+            reconcile_due: Default::default(),
             pending: Default::default(),
             pinning: Default::default(),
         }
@@ -215,6 +222,11 @@ impl Vms {
 
     pub fn libvirt(&self) -> &Arc<Libvirt> {
         &self.lv
+    }
+
+    /// Resolves when an event asked for a reconcile (`agent::vm_reconcile_loop`).
+    pub async fn reconcile_asked(&self) {
+        self.reconcile_due.notified().await;
     }
 
     /// Claims `name` for a request: refused while another request works on it, waits

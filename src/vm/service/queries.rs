@@ -79,10 +79,40 @@ impl Vms {
         }
     }
 
+    /// `GET /metrics`: every domain's statistics from one libvirt call, and their age.
+    /// A sample older than `stats::MAX_AGE` starts a refresh, waited for at most
+    /// `READ_WAIT`; a slow libvirt gets the last sample. `None` on a node where libvirt
+    /// has not answered in this run (a port-map-only node never loads it).
+    pub async fn metrics_sample(&self) -> Option<crate::metrics::sample::VmsSample> {
+        self.observed.snapshot().listed_at?;
+        if self.stats.begin_refresh() {
+            let (lv, stats) = (Arc::clone(&self.lv), Arc::clone(&self.stats));
+            tokio::spawn(async move {
+                let found = lv
+                    .call_unbounded(|conn| {
+                        crate::vm::stats::read_all(conn)
+                            .map_err(|e| VmError::libvirt("domain statistics", e))
+                    })
+                    .await;
+                if let Err(e) = &found {
+                    tracing::debug!(error = %e, "reading libvirt's domain statistics failed; scrapes show the last sample");
+                }
+                stats.end_refresh(found.ok());
+            });
+        }
+        self.stats.wait_refresh(READ_WAIT).await;
+        let (domains, age) = self.stats.last()?;
+        Some(crate::metrics::sample::VmsSample {
+            age_seconds: age.as_secs_f64(),
+            domains: domains.to_vec(),
+        })
+    }
+
     /// Follows libvirt's lifecycle events: each names a domain, observed again at once.
     /// Call once, inside the runtime; it subscribes every connection made from now on.
     pub fn watch_events(self: &Arc<Self>) {
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(crate::vm::events::QUEUE);
+        let (tx, mut rx) =
+            tokio::sync::mpsc::channel::<crate::vm::events::Lifecycle>(crate::vm::events::QUEUE);
         self.lv.set_on_connect(move |conn| {
             if let Err(e) = crate::vm::events::subscribe(conn, &tx) {
                 tracing::warn!(error = %e, "libvirt domain events unavailable; outside changes show at the next listing");
@@ -90,10 +120,20 @@ impl Vms {
         });
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
-            while let Some(name) = rx.recv().await {
+            while let Some(event) = rx.recv().await {
                 let Some(vms) = this.upgrade() else { return };
-                tracing::debug!(vm = %name, "libvirt domain event");
-                vms.observe_one(&name).await;
+                tracing::debug!(vm = %event.domain, event = event.event, detail = event.detail, "libvirt domain event");
+                if let Some(kind) = event.kind() {
+                    let detail = match event.reason() {
+                        Some(reason) => serde_json::json!({ "reason": reason }),
+                        None => serde_json::Value::Null,
+                    };
+                    crate::events::publish(kind, event.domain.clone(), detail);
+                }
+                if event.may_need_repair() {
+                    vms.reconcile_due.notify_one();
+                }
+                vms.observe_one(&event.domain).await;
             }
         });
     }
