@@ -19,6 +19,8 @@ set -euo pipefail
 #   procps                      pgrep/ps for scripts
 #   libvirt-dev                 libvirt's client library and its pkg-config file, linked by the virt crate
 #   dosfstools                  `fsck.fat -n`, which the seed unit tests run on the in-memory FAT image
+#   prometheus                  `promtool check metrics`, which tests/observability.rs runs on every
+#                               scrape (the package's server is never started by the tests)
 # The daemon side for the VM tests (libvirtd, QEMU, dnsmasq) and the tiny guest's parts are
 # installed by scripts/libvirt-netns.sh and scripts/build-tiny-guest.sh, which take care
 # that no libvirtd or default network ever starts in the root namespace.
@@ -34,6 +36,7 @@ PACKAGES=(
     procps
     libvirt-dev
     dosfstools
+    prometheus
 )
 
 missing=()
@@ -55,6 +58,12 @@ if ((${#missing[@]})); then
     # rather than fail.
     apt-get -o DPkg::Lock::Timeout=600 update
     apt-get -o DPkg::Lock::Timeout=600 install -y --no-install-recommends "${missing[@]}"
+    # Only promtool is wanted from `prometheus`: on a machine run by systemd the package
+    # starts a Prometheus server on :9090; stop it and keep it from starting at boot.
+    if [[ " ${missing[*]} " == *" prometheus "* ]] && [[ -d /run/systemd/system ]]; then
+        systemctl disable --now prometheus.service >/dev/null 2>&1 || true
+        echo "install-deps: installed prometheus for promtool; its server is disabled" >&2
+    fi
 else
     echo "install-deps: all Debian packages present" >&2
 fi

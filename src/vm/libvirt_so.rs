@@ -166,9 +166,16 @@ extern "C" fn not_loaded() -> ! {
 /// Loads libvirt.so.0 and points every trampoline at it, once; later calls return the
 /// first outcome. Blocking (the dynamic loader runs libvirt's constructors).
 pub fn ensure_loaded() -> Result<(), String> {
-    static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
     LOADED.get_or_init(load).clone()
 }
+
+/// Whether libvirt.so.0 has been loaded (some part of the agent used libvirt in this
+/// run); never loads it.
+pub fn is_loaded() -> bool {
+    LOADED.get().is_some_and(Result::is_ok)
+}
+
+static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
 
 #[allow(
     unsafe_code,

@@ -8,6 +8,7 @@
 pub mod agent;
 pub mod client;
 pub mod controller;
+pub mod events;
 pub mod fleet;
 pub mod fleet_agents;
 pub mod libvirt;

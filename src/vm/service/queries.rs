@@ -82,9 +82,11 @@ impl Vms {
     /// `GET /metrics`: every domain's statistics from one libvirt call, and their age.
     /// A sample older than `stats::MAX_AGE` starts a refresh, waited for at most
     /// `READ_WAIT`; a slow libvirt gets the last sample. `None` on a node where libvirt
-    /// has not answered in this run (a port-map-only node never loads it).
+    /// is not in use in this run (a port-map-only node never loads it).
     pub async fn metrics_sample(&self) -> Option<crate::metrics::sample::VmsSample> {
-        self.observed.snapshot().listed_at?;
+        if !crate::vm::libvirt_so::is_loaded() {
+            return None;
+        }
         if self.stats.begin_refresh() {
             let (lv, stats) = (Arc::clone(&self.lv), Arc::clone(&self.stats));
             tokio::spawn(async move {
