@@ -2,11 +2,13 @@
 # The one command for the benchmarks of docs/benchmarks.md: port maps (a)-(e), the
 # mesh join (f), VMs (g: POST /vms latency, h: lease -> /ip delay), the connection
 # budget (i: fresh requests while strangers hold 2,400 connections), strangers (j: an
-# unauthenticated flood), the agent's memory around a GET /ports load (k), and a fleet
-# of 20 agents under one controller (l: simultaneous start, controller restart).
+# unauthenticated flood), the agent's memory around a GET /ports load (k), a fleet
+# of 20 agents under one controller (l: simultaneous start, controller restart), and
+# watching a node (m: GET /metrics with 100 VMs and 10,000 maps, idle RSS with an event
+# stream open; n: an outside virsh destroy -> its event on GET /events).
 #
 #   sudo scripts/bench.sh            # everything, ~10 minutes after the build
-#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f g h i j k l)
+#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f g h i j k l m n)
 #
 # Installs what it needs, builds --release once, runs every measurement inside network
 # namespaces it creates and deletes (trap), prints a results table and writes it as
@@ -21,7 +23,7 @@ ROOT=$PWD
 
 [ "$(id -u)" = 0 ] || { echo "bench.sh: needs root (network namespaces, nftables)" >&2; exit 1; }
 
-ONLY=${BENCH_ONLY:-"a b c d e f g h i j k l"}
+ONLY=${BENCH_ONLY:-"a b c d e f g h i j k l m n"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- dependencies and build
@@ -465,6 +467,46 @@ if want l; then
         done
         row "(l) each agent's VmRSS, fleet joined and idle" "none (reported)" \
             "min $(kv "$L" rss_min_kib), p50 $(kv "$L" rss_p50_kib), max $(kv "$L" rss_max_kib) KiB" "-"
+    fi
+fi
+
+# ---------------------------------------------------------------- (m)/(n) watching a node
+if want m || want n; then
+    echo "== (m) GET /metrics, 100 VMs (libvirt's test driver) and 10,000 maps; idle RSS with an event stream; (n) outside virsh destroy -> GET /events"
+    # tests/bench_observe.rs: (m) builds its own topology and a test-driver node file;
+    # (n) starts libvirtd in a test namespace and boots the tiny guest.
+    OLOG=$WORK/bench_observe.log
+    O=$(harness bench_observe obs BENCH_EVENT_RUNS="${EVENT_RUNS:-10}")
+    M=$(grep '^BENCH obs-scrape' <<<"$O" || true)
+    N=$(grep '^BENCH obs-events' <<<"$O" || true)
+    grep -E 'scrape,|idle VmRSS|^run ' "$OLOG" || true
+    if want m; then
+        if [ -z "$M" ]; then
+            tail -40 "$OLOG" >&2
+            row "(m) GET /metrics, 100 VMs + 10,000 maps" "<= 50 ms" "not measured: bench_observe failed (see the output above)" "MISS"
+        else
+            echo "$M"
+            row "(m) GET /metrics, 100 VMs + 10,000 maps (totals only), each scrape 2.1 s after the last (kernel counters and libvirt statistics read again, as Prometheus sees it), n=$(kv "$M" cold_runs)" "<= 50 ms" \
+                "p50 $(kv "$M" m10k_cold_p50_ms) ms, max $(kv "$M" m10k_cold_max_ms) ms; $(kv "$M" m10k_series) series, $(kv "$M" m10k_bytes) bytes" \
+                "$(verdict le "$(kv "$M" m10k_cold_max_ms)" 50)"
+            row "(m) the same back to back (from what the last scrape read), n=$(kv "$M" warm_runs)" "none (reported)" \
+                "p50 $(kv "$M" m10k_warm_p50_ms) ms, p99 $(kv "$M" m10k_warm_p99_ms) ms, max $(kv "$M" m10k_warm_max_ms) ms" "-"
+            row "(m) 100 VMs + 1,000 maps (the most with series of their own): 2.1 s apart; back to back" "none (reported)" \
+                "p50 $(kv "$M" m1k_cold_p50_ms) ms, max $(kv "$M" m1k_cold_max_ms) ms; back to back p50 $(kv "$M" m1k_warm_p50_ms) ms, p99 $(kv "$M" m1k_warm_p99_ms) ms; $(kv "$M" m1k_series) series, $(kv "$M" m1k_bytes) bytes" "-"
+            row "(m) the agent's VmRSS with 10,000 maps, idle, then with one GET /events stream open" "none (reported)" \
+                "$(kv "$M" idle_rss_kib) KiB idle; $(kv "$M" stream_rss_kib) KiB with the stream" "-"
+        fi
+    fi
+    if want n; then
+        if [ -z "$N" ]; then
+            tail -40 "$OLOG" >&2
+            row "(n) outside virsh destroy -> vm.stopped on GET /events" "<= 1 s" "not measured: bench_observe failed (see the output above)" "MISS"
+        else
+            echo "$N"
+            row "(n) outside virsh destroy -> vm.stopped on GET /events, real libvirtd, tiny guest, n=$(kv "$N" runs)" "<= 1 s" \
+                "after virsh returned: p50 $(kv "$N" after_return_p50_ms) ms, max $(kv "$N" after_return_max_ms) ms; from virsh's start (QEMU's stop included): p50 $(kv "$N" from_start_p50_ms) ms, max $(kv "$N" from_start_max_ms) ms" \
+                "$(verdict le "$(kv "$N" after_return_max_ms)" 1000)"
+        fi
     fi
 fi
 

@@ -5,7 +5,8 @@
 //! scripts/build-tiny-guest.sh.
 //!
 //! One VM ("base") lives through the whole test. Each cycle first creates a VM ("dN")
-//! while libvirtd runs; then, with `GET /vms` and `GET /vms/base/status` back to back,
+//! while libvirtd runs; then, with `GET /vms`, `GET /vms/base/status` and `GET /metrics`
+//! back to back,
 //! two creates of one new name ("cN"), one more create ("xN") and deletes of "dN" (and of
 //! earlier ones still there, and of the last cycle's "cN"/"xN") in flight, libvirtd is
 //! stopped, continued, and the requests go on for [`AFTER_THAW`]; a change that was not
@@ -180,7 +181,8 @@ fn the_agent_survives_ten_libvirtd_freezes_with_creates_deletes_and_reads_in_fli
         }
         std::thread::scope(|s| {
             // Reads, back to back.
-            for path in ["/vms", "/vms/base/status"] {
+            // A scrape is a read too: libvirt's statistics come from the last sample.
+            for path in ["/vms", "/vms/base/status", "/metrics"] {
                 let (api, stop, record) = (&api, &stop, &record);
                 s.spawn(move || {
                     while !stop.load(Ordering::Relaxed) {

@@ -462,6 +462,50 @@ fn a_controller_that_forgot_the_node_has_it_back_after_wg_stale_after() {
     let pubkey = ctl.state.lock().unwrap().node_pubkey.clone().unwrap();
     let joins = ctl.requests();
     assert_eq!(health(&agent)["tunnel_stale"], json!(false));
+    // The join as the event stream tells it (from the buffer: `Last-Event-ID: 0`), and
+    // the mesh's series.
+    let mut events = support::events::EventStream::open(
+        topo.client.name(),
+        sa(NODE_IP, API_PORT),
+        &agent.token,
+        Some("0"),
+    )
+    .unwrap();
+    let mesh = |kind: &str, key: &str, value: &str| {
+        let (kind, key, value) = (kind.to_owned(), key.to_owned(), value.to_owned());
+        move |ev: &Value| {
+            ev["kind"] == kind.as_str() && ev["detail"][key.as_str()] == value.as_str()
+        }
+    };
+    // The tunnel comes up, then the join is done.
+    events.until(
+        Duration::from_secs(1),
+        mesh("mesh.tunnel", "tunnel", "live"),
+    );
+    events.until(
+        Duration::from_secs(1),
+        mesh("mesh.state", "state", "joined"),
+    );
+    let scrape = agent.api.get("/metrics").body;
+    let value = |series: &str| -> Option<f64> {
+        scrape
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+    };
+    assert_eq!(
+        value(r#"node_vm_agent_mesh_join_state{state="joined"}"#),
+        Some(1.0)
+    );
+    assert_eq!(value("node_vm_agent_mesh_tunnel_stale"), Some(0.0));
+    assert!(value("node_vm_agent_mesh_last_handshake_age_seconds").is_some_and(|a| a < 30.0));
+    assert!(
+        value("node_vm_agent_mesh_tunnel_receive_bytes_total").is_some_and(|b| b > 0.0),
+        "{scrape}"
+    );
+    assert!(
+        value("node_vm_agent_mesh_tunnel_transmit_bytes_total").is_some_and(|b| b > 0.0),
+        "{scrape}"
+    );
     // A live tunnel stays live past WG_STALE_AFTER without a new handshake (WireGuard
     // handshakes every two minutes): the controller answers the agent's probes.
     std::thread::sleep(Duration::from_secs(12));
@@ -485,6 +529,14 @@ fn a_controller_that_forgot_the_node_has_it_back_after_wg_stale_after() {
     eprintln!(
         "node back {:?} after the controller forgot it",
         forgotten.elapsed()
+    );
+    events.until(
+        Duration::from_secs(5),
+        mesh("mesh.tunnel", "tunnel", "stale"),
+    );
+    events.until(
+        Duration::from_secs(5),
+        mesh("mesh.tunnel", "tunnel", "live"),
     );
     assert!(ctl.requests() > joins, "it re-joined");
     let r = tunnel_api(&ctl, &agent.token)

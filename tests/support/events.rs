@@ -11,6 +11,8 @@ use super::netns::in_netns;
 
 pub struct EventStream {
     reader: BufReader<TcpStream>,
+    /// Every event read so far, in order.
+    pub log: Vec<Value>,
     /// The HTTP status line and headers.
     pub head: String,
 }
@@ -77,7 +79,11 @@ impl EventStream {
             }
             head.push_str(&line);
         }
-        Ok(Self { reader, head })
+        Ok(Self {
+            reader,
+            log: Vec::new(),
+            head,
+        })
     }
 
     pub fn status(&self) -> u16 {
@@ -104,7 +110,9 @@ impl EventStream {
                 Ok(_) => {}
             }
             if let Some(json) = line.trim_end().strip_prefix("data: ") {
-                return serde_json::from_str(json).ok();
+                let event: Value = serde_json::from_str(json).ok()?;
+                self.log.push(event.clone());
+                return Some(event);
             }
         }
     }
