@@ -94,6 +94,10 @@ fn bad_settings_stop_the_agent_before_it_changes_anything() {
             vec![("CONTROLLER_URL", "http://10.77.1.2:5000")],
             "CONTROLLER_URL is set but JOIN_TOKEN and NODE_ID are not".into(),
         ),
+        (
+            vec![("METRICS_LISTEN", "127.0.0.1")],
+            "invalid value '127.0.0.1' for '--metrics-listen <METRICS_LISTEN>'".into(),
+        ),
     ];
     for (extra, says) in &cases {
         refused(&topo, extra, &[], says);
@@ -109,6 +113,15 @@ fn bad_settings_stop_the_agent_before_it_changes_anything() {
         &[],
         &[],
         &format!("cannot listen on 0.0.0.0:{API_PORT} (API_LISTEN, NODE_API_PORT)"),
+    );
+    drop(_taken);
+    // METRICS_LISTEN's port taken: the same, naming that setting.
+    let _taken = in_netns(topo.node.name(), || TcpListener::bind(("127.0.0.1", 9101))).unwrap();
+    refused(
+        &topo,
+        &[("METRICS_LISTEN", "127.0.0.1:9101")],
+        &[],
+        "cannot listen on 127.0.0.1:9101 (METRICS_LISTEN)",
     );
 }
 

@@ -233,8 +233,9 @@ pub fn apps(
         .route("/metrics", axum::routing::get(metrics::scrape))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
-        .layer(middleware::from_fn(metrics::record))
         .layer(middleware::from_fn(error::json_errors))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
+        .layer(middleware::from_fn(metrics::record))
         .with_state(state.clone());
     let app = router
         .fallback(not_found)
@@ -249,11 +250,7 @@ pub fn apps(
             auth::require_token,
         ))
         .layer(middleware::from_fn(error::json_errors))
-        .layer(tower_http::catch_panic::CatchPanicLayer::custom(
-            |_: Box<dyn std::any::Any + Send>| {
-                ApiError::internal("internal error (panic); see the agent log").into_response()
-            },
-        ))
+        .layer(tower_http::catch_panic::CatchPanicLayer::custom(panicked))
         .layer(middleware::from_fn(metrics::record))
         .with_state(state);
     (app, metrics_only)
@@ -262,6 +259,11 @@ pub fn apps(
 /// The whole HTTP application.
 pub fn app(store: Store, portmaps: Arc<PortMaps>, callers: Callers, vm: VmApi) -> Router {
     apps(store, portmaps, callers, vm).0
+}
+
+/// A handler's panic as the client sees it: a JSON 500 (the panic is in the log).
+fn panicked(_: Box<dyn std::any::Any + Send>) -> axum::response::Response {
+    ApiError::internal("internal error (panic); see the agent log").into_response()
 }
 
 async fn not_found() -> ApiError {
