@@ -73,6 +73,21 @@ pub struct DomainSample {
     pub net_tx_bytes: u64,
 }
 
+/// A label value as the text format needs it: `prometheus-client` writes values as they
+/// are, and a domain made outside the agent may have `"`, `\` or a line break in its name.
+fn escaped(value: &str) -> String {
+    let mut out = String::with_capacity(value.len());
+    for c in value.chars() {
+        match c {
+            '\\' => out.push_str("\\\\"),
+            '"' => out.push_str("\\\""),
+            '\n' => out.push_str("\\n"),
+            c => out.push(c),
+        }
+    }
+    out
+}
+
 type Out<'a, 'b> = &'a mut DescriptorEncoder<'b>;
 type Fmt = Result<(), std::fmt::Error>;
 
@@ -296,12 +311,12 @@ fn encode_vms(out: Out, vms: &VmsSample) -> Fmt {
     let by_vm = |f: fn(&DomainSample) -> f64| {
         vms.domains
             .iter()
-            .map(move |d| ([("vm", d.name.clone())], f(d)))
+            .map(move |d| ([("vm", escaped(&d.name))], f(d)))
     };
     let by_vm_count = |f: fn(&DomainSample) -> u64| {
         vms.domains
             .iter()
-            .map(move |d| ([("vm", d.name.clone())], f(d)))
+            .map(move |d| ([("vm", escaped(&d.name))], f(d)))
     };
     gauges(
         out,
@@ -317,7 +332,7 @@ fn encode_vms(out: Out, vms: &VmsSample) -> Fmt {
         MetricType::Counter,
     )?;
     for d in &vms.domains {
-        let labels = [("vm", d.name.as_str())];
+        let labels = [("vm", escaped(&d.name))];
         ConstCounter::new(d.cpu_seconds).encode(family.encode_family(&labels)?)?;
     }
     gauges(

@@ -399,9 +399,16 @@ pub(super) fn reconcile_one(
     repaired.push("domain defined again");
     let _ = d.set_autostart(start);
     if start {
-        // A failed start leaves the domain defined, for the operator to see and fix.
-        d.create()
-            .map_err(|e| VmError::libvirt(format!("starting {}", row.name), e))?;
+        // A restore is whole or not at all: a domain left defined but stopped would look
+        // repaired to every later pass (they start nothing that exists), so the VM would
+        // never run again. Undefined, the next pass tries again (a seed deleted by hand
+        // just after the undefine this repairs, say, is made again then).
+        if let Err(e) = d.create() {
+            if let Err(u) = undefine(&d) {
+                tracing::warn!(vm = %row.name, error = %u, "cannot undefine the domain whose restore failed to start");
+            }
+            return Err(VmError::libvirt(format!("starting {}", row.name), e));
+        }
         hairpin(cfg, &d);
         repaired.push("domain started");
     }

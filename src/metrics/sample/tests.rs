@@ -115,3 +115,18 @@ fn a_node_without_a_handshake_or_libvirt_leaves_those_series_out() {
     assert!(lines(&text, "node_vm_agent_mesh_last_handshake_age_seconds ").is_empty());
     assert!(lines(&text, "node_vm_agent_vm_").is_empty());
 }
+
+#[test]
+fn a_foreign_domains_name_cannot_break_the_format() {
+    let mut n = node(0);
+    if let Some(vms) = &mut n.vms {
+        vms.domains[0].name = "odd\"} 1\nfake_metric{x=\"\\".into();
+    }
+    let text = global().render(n);
+    assert!(
+        text.lines()
+            .any(|l| l == r#"node_vm_agent_vm_state{vm="odd\"} 1\nfake_metric{x=\"\\"} 5.0"#),
+        "{text}"
+    );
+    assert!(!text.lines().any(|l| l.starts_with("fake_metric")));
+}

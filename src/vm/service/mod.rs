@@ -175,6 +175,11 @@ pub struct Vms {
     pinning: Arc<tokio::sync::Mutex<()>>,
 }
 
+/// How long libvirt must be quiet after an event before the reconcile it asked for runs.
+pub const SETTLE: Duration = Duration::from_secs(1);
+/// The longest an event's reconcile waits for libvirt to be quiet.
+pub const SETTLE_MAX: Duration = Duration::from_secs(5);
+
 /// A create the database does not hold yet.
 #[derive(Clone, Debug)]
 enum Pending {
@@ -224,9 +229,21 @@ impl Vms {
         &self.lv
     }
 
-    /// Resolves when an event asked for a reconcile (`agent::vm_reconcile_loop`).
+    /// Resolves when an event asked for a reconcile (`agent::vm_reconcile_loop`) and
+    /// libvirt has since been quiet for [`SETTLE`] (at most [`SETTLE_MAX`] after the
+    /// ask): changes made by hand come in steps (`virsh undefine`, then `vol-delete` of
+    /// the seed), and a repair made between two of them would see half of them.
     pub async fn reconcile_asked(&self) {
         self.reconcile_due.notified().await;
+        let latest = tokio::time::Instant::now() + SETTLE_MAX;
+        loop {
+            let quiet = tokio::time::sleep(SETTLE);
+            tokio::select! {
+                _ = self.reconcile_due.notified() => {}
+                _ = quiet => return,
+                _ = tokio::time::sleep_until(latest) => return,
+            }
+        }
     }
 
     /// Claims `name` for a request: refused while another request works on it, waits
