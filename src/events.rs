@@ -167,10 +167,10 @@ impl Bus {
         let _ = self.live.send(event);
     }
 
-    /// A stream of the events after `last_id` (all buffered ones when `None` is given
-    /// by a client that asks for history with `Last-Event-ID: 0`; none when it is a new
-    /// client without the header). When `last_id` is older than the buffer, the replay
-    /// starts with a [`Kind::StreamReset`] event saying how many were missed.
+    /// A stream of the events after `last_id` (a client's `Last-Event-ID`: `Some(0)`
+    /// replays the whole buffer; `None`, a client without the header, gets only the
+    /// events published from now on). When `last_id` is older than the buffer, the
+    /// replay starts with a [`Kind::StreamReset`] event saying how many were missed.
     pub fn subscribe(&self, last_id: Option<u64>) -> Subscription {
         let ring = self.lock();
         let live = self.live.subscribe();

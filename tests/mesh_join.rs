@@ -487,11 +487,7 @@ fn a_controller_that_forgot_the_node_has_it_back_after_wg_stale_after() {
         mesh("mesh.state", "state", "joined"),
     );
     let scrape = agent.api.get("/metrics").body;
-    let value = |series: &str| -> Option<f64> {
-        scrape
-            .lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-    };
+    let value = |series: &str| support::client::series_value(&scrape, series);
     assert_eq!(
         value(r#"node_vm_agent_mesh_join_state{state="joined"}"#),
         Some(1.0)

@@ -14,6 +14,7 @@ use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use support::client::series_value as value;
 use support::events::EventStream;
 use support::libvirt::{LIBVIRTD, env, tiny_vm, virsh};
 use support::*;
@@ -73,13 +74,6 @@ fn promtool_check(text: &str) {
         String::from_utf8_lossy(&out.stdout),
         String::from_utf8_lossy(&out.stderr)
     );
-}
-
-/// The value of one series (its name and labels exactly as written).
-fn value(scrape: &str, series: &str) -> Option<f64> {
-    scrape
-        .lines()
-        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
 }
 
 fn is(e: &Value, kind: &str, subject: &str) -> bool {

@@ -11,7 +11,7 @@
 pub mod sample;
 
 use std::sync::LazyLock;
-use std::time::{Duration, SystemTime};
+use std::time::SystemTime;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -70,11 +70,6 @@ pub struct Metrics {
 pub fn global() -> &'static Metrics {
     static METRICS: LazyLock<Metrics> = LazyLock::new(Metrics::new);
     &METRICS
-}
-
-/// Seconds, as histograms observe them.
-pub fn seconds(d: Duration) -> f64 {
-    d.as_secs_f64()
 }
 
 impl Metrics {

@@ -342,3 +342,11 @@ fn dechunk(mut data: &[u8]) -> io::Result<Vec<u8>> {
         data = data.get(size + 2..).unwrap_or(&[]);
     }
 }
+
+/// The value of one series of a Prometheus scrape (its name and labels exactly as the
+/// agent writes them), if present.
+pub fn series_value(scrape: &str, series: &str) -> Option<f64> {
+    scrape
+        .lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+}
