@@ -21,6 +21,11 @@ set -euo pipefail
 #   dosfstools                  `fsck.fat -n`, which the seed unit tests run on the in-memory FAT image
 #   prometheus                  `promtool check metrics`, which tests/observability.rs runs on every
 #                               scrape (the package's server is never started by the tests)
+#   dpkg-dev                    dpkg-shlibdeps, with which cargo-deb (scripts/package.sh) finds the
+#                               package's Depends
+#   debootstrap systemd-container  scripts/package-check.sh: a clean Debian 12 root to install
+#                               the package into, booted with systemd-nspawn (in a test namespace)
+#   systemd                     systemd-analyze verify/security on the unit (not as init)
 # The daemon side for the VM tests (libvirtd, QEMU, dnsmasq) and the tiny guest's parts are
 # installed by scripts/libvirt-netns.sh and scripts/build-tiny-guest.sh, which take care
 # that no libvirtd or default network ever starts in the root namespace.
@@ -37,6 +42,9 @@ PACKAGES=(
     libvirt-dev
     dosfstools
     prometheus
+    dpkg-dev
+    debootstrap systemd-container
+    systemd
 )
 
 missing=()

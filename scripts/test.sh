@@ -17,6 +17,8 @@ if [[ -d "${HOME:-/root}/.cargo/bin" ]]; then
 fi
 
 scripts/install-deps.sh
+# cargo-deb for the package check below, installed now: not while cargo test runs.
+scripts/package.sh --tool-only
 
 # Namespaces left by a test process that was killed (SIGKILL skips the Drop guards).
 # Names are nva-<pid>-<n>-<role>; only those whose creating process is gone are removed.
@@ -52,6 +54,14 @@ if ((build_rc == 0)); then
     scripts/contract.sh
     contract_rc=$?
 fi
+# The Debian package of the binary built above, installed into a clean Debian 12 root
+# that then boots with systemd and runs the hardened service (one test of the summary
+# line; scripts/package-check.sh says what it checks).
+package_rc=1
+if ((build_rc == 0)); then
+    scripts/package-check.sh --dev
+    package_rc=$?
+fi
 # Every dependency's licence against deny.toml (installs cargo-deny on first use).
 scripts/check-licenses.sh
 deny_rc=$?
@@ -62,16 +72,22 @@ echo "test.sh: build + tests took $(($(date +%s) - start)) s" >&2
 ((tests_rc == 0)) || echo "test.sh: cargo test failed (exit $tests_rc)" >&2
 ((deny_rc == 0)) || echo "test.sh: the licence check failed (exit $deny_rc)" >&2
 ((build_rc != 0 || contract_rc == 0)) || echo "test.sh: the API contract failed (scripts/contract.sh, exit $contract_rc)" >&2
+((build_rc != 0 || package_rc == 0)) || echo "test.sh: the package check failed (scripts/package-check.sh, exit $package_rc)" >&2
 # One closing line for the whole suite, summed over every test binary, plus the API
-# contract as one test. A failed build, or a binary that died without its result line (a
-# crash), counts as one failure; after a failed build the contract is skipped.
-awk -v rc="$tests_rc" -v build="$build_rc" -v contract="$contract_rc" '
+# contract and the package check as one test each. A failed build, or a binary that died
+# without its result line (a crash), counts as one failure; after a failed build the
+# contract and the package check are skipped.
+awk -v rc="$tests_rc" -v build="$build_rc" -v contract="$contract_rc" -v package="$package_rc" '
     /^test result:/ { p += $4; f += $6; s += $8 }
     END {
         if (build != 0 || (rc != 0 && f == 0)) f += 1
-        if (build != 0) s += 1; else if (contract == 0) p += 1; else f += 1
+        if (build != 0) s += 2
+        else {
+            if (contract == 0) p += 1; else f += 1
+            if (package == 0) p += 1; else f += 1
+        }
         printf "test: %d passed, %d failed, %d skipped\n", p, f, s
     }' "$log"
-if ((build_rc || tests_rc || deny_rc || contract_rc)); then
+if ((build_rc || tests_rc || deny_rc || contract_rc || package_rc)); then
     exit 1
 fi

@@ -219,6 +219,9 @@ async fn serve(
     // Event streams never end on their own: the bus closes them when the shutdown
     // begins, so the server can finish.
     let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let service = crate::notify::Service::from_env();
+    let watchdog = crate::notify::watchdog_interval()
+        .map(|every| tokio::spawn(service.clone().watchdog(every, stop_rx.clone())));
     let metrics_server = metrics_listener.map(|l| {
         tracing::info!(addr = ?l.local_addr().ok(), "metrics listening (METRICS_LISTEN, GET /metrics only, no token)");
         let mut stopping = shutdown_rx.clone();
@@ -226,8 +229,12 @@ async fn serve(
             let _ = stopping.wait_for(|s| *s).await;
         }))
     });
+    // The port maps are in the kernel and the listener was bound by the preflight
+    // (connections wait in its backlog until `serve` accepts them): systemd may go on.
+    service.ready(&format!("API on {addr}; {} port maps applied", report.0));
     let shutdown = async move {
         shutdown_signal().await;
+        service.stopping();
         crate::events::bus().close();
         let _ = shutdown_tx.send(true);
     };
@@ -241,6 +248,9 @@ async fn serve(
     let _ = vm_reconciler.await;
     let _ = refused_flusher.await;
     let _ = pruner.await;
+    if let Some(w) = watchdog {
+        let _ = w.await;
+    }
     let _ = mesh.await;
     if settings.portmaps.cleanup_on_exit {
         let pm = portmaps.clone();

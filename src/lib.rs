@@ -14,6 +14,7 @@ pub mod mesh;
 pub mod metrics;
 pub mod model;
 pub mod net;
+pub mod notify;
 pub mod periodic;
 pub mod portmap;
 pub mod preflight;

@@ -22,6 +22,8 @@ enum Command {
     /// Run the agent: rebuild the kernel state from SQLite, serve the API, repair drift
     /// every RECONCILE_INTERVAL seconds. Stops on SIGTERM/SIGINT. Refuses to start
     /// (exit status 2) while another agent serves this network namespace or DATA_DIR.
+    /// Under systemd (NOTIFY_SOCKET) it sends READY=1 once the port maps are in the
+    /// kernel and the API listens, and pings the watchdog (WATCHDOG_USEC).
     Serve(Settings),
     /// Print the differences between the database and the kernel, changing nothing
     /// (it may run beside a serving agent). Exit status 0: in sync; 1: drift found;

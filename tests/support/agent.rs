@@ -70,6 +70,11 @@ const AGENT_ENV: &[&str] = &[
     "MAX_CONNECTIONS",
     "UPLOAD_MIN_BYTES",
     "UPLOAD_WINDOW",
+    "METRICS_LISTEN",
+    // systemd's, when the test itself runs as a service.
+    "NOTIFY_SOCKET",
+    "WATCHDOG_USEC",
+    "WATCHDOG_PID",
 ];
 
 /// Bounded wait for `/health`: 300 polls, 100 ms apart.
@@ -227,6 +232,12 @@ impl Agent {
             token,
         };
         (agent, configured)
+    }
+
+    /// Sets (or replaces) one setting for the next start.
+    pub fn set_env(&mut self, key: &str, value: &str) {
+        self.env.retain(|(k, _)| k != key);
+        self.env.push((key.to_owned(), value.to_owned()));
     }
 
     fn set_token(&mut self, token: &str) {
