@@ -1,22 +1,63 @@
-# node-vm-agent: build with the Rust toolchain, run on a slim Debian.
-# docker build -t node-vm-agent .
-# docker run -d --network host --cap-add NET_ADMIN -v node_agent_data:/data \
-#     -v /var/run/libvirt:/var/run/libvirt node-vm-agent
-# (add --device /dev/net/tun on hosts without the WireGuard kernel module). The agent
-# reaches libvirtd only through its socket (or a remote LIBVIRT_URI): the storage pool's
-# directory need not be mounted into the container.
+# node-vm-agent: built with the Rust toolchain, run on a slim Debian with libvirt's client
+# library.
+#
+#   docker build --build-arg NVA_COMMIT=$(git rev-parse --short=12 HEAD) -t node-vm-agent .
+#   docker run -d --name node-vm-agent --restart unless-stopped \
+#       --network host --cap-add NET_ADMIN \
+#       -v node_agent_data:/data \
+#       -v /var/run/libvirt:/var/run/libvirt \
+#       node-vm-agent
+# (podman: the same flags; `podman build --network host` where RUN steps must not get a
+# bridge.)
+#
+# What the container needs from the host:
+# - --network host: the agent writes the nftables port maps, the WireGuard interface and
+#   the routes of the node's own network namespace, and serves the API (NODE_API_PORT,
+#   8000) there. A container network of its own would map nothing on the node.
+# - --cap-add NET_ADMIN: nftables, links and routes over netlink.
+# - -v VOLUME:/data: the SQLite state, the WireGuard key, the generated API token
+#   (DATA_DIR=/data). The port maps are rebuilt from it when the container restarts.
+# - -v /var/run/libvirt:/var/run/libvirt: only for VMs, libvirtd's socket (or set a
+#   remote LIBVIRT_URI). The storage pool's directory need not be mounted: images go
+#   through libvirt's API. libvirt.so.0 (package libvirt0, in this image) is loaded on
+#   first use only, so a node that only maps ports never touches it.
+# - --device /dev/net/tun: only on hosts without the WireGuard kernel module (the agent
+#   then runs WireGuard in user space).
+# Settings come from the environment (API_TOKEN, VMS_BRIDGE, VM_SUBNET, EXTERNAL_IFACE,
+# ...; see `node-vm-agent serve --help`). scripts/container-check.sh builds this file and
+# runs the image in a network namespace; docs/container.md has its results.
+
 FROM rust:1-bookworm AS build
-WORKDIR /src
-# libvirt's client library and pkg-config file, linked by the virt crate.
+# libvirt's pkg-config file and headers, which the virt crate's build script asks for.
 RUN apt-get update && apt-get install -y --no-install-recommends libvirt-dev pkg-config \
     && rm -rf /var/lib/apt/lists/*
-COPY Cargo.toml Cargo.lock ./
-COPY src src
+WORKDIR /src
+
+# Dependencies in a layer of their own: the manifest, the lock file and the build script
+# with stub sources (the [[bench]] target's file must exist for cargo to read the
+# manifest). This layer is rebuilt only when one of those three files changes.
+COPY Cargo.toml Cargo.lock build.rs ./
+RUN mkdir -p src benches \
+    && echo 'fn main() {}' > src/main.rs && touch src/lib.rs \
+    && echo 'fn main() {}' > benches/portmap.rs \
+    && cargo build --release --locked --bin node-vm-agent \
+    && rm src/main.rs src/lib.rs
+
 COPY migrations migrations
-RUN cargo build --release --locked --bin node-vm-agent
+COPY src src
+# The commit --version and node_vm_agent_build_info report: there is no .git in the
+# context, so build.rs takes it from here. Declared only now so that a new commit does not
+# rebuild the dependency layer.
+ARG NVA_COMMIT=
+# touch: COPY keeps the files' times, which may be older than the stub build's output;
+# cargo would then take the stub crate for up to date.
+RUN touch src/main.rs src/lib.rs \
+    && NVA_COMMIT="$NVA_COMMIT" cargo build --release --locked --bin node-vm-agent \
+    && ./target/release/node-vm-agent --version
 
 FROM debian:bookworm-slim
-RUN apt-get update && apt-get install -y --no-install-recommends libvirt0 ca-certificates \
+# libvirt0 only: no CA bundle is needed (reqwest carries its own roots, webpki-roots).
+RUN apt-get update && apt-get install -y --no-install-recommends libvirt0 \
     && rm -rf /var/lib/apt/lists/*
 COPY --from=build /src/target/release/node-vm-agent /usr/local/bin/node-vm-agent
 ENV DATA_DIR=/data
