@@ -1,7 +1,8 @@
 # node-vm-agent: built with the Rust toolchain, run on a slim Debian with libvirt's client
 # library.
 #
-#   docker build --build-arg NVA_COMMIT=$(git rev-parse --short=12 HEAD) -t node-vm-agent .
+#   docker build --build-arg NVA_COMMIT=$(git rev-parse --short=12 HEAD) \
+#       [--build-arg LIBVIRT=yes] -t node-vm-agent .
 #   docker run -d --name node-vm-agent --restart unless-stopped \
 #       --network host --cap-add NET_ADMIN \
 #       -v node_agent_data:/data \
@@ -11,6 +12,8 @@
 # bridge.)
 #
 # What the container needs from the host:
+# - net.ipv4.ip_forward=1 set on the host: /proc/sys is read-only in the container
+#   (the agent refuses to start when forwarding is off and it cannot turn it on).
 # - --network host: the agent writes the nftables port maps, the WireGuard interface and
 #   the routes of the node's own network namespace, and serves the API (NODE_API_PORT,
 #   8000) there. A container network of its own would map nothing on the node.
@@ -18,9 +21,8 @@
 # - -v VOLUME:/data: the SQLite state, the WireGuard key, the generated API token
 #   (DATA_DIR=/data). The port maps are rebuilt from it when the container restarts.
 # - -v /var/run/libvirt:/var/run/libvirt: only for VMs, libvirtd's socket (or set a
-#   remote LIBVIRT_URI). The storage pool's directory need not be mounted: images go
-#   through libvirt's API. libvirt.so.0 (package libvirt0, in this image) is loaded on
-#   first use only, so a node that only maps ports never touches it.
+#   remote LIBVIRT_URI), and an image built with --build-arg LIBVIRT=yes. The storage
+#   pool's directory need not be mounted: images go through libvirt's API.
 # - --device /dev/net/tun: only on hosts without the WireGuard kernel module (the agent
 #   then runs WireGuard in user space).
 # Settings come from the environment (API_TOKEN, VMS_BRIDGE, VM_SUBNET, EXTERNAL_IFACE,
@@ -56,9 +58,17 @@ RUN touch src/main.rs src/lib.rs \
     && ./target/release/node-vm-agent --version
 
 FROM debian:bookworm-slim
-# libvirt0 only: no CA bundle is needed (reqwest carries its own roots, webpki-roots).
-RUN apt-get update && apt-get install -y --no-install-recommends libvirt0 \
-    && rm -rf /var/lib/apt/lists/*
+# libvirt's client library (libvirt0) is for VMs only, and with its dependencies it is
+# 62 MB, more than slim Debian plus the agent (98.5 MB, within the 100 MB target): it is
+# in the image only with --build-arg LIBVIRT=yes (160 MB). Without it the agent maps
+# ports and joins the mesh as usual (libvirt.so.0 is loaded on first use only); a VM
+# call fails with an error that names the missing library. No CA bundle either way:
+# reqwest carries its own roots (webpki-roots).
+ARG LIBVIRT=no
+RUN if [ "$LIBVIRT" = yes ]; then \
+        apt-get update && apt-get install -y --no-install-recommends libvirt0 \
+        && rm -rf /var/lib/apt/lists/*; \
+    fi
 COPY --from=build /src/target/release/node-vm-agent /usr/local/bin/node-vm-agent
 ENV DATA_DIR=/data
 VOLUME /data

@@ -282,6 +282,9 @@ for base in "$SLIM" "$RUST"; do
         ok "using $base as found in local storage (not made by this script)"
     fi
 done
+"${PODMAN[@]}" run --rm --network none "$SLIM" true 2> "$WORK/probe.log" \
+    || die "a container does not start here: $(cat "$WORK/probe.log")"
+ok "a container runs: podman run --rm --network none $SLIM true"
 # `FROM debian:bookworm-slim` and `FROM rust:1-bookworm` are short names: podman finds
 # them under localhost/ in local storage, and --pull=never keeps it from asking a registry.
 
@@ -335,10 +338,20 @@ fi
 
 SIZE=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$IMAGE")
 SIZE_MB=$(awk -v s="$SIZE" 'BEGIN{printf "%.1f", s/1000000}')
-"${PODMAN[@]}" images "$IMAGE"
+"${PODMAN[@]}" images --filter reference="$IMAGE"
 awk -v s="$SIZE" -v t="$SIZE_TARGET_MB" 'BEGIN{exit !(s <= t*1000000)}' \
     || die "image is $SIZE_MB MB, over the ${SIZE_TARGET_MB} MB target"
 ok "image size $SIZE bytes ($SIZE_MB MB) <= ${SIZE_TARGET_MB} MB"
+
+# The variant for VMs, with libvirt's client library: only the runtime stage differs,
+# the build stage comes from the cache.
+LIBVIRT_IMAGE=$IMAGE-libvirt
+build libvirt "$SRC" --build-arg LIBVIRT=yes -t "$LIBVIRT_IMAGE"
+"${PODMAN[@]}" run --rm --network none --entrypoint sh "$LIBVIRT_IMAGE" -c 'ldconfig -p | grep -q "libvirt.so.0 "' \
+    || die "$LIBVIRT_IMAGE has no libvirt.so.0"
+LIBVIRT_SIZE=$("${PODMAN[@]}" image inspect --format '{{.Size}}' "$LIBVIRT_IMAGE")
+LIBVIRT_MB=$(awk -v s="$LIBVIRT_SIZE" 'BEGIN{printf "%.1f", s/1000000}')
+ok "--build-arg LIBVIRT=yes: $LIBVIRT_IMAGE has libvirt.so.0, $LIBVIRT_SIZE bytes ($LIBVIRT_MB MB; ${BUILD_SECONDS} s with the build stage cached)"
 
 version=$("${PODMAN[@]}" run --rm --network none "$IMAGE" --version)
 [[ $version == *"($COMMIT)"* ]] || die "podman run --rm $IMAGE --version printed '$version', without the commit $COMMIT"
@@ -385,7 +398,10 @@ API=http://10.78.1.1:8000
 auth=(-H "Authorization: Bearer $TOKEN")
 "${PODMAN[@]}" volume create "$VOLUME" > /dev/null
 # podman itself runs inside the node namespace, so --network host is that namespace.
-in_node_podman() { ip netns exec "$NODE" "${PODMAN[@]}" "$@"; }
+# nsenter --net, not `ip netns exec`: the latter also makes a mount namespace with a new
+# /sys, in which /sys/fs/cgroup is not mounted ("runc create failed: no cgroup mount
+# found in mountinfo").
+in_node_podman() { nsenter --net="/run/netns/$NODE" "${PODMAN[@]}" "$@"; }
 in_node_podman run -d --name "$CTR" --network host --cap-add NET_ADMIN \
     -v "$VOLUME:/data" -e API_TOKEN="$TOKEN" -e VMS_BRIDGE=$BRIDGE \
     -e VM_SUBNET=10.78.2.0/24 -e EXTERNAL_IFACE=ext0 "$IMAGE" > /dev/null
@@ -444,4 +460,4 @@ new_links=$(comm -13 <(echo "$LINKS_BEFORE") <(root_links))
 ok "root namespace unchanged: no new link (no podman0/cni bridge), nft list tables as before"
 
 echo
-echo "container-check: ALL PASSED: image $IMAGE $SIZE_MB MB ($SIZE bytes); ${COLD_NOTE}; ${WARM_NOTE:-warm rebuild skipped}; commit $COMMIT"
+echo "container-check: ALL PASSED: image $IMAGE $SIZE_MB MB ($SIZE bytes), with LIBVIRT=yes $LIBVIRT_MB MB; ${COLD_NOTE}; ${WARM_NOTE:-warm rebuild skipped}; commit $COMMIT"
