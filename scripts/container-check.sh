@@ -359,29 +359,10 @@ ok "podman run --rm $IMAGE --version: $version"
 
 # ---------------------------------------------------------------------------------
 say "running the image in network namespace $NODE"
-in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
-for ns in $CLIENT $NODE $VM; do
-    ip netns add "$ns"
-    in_ns "$ns" ip link set lo up
-done
-# Every link is made inside the node namespace with its peer moved straight into the
-# other one: nothing is created in the root namespace.
-in_ns $NODE ip link add ext0 type veth peer name eth0 netns $CLIENT
-in_ns $NODE ip addr add 10.78.1.1/24 dev ext0
-in_ns $NODE ip link set ext0 up
-in_ns $CLIENT ip addr add 10.78.1.2/24 dev eth0
-in_ns $CLIENT ip link set eth0 up
-in_ns $NODE ip link add $BRIDGE type bridge
-in_ns $NODE ip addr add 10.78.2.1/24 dev $BRIDGE
-in_ns $NODE ip link set $BRIDGE up
-in_ns $NODE ip link add vmp0 type veth peer name eth0 netns $VM
-in_ns $NODE ip link set vmp0 master $BRIDGE up
-in_ns $VM ip addr add 10.78.2.2/24 dev eth0
-in_ns $VM ip link set eth0 up
-in_ns $VM ip route add default via 10.78.2.1
-in_ns $NODE ip route add default via 10.78.1.2
-# The container's /proc/sys is read-only: forwarding is the host's to turn on.
-in_ns $NODE sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward'
+# The namespaces of scripts/demo.sh (in_ns, sandbox_up). The container's /proc/sys is
+# read-only: forwarding is the host's to turn on, which sandbox_up does in the node.
+source scripts/sandbox-net.sh
+sandbox_up $CLIENT $NODE $VM $BRIDGE 10.78
 
 mkdir -p "$WORK/www"
 echo "hello from the vm namespace behind $BRIDGE ($ID)" > "$WORK/www/index.html"

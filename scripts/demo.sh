@@ -102,30 +102,11 @@ INFO
 }
 trap cleanup EXIT
 
-in_ns() { local ns=$1; shift; ip netns exec "$ns" "$@"; }
+# in_ns, sandbox_up: the namespaces and links, nothing in the root namespace.
+source scripts/sandbox-net.sh
 
 say "sandbox: namespaces $CLIENT, $NODE, $VM; bridge $BRIDGE inside $NODE"
-for ns in $CLIENT $NODE $VM; do
-    ip netns add "$ns"
-    in_ns "$ns" ip link set lo up
-done
-# Links are created inside the node namespace with the peer moved straight into the
-# other namespace: nothing is ever created in the root namespace.
-in_ns $NODE ip link add ext0 type veth peer name eth0 netns $CLIENT
-in_ns $NODE ip addr add 10.77.1.1/24 dev ext0
-in_ns $NODE ip link set ext0 up
-in_ns $CLIENT ip addr add 10.77.1.2/24 dev eth0
-in_ns $CLIENT ip link set eth0 up
-in_ns $NODE ip link add $BRIDGE type bridge
-in_ns $NODE ip addr add 10.77.2.1/24 dev $BRIDGE
-in_ns $NODE ip link set $BRIDGE up
-in_ns $NODE ip link add vmp0 type veth peer name eth0 netns $VM
-in_ns $NODE ip link set vmp0 master $BRIDGE up
-in_ns $VM ip addr add 10.77.2.2/24 dev eth0
-in_ns $VM ip link set eth0 up
-in_ns $VM ip route add default via 10.77.2.1
-in_ns $NODE sh -c 'echo 1 > /proc/sys/net/ipv4/ip_forward'
-in_ns $NODE ip route add default via 10.77.1.2
+sandbox_up $CLIENT $NODE $VM $BRIDGE 10.77
 
 say "the vm serves HTTP on 10.77.2.2:80"
 echo "hello from the vm behind $BRIDGE" > "$WORK/www/index.html"
