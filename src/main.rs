@@ -5,11 +5,11 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use node_vm_agent::agent;
-use node_vm_agent::config::Settings;
+use node_vm_agent::config::{DiffSettings, Settings};
 use node_vm_agent::portmap::{NftFirewall, PortMaps};
 
-/// Edge-node agent: maps node ports to VMs with one atomic nftables table, keeps its state
-/// in SQLite ($DATA_DIR/agent.db) and serves an authenticated REST API.
+/// Edge-node agent: joins the WireGuard mesh, runs libvirt VMs, maps node ports to them
+/// with one nftables table, and keeps its state in SQLite behind an authenticated REST API.
 #[derive(Parser)]
 #[command(version = node_vm_agent::metrics::VERSION_LINE, about, long_about = None)]
 struct Cli {
@@ -19,23 +19,29 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the agent: rebuild the kernel state from SQLite, serve the API, repair drift
-    /// every RECONCILE_INTERVAL seconds. Stops on SIGTERM/SIGINT. Refuses to start
-    /// (exit status 2) while another agent serves this network namespace or DATA_DIR.
-    /// Under systemd (NOTIFY_SOCKET) it sends READY=1 once the port maps are in the
-    /// kernel and the API listens, and pings the watchdog (WATCHDOG_USEC).
+    /// Run the agent (the API, the mesh join, the VMs and the port maps).
+    ///
+    /// It first rebuilds the kernel state from SQLite ($DATA_DIR/agent.db), then serves
+    /// the API and repairs drift every RECONCILE_INTERVAL seconds, until SIGTERM or
+    /// SIGINT. It refuses to start (exit status 2, nothing changed) while another agent
+    /// serves this network namespace or DATA_DIR. Under systemd (NOTIFY_SOCKET) it sends
+    /// READY=1 once the port maps are in the kernel and the API listens, and pings the
+    /// watchdog (WATCHDOG_USEC). Every setting is an environment variable and a flag;
+    /// docs/configuration.md has the same list.
     Serve(Settings),
-    /// Print the differences between the database and the kernel, changing nothing
-    /// (it may run beside a serving agent). Exit status 0: in sync; 1: drift found;
+    /// Print what differs between the database and the kernel's table, changing nothing.
+    ///
+    /// It may run beside a serving agent, and reads the same environment as `serve`;
+    /// the settings below are those it uses. Exit status 0: in sync; 1: drift found;
     /// 2: error.
-    Diff(Settings),
+    Diff(DiffSettings),
 }
 
 fn main() -> ExitCode {
     node_vm_agent::memory::unmap_large_allocations();
     let cli = Cli::parse();
     let settings = match &cli.command {
-        Command::Serve(s) | Command::Diff(s) => s.clone(),
+        Command::Serve(s) | Command::Diff(DiffSettings(s)) => s.clone(),
     };
     node_vm_agent::logging::init(settings.log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
@@ -48,7 +54,7 @@ fn main() -> ExitCode {
     let result = rt.block_on(async move {
         match cli.command {
             Command::Serve(s) => agent::run(s).await.map(|()| ExitCode::SUCCESS),
-            Command::Diff(s) => diff(s).await,
+            Command::Diff(DiffSettings(s)) => diff(s).await,
         }
     });
     match result {

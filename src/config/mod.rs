@@ -39,23 +39,24 @@ pub enum LogFormat {
 /// Settings of `node-vm-agent serve` (and of the commands that read the same state).
 #[derive(Args, Clone, Debug)]
 pub struct Settings {
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "State and audit")]
     pub state: StateSettings,
 
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "REST API")]
     pub api: ApiSettings,
 
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Mesh (WireGuard)")]
     pub mesh: MeshSettings,
 
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "VMs (libvirt)")]
     pub vms: VmSettings,
 
-    #[command(flatten)]
+    #[command(flatten, next_help_heading = "Port maps and NAT")]
     pub portmaps: PortMapSettings,
 
     /// Seconds between two comparisons of the kernel with the database (drift repair).
     #[arg(
+        help_heading = "Agent",
         long,
         env = "RECONCILE_INTERVAL",
         value_name = "RECONCILE_INTERVAL",
@@ -66,6 +67,7 @@ pub struct Settings {
 
     /// Log format.
     #[arg(
+        help_heading = "Agent",
         long,
         env = "LOG_FORMAT",
         value_name = "LOG_FORMAT",
@@ -90,5 +92,55 @@ impl Settings {
     /// What the NAT rules need, the mesh's interface included.
     pub fn nat(&self) -> crate::net::nft::NatSettings {
         self.portmaps.nat(&self.mesh.wg_iface)
+    }
+}
+
+/// The settings `node-vm-agent diff` uses: those that decide the port maps' table and
+/// where the database is. `diff` parses the same environment as `serve` (one
+/// `/etc/default` file serves both) but lists only these in its `--help`.
+const DIFF_READS: &[&str] = &[
+    "data_dir",
+    "node_api_port",
+    "wg_iface",
+    "wg_listen_port",
+    "vms_bridge",
+    "vm_subnet",
+    "external_iface",
+    "allowed_targets",
+    "reserved_ports",
+    "log_format",
+];
+
+/// Settings of `node-vm-agent diff`: [`Settings`], with the help limited to
+/// [`DIFF_READS`].
+#[derive(Clone, Debug)]
+pub struct DiffSettings(pub Settings);
+
+impl DiffSettings {
+    fn limit_help(cmd: clap::Command) -> clap::Command {
+        cmd.mut_args(|a| {
+            let shown = DIFF_READS.contains(&a.get_id().as_str());
+            a.hide(!shown)
+        })
+    }
+}
+
+impl clap::FromArgMatches for DiffSettings {
+    fn from_arg_matches(m: &clap::ArgMatches) -> Result<Self, clap::Error> {
+        <Settings as clap::FromArgMatches>::from_arg_matches(m).map(Self)
+    }
+
+    fn update_from_arg_matches(&mut self, m: &clap::ArgMatches) -> Result<(), clap::Error> {
+        self.0.update_from_arg_matches(m)
+    }
+}
+
+impl Args for DiffSettings {
+    fn augment_args(cmd: clap::Command) -> clap::Command {
+        Self::limit_help(Settings::augment_args(cmd))
+    }
+
+    fn augment_args_for_update(cmd: clap::Command) -> clap::Command {
+        Self::limit_help(Settings::augment_args_for_update(cmd))
     }
 }

@@ -287,3 +287,34 @@ fn the_vm_config_comes_from_the_vm_group() {
     );
     assert_eq!(nat.external_iface, None);
 }
+
+#[test]
+fn diff_lists_only_the_settings_it_uses_and_parses_the_same_environment() {
+    use clap::CommandFactory;
+    #[derive(Parser)]
+    struct DiffCli {
+        #[command(flatten)]
+        s: DiffSettings,
+    }
+    let cmd = DiffCli::command();
+    let shown: Vec<&str> = cmd
+        .get_arguments()
+        .filter(|a| !a.is_hide_set() && a.get_long().is_some_and(|l| l != "help"))
+        .map(|a| a.get_id().as_str())
+        .collect();
+    let mut want = DIFF_READS.to_vec();
+    want.sort_unstable();
+    let mut got = shown.clone();
+    got.sort_unstable();
+    assert_eq!(
+        got, want,
+        "every name in DIFF_READS is a setting, and only those show"
+    );
+    // The hidden ones still parse, so one environment serves serve and diff alike.
+    let d = DiffCli::try_parse_from(["x", "--data-dir", "/tmp/d", "--libvirt-timeout", "5"])
+        .unwrap()
+        .s
+        .0;
+    assert_eq!(d.state.data_dir, PathBuf::from("/tmp/d"));
+    assert_eq!(d.vms.libvirt_timeout, 5);
+}
