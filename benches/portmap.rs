@@ -157,7 +157,7 @@ fn nft_script(settings: &NatSettings, maps: &[PortMap]) -> String {
         ruleset::TABLE
     )
     .unwrap();
-    // The sets in apply_all's order (docs/decisions.md §21); no allow-lists here.
+    // The sets in apply_all's order (docs/decisions/22-allow-lists-and-counters-as-set-elements.md); no allow-lists here.
     for proto in Proto::ALL {
         let name = ruleset::map_name(proto);
         writeln!(

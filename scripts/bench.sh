@@ -273,7 +273,7 @@ fi
 # mem_around_load MAPS: an agent with MAPS maps; RssAnon (and VmRSS) idle, at the peak of
 # a GET /ports load (wrk -t2 -c64 -d10s, the load of (d)) and 5 s after it ended. The
 # target applies to RssAnon, the memory the agent owns: on a 6.18 kernel code pages are
-# mapped a page-cache folio at a time and RssFile alone is ~21 MB (docs/decisions.md §14).
+# mapped a page-cache folio at a time and RssFile alone is ~21 MB (docs/decisions/14-store-work-on-two-threads.md).
 mem_around_load() {
     local maps=$1
     ip netns add "$NS_AGENT"; nsx "$NS_AGENT" ip link set lo up
@@ -397,7 +397,7 @@ if want g || want h; then
         echo "$V"
         if want g; then
             # The issue's target is the agent-side latency, guest boot excluded: the
-            # request minus libvirt launching QEMU (docs/decisions.md §9). The whole
+            # request minus libvirt launching QEMU (docs/decisions/09-vms-through-libvirt-api.md). The whole
             # request is reported next to it, judged against nothing.
             row "(g) POST /vms, agent side (the target): the whole request minus libvirt's virDomainCreate (libvirt launching QEMU), n=$(kv "$V" runs)" "<= 150 ms" \
                 "p50 $(kv "$V" agent_side_p50_ms) ms, p90 $(kv "$V" agent_side_p90_ms) ms, max $(kv "$V" agent_side_max_ms) ms" \

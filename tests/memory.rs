@@ -7,7 +7,7 @@
 //! the agent can give back. The file-backed part (`RssFile`: the binary's and the
 //! libraries' code, shared page cache) does not depend on the load; on these machines'
 //! kernel it alone is about 21 MB, because code pages are mapped a whole large folio at
-//! a time (docs/decisions.md §14), so `VmRSS` is reported but not bounded.
+//! a time (docs/decisions/14-store-work-on-two-threads.md), so `VmRSS` is reported but not bounded.
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 

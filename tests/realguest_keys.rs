@@ -2,7 +2,7 @@
 //! request's `user_data`, the SSH keys the agent puts in the seed (the request's, or the
 //! node's SSH_AUTHORIZED_KEYS when the request brings none) and the hostname must reach
 //! the guest next to what that user-data does, and the user-data must reach cloud-init
-//! byte for byte (docs/decisions.md §17).
+//! byte for byte (docs/decisions/17-user-data-keys-in-meta-data.md).
 //!
 //! Opt-in (`#[ignore]`, not part of scripts/test.sh): both tests need the Debian guest
 //! that `/work/shared/tools/realguest.sh` builds (a few hundred MB, about 10 minutes), in

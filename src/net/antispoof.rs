@@ -1,5 +1,5 @@
 //! The mesh's anti-spoofing rule as its own small interface: the controller's tunnel
-//! addresses may only arrive through the WireGuard link (docs/decisions.md §8).
+//! addresses may only arrive through the WireGuard link (docs/decisions/08-trusted-controller-path.md).
 //!
 //! It is not part of the port maps' `Firewall`: the mesh, not the port-map service,
 //! decides these networks, and a port-map fake that silently ignored them hid whether

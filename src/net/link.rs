@@ -108,7 +108,7 @@ fn set_sysctl_flag(path: &Path, name: &'static str) -> Result<bool, LinkError> {
 /// Turns on hairpin mode of bridge port `ifname` (a VM's tap), so that a VM's packet
 /// DNAT'd at bridge level (br_netfilter) may leave through the port it came in by: what
 /// a VM reaching a node port mapped back to a VM on the same bridge needs (docs/
-/// decisions.md §4). `Ok(None)` when there is no such bridge port in this namespace (a
+/// decisions/04-bridge-hairpin-limit.md). `Ok(None)` when there is no such bridge port in this namespace (a
 /// remote libvirt host, or no bridge); otherwise whether it was off.
 pub fn enable_hairpin(ifname: &IfaceName) -> Result<Option<bool>, LinkError> {
     // An `IfaceName` is safe inside the path: no '/', no "..".

@@ -1,8 +1,8 @@
 //! Creates whose client got a 503 while their libvirt work was cut off halfway or went on
 //! without them, and the cleanup that makes libvirt agree with SQLite again.
 //!
-//! `POST /vms` builds the VM in libvirt first and writes its row after (docs/decisions.md
-//! §9). When that libvirt call ends in `Unavailable` (LIBVIRT_TIMEOUT ran out, or
+//! `POST /vms` builds the VM in libvirt first and writes its row after (docs/decisions/
+//! 09-vms-through-libvirt-api.md). When that libvirt call ends in `Unavailable` (LIBVIRT_TIMEOUT ran out, or
 //! libvirt's keepalive gave the connection up while the daemon was frozen), what libvirt
 //! holds is unknown: only volumes, a domain defined but not started, or one started after
 //! the client was answered. The row is never written, and the create's own undo could

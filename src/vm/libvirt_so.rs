@@ -4,7 +4,7 @@
 //! Linking libvirt.so.0 maps it and the ~30 libraries it needs (gnutls, libcrypto, glib,
 //! libxml2, ICU, ...) into the process and runs their constructors: about 12 MB resident
 //! before one libvirt call (a C program that only links libvirt: 12.9 MB VmRSS, without:
-//! 1.1 MB; docs/decisions.md §15). A node that only maps ports never calls libvirt
+//! 1.1 MB; docs/decisions/15-libvirt-loaded-on-first-use.md). A node that only maps ports never calls libvirt
 //! (reconcile connects only when there are VM rows), so it should not carry that, and
 //! it should start where libvirt is not installed at all.
 //!

@@ -7,7 +7,7 @@
 //! part travels beside it where cloud-init applies it whatever that user-data says: the
 //! keys as the datasource's own `public-keys` in `meta-data`, the hostname as
 //! `local-hostname` there, and a `vendor-data` that keeps cloud-init from preserving the
-//! image's hostname (docs/decisions.md §17 says why not keys in vendor-data).
+//! image's hostname (docs/decisions/17-user-data-keys-in-meta-data.md says why not keys in vendor-data).
 //! Every generated value goes through serde_json, so no hostname, key or instance-id can
 //! break out of its string.
 
@@ -76,7 +76,7 @@ pub fn build(spec: &SeedSpec<'_>) -> Result<Vec<u8>, SeedError> {
 /// the keys of the merged cloud-config (`ssh_authorized_keys`) for the default user,
 /// whatever the user-data says about keys, unless that user-data sets
 /// `allow_public_ssh_keys: false`. Keys in vendor-data would not do: a user-data with its
-/// own `ssh_authorized_keys` replaces them (docs/decisions.md §17).
+/// own `ssh_authorized_keys` replaces them (docs/decisions/17-user-data-keys-in-meta-data.md).
 pub fn meta_data(spec: &SeedSpec<'_>) -> Vec<u8> {
     let mut value = serde_json::json!({
         "instance-id": spec.instance_id,

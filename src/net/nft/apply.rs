@@ -1,7 +1,7 @@
 //! Making the kernel's table exactly the desired maps, in one transaction: in place when
 //! the table has the right shape (only the maps that differ change; the others, and
 //! their counters, are not touched), else a rebuild that carries the counters of the
-//! maps it keeps (docs/decisions.md §24).
+//! maps it keeps (docs/decisions/24-apply-all-in-place.md).
 
 use std::collections::{BTreeMap, BTreeSet};
 

@@ -3,7 +3,7 @@
 //! A read of the table is mostly the kernel's dump work, done inside `recvmsg` on the
 //! thread that reads: for 10,000 maps about 15 ms for the DNAT map and as much for the
 //! flow set (both counted). Dumped side by side on two threads, two cores do it in about
-//! half the time; on one core it costs what one thread does (docs/decisions.md §24).
+//! half the time; on one core it costs what one thread does (docs/decisions/24-apply-all-in-place.md).
 
 use std::collections::BTreeMap;
 

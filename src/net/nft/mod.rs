@@ -28,7 +28,7 @@
 //!
 //! Port maps, their allow-lists and their counters are set elements, so a lookup costs
 //! the same for one map or 30,000, and adding or removing one is a one-transaction
-//! change of a few elements (docs/decisions.md §22).
+//! change of a few elements (docs/decisions/22-allow-lists-and-counters-as-set-elements.md).
 
 mod apply;
 mod drift;

@@ -144,7 +144,7 @@ impl From<crate::store::portmaps::PortMapRow> for VmPortMap {
 pub struct Deleted {
     pub name: String,
     pub deleted_files: bool,
-    /// Port maps that targeted the VM's address, removed with it (see docs/decisions.md).
+    /// Port maps that targeted the VM's address, removed with it (see docs/decisions/09-vms-through-libvirt-api.md).
     pub removed_port_maps: Vec<String>,
 }
 
