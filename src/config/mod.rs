@@ -14,6 +14,8 @@ mod api;
 mod check;
 mod mesh;
 mod portmaps;
+#[cfg(test)]
+mod reference;
 mod state;
 #[cfg(test)]
 mod tests;
