@@ -416,8 +416,8 @@ fn raw_exchange(topo: &Topology, request: &[u8]) -> String {
 
 /// Requests the HTTP parser (hyper) refuses before the application sees them are
 /// answered by hyper itself: a status line, `content-length: 0`, no JSON body, and the
-/// connection closed. hyper has no hook for that body; README "API" lists these cases,
-/// and this test keeps the list true.
+/// connection closed. hyper has no hook for that body; docs/api.md ("Errors") lists these
+/// cases, and this test keeps the list true.
 #[test]
 fn what_the_http_parser_refuses_is_answered_as_the_readme_says() {
     let topo = Topology::new();

@@ -13,11 +13,15 @@ pub use crate::net::wireguard::WgMode;
 /// The join and the WireGuard link; the mesh task takes this group as it is.
 #[derive(Args, Clone, Debug)]
 pub struct MeshSettings {
-    /// Controller API base URL (used by the mesh join).
+    /// Controller API base URL, for the mesh join.
+    ///
+    /// http:// or https://. With JOIN_TOKEN and NODE_ID the node joins the mesh; with
+    /// none of the three it runs standalone (no tunnel); one or two of them stop the
+    /// agent at startup with an error naming the missing ones.
     #[arg(long, env = "CONTROLLER_URL", value_name = "CONTROLLER_URL")]
     pub controller_url: Option<String>,
 
-    /// Join token sent as X-Join-Token (used by the mesh join).
+    /// Join token, sent as X-Join-Token on `POST {CONTROLLER_URL}/join`.
     #[arg(
         long,
         env = "JOIN_TOKEN",
@@ -26,20 +30,30 @@ pub struct MeshSettings {
     )]
     pub join_token: Option<String>,
 
-    /// Unique node identifier (used by the mesh join).
+    /// Unique node identifier, sent on join.
+    ///
+    /// 1 to 128 printable characters.
     #[arg(long, env = "NODE_ID", value_name = "NODE_ID")]
     pub node_id: Option<String>,
 
-    /// WireGuard interface name; traffic leaving through it is masqueraded.
+    /// WireGuard interface name.
+    ///
+    /// Traffic leaving through it is masqueraded (multi-hop proxy chains). Once joined,
+    /// the controller's tunnel address is accepted as a source only through it.
     #[arg(long, env = "WG_IFACE", value_name = "WG_IFACE", default_value = "wg0", value_parser = parse_ifname)]
     pub wg_iface: String,
 
-    /// WireGuard listen port, refused as a port-map listen port when set.
+    /// WireGuard listen port.
+    ///
+    /// 1..65535; when set, refused as a port-map listen port. Unset: a port the system
+    /// chooses.
     #[arg(long, env = "WG_LISTEN_PORT", value_name = "WG_LISTEN_PORT", value_parser = clap::value_parser!(u16).range(1..))]
     pub wg_listen_port: Option<u16>,
 
-    /// WireGuard implementation: auto (kernel module where it exists, else userspace),
-    /// kernel, or userspace. A userspace link goes down with the agent process.
+    /// WireGuard implementation.
+    ///
+    /// `auto` logs which one it chose. A kernel link stays up when the agent stops; a
+    /// userspace link goes down with the process.
     #[arg(
         long,
         env = "WG_MODE",
@@ -50,10 +64,14 @@ pub struct MeshSettings {
     pub wg_mode: WgMode,
 
     /// MTU of the WireGuard link.
+    ///
+    /// 576..9000.
     #[arg(long, env = "WG_MTU", value_name = "WG_MTU", default_value_t = 1420, value_parser = clap::value_parser!(u32).range(576..=9000))]
     pub wg_mtu: u32,
 
-    /// Persistent keepalive towards the controller, in seconds (0: off).
+    /// Persistent keepalive towards the controller, in seconds.
+    ///
+    /// 0: off.
     #[arg(
         long,
         env = "WG_KEEPALIVE",
@@ -62,35 +80,56 @@ pub struct MeshSettings {
     )]
     pub wg_keepalive: u16,
 
-    /// Seconds in which nothing came from the controller (no handshake, no packet: the
-    /// agent sends it a probe datagram whenever it has been quiet, which a live
-    /// controller answers within 10 s) after which the tunnel counts as dead: re-join
-    /// (after a random delay of at most a quarter of it and 10 s), then with the join
-    /// backoff, at most 10 s apart, while it stays dead (0: off).
+    /// Seconds of silence from the controller after which the tunnel counts as dead.
+    ///
+    /// 0..86400; 0: off. Silence: no handshake and no packet from the controller through
+    /// the tunnel (a controller that restarted and forgot its peers). The agent sends the
+    /// controller's tunnel address a probe datagram (UDP port 9) whenever the tunnel has
+    /// been quiet for a look (every 5 s; every second once quiet for half of
+    /// WG_STALE_AFTER); a live controller answers it (an ICMP port unreachable or, where
+    /// that is dropped, WireGuard's passive keepalive 10 s later), one that forgot the
+    /// node does not.
+    ///
+    /// Dead, the agent re-joins after a random delay of at most a quarter of
+    /// WG_STALE_AFTER and 10 s (so a fleet does not re-join at once) and restarts the
+    /// handshake (re-resolving a DNS endpoint); while it stays dead it re-joins with the
+    /// join backoff, at most 10 s apart. /health says `tunnel_stale` meanwhile.
     #[arg(long, env = "WG_STALE_AFTER", value_name = "WG_STALE_AFTER", default_value_t = 20, value_parser = clap::value_parser!(u64).range(0..=86_400))]
     pub wg_stale_after: u64,
 
-    /// First delay between two join attempts, in milliseconds; doubled after every
-    /// failure (with jitter) up to JOIN_RETRY_MAX.
+    /// First delay after a failed join, in milliseconds.
+    ///
+    /// 10..600000. A failed join is a network error or a 5xx; the delay d doubles after
+    /// every failure, with jitter in [d/2, d], up to JOIN_RETRY_MAX.
     #[arg(long, env = "JOIN_RETRY_INITIAL_MS", value_name = "JOIN_RETRY_INITIAL_MS", default_value_t = 500, value_parser = clap::value_parser!(u64).range(10..=600_000))]
     pub join_retry_initial_ms: u64,
 
     /// Longest delay between two join attempts, in seconds.
+    ///
+    /// 1..3600. The attempts never stop, but a 403 (wrong JOIN_TOKEN) or 400 answer
+    /// stops them at once.
     #[arg(long, env = "JOIN_RETRY_MAX", value_name = "JOIN_RETRY_MAX", default_value_t = 60, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub join_retry_max: u64,
 
-    /// Seconds between two re-joins once joined: a changed node_ip, endpoint or
-    /// controller key is applied then, without a restart.
+    /// Seconds between two re-joins once joined.
+    ///
+    /// 1..86400. A changed node_ip, endpoint or controller key is applied then, without
+    /// a restart.
     #[arg(long, env = "JOIN_REFRESH_INTERVAL", value_name = "JOIN_REFRESH_INTERVAL", default_value_t = 300, value_parser = clap::value_parser!(u64).range(1..=86_400))]
     pub join_refresh_interval: u64,
 
     /// Timeout of one join request, in seconds.
+    ///
+    /// 1..300.
     #[arg(long, env = "JOIN_TIMEOUT", value_name = "JOIN_TIMEOUT", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=300))]
     pub join_timeout: u64,
 
-    /// Authorise, without a token, requests that arrive through WG_IFACE from the
-    /// controller's tunnel address (allowed_ips of the join response), as the original
-    /// controller's proxy sends no authentication header.
+    /// Authorise the controller's requests through the tunnel without a token.
+    ///
+    /// Requests accepted on the node's tunnel address, through WG_IFACE, from the
+    /// controller's tunnel address (allowed_ips of the join answer) need no token, as the
+    /// original controller's proxy sends no authentication header; that source address
+    /// is dropped on every other interface.
     #[arg(long, env = "TRUST_CONTROLLER_TUNNEL", value_name = "TRUST_CONTROLLER_TUNNEL", default_value_t = true, action = clap::ArgAction::Set)]
     pub trust_controller_tunnel: bool,
 }

@@ -14,6 +14,8 @@ mod api;
 mod check;
 mod mesh;
 mod portmaps;
+#[cfg(test)]
+mod reference;
 mod state;
 #[cfg(test)]
 mod tests;
@@ -54,7 +56,11 @@ pub struct Settings {
     #[command(flatten, next_help_heading = "Port maps and NAT")]
     pub portmaps: PortMapSettings,
 
-    /// Seconds between two comparisons of the kernel with the database (drift repair).
+    /// Seconds between two drift checks of the kernel and libvirt against the database.
+    ///
+    /// 1..86400. Each pass compares the nftables table, the accept in libvirt's chain
+    /// and the VMs with SQLite and repairs what differs (someone flushed the table,
+    /// libvirt re-created its reject rules, a domain was undefined by hand).
     #[arg(
         help_heading = "Agent",
         long,
@@ -65,7 +71,10 @@ pub struct Settings {
     )]
     pub reconcile_interval: u64,
 
-    /// Log format.
+    /// Format of the log on stderr.
+    ///
+    /// Text is coloured only on a terminal, and not when NO_COLOR is set. The level is
+    /// set with RUST_LOG (default `info`).
     #[arg(
         help_heading = "Agent",
         long,

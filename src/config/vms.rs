@@ -16,11 +16,18 @@ const LEASE_POLL: Duration = Duration::from_millis(200);
 /// libvirt, the pool and the new VMs' defaults and bounds.
 #[derive(Args, Clone, Debug)]
 pub struct VmSettings {
-    /// libvirt connection URI: one long-lived connection, reopened after libvirtd restarts.
-    /// A remote one (qemu+ssh://host/system) works the same; set VMS_HOST_DIR to the
-    /// pool's directory on that host. The driver is qemu (or test, libvirt's in-process
-    /// test driver); anything else is refused at startup. Connected only once the node
-    /// has VMs or image transfers, or a VM call arrives.
+    /// libvirt connection URI.
+    ///
+    /// The driver must be qemu (or test, libvirt's in-process test driver) with a known
+    /// transport; anything else is refused at startup. A remote URI
+    /// (qemu+ssh://host/system, qemu+tls://, qemu+tcp://) works the same; set
+    /// VMS_HOST_DIR to the pool's directory on that host. With a remote host the agent
+    /// leaves local network devices alone (no hairpin mode).
+    ///
+    /// Connections are long-lived (keepalive 5 s x 3), one call at a time each, at most
+    /// 8, reopened after libvirtd restarts, plus one only for libvirt's domain events.
+    /// They are opened only once the node has VMs or image transfers, or a VM call
+    /// arrives: a node that only maps ports never connects.
     #[arg(
         long,
         env = "LIBVIRT_URI",
@@ -29,8 +36,9 @@ pub struct VmSettings {
     )]
     pub libvirt_uri: String,
 
-    /// Directory of the storage pool (when VMS_HOST_DIR is unset), an absolute path;
-    /// `GET /stats` reports its filesystem.
+    /// Directory of the storage pool (when VMS_HOST_DIR is unset).
+    ///
+    /// An absolute path; `GET /stats` reports its filesystem.
     #[arg(
         long,
         env = "VMS_WORK_DIR",
@@ -39,8 +47,10 @@ pub struct VmSettings {
     )]
     pub vms_work_dir: PathBuf,
 
-    /// The pool's directory as the libvirt host sees it (an agent in a container), an
-    /// absolute path; the agent itself never opens it.
+    /// The pool's directory as the libvirt host sees it.
+    ///
+    /// An absolute path, for an agent in a container with another mount, or a remote
+    /// LIBVIRT_URI; the agent itself never opens it.
     #[arg(long, env = "VMS_HOST_DIR", value_name = "VMS_HOST_DIR")]
     pub vms_host_dir: Option<PathBuf>,
 
@@ -54,7 +64,7 @@ pub struct VmSettings {
     )]
     pub vms_network: String,
 
-    /// Architecture of new VMs (x86_64, aarch64).
+    /// Architecture of new VMs.
     #[arg(
         long,
         env = "VMS_ARCH",
@@ -64,12 +74,16 @@ pub struct VmSettings {
     )]
     pub vms_arch: String,
 
-    /// libvirt storage pool holding base images, VM disks, seeds and console logs. Created
-    /// (type dir, at VMS_HOST_DIR or else VMS_WORK_DIR) when missing.
+    /// libvirt storage pool of base images, VM disks, seeds and console logs.
+    ///
+    /// When missing, a `dir` pool at VMS_HOST_DIR (or else VMS_WORK_DIR) is defined,
+    /// built, started and set to autostart.
     #[arg(long, env = "VMS_POOL", value_name = "VMS_POOL", default_value = "node-vm-agent", value_parser = parse_name)]
     pub vms_pool: String,
 
-    /// libvirt domain type of new VMs: `kvm`, or `qemu` (TCG) on hosts without usable KVM.
+    /// libvirt domain type of new VMs.
+    ///
+    /// `qemu` is TCG, for hosts where KVM is not usable.
     #[arg(long, env = "VMS_DOMAIN_TYPE", value_name = "VMS_DOMAIN_TYPE", default_value = "kvm", value_parser = ["kvm", "qemu"])]
     pub vms_domain_type: String,
 
@@ -77,8 +91,11 @@ pub struct VmSettings {
     #[arg(long, env = "VMS_DEFAULT_IMAGE", value_name = "VMS_DEFAULT_IMAGE", default_value = "ubuntu-22.04", value_parser = parse_name)]
     pub vms_default_image: String,
 
-    /// Where VMS_DEFAULT_IMAGE is downloaded from on first use, when it is not there yet
-    /// (empty: never download it; it must be uploaded or added with `POST /images`).
+    /// Where VMS_DEFAULT_IMAGE is downloaded from on first use.
+    ///
+    /// The default is the Ubuntu 22.04 (jammy) cloud image. While it downloads, a create
+    /// that needs it answers 503. Empty: never downloaded; the image must be uploaded or
+    /// added with `POST /images`.
     #[arg(
         long,
         env = "VMS_DEFAULT_IMAGE_URL",
@@ -87,7 +104,8 @@ pub struct VmSettings {
     )]
     pub vms_default_image_url: String,
 
-    /// SSH public keys (one per line) given to every new VM that brings none of its own.
+    /// SSH public keys (one per line) for every new VM that brings none of its own.
+    ///
     /// Default: none; the agent has no built-in key or password.
     #[arg(
         long,
@@ -97,24 +115,37 @@ pub struct VmSettings {
     )]
     pub ssh_authorized_keys: String,
 
-    /// Largest memory of one VM, MiB (also bounded by the host's memory).
+    /// Largest memory of one VM, in MiB.
+    ///
+    /// 64..16777216; also bounded by the host's memory.
     #[arg(long, env = "VM_MAX_MEMORY_MIB", value_name = "VM_MAX_MEMORY_MIB", default_value_t = 65_536, value_parser = clap::value_parser!(u64).range(64..=16_777_216))]
     pub vm_max_memory_mib: u64,
 
-    /// Most vCPUs of one VM (also bounded by libvirt's maximum for the domain type).
+    /// Most vCPUs of one VM.
+    ///
+    /// 1..4096; also bounded by libvirt's maximum for the domain type.
     #[arg(long, env = "VM_MAX_VCPUS", value_name = "VM_MAX_VCPUS", default_value_t = 64, value_parser = clap::value_parser!(u32).range(1..=4096))]
     pub vm_max_vcpus: u32,
 
-    /// Largest disk of one VM, GB.
+    /// Largest disk of one VM, in GiB.
+    ///
+    /// 1..1048576; also the largest image accepted, downloaded or uploaded.
     #[arg(long, env = "VM_MAX_DISK_GB", value_name = "VM_MAX_DISK_GB", default_value_t = 2048, value_parser = clap::value_parser!(u64).range(1..=1_048_576))]
     pub vm_max_disk_gb: u64,
 
-    /// Seconds a graceful `stop` waits for the guest to power off before forcing it.
+    /// Seconds a graceful stop waits for the guest to power off.
+    ///
+    /// 0..3600; then the VM is forced off.
     #[arg(long, env = "VM_STOP_TIMEOUT", value_name = "VM_STOP_TIMEOUT", default_value_t = 60, value_parser = clap::value_parser!(u64).range(0..=3600))]
     pub vm_stop_timeout: u64,
 
-    /// Seconds one libvirt call may take before the request gets a 503 (libvirtd hung or
-    /// unreachable); the connection's keepalive drops a dead daemon in about 15 s.
+    /// Seconds a request waits for libvirt.
+    ///
+    /// 1..3600. A create, start, stop, reboot or delete that outlives it answers 504
+    /// while its work goes on: the VM stays claimed, and the row (or the cleanup) and an
+    /// audit row record how it ended. Any other libvirt call answers 503 then (libvirtd
+    /// hung or unreachable). The connection's keepalive drops a dead daemon in about
+    /// 15 s. Reads of VMs never wait for libvirt (docs/api.md).
     #[arg(long, env = "LIBVIRT_TIMEOUT", value_name = "LIBVIRT_TIMEOUT", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub libvirt_timeout: u64,
 }
