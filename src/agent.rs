@@ -324,7 +324,11 @@ fn vm_layer(
     store: &Store,
     portmaps: &Arc<PortMaps>,
 ) -> (Arc<vm::service::Vms>, Arc<vm::images::Images>) {
-    let lv = vm::Libvirt::new(settings.libvirt_uri.clone(), settings.libvirt_timeout());
+    let lv = vm::Libvirt::with_keepalive(
+        settings.libvirt_uri.clone(),
+        settings.libvirt_timeout(),
+        settings.libvirt_keepalive,
+    );
     let cfg = vm::VmConfig::from(settings);
     let images = vm::images::Images::new(
         lv.clone(),

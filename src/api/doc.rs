@@ -244,6 +244,12 @@ fn common_statuses(method: &str, path: &str, op: &Value) -> Vec<(u16, &'static s
             "The node's disk is full (DATA_DIR): nothing was changed",
         ));
     }
+    if vm_side {
+        out.push((
+            501,
+            "This node's libvirt driver cannot do the operation (the message names it)",
+        ));
+    }
     if path.contains("{name}") {
         out.push((404, "No such VM or image"));
     }

@@ -162,6 +162,7 @@ impl From<crate::vm::VmError> for ApiError {
                 LibvirtKind::NotFound => StatusCode::NOT_FOUND,
                 LibvirtKind::Unavailable => StatusCode::SERVICE_UNAVAILABLE,
                 LibvirtKind::Conflict => StatusCode::CONFLICT,
+                LibvirtKind::Unsupported => StatusCode::NOT_IMPLEMENTED,
                 LibvirtKind::Failed => StatusCode::INTERNAL_SERVER_ERROR,
             },
             VmError::Internal(_) | VmError::Store(_) => StatusCode::INTERNAL_SERVER_ERROR,

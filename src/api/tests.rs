@@ -1035,6 +1035,31 @@ async fn the_vm_list_and_stats_come_from_libvirt() {
     assert!(st["vms"]["total"].as_u64().unwrap() >= 1, "{st}");
 }
 
+/// An operation the connection's libvirt driver lacks (the test driver has no DHCP
+/// leases) is a 501 naming it, not a 500: the node's libvirt, not the agent, is what
+/// cannot do it (found by schemathesis).
+#[tokio::test]
+async fn an_operation_the_libvirt_driver_lacks_is_a_501_that_names_it() {
+    let h = harness();
+    let (s, e) = h.authed("GET", "/vms/test/ip?timeout=0", None).await;
+    assert_error(
+        s,
+        &e,
+        StatusCode::NOT_IMPLEMENTED,
+        "this node's libvirt cannot do it: reading DHCP leases",
+    );
+    assert!(
+        e["error"]
+            .as_str()
+            .unwrap()
+            .contains("virNetworkGetDHCPLeases"),
+        "{e}"
+    );
+    let doc = h.authed("GET", "/openapi.json", None).await.1;
+    let ip = &doc["paths"]["/vms/{name}/ip"]["get"]["responses"]["501"];
+    assert!(ip.is_object(), "the document lists the 501");
+}
+
 #[tokio::test]
 async fn the_vm_list_and_status_show_the_instance_id() {
     let h = harness();

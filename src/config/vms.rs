@@ -144,10 +144,19 @@ pub struct VmSettings {
     /// 1..3600. A create, start, stop, reboot or delete that outlives it answers 504
     /// while its work goes on: the VM stays claimed, and the row (or the cleanup) and an
     /// audit row record how it ended. Any other libvirt call answers 503 then (libvirtd
-    /// hung or unreachable). The connection's keepalive drops a dead daemon in about
-    /// 15 s. Reads of VMs never wait for libvirt (docs/api.md).
+    /// hung or unreachable). The connection's keepalive drops a dead daemon sooner
+    /// (LIBVIRT_KEEPALIVE). Reads of VMs never wait for libvirt (docs/api.md).
     #[arg(long, env = "LIBVIRT_TIMEOUT", value_name = "LIBVIRT_TIMEOUT", default_value_t = 120, value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub libvirt_timeout: u64,
+
+    /// Seconds between keepalive probes on each libvirt connection.
+    ///
+    /// 1..300. After 3 unanswered probes (a frozen or unreachable libvirtd) libvirt
+    /// gives the connection up, 4 x this after the daemon's last packet (20 s by
+    /// default), and the next call opens another. Lower it for a quicker verdict on a
+    /// remote libvirtd, raise it for a link that drops packets.
+    #[arg(long, env = "LIBVIRT_KEEPALIVE", value_name = "LIBVIRT_KEEPALIVE", default_value_t = crate::vm::conn::KEEPALIVE_INTERVAL_S, value_parser = clap::value_parser!(u32).range(1..=300))]
+    pub libvirt_keepalive: u32,
 }
 
 impl VmSettings {

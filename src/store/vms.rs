@@ -99,6 +99,16 @@ pub fn mac_in_use(conn: &Connection, mac: &str) -> Result<bool, StoreError> {
     Ok(n > 0)
 }
 
+/// Whether a VM row has MAC `mac` on network `network`.
+pub fn mac_on_network(conn: &Connection, mac: &str, network: &str) -> Result<bool, StoreError> {
+    let n: i64 = conn.query_row(
+        "SELECT count(*) FROM vms WHERE mac = ?1 AND network_name = ?2",
+        [mac, network],
+        |r| r.get(0),
+    )?;
+    Ok(n > 0)
+}
+
 /// The pinned address of VM `name`; `None` when it has none (created before schema 7)
 /// or there is no such VM. For port maps that name a VM.
 pub fn pinned_ip(conn: &Connection, name: &str) -> Result<Option<Ipv4Addr>, StoreError> {

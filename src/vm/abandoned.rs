@@ -44,8 +44,32 @@ pub struct Attempt {
     instance_id: String,
     started: Arc<AtomicBool>,
     finished: Arc<AtomicBool>,
-    /// Since when cleanup passes have found nothing of it.
+    settling: Settling,
+}
+
+/// When something that may still show up late is gone for good: after two cleanup
+/// passes at least [`SETTLE`] apart that found nothing of it.
+#[derive(Default)]
+pub struct Settling {
+    /// Since when cleanup passes have found nothing.
     quiet_since: Option<Instant>,
+}
+
+impl Settling {
+    /// Records one cleanup pass; true when what it looks for can be forgotten.
+    pub fn after(&mut self, removed_something: bool) -> bool {
+        if removed_something {
+            self.quiet_since = None;
+            return false;
+        }
+        match self.quiet_since {
+            Some(t) => t.elapsed() >= SETTLE,
+            None => {
+                self.quiet_since = Some(Instant::now());
+                false
+            }
+        }
+    }
 }
 
 /// Moved into the create's closure: says that it started, and (by being dropped, with
@@ -77,7 +101,7 @@ impl Attempt {
                 instance_id: instance_id.to_owned(),
                 started: Arc::clone(&started),
                 finished: Arc::clone(&finished),
-                quiet_since: None,
+                settling: Settling::default(),
             },
             Marks { started, finished },
         )
@@ -99,17 +123,7 @@ impl Attempt {
 
     /// Records one cleanup pass; true when the attempt can be forgotten.
     pub fn settled_after(&mut self, removed_something: bool) -> bool {
-        if removed_something {
-            self.quiet_since = None;
-            return false;
-        }
-        match self.quiet_since {
-            Some(t) => t.elapsed() >= SETTLE,
-            None => {
-                self.quiet_since = Some(Instant::now());
-                false
-            }
-        }
+        self.settling.after(removed_something)
     }
 }
 
@@ -242,11 +256,11 @@ mod tests {
         assert!(!a.settled_after(true));
         assert!(!a.settled_after(false));
         assert!(!a.settled_after(false));
-        a.quiet_since = Some(Instant::now() - SETTLE);
+        a.settling.quiet_since = Some(Instant::now() - SETTLE);
         assert!(a.settled_after(false));
         // Something showed up late: the clock starts again.
-        a.quiet_since = Some(Instant::now() - SETTLE);
+        a.settling.quiet_since = Some(Instant::now() - SETTLE);
         assert!(!a.settled_after(true));
-        assert!(a.quiet_since.is_none());
+        assert!(a.settling.quiet_since.is_none());
     }
 }

@@ -36,10 +36,11 @@ use virt::connect::Connect;
 
 use super::VmError;
 
-/// Seconds between keepalive probes, and probes missed before libvirt closes the
-/// connection: a daemon that stops answering is noticed about 20 s after its last packet
-/// (libvirt gives up at the first timer after the third unanswered probe).
-const KEEPALIVE_INTERVAL_S: i32 = 5;
+/// Seconds between keepalive probes (LIBVIRT_KEEPALIVE's default), and probes missed
+/// before libvirt closes the connection: a daemon that stops answering is noticed
+/// (KEEPALIVE_COUNT + 1) intervals after its last packet, 20 s by default (libvirt gives
+/// up at the first timer after the third unanswered probe).
+pub const KEEPALIVE_INTERVAL_S: u32 = 5;
 const KEEPALIVE_COUNT: u32 = 3;
 
 /// Connections in use at once (each by one call). A frozen daemon holds at most this
@@ -113,6 +114,8 @@ type OnConnect = Box<dyn Fn(&Connect) + Send + Sync>;
 pub struct Libvirt {
     uri: String,
     timeout: Duration,
+    /// Seconds between keepalive probes on every connection.
+    keepalive_s: i32,
     pool: Mutex<Pool>,
     /// What subscribes a new events connection ([`Libvirt::set_on_connect`]).
     on_connect: std::sync::OnceLock<OnConnect>,
@@ -155,9 +158,19 @@ impl Drop for Checkout<'_> {
 
 impl Libvirt {
     pub fn new(uri: impl Into<String>, timeout: Duration) -> Arc<Self> {
+        Self::with_keepalive(uri, timeout, KEEPALIVE_INTERVAL_S)
+    }
+
+    /// With keepalive probes every `keepalive_s` seconds (LIBVIRT_KEEPALIVE).
+    pub fn with_keepalive(
+        uri: impl Into<String>,
+        timeout: Duration,
+        keepalive_s: u32,
+    ) -> Arc<Self> {
         Arc::new(Self {
             uri: uri.into(),
             timeout,
+            keepalive_s: i32::try_from(keepalive_s).unwrap_or(i32::MAX),
             pool: Mutex::new(Pool::default()),
             returned: Condvar::new(),
             opened: AtomicU64::new(0),
@@ -187,7 +200,7 @@ impl Libvirt {
         }
         match Connect::open(Some(&self.uri)) {
             Ok(conn) => {
-                if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
+                if let Err(e) = conn.set_keep_alive(self.keepalive_s, KEEPALIVE_COUNT) {
                     tracing::debug!(error = %e.message(), "libvirt keepalive not available on the events connection");
                 }
                 hook(&conn);
@@ -224,7 +237,7 @@ impl Libvirt {
             VmError::Unavailable(format!("cannot connect to {}: {}", self.uri, e.message()))
         })?;
         // Local drivers (test:///, qemu:///embed) have no keepalive; that is fine.
-        if let Err(e) = conn.set_keep_alive(KEEPALIVE_INTERVAL_S, KEEPALIVE_COUNT) {
+        if let Err(e) = conn.set_keep_alive(self.keepalive_s, KEEPALIVE_COUNT) {
             tracing::debug!(error = %e.message(), "libvirt keepalive not available on this connection");
         }
         let id = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
@@ -362,8 +375,9 @@ impl Libvirt {
             Ok(v) => Ok(v),
             Err(e) => {
                 if !s.alive() {
-                    held.failure = Some(e.to_string());
-                    return Err(VmError::Unavailable(e.to_string()));
+                    let reason = e.unavailable_reason();
+                    held.failure = Some(reason.clone());
+                    return Err(VmError::Unavailable(reason));
                 }
                 Err(e)
             }

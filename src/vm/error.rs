@@ -49,6 +49,9 @@ pub enum LibvirtKind {
     Unavailable,
     /// The object is not in a state that allows the operation (409).
     Conflict,
+    /// The connection's driver cannot do the operation at all (libvirt's "not
+    /// supported"): a limit of that libvirt, not a fault of the agent (501).
+    Unsupported,
     /// Anything else (500).
     Failed,
 }
@@ -92,6 +95,9 @@ impl LibvirtFailure {
             ) => LibvirtKind::NotFound,
             Some(ErrorNumber::NoConnect | ErrorNumber::Rpc) => LibvirtKind::Unavailable,
             Some(ErrorNumber::OperationInvalid) => LibvirtKind::Conflict,
+            Some(ErrorNumber::NoSupport | ErrorNumber::ArgumentUnsupported) => {
+                LibvirtKind::Unsupported
+            }
             _ => LibvirtKind::Failed,
         }
     }
@@ -102,6 +108,7 @@ impl LibvirtFailure {
         match self.kind() {
             LibvirtKind::NotFound | LibvirtKind::Conflict => said,
             LibvirtKind::Unavailable => format!("libvirt is unavailable: {said}"),
+            LibvirtKind::Unsupported => format!("this node's libvirt cannot do it: {said}"),
             LibvirtKind::Failed => format!("libvirt: {said}"),
         }
     }
@@ -130,6 +137,19 @@ impl VmError {
         matches!(self, VmError::Unavailable(_))
             || self.libvirt_kind() == Some(LibvirtKind::Unavailable)
     }
+
+    /// Why libvirt is unavailable, to be wrapped in [`VmError::Unavailable`] (whose
+    /// text adds "libvirt is unavailable: " itself): the reason without that prefix,
+    /// so that it is never said twice.
+    pub fn unavailable_reason(&self) -> String {
+        match self {
+            VmError::Unavailable(reason) => reason.clone(),
+            VmError::Libvirt(f) if f.kind() == LibvirtKind::Unavailable => {
+                format!("{}: {}", f.op, f.error.message())
+            }
+            other => other.to_string(),
+        }
+    }
 }
 
 #[cfg(test)]
@@ -157,5 +177,37 @@ mod tests {
         assert_eq!(f.op, "domain no-such-vm");
         assert_eq!(v.to_string(), format!("domain no-such-vm: {message}"));
         assert!(std::error::Error::source(&v).is_some());
+    }
+
+    /// A failure already saying "libvirt is unavailable" is not said twice when a read
+    /// wraps it again.
+    #[test]
+    fn an_unavailable_reason_wrapped_again_says_it_once() {
+        let first = VmError::Unavailable("cannot connect to qemu:///system: gone".into());
+        let again = VmError::Unavailable(first.unavailable_reason());
+        assert_eq!(
+            again.to_string(),
+            "libvirt is unavailable: cannot connect to qemu:///system: gone"
+        );
+    }
+
+    /// The test driver has no DHCP leases: its "not supported" is a limit of that
+    /// libvirt (501), named, not a fault of the agent.
+    #[test]
+    fn an_operation_the_driver_lacks_is_unsupported_and_named() {
+        crate::vm::libvirt_so::ensure_loaded().unwrap();
+        let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
+        let net = conn.lookup_network_by_name("default").unwrap();
+        let v = crate::vm::leases::leases(&net, None).unwrap_err();
+        let VmError::Libvirt(f) = &v else {
+            panic!("{v:?}")
+        };
+        assert_eq!(f.kind(), LibvirtKind::Unsupported);
+        let text = v.to_string();
+        assert!(
+            text.starts_with("this node's libvirt cannot do it: reading DHCP leases: "),
+            "{text}"
+        );
+        assert!(text.contains("virNetworkGetDHCPLeases"), "{text}");
     }
 }

@@ -21,6 +21,7 @@ pub mod service;
 pub mod spec;
 pub mod stats;
 pub mod storage;
+mod stray_pins;
 pub mod xml;
 
 pub use config::VmConfig;

@@ -69,8 +69,13 @@ pub struct VmStatus {
     pub instance_id: Option<String>,
     /// Created (and so deletable) by this agent.
     pub managed: bool,
-    /// The address the VM's last DHCP lease gave (`GET /vms/{name}/ip` records it).
+    /// The address a client can use, as `GET /vms/{name}/ip` answers it: the pinned
+    /// address when the agent reserved one, else the one the VM's last DHCP lease gave
+    /// (`GET /vms/{name}/ip` records it); null while neither is known.
     pub ip: Option<String>,
+    /// Where `ip` comes from: `pinned` (the agent's reservation, known before the VM
+    /// boots) or `lease` (the last DHCP lease seen); null with `ip`.
+    pub ip_source: Option<IpSource>,
     /// The address the agent reserved for the VM (absent for VMs created before
     /// pinning, and for domains the agent did not create).
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -94,6 +99,28 @@ pub struct VmStatus {
     /// last address, as `GET /ports` lists them.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub port_maps: Option<Vec<VmPortMap>>,
+}
+
+/// Where a VM's listed address comes from.
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum IpSource {
+    /// The address the agent reserved for the VM (a DHCP host entry).
+    Pinned,
+    /// The address of the VM's last DHCP lease.
+    Lease,
+}
+
+impl IpSource {
+    /// The address to list for a VM of the agent, and where it comes from: the pinned
+    /// one first, since it is what the VM gets and is known before it boots.
+    pub fn of(row: &crate::store::vms::VmRow) -> (Option<String>, Option<IpSource>) {
+        match (&row.pinned_ip, &row.last_ip) {
+            (Some(p), _) => (Some(p.clone()), Some(IpSource::Pinned)),
+            (None, Some(l)) => (Some(l.clone()), Some(IpSource::Lease)),
+            (None, None) => (None, None),
+        }
+    }
 }
 
 /// One port map to a VM, as `GET /ports` lists it (the row and its `rule_id`).
@@ -160,6 +187,9 @@ pub struct Vms {
     /// Creates whose libvirt work was cut off (a keepalive close during a freeze), whose
     /// leftovers the reconcile removes (`vm::abandoned`).
     abandoned: crate::vm::abandoned::Abandoned,
+    /// DHCP host entries of failed creates that libvirt may still hold; the reconcile
+    /// removes them (`vm::stray_pins`).
+    stray_pins: crate::vm::stray_pins::StrayPins,
     /// What libvirt last said about each domain; the reads answer from it.
     observed: Arc<Observed>,
     /// libvirt's last statistics of every domain, for `GET /metrics`.
@@ -207,6 +237,7 @@ impl Vms {
             images: None,
             claims: Arc::new(Claims::default()),
             abandoned: Default::default(),
+            stray_pins: Default::default(),
             observed: Arc::new(Observed::default()),
             stats: Default::default(),
             reconcile_due: Default::default(),

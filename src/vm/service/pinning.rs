@@ -58,7 +58,9 @@ impl Vms {
             .map(|(ip, vm)| (ip, format!("pinned for VM {vm}")))
             .collect();
         let row = row.clone();
-        self.lv
+        let (network, mac) = (row.network_name.clone(), row.mac.clone());
+        let reserved = self
+            .lv
             .call(move |conn| {
                 let _held = guard;
                 crate::vm::domain::ensure_network(conn, &row.network_name)?;
@@ -66,22 +68,72 @@ impl Vms {
                 pin.known_macs = macs.into_iter().collect();
                 dhcp_hosts::reserve(conn, &pin)
             })
-            .await
+            .await;
+        if let Err(e) = &reserved
+            && e.is_unavailable()
+        {
+            // Cut off: libvirt may still write the entry.
+            self.stray_pins.add(&network, &mac);
+        }
+        reserved
     }
 
     /// Undoes [`Vms::pin`] after a create failed: the MAC's entry as it was before.
-    /// A failure is logged (the entry then stays until the name is created again).
+    /// A failure is logged, and the entry left to the reconcile (`vm::stray_pins`).
     pub(super) async fn unpin(&self, row: &VmRow, r: Reservation) {
-        let row = row.clone();
+        let owned = row.clone();
         let undone = self
             .lv
             .call_unbounded(move |conn| {
-                dhcp_hosts::release(conn, &pin_of(&row, None, None, Taken::new()), &r)
+                dhcp_hosts::release(conn, &pin_of(&owned, None, None, Taken::new()), &r)
             })
             .await;
         if let Err(e) = undone {
             tracing::error!(error = %e, ip = %r.ip, "could not remove the DHCP host entry of a failed create");
+            self.stray_pins.add(&row.network_name, &row.mac);
         }
+    }
+
+    /// Removes the DHCP host entries of failed creates that libvirt may still hold
+    /// (`vm::stray_pins`); the reconcile's first step. Returns what it removed; an
+    /// unavailable libvirt is the pass's error.
+    pub(super) async fn clean_stray_pins(&self) -> Result<Vec<String>, VmError> {
+        let mut removed = Vec::new();
+        for (mac, network) in self.stray_pins.due() {
+            let (m, n) = (mac.clone(), network.clone());
+            let held = self
+                .store
+                .run(move |s| s.with(|c| vms::mac_on_network(c, &m, &n)))
+                .await?;
+            if held {
+                self.stray_pins.forget(&mac);
+                continue;
+            }
+            let (m, n) = (mac.clone(), network.clone());
+            let gone = self
+                .lv
+                .call(move |conn| dhcp_hosts::remove(&dhcp_hosts::network(conn, &n)?, &m))
+                .await;
+            match gone {
+                Ok(was_there) => {
+                    self.stray_pins.passed(&mac, was_there);
+                    if was_there {
+                        removed.push(format!("{network}: DHCP host entry of {mac} removed"));
+                        self.record_own_ok(
+                            "remove a failed create's DHCP host entry",
+                            serde_json::json!({"network": network, "mac": mac}),
+                        )
+                        .await;
+                    }
+                }
+                Err(e) if e.is_unavailable() => return Err(e),
+                Err(e) if e.is_not_found() => self.stray_pins.forget(&mac),
+                Err(e) => {
+                    tracing::error!(network, mac, error = %e, "cannot remove a failed create's DHCP host entry")
+                }
+            }
+        }
+        Ok(removed)
     }
 }
 
@@ -96,6 +148,7 @@ impl Vms {
             .await;
         if let Err(e) = undone {
             tracing::error!(vm = %row.name, network, error = %e, "could not remove the DHCP host entry on the VM's old network");
+            self.stray_pins.add(network, &row.mac);
         }
     }
 }

@@ -277,6 +277,15 @@ async fn the_reconcile_reasserts_the_entry_and_a_delete_removes_it() {
     let listed = vms.list().await.unwrap();
     let shown = listed.iter().find(|s| s.name == "pin3-a").unwrap();
     assert!(shown.port_maps.is_none(), "only the status lists the maps");
+    // The listing and the status tell the address `/ip` answers, and that it is pinned
+    // (the VM never had a lease here).
+    for s in [shown, &status] {
+        assert_eq!(
+            (s.ip.as_deref(), s.ip_source),
+            (Some("10.77.3.7"), Some(super::IpSource::Pinned)),
+            "{s:?}"
+        );
+    }
 
     let deleted = vms.delete(&vm("pin3-a"), true).await.unwrap();
     assert_eq!(deleted.removed_port_maps, ["47001/tcp -> 10.77.3.7:22"]);
@@ -367,4 +376,55 @@ async fn a_leftover_entry_of_the_name_is_replaced_and_a_vms_entry_is_not() {
     let e = vms.pin(&third, None, None).await.unwrap_err();
     assert!(matches!(e, VmError::Libvirt(_)), "{e:?}");
     assert_eq!(hosts(&vms, "pin5").await.len(), 1);
+}
+
+/// The entry of a failed create that libvirt still holds (its removal was cut off) is
+/// removed by the reconcile, with an audit row; a stray MAC that a VM row holds on that
+/// network is the row's, and stays.
+#[tokio::test]
+async fn the_reconcile_removes_a_failed_creates_entry_and_keeps_a_vms() {
+    let (vms, store) = remote_service();
+    network(&vms, "pin6", 6, 40).await;
+    let lost = row_on("pin6-lost", "52:54:00:77:06:01", "pin6");
+    vms.pin(&lost, None, None).await.unwrap();
+    let kept = planted(&vms, &store, "pin6-kept", "52:54:00:77:06:02").await;
+    store
+        .with(|c| {
+            c.execute(
+                "UPDATE vms SET network_name = 'pin6' WHERE name = 'pin6-kept'",
+                [],
+            )
+            .map_err(crate::store::StoreError::from)
+        })
+        .unwrap();
+    let kept = vms::VmRow {
+        network_name: "pin6".into(),
+        ..kept
+    };
+    vms.pin(&kept, None, None).await.unwrap();
+    assert_eq!(hosts(&vms, "pin6").await.len(), 2);
+    // What `unpin` does when libvirt is away.
+    vms.stray_pins.add("pin6", &lost.mac);
+    vms.stray_pins.add("pin6", &kept.mac);
+
+    let repaired = vms.reconcile().await.unwrap();
+    assert!(
+        repaired.contains(&"pin6: DHCP host entry of 52:54:00:77:06:01 removed".to_string()),
+        "{repaired:?}"
+    );
+    let left = hosts(&vms, "pin6").await;
+    assert_eq!(left.len(), 1, "{left:?}");
+    assert_eq!(left[0].mac.as_deref(), Some(kept.mac.as_str()));
+    assert!(
+        audit(&store)
+            .iter()
+            .any(|r| r.0 == "remove a failed create's DHCP host entry"),
+        "{:?}",
+        audit(&store)
+    );
+    assert_eq!(
+        vms.stray_pins.due(),
+        [(lost.mac.clone(), "pin6".to_owned())],
+        "the VM's MAC is forgotten; the lost one is looked for until it settles"
+    );
 }

@@ -7,7 +7,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use virt::connect::Connect;
 
-use super::{Pending, VmStatus, Vms};
+use super::{IpSource, Pending, VmStatus, Vms};
 use crate::model::{DesiredState, VmName, VmState};
 use crate::store::Store;
 use crate::store::audit::iso_utc;
@@ -50,7 +50,7 @@ impl Vms {
                 tracing::debug!(error = %e, "listing libvirt's domains failed; reads show the last listing");
             }
             let listed = found.is_ok();
-            observed.end_listing(started, found.map_err(|e| e.to_string()));
+            observed.end_listing(started, found.map_err(|e| e.unavailable_reason()));
             if listed {
                 let states = observed
                     .snapshot()
@@ -179,7 +179,8 @@ impl Vms {
         if matches!(pending, Some(Pending::Creating)) {
             status.state = VmState::Creating;
         }
-        let targets = [&status.pinned_ip, &status.ip]
+        let last_lease = row.as_ref().and_then(|r| r.last_ip.clone());
+        let targets = [&status.pinned_ip, &status.ip, &last_lease]
             .into_iter()
             .flatten()
             .filter_map(|ip| ip.parse().ok())
@@ -389,6 +390,7 @@ fn seen(d: &virt::domain::Domain) -> Result<Seen, VmError> {
 fn status_of(name: &str, seen: &Seen, row: Option<&VmRow>) -> VmStatus {
     let f = &seen.facts;
     let iface = f.interfaces.first();
+    let (ip, ip_source) = row.map(IpSource::of).unwrap_or_default();
     VmStatus {
         name: name.to_string(),
         active: seen.active,
@@ -402,7 +404,8 @@ fn status_of(name: &str, seen: &Seen, row: Option<&VmRow>) -> VmStatus {
             .map(|r| r.instance_id.clone())
             .or_else(|| f.instance_id.clone()),
         managed: row.is_some(),
-        ip: row.and_then(|r| r.last_ip.clone()),
+        ip,
+        ip_source,
         pinned_ip: row.and_then(|r| r.pinned_ip.clone()),
         mac: iface
             .map(|i| i.0.clone())
@@ -424,6 +427,7 @@ fn status_of(name: &str, seen: &Seen, row: Option<&VmRow>) -> VmStatus {
 /// A row whose domain the last listing did not show: `missing` (the reconcile defines
 /// it again).
 fn missing_status(r: &VmRow, listed_at: Option<SystemTime>) -> VmStatus {
+    let (ip, ip_source) = IpSource::of(r);
     VmStatus {
         name: r.name.clone(),
         active: false,
@@ -431,7 +435,8 @@ fn missing_status(r: &VmRow, listed_at: Option<SystemTime>) -> VmStatus {
         uuid: r.uuid.clone(),
         instance_id: Some(r.instance_id.clone()),
         managed: true,
-        ip: r.last_ip.clone(),
+        ip,
+        ip_source,
         pinned_ip: r.pinned_ip.clone(),
         mac: Some(r.mac.clone()),
         network: Some(r.network_name.clone()),
@@ -460,6 +465,7 @@ fn pending_status(name: &str, pending: &Pending) -> VmStatus {
         instance_id: None,
         managed: true,
         ip: None,
+        ip_source: None,
         mac: None,
         network: None,
         memory_mib: None,

@@ -27,13 +27,13 @@ impl Vms {
                 }
             }
         }
+        let mut repaired = self.clean_stray_pins().await?;
         let rows = self.store.run(|s| s.with(vms::list)).await?;
         // A node without VMs leaves libvirt alone (and never loads it).
         if !rows.is_empty() {
             self.refresh_listing();
         }
         let images = Arc::new(self.store.run(|s| s.with(vms::images)).await?);
-        let mut repaired = Vec::new();
         for row in rows {
             // A VM with an operation in flight is that operation's business; holding the
             // claim keeps a create or delete from starting while this repairs the row.

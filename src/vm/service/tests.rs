@@ -494,3 +494,27 @@ async fn boot_files_libvirt_cannot_read_are_refused_before_anything_is_defined()
         .unwrap_err();
     assert!(e.to_string().contains("cannot run x86_64 guests"), "{e:?}");
 }
+
+/// A VM's listed address: the pinned one when there is one (even after a lease gave
+/// another, e.g. before pinning), else the last lease, else none; and where it is from.
+#[test]
+fn the_listed_address_is_the_pinned_one_first_then_the_last_lease() {
+    use super::IpSource;
+    let row = |pinned: Option<&str>, lease: Option<&str>| VmRow {
+        pinned_ip: pinned.map(Into::into),
+        last_ip: lease.map(Into::into),
+        ..test_row("a", "52:54:00:00:00:01")
+    };
+    let show = IpSource::of;
+    assert_eq!(
+        show(&row(Some("10.0.0.7"), Some("10.0.0.9"))),
+        (Some("10.0.0.7".into()), Some(IpSource::Pinned))
+    );
+    assert_eq!(
+        show(&row(None, Some("10.0.0.9"))),
+        (Some("10.0.0.9".into()), Some(IpSource::Lease))
+    );
+    assert_eq!(show(&row(None, None)), (None, None));
+    let wire = serde_json::to_value(IpSource::Pinned).unwrap();
+    assert_eq!(wire, "pinned");
+}
