@@ -5,6 +5,8 @@
 #
 # Usage: scripts/libvirt-netns.sh start NAME   # install if missing, netns, daemons, net
 #        scripts/libvirt-netns.sh stop  NAME   # destroy domains + network, kill, delete netns
+#        scripts/libvirt-netns.sh prepare NAME # install if missing; on a fresh install,
+#                                              # start and stop once in NAME (see prepare())
 # Afterwards (while started): virsh -c qemu:///system ...   (the control socket
 # /var/run/libvirt/libvirt-sock is machine-wide, so virsh works from any namespace,
 # and only one such daemon can run on the machine at a time.)
@@ -23,8 +25,8 @@
 #      from another test namespace). Never reachable from the root namespace.
 set -euo pipefail
 
-CMD=${1:?usage: libvirt-netns.sh start|stop NAME}
-NAME=${2:?usage: libvirt-netns.sh start|stop NAME}
+CMD=${1:?usage: libvirt-netns.sh start|stop|prepare NAME}
+NAME=${2:?usage: libvirt-netns.sh start|stop|prepare NAME}
 URI=qemu:///system
 WAIT=${LIBVIRT_WAIT_SECS:-120}
 FAST_MS=${LIBVIRT_FAST_MS:-2000}
@@ -220,8 +222,25 @@ stop() {
     log "stopped: $NAME"
 }
 
+# The first daemon start after an install writes into /etc/libvirt and
+# /var/lib/libvirt (the default network's uuid and MAC, its DHCP host file). Done once
+# here, before scripts/test.sh records the machine's state, so that its leak check
+# compares what the tests did and not what a fresh install does on its first start.
+prepare() {
+    install_missing
+    local net=/etc/libvirt/qemu/networks/default.xml
+    if grep -q '<uuid>' "$net" 2>/dev/null && [[ -e /var/lib/libvirt/dnsmasq/default.hostsfile ]]; then
+        log "prepared already (the default network has its uuid and DHCP host file)"
+        return 0
+    fi
+    log "first start after the install, in netns $NAME, so that its writes come before the suite"
+    start
+    stop
+}
+
 case $CMD in
     start) start ;;
     stop) stop ;;
-    *) die "usage: libvirt-netns.sh start|stop NAME" ;;
+    prepare) prepare ;;
+    *) die "usage: libvirt-netns.sh start|stop|prepare NAME" ;;
 esac

@@ -32,7 +32,7 @@ use std::time::{Duration, Instant};
 use node_vm_agent::model::{PortMap, PortRule, Proto};
 use node_vm_agent::store::{Store, StoreError, portmaps};
 use support::events::EventStream;
-use support::libvirt::{LIBVIRTD, env, tiny_vm, virsh};
+use support::libvirt::{env, tiny_vm, virsh};
 use support::measure::{env_or, ms, pct, sorted};
 use support::*;
 
@@ -178,7 +178,7 @@ fn bench_scrape_and_idle_rss() {
 #[ignore]
 fn bench_event_latency_of_an_outside_destroy() {
     let _alone = ONE_AT_A_TIME.lock().unwrap_or_else(|p| p.into_inner());
-    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = support::libvirt::turn();
     let runs: usize = env_or("BENCH_EVENT_RUNS", 10);
     let e = env(&[]);
     let (kernel, initrd) = e.scratch.guest();

@@ -30,7 +30,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use serde_json::json;
-use support::libvirt::{BOOT, LIBVIRTD, env};
+use support::libvirt::{BOOT, env};
 use support::measure::{env_or, pct, sorted};
 
 const LEASES: &str = "/var/lib/libvirt/dnsmasq/virbr0.status";
@@ -53,7 +53,7 @@ fn pct_of(v: &[f64], p: f64) -> f64 {
 #[test]
 #[ignore]
 fn bench_vm_create_and_lease_to_ip() {
-    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = support::libvirt::turn();
     let runs: usize = env_or("BENCH_VM_RUNS", 10);
     let e = env(&[
         ("RUST_LOG", "info,node_vm_agent::vm=debug"),

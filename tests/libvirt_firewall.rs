@@ -3,8 +3,8 @@
 //! agent keeps its forward accept. libvirtd runs inside the test topology's node
 //! namespace (scripts/libvirt-netns.sh), the agent next to it. No guest is booted.
 //!
-//! libvirtd's control socket is machine-wide: the libvirt tests take turns (and run the
-//! whole binary under `flock /run/nva-libvirtd.lock` next to other checkouts).
+//! libvirtd's control socket is machine-wide: the libvirt tests take turns
+//! (`support::libvirt::turn`, a lock across test processes).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -12,7 +12,7 @@ mod support;
 
 use std::process::Command;
 
-use support::libvirt::{LIBVIRTD, URI, env, wait_until};
+use support::libvirt::{URI, env, wait_until};
 use support::netns::Netns;
 
 /// Our accept as `iptables-save` prints it.
@@ -80,7 +80,7 @@ fn virsh_ok(args: &[&str]) {
 
 #[test]
 fn libvirt_restarts_its_network_next_to_the_agent_accept() {
-    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = support::libvirt::turn();
     let e = env(&[("RECONCILE_INTERVAL", "1")]);
     let node = &e.topo.node;
     let log = || e.agent.log();

@@ -11,15 +11,16 @@
 //! earlier ones still there, and of the last cycle's "cN"/"xN") in flight, libvirtd is
 //! stopped, continued, and the requests go on for [`AFTER_THAW`]; a change that was not
 //! done (503, or 504: its work goes on inside the agent) is asked again. Reads never wait
-//! behind libvirt: every one is answered 200 from the last observation. Each freeze lasts [`FREEZE`]: longer than the agent's libvirt keepalive needs to give
-//! the connection up (5 s interval x 3 unanswered probes: libvirt declares the daemon dead
-//! at the first timer after the third probe, 20 s after the last packet it received), so
-//! every cycle has changes that time out (504 after LIBVIRT_TIMEOUT), calls that were still
-//! running on the connection when libvirt closed it, and calls that wait for a new one
-//! until the daemon answers again.
+//! behind libvirt: every one is answered 200 from the last observation. Each freeze lasts
+//! [`FREEZE`]: longer than the agent's libvirt keepalive needs to give the connection up
+//! (LIBVIRT_KEEPALIVE=1: probes 1 s apart, 3 unanswered; libvirt declares the daemon dead
+//! at the first timer after the third probe, 4 s after the last packet it received, the
+//! default's 20 s scaled down), so every cycle has changes that time out (504 after
+//! LIBVIRT_TIMEOUT), calls that were still running on the connection when libvirt closed
+//! it, and calls that wait for a new one until the daemon answers again.
 //!
-//! libvirtd's control socket is machine-wide: the libvirt tests take turns (and run the
-//! whole binary under `flock /run/nva-libvirtd.lock` next to other checkouts).
+//! libvirtd's control socket is machine-wide: the libvirt tests take turns
+//! (`support::libvirt::turn`, a lock across test processes).
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
@@ -31,19 +32,24 @@ use std::sync::Mutex;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use support::libvirt::{Env, LIBVIRTD, Libvirtd, WAIT, env, libvirtd_speed, tiny_vm};
+use support::libvirt::{Env, Libvirtd, WAIT, env, libvirtd_speed, tiny_vm};
+use support::say;
 
 /// How many freeze/thaw cycles (the issue's crash came within the first one).
 const CYCLES: usize = 10;
-/// How long libvirtd stays stopped: past the 20 s after which the keepalive (5 s x 3)
-/// closes the connection, with 2 s to spare for its 1 s timer granularity.
-const FREEZE: Duration = Duration::from_secs(22);
+/// The agent's LIBVIRT_KEEPALIVE: probes this many seconds apart, 3 unanswered.
+const KEEPALIVE: &str = "1";
+/// How long libvirtd stays stopped: past the 4 s after which the keepalive (1 s x 3)
+/// closes the connection, with 3 s to spare for its 1 s timer granularity and a slow
+/// machine, and past LIBVIRT_TIMEOUT.
+const FREEZE: Duration = Duration::from_secs(7);
 /// Requests keep coming this long after the thaw, on the connection that comes back.
 const AFTER_THAW: Duration = Duration::from_secs(2);
 /// How long a create or delete that was not done waits before it asks again.
 const RETRY: Duration = Duration::from_millis(250);
-/// LIBVIRT_TIMEOUT of the agent (as in the issue).
-const LIBVIRT_TIMEOUT: &str = "5";
+/// LIBVIRT_TIMEOUT of the agent (the issue had 5 s; shorter than [`FREEZE`], so that
+/// changes in flight time out while libvirtd is stopped).
+const LIBVIRT_TIMEOUT: &str = "3";
 
 fn signal(pid: i32, sig: &str) {
     let ok = Command::new("kill")
@@ -86,6 +92,21 @@ fn tail(text: &str, n: usize) -> String {
 /// The names libvirt has (running or not).
 fn libvirt_names(e: &Env) -> BTreeSet<String> {
     e.domains().into_iter().collect()
+}
+
+/// The MACs of the `default` network's DHCP host entries.
+fn host_entry_macs() -> BTreeSet<String> {
+    support::libvirt::virsh(&["net-dumpxml", "default"])
+        .lines()
+        .filter(|l| l.trim_start().starts_with("<host "))
+        .filter_map(|l| {
+            l.split("mac='")
+                .nth(1)?
+                .split('\'')
+                .next()
+                .map(str::to_owned)
+        })
+        .collect()
 }
 
 /// The names of the agent's SQLite rows.
@@ -134,10 +155,11 @@ struct Seen {
 
 #[test]
 fn the_agent_survives_ten_libvirtd_freezes_with_creates_deletes_and_reads_in_flight() {
-    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = support::libvirt::turn();
     let started = Instant::now();
     let mut e = env(&[
         ("LIBVIRT_TIMEOUT", LIBVIRT_TIMEOUT),
+        ("LIBVIRT_KEEPALIVE", KEEPALIVE),
         ("RECONCILE_INTERVAL", "3"),
     ]);
     let (kernel, initrd) = e.scratch.guest();
@@ -229,6 +251,11 @@ fn the_agent_survives_ten_libvirtd_freezes_with_creates_deletes_and_reads_in_fli
             }
             // Let the requests reach libvirt, then freeze it with them in flight.
             std::thread::sleep(Duration::from_millis(700));
+            say(format!(
+                "cycle {cycle}: libvirtd frozen for {} s, then {} s of requests after the thaw",
+                FREEZE.as_secs(),
+                AFTER_THAW.as_secs()
+            ));
             signal(pid, "-STOP");
             std::thread::sleep(FREEZE);
             signal(pid, "-CONT");
@@ -300,6 +327,7 @@ fn the_agent_survives_ten_libvirtd_freezes_with_creates_deletes_and_reads_in_fli
     }
 
     // The issue's agent died within 10 s of a thaw: give the last one that long.
+    say("10 s after the last thaw: the issue's agent died within that");
     std::thread::sleep(Duration::from_secs(10));
     assert_alive(&mut e, "after the last thaw");
     assert_eq!(e.agent.api.get("/health").status, 200);
@@ -317,6 +345,30 @@ fn the_agent_survives_ten_libvirtd_freezes_with_creates_deletes_and_reads_in_fli
             Instant::now() < deadline,
             "SQLite and libvirt disagree after {} s: rows {rows:?}, domains {doms:?}\n{}",
             WAIT.as_secs(),
+            tail(&e.agent.log(), 60)
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+    // The network's DHCP host entries are the VMs' own: those of creates that failed
+    // under a freeze (their removal cut off, or their reserve carried out after the
+    // thaw) are taken away by the reconcile, not left in the network's definition.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        let macs: BTreeSet<String> = e
+            .agent
+            .sql("select mac from vms order by mac")
+            .lines()
+            .map(str::trim)
+            .filter(|l| !l.is_empty())
+            .map(str::to_owned)
+            .collect();
+        let entries = host_entry_macs();
+        if entries == macs {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the default network's DHCP host entries {entries:?} are not the VMs' MACs {macs:?}\n{}",
             tail(&e.agent.log(), 60)
         );
         std::thread::sleep(Duration::from_secs(1));

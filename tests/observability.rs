@@ -16,7 +16,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use support::client::series_value as value;
 use support::events::EventStream;
-use support::libvirt::{LIBVIRTD, env, tiny_vm, virsh};
+use support::libvirt::{env, tiny_vm, virsh};
 use support::*;
 
 /// How long after its request answered an event may take to reach the stream.
@@ -82,7 +82,7 @@ fn is(e: &Value, kind: &str, subject: &str) -> bool {
 
 #[test]
 fn a_vm_and_a_port_map_seen_through_events_and_metrics() {
-    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = support::libvirt::turn();
     let metrics_listen = format!("{NODE_IP}:{METRICS_PORT}");
     // The VM reconcile's interval is an hour: only an event can make it run.
     let mut e = env(&[

@@ -21,7 +21,7 @@ use std::time::{Duration, Instant};
 
 use node_vm_agent::vm::seed::{self, SeedSpec};
 use serde_json::json;
-use support::libvirt::{LIBVIRTD, env, script};
+use support::libvirt::{env, script};
 
 /// Real public keys (private halves discarded), as in `vm::seed`'s tests.
 const NODE_KEY: &str =
@@ -236,7 +236,7 @@ const GUEST_BOOT: Duration = Duration::from_secs(20 * 60);
 #[ignore = "opt-in: needs the realguest.sh guest and boots it (minutes); run by scripts/realguest-keys.sh"]
 fn a_real_debian_guest_created_with_user_data_gets_the_request_keys_too() {
     let dir = realguest_dir();
-    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = support::libvirt::turn();
     let e = env(&[("SSH_AUTHORIZED_KEYS", NODE_KEY)]);
     let api = &e.agent.api;
 

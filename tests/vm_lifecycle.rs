@@ -17,7 +17,7 @@ use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
 use support::libvirt::{
-    BOOT, Env, LIBVIRTD, WAIT, env, libvirtd_speed, remote_env, tiny_vm, virsh, wait_until,
+    BOOT, Env, WAIT, env, libvirtd_speed, remote_env, tiny_vm, virsh, wait_until,
 };
 use support::netns::enter_netns;
 use support::*;
@@ -28,7 +28,7 @@ const DEFAULT_KEY: &str =
 
 #[test]
 fn a_vm_lives_its_whole_life_through_the_api() {
-    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = support::libvirt::turn();
     let e = env(&[
         ("RECONCILE_INTERVAL", "2"),
         ("SSH_AUTHORIZED_KEYS", DEFAULT_KEY),
@@ -497,7 +497,7 @@ fn a_vm_lives_its_whole_life_through_the_api() {
 /// network lives only on that host.
 #[test]
 fn a_remote_libvirtd_is_driven_through_its_uri_alone() {
-    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = support::libvirt::turn();
     let e = remote_env(&[("RECONCILE_INTERVAL", "1")]);
     let api = &e.agent.api;
     let (kernel, initrd) = e.scratch.guest();
@@ -718,7 +718,7 @@ fn wait_image(api: &Api, name: &str) -> Value {
 
 #[test]
 fn downloads_are_verified_interrupted_ones_leave_nothing_and_libvirtd_restarts_are_survived() {
-    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = support::libvirt::turn();
     let mut e = env(&[
         ("LIBVIRT_TIMEOUT", "3"),
         ("VMS_DEFAULT_IMAGE", "deflt"),
@@ -987,7 +987,7 @@ impl Drop for KvmNode {
 /// that libvirtd answers a plain call fast.
 #[test]
 fn the_libvirt_setup_makes_kvm_consistent_before_it_starts_the_daemon() {
-    let _turn = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let _turn = support::libvirt::turn();
     if !std::path::Path::new(KVM).exists() {
         eprintln!("skipped: this machine has no {KVM}, so libvirt has no view of KVM to fix");
         return;

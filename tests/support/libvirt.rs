@@ -2,7 +2,7 @@
 //! (scripts/build-tiny-guest.sh), and an agent that manages VMs through it.
 //!
 //! libvirtd's control socket is machine-wide: tests that use it take turns through
-//! [`LIBVIRTD`].
+//! [`turn`].
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -15,7 +15,40 @@ use super::netns::{Netns, run_ok};
 use super::topology::{NODE_IP, Topology, sa};
 use std::net::Ipv4Addr;
 
-pub static LIBVIRTD: Mutex<()> = Mutex::new(());
+static LIBVIRTD: Mutex<()> = Mutex::new(());
+/// The machine-wide turn on libvirtd, for test binaries that run at the same time
+/// (scripts/run-tests.sh runs two at once).
+const LIBVIRTD_LOCK: &str = "/run/nva-libvirtd.lock";
+
+/// A test's turn on the machine's one libvirtd (its control socket is machine-wide):
+/// held until dropped, against the other tests of this binary and other test processes.
+pub struct Turn {
+    _file: nix::fcntl::Flock<std::fs::File>,
+    _thread: std::sync::MutexGuard<'static, ()>,
+}
+
+/// Waits for, and takes, the turn on libvirtd.
+pub fn turn() -> Turn {
+    let thread = LIBVIRTD.lock().unwrap_or_else(|p| p.into_inner());
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(LIBVIRTD_LOCK)
+        .unwrap_or_else(|e| panic!("open {LIBVIRTD_LOCK}: {e}"));
+    let file = match nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+        Ok(f) => f,
+        Err((file, _)) => {
+            super::say("waiting for the turn on libvirtd (another test binary has it)");
+            nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+                .unwrap_or_else(|(_, e)| panic!("flock {LIBVIRTD_LOCK}: {e}"))
+        }
+    };
+    Turn {
+        _file: file,
+        _thread: thread,
+    }
+}
 
 pub const URI: &str = "qemu:///system";
 /// libvirtd in the topology's far namespace, over TCP from the node namespace.
@@ -68,6 +101,9 @@ pub fn libvirtd_speed() -> String {
 /// how fast libvirtd answers, and `context()` (e.g. the agent's log).
 pub fn wait_until(what: &str, mut ok: impl FnMut() -> bool, context: impl Fn() -> String) {
     let start = Instant::now();
+    if !ok() {
+        super::say(format!("waiting for {what} (at most {} s)", WAIT.as_secs()));
+    }
     while !ok() {
         assert!(
             start.elapsed() < WAIT,
@@ -217,7 +253,8 @@ impl Scratch {
 
 /// Everything one test needs: topology, libvirtd (in the node namespace, or in the far
 /// one for a remote URI), the agent in the node namespace.
-/// Field order is drop order: agent first, then libvirtd, then the namespaces.
+/// On drop, the agent's VMs are deleted through it first ([`Env::delete_agents_vms`]);
+/// then field order is drop order: agent, libvirtd, then the namespaces.
 pub struct Env {
     pub agent: Agent,
     pub libvirtd: Libvirtd,
@@ -284,6 +321,59 @@ fn env_at(remote: bool, extra: &[(&str, &str)]) -> Env {
 }
 
 impl Env {
+    /// Deletes every VM the agent has, through the agent (with its files, its DHCP host
+    /// entry and its port maps), as an operator would: what a test made in libvirt's
+    /// persistent state (the `default` network's host entries live in the machine's
+    /// /etc/libvirt) must not outlive it. Retries a busy or unavailable answer for up
+    /// to [`WAIT`]; returns what could not be deleted, with why.
+    pub fn delete_agents_vms(&mut self) -> Vec<String> {
+        if self.agent.exited().is_some() {
+            return vec!["the agent is not running: its VMs stay".into()];
+        }
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let failed = match self.managed_vms() {
+                Ok(names) if names.is_empty() => return Vec::new(),
+                Ok(names) => names
+                    .iter()
+                    .filter_map(|name| self.delete_vm(name).err())
+                    .collect(),
+                Err(why) => vec![why],
+            };
+            if Instant::now() > deadline {
+                return failed;
+            }
+            if !failed.is_empty() {
+                std::thread::sleep(Duration::from_secs(1));
+            }
+        }
+    }
+
+    /// The names of the VMs the agent manages, as `GET /vms` lists them.
+    fn managed_vms(&self) -> Result<Vec<String>, String> {
+        let api = &self.agent.api;
+        match api.request("GET", "/vms", Some(&api.token), None) {
+            Ok(r) if r.status == 200 => Ok(r.json()["vms"]
+                .as_array()
+                .into_iter()
+                .flatten()
+                .filter(|v| v["managed"] == true)
+                .filter_map(|v| v["name"].as_str().map(str::to_owned))
+                .collect()),
+            other => Err(format!("GET /vms: {other:?}")),
+        }
+    }
+
+    fn delete_vm(&self, name: &str) -> Result<(), String> {
+        eprintln!("cleanup: deleting VM {name} through the agent");
+        let api = &self.agent.api;
+        let path = format!("/vms/{name}?delete_files=true");
+        match api.request("DELETE", &path, Some(&api.token), None) {
+            Ok(r) if r.status == 200 || r.status == 404 => Ok(()),
+            other => Err(format!("DELETE {path}: {other:?}")),
+        }
+    }
+
     pub fn volumes(&self) -> Vec<String> {
         let _ = virsh(&["pool-refresh", &self.pool]);
         virsh(&["vol-list", &self.pool])
@@ -332,6 +422,10 @@ impl Env {
     /// Waits until the console shows `n` READY markers; returns the last one's fields.
     pub fn wait_ready(&self, vm: &str, n: usize) -> Vec<String> {
         let deadline = Instant::now() + BOOT;
+        super::say(format!(
+            "waiting for {vm} to boot (READY marker {n} on its console; at most {} s)",
+            BOOT.as_secs()
+        ));
         loop {
             let c = self.console(vm);
             let mut markers = super::ready_markers(&c);
@@ -366,6 +460,18 @@ impl Env {
     /// `GET path` from the client namespace to the node's `port` (a port map).
     pub fn via_node_port(&self, port: u16, path: &str) -> String {
         http_retrying(self.topo.client.name(), sa(NODE_IP, port), path)
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        let left = self.delete_agents_vms();
+        if !left.is_empty() {
+            eprintln!(
+                "cleanup: VMs left in libvirt (their DHCP host entries stay in the machine's \
+                 network definition; scripts/test.sh's leak check will name them): {left:?}"
+            );
+        }
     }
 }
 

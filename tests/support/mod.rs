@@ -39,3 +39,14 @@ pub fn ready_markers(console: &str) -> Vec<Vec<String>> {
         .map(|m| m.split_whitespace().map(str::to_owned).collect())
         .collect()
 }
+
+/// Says what a test is waiting for, as it starts waiting, on the real stderr: libtest
+/// captures `eprintln!` of a passing test, and a suite silent for minutes tells nobody
+/// whether it is stuck. Prefixed with the test's name (scripts/run-tests.sh adds the
+/// binary's).
+pub fn say(what: impl std::fmt::Display) {
+    use std::io::Write;
+    let thread = std::thread::current();
+    let test = thread.name().unwrap_or("-");
+    let _ = writeln!(std::io::stderr(), "{test}: {what}");
+}
