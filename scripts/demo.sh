@@ -4,8 +4,8 @@
 # A TCP port map created through the authenticated API takes the client's request to
 # the node's port 8080 to the vm's HTTP server. Then a real libvirtd inside the node
 # namespace (scripts/libvirt-netns.sh) boots a real VM created through the API (the tiny
-# TCG guest of scripts/build-tiny-guest.sh, with its cloud-init seed), the agent finds
-# its address in the DHCP leases, and a second port map reaches the VM's own HTTP server.
+# TCG guest of scripts/build-tiny-guest.sh, with its cloud-init seed) at the address the
+# agent pinned for it, and a second port map reaches the VM's own HTTP server.
 # Everything lives in namespaces this script creates, and is removed on exit unless
 # --keep is given.
 #
@@ -42,7 +42,7 @@ else
 fi
 
 say "dependencies"
-scripts/install-deps.sh
+scripts/install-deps.sh demo
 
 if [[ -z ${AGENT_BIN:-} ]]; then
     say "building the release binary (the first time about 11 min on 2 cores)"
@@ -205,7 +205,7 @@ if ((WITH_VM)); then
         \"kernel\": \"$WORK/guest/vmlinuz\", \"initrd\": \"$WORK/guest/initramfs.cpio.gz\",
         \"cmdline\": \"console=ttyS0 loglevel=4 panic=-1\"}" $API/vms
     echo
-    say "GET /vms/demo1/ip: waits for the DHCP lease of the VM's MAC"
+    say "GET /vms/demo1/ip: the address the agent pinned for demo1 (a DHCP host entry written before it booted)"
     IPJSON=$(vm_call "GET /vms/demo1/ip" 330 "$API/vms/demo1/ip?timeout=300")
     echo "$IPJSON"
     VMIP=$(sed -n 's/.*"ip":"\([0-9.]*\)".*/\1/p' <<<"$IPJSON")
@@ -214,10 +214,13 @@ if ((WITH_VM)); then
         -d "{\"listen_port\":8081,\"target_ip\":\"$VMIP\",\"target_port\":80}" $API/ports
     echo
     say "curl from the client to the node's 10.77.1.1:8081: the VM answers with the hostname and instance-id from its seed"
-    for _ in $(seq 1 60); do
-        if in_ns $CLIENT curl -fsS --max-time 2 http://10.77.1.1:8081/hostname > /dev/null 2>&1; then break; fi
-        sleep 0.5
+    echo "(waiting for the guest to boot under TCG and take its lease: about 10 s, at most 300 s)"
+    booted=0
+    for _ in $(seq 1 300); do
+        if in_ns $CLIENT curl -fsS --max-time 2 http://10.77.1.1:8081/hostname > /dev/null 2>&1; then booted=1; break; fi
+        sleep 1
     done
+    ((booted)) || { echo "demo.sh: the VM did not answer on 10.77.1.1:8081 within 300 s; $(libvirtd_speed)" >&2; exit 1; }
     echo "hostname:    $(in_ns $CLIENT curl -fsS --max-time 5 http://10.77.1.1:8081/hostname)"
     echo "instance-id: $(in_ns $CLIENT curl -fsS --max-time 5 http://10.77.1.1:8081/instance-id)"
     say "GET /vms"

@@ -1,23 +1,42 @@
 #!/usr/bin/env bash
-# Installs the Debian 12 packages that building and testing node-vm-agent need.
+# Installs the Debian 12 packages that building node-vm-agent and running its demo or
+# its test suite need, for one of two profiles:
+#   scripts/install-deps.sh demo   what scripts/demo.sh uses: the build and the sandbox
+#   scripts/install-deps.sh [test] that, plus what the test suite uses (the default)
 # Idempotent: when every package is already installed it touches nothing (no apt-get
-# update), so reruns from scripts/test.sh cost well under a second.
+# update), so reruns cost well under a second.
 set -euo pipefail
 
-# What each package is for:
+PROFILE=${1:-test}
+case $PROFILE in
+    demo | test) ;;
+    *) echo "install-deps: unknown profile '$PROFILE' (demo or test)" >&2; exit 2 ;;
+esac
+
+# What each package is for. The demo and the suite both:
 #   build-essential pkg-config  C compiler/linker for the bundled SQLite and other -sys crates
-#   iproute2 nftables           `ip netns` / `nft -j` used by the integration tests and the demo
-#   iptables                    iptables-nft, which the tests use to build libvirt 9's `ip filter`
-#                               chains and to prove `iptables -L` / `iptables-save` still read
-#                               them with the agent's accept inside (the agent never runs it)
+#   libvirt-dev                 libvirt's client library and its pkg-config file, linked by the virt crate
+#   iproute2 nftables           `ip netns` for the sandbox; `nft` to show (and the tests to read)
+#                               what the agent wrote
 #   sqlite3                     operators' (and the demo's) window into $DATA_DIR/agent.db
 #   curl ca-certificates        the demo's API calls
 #   python3                     the demo's HTTP server inside the "vm" namespace
+#   procps                      pgrep/ps for scripts
+DEMO=(
+    build-essential pkg-config
+    libvirt-dev
+    iproute2 nftables
+    sqlite3
+    curl ca-certificates
+    python3
+    procps
+)
+# The suite only:
+#   iptables                    iptables-nft, which the tests use to build libvirt 9's `ip filter`
+#                               chains and to prove `iptables -L` / `iptables-save` still read
+#                               them with the agent's accept inside (the agent never runs it)
 #   python3-venv                scripts/contract.sh installs its pinned schemathesis into a
 #                               virtual environment of its own
-#   wrk                         load runs against the API
-#   procps                      pgrep/ps for scripts
-#   libvirt-dev                 libvirt's client library and its pkg-config file, linked by the virt crate
 #   dosfstools                  `fsck.fat -n`, which the seed unit tests run on the in-memory FAT image
 #   prometheus                  `promtool check metrics`, which tests/observability.rs runs on every
 #                               scrape (the package's server is never started by the tests)
@@ -26,26 +45,21 @@ set -euo pipefail
 #   debootstrap systemd-container  scripts/package-check.sh: a clean Debian 12 root to install
 #                               the package into, booted with systemd-nspawn (in a test namespace)
 #   systemd                     systemd-analyze verify/security on the unit (not as init)
-# The daemon side for the VM tests (libvirtd, QEMU, dnsmasq) and the tiny guest's parts are
-# installed by scripts/libvirt-netns.sh and scripts/build-tiny-guest.sh, which take care
-# that no libvirtd or default network ever starts in the root namespace.
-PACKAGES=(
-    build-essential pkg-config
-    iproute2 nftables
+TEST=(
     iptables
-    sqlite3
-    curl ca-certificates
-    python3
     python3-venv
-    wrk
-    procps
-    libvirt-dev
     dosfstools
     prometheus
     dpkg-dev
     debootstrap systemd-container
     systemd
 )
+# The daemon side for VMs (libvirtd, QEMU, dnsmasq) and the tiny guest's parts are
+# installed by scripts/libvirt-netns.sh and scripts/build-tiny-guest.sh, which take care
+# that no libvirtd or default network ever starts in the root namespace; load generators
+# for the benchmarks by scripts/bench.sh.
+PACKAGES=("${DEMO[@]}")
+[[ $PROFILE == test ]] && PACKAGES+=("${TEST[@]}")
 
 missing=()
 for pkg in "${PACKAGES[@]}"; do
