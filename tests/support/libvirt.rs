@@ -327,8 +327,9 @@ impl Env {
     /// /etc/libvirt) must not outlive it. Retries a busy or unavailable answer for up
     /// to [`WAIT`]; returns what could not be deleted, with why.
     pub fn delete_agents_vms(&mut self) -> Vec<String> {
-        if self.agent.exited().is_some() {
-            return vec!["the agent is not running: its VMs stay".into()];
+        // Stopped by the test (no process any more), or exited on its own.
+        if self.agent.pid().is_none() || self.agent.exited().is_some() {
+            return vec!["the agent is not running: any VM it still had stays".into()];
         }
         let deadline = Instant::now() + WAIT;
         loop {
