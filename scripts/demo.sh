@@ -45,7 +45,7 @@ say "dependencies"
 scripts/install-deps.sh demo
 
 if [[ -z ${AGENT_BIN:-} ]]; then
-    say "building the release binary (the first time about 11 min on 2 cores)"
+    say "building the release binary (the first time 4 to 11 min on 2 cores)"
     cargo build --locked --release
     AGENT_BIN=$PWD/target/release/node-vm-agent
 fi
