@@ -51,7 +51,7 @@ fn forward_rules(ns: &Netns) -> Result<Vec<String>, String> {
 /// until `ns`'s FORWARD rules are `want`.
 fn wait_for_forward(ns: &Netns, want: &[String], what: &str, log: impl Fn() -> String) {
     wait_until(
-        what,
+        &format!("FORWARD to hold the agent's accept first, {what}"),
         || forward_rules(ns).as_deref() == Ok(want),
         || {
             format!(
