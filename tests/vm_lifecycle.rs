@@ -160,6 +160,23 @@ fn a_vm_lives_its_whole_life_through_the_api() {
             .trim(),
         ip.to_string()
     );
+    // The listing and the status tell the same address, and that it is pinned.
+    let listed = api.get("/vms");
+    let shown = listed.json()["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == "tiny1")
+        .cloned()
+        .unwrap_or_else(|| panic!("{listed:?}"));
+    let status = api.get("/vms/tiny1/status").json()["status"].clone();
+    for v in [&shown, &status] {
+        assert_eq!(
+            (v["ip"].as_str(), v["ip_source"].as_str()),
+            (Some(ip.to_string().as_str()), Some("pinned")),
+            "{v}"
+        );
+    }
 
     // The guest booted with its own seed: hostname and instance-id are the VM's.
     let marker = e.wait_ready("tiny1", 1);
