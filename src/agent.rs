@@ -140,12 +140,11 @@ async fn serve(
 
     // The kernel is rebuilt from SQLite in one transaction before the API opens, so the
     // first answer already reflects what is in force.
-    let pm = portmaps.clone();
-    let report = tokio::task::spawn_blocking(move || {
-        let n = pm.restore()?;
-        pm.reconcile().map(|r| (n, r))
-    })
-    .await?
+    let report = async {
+        let n = portmaps.restore().await?;
+        portmaps.reconcile().await.map(|r| (n, r))
+    }
+    .await
     .map_err(AgentError::Startup)?;
     // Building the 10,000-element batch is the agent's largest allocation; give it back.
     crate::memory::release_free_heap();
@@ -253,10 +252,9 @@ async fn serve(
     }
     let _ = mesh.await;
     if settings.portmaps.cleanup_on_exit {
-        let pm = portmaps.clone();
-        match tokio::task::spawn_blocking(move || pm.cleanup()).await {
-            Ok(Ok(())) => tracing::info!("removed the agent's nftables table (CLEANUP_ON_EXIT)"),
-            other => tracing::error!(result = ?other, "cleanup on exit failed"),
+        match portmaps.cleanup().await {
+            Ok(()) => tracing::info!("removed the agent's nftables table (CLEANUP_ON_EXIT)"),
+            Err(e) => tracing::error!(error = %e, "cleanup on exit failed"),
         }
     }
     tracing::info!("stopped");
@@ -507,8 +505,8 @@ async fn reconcile_loop(
     crate::periodic::every(every, crate::periodic::First::AfterInterval, stop, || {
         let pm = portmaps.clone();
         async move {
-            match tokio::task::spawn_blocking(move || pm.reconcile()).await {
-                Ok(Ok(r)) if r.changed() => {
+            match pm.reconcile().await {
+                Ok(r) if r.changed() => {
                     crate::metrics::global().reconciled("portmaps", 1);
                     crate::events::publish(
                         crate::events::Kind::PortMapRepaired,
@@ -527,14 +525,13 @@ async fn reconcile_loop(
                         "reconcile repaired drift"
                     )
                 }
-                Ok(Ok(_)) => {
+                Ok(_) => {
                     crate::metrics::global().reconciled("portmaps", 0);
                     tracing::debug!("reconcile: kernel in sync")
                 }
-                Ok(Err(e)) => {
+                Err(e) => {
                     tracing::error!(error = %e, "reconcile failed; retrying next interval")
                 }
-                Err(e) => tracing::error!(error = %e, "reconcile task failed"),
             }
         }
     })

@@ -79,9 +79,7 @@ async fn diff(s: Settings) -> Result<ExitCode, agent::AgentError> {
     let store = agent::open_state(&s)?;
     let fw = NftFirewall::from_settings_readonly(s.nat()).await?;
     let pm = PortMaps::new(store, Arc::new(fw), s.policy());
-    let lines = tokio::task::spawn_blocking(move || pm.drift())
-        .await?
-        .map_err(agent::AgentError::PortMaps)?;
+    let lines = pm.drift().await.map_err(agent::AgentError::PortMaps)?;
     if lines.is_empty() {
         println!("in sync");
         Ok(ExitCode::SUCCESS)

@@ -32,27 +32,18 @@ pub async fn scrape(State(state): State<AppState>) -> Result<Response, ApiError>
 /// from the last statistics (never waiting behind a slow libvirt), the mesh's from its
 /// status.
 async fn gather(state: &AppState) -> Result<NodeSample, ApiError> {
-    let pm = state.portmaps.clone();
-    let store = state.store.clone();
-    let blocking = tokio::task::spawn_blocking(move || {
-        let maps = pm.metrics_sample()?;
-        let (images, image_bytes, database_bytes) = store.with(|c| {
-            let (n, bytes): (i64, i64) = c.query_row(
-                "SELECT count(*), coalesce(sum(size_bytes), 0) FROM images WHERE state = 'ready'",
-                [],
-                |r| Ok((r.get(0)?, r.get(1)?)),
-            )?;
-            let db: i64 = c.query_row(
-                "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
-                [],
-                |r| r.get(0),
-            )?;
-            Ok::<_, crate::store::StoreError>((n, bytes, db))
-        })?;
-        Ok::<_, ApiError>((maps, images, image_bytes, database_bytes))
+    let stored = state.store.run(|s| {
+        s.with(|c| {
+            let (images, bytes) = crate::store::vms::ready_image_totals(c)?;
+            Ok::<_, crate::store::StoreError>((images, bytes, crate::store::database_bytes(c)?))
+        })
     });
-    let (blocking, vms) = tokio::join!(blocking, state.vms.metrics_sample());
-    let (maps, images, image_bytes, database_bytes) = blocking??;
+    let (maps, stored, vms) = tokio::join!(
+        state.portmaps.metrics_sample(),
+        stored,
+        state.vms.metrics_sample()
+    );
+    let (maps, (images, image_bytes, database_bytes)) = (maps?, stored?);
     let m = metrics::global();
     Ok(NodeSample {
         version: metrics::VERSION,

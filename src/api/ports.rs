@@ -15,7 +15,7 @@ use super::body::{self, port};
 use super::error::ApiError;
 use super::{AppState, Identity};
 use crate::model::{AllowList, PortMap, PortRule, Proto, VmName};
-use crate::portmap::CreateOutcome;
+use crate::portmap::{CreateOutcome, NewMap, Target};
 
 /// Body of `POST /ports`.
 #[derive(Debug, Deserialize, ToSchema)]
@@ -142,6 +142,26 @@ impl TryFrom<RawCreate> for CreatePortMap {
             replace,
             allow_from: allow_from(r.allow_from.as_ref())?,
         })
+    }
+}
+
+impl CreatePortMap {
+    /// The map the service makes: parsing left exactly one of `target_ip` and
+    /// `target_vm`.
+    fn into_new_map(self) -> NewMap {
+        let target = match (self.target_ip, self.target_vm) {
+            (_, Some(vm)) => Target::Vm(vm),
+            (Some(ip), None) => Target::Ip(ip),
+            (None, None) => Target::Ip(Ipv4Addr::UNSPECIFIED),
+        };
+        NewMap {
+            proto: self.proto,
+            listen_port: self.listen_port,
+            target,
+            target_port: self.target_port,
+            allow_from: self.allow_from,
+            replace: self.replace,
+        }
     }
 }
 
@@ -285,35 +305,16 @@ pub async fn create(
     body: Bytes,
 ) -> Result<AuditedResponse<Json<CreatedPortMap>>, ApiError> {
     let req: CreatePortMap = body::json(&body)?;
-    let req_vm = req.target_vm.clone();
-    let svc = state.portmaps.clone();
     let by = identity.0.as_str().to_string();
     let entry = draft.accepted(StatusCode::OK);
-    let (outcome, rule) = state
-        .store
-        .run(move |_| {
-            let vm = req.target_vm.as_ref().map(VmName::as_str);
-            // Parsing left exactly one of the two.
-            let target_ip = match req.target_ip {
-                Some(ip) => ip,
-                None => svc.vm_address(vm.unwrap_or_default())?,
-            };
-            let rule = PortRule {
-                map: PortMap {
-                    proto: req.proto,
-                    listen_port: req.listen_port,
-                    target_ip,
-                    target_port: req.target_port,
-                },
-                allow_from: req.allow_from,
-            };
-            let outcome = svc.create_naming(rule.clone(), vm, req.replace, &by, Some(&entry))?;
-            Ok::<_, crate::portmap::PortMapError>((outcome, rule))
-        })
+    let made = state
+        .portmaps
+        .create(req.into_new_map(), &by, Some(entry))
         .await?;
+    let (outcome, rule) = (made.outcome, made.rule);
     let map = rule.map;
     let mut view: PortMapView = rule.into();
-    view.target_vm = req_vm;
+    view.target_vm = made.target_vm;
     let (result, previous) = match outcome {
         CreateOutcome::Created => ("created", None),
         CreateOutcome::Unchanged => ("unchanged", None),
@@ -334,15 +335,9 @@ pub async fn create(
     security(("bearer" = []))
 )]
 pub async fn list(State(state): State<AppState>) -> Result<Response, ApiError> {
-    let svc = state.portmaps.clone();
     // The body is cached until the next change, so this is a reference-count bump in
-    // the common case. On a miss it reads SQLite, which blocks; a load that starts on
-    // an empty cache misses on every connection at once, and those requests queue in
-    // `Store::run` and find the body the first one built (`list_body` checks again).
-    let body = match svc.cached_list_body() {
-        Some(b) => b,
-        None => state.store.run(move |_| svc.list_body()).await?,
-    };
+    // the common case; on a miss one request builds it and the others wait for it.
+    let body = state.portmaps.list_body().await?;
     Ok(([(header::CONTENT_TYPE, "application/json")], body).into_response())
 }
 
@@ -382,11 +377,7 @@ pub async fn get(
     RawQuery(query): RawQuery,
 ) -> Result<Response, ApiError> {
     let (listen_port, proto) = port_and_proto(listen_port, query.as_deref())?;
-    let svc = state.portmaps.clone();
-    let found = state
-        .store
-        .run(move |_| svc.get(proto, listen_port))
-        .await?;
+    let found = state.portmaps.get(proto, listen_port).await?;
     let Some((row, counters)) = found else {
         return Err(ApiError::new(
             StatusCode::NOT_FOUND,
@@ -436,11 +427,10 @@ pub async fn delete(
     RawQuery(query): RawQuery,
 ) -> Result<AuditedResponse<Json<DeletedPortMap>>, ApiError> {
     let (listen_port, proto) = port_and_proto(listen_port, query.as_deref())?;
-    let svc = state.portmaps.clone();
     let entry = draft.accepted(StatusCode::OK);
     let deleted = state
-        .store
-        .run(move |_| svc.delete(proto, listen_port, Some(&entry)))
+        .portmaps
+        .delete(proto, listen_port, Some(entry))
         .await?;
     Ok(AuditedResponse(Json(match deleted {
         Some(m) => DeletedPortMap {
@@ -492,19 +482,14 @@ pub async fn restore(
 ) -> Result<AuditedResponse<Json<Restored>>, ApiError> {
     body::empty_object(&body)?;
     let svc = state.portmaps.clone();
-    let store = state.store.clone();
     // A kernel rewrite, not a change in SQLite: its row goes first (`audit::around`).
     super::audit::around(&state.store, &draft, StatusCode::OK, async move {
-        let (drift, restored, forward_accept) = store
-            .run(move |_| {
-                let drift = svc
-                    .drift()
-                    .unwrap_or_else(|e| vec![format!("could not compare: {e}")]);
-                let restored = svc.restore()?;
-                let forward_accept = svc.reconcile()?.forward_accept;
-                Ok::<_, crate::portmap::PortMapError>((drift, restored, forward_accept))
-            })
-            .await?;
+        let drift = svc
+            .drift()
+            .await
+            .unwrap_or_else(|e| vec![format!("could not compare: {e}")]);
+        let restored = svc.restore().await?;
+        let forward_accept = svc.reconcile().await?.forward_accept;
         Ok(Json(Restored {
             ok: true,
             restored,

@@ -28,13 +28,12 @@ struct Harness {
 
 fn harness() -> Harness {
     let store = Store::open_in_memory().unwrap();
-    let fw = Arc::new(MemoryFirewall::default());
+    let fw = Arc::new(MemoryFirewall::with_empty_table());
     let mut reserved = BTreeMap::new();
     reserved.insert(22, "SSH of the node".to_string());
     reserved.insert(8000, "the node's own API (NODE_API_PORT)".to_string());
     let policy = Policy::new(vec!["192.168.122.0/24".parse().unwrap()], reserved);
     let pm = Arc::new(PortMaps::new(store.clone(), fw.clone(), policy));
-    pm.restore().unwrap();
     let refused = Arc::new(refused::RefusedRequests::default());
     Harness {
         app: app(

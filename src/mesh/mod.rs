@@ -212,10 +212,9 @@ impl Mesh {
 
         // The anti-spoofing rule goes into the kernel before the API trusts the address.
         self.guard.set_tunnel_sources(&j.allowed_ips);
-        let pm = self.portmaps.clone();
-        tokio::task::spawn_blocking(move || pm.restore())
+        self.portmaps
+            .restore()
             .await
-            .map_err(|e| e.to_string())?
             .map_err(|e| format!("cannot install the anti-spoofing rule: {e}"))?;
         self.status.update(|s| {
             s.node_ip = Some(j.node_ip);

@@ -5,6 +5,7 @@ use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::net::Ipv4Addr;
 use std::sync::Mutex;
 
+use futures_util::future::BoxFuture;
 use ipnetwork::Ipv4Network;
 
 use crate::model::{MapCounters, PortMap, PortRule, Proto};
@@ -83,34 +84,39 @@ impl From<NftError> for FirewallError {
     }
 }
 
+/// A firewall call's future: boxed, so that the port-map service holds the firewall as
+/// `dyn Firewall` (the nftables driver in production, [`MemoryFirewall`] in tests).
+pub type FwFuture<'a, T> = BoxFuture<'a, Result<T, FirewallError>>;
+
 /// What the port-map logic needs from the packet filter. Every method is one atomic
-/// change; implementations block (call them off the async runtime). A rule is a map and
-/// its source allow-list; the kernel carries both, and the map's counters.
+/// change, awaited on the async runtime (the nftables driver speaks netlink
+/// asynchronously; nothing blocks). A rule is a map and its source allow-list; the
+/// kernel carries both, and the map's counters.
 pub trait Firewall: Send + Sync + 'static {
     /// Rewrites everything (table, sets with all elements, chains, rules) in one
     /// transaction. Maps the kernel already held unchanged keep their counters.
-    fn apply_all(&self, rules: &[PortRule]) -> Result<(), FirewallError>;
+    fn apply_all<'a>(&'a self, rules: &'a [PortRule]) -> FwFuture<'a, ()>;
     /// Fails with `Exists` if the listen port is mapped, `NotFound` without the table.
-    fn add(&self, rule: &PortRule) -> Result<(), FirewallError>;
+    fn add<'a>(&'a self, rule: &'a PortRule) -> FwFuture<'a, ()>;
     /// Removes `rules` in one transaction: all of them, or none (`NotFound` if one is
     /// missing).
-    fn remove(&self, rules: &[PortRule]) -> Result<(), FirewallError>;
+    fn remove<'a>(&'a self, rules: &'a [PortRule]) -> FwFuture<'a, ()>;
     /// Puts `new` in the place of `old` (same listen port) in one transaction; the map's
     /// counters start again.
-    fn replace(&self, old: &PortRule, new: &PortRule) -> Result<(), FirewallError>;
+    fn replace<'a>(&'a self, old: &'a PortRule, new: &'a PortRule) -> FwFuture<'a, ()>;
     /// Human-readable differences between the kernel and `desired`; empty when in sync.
-    fn drift(&self, desired: &[PortRule]) -> Result<Vec<String>, FirewallError>;
+    fn drift<'a>(&'a self, desired: &'a [PortRule]) -> FwFuture<'a, Vec<String>>;
     /// Every map's live counters, read at once; a map the kernel lacks is absent.
-    fn counters(&self) -> Result<BTreeMap<(Proto, u16), MapCounters>, FirewallError>;
+    fn counters(&self) -> FwFuture<'_, BTreeMap<(Proto, u16), MapCounters>>;
     /// What `ensure_forward_accept` would change; empty when nothing.
-    fn forward_accept_drift(&self) -> Result<Vec<String>, FirewallError>;
+    fn forward_accept_drift(&self) -> FwFuture<'_, Vec<String>>;
     /// Makes sure forwarded DNAT traffic gets past libvirt's reject rules; returns what it
     /// changed.
-    fn ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError>;
+    fn ensure_forward_accept(&self) -> FwFuture<'_, Vec<String>>;
     /// Removes every trace of the agent from the kernel.
-    fn cleanup(&self) -> Result<(), FirewallError>;
+    fn cleanup(&self) -> FwFuture<'_, ()>;
     /// Whether `ip` is one of the node's own addresses (never a port-map target).
-    fn is_local_address(&self, ip: Ipv4Addr) -> Result<bool, FirewallError>;
+    fn is_local_address(&self, ip: Ipv4Addr) -> FwFuture<'_, bool>;
 }
 
 /// The fake kernel's table: the maps, and the anti-spoofing networks in force.
@@ -153,6 +159,16 @@ fn poisoned() -> FirewallError {
 }
 
 impl MemoryFirewall {
+    /// A fake kernel that already holds the agent's table, empty: as after the startup
+    /// restore of a node without maps.
+    pub fn with_empty_table() -> Self {
+        let fw = Self::default();
+        if let Ok(mut s) = fw.state.lock() {
+            s.table = Some(Table::default());
+        }
+        fw
+    }
+
     pub fn maps(&self) -> Option<BTreeSet<PortMap>> {
         self.rules().map(|r| r.into_iter().map(|r| r.map).collect())
     }
@@ -239,8 +255,9 @@ fn key(r: &PortRule) -> (Proto, u16) {
     (r.map.proto, r.map.listen_port)
 }
 
-impl Firewall for MemoryFirewall {
-    fn apply_all(&self, rules: &[PortRule]) -> Result<(), FirewallError> {
+/// The fake's changes, synchronous: the trait's futures are ready at once.
+impl MemoryFirewall {
+    fn do_apply_all(&self, rules: &[PortRule]) -> Result<(), FirewallError> {
         self.write(|s| {
             let old = s.table.take().unwrap_or_default();
             let counters = rules
@@ -257,7 +274,7 @@ impl Firewall for MemoryFirewall {
         })
     }
 
-    fn add(&self, rule: &PortRule) -> Result<(), FirewallError> {
+    fn do_add(&self, rule: &PortRule) -> Result<(), FirewallError> {
         self.change(|t| {
             if t.rules.iter().any(|x| key(x) == key(rule)) {
                 return Err(FirewallError::new(FirewallErrorKind::Exists, "File exists"));
@@ -267,7 +284,7 @@ impl Firewall for MemoryFirewall {
         })
     }
 
-    fn remove(&self, rules: &[PortRule]) -> Result<(), FirewallError> {
+    fn do_remove(&self, rules: &[PortRule]) -> Result<(), FirewallError> {
         self.change(|t| {
             if !rules.iter().all(|x| t.rules.contains(x)) {
                 return Err(not_found(""));
@@ -280,7 +297,7 @@ impl Firewall for MemoryFirewall {
         })
     }
 
-    fn replace(&self, old: &PortRule, new: &PortRule) -> Result<(), FirewallError> {
+    fn do_replace(&self, old: &PortRule, new: &PortRule) -> Result<(), FirewallError> {
         self.change(|t| {
             if !t.rules.remove(old) {
                 return Err(not_found(""));
@@ -291,7 +308,7 @@ impl Firewall for MemoryFirewall {
         })
     }
 
-    fn drift(&self, desired: &[PortRule]) -> Result<Vec<String>, FirewallError> {
+    fn do_drift(&self, desired: &[PortRule]) -> Result<Vec<String>, FirewallError> {
         self.write(|s| {
             let Some(table) = &s.table else {
                 return Ok(vec!["table missing".into()]);
@@ -315,7 +332,7 @@ impl Firewall for MemoryFirewall {
         })
     }
 
-    fn counters(&self) -> Result<BTreeMap<(Proto, u16), MapCounters>, FirewallError> {
+    fn do_counters(&self) -> Result<BTreeMap<(Proto, u16), MapCounters>, FirewallError> {
         let s = self.state.lock().map_err(|_| poisoned())?;
         let Some(t) = &s.table else {
             return Err(not_found(" (table missing)"));
@@ -326,22 +343,69 @@ impl Firewall for MemoryFirewall {
             .collect())
     }
 
-    fn forward_accept_drift(&self) -> Result<Vec<String>, FirewallError> {
+    fn do_forward_accept_drift(&self) -> Result<Vec<String>, FirewallError> {
         Ok(Vec::new())
     }
 
-    fn ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError> {
+    fn do_ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError> {
         Ok(Vec::new())
     }
 
-    fn cleanup(&self) -> Result<(), FirewallError> {
+    fn do_cleanup(&self) -> Result<(), FirewallError> {
         self.wipe();
         Ok(())
     }
 
-    fn is_local_address(&self, ip: Ipv4Addr) -> Result<bool, FirewallError> {
+    fn do_is_local_address(&self, ip: Ipv4Addr) -> Result<bool, FirewallError> {
         Ok(self.local.lock().is_ok_and(|l| l.contains(&ip)))
     }
+}
+
+impl Firewall for MemoryFirewall {
+    fn apply_all<'a>(&'a self, rules: &'a [PortRule]) -> FwFuture<'a, ()> {
+        ready(self.do_apply_all(rules))
+    }
+
+    fn add<'a>(&'a self, rule: &'a PortRule) -> FwFuture<'a, ()> {
+        ready(self.do_add(rule))
+    }
+
+    fn remove<'a>(&'a self, rules: &'a [PortRule]) -> FwFuture<'a, ()> {
+        ready(self.do_remove(rules))
+    }
+
+    fn replace<'a>(&'a self, old: &'a PortRule, new: &'a PortRule) -> FwFuture<'a, ()> {
+        ready(self.do_replace(old, new))
+    }
+
+    fn drift<'a>(&'a self, desired: &'a [PortRule]) -> FwFuture<'a, Vec<String>> {
+        ready(self.do_drift(desired))
+    }
+
+    fn counters(&self) -> FwFuture<'_, BTreeMap<(Proto, u16), MapCounters>> {
+        ready(self.do_counters())
+    }
+
+    fn forward_accept_drift(&self) -> FwFuture<'_, Vec<String>> {
+        ready(self.do_forward_accept_drift())
+    }
+
+    fn ensure_forward_accept(&self) -> FwFuture<'_, Vec<String>> {
+        ready(self.do_ensure_forward_accept())
+    }
+
+    fn cleanup(&self) -> FwFuture<'_, ()> {
+        ready(self.do_cleanup())
+    }
+
+    fn is_local_address(&self, ip: Ipv4Addr) -> FwFuture<'_, bool> {
+        ready(self.do_is_local_address(ip))
+    }
+}
+
+/// A result as an already finished firewall future.
+fn ready<'a, T: Send + 'a>(r: Result<T, FirewallError>) -> FwFuture<'a, T> {
+    Box::pin(std::future::ready(r))
 }
 
 /// Like the nftables driver: the networks wait for the next `apply_all`.

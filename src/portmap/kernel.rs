@@ -1,13 +1,13 @@
-//! The production `Firewall`: the port-map logic's blocking calls, carried out by the
-//! async nftables driver (`net::nft`) on the agent's runtime. It lives with the service
+//! The production `Firewall`: the port-map logic's calls, carried out by the async
+//! nftables driver (`net::nft`) on the agent's runtime. It lives with the service
 //! that defines the trait, so the driver below knows nothing of the service.
 
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
 use nlink::netlink::{Connection, Route};
-use tokio::runtime::Handle;
 
+use super::firewall::FwFuture;
 use super::{Firewall, FirewallError};
 use crate::model::{MapCounters, PortRule, Proto};
 use crate::net::antispoof::TunnelGuard;
@@ -18,7 +18,6 @@ pub struct NftFirewall {
     nft: Nft,
     /// rtnetlink, for the node's own addresses.
     route: Connection<Route>,
-    rt: Handle,
 }
 
 /// Setting the node up failed for `why`; the cause is kept as the error's source.
@@ -42,7 +41,7 @@ fn setup(
 impl NftFirewall {
     /// Prepares the node for port maps: IPv4 forwarding on, the egress interface known
     /// (`nat.external_iface`, else the default route's), and a netlink socket in the
-    /// current network namespace. Must run on the runtime that will serve the calls.
+    /// current network namespace.
     pub async fn from_settings(nat: NatSettings) -> Result<Self, FirewallError> {
         match link::enable_ip_forward() {
             Ok(true) => tracing::info!("net.ipv4.ip_forward was 0; set to 1"),
@@ -59,11 +58,7 @@ impl NftFirewall {
         }
         let nft = Nft::new(nat)?;
         let route = Connection::<Route>::new().map_err(|e| setup("cannot open rtnetlink", e))?;
-        Ok(Self {
-            nft,
-            route,
-            rt: Handle::current(),
-        })
+        Ok(Self { nft, route })
     }
 }
 
@@ -84,100 +79,114 @@ async fn default_egress(vms_bridge: &str) -> Result<Option<String>, FirewallErro
 }
 
 /// Runs one nftables batch, observed as `node_vm_agent_kernel_apply_duration_seconds`.
-fn timed<T>(batch: impl FnOnce() -> T) -> T {
+async fn timed<T>(
+    batch: impl std::future::Future<Output = Result<T, NftError>>,
+) -> Result<T, FirewallError> {
     let started = std::time::Instant::now();
-    let result = batch();
+    let result = batch.await;
     crate::metrics::global()
         .kernel_apply_duration
         .observe(started.elapsed().as_secs_f64());
-    result
+    result.map_err(FirewallError::from)
 }
 
-// Every method blocks on the runtime: callers are on blocking threads (spawn_blocking),
-// never on a runtime worker.
+/// What `ensure_forward_accept` changed, a line per chain; none when nothing changed.
+fn forward_accept_lines(report: &nft::ForwardAcceptReport) -> Vec<String> {
+    if !report.changed() {
+        return Vec::new();
+    }
+    report
+        .touched
+        .iter()
+        .map(|o| {
+            format!(
+                "ip {}: {}removed {} stale",
+                o.chain,
+                if o.inserted {
+                    "forward accept inserted at the head, "
+                } else {
+                    ""
+                },
+                o.removed_stale
+            )
+        })
+        .collect()
+}
+
+// Every call is a netlink exchange awaited on the agent's runtime.
 impl Firewall for NftFirewall {
-    fn apply_all(&self, rules: &[PortRule]) -> Result<(), FirewallError> {
-        timed(|| self.rt.block_on(self.nft.apply_all(rules))).map_err(FirewallError::from)
+    fn apply_all<'a>(&'a self, rules: &'a [PortRule]) -> FwFuture<'a, ()> {
+        Box::pin(timed(self.nft.apply_all(rules)))
     }
 
-    fn add(&self, rule: &PortRule) -> Result<(), FirewallError> {
-        timed(|| self.rt.block_on(self.nft.add(rule))).map_err(FirewallError::from)
+    fn add<'a>(&'a self, rule: &'a PortRule) -> FwFuture<'a, ()> {
+        Box::pin(timed(self.nft.add(rule)))
     }
 
-    fn remove(&self, rules: &[PortRule]) -> Result<(), FirewallError> {
-        timed(|| self.rt.block_on(self.nft.remove_all(rules))).map_err(FirewallError::from)
+    fn remove<'a>(&'a self, rules: &'a [PortRule]) -> FwFuture<'a, ()> {
+        Box::pin(timed(self.nft.remove_all(rules)))
     }
 
-    fn replace(&self, old: &PortRule, new: &PortRule) -> Result<(), FirewallError> {
-        timed(|| self.rt.block_on(self.nft.replace(old, new))).map_err(FirewallError::from)
+    fn replace<'a>(&'a self, old: &'a PortRule, new: &'a PortRule) -> FwFuture<'a, ()> {
+        Box::pin(timed(self.nft.replace(old, new)))
     }
 
-    fn drift(&self, desired: &[PortRule]) -> Result<Vec<String>, FirewallError> {
-        let kernel = self
-            .rt
-            .block_on(self.nft.read())
-            .map_err(FirewallError::from)?;
-        let drift = nft::diff(desired, kernel.as_ref());
-        if drift.is_empty() {
-            return Ok(Vec::new());
-        }
-        Ok(drift.to_string().lines().map(str::to_owned).collect())
+    fn drift<'a>(&'a self, desired: &'a [PortRule]) -> FwFuture<'a, Vec<String>> {
+        Box::pin(async move {
+            let kernel = self.nft.read().await.map_err(FirewallError::from)?;
+            let drift = nft::diff(desired, kernel.as_ref());
+            if drift.is_empty() {
+                return Ok(Vec::new());
+            }
+            Ok(drift.to_string().lines().map(str::to_owned).collect())
+        })
     }
 
-    fn counters(&self) -> Result<BTreeMap<(Proto, u16), MapCounters>, FirewallError> {
-        self.rt
-            .block_on(self.nft.counters())
-            .map_err(FirewallError::from)
+    fn counters(&self) -> FwFuture<'_, BTreeMap<(Proto, u16), MapCounters>> {
+        Box::pin(async move { self.nft.counters().await.map_err(FirewallError::from) })
     }
 
-    fn forward_accept_drift(&self) -> Result<Vec<String>, FirewallError> {
-        self.rt
-            .block_on(self.nft.forward_accept_drift())
-            .map_err(FirewallError::from)
+    fn forward_accept_drift(&self) -> FwFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            self.nft
+                .forward_accept_drift()
+                .await
+                .map_err(FirewallError::from)
+        })
     }
 
-    fn ensure_forward_accept(&self) -> Result<Vec<String>, FirewallError> {
-        let report = self
-            .rt
-            .block_on(self.nft.ensure_forward_accept())
-            .map_err(FirewallError::from)?;
-        if !report.changed() {
-            return Ok(Vec::new());
-        }
-        Ok(report
-            .touched
-            .iter()
-            .map(|o| {
-                format!(
-                    "ip {}: {}removed {} stale",
-                    o.chain,
-                    if o.inserted {
-                        "forward accept inserted at the head, "
-                    } else {
-                        ""
-                    },
-                    o.removed_stale
-                )
-            })
-            .collect())
+    fn ensure_forward_accept(&self) -> FwFuture<'_, Vec<String>> {
+        Box::pin(async move {
+            let report = self
+                .nft
+                .ensure_forward_accept()
+                .await
+                .map_err(FirewallError::from)?;
+            Ok(forward_accept_lines(&report))
+        })
     }
 
-    fn is_local_address(&self, ip: Ipv4Addr) -> Result<bool, FirewallError> {
-        self.rt
-            .block_on(link::is_local_address(&self.route, ip))
-            .map_err(FirewallError::failed)
+    fn is_local_address(&self, ip: Ipv4Addr) -> FwFuture<'_, bool> {
+        Box::pin(async move {
+            link::is_local_address(&self.route, ip)
+                .await
+                .map_err(FirewallError::failed)
+        })
     }
 
-    fn cleanup(&self) -> Result<(), FirewallError> {
-        // Both are tried even if the first fails.
-        let accept = self.rt.block_on(self.nft.remove_forward_accept());
-        let table = self.rt.block_on(self.nft.delete_table());
-        let mut errors: Vec<NftError> = [accept.err(), table.err()].into_iter().flatten().collect();
-        match errors.len() {
-            0 => Ok(()),
-            1 => Err(errors.remove(0).into()),
-            _ => Err(NftError::Several(errors).into()),
-        }
+    fn cleanup(&self) -> FwFuture<'_, ()> {
+        Box::pin(async move {
+            // Both are tried even if the first fails.
+            let accept = self.nft.remove_forward_accept().await;
+            let table = self.nft.delete_table().await;
+            let mut errors: Vec<NftError> =
+                [accept.err(), table.err()].into_iter().flatten().collect();
+            match errors.len() {
+                0 => Ok(()),
+                1 => Err(errors.remove(0).into()),
+                _ => Err(NftError::Several(errors).into()),
+            }
+        })
     }
 }
 

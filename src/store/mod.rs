@@ -91,6 +91,15 @@ pub struct Store {
     threads: Arc<Semaphore>,
 }
 
+/// The database file's size in bytes, as SQLite counts its pages.
+pub fn database_bytes(conn: &Connection) -> Result<i64, StoreError> {
+    Ok(conn.query_row(
+        "SELECT page_count * page_size FROM pragma_page_count(), pragma_page_size()",
+        [],
+        |r| r.get(0),
+    )?)
+}
+
 impl Store {
     /// Opens (or creates) the database, sets WAL, foreign keys and a busy timeout, and
     /// applies pending migrations in one transaction each.

@@ -147,6 +147,12 @@ pub fn count(conn: &Connection) -> Result<i64, StoreError> {
     Ok(conn.query_row("SELECT count(*) FROM port_maps", [], |r| r.get(0))?)
 }
 
+/// How many maps of `proto` there are.
+pub fn count_of(conn: &Connection, proto: Proto) -> Result<i64, StoreError> {
+    let mut stmt = conn.prepare_cached("SELECT count(*) FROM port_maps WHERE proto = ?1")?;
+    Ok(stmt.query_row([proto], |r| r.get(0))?)
+}
+
 pub fn get(
     conn: &Connection,
     proto: Proto,

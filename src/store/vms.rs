@@ -109,6 +109,15 @@ pub fn mac_on_network(conn: &Connection, mac: &str, network: &str) -> Result<boo
     Ok(n > 0)
 }
 
+/// How many images are ready, and their bytes together.
+pub fn ready_image_totals(conn: &Connection) -> Result<(i64, i64), StoreError> {
+    Ok(conn.query_row(
+        "SELECT count(*), coalesce(sum(size_bytes), 0) FROM images WHERE state = 'ready'",
+        [],
+        |r| Ok((r.get(0)?, r.get(1)?)),
+    )?)
+}
+
 /// The pinned address of VM `name`; `None` when it has none (created before schema 7)
 /// or there is no such VM. For port maps that name a VM.
 pub fn pinned_ip(conn: &Connection, name: &str) -> Result<Option<Ipv4Addr>, StoreError> {

@@ -1,52 +1,33 @@
-//! Port-map operations: validate, write the desired state in one SQLite transaction, apply
-//! it to the kernel inside that transaction, commit only if the kernel agreed.
+//! Port-map operations: validate, change the kernel, then write the desired state and
+//! its audit row in one SQLite transaction (docs/decisions/28-portmap-write-path.md).
 //!
-//! Every method blocks; callers on the async runtime use `spawn_blocking`. The store's
-//! connection lock is held across the kernel change, so concurrent requests reach SQLite
-//! and the kernel in the same order and the two never disagree.
+//! One change at a time holds the service's writer lock from its first read of SQLite to
+//! its commit, so SQLite and the kernel see changes in the same order and a change's
+//! plan stays true while the kernel makes it. The kernel is awaited on the runtime (no
+//! thread blocks on it) and no SQLite lock is held meanwhile. SQLite commits only what
+//! the kernel took; when the commit itself fails after the kernel changed, the table is
+//! rewritten from SQLite, so the two agree again.
 
-use std::collections::BTreeMap;
+use std::net::Ipv4Addr;
 use std::sync::{Arc, RwLock};
 use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 
-use super::firewall::{Firewall, FirewallError};
+use super::firewall::{Firewall, FirewallError, FwFuture};
 use super::policy::{Policy, PolicyError};
-use crate::model::{MapCounters, PortMap, PortRule, Proto};
+use crate::events::Kind;
+use crate::model::{PortMap, PortRule, Proto, VmName};
 use crate::store::audit::{self, Entry};
 use crate::store::portmaps::{self, PortMapRow};
 use crate::store::{Store, StoreError};
 
+mod listing;
 mod naming;
+mod repair;
 mod sample;
 
-use crate::events::Kind;
-
-/// An event about map `m` (its rule id for a subject, its target in the detail).
-fn publish(kind: Kind, m: &PortMap, mut detail: serde_json::Value) {
-    let target = serde_json::json!({
-        "proto": m.proto.to_string(),
-        "listen_port": m.listen_port,
-        "target_ip": m.target_ip.to_string(),
-        "target_port": m.target_port,
-    });
-    match (&mut detail, target) {
-        (serde_json::Value::Object(d), serde_json::Value::Object(t)) => d.extend(t),
-        (d, t) => *d = t,
-    }
-    crate::events::publish(kind, m.rule_id(), detail);
-}
-
-/// One rule of the `GET /ports` listing: the row, its id and its counters.
-#[derive(serde::Serialize)]
-struct RuleView<'a> {
-    #[serde(flatten)]
-    row: &'a PortMapRow,
-    rule_id: &'a str,
-    #[serde(flatten)]
-    counters: MapCounters,
-}
+pub use repair::ReconcileReport;
 
 /// How long a `GET /ports` body (with its counters) is served from the cache: the
 /// listing of 10,000 maps is megabytes and six kernel dumps, so a load of listings
@@ -88,19 +69,41 @@ pub enum PortMapError {
     Read(FirewallError),
     /// `target_vm` names no VM.
     #[error("no VM named {0}")]
-    UnknownVm(String),
+    UnknownVm(VmName),
     /// The VM named has no address to map to yet: it was created before pinned
     /// addresses and no lease of it has been seen.
     #[error(
         "VM {0} has no known address yet (created before pinned addresses, no lease seen): \
          try again once GET /vms/{0}/ip answers"
     )]
-    VmWithoutAddress(String),
+    VmWithoutAddress(VmName),
     /// The VM named got another address while the map was being made.
     #[error("VM {0} changed its address while the map was being made; try again")]
-    VmMoved(String),
+    VmMoved(VmName),
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+/// Where a new map goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Target {
+    /// An address (in VM_SUBNET or ALLOWED_TARGETS).
+    Ip(Ipv4Addr),
+    /// A VM of the agent, by name: its pinned address (for a VM from before pinned
+    /// addresses, its last seen one), followed through a recreate, removed with it.
+    Vm(VmName),
+}
+
+/// A map to make: `POST /ports` as the service takes it.
+#[derive(Clone, Debug)]
+pub struct NewMap {
+    pub proto: Proto,
+    pub listen_port: u16,
+    pub target: Target,
+    pub target_port: u16,
+    pub allow_from: crate::model::AllowList,
+    /// Switch an existing map of the port to this one instead of refusing (409).
+    pub replace: bool,
 }
 
 /// What a create did.
@@ -115,32 +118,29 @@ pub enum CreateOutcome {
     },
 }
 
-/// What a reconcile found and did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReconcileReport {
-    /// Differences found between the kernel and the database before repairing.
-    pub drift: Vec<String>,
-    /// Whether the whole table was rewritten.
-    pub rewritten: bool,
-    /// Changes made to keep forwarded DNAT traffic past libvirt's reject rules.
-    pub forward_accept: Vec<String>,
-    /// Maps in the database (and so in the kernel afterwards).
-    pub maps: usize,
+/// A create's result: what it did, and the map as it now is.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Made {
+    pub outcome: CreateOutcome,
+    pub rule: PortRule,
+    /// The VM the map names, if it names one.
+    pub target_vm: Option<VmName>,
 }
 
-impl ReconcileReport {
-    pub fn changed(&self) -> bool {
-        self.rewritten || !self.forward_accept.is_empty()
-    }
-}
+/// The `GET /ports` body cache: the body and when it was built.
+type ListCache = Arc<RwLock<Option<(Bytes, Instant)>>>;
 
 pub struct PortMaps {
     store: Store,
     fw: Arc<dyn Firewall>,
     policy: Policy,
-    /// The serialized `GET /ports` body and when it was built; filled and cleared under
-    /// the store lock, served for at most [`LIST_MAX_AGE`].
-    list_cache: RwLock<Option<(Bytes, Instant)>>,
+    /// Held by each change from its first read to its commit (the module's comment).
+    writer: tokio::sync::Mutex<()>,
+    /// The serialized `GET /ports` body; filled under the store lock, cleared after each
+    /// commit, served for at most [`LIST_MAX_AGE`].
+    list_cache: ListCache,
+    /// Held while a `GET /ports` body is built, so that only one is (`listing.rs`).
+    list_builder: tokio::sync::Mutex<()>,
     /// Every map's counters for `GET /metrics`, read at most once per [`LIST_MAX_AGE`].
     counters_cache: sample::CountersCache,
 }
@@ -151,7 +151,9 @@ impl PortMaps {
             store,
             fw,
             policy,
-            list_cache: RwLock::new(None),
+            writer: tokio::sync::Mutex::new(()),
+            list_cache: Arc::default(),
+            list_builder: tokio::sync::Mutex::new(()),
             counters_cache: Default::default(),
         }
     }
@@ -167,392 +169,228 @@ impl PortMaps {
     }
 
     /// Creates (or, with `replace`, re-targets) a map. `audit`, the caller's audit row,
-    /// is written in the same transaction: the map and its row stand or fall together.
-    /// A different allow-list for the same target is a replace too.
-    pub fn create(
+    /// is written in the same transaction as the map: they stand or fall together. A
+    /// different allow-list or `target_vm` for the same target is a replace too.
+    pub async fn create(
         &self,
-        rule: impl Into<PortRule>,
-        replace: bool,
+        new: NewMap,
         by: &str,
-        audit: Option<&Entry>,
-    ) -> Result<CreateOutcome, PortMapError> {
-        self.create_naming(rule.into(), None, replace, by, audit)
+        audit: Option<Entry>,
+    ) -> Result<Made, PortMapError> {
+        let _one = self.writer.lock().await;
+        let target_vm = match &new.target {
+            Target::Vm(vm) => Some(vm.clone()),
+            Target::Ip(_) => None,
+        };
+        let rule = self.resolve(&new).await?;
+        let outcome = self
+            .plan_create(&rule, target_vm.clone(), new.replace)
+            .await?;
+        if outcome == CreateOutcome::Unchanged {
+            self.commit(None, move |tx| Ok(audit::record_opt(tx, audit.as_ref())?))
+                .await?;
+            return Ok(Made {
+                outcome,
+                rule,
+                target_vm,
+            });
+        }
+        let change = match &outcome {
+            CreateOutcome::Replaced { previous } => self.fw.replace(previous, &rule),
+            _ => self.fw.add(&rule),
+        };
+        let added = rule.clone();
+        let repair = self
+            .change_kernel(change, move |rules| {
+                rules.retain(|r| key(r) != key(&added));
+                rules.push(added);
+            })
+            .await?;
+        let (row, vm, by) = (rule.clone(), target_vm.clone(), by.to_owned());
+        self.commit(repair, move |tx| {
+            if let Some(vm) = &vm {
+                naming::check_vm_address(tx, vm, row.map.target_ip)?;
+            }
+            portmaps::upsert(tx, &row, vm.as_ref().map(VmName::as_str), &by)?;
+            Ok(audit::record_opt(tx, audit.as_ref())?)
+        })
+        .await?;
+        publish_added(&rule, target_vm.as_ref(), &outcome);
+        Ok(Made {
+            outcome,
+            rule,
+            target_vm,
+        })
     }
 
-    /// [`PortMaps::create`] of a map that names VM `target_vm` (`rule`'s target is its
-    /// address, from [`PortMaps::vm_address`]; checked again in the transaction). A
-    /// different `target_vm` for the same map is a replace too.
-    pub fn create_naming(
+    /// What a create of `rule` would do, from the database as it is (under the writer
+    /// lock, so it stays true until the commit).
+    async fn plan_create(
         &self,
-        rule: PortRule,
-        target_vm: Option<&str>,
+        rule: &PortRule,
+        target_vm: Option<VmName>,
         replace: bool,
-        by: &str,
-        audit: Option<&Entry>,
     ) -> Result<CreateOutcome, PortMapError> {
-        let map = rule.map;
-        self.policy.check(&map)?;
-        if self.fw.is_local_address(map.target_ip)? {
-            return Err(PolicyError::TargetIsNode {
-                ip: map.target_ip.to_string(),
+        let (proto, port) = key(rule);
+        let row = self
+            .store
+            .run(move |s| s.with(|c| portmaps::get(c, proto, port)))
+            .await?;
+        Ok(match row {
+            Some(row)
+                if row.map == rule.map
+                    && row.allow_from == rule.allow_from
+                    && row.target_vm.as_deref() == target_vm.as_ref().map(VmName::as_str) =>
+            {
+                CreateOutcome::Unchanged
             }
-            .into());
-        }
-        let outcome = self.store.transaction(|tx| {
-            if let Some(vm) = target_vm {
-                self.check_vm_address(tx, vm, map.target_ip)?;
+            Some(row) if !replace => {
+                return Err(PortMapError::Conflict {
+                    proto,
+                    listen_port: port,
+                    target: describe(&row),
+                });
             }
-            let outcome = match portmaps::get(tx, map.proto, map.listen_port)? {
-                Some(row)
-                    if row.map == map
-                        && row.allow_from == rule.allow_from
-                        && row.target_vm.as_deref() == target_vm =>
-                {
-                    audit::record_opt(tx, audit)?;
-                    return Ok(CreateOutcome::Unchanged);
-                }
-                Some(row) if !replace => {
-                    return Err(PortMapError::Conflict {
-                        proto: map.proto,
-                        listen_port: map.listen_port,
-                        target: describe(&row),
-                    });
-                }
-                Some(row) => CreateOutcome::Replaced {
-                    previous: PortRule {
-                        map: row.map,
-                        allow_from: row.allow_from,
-                    },
+            Some(row) => CreateOutcome::Replaced {
+                previous: PortRule {
+                    map: row.map,
+                    allow_from: row.allow_from,
                 },
-                None => CreateOutcome::Created,
-            };
-            portmaps::upsert(tx, &rule, target_vm, by)?;
-            audit::record_opt(tx, audit)?;
-            // The kernel goes last: if it refuses, the transaction rolls back.
-            self.change_kernel(tx, || match &outcome {
-                CreateOutcome::Replaced { previous } => self.fw.replace(previous, &rule),
-                _ => self.fw.add(&rule),
-            })?;
-            Ok(outcome)
-        });
-        match outcome {
-            Err(PortMapError::Store(e)) => {
-                // The commit itself failed after the kernel changed (disk full, I/O):
-                // put the kernel back so both still agree.
-                self.resync_after_failed_commit();
-                Err(e.into())
-            }
-            Ok(o) => {
-                if o != CreateOutcome::Unchanged {
-                    self.invalidate();
-                    publish(
-                        Kind::PortMapAdded,
-                        &map,
-                        serde_json::json!({
-                            "target_vm": target_vm,
-                            "allow_from": rule.allow_from.networks().iter().map(|n| n.to_string()).collect::<Vec<_>>(),
-                            "replaced": matches!(o, CreateOutcome::Replaced { .. }),
-                        }),
-                    );
-                }
-                Ok(o)
-            }
-            Err(e) => Err(e),
-        }
+            },
+            None => CreateOutcome::Created,
+        })
     }
 
     /// Deletes a map; `None` when there was none. `audit` is written in the same
     /// transaction, as for [`PortMaps::create`].
-    pub fn delete(
+    pub async fn delete(
         &self,
         proto: Proto,
         listen_port: u16,
-        audit: Option<&Entry>,
+        audit: Option<Entry>,
     ) -> Result<Option<PortMap>, PortMapError> {
-        let deleted = self.store.transaction(|tx| {
-            audit::record_opt(tx, audit)?;
-            let Some(row) = portmaps::get(tx, proto, listen_port)? else {
-                return Ok(None);
-            };
+        let _one = self.writer.lock().await;
+        let row = self
+            .store
+            .run(move |s| s.with(|c| portmaps::get(c, proto, listen_port)))
+            .await?;
+        let Some(row) = row else {
+            self.commit(None, move |tx| Ok(audit::record_opt(tx, audit.as_ref())?))
+                .await?;
+            return Ok(None);
+        };
+        let rule = PortRule {
+            map: row.map,
+            allow_from: row.allow_from,
+        };
+        let repair = self
+            .change_kernel(self.fw.remove(std::slice::from_ref(&rule)), |rules| {
+                rules.retain(|r| key(r) != (proto, listen_port))
+            })
+            .await?;
+        self.commit(repair, move |tx| {
             portmaps::delete(tx, proto, listen_port)?;
-            let rule = PortRule {
-                map: row.map,
-                allow_from: row.allow_from,
-            };
-            self.change_kernel(tx, || self.fw.remove(std::slice::from_ref(&rule)))?;
-            Ok(Some(row.map))
-        });
-        match deleted {
-            Err(PortMapError::Store(e)) => {
-                self.resync_after_failed_commit();
-                Err(e.into())
-            }
-            Ok(Some(m)) => {
-                self.invalidate();
-                publish(Kind::PortMapRemoved, &m, serde_json::Value::Null);
-                Ok(Some(m))
-            }
-            other => other,
-        }
+            Ok(audit::record_opt(tx, audit.as_ref())?)
+        })
+        .await?;
+        publish(Kind::PortMapRemoved, &row.map, serde_json::Value::Null);
+        Ok(Some(row.map))
     }
 
-    /// Removes every map that targets one of `targets` or names VM `vm`: one SQLite
-    /// transaction holding each map's audit row (`audit` says it), one kernel
-    /// transaction. Returns the maps removed.
-    pub fn delete_targeting(
-        &self,
-        targets: &[std::net::Ipv4Addr],
-        vm: Option<&str>,
-        audit: impl Fn(&PortMap) -> Entry,
-    ) -> Result<Vec<PortMap>, PortMapError> {
-        let deleted = self.store.transaction(|tx| {
-            let gone: Vec<PortRule> = portmaps::list(tx)?
-                .into_iter()
-                .filter(|r| {
-                    targets.contains(&r.map.target_ip)
-                        || vm.is_some_and(|v| r.target_vm.as_deref() == Some(v))
-                })
-                .map(|r| PortRule {
-                    map: r.map,
-                    allow_from: r.allow_from,
-                })
-                .collect();
-            if gone.is_empty() {
-                return Ok(Vec::new());
-            }
-            for r in &gone {
-                audit::record(tx, &audit(&r.map))?;
-                portmaps::delete(tx, r.map.proto, r.map.listen_port)?;
-            }
-            self.change_kernel(tx, || self.fw.remove(&gone))?;
-            Ok(gone.into_iter().map(|r| r.map).collect())
-        });
-        self.after_bulk_change(deleted, Kind::PortMapRemoved)
-    }
-
-    /// The end of a change of several maps in one transaction: a failed commit (the
-    /// kernel may already hold the change) is followed by a reconcile, and a change that
-    /// touched maps makes the listing cache stale.
-    fn after_bulk_change(
-        &self,
-        changed: Result<Vec<PortMap>, PortMapError>,
-        kind: Kind,
-    ) -> Result<Vec<PortMap>, PortMapError> {
-        match changed {
-            Err(PortMapError::Store(e)) => {
-                self.resync_after_failed_commit();
-                Err(e.into())
-            }
-            Ok(maps) => {
-                if !maps.is_empty() {
-                    self.invalidate();
-                }
-                for m in &maps {
-                    publish(kind, m, serde_json::Value::Null);
-                }
-                Ok(maps)
-            }
-            other => other,
-        }
-    }
-
-    /// Makes `change`, the kernel's half of a change whose rows `tx` already holds.
+    /// Makes `change`, the kernel's half of a change that SQLite does not hold yet.
     ///
     /// When the kernel refuses because it drifted from the database (the table, a map or
     /// an element deleted or added behind the agent's back: `NotFound`, `Exists`), the
-    /// whole table is rewritten from `tx`'s rows, as the reconcile would, which makes
-    /// the change too, in one kernel transaction; the repair is audited in `tx` like a
-    /// reconcile. If that fails as well: [`PortMapError::Drifted`].
-    fn change_kernel(
+    /// whole table is rewritten from the database's rules as `after` changes them (the
+    /// change included), as the reconcile would, in one kernel transaction; the repair's
+    /// audit row is returned for the change's commit. If that fails as well:
+    /// [`PortMapError::Drifted`].
+    async fn change_kernel(
         &self,
-        tx: &rusqlite::Connection,
-        change: impl FnOnce() -> Result<(), FirewallError>,
-    ) -> Result<(), PortMapError> {
-        let drift = match change() {
-            Ok(()) => return Ok(()),
+        change: FwFuture<'_, ()>,
+        after: impl FnOnce(&mut Vec<PortRule>),
+    ) -> Result<Option<Entry>, PortMapError> {
+        let drift = match change.await {
+            Ok(()) => return Ok(None),
             Err(e) if e.is_drift() => e,
             Err(e) => return Err(e.into()),
         };
-        let maps = portmaps::list_rules(tx)?;
-        if let Err(repair) = self.fw.apply_all(&maps) {
+        let mut rules = self.rules().await?;
+        after(&mut rules);
+        if let Err(repair) = self.fw.apply_all(&rules).await {
             return Err(PortMapError::Drifted { drift, repair });
         }
-        tracing::warn!(error = %drift, maps = maps.len(), "nftables had drifted from the database: table rewritten from it");
+        tracing::warn!(error = %drift, maps = rules.len(), "nftables had drifted from the database: table rewritten from it");
         crate::events::publish(
             Kind::PortMapRepaired,
             "portmaps",
-            serde_json::json!({ "drift": [drift.to_string()], "maps": maps.len() }),
+            serde_json::json!({ "drift": [drift.to_string()], "maps": rules.len() }),
         );
-        audit::record(tx, &reconcile_entry(&[drift.to_string()], &[]))?;
-        Ok(())
+        Ok(Some(repair::reconcile_entry(&[drift.to_string()], &[])))
     }
 
-    fn resync_after_failed_commit(&self) {
-        if let Err(e) = self.reconcile() {
-            tracing::error!(error = %e, "kernel and database may disagree until the next reconcile");
-        }
-    }
-
-    pub fn list(&self) -> Result<Vec<PortMapRow>, PortMapError> {
-        Ok(self.store.with(portmaps::list)?)
-    }
-
-    /// The `GET /ports` body if it is cached and fresh (no blocking).
-    pub fn cached_list_body(&self) -> Option<Bytes> {
-        let c = self.list_cache.read().ok()?;
-        let (body, at) = c.as_ref()?;
-        (at.elapsed() < LIST_MAX_AGE).then(|| body.clone())
-    }
-
-    /// Every map's counters; zeros (and a warning) when the kernel cannot be read, so a
-    /// listing still answers.
-    fn counters_or_zero(&self) -> BTreeMap<(Proto, u16), MapCounters> {
-        self.fw.counters().unwrap_or_else(|e| {
-            tracing::warn!(error = %e, "cannot read the port maps' counters; listing zeros");
-            BTreeMap::new()
-        })
-    }
-
-    /// One map with its live counters (read from the kernel now); `None` when there is
-    /// no such map.
-    pub fn get(
+    /// Writes a change the kernel already made (and the audit row of a repair it needed)
+    /// in one transaction. If that fails, the kernel is rewritten from the database, so
+    /// that the two agree again, and the error is returned. Clears the listing cache.
+    async fn commit(
         &self,
-        proto: Proto,
-        listen_port: u16,
-    ) -> Result<Option<(PortMapRow, MapCounters)>, PortMapError> {
-        let Some(row) = self.store.with(|c| portmaps::get(c, proto, listen_port))? else {
-            return Ok(None);
-        };
-        let counters = self
-            .fw
-            .counters()
-            .map_err(PortMapError::Read)?
-            .remove(&(proto, listen_port))
-            .unwrap_or_default();
-        Ok(Some((row, counters)))
-    }
-
-    /// A map as the listing shows it, `{"listen_port":..,...,"rule_id":..,"packets":..}`.
-    pub fn rule_json(row: &PortMapRow, counters: MapCounters) -> serde_json::Value {
-        let rule_id = row.map.rule_id();
-        serde_json::to_value(RuleView {
-            row,
-            rule_id: &rule_id,
-            counters,
-        })
-        .unwrap_or_default()
-    }
-
-    /// The `GET /ports` body, `{"ok":true,"rules":{"<rule_id>":{...},...}}` (the original
-    /// agent's shape plus bookkeeping), cached until the next change.
-    pub fn list_body(&self) -> Result<Bytes, PortMapError> {
-        if let Some(v) = self.cached_list_body() {
-            return Ok(v);
+        repair: Option<Entry>,
+        write: impl FnOnce(&rusqlite::Transaction<'_>) -> Result<(), PortMapError> + Send + 'static,
+    ) -> Result<(), PortMapError> {
+        let written = self
+            .store
+            .run(move |s| {
+                s.transaction(|tx| {
+                    write(tx)?;
+                    audit::record_opt(tx, repair.as_ref())?;
+                    Ok::<_, PortMapError>(())
+                })
+            })
+            .await;
+        self.invalidate();
+        if written.is_err() {
+            self.rewrite_from_store().await;
         }
-        // Built under the store lock so that a change cannot slip in between reading the
-        // rows and filling the cache. Rows are streamed into the buffer: with 10,000 maps
-        // a per-row JSON value tree would cost the idle agent megabytes of heap.
-        let (body, built) = self.store.with(|conn| {
-            // Checked again under the lock: callers that missed the cache together queue
-            // here, and each would otherwise build its own copy of the whole listing
-            // (2.5 MB with 10,000 maps).
-            if let Some(v) = self.cached_list_body() {
-                return Ok((v, false));
-            }
-            let counters = self.counters_or_zero();
-            let mut out = Vec::with_capacity(32 + 320 * portmaps::count(conn)?.max(0) as usize);
-            out.extend_from_slice(br#"{"ok":true,"rules":{"#);
-            let mut first = true;
-            portmaps::for_each(conn, |row| {
-                if !first {
-                    out.push(b',');
-                }
-                first = false;
-                let rule_id = row.map.rule_id();
-                serde_json::to_writer(&mut out, &rule_id)
-                    .and_then(|()| {
-                        out.push(b':');
-                        serde_json::to_writer(
-                            &mut out,
-                            &RuleView {
-                                row,
-                                rule_id: &rule_id,
-                                counters: counters
-                                    .get(&(row.map.proto, row.map.listen_port))
-                                    .copied()
-                                    .unwrap_or_default(),
-                            },
-                        )
-                    })
-                    .map_err(|e| StoreError::Task(format!("serialize: {e}")))
-            })?;
-            out.extend_from_slice(b"}}");
-            // The estimate above is generous; the cache keeps the body for as long as
-            // the maps do not change, so it should not keep the slack too.
-            out.shrink_to_fit();
-            let bytes = Bytes::from(out);
-            if let Ok(mut c) = self.list_cache.write() {
-                *c = Some((bytes.clone(), Instant::now()));
-            }
-            Ok::<_, PortMapError>((bytes, true))
-        })?;
-        if built {
-            crate::memory::release_free_heap();
-        }
-        Ok(body)
+        written
     }
 
-    /// Rewrites the kernel table from the database in one transaction; returns the number
-    /// of maps written.
-    pub fn restore(&self) -> Result<usize, PortMapError> {
-        self.store.with(|conn| {
-            let maps = portmaps::list_rules(conn)?;
-            self.fw.apply_all(&maps)?;
-            Ok(maps.len())
-        })
+    /// Every rule the database holds.
+    async fn rules(&self) -> Result<Vec<PortRule>, PortMapError> {
+        Ok(self.store.run(|s| s.with(portmaps::list_rules)).await?)
     }
+}
 
-    /// Compares the kernel with the database and repairs any difference (`apply_all`:
-    /// one transaction, in place or a rebuild), and keeps the libvirt accept in place.
-    pub fn reconcile(&self) -> Result<ReconcileReport, PortMapError> {
-        self.store.with(|conn| {
-            let maps = portmaps::list_rules(conn)?;
-            let drift = self.fw.drift(&maps)?;
-            let rewritten = !drift.is_empty();
-            if rewritten {
-                self.fw.apply_all(&maps)?;
-            }
-            let forward_accept = self.fw.ensure_forward_accept()?;
-            let report = ReconcileReport {
-                drift,
-                rewritten,
-                forward_accept,
-                maps: maps.len(),
-            };
-            if report.changed() {
-                audit::record(
-                    conn,
-                    &reconcile_entry(&report.drift, &report.forward_accept),
-                )?;
-            }
-            Ok(report)
-        })
-    }
+/// A rule's key: its protocol and listen port.
+fn key(r: &PortRule) -> (Proto, u16) {
+    (r.map.proto, r.map.listen_port)
+}
 
-    /// Differences between the kernel and the database (and the libvirt accept rule),
-    /// changing nothing.
-    pub fn drift(&self) -> Result<Vec<String>, PortMapError> {
-        self.store.with(|conn| {
-            let maps = portmaps::list_rules(conn)?;
-            let mut lines = self.fw.drift(&maps).map_err(PortMapError::Read)?;
-            lines.extend(self.fw.forward_accept_drift().map_err(PortMapError::Read)?);
-            Ok(lines)
-        })
+/// An event about map `m` (its rule id for a subject, its target in the detail).
+fn publish(kind: Kind, m: &PortMap, mut detail: serde_json::Value) {
+    let target = serde_json::json!({
+        "proto": m.proto.to_string(),
+        "listen_port": m.listen_port,
+        "target_ip": m.target_ip.to_string(),
+        "target_port": m.target_port,
+    });
+    match (&mut detail, target) {
+        (serde_json::Value::Object(d), serde_json::Value::Object(t)) => d.extend(t),
+        (d, t) => *d = t,
     }
+    crate::events::publish(kind, m.rule_id(), detail);
+}
 
-    pub fn cleanup(&self) -> Result<(), PortMapError> {
-        Ok(self.fw.cleanup()?)
-    }
+/// `portmap.added` for a map made or switched.
+fn publish_added(rule: &PortRule, target_vm: Option<&VmName>, outcome: &CreateOutcome) {
+    publish(
+        Kind::PortMapAdded,
+        &rule.map,
+        serde_json::json!({
+            "target_vm": target_vm.map(VmName::as_str),
+            "allow_from": rule.allow_from.networks().iter().map(|n| n.to_string()).collect::<Vec<_>>(),
+            "replaced": matches!(outcome, CreateOutcome::Replaced { .. }),
+        }),
+    );
 }
 
 /// What a conflicting map points at, for the 409's message.
@@ -563,15 +401,6 @@ fn describe(row: &PortMapRow) -> String {
     } else {
         format!("{target} (allow_from {})", row.allow_from)
     }
-}
-
-/// The audit row of a repair of the kernel from the database.
-fn reconcile_entry(drift: &[String], forward_accept: &[String]) -> Entry {
-    let parameters = serde_json::json!({
-        "drift": drift,
-        "forward_accept": forward_accept,
-    });
-    Entry::by_agent("reconcile", Some(parameters.to_string()))
 }
 
 #[cfg(test)]

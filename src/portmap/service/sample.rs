@@ -8,27 +8,29 @@ use std::time::Instant;
 use super::{LIST_MAX_AGE, PortMapError, PortMaps};
 use crate::metrics::sample::{MAX_MAP_SERIES, MapsSample};
 use crate::model::{MapCounters, Proto};
+use crate::store::{StoreError, portmaps};
 
 /// Every map's counters, and when they were read.
 pub(super) type CountersCache =
     std::sync::Mutex<Option<(Arc<BTreeMap<(Proto, u16), MapCounters>>, Instant)>>;
 
 impl PortMaps {
-    /// How many maps there are by protocol, and their counters. Blocking: call it on a
-    /// blocking thread. The counters are read from the kernel at most once per
-    /// [`LIST_MAX_AGE`], however often Prometheus scrapes.
-    pub fn metrics_sample(&self) -> Result<MapsSample, PortMapError> {
-        let (tcp, udp) = self.store.with(|c| {
-            let n = |proto: &str| {
-                c.query_row(
-                    "SELECT count(*) FROM port_maps WHERE proto = ?1",
-                    [proto],
-                    |r| r.get::<_, i64>(0),
-                )
-            };
-            Ok::<_, crate::store::StoreError>((n("tcp")?, n("udp")?))
-        })?;
-        let counters = self.counters_recent();
+    /// How many maps there are by protocol, and their counters. The counters are read
+    /// from the kernel at most once per [`LIST_MAX_AGE`], however often Prometheus
+    /// scrapes.
+    pub async fn metrics_sample(&self) -> Result<MapsSample, PortMapError> {
+        let (tcp, udp) = self
+            .store
+            .run(|s| {
+                s.with(|c| {
+                    Ok::<_, StoreError>((
+                        portmaps::count_of(c, Proto::Tcp)?,
+                        portmaps::count_of(c, Proto::Udp)?,
+                    ))
+                })
+            })
+            .await?;
+        let counters = self.counters_recent().await;
         let mut totals = MapCounters::default();
         for c in counters.values() {
             totals.packets += c.packets;
@@ -52,18 +54,16 @@ impl PortMaps {
     }
 
     /// The counters, read again when the last read is older than [`LIST_MAX_AGE`].
-    fn counters_recent(&self) -> Arc<BTreeMap<(Proto, u16), MapCounters>> {
-        let mut cache = self
-            .counters_cache
-            .lock()
-            .unwrap_or_else(|p| p.into_inner());
-        if let Some((c, at)) = cache.as_ref()
+    async fn counters_recent(&self) -> Arc<BTreeMap<(Proto, u16), MapCounters>> {
+        if let Some((c, at)) = self.counters_cache.lock().ok().and_then(|c| c.clone())
             && at.elapsed() < LIST_MAX_AGE
         {
-            return Arc::clone(c);
+            return c;
         }
-        let fresh = Arc::new(self.counters_or_zero());
-        *cache = Some((Arc::clone(&fresh), Instant::now()));
+        let fresh = Arc::new(self.counters_or_zero().await);
+        if let Ok(mut cache) = self.counters_cache.lock() {
+            *cache = Some((Arc::clone(&fresh), Instant::now()));
+        }
         fresh
     }
 }

@@ -2,10 +2,12 @@
 
 use super::*;
 use crate::portmap::MemoryFirewall;
+use crate::portmap::firewall::{Firewall, FwFuture};
+use crate::portmap::policy::Policy;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 
-fn setup() -> (PortMaps, Arc<MemoryFirewall>) {
+async fn setup() -> (PortMaps, Arc<MemoryFirewall>) {
     let fw = Arc::new(MemoryFirewall::default());
     let mut reserved = BTreeMap::new();
     reserved.insert(22, "SSH".to_string());
@@ -14,8 +16,26 @@ fn setup() -> (PortMaps, Arc<MemoryFirewall>) {
         fw.clone(),
         Policy::new(vec!["10.0.0.0/24".parse().unwrap()], reserved),
     );
-    svc.restore().unwrap();
+    svc.restore().await.unwrap();
     (svc, fw)
+}
+
+/// `POST /ports` of `rule` to its address, as the handler makes it; what it did.
+async fn create(
+    svc: &PortMaps,
+    rule: impl Into<PortRule>,
+    replace: bool,
+) -> Result<CreateOutcome, PortMapError> {
+    let rule = rule.into();
+    let new = NewMap {
+        proto: rule.map.proto,
+        listen_port: rule.map.listen_port,
+        target: Target::Ip(rule.map.target_ip),
+        target_port: rule.map.target_port,
+        allow_from: rule.allow_from,
+        replace,
+    };
+    svc.create(new, "t", None).await.map(|m| m.outcome)
 }
 
 fn map(proto: Proto, port: u16, host: u8, target: u16) -> PortMap {
@@ -31,22 +51,28 @@ fn kernel(fw: &MemoryFirewall) -> Vec<PortMap> {
     fw.maps().unwrap().into_iter().collect()
 }
 
-fn stored(svc: &PortMaps) -> Vec<PortMap> {
-    let mut v: Vec<_> = svc.list().unwrap().into_iter().map(|r| r.map).collect();
+async fn stored(svc: &PortMaps) -> Vec<PortMap> {
+    let mut v: Vec<_> = svc
+        .list()
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|r| r.map)
+        .collect();
     v.sort();
     v
 }
 
-#[test]
-fn the_maps_of_a_target_go_in_one_transaction_with_their_audit_rows_or_not_at_all() {
-    let (svc, fw) = setup();
+#[tokio::test]
+async fn the_maps_of_a_target_go_in_one_transaction_with_their_audit_rows_or_not_at_all() {
+    let (svc, fw) = setup().await;
     let (a, b, c) = (
         map(Proto::Tcp, 2222, 5, 22),
         map(Proto::Udp, 5353, 5, 53),
         map(Proto::Tcp, 8080, 6, 80),
     );
     for m in [a, b, c] {
-        svc.create(m, false, "t", None).unwrap();
+        create(&svc, m, false).await.unwrap();
     }
     let entry = |m: &PortMap| {
         Entry::by_agent(
@@ -69,92 +95,96 @@ fn the_maps_of_a_target_go_in_one_transaction_with_their_audit_rows_or_not_at_al
     fw.fail_next("Operation not permitted");
     assert!(
         svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 5)], None, entry)
+            .await
             .is_err()
     );
-    assert_eq!(stored(&svc), vec![a, c, b]);
+    assert_eq!(stored(&svc).await, vec![a, c, b]);
     assert_eq!(kernel(&fw).len(), 3);
     assert_eq!(audit_rows(&svc), 0);
 
     let gone = svc
         .delete_targeting(&[Ipv4Addr::new(10, 0, 0, 5)], None, entry)
+        .await
         .unwrap();
     assert_eq!(gone, vec![a, b]);
-    assert_eq!(stored(&svc), vec![c]);
+    assert_eq!(stored(&svc).await, vec![c]);
     assert_eq!(kernel(&fw), vec![c]);
     assert_eq!(audit_rows(&svc), 2);
     assert!(
         svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 9)], None, entry)
+            .await
             .unwrap()
             .is_empty()
     );
 }
 
-#[test]
-fn a_comparison_that_cannot_read_the_kernel_says_so_and_not_refused() {
-    let (svc, fw) = setup();
+#[tokio::test]
+async fn a_comparison_that_cannot_read_the_kernel_says_so_and_not_refused() {
+    let (svc, fw) = setup().await;
     fw.fail_next("Operation not permitted (errno 1)");
-    let e = svc.drift().unwrap_err().to_string();
+    let e = svc.drift().await.unwrap_err().to_string();
     assert_eq!(
         e,
         "cannot read the kernel's nftables state: Operation not permitted (errno 1)"
     );
 }
 
-#[test]
-fn create_is_idempotent_and_conflicts_need_replace() {
-    let (svc, fw) = setup();
+#[tokio::test]
+async fn create_is_idempotent_and_conflicts_need_replace() {
+    let (svc, fw) = setup().await;
     let a = map(Proto::Tcp, 8080, 2, 80);
     assert_eq!(
-        svc.create(a, false, "t", None).unwrap(),
+        create(&svc, a, false).await.unwrap(),
         CreateOutcome::Created
     );
     assert_eq!(
-        svc.create(a, false, "t", None).unwrap(),
+        create(&svc, a, false).await.unwrap(),
         CreateOutcome::Unchanged
     );
     let b = map(Proto::Tcp, 8080, 3, 80);
     assert!(matches!(
-        svc.create(b, false, "t", None),
+        create(&svc, b, false).await,
         Err(PortMapError::Conflict { .. })
     ));
     assert_eq!(kernel(&fw), vec![a]);
     assert_eq!(
-        svc.create(b, true, "t", None).unwrap(),
+        create(&svc, b, true).await.unwrap(),
         CreateOutcome::Replaced { previous: a.into() }
     );
     assert_eq!(kernel(&fw), vec![b]);
-    assert_eq!(stored(&svc), vec![b]);
+    assert_eq!(stored(&svc).await, vec![b]);
     // The same port in UDP is another map.
     let u = map(Proto::Udp, 8080, 2, 53);
-    svc.create(u, false, "t", None).unwrap();
-    assert_eq!(stored(&svc), kernel(&fw));
+    create(&svc, u, false).await.unwrap();
+    assert_eq!(stored(&svc).await, kernel(&fw));
 }
 
-#[test]
-fn a_kernel_refusal_leaves_the_database_untouched() {
-    let (svc, fw) = setup();
+#[tokio::test]
+async fn a_kernel_refusal_leaves_the_database_untouched() {
+    let (svc, fw) = setup().await;
     let a = map(Proto::Tcp, 8080, 2, 80);
-    svc.create(a, false, "t", None).unwrap();
+    create(&svc, a, false).await.unwrap();
     fw.fail_next("Operation not permitted");
-    let err = svc
-        .create(map(Proto::Tcp, 8080, 3, 80), true, "t", None)
+    let err = create(&svc, map(Proto::Tcp, 8080, 3, 80), true)
+        .await
         .unwrap_err();
     assert!(err.to_string().contains("Operation not permitted"), "{err}");
-    assert_eq!(stored(&svc), vec![a]);
+    assert_eq!(stored(&svc).await, vec![a]);
     fw.fail_next("Operation not permitted");
-    svc.create(map(Proto::Tcp, 9090, 3, 80), false, "t", None)
+    create(&svc, map(Proto::Tcp, 9090, 3, 80), false)
+        .await
         .unwrap_err();
     fw.fail_next("Operation not permitted");
-    svc.delete(Proto::Tcp, 8080, None).unwrap_err();
-    assert_eq!(stored(&svc), vec![a]);
+    svc.delete(Proto::Tcp, 8080, None).await.unwrap_err();
+    assert_eq!(stored(&svc).await, vec![a]);
     assert_eq!(kernel(&fw), vec![a]);
 }
 
-#[test]
-fn policy_refusals_change_nothing() {
-    let (svc, fw) = setup();
+#[tokio::test]
+async fn policy_refusals_change_nothing() {
+    let (svc, fw) = setup().await;
     assert!(matches!(
-        svc.create(map(Proto::Tcp, 22, 2, 80), false, "t", None),
+        create(&svc, map(Proto::Tcp, 22, 2, 80), false).await,
         Err(PortMapError::Policy(_))
     ));
     let outside = PortMap {
@@ -162,40 +192,43 @@ fn policy_refusals_change_nothing() {
         ..map(Proto::Tcp, 8080, 2, 80)
     };
     assert!(matches!(
-        svc.create(outside, false, "t", None),
+        create(&svc, outside, false).await,
         Err(PortMapError::Policy(_))
     ));
     // The node's own address inside the VM subnet (the bridge's) is not a VM.
     fw.add_local_address(Ipv4Addr::new(10, 0, 0, 1));
-    let e = svc
-        .create(map(Proto::Tcp, 8080, 1, 22), false, "t", None)
+    let e = create(&svc, map(Proto::Tcp, 8080, 1, 22), false)
+        .await
         .unwrap_err();
     assert!(e.to_string().contains("node itself"), "{e}");
-    assert!(stored(&svc).is_empty());
+    assert!(stored(&svc).await.is_empty());
     assert!(kernel(&fw).is_empty());
 }
 
-#[test]
-fn delete_reports_whether_something_was_deleted() {
-    let (svc, fw) = setup();
+#[tokio::test]
+async fn delete_reports_whether_something_was_deleted() {
+    let (svc, fw) = setup().await;
     let a = map(Proto::Udp, 5353, 2, 53);
-    svc.create(a, false, "t", None).unwrap();
-    assert_eq!(svc.delete(Proto::Tcp, 5353, None).unwrap(), None);
-    assert_eq!(svc.delete(Proto::Udp, 5353, None).unwrap(), Some(a));
-    assert_eq!(svc.delete(Proto::Udp, 5353, None).unwrap(), None);
+    create(&svc, a, false).await.unwrap();
+    assert_eq!(svc.delete(Proto::Tcp, 5353, None).await.unwrap(), None);
+    assert_eq!(svc.delete(Proto::Udp, 5353, None).await.unwrap(), Some(a));
+    assert_eq!(svc.delete(Proto::Udp, 5353, None).await.unwrap(), None);
     assert!(kernel(&fw).is_empty());
 }
 
-#[test]
-fn reconcile_repairs_a_wiped_table_and_is_quiet_when_in_sync() {
-    let (svc, fw) = setup();
+#[tokio::test]
+async fn reconcile_repairs_a_wiped_table_and_is_quiet_when_in_sync() {
+    let (svc, fw) = setup().await;
     let a = map(Proto::Tcp, 8080, 2, 80);
-    svc.create(a, false, "t", None).unwrap();
-    let r = svc.reconcile().unwrap();
+    create(&svc, a, false).await.unwrap();
+    let r = svc.reconcile().await.unwrap();
     assert!(!r.changed(), "{r:?}");
     fw.wipe();
-    assert_eq!(svc.drift().unwrap(), vec!["table missing".to_string()]);
-    let r = svc.reconcile().unwrap();
+    assert_eq!(
+        svc.drift().await.unwrap(),
+        vec!["table missing".to_string()]
+    );
+    let r = svc.reconcile().await.unwrap();
     assert!(r.rewritten);
     assert_eq!(kernel(&fw), vec![a]);
     let audited: i64 = svc
@@ -225,37 +258,37 @@ fn reconcile_rows(svc: &PortMaps) -> Vec<String> {
         .unwrap()
 }
 
-#[test]
-fn a_change_to_a_table_deleted_behind_the_agents_back_repairs_it_first() {
-    let (svc, fw) = setup();
+#[tokio::test]
+async fn a_change_to_a_table_deleted_behind_the_agents_back_repairs_it_first() {
+    let (svc, fw) = setup().await;
     let (a, b, c) = (
         map(Proto::Tcp, 8080, 2, 80),
         map(Proto::Udp, 5353, 2, 53),
         map(Proto::Tcp, 9090, 3, 80),
     );
-    svc.create(a, false, "t", None).unwrap();
-    svc.create(b, false, "t", None).unwrap();
+    create(&svc, a, false).await.unwrap();
+    create(&svc, b, false).await.unwrap();
 
     // Add: the kernel says ENOENT; the table comes back with every map and the new one.
     fw.wipe();
     assert_eq!(
-        svc.create(c, false, "t", None).unwrap(),
+        create(&svc, c, false).await.unwrap(),
         CreateOutcome::Created
     );
     assert_eq!(kernel(&fw), vec![a, c, b]);
-    assert_eq!(stored(&svc), kernel(&fw));
+    assert_eq!(stored(&svc).await, kernel(&fw));
     let rows = reconcile_rows(&svc);
     assert_eq!(rows.len(), 1, "{rows:?}");
     assert!(rows[0].contains("No such file or directory"), "{rows:?}");
 
     // Delete and replace alike.
     fw.wipe();
-    assert_eq!(svc.delete(Proto::Tcp, 8080, None).unwrap(), Some(a));
+    assert_eq!(svc.delete(Proto::Tcp, 8080, None).await.unwrap(), Some(a));
     assert_eq!(kernel(&fw), vec![c, b]);
     fw.wipe();
     let c2 = map(Proto::Tcp, 9090, 4, 80);
     assert_eq!(
-        svc.create(c2, true, "t", None).unwrap(),
+        create(&svc, c2, true).await.unwrap(),
         CreateOutcome::Replaced { previous: c.into() }
     );
     assert_eq!(kernel(&fw), vec![c2, b]);
@@ -263,78 +296,82 @@ fn a_change_to_a_table_deleted_behind_the_agents_back_repairs_it_first() {
     svc.delete_targeting(&[Ipv4Addr::new(10, 0, 0, 2)], None, |_| {
         Entry::by_agent("DELETE (VM deleted)", None)
     })
+    .await
     .unwrap();
     assert_eq!(kernel(&fw), vec![c2]);
-    assert_eq!(stored(&svc), vec![c2]);
+    assert_eq!(stored(&svc).await, vec![c2]);
     assert_eq!(reconcile_rows(&svc).len(), 4);
-    assert!(!svc.reconcile().unwrap().changed());
+    assert!(!svc.reconcile().await.unwrap().changed());
 }
 
-#[test]
-fn a_drifted_table_that_cannot_be_repaired_changes_nothing_and_says_try_again() {
-    let (svc, fw) = setup();
+#[tokio::test]
+async fn a_drifted_table_that_cannot_be_repaired_changes_nothing_and_says_try_again() {
+    let (svc, fw) = setup().await;
     let a = map(Proto::Tcp, 8080, 2, 80);
-    svc.create(a, false, "t", None).unwrap();
+    create(&svc, a, false).await.unwrap();
     fw.fail_next_as(
         crate::portmap::FirewallErrorKind::NotFound,
         "No such file or directory",
     );
     fw.fail_next("Operation not permitted");
-    let e = svc
-        .create(map(Proto::Tcp, 9090, 3, 80), false, "t", None)
+    let e = create(&svc, map(Proto::Tcp, 9090, 3, 80), false)
+        .await
         .unwrap_err();
     assert!(matches!(e, PortMapError::Drifted { .. }), "{e:?}");
     let text = e.to_string();
     assert!(text.contains("No such file or directory"), "{text}");
     assert!(text.contains("Operation not permitted"), "{text}");
     assert!(text.contains("try again"), "{text}");
-    assert_eq!(stored(&svc), vec![a]);
+    assert_eq!(stored(&svc).await, vec![a]);
     assert_eq!(kernel(&fw), vec![a]);
     assert!(reconcile_rows(&svc).is_empty());
     // Other refusals are not drift: no repair is tried.
     fw.fail_next("Operation not permitted");
-    let e = svc
-        .create(map(Proto::Tcp, 9090, 3, 80), false, "t", None)
+    let e = create(&svc, map(Proto::Tcp, 9090, 3, 80), false)
+        .await
         .unwrap_err();
     assert!(matches!(e, PortMapError::Kernel(_)), "{e:?}");
 }
 
-#[test]
-fn tunnel_sources_take_effect_with_the_next_whole_table_write() {
+#[tokio::test]
+async fn tunnel_sources_take_effect_with_the_next_whole_table_write() {
     use crate::net::antispoof::TunnelGuard;
-    let (svc, fw) = setup();
+    let (svc, fw) = setup().await;
     let nets = vec!["10.50.0.1/32".parse().unwrap()];
     fw.set_tunnel_sources(&nets);
     assert_eq!(fw.tunnel_sources_in_force(), Some(vec![]));
-    assert_eq!(svc.drift().unwrap().len(), 1);
-    svc.restore().unwrap();
+    assert_eq!(svc.drift().await.unwrap().len(), 1);
+    svc.restore().await.unwrap();
     assert_eq!(fw.tunnel_sources_in_force(), Some(nets));
-    assert!(svc.drift().unwrap().is_empty());
+    assert!(svc.drift().await.unwrap().is_empty());
 }
 
-#[test]
-fn the_list_cache_follows_every_change() {
-    let (svc, _fw) = setup();
-    let json = |svc: &PortMaps| -> serde_json::Value {
-        let body: serde_json::Value = serde_json::from_slice(&svc.list_body().unwrap()).unwrap();
+#[tokio::test]
+async fn the_list_cache_follows_every_change() {
+    let (svc, _fw) = setup().await;
+    async fn json(svc: &PortMaps) -> serde_json::Value {
+        let body: serde_json::Value =
+            serde_json::from_slice(&svc.list_body().await.unwrap()).unwrap();
         assert_eq!(body["ok"], true);
         body["rules"].clone()
-    };
-    assert_eq!(json(&svc).as_object().unwrap().len(), 0);
-    svc.create(map(Proto::Tcp, 8080, 2, 80), false, "t", None)
+    }
+    assert_eq!(json(&svc).await.as_object().unwrap().len(), 0);
+    create(&svc, map(Proto::Tcp, 8080, 2, 80), false)
+        .await
         .unwrap();
-    svc.create(map(Proto::Udp, 8080, 2, 53), false, "t", None)
+    create(&svc, map(Proto::Udp, 8080, 2, 53), false)
+        .await
         .unwrap();
-    let v = json(&svc);
+    let v = json(&svc).await;
     assert_eq!(v["8080"]["target_port"], 80);
     assert_eq!(v["8080/udp"]["proto"], "udp");
-    svc.delete(Proto::Tcp, 8080, None).unwrap();
-    assert!(json(&svc).get("8080").is_none());
+    svc.delete(Proto::Tcp, 8080, None).await.unwrap();
+    assert!(json(&svc).await.get("8080").is_none());
 }
 
-#[test]
-fn an_allow_list_is_stored_and_sent_with_its_map_and_changing_it_is_a_replace() {
-    let (svc, fw) = setup();
+#[tokio::test]
+async fn an_allow_list_is_stored_and_sent_with_its_map_and_changing_it_is_a_replace() {
+    let (svc, fw) = setup().await;
     let m = map(Proto::Tcp, 8080, 5, 80);
     let allow = crate::model::AllowList::parse(&["192.0.2.0/24"]).unwrap();
     let rule = PortRule {
@@ -342,39 +379,39 @@ fn an_allow_list_is_stored_and_sent_with_its_map_and_changing_it_is_a_replace() 
         allow_from: allow.clone(),
     };
     assert_eq!(
-        svc.create(rule.clone(), false, "t", None).unwrap(),
+        create(&svc, rule.clone(), false).await.unwrap(),
         CreateOutcome::Created
     );
     assert_eq!(
         fw.rules().unwrap().into_iter().collect::<Vec<_>>(),
         std::slice::from_ref(&rule)
     );
-    assert_eq!(svc.list().unwrap()[0].allow_from, allow);
+    assert_eq!(svc.list().await.unwrap()[0].allow_from, allow);
     assert_eq!(
-        svc.create(rule.clone(), false, "t", None).unwrap(),
+        create(&svc, rule.clone(), false).await.unwrap(),
         CreateOutcome::Unchanged
     );
     // The same target without the list: a change, so 409 without replace.
     let open = PortRule::from(m);
-    let err = svc.create(open.clone(), false, "t", None).unwrap_err();
+    let err = create(&svc, open.clone(), false).await.unwrap_err();
     assert!(
         err.to_string()
             .contains("10.0.0.5:80 (allow_from [192.0.2.0/24])"),
         "{err}"
     );
     assert_eq!(
-        svc.create(open.clone(), true, "t", None).unwrap(),
+        create(&svc, open.clone(), true).await.unwrap(),
         CreateOutcome::Replaced { previous: rule }
     );
     assert_eq!(fw.rules().unwrap().into_iter().collect::<Vec<_>>(), [open]);
-    assert!(svc.drift().unwrap().is_empty());
+    assert!(svc.drift().await.unwrap().is_empty());
 }
 
-#[test]
-fn counters_are_listed_and_read_for_one_map_and_a_replace_resets_them() {
-    let (svc, fw) = setup();
+#[tokio::test]
+async fn counters_are_listed_and_read_for_one_map_and_a_replace_resets_them() {
+    let (svc, fw) = setup().await;
     let m = map(Proto::Udp, 5353, 5, 53);
-    svc.create(m, false, "t", None).unwrap();
+    create(&svc, m, false).await.unwrap();
     let c = crate::model::MapCounters {
         packets: 10,
         bytes: 1000,
@@ -382,23 +419,24 @@ fn counters_are_listed_and_read_for_one_map_and_a_replace_resets_them() {
         drops: 1,
     };
     fw.count(Proto::Udp, 5353, c);
-    let (row, got) = svc.get(Proto::Udp, 5353).unwrap().unwrap();
+    let (row, got) = svc.get(Proto::Udp, 5353).await.unwrap().unwrap();
     assert_eq!((row.map, got), (m, c));
-    assert!(svc.get(Proto::Tcp, 5353).unwrap().is_none());
+    assert!(svc.get(Proto::Tcp, 5353).await.unwrap().is_none());
     let json = PortMaps::rule_json(&row, got);
     assert_eq!(json["rule_id"], "5353/udp");
     assert_eq!(json["connections"], 5);
     assert_eq!(json["allow_from"], serde_json::json!([]));
 
     // The listing carries them; a restore keeps them (the map is unchanged).
-    let body: serde_json::Value = serde_json::from_slice(&svc.list_body().unwrap()).unwrap();
+    let body: serde_json::Value = serde_json::from_slice(&svc.list_body().await.unwrap()).unwrap();
     assert_eq!(body["rules"]["5353/udp"]["packets"], 10);
-    svc.restore().unwrap();
-    assert_eq!(svc.get(Proto::Udp, 5353).unwrap().unwrap().1, c);
-    svc.create(map(Proto::Udp, 5353, 6, 53), true, "t", None)
+    svc.restore().await.unwrap();
+    assert_eq!(svc.get(Proto::Udp, 5353).await.unwrap().unwrap().1, c);
+    create(&svc, map(Proto::Udp, 5353, 6, 53), true)
+        .await
         .unwrap();
     assert_eq!(
-        svc.get(Proto::Udp, 5353).unwrap().unwrap().1,
+        svc.get(Proto::Udp, 5353).await.unwrap().unwrap().1,
         crate::model::MapCounters::default()
     );
 }
@@ -424,79 +462,141 @@ fn plant_vm(svc: &PortMaps, name: &str, pinned: Option<u8>, last: Option<u8>) {
         .unwrap();
 }
 
-fn naming(svc: &PortMaps, vm: &str, port: u16) -> Result<CreateOutcome, PortMapError> {
-    let ip = svc.vm_address(vm)?;
-    svc.create_naming(
-        map(Proto::Tcp, port, ip.octets()[3], 80).into(),
-        Some(vm),
-        false,
-        "t",
-        None,
-    )
+/// `POST /ports` of `port` to VM `vm`'s port 80, by name.
+async fn naming(svc: &PortMaps, vm: &str, port: u16) -> Result<CreateOutcome, PortMapError> {
+    let new = NewMap {
+        proto: Proto::Tcp,
+        listen_port: port,
+        target: Target::Vm(vm.parse().unwrap()),
+        target_port: 80,
+        allow_from: Default::default(),
+        replace: false,
+    };
+    svc.create(new, "t", None).await.map(|m| m.outcome)
 }
 
-#[test]
-fn a_map_naming_a_vm_goes_to_its_pinned_address_and_is_stored_by_name() {
-    let (svc, fw) = setup();
+#[tokio::test]
+async fn a_map_naming_a_vm_goes_to_its_pinned_address_and_is_stored_by_name() {
+    let (svc, fw) = setup().await;
     plant_vm(&svc, "web1", Some(7), Some(9));
     plant_vm(&svc, "old1", None, Some(9));
     plant_vm(&svc, "new1", None, None);
-    assert_eq!(naming(&svc, "web1", 2222).unwrap(), CreateOutcome::Created);
+    assert_eq!(
+        naming(&svc, "web1", 2222).await.unwrap(),
+        CreateOutcome::Created
+    );
     // A VM from before pinning: its last seen address; none seen yet: 409, nothing made.
-    naming(&svc, "old1", 2223).unwrap();
+    naming(&svc, "old1", 2223).await.unwrap();
     assert!(matches!(
-        naming(&svc, "new1", 2224),
+        naming(&svc, "new1", 2224).await,
         Err(PortMapError::VmWithoutAddress(_))
     ));
     assert!(matches!(
-        naming(&svc, "nobody", 2225),
+        naming(&svc, "nobody", 2225).await,
         Err(PortMapError::UnknownVm(_))
     ));
     assert_eq!(
         kernel(&fw),
         vec![map(Proto::Tcp, 2222, 7, 80), map(Proto::Tcp, 2223, 9, 80)]
     );
-    let rows = svc.list().unwrap();
+    let rows = svc.list().await.unwrap();
     assert_eq!(rows[0].target_vm.as_deref(), Some("web1"));
     assert_eq!(rows[1].target_vm.as_deref(), Some("old1"));
     // The same again is unchanged; the same address without the name is a change.
     assert_eq!(
-        naming(&svc, "web1", 2222).unwrap(),
+        naming(&svc, "web1", 2222).await.unwrap(),
         CreateOutcome::Unchanged
     );
     assert!(matches!(
-        svc.create(map(Proto::Tcp, 2222, 7, 80), false, "t", None),
+        create(&svc, map(Proto::Tcp, 2222, 7, 80), false).await,
         Err(PortMapError::Conflict { .. })
     ));
 }
 
-#[test]
-fn a_create_whose_vm_moved_meanwhile_changes_nothing() {
-    let (svc, fw) = setup();
-    plant_vm(&svc, "web1", Some(7), None);
-    let ip = svc.vm_address("web1").unwrap();
-    // Recreated with another address between the lookup and the transaction.
-    plant_vm(&svc, "web1", Some(8), None);
-    let r = svc.create_naming(
-        map(Proto::Tcp, 2222, ip.octets()[3], 80).into(),
-        Some("web1"),
-        false,
-        "t",
-        None,
-    );
-    assert!(matches!(r, Err(PortMapError::VmMoved(_))), "{r:?}");
-    assert!(kernel(&fw).is_empty());
-    assert!(svc.list().unwrap().is_empty());
+/// A firewall that runs a hook before each `add`: what happens between a change's plan
+/// and its commit.
+struct Hooked {
+    fw: Arc<MemoryFirewall>,
+    before_add: Box<dyn Fn() + Send + Sync>,
 }
 
-#[test]
-fn maps_naming_a_vm_follow_its_new_address_and_go_with_it() {
-    let (svc, fw) = setup();
+impl Firewall for Hooked {
+    fn apply_all<'a>(&'a self, rules: &'a [PortRule]) -> FwFuture<'a, ()> {
+        self.fw.apply_all(rules)
+    }
+    fn add<'a>(&'a self, rule: &'a PortRule) -> FwFuture<'a, ()> {
+        (self.before_add)();
+        self.fw.add(rule)
+    }
+    fn remove<'a>(&'a self, rules: &'a [PortRule]) -> FwFuture<'a, ()> {
+        self.fw.remove(rules)
+    }
+    fn replace<'a>(&'a self, old: &'a PortRule, new: &'a PortRule) -> FwFuture<'a, ()> {
+        self.fw.replace(old, new)
+    }
+    fn drift<'a>(&'a self, desired: &'a [PortRule]) -> FwFuture<'a, Vec<String>> {
+        self.fw.drift(desired)
+    }
+    fn counters(&self) -> FwFuture<'_, BTreeMap<(Proto, u16), crate::model::MapCounters>> {
+        self.fw.counters()
+    }
+    fn forward_accept_drift(&self) -> FwFuture<'_, Vec<String>> {
+        self.fw.forward_accept_drift()
+    }
+    fn ensure_forward_accept(&self) -> FwFuture<'_, Vec<String>> {
+        self.fw.ensure_forward_accept()
+    }
+    fn cleanup(&self) -> FwFuture<'_, ()> {
+        self.fw.cleanup()
+    }
+    fn is_local_address(&self, ip: Ipv4Addr) -> FwFuture<'_, bool> {
+        self.fw.is_local_address(ip)
+    }
+}
+
+/// The VM a map names is recreated at another address while the kernel makes the map:
+/// the commit finds it moved, nothing is stored, and the kernel is rewritten from the
+/// database, so neither holds the map.
+#[tokio::test]
+async fn a_create_whose_vm_moved_meanwhile_changes_nothing() {
+    let fw = Arc::new(MemoryFirewall::default());
+    let store = Store::open_in_memory().unwrap();
+    let moving = store.clone();
+    let hooked = Hooked {
+        fw: fw.clone(),
+        before_add: Box::new(move || {
+            let row = crate::store::vms::VmRow {
+                pinned_ip: Some("10.0.0.8".into()),
+                ..crate::store::vms::test_row("web1", "52:54:00:00:77:65")
+            };
+            moving
+                .transaction(|tx| crate::store::vms::upsert(tx, &row, &Default::default()))
+                .unwrap();
+        }),
+    };
+    let svc = PortMaps::new(
+        store,
+        Arc::new(hooked),
+        Policy::new(vec!["10.0.0.0/24".parse().unwrap()], BTreeMap::new()),
+    );
+    svc.restore().await.unwrap();
     plant_vm(&svc, "web1", Some(7), None);
-    naming(&svc, "web1", 2222).unwrap();
-    svc.create(map(Proto::Tcp, 8080, 7, 80), false, "t", None)
+    let r = naming(&svc, "web1", 2222).await;
+    assert!(matches!(r, Err(PortMapError::VmMoved(_))), "{r:?}");
+    assert!(kernel(&fw).is_empty());
+    assert!(svc.list().await.unwrap().is_empty());
+}
+
+#[tokio::test]
+async fn maps_naming_a_vm_follow_its_new_address_and_go_with_it() {
+    let (svc, fw) = setup().await;
+    plant_vm(&svc, "web1", Some(7), None);
+    naming(&svc, "web1", 2222).await.unwrap();
+    create(&svc, map(Proto::Tcp, 8080, 7, 80), false)
+        .await
         .unwrap();
-    svc.create(map(Proto::Tcp, 9090, 6, 80), false, "t", None)
+    create(&svc, map(Proto::Tcp, 9090, 6, 80), false)
+        .await
         .unwrap();
     let audit = |old: &PortMap, new: &PortMap| {
         Entry::by_agent(
@@ -505,11 +605,11 @@ fn maps_naming_a_vm_follow_its_new_address_and_go_with_it() {
         )
     };
     // Same address: nothing moves.
-    assert!(svc.follow_vm("web1", audit).unwrap().is_empty());
+    assert!(svc.follow_vm("web1", audit).await.unwrap().is_empty());
     // Recreated at .8: the map naming it follows; the map to its old address does not.
     plant_vm(&svc, "web1", Some(8), None);
     assert_eq!(
-        svc.follow_vm("web1", audit).unwrap(),
+        svc.follow_vm("web1", audit).await.unwrap(),
         vec![map(Proto::Tcp, 2222, 8, 80)]
     );
     assert_eq!(
@@ -520,7 +620,7 @@ fn maps_naming_a_vm_follow_its_new_address_and_go_with_it() {
             map(Proto::Tcp, 9090, 6, 80)
         ]
     );
-    assert_eq!(stored(&svc), kernel(&fw));
+    assert_eq!(stored(&svc).await, kernel(&fw));
     let moved: String = svc
         .store()
         .with(|c| {
@@ -540,6 +640,7 @@ fn maps_naming_a_vm_follow_its_new_address_and_go_with_it() {
                 None,
             )
         })
+        .await
         .unwrap();
     assert_eq!(
         gone,

@@ -272,26 +272,23 @@ impl Vms {
         let Some(pm) = self.portmaps.clone() else {
             return;
         };
-        let name = vm.to_string();
-        let moved = tokio::task::spawn_blocking(move || {
-            pm.follow_vm(&name, |old, new| {
-                map_entry("POST /ports (VM readdressed)", &name, new, Some(old))
+        let moved = pm
+            .follow_vm(vm, |old, new| {
+                map_entry("POST /ports (VM readdressed)", vm, new, Some(old))
             })
-        })
-        .await;
+            .await;
         match moved {
-            Ok(Ok(maps)) if !maps.is_empty() => {
+            Ok(maps) if !maps.is_empty() => {
                 tracing::info!(
                     vm,
                     moved = maps.len(),
                     "port maps naming the VM follow its new address"
                 )
             }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
+            Ok(_) => {}
+            Err(e) => {
                 tracing::error!(vm, error = %e, "could not move the port maps naming the recreated VM")
             }
-            Err(e) => tracing::error!(vm, error = %e, "port-map follow task failed"),
         }
     }
 
@@ -303,17 +300,15 @@ impl Vms {
         let Some(pm) = self.portmaps.clone() else {
             return Vec::new();
         };
-        let name = vm.to_string();
-        let gone = tokio::task::spawn_blocking(move || {
-            // The operator asked for the VM's deletion, not for this: the audit trail
-            // says why each map went.
-            pm.delete_targeting(&targets, Some(&name), |m| {
-                map_entry("DELETE /ports (VM deleted)", &name, m, None)
+        // The operator asked for the VM's deletion, not for this: the audit trail says
+        // why each map went.
+        let gone = pm
+            .delete_targeting(&targets, Some(vm), |m| {
+                map_entry("DELETE /ports (VM deleted)", vm, m, None)
             })
-        })
-        .await;
+            .await;
         match gone {
-            Ok(Ok(maps)) => maps
+            Ok(maps) => maps
                 .iter()
                 .map(|m| {
                     format!(
@@ -322,12 +317,8 @@ impl Vms {
                     )
                 })
                 .collect(),
-            Ok(Err(e)) => {
-                tracing::error!(vm, error = %e, "could not remove the port maps of the deleted VM");
-                Vec::new()
-            }
             Err(e) => {
-                tracing::error!(vm, error = %e, "removing the port maps of the deleted VM failed");
+                tracing::error!(vm, error = %e, "could not remove the port maps of the deleted VM");
                 Vec::new()
             }
         }

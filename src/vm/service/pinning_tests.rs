@@ -168,10 +168,9 @@ fn service_with_maps() -> (Arc<Vms>, Store, Arc<PortMaps>) {
     let store = Store::open_in_memory().unwrap();
     let pm = Arc::new(PortMaps::new(
         store.clone(),
-        Arc::new(MemoryFirewall::default()),
+        Arc::new(MemoryFirewall::with_empty_table()),
         crate::portmap::Policy::new(vec!["10.77.0.0/16".parse().unwrap()], Default::default()),
     ));
-    pm.restore().unwrap();
     let lv = Libvirt::new("test:///default", Duration::from_secs(30));
     let cfg = VmConfig {
         local: false,
@@ -259,13 +258,21 @@ async fn the_reconcile_reasserts_the_entry_and_a_delete_removes_it() {
         target_ip: ip(3, 7),
         target_port: 22,
     };
-    pm.create(map, false, "test", None).unwrap();
+    let to = |m: PortMap| crate::portmap::NewMap {
+        proto: m.proto,
+        listen_port: m.listen_port,
+        target: crate::portmap::Target::Ip(m.target_ip),
+        target_port: m.target_port,
+        allow_from: Default::default(),
+        replace: false,
+    };
+    pm.create(to(map), "test", None).await.unwrap();
     let other = PortMap {
         listen_port: 47002,
         target_ip: ip(3, 8),
         ..map
     };
-    pm.create(other, false, "test", None).unwrap();
+    pm.create(to(other), "test", None).await.unwrap();
     let status = vms.status(&vm("pin3-a")).await.unwrap();
     assert_eq!(status.pinned_ip.as_deref(), Some("10.77.3.7"));
     let maps = status.port_maps.clone().unwrap();
@@ -290,7 +297,11 @@ async fn the_reconcile_reasserts_the_entry_and_a_delete_removes_it() {
     let deleted = vms.delete(&vm("pin3-a"), true).await.unwrap();
     assert_eq!(deleted.removed_port_maps, ["47001/tcp -> 10.77.3.7:22"]);
     assert!(hosts(&vms, "pin3").await.is_empty());
-    assert_eq!(pm.list().unwrap().len(), 1, "the other VM's map stays");
+    assert_eq!(
+        pm.list().await.unwrap().len(),
+        1,
+        "the other VM's map stays"
+    );
 }
 
 /// A recreate keeps the VM's address (its entry is left as it is); a failed create
