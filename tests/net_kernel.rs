@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
-mod kernel;
+mod support;
 
 use std::collections::BTreeSet;
 use std::io::{Read, Write};
@@ -12,11 +12,11 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use kernel::{NamedNetns, in_private_netns, run, run_with_input, spawn_in_named};
 use nlink::netlink::{Connection, Nftables};
 use node_vm_agent::model::{PortMap, PortRule, Proto};
 use node_vm_agent::net::link;
 use node_vm_agent::net::nft::*;
+use support::netns::{Netns, in_private_netns, run, run_with_input};
 
 const BRIDGE: &str = "vmbr-t";
 
@@ -362,32 +362,32 @@ const VM_UDP_PORT: u16 = 53;
 /// The two named namespaces around the node, and the VM's servers. Dropping it
 /// stops the servers and deletes the namespaces, also when the test panics.
 struct Topology {
-    client: NamedNetns,
-    vm: NamedNetns,
+    client: Netns,
+    vm: Netns,
     stop: Arc<AtomicBool>,
 }
 
 impl Topology {
     /// Must be called on the node's (private) namespace thread.
     fn new() -> Self {
-        let client = NamedNetns::new("c");
-        let vm = NamedNetns::new("v");
+        let client = Netns::new("c");
+        let vm = Netns::new("v");
         run(&format!(
             "ip link add to-client type veth peer name eth0 netns {}",
-            client.name
+            client.name()
         ));
         run(&format!("ip addr add {NODE_IP}/24 dev to-client"));
         run("ip link set to-client up");
-        client.exec("ip addr add 10.200.1.2/24 dev eth0");
-        client.exec("ip link set eth0 up");
-        client.exec("ip link set lo up");
+        client.sh("ip addr add 10.200.1.2/24 dev eth0");
+        client.sh("ip link set eth0 up");
+        client.sh("ip link set lo up");
 
         run(&format!("ip link add {BRIDGE} type bridge"));
         run(&format!("ip addr add {BRIDGE_IP}/24 dev {BRIDGE}"));
         run(&format!("ip link set {BRIDGE} up"));
         run(&format!(
             "ip link add to-vm type veth peer name eth0 netns {}",
-            vm.name
+            vm.name()
         ));
         run(&format!("ip link set to-vm master {BRIDGE}"));
         run("ip link set to-vm up");
@@ -396,13 +396,13 @@ impl Topology {
         // came in on, which a bridge only does in hairpin mode. Without it only that
         // hairpin case fails; client -> VM is unaffected.
         run("ip link set to-vm type bridge_slave hairpin on");
-        vm.exec(&format!(
+        vm.sh(&format!(
             "ip addr add {}/24 dev eth0",
             Ipv4Addr::from(VM_IP)
         ));
-        vm.exec("ip link set eth0 up");
-        vm.exec("ip link set lo up");
-        vm.exec(&format!("ip route add default via {BRIDGE_IP}"));
+        vm.sh("ip link set eth0 up");
+        vm.sh("ip link set lo up");
+        vm.sh(&format!("ip route add default via {BRIDGE_IP}"));
         assert!(link::enable_ip_forward().unwrap());
 
         let stop = Arc::new(AtomicBool::new(false));
@@ -416,7 +416,7 @@ impl Topology {
     fn serve(&self) {
         let (ready_tx, ready_rx) = std::sync::mpsc::channel();
         let (stop, ready) = (self.stop.clone(), ready_tx.clone());
-        spawn_in_named(&self.vm.name, move || {
+        self.vm.spawn(move || {
             let l = TcpListener::bind(("0.0.0.0", VM_TCP_PORT)).unwrap();
             l.set_nonblocking(true).unwrap();
             ready.send(()).unwrap();
@@ -431,7 +431,7 @@ impl Topology {
             }
         });
         let stop = self.stop.clone();
-        spawn_in_named(&self.vm.name, move || {
+        self.vm.spawn(move || {
             let u = UdpSocket::bind(("0.0.0.0", VM_UDP_PORT)).unwrap();
             u.set_read_timeout(Some(Duration::from_millis(20))).unwrap();
             ready_tx.send(()).unwrap();
@@ -474,18 +474,14 @@ fn udp_ask_here(addr: SocketAddr) -> Option<String> {
 }
 
 /// TCP request from inside a named namespace.
-fn tcp_get(ns: &NamedNetns, port: u16) -> Option<String> {
+fn tcp_get(ns: &Netns, port: u16) -> Option<String> {
     let addr = SocketAddr::from((NODE_IP, port));
-    spawn_in_named(&ns.name, move || tcp_get_here(addr))
-        .join()
-        .unwrap()
+    ns.spawn(move || tcp_get_here(addr)).join().unwrap()
 }
 
-fn udp_ask(ns: &NamedNetns, port: u16) -> Option<String> {
+fn udp_ask(ns: &Netns, port: u16) -> Option<String> {
     let addr = SocketAddr::from((NODE_IP, port));
-    spawn_in_named(&ns.name, move || udp_ask_here(addr))
-        .join()
-        .unwrap()
+    ns.spawn(move || udp_ask_here(addr)).join().unwrap()
 }
 
 #[test]

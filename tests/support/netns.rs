@@ -55,6 +55,67 @@ pub fn run_ok(cmd: &mut Command) -> String {
     String::from_utf8_lossy(&out.stdout).into_owned()
 }
 
+/// Runs `f` on a fresh thread moved into a new, private network namespace (no name, no
+/// `ip netns` entry: it goes with the thread), on a current-thread runtime: the netlink
+/// sockets `f` opens, and the processes it starts, all live in that namespace. Panics in
+/// `f` fail the calling test.
+pub fn in_private_netns<F, Fut>(f: F)
+where
+    F: FnOnce() -> Fut + Send + 'static,
+    Fut: std::future::Future<Output = ()>,
+{
+    let handle = std::thread::spawn(move || {
+        nix::sched::unshare(CloneFlags::CLONE_NEWNET).expect("unshare(CLONE_NEWNET)");
+        run("ip link set lo up");
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("tokio runtime");
+        rt.block_on(f());
+    });
+    if let Err(panic) = handle.join() {
+        std::panic::resume_unwind(panic);
+    }
+}
+
+/// Runs a command (split on whitespace) in the calling thread's namespace; panics with
+/// its stderr if it fails.
+pub fn run(cmd: &str) -> String {
+    run_with_input(cmd, None)
+}
+
+/// Like [`run`], feeding `input` on stdin (`nft -f -`).
+pub fn run_with_input(cmd: &str, input: Option<&str>) -> String {
+    let mut parts = cmd.split_whitespace();
+    let program = parts.next().expect("empty command");
+    let mut child = Command::new(program)
+        .args(parts)
+        .stdin(if input.is_some() {
+            Stdio::piped()
+        } else {
+            Stdio::null()
+        })
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("{cmd}: {e}"));
+    if let Some(input) = input {
+        child
+            .stdin
+            .take()
+            .expect("stdin")
+            .write_all(input.as_bytes())
+            .expect("write stdin");
+    }
+    let out = child.wait_with_output().expect("wait");
+    assert!(
+        out.status.success(),
+        "{cmd} failed: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 pub struct Netns {
     name: String,
 }
@@ -123,6 +184,24 @@ impl Netns {
                 String::from_utf8_lossy(&out.stderr)
             );
         }
+    }
+
+    /// A command line (split on whitespace) inside the namespace; panics if it fails.
+    pub fn sh(&self, cmd: &str) -> String {
+        self.exec_ok(&cmd.split_whitespace().collect::<Vec<_>>())
+    }
+
+    /// Runs `f` on a thread of its own inside this namespace, returning at once.
+    pub fn spawn<T, F>(&self, f: F) -> std::thread::JoinHandle<T>
+    where
+        T: Send + 'static,
+        F: FnOnce() -> T + Send + 'static,
+    {
+        let name = self.name.clone();
+        std::thread::spawn(move || {
+            enter_netns(&name).unwrap_or_else(|e| panic!("setns into {name}: {e}"));
+            f()
+        })
     }
 
     /// Runs `f` on a thread inside this namespace (see [`in_netns`]).
