@@ -5,7 +5,7 @@
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use base64::Engine;
 use base64::engine::general_purpose::STANDARD;
@@ -27,7 +27,11 @@ pub enum KeyError {
         "key file {path} is not a WireGuard key (one line of base64, 32 bytes, as `wg genkey` writes): {reason}; \
          fix or remove it (removing node.key gives the node a new identity)"
     )]
-    Malformed { path: String, reason: String },
+    Malformed {
+        path: String,
+        #[source]
+        reason: KeyFormatError,
+    },
     /// node.pub does not belong to node.key.
     #[error(
         "key file {path} does not hold the public key of node.key; remove it and it is rewritten from node.key"
@@ -130,31 +134,36 @@ fn io(path: &Path) -> impl FnOnce(std::io::Error) -> KeyError + '_ {
     }
 }
 
-/// Parses one `wg genkey`/`wg pubkey` line (surrounding whitespace allowed).
-pub fn parse_key(text: &str, path: &Path) -> Result<Key, KeyError> {
-    let malformed = |reason: String| KeyError::Malformed {
-        path: path.display().to_string(),
-        reason,
-    };
-    let line = text.trim();
-    if line.len() != 44 {
-        return Err(malformed(format!("{} characters, expected 44", line.len())));
-    }
-    let bytes = STANDARD
-        .decode(line)
-        .map_err(|e| malformed(e.to_string()))?;
-    let bytes: [u8; 32] = bytes
-        .try_into()
-        .map_err(|b: Vec<u8>| malformed(format!("{} bytes, expected 32", b.len())))?;
-    Ok(Key::new(bytes))
+/// Why a text is no WireGuard key (one line of base64 of 32 bytes).
+#[derive(Debug, thiserror::Error)]
+pub enum KeyFormatError {
+    #[error("{0} characters, expected 44")]
+    Length(usize),
+    #[error("{0}")]
+    Base64(#[from] base64::DecodeError),
+    #[error("{0} bytes, expected 32")]
+    Bytes(usize),
 }
 
-/// Parses a base64 key received from the controller.
-pub fn parse_remote_key(text: &str) -> Result<Key, String> {
-    parse_key(text, &PathBuf::from("controller_pubkey")).map_err(|e| match e {
-        KeyError::Malformed { reason, .. } => reason,
-        other => other.to_string(),
+/// Parses one `wg genkey`/`wg pubkey` line (surrounding whitespace allowed).
+pub fn parse_key(text: &str, path: &Path) -> Result<Key, KeyError> {
+    parse_remote_key(text).map_err(|reason| KeyError::Malformed {
+        path: path.display().to_string(),
+        reason,
     })
+}
+
+/// Parses a base64 key (a file's line, or the controller's `controller_pubkey`).
+pub fn parse_remote_key(text: &str) -> Result<Key, KeyFormatError> {
+    let line = text.trim();
+    if line.len() != 44 {
+        return Err(KeyFormatError::Length(line.len()));
+    }
+    let bytes: [u8; 32] = STANDARD
+        .decode(line)?
+        .try_into()
+        .map_err(|b: Vec<u8>| KeyFormatError::Bytes(b.len()))?;
+    Ok(Key::new(bytes))
 }
 
 fn write_new(path: &Path, bytes: &[u8], mode: u32) -> Result<(), KeyError> {

@@ -17,7 +17,7 @@ use crate::config::MeshSettings;
 use crate::join::{self, Backoff, Client, Join, Retry};
 use crate::keys::NodeKeys;
 use crate::net::antispoof::TunnelGuard;
-use crate::net::wireguard::{LinkSpec, TunnelMode, WgLink};
+use crate::net::wireguard::{LinkSpec, TunnelMode, WgError, WgLink};
 use crate::portmap::PortMaps;
 use crate::store::Store;
 
@@ -176,7 +176,7 @@ impl Mesh {
     }
 
     /// Makes the link, and the anti-spoofing rule, match `j`; then trusts the tunnel.
-    async fn apply(&self, link: &mut Option<SharedLink>, j: &Join) -> Result<(), String> {
+    async fn apply(&self, link: &mut Option<SharedLink>, j: &Join) -> Result<(), LinkError> {
         let spec = self.spec(j);
         let existing = link.clone();
         let ifname = self.settings.wg_iface.clone();
@@ -185,22 +185,17 @@ impl Mesh {
         let (shared, changed) = tokio::task::spawn_blocking(move || {
             let shared = match existing {
                 Some(l) => l,
-                None => Arc::new(Mutex::new(
-                    WgLink::open(&ifname, mode, rt).map_err(|e| e.to_string())?,
-                )),
+                None => Arc::new(Mutex::new(WgLink::open(&ifname, mode, rt)?)),
             };
             let changed = {
-                let l = shared
-                    .lock()
-                    .map_err(|_| "link mutex poisoned".to_string())?;
-                l.apply(&spec).map_err(|e| e.to_string())
+                let l = shared.lock().map_err(|_| LinkError::Poisoned)?;
+                l.apply(&spec).map_err(LinkError::from)
             };
             // Keep the link even if configuring failed: a userspace device must not be
             // dropped, and the next attempt retries the configuration.
-            Ok::<_, String>((shared, changed))
+            Ok::<_, LinkError>((shared, changed))
         })
-        .await
-        .map_err(|e| e.to_string())??;
+        .await??;
         let tunnel = shared.lock().map(|l| l.mode()).ok();
         *link = Some(shared);
         let changed = changed?;
@@ -215,7 +210,7 @@ impl Mesh {
         self.portmaps
             .restore()
             .await
-            .map_err(|e| format!("cannot install the anti-spoofing rule: {e}"))?;
+            .map_err(LinkError::AntiSpoofing)?;
         self.status.update(|s| {
             s.node_ip = Some(j.node_ip);
             s.controller_nets = j.allowed_ips.clone();
@@ -396,7 +391,7 @@ impl Mesh {
             }
             Err(e) => {
                 tracing::error!(error = %e, "cannot bring the tunnel up from the previous join");
-                self.status.update(|s| s.error = Some(e));
+                self.status.update(|s| s.error = Some(e.to_string()));
             }
         }
     }
@@ -457,7 +452,7 @@ impl Mesh {
                 Err(e) => {
                     *applied = false;
                     tracing::error!(error = %e, "joined, but the tunnel cannot be configured");
-                    self.status.update(|s| s.error = Some(e));
+                    self.status.update(|s| s.error = Some(e.to_string()));
                 }
             }
         } else {
@@ -511,17 +506,31 @@ impl Mesh {
     }
 }
 
+/// Why the WireGuard link could not be brought to what a join says.
+#[derive(Debug, thiserror::Error)]
+pub enum LinkError {
+    #[error(transparent)]
+    Wg(#[from] WgError),
+    /// A panic while the link was held: nothing can be known of its state.
+    #[error("the WireGuard link's lock was poisoned by a panic")]
+    Poisoned,
+    /// The blocking task that drives the link died (a panic) or was cancelled.
+    #[error("the WireGuard link task failed: {0}")]
+    Task(#[from] tokio::task::JoinError),
+    #[error("cannot install the anti-spoofing rule: {0}")]
+    AntiSpoofing(#[source] crate::portmap::PortMapError),
+}
+
 /// Runs `f` on the link, off the runtime (the link's calls block).
 async fn on_link<T: Send + 'static>(
     link: SharedLink,
-    f: impl FnOnce(&WgLink) -> Result<T, crate::net::wireguard::WgError> + Send + 'static,
-) -> Result<T, String> {
+    f: impl FnOnce(&WgLink) -> Result<T, WgError> + Send + 'static,
+) -> Result<T, LinkError> {
     tokio::task::spawn_blocking(move || {
-        let l = link.lock().map_err(|_| "link mutex poisoned".to_string())?;
-        f(&l).map_err(|e| e.to_string())
+        let l = link.lock().map_err(|_| LinkError::Poisoned)?;
+        Ok(f(&l)?)
     })
-    .await
-    .map_err(|e| e.to_string())?
+    .await?
 }
 
 /// Sends one datagram to the controller's tunnel address (the discard port) so that the

@@ -37,23 +37,36 @@ fn port(v: &serde_json::Value) -> Option<u16> {
     .filter(|p| *p != 0)
 }
 
+/// Why a rule of the original's file is not imported.
+#[derive(Debug, thiserror::Error)]
+enum Skip {
+    #[error("bad proto {0:?}")]
+    Proto(String),
+    #[error("bad listen_port")]
+    ListenPort,
+    #[error("bad target_ip {0:?}")]
+    TargetIp(String),
+    #[error("bad target_port")]
+    TargetPort,
+    #[error(transparent)]
+    Policy(#[from] crate::portmap::policy::PolicyError),
+}
+
 impl OriginalRule {
-    fn to_map(&self) -> Result<PortMap, String> {
-        let proto = self
-            .proto
-            .as_deref()
-            .unwrap_or("tcp")
-            .to_ascii_lowercase()
-            .parse::<Proto>()?;
+    fn to_map(&self) -> Result<PortMap, Skip> {
+        let proto = self.proto.as_deref().unwrap_or("tcp");
         Ok(PortMap {
-            proto,
-            listen_port: port(&self.listen_port).ok_or("bad listen_port")?,
+            proto: proto
+                .to_ascii_lowercase()
+                .parse::<Proto>()
+                .map_err(|_| Skip::Proto(proto.to_owned()))?,
+            listen_port: port(&self.listen_port).ok_or(Skip::ListenPort)?,
             target_ip: self
                 .target_ip
                 .trim()
                 .parse()
-                .map_err(|_| format!("bad target_ip {:?}", self.target_ip))?,
-            target_port: port(&self.target_port).ok_or("bad target_port")?,
+                .map_err(|_| Skip::TargetIp(self.target_ip.clone()))?,
+            target_port: port(&self.target_port).ok_or(Skip::TargetPort)?,
         })
     }
 }
@@ -88,14 +101,14 @@ pub fn import_original_state(
                 for (id, rule) in &state.rules {
                     match rule
                         .to_map()
-                        .and_then(|m| policy.check(&m).map(|_| m).map_err(|e| e.to_string()))
+                        .and_then(|m| policy.check(&m).map(|_| m).map_err(Skip::from))
                     {
                         Ok(m) if portmaps::get(tx, m.proto, m.listen_port)?.is_none() => {
                             portmaps::upsert(tx, &m.into(), None, "import:portmap.json")?;
                             report.imported.push(m);
                         }
                         Ok(_) => report.skipped.push((id.clone(), "duplicate".into())),
-                        Err(e) => report.skipped.push((id.clone(), e)),
+                        Err(e) => report.skipped.push((id.clone(), e.to_string())),
                     }
                 }
             }

@@ -108,7 +108,7 @@ pub struct Choice {
 pub fn choose(
     mode: WgMode,
     existing: &Existing,
-    kernel_create: impl FnOnce() -> Result<(), String>,
+    kernel_create: impl FnOnce() -> Result<(), WgError>,
 ) -> Result<Choice, WgError> {
     let kernel = |created| Choice {
         mode: TunnelMode::Kernel,
@@ -144,7 +144,7 @@ pub fn choose(
             Err(e) => Ok(Choice {
                 mode: TunnelMode::Userspace,
                 created: false,
-                fallback: Some(e),
+                fallback: Some(e.to_string()),
             }),
         },
     }
@@ -206,7 +206,9 @@ impl WgLink {
         let existing = rt.block_on(existing(ifname))?;
         let mut kernel_api = WGApi::<Kernel>::new(ifname).map_err(wg(ifname, "open"))?;
         let choice = choose(mode, &existing, || {
-            kernel_api.create_interface().map_err(|e| e.to_string())
+            kernel_api
+                .create_interface()
+                .map_err(wg(ifname, "create the kernel link"))
         })?;
         if let Some(reason) = &choice.fallback {
             tracing::info!(iface = ifname, %reason, "no kernel WireGuard here: using the embedded userspace implementation (the link goes down with the agent)");

@@ -2,8 +2,12 @@
 
 use super::*;
 
-fn no_kernel() -> Result<(), String> {
-    Err("Operation not supported (os error 95)".into())
+fn no_kernel() -> Result<(), WgError> {
+    Err(WgError::Wireguard {
+        ifname: "wg0".into(),
+        op: "create the kernel link",
+        reason: "Operation not supported (os error 95)".into(),
+    })
 }
 
 #[test]
