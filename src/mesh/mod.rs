@@ -221,128 +221,149 @@ impl Mesh {
 
     /// Runs until `stop` turns true.
     pub async fn run(self, mut stop: watch::Receiver<bool>) {
-        let Ok(Some(join_settings)) = self.settings.join_settings() else {
+        let Some(client) = self.client() else {
             return;
         };
-        let client = match Client::new(
+        let mut l = self.start().await;
+        loop {
+            tokio::select! {
+                _ = stop.changed() => break,
+                _ = tokio::time::sleep_until(l.next_join), if l.joining => {
+                    self.join_due(&client, &mut l).await
+                }
+                _ = tokio::time::sleep_until(l.next_poll) => self.poll_due(&mut l).await,
+            }
+        }
+        if let Some(link) = l.link
+            && let Ok(m) = Arc::try_unwrap(link)
+            && let Ok(link) = m.into_inner()
+        {
+            let _ = tokio::task::spawn_blocking(move || link.shutdown()).await;
+        }
+    }
+
+    /// The controller client, when the settings ask for a join and it can be built.
+    fn client(&self) -> Option<Client> {
+        let Ok(Some(join_settings)) = self.settings.join_settings() else {
+            return None;
+        };
+        Client::new(
             join_settings,
             self.keys.public_base64(),
             self.settings.join_timeout(),
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                tracing::error!(error = %e, "mesh join disabled");
-                return;
-            }
-        };
-        let mut link: Option<SharedLink> = None;
-        let mut current: Option<Join> = None;
-        let mut applied = false;
-        // A cached join made for another key: used only if the controller cannot be
-        // reached, since the controller does not know the new key before a join.
-        let mut held_back: Option<Join> = None;
-        // The tunnel runs from a cached join with a key the controller may not know
-        // yet: once a join registers it, the handshake is started again at once.
-        let mut key_unconfirmed = false;
+        )
+        .map_err(|e| tracing::error!(error = %e, "mesh join disabled"))
+        .ok()
+    }
 
+    /// The loop's first state: the tunnel up from the cached join when it was made for
+    /// this key; a join due at once.
+    async fn start(&self) -> JoinLoop {
+        let (first_delay, longest_delay) = self.settings.join_backoff();
+        let mut l = JoinLoop {
+            link: None,
+            current: None,
+            applied: false,
+            held_back: None,
+            key_unconfirmed: false,
+            stale_rejoin: false,
+            joining: true,
+            backoff: Backoff::new(first_delay, longest_delay),
+            stale: StaleWatch::new(self.settings.stale_after(), first_delay, longest_delay),
+            next_join: Instant::now(),
+            next_poll: Instant::now(),
+        };
         let store = self.store.clone();
         match tokio::task::spawn_blocking(move || join::load_cached(&store)).await {
             Ok(Ok(Some((j, key)))) if key == self.keys.public_base64() => {
                 tracing::info!(node_ip = %j.node_ip, endpoint = %j.endpoint, "bringing the tunnel up from the previous join; re-joining in the background");
-                self.bring_up_cached(&mut link, &mut applied, &j).await;
-                current = Some(j);
+                self.bring_up_cached(&mut l.link, &mut l.applied, &j).await;
+                l.current = Some(j);
             }
             Ok(Ok(Some((j, _)))) => {
                 tracing::info!(
                     "the node's WireGuard key is not the one of the previous join; joining before the tunnel comes up"
                 );
-                held_back = Some(j);
+                l.held_back = Some(j);
             }
             Ok(Ok(None)) => {}
             other => {
                 tracing::warn!(result = ?other.map(|r| r.map(|_| ())), "cannot read the cached join")
             }
         }
-
-        let (first_delay, longest_delay) = self.settings.join_backoff();
-        let mut backoff = Backoff::new(first_delay, longest_delay);
-        let mut stale = StaleWatch::new(self.settings.stale_after(), first_delay, longest_delay);
-        if applied {
-            stale.configured(SystemTime::now());
+        if l.applied {
+            l.stale.configured(SystemTime::now());
         }
-        // A re-join because the tunnel went stale: once it succeeds, the handshake is
-        // started again (the controller forgot the session) and the endpoint resolved anew.
-        let mut stale_rejoin = false;
-        let refresh = self.settings.join_refresh();
-        let mut joining = true;
-        let mut next_join = Instant::now();
-        let mut next_poll = Instant::now();
-        loop {
-            tokio::select! {
-                _ = stop.changed() => break,
-                _ = tokio::time::sleep_until(next_join), if joining => {
-                    match client.join_once().await {
-                        Ok(j) => {
-                            backoff.reset();
-                            next_join = Instant::now() + refresh;
-                            held_back = None;
-                            self.joined(&mut link, &mut current, &mut applied, j).await;
-                            if std::mem::take(&mut key_unconfirmed) | std::mem::take(&mut stale_rejoin) {
-                                self.restart_handshake(&link, &current).await;
-                            }
-                            stale.configured(SystemTime::now());
-                            // A reconfigured peer needs a new handshake: look (and nudge) now.
-                            next_poll = Instant::now();
-                        }
-                        Err(e) => {
-                            let msg = e.to_string();
-                            match e.kind() {
-                                Retry::Backoff => {
-                                    let d = backoff.next_delay();
-                                    tracing::warn!(error = %msg, retry_in_ms = d.as_millis() as u64, url = client.url(), "join failed; retrying");
-                                    next_join = Instant::now() + d;
-                                    if let Some(j) = held_back.take() {
-                                        tracing::info!(node_ip = %j.node_ip, "the controller cannot be reached: bringing the tunnel up from the previous join with the new key");
-                                        self.bring_up_cached(&mut link, &mut applied, &j).await;
-                                        stale.configured(SystemTime::now());
-                                        current = Some(j);
-                                        key_unconfirmed = true;
-                                    }
-                                }
-                                Retry::Slow => {
-                                    tracing::error!(error = %msg, retry_in_s = backoff.max().as_secs(), "join refused by the controller's configuration; retrying slowly");
-                                    next_join = Instant::now() + backoff.max();
-                                }
-                                Retry::Never => {
-                                    tracing::error!(error = %msg, "join stopped; no further attempt until the agent restarts");
-                                    joining = false;
-                                }
-                            }
-                            self.status.update(|s| s.error = Some(msg));
-                        }
-                    }
+        l
+    }
+
+    /// A join is due: joined (the link follows the answer), or when the next one is.
+    async fn join_due(&self, client: &Client, l: &mut JoinLoop) {
+        match client.join_once().await {
+            Ok(j) => {
+                l.backoff.reset();
+                l.next_join = Instant::now() + self.settings.join_refresh();
+                l.held_back = None;
+                self.joined(&mut l.link, &mut l.current, &mut l.applied, j)
+                    .await;
+                if std::mem::take(&mut l.key_unconfirmed) | std::mem::take(&mut l.stale_rejoin) {
+                    self.restart_handshake(&l.link, &l.current).await;
                 }
-                _ = tokio::time::sleep_until(next_poll) => {
-                    let has_handshake = self.poll_handshake(&link, &current, &mut stale).await;
-                    if applied
-                        && joining
-                        && let Some(delay) = self.watch_staleness(&mut stale)
-                    {
-                        next_join = Instant::now() + delay;
-                        stale_rejoin = true;
-                    }
-                    // Often until the first handshake (health shows it at once), then
-                    // rarely, unless the tunnel has gone quiet.
-                    next_poll = Instant::now() + if has_handshake { stale.look_interval() } else { Duration::from_millis(200) };
+                l.stale.configured(SystemTime::now());
+                // A reconfigured peer needs a new handshake: look (and nudge) now.
+                l.next_poll = Instant::now();
+            }
+            Err(e) => self.join_failed(client, l, e).await,
+        }
+    }
+
+    /// A join failed: retried after the backoff, slowly, or never, by what the failure
+    /// means; the previous join of another key brought up once the controller is away.
+    async fn join_failed(&self, client: &Client, l: &mut JoinLoop, e: join::JoinError) {
+        let msg = e.to_string();
+        match e.kind() {
+            Retry::Backoff => {
+                let d = l.backoff.next_delay();
+                tracing::warn!(error = %msg, retry_in_ms = d.as_millis() as u64, url = client.url(), "join failed; retrying");
+                l.next_join = Instant::now() + d;
+                if let Some(j) = l.held_back.take() {
+                    tracing::info!(node_ip = %j.node_ip, "the controller cannot be reached: bringing the tunnel up from the previous join with the new key");
+                    self.bring_up_cached(&mut l.link, &mut l.applied, &j).await;
+                    l.stale.configured(SystemTime::now());
+                    l.current = Some(j);
+                    l.key_unconfirmed = true;
                 }
             }
+            Retry::Slow => {
+                tracing::error!(error = %msg, retry_in_s = l.backoff.max().as_secs(), "join refused by the controller's configuration; retrying slowly");
+                l.next_join = Instant::now() + l.backoff.max();
+            }
+            Retry::Never => {
+                tracing::error!(error = %msg, "join stopped; no further attempt until the agent restarts");
+                l.joining = false;
+            }
         }
-        if let Some(l) = link
-            && let Ok(m) = Arc::try_unwrap(l)
-            && let Ok(l) = m.into_inner()
+        self.status.update(|s| s.error = Some(msg));
+    }
+
+    /// A look at the handshake is due: a dead tunnel brings the next join forward.
+    async fn poll_due(&self, l: &mut JoinLoop) {
+        let has_handshake = self.poll_handshake(&l.link, &l.current, &mut l.stale).await;
+        if l.applied
+            && l.joining
+            && let Some(delay) = self.watch_staleness(&mut l.stale)
         {
-            let _ = tokio::task::spawn_blocking(move || l.shutdown()).await;
+            l.next_join = Instant::now() + delay;
+            l.stale_rejoin = true;
         }
+        // Often until the first handshake (health shows it at once), then rarely,
+        // unless the tunnel has gone quiet.
+        l.next_poll = Instant::now()
+            + if has_handshake {
+                l.stale.look_interval()
+            } else {
+                Duration::from_millis(200)
+            };
     }
 
     /// Looks at the handshake's age; `Some(delay)` when a re-join is due after `delay`.
@@ -504,6 +525,30 @@ impl Mesh {
     fn snapshot_handshake(&self) -> Option<SystemTime> {
         self.status.snapshot().last_handshake
     }
+}
+
+/// The join loop's state between two of its events.
+struct JoinLoop {
+    link: Option<SharedLink>,
+    /// The join the link was last configured from.
+    current: Option<Join>,
+    /// Whether the link has been configured at least once in this run.
+    applied: bool,
+    /// A cached join made for another key: used only if the controller cannot be
+    /// reached, since the controller does not know the new key before a join.
+    held_back: Option<Join>,
+    /// The tunnel runs from a cached join with a key the controller may not know yet:
+    /// once a join registers it, the handshake is started again at once.
+    key_unconfirmed: bool,
+    /// A re-join because the tunnel went stale: once it succeeds, the handshake is
+    /// started again (the controller forgot the session) and the endpoint resolved anew.
+    stale_rejoin: bool,
+    /// False once the controller refused for good (no further attempt).
+    joining: bool,
+    backoff: Backoff,
+    stale: StaleWatch,
+    next_join: Instant,
+    next_poll: Instant,
 }
 
 /// Why the WireGuard link could not be brought to what a join says.
