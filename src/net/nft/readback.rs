@@ -3,7 +3,7 @@
 
 use std::collections::{BTreeMap, BTreeSet};
 
-use nlink::netlink::nftables::{RuleExpr, SetElementData, SetInfo};
+use nlink::netlink::nftables::{RuleExpr, SetElement, SetElementData, SetInfo};
 use nlink::netlink::{Connection, Nftables};
 
 use crate::model::{AllowList, Proto};
@@ -22,6 +22,40 @@ pub async fn read_sets(
         .list_sets_in(TABLE, FAMILY)
         .await
         .map_err(NftError::kernel("list sets"))?;
+    let readable = readable_sets(&infos, state);
+    let names: Vec<&'static str> = readable.iter().map(|(_, _, name)| *name).collect();
+    let mut dumped = dump::elements(conn, &names).await?;
+
+    // Gathered in the kernel's (hash) order and sorted once at the end: 10,000 tree
+    // inserts each cost more than the sort.
+    let mut found = Found::default();
+    for (proto, kind, name) in readable {
+        let elements = dumped.remove(name).unwrap_or_default();
+        let unreadable = elements
+            .iter()
+            .filter(|&e| !found.read(proto, kind, name, e))
+            .count();
+        if unreadable > 0 {
+            state
+                .problems
+                .push(format!("set {name} holds {unreadable} unreadable elements"));
+        }
+    }
+    found.into_state(state);
+    for extra in infos
+        .iter()
+        .filter(|s| !sets::all_names().any(|n| n == s.name))
+    {
+        state
+            .problems
+            .push(format!("unexpected set {} in the table", extra.name));
+    }
+    Ok(())
+}
+
+/// The agent's sets the kernel has with a key its elements can be read by; a missing
+/// set, or one with the wrong key or declaration, is a problem in `state`.
+fn readable_sets(infos: &[SetInfo], state: &mut KernelState) -> Vec<(Proto, Kind, &'static str)> {
     let mut readable = Vec::new();
     for proto in Proto::ALL {
         for kind in Kind::ALL {
@@ -42,68 +76,7 @@ pub async fn read_sets(
             readable.push((proto, kind, name));
         }
     }
-    let names: Vec<&'static str> = readable.iter().map(|(_, _, name)| *name).collect();
-    let mut dumped = dump::elements(conn, &names).await?;
-
-    let mut allow: BTreeMap<(Proto, u16), Vec<ipnetwork::Ipv4Network>> = BTreeMap::new();
-    // Gathered in the kernel's (hash) order and sorted once at the end: 10,000 tree
-    // inserts each cost more than the sort.
-    let mut found = Found::default();
-    for (proto, kind, name) in readable {
-        let elements = dumped.remove(name).unwrap_or_default();
-        let mut unreadable = 0usize;
-        for e in &elements {
-            let ok = match kind {
-                Kind::Ports => read_map_element(proto, e, &mut found),
-                Kind::Allow => match sets::decode_allow(e.key(), e.key_end()) {
-                    Some((port, net)) => {
-                        allow.entry((proto, port)).or_default().push(net);
-                        true
-                    }
-                    None => false,
-                },
-                Kind::Flows | Kind::Restricted | Kind::Drops => {
-                    match <[u8; 2]>::try_from(e.key()) {
-                        Ok(k) => {
-                            let port = u16::from_be_bytes(k);
-                            found.members.entry(name).or_default().push(port);
-                            if kind.counted() {
-                                found.counts.push((
-                                    (proto, port),
-                                    kind,
-                                    e.counter().unwrap_or_default(),
-                                ));
-                            }
-                            true
-                        }
-                        Err(_) => false,
-                    }
-                }
-            };
-            if !ok {
-                unreadable += 1;
-            }
-        }
-        if unreadable > 0 {
-            state
-                .problems
-                .push(format!("set {name} holds {unreadable} unreadable elements"));
-        }
-    }
-    found.into_state(state);
-    state.allow = allow
-        .into_iter()
-        .map(|(k, nets)| (k, AllowList::from_networks(nets)))
-        .collect();
-    for extra in infos
-        .iter()
-        .filter(|s| !sets::all_names().any(|n| n == s.name))
-    {
-        state
-            .problems
-            .push(format!("unexpected set {} in the table", extra.name));
-    }
-    Ok(())
+    readable
 }
 
 /// One element's counter: the map's key, the set it is in, packets and bytes.
@@ -115,12 +88,45 @@ struct Found {
     maps: Vec<crate::model::PortMap>,
     members: BTreeMap<&'static str, Vec<u16>>,
     counts: Vec<Count>,
+    allow: BTreeMap<(Proto, u16), Vec<ipnetwork::Ipv4Network>>,
 }
 
 impl Found {
+    /// Reads one element of set `name` (of `kind`, for `proto`); false when it cannot
+    /// be read.
+    fn read(&mut self, proto: Proto, kind: Kind, name: &'static str, e: &SetElement) -> bool {
+        match kind {
+            Kind::Ports => read_map_element(proto, e, self),
+            Kind::Allow => match sets::decode_allow(e.key(), e.key_end()) {
+                Some((port, net)) => {
+                    self.allow.entry((proto, port)).or_default().push(net);
+                    true
+                }
+                None => false,
+            },
+            Kind::Flows | Kind::Restricted | Kind::Drops => {
+                let Ok(k) = <[u8; 2]>::try_from(e.key()) else {
+                    return false;
+                };
+                let port = u16::from_be_bytes(k);
+                self.members.entry(name).or_default().push(port);
+                if kind.counted() {
+                    self.counts
+                        .push(((proto, port), kind, e.counter().unwrap_or_default()));
+                }
+                true
+            }
+        }
+    }
+
     /// Into `state`, which holds no maps, members or counters yet. `collect` sorts once
     /// and builds each tree in bulk.
     fn into_state(self, state: &mut KernelState) {
+        state.allow = self
+            .allow
+            .into_iter()
+            .map(|(k, nets)| (k, AllowList::from_networks(nets)))
+            .collect();
         state.maps = self.maps.into_iter().collect();
         state.members = self
             .members

@@ -371,65 +371,90 @@ impl WgLink {
         self.apply(spec)
     }
 
+    /// An rtnetlink failure of operation `op` on this link.
+    fn nl(&self, op: &'static str) -> impl Fn(nlink::Error) -> WgError + '_ {
+        move |source| WgError::Netlink {
+            ifname: self.ifname.clone(),
+            op,
+            source,
+        }
+    }
+
+    /// The link's MTU, address, state and mesh route as `spec` says; returns what it
+    /// changed.
     async fn apply_link(&self, spec: &LinkSpec) -> Result<Vec<String>, WgError> {
         let ifname = self.ifname.as_str();
-        let nl = |op| {
-            move |source| WgError::Netlink {
-                ifname: ifname.to_string(),
-                op,
-                source,
-            }
-        };
         let mut changed = Vec::new();
-        let conn = Connection::<Route>::new().map_err(nl("open rtnetlink socket"))?;
+        let conn = Connection::<Route>::new().map_err(self.nl("open rtnetlink socket"))?;
         let link = conn
             .get_link_by_name(ifname)
             .await
-            .map_err(nl("look up link"))?
+            .map_err(self.nl("look up link"))?
             .ok_or_else(|| WgError::Mode(format!("link {ifname} vanished")))?;
         let index = link.ifindex();
-
         if link.mtu() != Some(spec.mtu) {
             conn.set_link_mtu_by_index(index, spec.mtu)
                 .await
-                .map_err(nl("set MTU"))?;
+                .map_err(self.nl("set MTU"))?;
             changed.push(format!("mtu {}", spec.mtu));
         }
+        self.apply_address(&conn, index, spec, &mut changed).await?;
+        if !link.is_up() {
+            conn.set_link_up_by_index(index)
+                .await
+                .map_err(self.nl("set link up"))?;
+            changed.push("up".to_string());
+        }
+        self.apply_route(&conn, index, spec, &mut changed).await?;
+        Ok(changed)
+    }
 
+    /// Only `spec.address`/32 on the link: other IPv4 addresses removed.
+    async fn apply_address(
+        &self,
+        conn: &Connection<Route>,
+        index: u32,
+        spec: &LinkSpec,
+        changed: &mut Vec<String>,
+    ) -> Result<(), WgError> {
         let addrs = conn
             .get_addresses_by_index(index)
             .await
-            .map_err(nl("list addresses"))?;
+            .map_err(self.nl("list addresses"))?;
         let mut have_wanted = false;
         for a in addrs.iter().filter(|a| a.is_ipv4()) {
             let ip = a.local().or(a.address()).copied();
             if ip == Some(spec.address.into()) && a.prefix_len() == 32 {
                 have_wanted = true;
             } else if let Some(std::net::IpAddr::V4(old)) = ip {
-                conn.del_address_v4(ifname, old, a.prefix_len())
+                conn.del_address_v4(&self.ifname, old, a.prefix_len())
                     .await
-                    .map_err(nl("remove old address"))?;
+                    .map_err(self.nl("remove old address"))?;
                 changed.push(format!("removed address {old}/{}", a.prefix_len()));
             }
         }
         if !have_wanted {
             conn.add_address_by_index(index, spec.address.into(), 32)
                 .await
-                .map_err(nl("add address"))?;
+                .map_err(self.nl("add address"))?;
             changed.push(format!("address {}/32", spec.address));
         }
+        Ok(())
+    }
 
-        if !link.is_up() {
-            conn.set_link_up_by_index(index)
-                .await
-                .map_err(nl("set link up"))?;
-            changed.push("up".to_string());
-        }
-
+    /// Only the route to `spec.mesh` through the link among the agent's (boot-protocol)
+    /// routes on it: older mesh routes removed.
+    async fn apply_route(
+        &self,
+        conn: &Connection<Route>,
+        index: u32,
+        spec: &LinkSpec,
+        changed: &mut Vec<String>,
+    ) -> Result<(), WgError> {
         let routes = conn
             .get_routes_for_table(RT_TABLE_MAIN)
             .await
-            .map_err(nl("list routes"))?;
+            .map_err(self.nl("list routes"))?;
         let mut route_ok = false;
         for r in routes.iter().filter(|r| {
             r.is_ipv4() && r.oif() == Some(index) && r.protocol() == RouteProtocol::Boot
@@ -442,7 +467,7 @@ impl WgLink {
             } else {
                 conn.del_route(Ipv4Route::new(dst, r.dst_len()).dev_index(index))
                     .await
-                    .map_err(nl("remove old mesh route"))?;
+                    .map_err(self.nl("remove old mesh route"))?;
                 changed.push(format!("removed route {dst}/{}", r.dst_len()));
             }
         }
@@ -453,10 +478,10 @@ impl WgLink {
                     .scope(RouteScope::Link),
             )
             .await
-            .map_err(nl("add mesh route"))?;
+            .map_err(self.nl("add mesh route"))?;
             changed.push(format!("route {}", spec.mesh));
         }
-        Ok(changed)
+        Ok(())
     }
 
     /// The peer's last handshake (`None`: none yet) and the bytes received from it and
