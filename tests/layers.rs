@@ -40,6 +40,8 @@ const LAYERS: &[(&str, &str, &[&str])] = &[
             "events.rs",
         ],
     ),
+    // `vm/config.rs` (what the libvirt steps of `vm/domain.rs` are built with) and the
+    // VM bounds and spec it holds (`vm/spec.rs`) sit with the drivers that read them.
     (
         "drivers",
         "the kernel (netlink, nftables, WireGuard) and libvirt",
@@ -60,8 +62,6 @@ const LAYERS: &[(&str, &str, &[&str])] = &[
             "vm/claims.rs",
             "vm/observed.rs",
             "vm/stray_pins.rs",
-            "vm/spec.rs",
-            "vm/config.rs",
         ],
     ),
     ("api", "HTTP: the wire types, the routes", &["api/"]),
@@ -76,89 +76,19 @@ const LAYERS: &[(&str, &str, &[&str])] = &[
 /// why). Each must still exist; remove it when it goes.
 const ALLOWED_UPWARD: &[(&str, &str, &str)] = &[
     (
-        "config/api.rs",
-        "api/server/mod.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "config/mesh.rs",
-        "net/wireguard/mod.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "config/mod.rs",
-        "net/nft/mod.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "config/mod.rs",
-        "net/wireguard/mod.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "config/mod.rs",
-        "portmap/policy.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "config/portmaps.rs",
-        "net/nft/mod.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "config/portmaps.rs",
-        "portmap/policy.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "config/state.rs",
-        "store/retention.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "config/vms.rs",
-        "vm/config.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "config/vms.rs",
-        "vm/conn.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "config/vms.rs",
-        "vm/spec.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "events.rs",
-        "store/audit.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
         "vm/domain.rs",
         "store/vms.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "vm/domain.rs",
-        "vm/config.rs",
-        "before issue 25: fixed on this branch",
+        "until the libvirt driver seam (issue 25 point 2): the libvirt steps still read the store's rows and errors",
     ),
     (
         "vm/error.rs",
         "store/mod.rs",
-        "before issue 25: fixed on this branch",
-    ),
-    (
-        "vm/mod.rs",
-        "vm/config.rs",
-        "before issue 25: fixed on this branch",
+        "until the libvirt driver seam (issue 25 point 2): the libvirt steps still read the store's rows and errors",
     ),
     (
         "vm/spec.rs",
         "api/doc.rs",
-        "before issue 25: fixed on this branch",
+        "still to be fixed on this branch",
     ),
 ];
 
@@ -177,23 +107,7 @@ const ALLOWED_CYCLES: &[(&[&str], &str)] = &[
             "api/metrics.rs",
             "api/mod.rs",
             "api/ports.rs",
-            "api/refused.rs",
-            "api/server/mod.rs",
             "api/vms.rs",
-            "config/api.rs",
-            "config/check.rs",
-            "config/mesh.rs",
-            "config/mod.rs",
-            "config/portmaps.rs",
-            "config/vms.rs",
-            "events.rs",
-            "join.rs",
-            "logging.rs",
-            "mesh/mod.rs",
-            "mesh/stale.rs",
-            "portmap/service/mod.rs",
-            "portmap/service/sample.rs",
-            "store/audit.rs",
             "vm/abandoned.rs",
             "vm/config.rs",
             "vm/domain.rs",
@@ -203,7 +117,7 @@ const ALLOWED_CYCLES: &[(&[&str], &str)] = &[
             "vm/spec.rs",
             "vm/stray_pins.rs",
         ],
-        "before issue 25: fixed on this branch",
+        "still to be fixed on this branch",
     ),
     (
         &[
@@ -216,7 +130,7 @@ const ALLOWED_CYCLES: &[(&[&str], &str)] = &[
             "net/nft/sets.rs",
             "net/nft/xt.rs",
         ],
-        "before issue 25: fixed on this branch",
+        "still to be fixed on this branch",
     ),
     (
         &[
@@ -225,7 +139,7 @@ const ALLOWED_CYCLES: &[(&[&str], &str)] = &[
             "vm/xml/read.rs",
             "vm/xml/write.rs",
         ],
-        "before issue 25: fixed on this branch",
+        "in src/vm/, which the libvirt driver seam (issue 25 point 2) restructures; this branch may not move its files",
     ),
 ];
 

@@ -46,6 +46,7 @@ use ipnetwork::Ipv4Network;
 use nlink::netlink::nftables::{RuleInfo, Transaction};
 use nlink::netlink::{Connection, Nftables};
 
+use crate::config::{MeshSettings, PortMapSettings};
 use crate::model::{AllowList, MapCounters, PortMap, PortRule, Proto};
 
 pub use drift::{Drift, diff};
@@ -129,6 +130,19 @@ pub struct NatSettings {
 }
 
 impl NatSettings {
+    /// What the NAT rules need from the settings: the port maps' group and the mesh's
+    /// interface. EXTERNAL_IFACE stays as set: when unset, the firewall looks up the
+    /// default route's interface itself.
+    pub fn from_settings(pm: &PortMapSettings, mesh: &MeshSettings) -> Self {
+        Self {
+            vms_bridge: pm.vms_bridge.clone(),
+            vm_subnet: pm.vm_subnet,
+            wg_iface: Some(mesh.wg_iface.clone()),
+            external_iface: pm.external_iface.clone(),
+            tunnel_sources: vec![],
+        }
+    }
+
     fn validate(&self) -> Result<(), NftError> {
         let names = std::iter::once(("vms_bridge", Some(&self.vms_bridge)))
             .chain([

@@ -48,6 +48,9 @@ struct RuleView<'a> {
     counters: MapCounters,
 }
 
+/// Every map's counters, and when they were read.
+type CountersCache = std::sync::Mutex<Option<(Arc<BTreeMap<(Proto, u16), MapCounters>>, Instant)>>;
+
 /// How long a `GET /ports` body (with its counters) is served from the cache: the
 /// listing of 10,000 maps is megabytes and six kernel dumps, so a load of listings
 /// rebuilds it at most once a second. A change to the maps clears it at once.
@@ -142,7 +145,7 @@ pub struct PortMaps {
     /// the store lock, served for at most [`LIST_MAX_AGE`].
     list_cache: RwLock<Option<(Bytes, Instant)>>,
     /// Every map's counters for `GET /metrics`, read at most once per [`LIST_MAX_AGE`].
-    counters_cache: sample::CountersCache,
+    counters_cache: CountersCache,
 }
 
 impl PortMaps {

@@ -9,10 +9,6 @@ use super::{LIST_MAX_AGE, PortMapError, PortMaps};
 use crate::metrics::sample::{MAX_MAP_SERIES, MapsSample};
 use crate::model::{MapCounters, Proto};
 
-/// Every map's counters, and when they were read.
-pub(super) type CountersCache =
-    std::sync::Mutex<Option<(Arc<BTreeMap<(Proto, u16), MapCounters>>, Instant)>>;
-
 impl PortMaps {
     /// How many maps there are by protocol, and their counters. Blocking: call it on a
     /// blocking thread. The counters are read from the kernel at most once per
