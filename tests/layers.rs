@@ -121,19 +121,6 @@ const ALLOWED_CYCLES: &[(&[&str], &str)] = &[
     ),
     (
         &[
-            "net/nft/drift.rs",
-            "net/nft/dump.rs",
-            "net/nft/forward.rs",
-            "net/nft/mod.rs",
-            "net/nft/readback.rs",
-            "net/nft/ruleset.rs",
-            "net/nft/sets.rs",
-            "net/nft/xt.rs",
-        ],
-        "still to be fixed on this branch",
-    ),
-    (
-        &[
             "vm/xml/mod.rs",
             "vm/xml/network.rs",
             "vm/xml/read.rs",
