@@ -11,7 +11,8 @@ use crate::config::{ApiSettings, Settings, VmSettings};
 use crate::keys::{KeySource, NodeKeys};
 use crate::mesh::{JoinState, Mesh, MeshStatus};
 use crate::net::antispoof::TunnelGuard;
-use crate::portmap::{self, Firewall, NftFirewall, PortMaps};
+use crate::net::nft::NatSettings;
+use crate::portmap::{self, Firewall, NftFirewall, Policy, PortMaps};
 use crate::store::Store;
 use crate::vm;
 
@@ -61,7 +62,7 @@ pub fn open_state(settings: &Settings) -> Result<Store, AgentError> {
             source,
         })?;
     let store = Store::open(&settings.state.db_path())?;
-    let policy = settings.policy();
+    let policy = Policy::from_settings(settings);
     if let Some(report) = portmap::import_original_state(&store, &policy, &settings.state.data_dir)?
     {
         tracing::info!(
@@ -79,7 +80,13 @@ pub fn open_state(settings: &Settings) -> Result<Store, AgentError> {
 /// key pair, nftables), then the API.
 pub async fn run(settings: Settings) -> Result<(), AgentError> {
     let ready = crate::preflight::serve(&settings).await?;
-    let fw = Arc::new(NftFirewall::from_settings(settings.nat()).await?);
+    let fw = Arc::new(
+        NftFirewall::from_settings(NatSettings::from_settings(
+            &settings.portmaps,
+            &settings.mesh,
+        ))
+        .await?,
+    );
     // Held until the table's last change (CLEANUP_ON_EXIT included) is done.
     let _locks = ready.locks;
     serve(
@@ -136,7 +143,11 @@ async fn serve(
             JoinState::Standalone
         },
     ));
-    let portmaps = Arc::new(PortMaps::new(store.clone(), fw.clone(), settings.policy()));
+    let portmaps = Arc::new(PortMaps::new(
+        store.clone(),
+        fw.clone(),
+        Policy::from_settings(&settings),
+    ));
 
     // The kernel is rebuilt from SQLite in one transaction before the API opens, so the
     // first answer already reflects what is in force.
@@ -192,7 +203,7 @@ async fn serve(
 
     let pruner = tokio::spawn(audit_retention_loop(
         store.clone(),
-        settings.state.audit_retention(),
+        crate::store::retention::Retention::from_settings(&settings.state),
         stop_rx.clone(),
     ));
     let refused = Arc::new(api::refused::RefusedRequests::default());
@@ -313,7 +324,7 @@ fn connection_limits(settings: &ApiSettings) -> api::server::Limits {
             "connection cap (MAX_CONNECTIONS)"
         );
     }
-    settings.limits(cap)
+    api::server::Limits::from_settings(settings, cap)
 }
 
 /// The VM service and the image store over one lazily opened libvirt connection.

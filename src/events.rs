@@ -151,7 +151,7 @@ impl Bus {
         let mut ring = self.lock();
         let event = Arc::new(Event {
             id: ring.next_id,
-            time: crate::store::audit::now_iso(),
+            time: crate::model::time::now_iso(),
             kind,
             subject: subject.into(),
             detail,
@@ -208,7 +208,7 @@ impl Bus {
 fn reset(last: u64, oldest: u64) -> Event {
     Event {
         id: 0,
-        time: crate::store::audit::now_iso(),
+        time: crate::model::time::now_iso(),
         kind: Kind::StreamReset,
         subject: "events".into(),
         detail: serde_json::json!({"last_event_id": last, "missed": oldest - last - 1}),

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use clap::{Parser, Subcommand};
 use node_vm_agent::agent;
 use node_vm_agent::config::{DiffSettings, Settings};
-use node_vm_agent::portmap::{NftFirewall, PortMaps};
+use node_vm_agent::net::nft::NatSettings;
+use node_vm_agent::portmap::{NftFirewall, Policy, PortMaps};
 
 /// Edge-node agent: joins the WireGuard mesh, runs libvirt VMs, maps node ports to them
 /// with one nftables table, and keeps its state in SQLite behind an authenticated REST API.
@@ -77,8 +78,9 @@ fn fatal(message: &str) -> ExitCode {
 async fn diff(s: Settings) -> Result<ExitCode, agent::AgentError> {
     node_vm_agent::preflight::diff(&s)?;
     let store = agent::open_state(&s)?;
-    let fw = NftFirewall::from_settings_readonly(s.nat()).await?;
-    let pm = PortMaps::new(store, Arc::new(fw), s.policy());
+    let nat = NatSettings::from_settings(&s.portmaps, &s.mesh);
+    let fw = NftFirewall::from_settings_readonly(nat).await?;
+    let pm = PortMaps::new(store, Arc::new(fw), Policy::from_settings(&s));
     let lines = pm.drift().await.map_err(agent::AgentError::PortMaps)?;
     if lines.is_empty() {
         println!("in sync");

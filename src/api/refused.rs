@@ -50,7 +50,7 @@ impl RefusedRequests {
             return;
         };
         if p.since.is_none() {
-            p.since = Some(audit::now_iso());
+            p.since = Some(crate::model::time::now_iso());
         }
         let key = addr.map_or_else(|| "unknown".to_string(), |a| a.to_string());
         let key = if p.by_addr.contains_key(&key) || p.by_addr.len() < MAX_ADDRESSES {
@@ -77,7 +77,7 @@ impl RefusedRequests {
         let Some(since) = since else {
             return Vec::new();
         };
-        let until = audit::now_iso();
+        let until = crate::model::time::now_iso();
         let mut rows: Vec<RefusedRow> = by_addr
             .into_iter()
             .map(|(client_addr, b)| RefusedRow {

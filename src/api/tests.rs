@@ -1752,3 +1752,4 @@ async fn a_map_naming_a_vm_goes_to_its_pinned_address_and_bad_targets_are_4xx() 
 }
 
 mod observe;
+mod wire;

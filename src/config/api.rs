@@ -2,11 +2,8 @@
 //! that keeps strangers' connections cheap (decisions §11).
 
 use std::net::{IpAddr, SocketAddr};
-use std::time::Duration;
 
 use clap::Args;
-
-use crate::api::server::Limits;
 
 /// The API's address, token and connection budget.
 #[derive(Args, Clone, Debug)]
@@ -122,19 +119,5 @@ impl ApiSettings {
     /// MAX_CONNECTIONS as configured; the agent may lower it to fit the descriptor limit.
     pub fn configured_max_connections(&self) -> usize {
         usize::try_from(self.max_connections).unwrap_or(usize::MAX)
-    }
-
-    /// The API server's limits, with `max_connections` the cap the agent settled on
-    /// (see [`Self::configured_max_connections`]).
-    pub fn limits(&self, max_connections: usize) -> Limits {
-        let secs = Duration::from_secs;
-        Limits {
-            header_read: secs(self.header_read_timeout),
-            body_read: secs(self.body_read_timeout),
-            keepalive: secs(self.keepalive_timeout),
-            upload_min_bytes: self.upload_min_bytes,
-            upload_window: secs(self.upload_window),
-            max_connections,
-        }
     }
 }

@@ -1,52 +1,10 @@
-//! Validation of settings: value parsers clap calls, and the checks of settings on
-//! their own terms and together (`Settings::validate`).
+//! Checks of the settings on their own terms and together (`Settings::validate`).
 
 use ipnetwork::Ipv4Network;
 
 use super::Settings;
-
-/// A setting that parsed but makes no sense on its own terms or with the others.
-#[derive(Debug, thiserror::Error)]
-pub enum SettingError {
-    #[error("invalid {variable}={value:?}: {reason}")]
-    Invalid {
-        variable: &'static str,
-        value: String,
-        reason: String,
-    },
-    /// One or two of the three join settings: the operator meant to join and forgot one.
-    #[error(
-        "{set} set but {missing} not: joining the mesh needs CONTROLLER_URL, JOIN_TOKEN \
-         and NODE_ID together; unset {set_names} to run standalone"
-    )]
-    IncompleteJoin {
-        set: String,
-        missing: String,
-        set_names: String,
-    },
-}
-
-fn invalid(
-    variable: &'static str,
-    value: impl Into<String>,
-    reason: impl Into<String>,
-) -> SettingError {
-    SettingError::Invalid {
-        variable,
-        value: value.into(),
-        reason: reason.into(),
-    }
-}
-
-/// `A`, `A and B`, `A, B and C`, with the verb that agrees with the count.
-pub(super) fn names_with_verb(names: &[&str]) -> String {
-    let list = match names {
-        [] => String::new(),
-        [one] => (*one).to_string(),
-        [init @ .., last] => format!("{} and {last}", init.join(", ")),
-    };
-    format!("{list} {}", if names.len() == 1 { "is" } else { "are" })
-}
+use super::error::{SettingError, invalid};
+use super::values::check_libvirt_uri;
 
 impl Settings {
     /// Checks of values that need more than their parser, and of settings together;
@@ -167,63 +125,4 @@ fn check_no_host_bits(variable: &'static str, net: &Ipv4Network) -> Result<(), S
             net.prefix()
         ),
     ))
-}
-
-/// libvirt drivers the agent can drive: QEMU, and libvirt's in-process test driver.
-const LIBVIRT_DRIVERS: [&str; 2] = ["qemu", "test"];
-/// libvirt's remote transports (`qemu+ssh://...`).
-const LIBVIRT_TRANSPORTS: [&str; 7] = ["unix", "ssh", "libssh", "libssh2", "tcp", "tls", "ext"];
-
-/// `driver[+transport]://[user@][host][:port]/path[?query]` as libvirt parses it, with a
-/// driver the agent can use; libvirt itself would only fail later, at the first VM call.
-pub fn check_libvirt_uri(uri: &str) -> Result<(), String> {
-    const FORM: &str = "expected driver[+transport]://[host]/path, e.g. qemu:///system or \
-                        qemu+ssh://root@host/system";
-    let Some((scheme, rest)) = uri.split_once("://") else {
-        return Err(format!("not a libvirt URI: {FORM}"));
-    };
-    let (driver, transport) = match scheme.split_once('+') {
-        Some((d, t)) => (d, Some(t)),
-        None => (scheme, None),
-    };
-    if !LIBVIRT_DRIVERS.contains(&driver) {
-        return Err(format!(
-            "driver {driver:?} is not one of {}: {FORM}",
-            LIBVIRT_DRIVERS.join(", ")
-        ));
-    }
-    if let Some(t) = transport
-        && !LIBVIRT_TRANSPORTS.contains(&t)
-    {
-        return Err(format!(
-            "transport {t:?} is not one of {}",
-            LIBVIRT_TRANSPORTS.join(", ")
-        ));
-    }
-    let path = rest.split_once('?').map_or(rest, |(p, _)| p);
-    let Some(slash) = path.find('/') else {
-        return Err(format!("no path: {FORM}"));
-    };
-    let (authority, path) = path.split_at(slash);
-    if authority
-        .chars()
-        .any(|c| c.is_whitespace() || c.is_control())
-    {
-        return Err("the host part has whitespace or control characters".into());
-    }
-    if driver == "qemu" && !matches!(path, "/system" | "/session" | "/embed") {
-        return Err(format!(
-            "path {path:?}: the QEMU driver's are /system, /session and /embed"
-        ));
-    }
-    Ok(())
-}
-
-/// A port number of a list setting (clap's own parser says only "invalid digit found in
-/// string").
-pub(super) fn parse_port(s: &str) -> Result<u16, String> {
-    match s.trim().parse::<u16>() {
-        Ok(p) if p >= 1 => Ok(p),
-        _ => Err(format!("{s:?} is not a port number (1..65535)")),
-    }
 }

@@ -3,12 +3,21 @@
 
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, ValueEnum};
 
-use super::SettingError;
-use super::check::names_with_verb;
+use super::error::{SettingError, names_with_verb};
 use super::parse_ifname;
-pub use crate::net::wireguard::WgMode;
+
+/// How the WireGuard link is implemented (the setting WG_MODE).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
+pub enum WgMode {
+    /// The kernel module where it exists, else the embedded userspace implementation.
+    Auto,
+    /// The kernel module only (fails without it).
+    Kernel,
+    /// The embedded userspace implementation (boringtun over /dev/net/tun) only.
+    Userspace,
+}
 
 /// The join and the WireGuard link; the mesh task takes this group as it is.
 #[derive(Args, Clone, Debug)]

@@ -1,10 +1,10 @@
 //! Every setting of the agent: environment variable, flag and default, one group per
 //! concern (`state`, `api`, `mesh`, `vms`, `portmaps`), flattened into [`Settings`];
-//! their validation is in `check`. Each group turns into its subsystem's own
-//! configuration in one place (`VmConfig::from(&VmSettings)`, `PortMapSettings::policy`,
-//! `PortMapSettings::nat`, `ApiSettings::limits`), and a subsystem is given its group,
-//! not the whole. Names and defaults of the original agent's variables are kept as they
-//! were.
+//! their validation is in `check`. The settings are plain data and import nothing of
+//! the agent but `model`: each subsystem turns its group into its own configuration
+//! (`VmConfig::from(&VmSettings)`, `Policy::from_settings`, `NatSettings::from_settings`,
+//! `api::server::Limits::from_settings`, `Retention::from_settings`). Names and defaults
+//! of the original agent's variables are kept as they were.
 
 use std::time::Duration;
 
@@ -12,6 +12,7 @@ use clap::{Args, ValueEnum};
 
 mod api;
 mod check;
+mod error;
 mod mesh;
 mod portmaps;
 #[cfg(test)]
@@ -19,14 +20,16 @@ mod reference;
 mod state;
 #[cfg(test)]
 mod tests;
+mod values;
 mod vms;
 
 pub use api::ApiSettings;
-pub use check::{SettingError, check_libvirt_uri};
+pub use error::SettingError;
 pub use mesh::{JoinSettings, MeshSettings, WgMode};
 pub use portmaps::PortMapSettings;
 pub use state::StateSettings;
-pub use vms::VmSettings;
+pub use values::check_libvirt_uri;
+pub use vms::{DEFAULT_LIBVIRT_KEEPALIVE_S, VmSettings};
 // The value parsers of names: each rule is the domain type's (`model`), written once.
 use crate::model::iface::check_ifname as parse_ifname;
 use crate::model::name::check_name as parse_name;
@@ -90,17 +93,6 @@ impl Settings {
     /// How often the port maps (and the VMs) are compared with the world and repaired.
     pub fn reconcile_every(&self) -> Duration {
         Duration::from_secs(self.reconcile_interval)
-    }
-
-    /// The port-map policy, which also keeps the API's and WireGuard's ports free.
-    pub fn policy(&self) -> crate::portmap::Policy {
-        self.portmaps
-            .policy(self.api.node_api_port, self.mesh.wg_listen_port)
-    }
-
-    /// What the NAT rules need, the mesh's interface included.
-    pub fn nat(&self) -> crate::net::nft::NatSettings {
-        self.portmaps.nat(&self.mesh.wg_iface)
     }
 }
 

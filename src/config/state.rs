@@ -4,8 +4,6 @@ use std::path::PathBuf;
 
 use clap::Args;
 
-use crate::store::retention::Retention;
-
 /// DATA_DIR and the audit trail's bounds.
 #[derive(Args, Clone, Debug)]
 pub struct StateSettings {
@@ -41,13 +39,5 @@ pub struct StateSettings {
 impl StateSettings {
     pub fn db_path(&self) -> PathBuf {
         self.data_dir.join("agent.db")
-    }
-
-    /// What the audit pruner keeps.
-    pub fn audit_retention(&self) -> Retention {
-        Retention {
-            max_age_days: self.audit_retention_days,
-            max_rows: self.audit_max_rows,
-        }
     }
 }

@@ -240,7 +240,7 @@ fn the_policy_keeps_the_nodes_own_ports_and_the_listed_ones() {
         "10.9.0.0/16",
     ])
     .unwrap();
-    let policy = s.policy();
+    let policy = crate::portmap::Policy::from_settings(&s);
     let map = |port: u16, ip: &str| PortMap {
         listen_port: port,
         target_ip: ip.parse().unwrap(),
@@ -280,7 +280,7 @@ fn the_vm_config_comes_from_the_vm_group() {
     assert_eq!(cfg.stop_timeout, Duration::from_secs(7));
     assert_eq!(cfg.limits.max_disk_gb, 2048);
     assert!(cfg.local);
-    let nat = s.nat();
+    let nat = crate::net::nft::NatSettings::from_settings(&s.portmaps, &s.mesh);
     assert_eq!(
         (nat.vms_bridge.as_str(), nat.wg_iface.as_deref()),
         ("virbr0", Some("wg0"))
@@ -317,4 +317,16 @@ fn diff_lists_only_the_settings_it_uses_and_parses_the_same_environment() {
         .0;
     assert_eq!(d.state.data_dir, PathBuf::from("/tmp/d"));
     assert_eq!(d.vms.libvirt_timeout, 5);
+}
+
+#[test]
+fn libvirt_keepalives_default_is_the_connections_own() {
+    // Two spellings of one default: the setting's (documented) and the one
+    // `Libvirt::new` uses when no setting is given.
+    assert_eq!(
+        DEFAULT_LIBVIRT_KEEPALIVE_S,
+        crate::vm::conn::KEEPALIVE_INTERVAL_S
+    );
+    let s = parse(&[]).unwrap();
+    assert_eq!(s.vms.libvirt_keepalive, DEFAULT_LIBVIRT_KEEPALIVE_S);
 }

@@ -7,11 +7,10 @@ use std::time::Duration;
 use clap::Args;
 
 use super::parse_name;
-use crate::vm::VmConfig;
-use crate::vm::spec::Limits;
 
-/// How often `/ip` asks libvirt for the lease while waiting.
-const LEASE_POLL: Duration = Duration::from_millis(200);
+/// Seconds between keepalive probes on a libvirt connection, unless LIBVIRT_KEEPALIVE
+/// says otherwise.
+pub const DEFAULT_LIBVIRT_KEEPALIVE_S: u32 = 5;
 
 /// libvirt, the pool and the new VMs' defaults and bounds.
 #[derive(Args, Clone, Debug)]
@@ -155,7 +154,7 @@ pub struct VmSettings {
     /// gives the connection up, 4 x this after the daemon's last packet (20 s by
     /// default), and the next call opens another. Lower it for a quicker verdict on a
     /// remote libvirtd, raise it for a link that drops packets.
-    #[arg(long, env = "LIBVIRT_KEEPALIVE", value_name = "LIBVIRT_KEEPALIVE", default_value_t = crate::vm::conn::KEEPALIVE_INTERVAL_S, value_parser = clap::value_parser!(u32).range(1..=300))]
+    #[arg(long, env = "LIBVIRT_KEEPALIVE", value_name = "LIBVIRT_KEEPALIVE", default_value_t = DEFAULT_LIBVIRT_KEEPALIVE_S, value_parser = clap::value_parser!(u32).range(1..=300))]
     pub libvirt_keepalive: u32,
 }
 
@@ -177,30 +176,5 @@ impl VmSettings {
 
     pub fn libvirt_timeout(&self) -> Duration {
         Duration::from_secs(self.libvirt_timeout)
-    }
-}
-
-/// The VM layer's configuration: built here once, so the agent and nothing else
-/// spells out which setting feeds which field.
-impl From<&VmSettings> for VmConfig {
-    fn from(s: &VmSettings) -> Self {
-        VmConfig {
-            pool: s.vms_pool.clone(),
-            pool_dir: s.pool_dir().to_string_lossy().into_owned(),
-            domain_type: s.vms_domain_type.clone(),
-            default_network: s.vms_network.clone(),
-            default_arch: s.vms_arch.clone(),
-            default_image: s.vms_default_image.clone(),
-            default_image_url: s.vms_default_image_url.clone(),
-            default_keys: s.default_ssh_keys(),
-            limits: Limits {
-                max_memory_mib: s.vm_max_memory_mib,
-                max_vcpus: s.vm_max_vcpus,
-                max_disk_gb: s.vm_max_disk_gb,
-            },
-            stop_timeout: Duration::from_secs(s.vm_stop_timeout),
-            lease_poll: LEASE_POLL,
-            local: crate::vm::conn::is_local_uri(&s.libvirt_uri),
-        }
     }
 }

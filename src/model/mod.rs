@@ -106,6 +106,7 @@ pub mod iface;
 pub mod name;
 pub mod portmap;
 pub mod ssh_key;
+pub mod time;
 
 pub use allow::{AllowList, AllowListError};
 pub use iface::IfaceName;

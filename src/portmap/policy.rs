@@ -5,6 +5,7 @@ use std::collections::BTreeMap;
 
 use ipnetwork::Ipv4Network;
 
+use crate::config::Settings;
 use crate::model::PortMap;
 
 /// Why a port map is refused by policy.
@@ -32,10 +33,34 @@ pub struct Policy {
 
 impl Policy {
     /// `allowed`: the networks targets must lie in; `reserved`: listen ports refused,
-    /// with the reason the client is told (built from the settings by
-    /// `config::PortMapSettings::policy`).
+    /// with the reason the client is told (from the settings: [`Policy::from_settings`]).
     pub fn new(allowed: Vec<Ipv4Network>, reserved: BTreeMap<u16, String>) -> Self {
         Self { allowed, reserved }
+    }
+
+    /// The policy of the settings: targets in VM_SUBNET and ALLOWED_TARGETS; listen
+    /// ports other than RESERVED_PORTS, SSH and the node's own (NODE_API_PORT, and
+    /// WG_LISTEN_PORT when set).
+    pub fn from_settings(s: &Settings) -> Self {
+        let pm = &s.portmaps;
+        let mut allowed = vec![pm.vm_subnet];
+        allowed.extend(pm.allowed_targets.iter().copied());
+        let mut reserved = BTreeMap::new();
+        for port in &pm.reserved_ports {
+            reserved.insert(*port, "listed in RESERVED_PORTS".to_string());
+        }
+        if let Some(port) = s.mesh.wg_listen_port {
+            reserved.insert(
+                port,
+                "the WireGuard listen port (WG_LISTEN_PORT)".to_string(),
+            );
+        }
+        reserved.insert(22, "SSH of the node".to_string());
+        reserved.insert(
+            s.api.node_api_port,
+            "the node's own API (NODE_API_PORT)".to_string(),
+        );
+        Self::new(allowed, reserved)
     }
 
     pub fn check(&self, map: &PortMap) -> Result<(), PolicyError> {

@@ -5,6 +5,7 @@
 use rusqlite::{Connection, params};
 
 use super::StoreError;
+use crate::config::StateSettings;
 
 /// Rows deleted per statement: one short write at a time, so requests interleave.
 pub const BATCH: i64 = 500;
@@ -14,6 +15,16 @@ pub const BATCH: i64 = 500;
 pub struct Retention {
     pub max_age_days: u32,
     pub max_rows: u64,
+}
+
+impl Retention {
+    /// AUDIT_RETENTION_DAYS and AUDIT_MAX_ROWS.
+    pub fn from_settings(s: &StateSettings) -> Self {
+        Self {
+            max_age_days: s.audit_retention_days,
+            max_rows: s.audit_max_rows,
+        }
+    }
 }
 
 /// The tables with a retention, and their time column.

@@ -1,10 +1,14 @@
 //! What the VM layer is configured with: one value, made from the VM settings once
-//! (`VmConfig::from(&VmSettings)` in `config/vms.rs`), read by the service and the
-//! blocking libvirt steps alike, so neither imports the other for it.
+//! (`VmConfig::from(&VmSettings)`), read by the service and the blocking libvirt steps
+//! alike, so neither imports the other for it.
 
 use std::time::Duration;
 
 use super::spec::Limits;
+use crate::config::VmSettings;
+
+/// How often `/ip` asks libvirt for the lease while waiting.
+const LEASE_POLL: Duration = Duration::from_millis(200);
 
 /// The settings the VM layer needs, taken from the settings once.
 #[derive(Clone, Debug)]
@@ -27,4 +31,29 @@ pub struct VmConfig {
     /// the domains' taps may be bridge ports here (hairpin mode is set on them), and a
     /// request's kernel and initrd are files this host can check.
     pub local: bool,
+}
+
+/// The VM layer's configuration: built here once, so the agent and nothing else
+/// spells out which setting feeds which field.
+impl From<&VmSettings> for VmConfig {
+    fn from(s: &VmSettings) -> Self {
+        VmConfig {
+            pool: s.vms_pool.clone(),
+            pool_dir: s.pool_dir().to_string_lossy().into_owned(),
+            domain_type: s.vms_domain_type.clone(),
+            default_network: s.vms_network.clone(),
+            default_arch: s.vms_arch.clone(),
+            default_image: s.vms_default_image.clone(),
+            default_image_url: s.vms_default_image_url.clone(),
+            default_keys: s.default_ssh_keys(),
+            limits: Limits {
+                max_memory_mib: s.vm_max_memory_mib,
+                max_vcpus: s.vm_max_vcpus,
+                max_disk_gb: s.vm_max_disk_gb,
+            },
+            stop_timeout: Duration::from_secs(s.vm_stop_timeout),
+            lease_poll: LEASE_POLL,
+            local: super::conn::is_local_uri(&s.libvirt_uri),
+        }
+    }
 }

@@ -37,6 +37,7 @@ pub use budget::Close;
 pub use timed_body::{BodyTimeout, Rule};
 
 use super::ConnInfo;
+use crate::config::ApiSettings;
 use backoff::{AcceptBackoff, Episode};
 use budget::{Admission, ConnState, Registration, Registry, Timeouts};
 
@@ -54,6 +55,20 @@ pub struct Limits {
 }
 
 impl Limits {
+    /// The limits of the settings, with `max_connections` the cap the agent settled on
+    /// (see [`ApiSettings::configured_max_connections`]).
+    pub fn from_settings(s: &ApiSettings, max_connections: usize) -> Self {
+        let secs = Duration::from_secs;
+        Self {
+            header_read: secs(s.header_read_timeout),
+            body_read: secs(s.body_read_timeout),
+            keepalive: secs(s.keepalive_timeout),
+            upload_min_bytes: s.upload_min_bytes,
+            upload_window: secs(s.upload_window),
+            max_connections,
+        }
+    }
+
     /// The rule for a request's body: image uploads are streams of any size and keep a
     /// minimum throughput; every other body has a deadline.
     fn body_rule(&self, method: &Method, path: &str) -> Rule {

@@ -7,12 +7,12 @@ use std::collections::{BTreeMap, BTreeSet};
 
 use crate::model::{AllowList, PortRule, Proto};
 
+use super::driver::{BATCH_OVERHEAD_BYTES, ELEMENT_WIRE_BYTES, Nft, Op, with_elements};
+use super::error::NftError;
+use super::readback::KernelState;
 use super::readback::expected_members;
+use super::ruleset;
 use super::sets::{self, ElementCounters, Kind};
-use super::{
-    BATCH_OVERHEAD_BYTES, ELEMENT_WIRE_BYTES, KernelState, Nft, NftError, Op, ruleset,
-    with_elements,
-};
 
 /// Maps by protocol and listen port.
 type ByKey<'a> = BTreeMap<(Proto, u16), &'a PortRule>;

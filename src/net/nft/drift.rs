@@ -5,8 +5,7 @@ use std::fmt;
 
 use crate::model::{AllowList, PortMap, PortRule, Proto};
 
-use super::KernelState;
-use super::readback::expected_members;
+use super::readback::{KernelState, expected_members};
 use super::sets::{self, Kind};
 
 /// Differences between the desired port maps and the kernel. Empty means in sync.

@@ -10,9 +10,9 @@ use std::collections::BTreeMap;
 use nlink::netlink::nftables::SetElement;
 use nlink::netlink::{Connection, Nftables};
 
-use super::NftError;
-use super::ruleset::{FAMILY, TABLE};
+use super::error::NftError;
 use super::sets::{self, Kind};
+use super::table::{FAMILY, TABLE};
 
 /// Every element of each set in `names`, by name.
 pub async fn elements(

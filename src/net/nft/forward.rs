@@ -41,8 +41,9 @@ use nlink::netlink::nftables::{
 };
 use nlink::netlink::{Connection, MessageBuilder, Nftables};
 
-use super::NftError;
-use super::ruleset::{self, FAMILY, RULE_TAG};
+use super::error::NftError;
+use super::ruleset;
+use super::table::{FAMILY, RULE_TAG};
 use super::xt;
 
 /// How our accept is encoded in one chain (see the module doc).

@@ -6,11 +6,30 @@ use std::collections::{BTreeMap, BTreeSet};
 use nlink::netlink::nftables::{RuleExpr, SetElement, SetElementData, SetInfo};
 use nlink::netlink::{Connection, Nftables};
 
-use crate::model::{AllowList, Proto};
+use crate::model::{AllowList, PortMap, Proto};
 
-use super::ruleset::{self, FAMILY, TABLE};
+use super::dump;
+use super::error::NftError;
+use super::ruleset;
 use super::sets::{self, ElementCounters, Kind};
-use super::{KernelState, NftError, dump};
+use super::table::{FAMILY, TABLE};
+
+/// The agent's table as read from the kernel.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct KernelState {
+    /// Every element of both maps that decodes as a port map.
+    pub maps: BTreeSet<PortMap>,
+    /// The allow-lists in the allow sets, by protocol and listen port.
+    pub allow: BTreeMap<(Proto, u16), AllowList>,
+    /// The listen ports each of the other sets holds, by set name.
+    pub members: BTreeMap<&'static str, BTreeSet<u16>>,
+    /// Each map's element counters.
+    pub counters: BTreeMap<(Proto, u16), ElementCounters>,
+    /// Sets, chains and rules are exactly what [`Nft::apply_all`](super::Nft::apply_all) writes.
+    pub structure_ok: bool,
+    /// Why `structure_ok` is false, one line each.
+    pub problems: Vec<String>,
+}
 
 /// Fills `state` from the sets; problems with a set's declaration or elements go to
 /// `state.problems`.

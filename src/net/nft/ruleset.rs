@@ -5,30 +5,23 @@
 //! read-back compares against, so "structure_ok" means "byte-for-byte what we
 //! would write", with no guessing about how a matcher lowers.
 
-use std::net::Ipv4Addr;
-
 use ipnetwork::Ipv4Network;
 use nlink::netlink::MessageBuilder;
 use nlink::netlink::nftables::{
-    BaseChain, Chain, ChainKind, CmpOp, CtDirection, CtKey, CtStatus, Expr, Family, FibFlags,
-    FibResult, LookupExpr, MasqExpr, MetaKey, NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED,
+    BaseChain, Chain, ChainKind, CmpOp, CtDirection, CtKey, CtStatus, Expr, FibFlags, FibResult,
+    LookupExpr, MasqExpr, MetaKey, NF_NAT_RANGE_MAP_IPS, NF_NAT_RANGE_PROTO_SPECIFIED,
     NFTA_NAT_FAMILY, NFTA_NAT_FLAGS, NFTA_NAT_REG_ADDR_MIN, NFTA_NAT_REG_PROTO_MIN, NFTA_NAT_TYPE,
-    NatHook, NatType, PayloadBase, Policy, Priority, RawExpr, Register, Rule, RuleExpr, Set,
-    SetDataType, SetElement, SetKeyType, Verdict, parse_expressions, write_expressions,
+    NatHook, NatType, PayloadBase, Policy, Priority, RawExpr, Register, Rule, RuleExpr, Verdict,
+    parse_expressions, write_expressions,
 };
 
-use crate::model::{PortMap, Proto};
+use crate::model::Proto;
 
-use super::NatSettings;
-
-/// The one table the agent owns; everything else on the node is someone else's.
-pub const TABLE: &str = "node_vm_agent";
-/// `ip`, not `inet`: port maps target IPv4 guests only, and an `ip` table keeps the
-/// DNAT family implicit.
-pub const FAMILY: Family = Family::Ip;
-
-pub const TCP_MAP: &str = "tcp_ports";
-pub const UDP_MAP: &str = "udp_ports";
+use super::settings::NatSettings;
+pub use super::table::{
+    ELEMENTS_PER_MESSAGE, FAMILY, IFNAMSIZ, RULE_TAG, TABLE, TCP_MAP, UDP_MAP, attrs_of,
+    decode_element, element, map, map_name, map_value_type,
+};
 
 pub const CHAIN_PREROUTING: &str = "prerouting";
 pub const CHAIN_OUTPUT: &str = "output";
@@ -48,76 +41,22 @@ pub const PRIORITY_POSTROUTING: Priority = Priority::SrcNat;
 /// `raw` (-300): before conntrack, so a forged packet never creates a connection.
 pub const PRIORITY_ANTISPOOF: Priority = Priority::Raw;
 
-/// Tag stored as the rule comment on every rule the agent writes, also outside its
-/// own table, so its rules can be told apart from everyone else's.
-pub const RULE_TAG: &str = "node-vm-agent";
-
-/// Elements per NEWSETELEM message. The element list is one netlink attribute
-/// nest whose length is a u16; at ~40 bytes an element, 1024 stays far below 64 KiB.
-pub const ELEMENTS_PER_MESSAGE: usize = 1024;
-
 /// `RTN_LOCAL`, the fib address type of addresses configured on this node.
 const RTN_LOCAL: u32 = 2;
 /// `NFPROTO_IPV4`, the family the NAT expression rewrites.
 const NFPROTO_IPV4: u32 = 2;
 const IPPROTO_TCP: u8 = 6;
 const IPPROTO_UDP: u8 = 17;
-/// `IFNAMSIZ`: interface names are compared as 16 zero-padded bytes, as nft does.
-pub const IFNAMSIZ: usize = 16;
 /// Offset of the destination port in both TCP and UDP headers.
 const L4_DPORT_OFFSET: u32 = 2;
 const IPV4_SADDR_OFFSET: u32 = 12;
 const IPV4_DADDR_OFFSET: u32 = 16;
-
-pub fn map_name(proto: Proto) -> &'static str {
-    match proto {
-        Proto::Tcp => TCP_MAP,
-        Proto::Udp => UDP_MAP,
-    }
-}
 
 fn l4proto(proto: Proto) -> u8 {
     match proto {
         Proto::Tcp => IPPROTO_TCP,
         Proto::Udp => IPPROTO_UDP,
     }
-}
-
-/// `map <name> { type inet_service : ipv4_addr . inet_service; }`
-pub fn map(proto: Proto) -> Set {
-    Set::new(TABLE, map_name(proto))
-        .family(FAMILY)
-        .key_type(SetKeyType::InetService)
-        .map(SetDataType::Value(map_value_type()))
-}
-
-pub fn map_value_type() -> SetKeyType {
-    SetKeyType::Concat(vec![SetKeyType::Ipv4Addr, SetKeyType::InetService])
-}
-
-/// `listen_port : target_ip . target_port`
-pub fn element(m: &PortMap) -> SetElement {
-    SetElement::port(m.listen_port).value(SetElement::concat([
-        SetElement::ipv4(m.target_ip),
-        SetElement::port(m.target_port),
-    ]))
-}
-
-/// The inverse of [`element`]: `None` for bytes that are not one of our elements.
-pub fn decode_element(proto: Proto, key: &[u8], value: &[u8]) -> Option<PortMap> {
-    let listen_port = u16::from_be_bytes(key.try_into().ok()?);
-    // ipv4_addr . inet_service: 4 address bytes, then the port padded to 4.
-    if value.len() != 8 {
-        return None;
-    }
-    let target_ip = Ipv4Addr::new(value[0], value[1], value[2], value[3]);
-    let target_port = u16::from_be_bytes([value[4], value[5]]);
-    Some(PortMap {
-        proto,
-        listen_port,
-        target_ip,
-        target_port,
-    })
 }
 
 /// One base chain of the table: name, what it hooks, and the rules it must hold.
@@ -424,13 +363,6 @@ fn dnat_from_registers(addr: Register, port: Register) -> Expr {
     );
     RawExpr::new("nat", attrs_of(b)).into()
 }
-
-/// The attribute bytes of a builder, without the netlink header it starts with.
-pub fn attrs_of(b: MessageBuilder) -> Vec<u8> {
-    b.finish().split_off(NLMSG_HDRLEN)
-}
-
-const NLMSG_HDRLEN: usize = 16;
 
 /// `ct status dnat accept`
 ///

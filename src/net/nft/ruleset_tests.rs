@@ -1,7 +1,10 @@
 //! Unit tests of the table's values (no kernel).
 #![allow(clippy::unwrap_used, clippy::expect_used)]
 
+use std::net::Ipv4Addr;
+
 use super::*;
+use crate::model::PortMap;
 
 fn settings() -> NatSettings {
     NatSettings {

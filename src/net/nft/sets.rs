@@ -24,7 +24,7 @@ use nlink::netlink::nftables::{
 
 use crate::model::{MapCounters, PortRule, Proto};
 
-use super::ruleset::{self, FAMILY, TABLE, attrs_of};
+use super::table::{self, FAMILY, TABLE, attrs_of};
 
 /// What a set of the table is for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -57,7 +57,7 @@ impl Kind {
 
 pub fn name(kind: Kind, proto: Proto) -> &'static str {
     match (kind, proto) {
-        (Kind::Ports, p) => ruleset::map_name(p),
+        (Kind::Ports, p) => table::map_name(p),
         (Kind::Flows, Proto::Tcp) => "tcp_flows",
         (Kind::Flows, Proto::Udp) => "udp_flows",
         (Kind::Restricted, Proto::Tcp) => "tcp_restricted",
@@ -88,7 +88,7 @@ pub fn set(kind: Kind, proto: Proto) -> Set {
             .key_type(key)
     };
     match kind {
-        Kind::Ports => ruleset::map(proto).counter(),
+        Kind::Ports => table::map(proto).counter(),
         Kind::Flows | Kind::Drops => base(SetKeyType::InetService).counter(),
         // `flags dynamic` only to keep the kernel off its bitmap backend, which it
         // picks for a plain 2-byte key and whose insert scans every element: 10,000
@@ -200,7 +200,7 @@ pub fn holds(kind: Kind, rule: &PortRule) -> bool {
 /// of their own: a counted set gives each a fresh copy of its counter.
 pub fn elements(kind: Kind, rules: &[&PortRule]) -> Vec<SetElement> {
     match kind {
-        Kind::Ports => rules.iter().map(|r| ruleset::element(&r.map)).collect(),
+        Kind::Ports => rules.iter().map(|r| table::element(&r.map)).collect(),
         Kind::Allow => rules
             .iter()
             .flat_map(|r| {

@@ -30,7 +30,7 @@
 use nlink::netlink::nftables::{Expr, RawExpr, RuleExpr, Verdict};
 use nlink::netlink::{AttrIter, MessageBuilder};
 
-use super::ruleset::{RULE_TAG, attrs_of};
+use super::table::{RULE_TAG, attrs_of};
 
 /// `NFTA_MATCH_*` (linux/netfilter/nf_tables_compat.h).
 const NFTA_MATCH_NAME: u16 = 1;

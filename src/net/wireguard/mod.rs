@@ -13,7 +13,6 @@ use std::collections::BTreeSet;
 use std::net::{Ipv4Addr, SocketAddr, ToSocketAddrs};
 use std::time::SystemTime;
 
-use clap::ValueEnum;
 use defguard_wireguard_rs::host::Host;
 use defguard_wireguard_rs::key::Key;
 use defguard_wireguard_rs::net::IpAddrMask;
@@ -27,16 +26,7 @@ use nlink::netlink::types::route::{RouteProtocol, RouteScope};
 use nlink::netlink::{Connection, Route};
 use tokio::runtime::Handle;
 
-/// How the WireGuard link is implemented (the setting WG_MODE).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, ValueEnum)]
-pub enum WgMode {
-    /// The kernel module where it exists, else the embedded userspace implementation.
-    Auto,
-    /// The kernel module only (fails without it).
-    Kernel,
-    /// The embedded userspace implementation (boringtun over /dev/net/tun) only.
-    Userspace,
-}
+pub use crate::config::WgMode;
 
 /// `RT_TABLE_MAIN`.
 const RT_TABLE_MAIN: u32 = 254;

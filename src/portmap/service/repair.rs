@@ -1,27 +1,8 @@
 //! The kernel rebuilt and compared from SQLite: at startup, by the reconcile, for
 //! `node-vm-agent diff`, and after a commit that failed behind a kernel change.
 
-use super::{PortMapError, PortMaps};
+use super::{PortMapError, PortMaps, ReconcileReport};
 use crate::store::audit::{self, Entry};
-
-/// What a reconcile found and did.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct ReconcileReport {
-    /// Differences found between the kernel and the database before repairing.
-    pub drift: Vec<String>,
-    /// Whether the whole table was rewritten.
-    pub rewritten: bool,
-    /// Changes made to keep forwarded DNAT traffic past libvirt's reject rules.
-    pub forward_accept: Vec<String>,
-    /// Maps in the database (and so in the kernel afterwards).
-    pub maps: usize,
-}
-
-impl ReconcileReport {
-    pub fn changed(&self) -> bool {
-        self.rewritten || !self.forward_accept.is_empty()
-    }
-}
 
 impl PortMaps {
     /// Rewrites the kernel table from the database in one transaction; returns the

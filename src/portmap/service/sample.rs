@@ -10,10 +10,6 @@ use crate::metrics::sample::{MAX_MAP_SERIES, MapsSample};
 use crate::model::{MapCounters, Proto};
 use crate::store::{StoreError, portmaps};
 
-/// Every map's counters, and when they were read.
-pub(super) type CountersCache =
-    std::sync::Mutex<Option<(Arc<BTreeMap<(Proto, u16), MapCounters>>, Instant)>>;
-
 impl PortMaps {
     /// How many maps there are by protocol, and their counters. The counters are read
     /// from the kernel at most once per [`LIST_MAX_AGE`], however often Prometheus

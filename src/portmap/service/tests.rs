@@ -4,6 +4,8 @@ use super::*;
 use crate::portmap::MemoryFirewall;
 use crate::portmap::firewall::{Firewall, FwFuture};
 use crate::portmap::policy::Policy;
+use crate::store::StoreError;
+use crate::store::audit::Entry;
 use std::collections::BTreeMap;
 use std::net::Ipv4Addr;
 

@@ -1,0 +1,61 @@
+//! Value checks of single settings, for clap's value parsers and for the checks of
+//! settings together (`check.rs`).
+
+/// libvirt drivers the agent can drive: QEMU, and libvirt's in-process test driver.
+const LIBVIRT_DRIVERS: [&str; 2] = ["qemu", "test"];
+/// libvirt's remote transports (`qemu+ssh://...`).
+const LIBVIRT_TRANSPORTS: [&str; 7] = ["unix", "ssh", "libssh", "libssh2", "tcp", "tls", "ext"];
+
+/// `driver[+transport]://[user@][host][:port]/path[?query]` as libvirt parses it, with a
+/// driver the agent can use; libvirt itself would only fail later, at the first VM call.
+pub fn check_libvirt_uri(uri: &str) -> Result<(), String> {
+    const FORM: &str = "expected driver[+transport]://[host]/path, e.g. qemu:///system or \
+                        qemu+ssh://root@host/system";
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return Err(format!("not a libvirt URI: {FORM}"));
+    };
+    let (driver, transport) = match scheme.split_once('+') {
+        Some((d, t)) => (d, Some(t)),
+        None => (scheme, None),
+    };
+    if !LIBVIRT_DRIVERS.contains(&driver) {
+        return Err(format!(
+            "driver {driver:?} is not one of {}: {FORM}",
+            LIBVIRT_DRIVERS.join(", ")
+        ));
+    }
+    if let Some(t) = transport
+        && !LIBVIRT_TRANSPORTS.contains(&t)
+    {
+        return Err(format!(
+            "transport {t:?} is not one of {}",
+            LIBVIRT_TRANSPORTS.join(", ")
+        ));
+    }
+    let path = rest.split_once('?').map_or(rest, |(p, _)| p);
+    let Some(slash) = path.find('/') else {
+        return Err(format!("no path: {FORM}"));
+    };
+    let (authority, path) = path.split_at(slash);
+    if authority
+        .chars()
+        .any(|c| c.is_whitespace() || c.is_control())
+    {
+        return Err("the host part has whitespace or control characters".into());
+    }
+    if driver == "qemu" && !matches!(path, "/system" | "/session" | "/embed") {
+        return Err(format!(
+            "path {path:?}: the QEMU driver's are /system, /session and /embed"
+        ));
+    }
+    Ok(())
+}
+
+/// A port number of a list setting (clap's own parser says only "invalid digit found in
+/// string").
+pub(super) fn parse_port(s: &str) -> Result<u16, String> {
+    match s.trim().parse::<u16>() {
+        Ok(p) if p >= 1 => Ok(p),
+        _ => Err(format!("{s:?} is not a port number (1..65535)")),
+    }
+}
