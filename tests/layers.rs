@@ -68,7 +68,7 @@ const LAYERS: &[(&str, &str, &[&str])] = &[
     (
         "agent",
         "startup checks, the conductor, the command line",
-        &["preflight.rs", "agent.rs", "main.rs", "lib.rs"],
+        &["preflight.rs", "agent/", "main.rs", "lib.rs"],
     ),
 ];
 
