@@ -125,7 +125,10 @@ impl TryFrom<RawCreate> for CreatePortMap {
         let proto = match &r.proto {
             None | Some(serde_json::Value::Null) => Proto::Tcp,
             // In any case, as the original took it.
-            Some(serde_json::Value::String(s)) => s.to_ascii_lowercase().parse()?,
+            Some(serde_json::Value::String(s)) => s
+                .to_ascii_lowercase()
+                .parse()
+                .map_err(|e: crate::model::portmap::ProtoError| e.to_string())?,
             Some(other) => return Err(format!("proto must be \"tcp\" or \"udp\", not {other}")),
         };
         let replace = match &r.replace {
@@ -356,7 +359,7 @@ fn query_proto(p: Option<String>) -> Result<Proto, ApiError> {
         Some(p) => p
             .to_ascii_lowercase()
             .parse()
-            .map_err(ApiError::bad_request),
+            .map_err(|e: crate::model::portmap::ProtoError| ApiError::bad_request(e.to_string())),
     }
 }
 

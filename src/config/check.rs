@@ -32,7 +32,7 @@ impl Settings {
                 return Err(invalid(
                     "SSH_AUTHORIZED_KEYS",
                     format!("line {}", i + 1),
-                    reason,
+                    reason.to_string(),
                 ));
             }
         }
@@ -51,7 +51,7 @@ impl Settings {
             }
         }
         check_libvirt_uri(&self.vms.libvirt_uri)
-            .map_err(|reason| invalid("LIBVIRT_URI", &self.vms.libvirt_uri, reason))
+            .map_err(|reason| invalid("LIBVIRT_URI", &self.vms.libvirt_uri, reason.to_string()))
     }
 
     fn validate_tokens(&self) -> Result<(), SettingError> {

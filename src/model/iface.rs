@@ -3,28 +3,38 @@
 
 /// IFNAMSIZ (16 with the NUL), no '/', no whitespace; nothing but letters, digits and
 /// `-_.@`, so the name is also safe inside a `/sys/class/net/<name>/...` path.
-pub fn check_ifname(s: &str) -> Result<String, String> {
+pub fn check_ifname(s: &str) -> Result<String, IfaceNameError> {
     if s.is_empty() || s.len() > 15 {
-        return Err("an interface name has 1 to 15 characters".into());
+        return Err(IfaceNameError::Length);
     }
     if s == "." || s == ".." {
-        return Err("not a valid interface name".into());
+        return Err(IfaceNameError::Dots);
     }
     if let Some(c) = s
         .chars()
         .find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@')))
     {
-        return Err(format!(
-            "character {c:?} is not allowed in an interface name"
-        ));
+        return Err(IfaceNameError::Char(c));
     }
     Ok(s.to_string())
+}
+
+/// What is wrong with an interface name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum IfaceNameError {
+    #[error("an interface name has 1 to 15 characters")]
+    Length,
+    #[error("not a valid interface name")]
+    Dots,
+    #[error("character {0:?} is not allowed in an interface name")]
+    Char(char),
 }
 
 checked_string!(
     /// A Linux network interface name.
     IfaceName,
-    check_ifname
+    check_ifname,
+    IfaceNameError
 );
 
 #[cfg(test)]
@@ -51,7 +61,7 @@ mod tests {
             ("a/b", "character '/'"),
             ("a b", "character ' '"),
         ] {
-            let err = bad.parse::<IfaceName>().unwrap_err();
+            let err = bad.parse::<IfaceName>().unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
     }

@@ -9,11 +9,11 @@ use std::str::FromStr;
 use rusqlite::types::{FromSql, FromSqlError, FromSqlResult, ToSql, ToSqlOutput, ValueRef};
 use serde::{Deserialize, Serialize};
 
-/// A string that passed its check: `$check(&str) -> Result<String, String>` returns the
+/// A string that passed its check: `$check(&str) -> Result<String, $err>` returns the
 /// value to keep (an SSH key is trimmed) or why it was refused. Built only through that
 /// check (`FromStr`, `TryFrom<String>`, serde, SQL), then read as a `&str`.
 macro_rules! checked_string {
-    ($(#[$m:meta])* $name:ident, $check:path) => {
+    ($(#[$m:meta])* $name:ident, $check:path, $err:ty) => {
         $(#[$m])*
         #[derive(Clone, Debug, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize, serde::Deserialize)]
         #[serde(try_from = "String", into = "String")]
@@ -26,15 +26,15 @@ macro_rules! checked_string {
         }
 
         impl std::str::FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
+            type Err = $err;
+            fn from_str(s: &str) -> Result<Self, $err> {
                 $check(s).map($name)
             }
         }
 
         impl TryFrom<String> for $name {
-            type Error = String;
-            fn try_from(s: String) -> Result<Self, String> {
+            type Error = $err;
+            fn try_from(s: String) -> Result<Self, $err> {
                 s.parse()
             }
         }
@@ -95,10 +95,18 @@ macro_rules! checked_string {
             ) -> rusqlite::types::FromSqlResult<Self> {
                 v.as_str()?
                     .parse()
-                    .map_err(|e: String| rusqlite::types::FromSqlError::Other(e.into()))
+                    .map_err(|e: $err| rusqlite::types::FromSqlError::Other(Box::new(e)))
             }
         }
     };
+}
+
+/// A word that is none of the values of a spelled enum (`spelled!`).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("{word:?} is not a {kind}")]
+pub struct UnknownWord {
+    pub kind: &'static str,
+    pub word: String,
 }
 
 pub mod allow;
@@ -137,11 +145,14 @@ macro_rules! spelled {
         }
 
         impl FromStr for $name {
-            type Err = String;
-            fn from_str(s: &str) -> Result<Self, String> {
+            type Err = UnknownWord;
+            fn from_str(s: &str) -> Result<Self, UnknownWord> {
                 match s {
                     $($s => Ok($name::$v),)+
-                    other => Err(format!("{other:?} is not a {}", stringify!($name))),
+                    other => Err(UnknownWord {
+                        kind: stringify!($name),
+                        word: other.to_owned(),
+                    }),
                 }
             }
         }
@@ -156,7 +167,7 @@ macro_rules! spelled {
             fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
                 v.as_str()?
                     .parse()
-                    .map_err(|e: String| FromSqlError::Other(e.into()))
+                    .map_err(|e: UnknownWord| FromSqlError::Other(Box::new(e)))
             }
         }
     };

@@ -3,23 +3,32 @@
 //! clients). Safe as a libvirt object name and inside a volume name; never a path
 //! component like `..`.
 
+/// What is wrong with a name.
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum NameError {
+    #[error("a name must not be empty")]
+    Empty,
+    #[error("a name must start with a letter or digit")]
+    Start,
+    #[error("a name has at most 63 characters")]
+    Long,
+    #[error("character {0:?} is not allowed in a name (letters, digits, '_', '.', '-')")]
+    Char(char),
+}
+
 /// Checks a VM, image, pool or network name; says what is wrong with it.
-pub fn check_name(s: &str) -> Result<String, String> {
+pub fn check_name(s: &str) -> Result<String, NameError> {
     let mut chars = s.chars();
     match chars.next() {
-        None => return Err("a name must not be empty".into()),
-        Some(c) if !c.is_ascii_alphanumeric() => {
-            return Err("a name must start with a letter or digit".into());
-        }
+        None => return Err(NameError::Empty),
+        Some(c) if !c.is_ascii_alphanumeric() => return Err(NameError::Start),
         Some(_) => {}
     }
     if s.len() > 63 {
-        return Err("a name has at most 63 characters".into());
+        return Err(NameError::Long);
     }
     if let Some(c) = chars.find(|c| !(c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))) {
-        return Err(format!(
-            "character {c:?} is not allowed in a name (letters, digits, '_', '.', '-')"
-        ));
+        return Err(NameError::Char(c));
     }
     Ok(s.to_string())
 }
@@ -27,7 +36,8 @@ pub fn check_name(s: &str) -> Result<String, String> {
 checked_string!(
     /// A VM's name (the libvirt domain's, and the stem of its volumes' names).
     VmName,
-    check_name
+    check_name,
+    NameError
 );
 
 #[cfg(test)]
@@ -47,13 +57,14 @@ mod tests {
             ("a/b", "character '/' is not allowed"),
             ("é", "must start with a letter or digit"),
         ] {
-            let err = bad.parse::<VmName>().unwrap_err();
+            let err = bad.parse::<VmName>().unwrap_err().to_string();
             assert!(err.contains(why), "{bad:?}: {err}");
         }
         assert!(
             "x".repeat(64)
                 .parse::<VmName>()
                 .unwrap_err()
+                .to_string()
                 .contains("at most 63")
         );
     }

@@ -38,13 +38,18 @@ impl fmt::Display for Proto {
 
 /// The lower-case name only; the API lower-cases what clients send first (the original
 /// agent took `"TCP"`).
+/// A protocol other than `tcp` and `udp` (the word as given).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+#[error("proto must be \"tcp\" or \"udp\", not {0:?}")]
+pub struct ProtoError(pub String);
+
 impl FromStr for Proto {
-    type Err = String;
+    type Err = ProtoError;
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         match s {
             "tcp" => Ok(Proto::Tcp),
             "udp" => Ok(Proto::Udp),
-            other => Err(format!("proto must be \"tcp\" or \"udp\", not {other:?}")),
+            other => Err(ProtoError(other.to_owned())),
         }
     }
 }
@@ -60,7 +65,7 @@ impl FromSql for Proto {
     fn column_result(v: ValueRef<'_>) -> FromSqlResult<Self> {
         v.as_str()?
             .parse()
-            .map_err(|e: String| FromSqlError::Other(e.into()))
+            .map_err(|e: ProtoError| FromSqlError::Other(Box::new(e)))
     }
 }
 
@@ -128,10 +133,7 @@ mod tests {
             assert_eq!(serde_json::to_value(p).unwrap(), p.as_str());
             assert_eq!(p.as_str().parse::<Proto>(), Ok(p));
         }
-        assert_eq!(
-            "TCP".parse::<Proto>(),
-            Err("proto must be \"tcp\" or \"udp\", not \"TCP\"".to_string())
-        );
+        assert_eq!("TCP".parse::<Proto>(), Err(ProtoError("TCP".into())));
         let bad: rusqlite::Result<Proto> = c.query_row("SELECT 'sctp'", [], |r| r.get(0));
         assert!(bad.is_err());
     }

@@ -18,43 +18,67 @@ pub const SSH_KEY_TYPES: &[&str] = &[
     "ssh-dss",
 ];
 
+/// What is wrong with an SSH public key line (said of "the key": the caller names it).
+#[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum SshKeyError {
+    #[error("is {0} bytes long; at most {MAX_SSH_KEY_BYTES} are accepted")]
+    TooLong(usize),
+    #[error("is empty")]
+    Empty,
+    #[error("must be a single line (found a line break)")]
+    LineBreak,
+    #[error(
+        "contains control character U+{code:04X} at byte {pos}; fields must be separated by spaces"
+    )]
+    Control { code: u32, pos: usize },
+    #[error("unknown key type {} (expected one of: {})", quoted_prefix(.0), SSH_KEY_TYPES.join(", "))]
+    UnknownType(String),
+    #[error("has no base64 key data after \"{0}\"")]
+    NoData(String),
+    #[error("key data after \"{key_type}\" is not valid base64: {source}")]
+    Base64 {
+        key_type: String,
+        source: base64::DecodeError,
+    },
+    #[error("key type is \"{declared}\" but the key data is a {} key", quoted_prefix(.actual))]
+    TypeMismatch { declared: String, actual: String },
+    #[error("key data after \"{0}\" is not an SSH public key (too short)")]
+    TooShort(String),
+}
+
 /// Checks one SSH public key line: a known key type, base64 body, one line, no control
 /// characters. Returns the trimmed key.
-pub fn validate_ssh_key(key: &str) -> Result<String, String> {
+pub fn validate_ssh_key(key: &str) -> Result<String, SshKeyError> {
     if key.len() > MAX_SSH_KEY_BYTES {
-        return Err(format!(
-            "is {} bytes long; at most {MAX_SSH_KEY_BYTES} are accepted",
-            key.len()
-        ));
+        return Err(SshKeyError::TooLong(key.len()));
     }
     let key = key.trim();
     if key.is_empty() {
-        return Err("is empty".into());
+        return Err(SshKeyError::Empty);
     }
     if key.contains(['\n', '\r']) {
-        return Err("must be a single line (found a line break)".into());
+        return Err(SshKeyError::LineBreak);
     }
     if let Some((pos, c)) = key.char_indices().find(|(_, c)| c.is_control()) {
-        return Err(format!(
-            "contains control character U+{:04X} at byte {pos}; fields must be separated by spaces",
-            c as u32
-        ));
+        return Err(SshKeyError::Control {
+            code: c as u32,
+            pos,
+        });
     }
     let mut fields = key.split(' ').filter(|f| !f.is_empty());
     let key_type = fields.next().unwrap_or_default();
     if !SSH_KEY_TYPES.contains(&key_type) {
-        return Err(format!(
-            "unknown key type {} (expected one of: {})",
-            quoted_prefix(key_type),
-            SSH_KEY_TYPES.join(", ")
-        ));
+        return Err(SshKeyError::UnknownType(key_type.to_owned()));
     }
     let Some(body) = fields.next() else {
-        return Err(format!("has no base64 key data after \"{key_type}\""));
+        return Err(SshKeyError::NoData(key_type.to_owned()));
     };
     let blob = base64::engine::general_purpose::STANDARD
         .decode(body)
-        .map_err(|e| format!("key data after \"{key_type}\" is not valid base64: {e}"))?;
+        .map_err(|source| SshKeyError::Base64 {
+            key_type: key_type.to_owned(),
+            source,
+        })?;
     // The blob starts with the key type as an SSH string (u32 length, then the name).
     let blob_type = blob
         .get(..4)
@@ -62,20 +86,19 @@ pub fn validate_ssh_key(key: &str) -> Result<String, String> {
         .and_then(|n| blob.get(4..4usize.saturating_add(n)));
     match blob_type {
         Some(t) if t == key_type.as_bytes() => Ok(key.to_string()),
-        Some(t) => Err(format!(
-            "key type is \"{key_type}\" but the key data is a {} key",
-            quoted_prefix(&String::from_utf8_lossy(t))
-        )),
-        None => Err(format!(
-            "key data after \"{key_type}\" is not an SSH public key (too short)"
-        )),
+        Some(t) => Err(SshKeyError::TypeMismatch {
+            declared: key_type.to_owned(),
+            actual: String::from_utf8_lossy(t).into_owned(),
+        }),
+        None => Err(SshKeyError::TooShort(key_type.to_owned())),
     }
 }
 
 checked_string!(
     /// One SSH public key line that passed [`validate_ssh_key`], trimmed.
     SshKey,
-    validate_ssh_key
+    validate_ssh_key,
+    SshKeyError
 );
 
 /// `s` quoted and escaped for an error message, cut to 40 characters.
@@ -144,7 +167,7 @@ pub(crate) mod tests {
             ),
         ];
         for (key, want) in cases {
-            let err = validate_ssh_key(key).expect_err(key);
+            let err = validate_ssh_key(key).expect_err(key).to_string();
             assert!(err.contains(want), "{key:?}: got {err:?}, want {want:?}");
         }
         assert_eq!(
@@ -153,7 +176,9 @@ pub(crate) mod tests {
         );
         assert!("garbage".parse::<SshKey>().is_err());
         // Long garbage is cut in the message.
-        let err = validate_ssh_key(&"x".repeat(1000)).expect_err("garbage");
+        let err = validate_ssh_key(&"x".repeat(1000))
+            .expect_err("garbage")
+            .to_string();
         assert!(err.len() < 300, "{err}");
     }
 }

@@ -182,7 +182,7 @@ pub fn vm_name(field: &str, value: &str) -> Result<VmName, VmError> {
         .map_err(|reason| invalid_name(field, value, reason))
 }
 
-fn invalid_name(field: &str, value: &str, reason: String) -> VmError {
+fn invalid_name(field: &str, value: &str, reason: crate::model::name::NameError) -> VmError {
     VmError::Invalid(format!("{field} {value:?} is not valid: {reason}"))
 }
 
