@@ -18,6 +18,7 @@ use crate::store::audit::{self, Entry};
 use crate::store::portmaps::{self, PortMapRow};
 use crate::store::{Store, StoreError};
 
+pub(super) mod listing;
 mod naming;
 mod sample;
 
@@ -36,16 +37,6 @@ fn publish(kind: Kind, m: &PortMap, mut detail: serde_json::Value) {
         (d, t) => *d = t,
     }
     crate::events::publish(kind, m.rule_id(), detail);
-}
-
-/// One rule of the `GET /ports` listing: the row, its id and its counters.
-#[derive(serde::Serialize)]
-struct RuleView<'a> {
-    #[serde(flatten)]
-    row: &'a PortMapRow,
-    rule_id: &'a str,
-    #[serde(flatten)]
-    counters: MapCounters,
 }
 
 /// Every map's counters, and when they were read.
@@ -141,8 +132,8 @@ pub struct PortMaps {
     store: Store,
     fw: Arc<dyn Firewall>,
     policy: Policy,
-    /// The serialized `GET /ports` body and when it was built; filled and cleared under
-    /// the store lock, served for at most [`LIST_MAX_AGE`].
+    /// The written `GET /ports` listing and when it was written (`listing.rs`); filled
+    /// and cleared under the store lock, served for at most [`LIST_MAX_AGE`].
     list_cache: RwLock<Option<(Bytes, Instant)>>,
     /// Every map's counters for `GET /metrics`, read at most once per [`LIST_MAX_AGE`].
     counters_cache: CountersCache,
@@ -400,13 +391,6 @@ impl PortMaps {
         Ok(self.store.with(portmaps::list)?)
     }
 
-    /// The `GET /ports` body if it is cached and fresh (no blocking).
-    pub fn cached_list_body(&self) -> Option<Bytes> {
-        let c = self.list_cache.read().ok()?;
-        let (body, at) = c.as_ref()?;
-        (at.elapsed() < LIST_MAX_AGE).then(|| body.clone())
-    }
-
     /// Every map's counters; zeros (and a warning) when the kernel cannot be read, so a
     /// listing still answers.
     fn counters_or_zero(&self) -> BTreeMap<(Proto, u16), MapCounters> {
@@ -433,76 +417,6 @@ impl PortMaps {
             .remove(&(proto, listen_port))
             .unwrap_or_default();
         Ok(Some((row, counters)))
-    }
-
-    /// A map as the listing shows it, `{"listen_port":..,...,"rule_id":..,"packets":..}`.
-    pub fn rule_json(row: &PortMapRow, counters: MapCounters) -> serde_json::Value {
-        let rule_id = row.map.rule_id();
-        serde_json::to_value(RuleView {
-            row,
-            rule_id: &rule_id,
-            counters,
-        })
-        .unwrap_or_default()
-    }
-
-    /// The `GET /ports` body, `{"ok":true,"rules":{"<rule_id>":{...},...}}` (the original
-    /// agent's shape plus bookkeeping), cached until the next change.
-    pub fn list_body(&self) -> Result<Bytes, PortMapError> {
-        if let Some(v) = self.cached_list_body() {
-            return Ok(v);
-        }
-        // Built under the store lock so that a change cannot slip in between reading the
-        // rows and filling the cache. Rows are streamed into the buffer: with 10,000 maps
-        // a per-row JSON value tree would cost the idle agent megabytes of heap.
-        let (body, built) = self.store.with(|conn| {
-            // Checked again under the lock: callers that missed the cache together queue
-            // here, and each would otherwise build its own copy of the whole listing
-            // (2.5 MB with 10,000 maps).
-            if let Some(v) = self.cached_list_body() {
-                return Ok((v, false));
-            }
-            let counters = self.counters_or_zero();
-            let mut out = Vec::with_capacity(32 + 320 * portmaps::count(conn)?.max(0) as usize);
-            out.extend_from_slice(br#"{"ok":true,"rules":{"#);
-            let mut first = true;
-            portmaps::for_each(conn, |row| {
-                if !first {
-                    out.push(b',');
-                }
-                first = false;
-                let rule_id = row.map.rule_id();
-                serde_json::to_writer(&mut out, &rule_id)
-                    .and_then(|()| {
-                        out.push(b':');
-                        serde_json::to_writer(
-                            &mut out,
-                            &RuleView {
-                                row,
-                                rule_id: &rule_id,
-                                counters: counters
-                                    .get(&(row.map.proto, row.map.listen_port))
-                                    .copied()
-                                    .unwrap_or_default(),
-                            },
-                        )
-                    })
-                    .map_err(|e| StoreError::Task(format!("serialize: {e}")))
-            })?;
-            out.extend_from_slice(b"}}");
-            // The estimate above is generous; the cache keeps the body for as long as
-            // the maps do not change, so it should not keep the slack too.
-            out.shrink_to_fit();
-            let bytes = Bytes::from(out);
-            if let Ok(mut c) = self.list_cache.write() {
-                *c = Some((bytes.clone(), Instant::now()));
-            }
-            Ok::<_, PortMapError>((bytes, true))
-        })?;
-        if built {
-            crate::memory::release_free_heap();
-        }
-        Ok(body)
     }
 
     /// Rewrites the kernel table from the database in one transaction; returns the number

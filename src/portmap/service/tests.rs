@@ -312,24 +312,49 @@ fn tunnel_sources_take_effect_with_the_next_whole_table_write() {
     assert!(svc.drift().unwrap().is_empty());
 }
 
+/// The listing as a writer sees it, one `rule_id target_port packets` line per map
+/// (the API writes its JSON; what it is given is the service's business).
+fn listed(svc: &PortMaps) -> Vec<String> {
+    let written = svc
+        .listing(|l| {
+            let mut lines = vec![format!("{} maps", l.len())];
+            l.for_each(|m| {
+                let (row, c) = (m.row, m.counters);
+                lines.push(format!(
+                    "{} {} {}",
+                    row.map.rule_id(),
+                    row.map.target_port,
+                    c.packets
+                ));
+                Ok::<_, PortMapError>(())
+            })?;
+            Ok::<_, PortMapError>(bytes::Bytes::from(lines.join("\n")))
+        })
+        .unwrap();
+    assert_eq!(
+        svc.cached_listing(),
+        Some(written.clone()),
+        "kept until a change"
+    );
+    String::from_utf8(written.to_vec())
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
 #[test]
 fn the_list_cache_follows_every_change() {
     let (svc, _fw) = setup();
-    let json = |svc: &PortMaps| -> serde_json::Value {
-        let body: serde_json::Value = serde_json::from_slice(&svc.list_body().unwrap()).unwrap();
-        assert_eq!(body["ok"], true);
-        body["rules"].clone()
-    };
-    assert_eq!(json(&svc).as_object().unwrap().len(), 0);
+    assert_eq!(listed(&svc), ["0 maps"]);
     svc.create(map(Proto::Tcp, 8080, 2, 80), false, "t", None)
         .unwrap();
+    assert_eq!(svc.cached_listing(), None, "a change empties it");
     svc.create(map(Proto::Udp, 8080, 2, 53), false, "t", None)
         .unwrap();
-    let v = json(&svc);
-    assert_eq!(v["8080"]["target_port"], 80);
-    assert_eq!(v["8080/udp"]["proto"], "udp");
+    assert_eq!(listed(&svc), ["2 maps", "8080 80 0", "8080/udp 53 0"]);
     svc.delete(Proto::Tcp, 8080, None).unwrap();
-    assert!(json(&svc).get("8080").is_none());
+    assert_eq!(listed(&svc), ["1 maps", "8080/udp 53 0"]);
 }
 
 #[test]
@@ -385,14 +410,11 @@ fn counters_are_listed_and_read_for_one_map_and_a_replace_resets_them() {
     let (row, got) = svc.get(Proto::Udp, 5353).unwrap().unwrap();
     assert_eq!((row.map, got), (m, c));
     assert!(svc.get(Proto::Tcp, 5353).unwrap().is_none());
-    let json = PortMaps::rule_json(&row, got);
-    assert_eq!(json["rule_id"], "5353/udp");
-    assert_eq!(json["connections"], 5);
-    assert_eq!(json["allow_from"], serde_json::json!([]));
+    assert_eq!(row.map.rule_id(), "5353/udp");
+    assert!(row.allow_from.is_empty());
 
     // The listing carries them; a restore keeps them (the map is unchanged).
-    let body: serde_json::Value = serde_json::from_slice(&svc.list_body().unwrap()).unwrap();
-    assert_eq!(body["rules"]["5353/udp"]["packets"], 10);
+    assert_eq!(listed(&svc), ["1 maps", "5353/udp 53 10"]);
     svc.restore().unwrap();
     assert_eq!(svc.get(Proto::Udp, 5353).unwrap().unwrap().1, c);
     svc.create(map(Proto::Udp, 5353, 6, 53), true, "t", None)
