@@ -30,8 +30,8 @@ impl<T: Serialize> Serialize for Sorted<T> {
     }
 }
 
-/// For `#[serde(serialize_with = "...")]`: the field's value with its keys sorted.
-pub fn sorted<T: Serialize, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
+/// `value` with its keys sorted, through a `serde_json::Value`.
+fn sorted<T: Serialize, S: Serializer>(value: &T, s: S) -> Result<S::Ok, S::Error> {
     serde_json::to_value(value)
         .map_err(serde::ser::Error::custom)?
         .serialize(s)
