@@ -110,6 +110,143 @@ async fn serve(
 ) -> Result<(), AgentError> {
     let limits = connection_limits(&settings.api);
     let store = open_state(&settings)?;
+    let ids = identities(&settings)?;
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let (portmaps, maps, reconciler) = port_maps(&settings, &store, fw, &stop_rx).await?;
+
+    // Bound by the preflight; connections waited in its backlog until now.
+    let addr = settings.api.listen_addr();
+    tracing::info!(%addr, "API listening");
+
+    // The join runs in the background: the API answers from the first second, whether
+    // the controller is there or not.
+    let mesh = tokio::spawn(
+        Mesh {
+            settings: settings.mesh.clone(),
+            data_dir: settings.state.data_dir.clone(),
+            store: store.clone(),
+            keys: ids.keys,
+            guard,
+            portmaps: portmaps.clone(),
+            status: ids.mesh_status.clone(),
+        }
+        .run(stop_rx.clone()),
+    );
+
+    let (vms, images) = vm_layer(&settings.vms, &store, &portmaps);
+    // libvirt may be slow or away at boot: the VM reconcile runs beside the API, never
+    // before it.
+    let vm_reconciler = tokio::spawn(vm_reconcile_loop(
+        vms.clone(),
+        images.clone(),
+        settings.reconcile_every(),
+        stop_rx.clone(),
+    ));
+
+    let (refused, pruner, refused_flusher) = audit_keepers(&settings, &store, &stop_rx);
+    let (app, metrics_app) = api::apps(
+        store,
+        portmaps.clone(),
+        api::Callers {
+            token: Arc::new(ids.token),
+            mesh: ids.mesh_status,
+            refused,
+        },
+        api::VmApi {
+            vms,
+            images,
+            stats_dir: stats_dir(&settings),
+        },
+    );
+    let (shutdown_tx, shutdown_rx) = watch::channel(false);
+    let service = crate::notify::Service::from_env();
+    let watchdog = crate::notify::watchdog_interval()
+        .map(|every| tokio::spawn(service.clone().watchdog(every, stop_rx.clone())));
+    let metrics_server = serve_metrics(metrics_listener, metrics_app, limits, &shutdown_rx);
+    // The port maps are in the kernel and the listener was bound by the preflight
+    // (connections wait in its backlog until `serve` accepts them): systemd may go on.
+    service.ready(&format!("API on {addr}; {maps} port maps applied"));
+    let shutdown = shutdown_on_signal(service, shutdown_tx);
+    api::server::serve(listener, app, limits, shutdown).await;
+    join_all(metrics_server).await;
+
+    let _ = stop_tx.send(true);
+    join_all([reconciler, vm_reconciler, refused_flusher, pruner]).await;
+    join_all(watchdog).await;
+    let _ = mesh.await;
+    if settings.portmaps.cleanup_on_exit {
+        clean_up_on_exit(&portmaps).await;
+    }
+    tracing::info!("stopped");
+    Ok(())
+}
+
+/// What keeps the audit trail: the refused requests' counts, flushed every
+/// REFUSED_FLUSH_EVERY, and the pruner that holds the tables to their retention.
+fn audit_keepers(
+    settings: &Settings,
+    store: &Store,
+    stop: &watch::Receiver<bool>,
+) -> (
+    Arc<api::refused::RefusedRequests>,
+    tokio::task::JoinHandle<()>,
+    tokio::task::JoinHandle<()>,
+) {
+    let pruner = tokio::spawn(audit_retention_loop(
+        store.clone(),
+        crate::store::retention::Retention::from_settings(&settings.state),
+        stop.clone(),
+    ));
+    let refused = Arc::new(api::refused::RefusedRequests::default());
+    let flusher = tokio::spawn(refused.clone().flush_every(
+        store.clone(),
+        REFUSED_FLUSH_EVERY,
+        stop.clone(),
+    ));
+    (refused, pruner, flusher)
+}
+
+/// Resolves on SIGTERM or SIGINT, once systemd is told and the event streams are
+/// closed: they never end on their own, and the server waits for every answer.
+async fn shutdown_on_signal(service: crate::notify::Service, shutdown: watch::Sender<bool>) {
+    shutdown_signal().await;
+    service.stopping();
+    crate::events::bus().close();
+    let _ = shutdown.send(true);
+}
+
+/// Waits for every task of `tasks` to end.
+async fn join_all(tasks: impl IntoIterator<Item = tokio::task::JoinHandle<()>>) {
+    for task in tasks {
+        let _ = task.await;
+    }
+}
+
+/// METRICS_LISTEN's server, when it is set: `GET /metrics` only, until `shutdown`.
+fn serve_metrics(
+    listener: Option<TcpListener>,
+    app: axum::Router,
+    limits: api::server::Limits,
+    shutdown: &watch::Receiver<bool>,
+) -> Option<tokio::task::JoinHandle<()>> {
+    listener.map(|l| {
+        tracing::info!(addr = ?l.local_addr().ok(), "metrics listening (METRICS_LISTEN, GET /metrics only, no token)");
+        let mut stopping = shutdown.clone();
+        tokio::spawn(api::server::serve(l, app, limits, async move {
+            let _ = stopping.wait_for(|s| *s).await;
+        }))
+    })
+}
+
+/// Who the node is: the API token, the WireGuard key pair, and where it starts with the
+/// mesh.
+struct Identities {
+    token: ApiToken,
+    keys: NodeKeys,
+    mesh_status: Arc<MeshStatus>,
+}
+
+fn identities(settings: &Settings) -> Result<Identities, AgentError> {
     let (token, source) =
         ApiToken::load_or_create(settings.api.configured_token(), &settings.state.data_dir)?;
     match &source {
@@ -143,14 +280,35 @@ async fn serve(
             JoinState::Standalone
         },
     ));
-    let portmaps = Arc::new(PortMaps::new(
-        store.clone(),
-        fw.clone(),
-        Policy::from_settings(&settings),
-    ));
+    Ok(Identities {
+        token,
+        keys,
+        mesh_status,
+    })
+}
 
-    // The kernel is rebuilt from SQLite in one transaction before the API opens, so the
-    // first answer already reflects what is in force.
+/// The port-map service, the kernel rebuilt from it (how many maps it holds), and its
+/// reconcile every RECONCILE_INTERVAL.
+async fn port_maps(
+    settings: &Settings,
+    store: &Store,
+    fw: Arc<dyn Firewall>,
+    stop: &watch::Receiver<bool>,
+) -> Result<(Arc<PortMaps>, usize, tokio::task::JoinHandle<()>), AgentError> {
+    let policy = Policy::from_settings(settings);
+    let portmaps = Arc::new(PortMaps::new(store.clone(), fw, policy));
+    let maps = apply_port_maps(&portmaps).await?;
+    let reconciler = tokio::spawn(reconcile_loop(
+        portmaps.clone(),
+        settings.reconcile_every(),
+        stop.clone(),
+    ));
+    Ok((portmaps, maps, reconciler))
+}
+
+/// The kernel rebuilt from SQLite in one transaction, before the API opens, so the
+/// first answer already reflects what is in force; returns how many maps it holds.
+async fn apply_port_maps(portmaps: &Arc<PortMaps>) -> Result<usize, AgentError> {
     let pm = portmaps.clone();
     let report = tokio::task::spawn_blocking(move || {
         let n = pm.restore()?;
@@ -165,113 +323,16 @@ async fn serve(
         forward_accept = ?report.1.forward_accept,
         "port maps applied to the kernel"
     );
+    Ok(report.0)
+}
 
-    // Bound by the preflight; connections waited in its backlog until now.
-    let addr = settings.api.listen_addr();
-    tracing::info!(%addr, "API listening");
-
-    let (stop_tx, stop_rx) = watch::channel(false);
-    let reconciler = tokio::spawn(reconcile_loop(
-        portmaps.clone(),
-        settings.reconcile_every(),
-        stop_rx.clone(),
-    ));
-
-    // The join runs in the background: the API answers from the first second, whether
-    // the controller is there or not.
-    let mesh = tokio::spawn(
-        Mesh {
-            settings: settings.mesh.clone(),
-            data_dir: settings.state.data_dir.clone(),
-            store: store.clone(),
-            keys,
-            guard,
-            portmaps: portmaps.clone(),
-            status: mesh_status.clone(),
-        }
-        .run(stop_rx.clone()),
-    );
-
-    let (vms, images) = vm_layer(&settings.vms, &store, &portmaps);
-    // libvirt may be slow or away at boot: the VM reconcile runs beside the API, never
-    // before it.
-    let vm_reconciler = tokio::spawn(vm_reconcile_loop(
-        vms.clone(),
-        images.clone(),
-        settings.reconcile_every(),
-        stop_rx.clone(),
-    ));
-
-    let pruner = tokio::spawn(audit_retention_loop(
-        store.clone(),
-        crate::store::retention::Retention::from_settings(&settings.state),
-        stop_rx.clone(),
-    ));
-    let refused = Arc::new(api::refused::RefusedRequests::default());
-    let refused_flusher = tokio::spawn(refused.clone().flush_every(
-        store.clone(),
-        REFUSED_FLUSH_EVERY,
-        stop_rx.clone(),
-    ));
-    let (app, metrics_app) = api::apps(
-        store,
-        portmaps.clone(),
-        api::Callers {
-            token: Arc::new(token),
-            mesh: mesh_status,
-            refused,
-        },
-        api::VmApi {
-            vms,
-            images,
-            stats_dir: stats_dir(&settings),
-        },
-    );
-    // Event streams never end on their own: the bus closes them when the shutdown
-    // begins, so the server can finish.
-    let (shutdown_tx, shutdown_rx) = watch::channel(false);
-    let service = crate::notify::Service::from_env();
-    let watchdog = crate::notify::watchdog_interval()
-        .map(|every| tokio::spawn(service.clone().watchdog(every, stop_rx.clone())));
-    let metrics_server = metrics_listener.map(|l| {
-        tracing::info!(addr = ?l.local_addr().ok(), "metrics listening (METRICS_LISTEN, GET /metrics only, no token)");
-        let mut stopping = shutdown_rx.clone();
-        tokio::spawn(api::server::serve(l, metrics_app, limits, async move {
-            let _ = stopping.wait_for(|s| *s).await;
-        }))
-    });
-    // The port maps are in the kernel and the listener was bound by the preflight
-    // (connections wait in its backlog until `serve` accepts them): systemd may go on.
-    service.ready(&format!("API on {addr}; {} port maps applied", report.0));
-    let shutdown = async move {
-        shutdown_signal().await;
-        service.stopping();
-        crate::events::bus().close();
-        let _ = shutdown_tx.send(true);
-    };
-    api::server::serve(listener, app, limits, shutdown).await;
-    if let Some(m) = metrics_server {
-        let _ = m.await;
+/// CLEANUP_ON_EXIT: the agent's table and its accept rule go.
+async fn clean_up_on_exit(portmaps: &Arc<PortMaps>) {
+    let pm = portmaps.clone();
+    match tokio::task::spawn_blocking(move || pm.cleanup()).await {
+        Ok(Ok(())) => tracing::info!("removed the agent's nftables table (CLEANUP_ON_EXIT)"),
+        other => tracing::error!(result = ?other, "cleanup on exit failed"),
     }
-
-    let _ = stop_tx.send(true);
-    let _ = reconciler.await;
-    let _ = vm_reconciler.await;
-    let _ = refused_flusher.await;
-    let _ = pruner.await;
-    if let Some(w) = watchdog {
-        let _ = w.await;
-    }
-    let _ = mesh.await;
-    if settings.portmaps.cleanup_on_exit {
-        let pm = portmaps.clone();
-        match tokio::task::spawn_blocking(move || pm.cleanup()).await {
-            Ok(Ok(())) => tracing::info!("removed the agent's nftables table (CLEANUP_ON_EXIT)"),
-            other => tracing::error!(result = ?other, "cleanup on exit failed"),
-        }
-    }
-    tracing::info!("stopped");
-    Ok(())
 }
 
 /// Raises the soft descriptor limit to the hard one and says what it got: the limit
