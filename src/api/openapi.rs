@@ -127,8 +127,8 @@ fn parameter_schema(name: &str) -> Option<Value> {
     }
 }
 
-/// One operation completed: who may call it, its parameters' schemas, and its other
-/// statuses, each with the error schema.
+/// One operation completed: who may call it, whether its body may be left out, its
+/// parameters' schemas, and its other statuses, each with the error schema.
 fn complete_operation(route: &Route, op: &mut Value) {
     if route.public {
         if let Some(o) = op.as_object_mut() {
@@ -136,6 +136,9 @@ fn complete_operation(route: &Route, op: &mut Value) {
         }
     } else {
         op["security"] = json!([{"bearer": []}]);
+    }
+    if route.body_optional && op.get("requestBody").is_some() {
+        op["requestBody"]["required"] = json!(false);
     }
     if let Some(params) = op.get_mut("parameters").and_then(Value::as_array_mut) {
         for p in params {
@@ -184,11 +187,6 @@ fn complete_bodies(doc: &mut Value) {
             })
         };
         vm["allOf"] = json!([needs_kernel("initrd"), needs_kernel("cmdline")]);
-    }
-    // `POST /ports/restore` takes no body or `{}`: the body is optional.
-    let restore = &mut doc["paths"]["/ports/restore"]["post"];
-    if restore.is_object() {
-        restore["requestBody"]["required"] = json!(false);
     }
 }
 

@@ -65,6 +65,8 @@ pub struct Route {
     /// Served without a token.
     pub public: bool,
     pub body: BodyRule,
+    /// The body may be left out (`POST /ports/restore`: none, or `{}`).
+    pub body_optional: bool,
     /// Works through libvirt: 503 while it is away, 501 where its driver cannot, and for
     /// a change 409 when the VM or image is busy.
     pub libvirt: bool,
@@ -80,6 +82,7 @@ const fn read(path: &'static str) -> Route {
         path,
         public: false,
         body: BodyRule::None,
+        body_optional: false,
         libvirt: false,
         named: false,
         may_outlive_its_answer: false,
@@ -135,7 +138,10 @@ pub const ROUTES: &[Route] = &[
     change(Verb::Post, "/ports", 4 * 1024),
     read("/ports/{listen_port}"),
     change(Verb::Delete, "/ports/{listen_port}", DEFAULT_BODY_LIMIT),
-    change(Verb::Post, "/ports/restore", DEFAULT_BODY_LIMIT),
+    Route {
+        body_optional: true,
+        ..change(Verb::Post, "/ports/restore", DEFAULT_BODY_LIMIT)
+    },
     vm_read("/vms", false),
     vm_change(Verb::Post, "/vms", MAX_BODY_BYTES, false),
     vm_read("/vms/{name}/status", true),

@@ -376,6 +376,9 @@ async fn the_documents_statuses_follow_the_route_table() {
         if r.named {
             assert!(has("404"), "{what}");
         }
+        if let Some(body) = op.get("requestBody") {
+            assert_eq!(body["required"] == false, r.body_optional, "{what}");
+        }
         let busy = op["responses"]["503"]["description"].as_str().unwrap_or("");
         assert_eq!(busy.contains("libvirt"), r.libvirt, "{what}: {busy}");
     }
