@@ -108,9 +108,9 @@ done
 # Excluded operations:
 #   POST /images/{name} (upload_image): the test driver has no virStorageVolUpload, so
 #     every upload the document allows would end in a 500 that a real libvirtd never
-#     gives. Its refusals (bad name, bad sha256, too large) are covered by src/api/tests.rs.
+#     gives. Its refusals (bad name, bad sha256, too large) are covered by src/api/tests/.
 #   GET /events (stream): a Server-Sent Events stream never ends, so every call would
-#     wait for the request timeout. src/api/tests/observe.rs (a bad Last-Event-ID is
+#     wait for the request timeout. src/api/tests/node.rs (a bad Last-Event-ID is
 #     a 400, the 33rd stream a 503, the stream's messages) and tests/observability.rs cover it.
 # POST /images (add_image) stays in: it answers 202 before the download starts, and the
 # download itself then fails in the background (the namespace has no route anywhere),

@@ -13,6 +13,7 @@
 mod graph;
 
 use std::collections::{BTreeMap, BTreeSet};
+use std::io::Write;
 use std::path::{Path, PathBuf};
 
 use graph::{Edge, Graph};
@@ -85,50 +86,19 @@ const ALLOWED_UPWARD: &[(&str, &str, &str)] = &[
         "store/mod.rs",
         "until the libvirt driver seam (issue 25 point 2): the libvirt steps still read the store's rows and errors",
     ),
-    (
-        "vm/spec.rs",
-        "api/doc.rs",
-        "still to be fixed on this branch",
-    ),
 ];
 
 /// Cycles between files allowed for now: the files of each (exactly), and why. Each
 /// must still exist as it is listed; remove it when it goes.
-const ALLOWED_CYCLES: &[(&[&str], &str)] = &[
-    (
-        &[
-            "api/audit.rs",
-            "api/auth.rs",
-            "api/body.rs",
-            "api/doc.rs",
-            "api/error.rs",
-            "api/events.rs",
-            "api/health.rs",
-            "api/metrics.rs",
-            "api/mod.rs",
-            "api/ports.rs",
-            "api/vms.rs",
-            "vm/abandoned.rs",
-            "vm/config.rs",
-            "vm/domain.rs",
-            "vm/images/mod.rs",
-            "vm/mod.rs",
-            "vm/service/mod.rs",
-            "vm/spec.rs",
-            "vm/stray_pins.rs",
-        ],
-        "still to be fixed on this branch",
-    ),
-    (
-        &[
-            "vm/xml/mod.rs",
-            "vm/xml/network.rs",
-            "vm/xml/read.rs",
-            "vm/xml/write.rs",
-        ],
-        "in src/vm/, which the libvirt driver seam (issue 25 point 2) restructures; this branch may not move its files",
-    ),
-];
+const ALLOWED_CYCLES: &[(&[&str], &str)] = &[(
+    &[
+        "vm/xml/mod.rs",
+        "vm/xml/network.rs",
+        "vm/xml/read.rs",
+        "vm/xml/write.rs",
+    ],
+    "in src/vm/, which the libvirt driver seam (issue 25 point 2) restructures; this branch may not move its files",
+)];
 
 /// The layer of a file, by the longest path of [`LAYERS`] that covers it.
 fn layer_of(file: &str) -> Option<usize> {
@@ -312,7 +282,9 @@ fn imports_point_down_the_layers_and_no_files_import_each_other() {
     assert!(stray.is_empty(), "files in no module: {stray:?}");
     let up = upward(&g);
     let cycles = cycles(&g);
-    println!(
+    // Straight to stderr, past the test harness's capture: the counts show in every run.
+    let _ = writeln!(
+        std::io::stderr(),
         "layers: {} files ({} test-only files left out), {} imports between files; \
          upward imports {} ({} allow-listed), cycles between files {} ({} allow-listed)",
         g.files.len(),
@@ -387,9 +359,13 @@ fn the_reader_finds_upward_imports_cycles_and_leaves_tests_out() {
         // Down, through a re-export, in an attribute, and in a test (left out).
         (
             "model/mod.rs",
-            "mod a;\npub use a::A;\n#[cfg(test)]\nmod tests;\n",
+            "mod a;\nmod b;\npub use a::A;\n#[cfg(test)]\nmod tests;\n",
         ),
         ("model/a.rs", "pub struct A;\n"),
+        (
+            "model/b.rs",
+            "#[cfg(test)]\nimpl super::A { fn t() { crate::store::S; } }\n",
+        ),
         ("model/tests.rs", "use crate::api::X;\n"),
         (
             "store/mod.rs",
@@ -419,6 +395,7 @@ fn the_reader_finds_upward_imports_cycles_and_leaves_tests_out() {
     assert!(has("store/rows.rs", "store/mod.rs"), "{edges:?}");
     assert!(has("api/mod.rs", "store/rows.rs"), "{edges:?}");
     assert!(!edges.iter().any(|(f, _)| f == "model/tests.rs"));
+    assert!(!has("model/b.rs", "store/mod.rs"), "{edges:?}");
     assert!(g.test_files.contains("model/tests.rs"));
     assert_eq!(
         cycles(&g),

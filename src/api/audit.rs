@@ -1,18 +1,20 @@
 //! One audit row for every mutating call: who (address, identity), what (method, route,
-//! parameters), and what came of it (status, error). Also where bodies are limited.
+//! parameters), and what came of it (status, error). Also where bodies are read whole
+//! and limited, by the route table's rule (`routes::BodyRule`).
 
-use axum::body::{Body, to_bytes};
-use axum::extract::{ConnectInfo, MatchedPath, Request, State};
-use axum::http::{Method, StatusCode};
+use axum::body::{Body, Bytes, to_bytes};
+use axum::extract::{ConnectInfo, Request, State};
+use axum::http::request::Parts;
+use axum::http::{Method, StatusCode, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::error::{ApiError, ErrorMessage};
-use super::{AppState, ConnInfo, Identity, MAX_BODY_BYTES};
+use super::auth::Identity;
+use super::error::{ApiError, Audited, ErrorMessage};
+use super::routes::{self, BodyRule};
+use super::server::{BodyTimeout, ConnInfo};
+use super::state::AppState;
 use crate::store::audit::{self, Entry, Outcome};
-
-/// The route whose body is streamed (`POST /images/{name}`).
-pub const UPLOAD_ROUTE: &str = "/images/{name}";
 
 /// The audit row of the request being served, known before its handler runs. A
 /// handler whose change lives in SQLite hands [`Draft::accepted`] to that change, which
@@ -32,10 +34,6 @@ impl Draft {
         }
     }
 }
-
-/// On a response: its audit row was written with the change (see [`Draft`]).
-#[derive(Clone, Copy, Debug)]
-pub struct Audited;
 
 /// A handler's answer whose audit row is written: the layer writes no second one.
 pub struct AuditedResponse<T>(pub T);
@@ -85,110 +83,137 @@ pub async fn around<T>(
     result.map(AuditedResponse).map_err(ApiError::audited)
 }
 
-/// Whether a request goes to [`UPLOAD_ROUTE`], judged before routing (the server picks
-/// the body's time rule from it): one non-empty path segment after `/images/`, as the
-/// router matches it.
-pub fn is_upload(method: &Method, path: &str) -> bool {
-    *method == Method::POST
-        && path
-            .strip_prefix("/images/")
-            .is_some_and(|name| !name.is_empty() && !name.contains('/'))
-}
-
 pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> Response {
     if matches!(*req.method(), Method::GET | Method::HEAD | Method::OPTIONS) {
         return next.run(req).await;
     }
-    // Forwarding headers are ignored on purpose: only the socket's peer is known.
-    let client_addr = req
-        .extensions()
-        .get::<ConnectInfo<ConnInfo>>()
-        .map(|c| c.0.peer.to_string());
-    let action = action_of(&req);
-    let identity = req
-        .extensions()
-        .get::<Identity>()
-        .copied()
-        .unwrap_or(Identity::None);
-    let draft = |body: Recorded, uri: &str| {
+    let route = routes::matched(&req);
+    let drafts = Drafts::of(&req);
+    let (parts, body) = req.into_parts();
+    let (resp, draft) = match route.map(|r| r.body) {
+        Some(BodyRule::Streamed) => streamed(parts, body, next, &drafts).await,
+        _ => read_whole(parts, body, next, &drafts, routes::body_limit(route)).await,
+    };
+    if resp.extensions().get::<Audited>().is_none() {
+        let error = resp.extensions().get::<ErrorMessage>().map(|m| m.0.clone());
+        write_outcome(&state, resp.status(), error, draft).await;
+    }
+    resp
+}
+
+/// What the audit row of a request says before its body is known.
+struct Drafts {
+    client_addr: Option<String>,
+    identity: Identity,
+    action: String,
+    uri: String,
+}
+
+impl Drafts {
+    fn of(req: &Request) -> Self {
+        Self {
+            // Forwarding headers are ignored on purpose: only the socket's peer is known.
+            client_addr: req
+                .extensions()
+                .get::<ConnectInfo<ConnInfo>>()
+                .map(|c| c.0.peer.to_string()),
+            identity: req
+                .extensions()
+                .get::<Identity>()
+                .copied()
+                .unwrap_or(Identity::None),
+            action: routes::action_of(req),
+            uri: req.uri().to_string(),
+        }
+    }
+
+    fn draft(&self, body: Recorded) -> Draft {
         Draft(Entry {
-            client_addr: client_addr.clone(),
-            identity: identity.as_str().to_string(),
-            action: action.clone(),
-            parameters: Some(parameters(uri, body)),
+            client_addr: self.client_addr.clone(),
+            identity: self.identity.as_str().to_string(),
+            action: self.action.clone(),
+            parameters: Some(parameters(&self.uri, body)),
             outcome: Outcome::Ok,
             status: None,
             error: None,
         })
-    };
-    let uri = req.uri().to_string();
-    let (mut parts, body) = req.into_parts();
-    // An image upload is a stream of any size into libvirt: it is neither buffered nor
-    // limited here, and the audit row records its size, not its bytes.
-    let streamed = parts.method == Method::POST && action == format!("POST {UPLOAD_ROUTE}");
-    let (resp, draft) = if streamed {
-        let size = parts
-            .headers
-            .get(axum::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok())
-            .map_or_else(|| "unknown".to_string(), |n| n.to_string());
-        let draft = draft(Recorded::Upload(size), &uri);
-        parts.extensions.insert(draft.clone());
-        (next.run(Request::from_parts(parts, body)).await, draft)
-    } else {
-        let limit = body_limit(&action);
-        let too_large = || {
-            ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                format!("request body larger than {limit} bytes (the limit of {action})"),
-            )
-            .into_response()
-        };
-        // A declared length over the limit is refused before a byte of the body is read.
-        let declared = parts
-            .headers
-            .get(axum::http::header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse::<u64>().ok());
-        let no_body = || draft(Recorded::Body(axum::body::Bytes::new()), &uri);
-        if declared.is_some_and(|n| n > limit as u64) {
-            (too_large(), no_body())
-        } else {
-            match to_bytes(body, limit).await {
-                Ok(bytes) => {
-                    let draft = draft(Recorded::Body(bytes.clone()), &uri);
-                    parts.extensions.insert(draft.clone());
-                    let resp = next
-                        .run(Request::from_parts(parts, Body::from(bytes)))
-                        .await;
-                    (resp, draft)
-                }
-                // Too slow (the server's time rule cut it), too big, or broken.
-                Err(e) => match super::server::BodyTimeout::find(&e) {
-                    Some(t) => (
-                        ApiError::new(StatusCode::REQUEST_TIMEOUT, t.to_string()).into_response(),
-                        no_body(),
-                    ),
-                    None if over_limit(&e) => (too_large(), no_body()),
-                    // Not a size: the body itself was broken (a malformed chunk, a
-                    // connection closed halfway), a client's mistake like any other bad body.
-                    None => (
-                        ApiError::bad_request(
-                            "the request body could not be read (malformed chunked encoding, or \
-                             the connection ended before the body did)",
-                        )
-                        .into_response(),
-                        no_body(),
-                    ),
-                },
-            }
-        }
-    };
-    if resp.extensions().get::<Audited>().is_some() {
-        return resp;
     }
-    let status = resp.status();
+}
+
+/// A body's declared length, when it says one.
+fn content_length(parts: &Parts) -> Option<u64> {
+    parts
+        .headers
+        .get(header::CONTENT_LENGTH)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<u64>().ok())
+}
+
+/// An image upload is a stream of any size into libvirt: it is neither buffered nor
+/// limited here, and the audit row records its size, not its bytes.
+async fn streamed(mut parts: Parts, body: Body, next: Next, drafts: &Drafts) -> (Response, Draft) {
+    let size = content_length(&parts).map_or_else(|| "unknown".to_string(), |n| n.to_string());
+    let draft = drafts.draft(Recorded::Upload(size));
+    parts.extensions.insert(draft.clone());
+    (next.run(Request::from_parts(parts, body)).await, draft)
+}
+
+/// Every other body is read whole, up to `limit`, before the handler runs.
+async fn read_whole(
+    mut parts: Parts,
+    body: Body,
+    next: Next,
+    drafts: &Drafts,
+    limit: usize,
+) -> (Response, Draft) {
+    let too_large = || {
+        ApiError::new(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "request body larger than {limit} bytes (the limit of {})",
+                drafts.action
+            ),
+        )
+        .into_response()
+    };
+    let no_body = || drafts.draft(Recorded::Body(Bytes::new()));
+    // A declared length over the limit is refused before a byte of the body is read.
+    if content_length(&parts).is_some_and(|n| n > limit as u64) {
+        return (too_large(), no_body());
+    }
+    match to_bytes(body, limit).await {
+        Ok(bytes) => {
+            let draft = drafts.draft(Recorded::Body(bytes.clone()));
+            parts.extensions.insert(draft.clone());
+            let resp = next
+                .run(Request::from_parts(parts, Body::from(bytes)))
+                .await;
+            (resp, draft)
+        }
+        // Too slow (the server's time rule cut it), too big, or broken.
+        Err(e) => match BodyTimeout::find(&e) {
+            Some(t) => (
+                ApiError::new(StatusCode::REQUEST_TIMEOUT, t.to_string()).into_response(),
+                no_body(),
+            ),
+            None if over_limit(&e) => (too_large(), no_body()),
+            // Not a size: the body itself was broken (a malformed chunk, a connection
+            // closed halfway), a client's mistake like any other bad body.
+            None => (
+                ApiError::bad_request(
+                    "the request body could not be read (malformed chunked encoding, or \
+                     the connection ended before the body did)",
+                )
+                .into_response(),
+                no_body(),
+            ),
+        },
+    }
+}
+
+/// The audit row of a request whose handler wrote none: refused, failed, or a change
+/// that answered without one.
+async fn write_outcome(state: &AppState, status: StatusCode, error: Option<String>, draft: Draft) {
     let entry = Entry {
         outcome: if status.is_success() {
             Outcome::Ok
@@ -198,11 +223,11 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
             Outcome::Failed
         },
         status: Some(status.as_u16()),
-        error: resp.extensions().get::<ErrorMessage>().map(|m| m.0.clone()),
+        error,
         ..draft.0
     };
-    let store = state.store.clone();
-    let written = store
+    let written = state
+        .store
         .run(move |s| s.with(|c| audit::record(c, &entry)))
         .await;
     match written {
@@ -214,7 +239,6 @@ pub async fn record(State(state): State<AppState>, req: Request, next: Next) -> 
         }),
         Err(e) => tracing::error!(error = %e, "could not write the audit row"),
     }
-    resp
 }
 
 /// Whether reading a body failed because it was over the limit given to `to_bytes`
@@ -223,53 +247,9 @@ fn over_limit(e: &axum::Error) -> bool {
     std::error::Error::source(e).is_some_and(|inner| inner.is::<http_body_util::LengthLimitError>())
 }
 
-/// `POST /ports`, `DELETE /ports/{listen_port}`: the method and the route's template
-/// (the path itself only where no route matched).
-pub fn action_of(req: &Request) -> String {
-    format!(
-        "{} {}",
-        req.method(),
-        req.extensions()
-            .get::<MatchedPath>()
-            .map_or_else(|| req.uri().path().to_string(), |p| p.as_str().to_string())
-    )
-}
-
-/// The route of a refused request as counted: like [`action_of`], but from a small,
-/// fixed set of names (a stranger chooses the path and the method, not the routes).
-pub fn route_of(req: &Request) -> String {
-    let method = match *req.method() {
-        Method::GET
-        | Method::POST
-        | Method::PUT
-        | Method::DELETE
-        | Method::PATCH
-        | Method::HEAD
-        | Method::OPTIONS => req.method().as_str(),
-        _ => "(other method)",
-    };
-    match req.extensions().get::<MatchedPath>() {
-        Some(p) => format!("{method} {}", p.as_str()),
-        None => format!("{method} (no such route)"),
-    }
-}
-
-/// The largest body a route reads: what its fields can need, no more. `POST /vms`
-/// carries up to 32 KiB each of user-data and network-config (JSON-escaped, up to twice
-/// that); the streamed image upload has its own limit (VM_MAX_DISK_GB).
-pub fn body_limit(action: &str) -> usize {
-    match action {
-        "POST /vms" => MAX_BODY_BYTES,
-        "POST /images" => 8 * 1024,
-        "POST /ports" => 4 * 1024,
-        // restore, start, stop, reboot, deletes: nothing, or `{}`.
-        _ => 1024,
-    }
-}
-
 /// What of a request body goes into its audit row.
 enum Recorded {
-    Body(axum::body::Bytes),
+    Body(Bytes),
     /// A streamed image upload: its declared size only.
     Upload(String),
 }
@@ -395,21 +375,5 @@ mod tests {
         }
         let p = recorded("{ nope");
         assert!(p.contains("<6 bytes, not valid JSON, sha256 "), "{p}");
-    }
-
-    #[test]
-    fn uploads_are_told_apart_before_routing_as_the_router_does() {
-        use super::{Method, UPLOAD_ROUTE, is_upload};
-        assert!(is_upload(&Method::POST, "/images/jammy"));
-        assert!(is_upload(&Method::POST, "/images/..%2Fi"));
-        assert!(!is_upload(&Method::PUT, "/images/jammy"));
-        assert!(!is_upload(&Method::POST, "/images"));
-        assert!(!is_upload(&Method::POST, "/images/"));
-        assert!(!is_upload(&Method::POST, "/images/a/b"));
-        assert!(!is_upload(&Method::POST, "/ports"));
-        // The route exists as this matcher assumes.
-        let doc = crate::api::openapi();
-        let path = doc.paths.paths.get(UPLOAD_ROUTE).expect("upload route");
-        assert!(path.post.is_some());
     }
 }

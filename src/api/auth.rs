@@ -1,19 +1,35 @@
-//! Token authentication on everything but `GET /health`: `Authorization: Bearer <token>`,
-//! or the original controller's `X-Portmap-Token: <token>`, one credential.
+//! The credentials: the API token (`Authorization: Bearer <token>`, or the original
+//! controller's `X-Portmap-Token: <token>`, one credential) and how a request was
+//! authorised. `admit.rs` checks them.
 
 use std::fs::OpenOptions;
 use std::io::Write;
 use std::os::unix::fs::{OpenOptionsExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 
-use axum::extract::{Request, State};
-use axum::http::{StatusCode, header};
-use axum::middleware::Next;
-use axum::response::{IntoResponse, Response};
 use subtle::ConstantTimeEq;
 
-use super::error::ApiError;
-use super::{AppState, Identity};
+/// How a request was authorised; recorded in the audit log and in `created_by`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Identity {
+    /// Not authorised (refused, or a public route).
+    None,
+    /// A valid bearer token.
+    Token,
+    /// No token, but the request came through the WireGuard tunnel from the
+    /// controller's address (TRUST_CONTROLLER_TUNNEL).
+    Controller,
+}
+
+impl Identity {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Identity::None => "none",
+            Identity::Token => "token",
+            Identity::Controller => "controller-tunnel",
+        }
+    }
+}
 
 /// The API token. Its `Debug` never shows the secret.
 pub struct ApiToken(String);
@@ -123,66 +139,6 @@ impl ApiToken {
 /// The original controller's header for the node's token (it sends it on `/ports` calls
 /// when its `NODE_PORTMAP_TOKENS` names the node).
 pub const PORTMAP_TOKEN_HEADER: &str = "x-portmap-token";
-
-/// Lets `GET /health` through; everything else needs the token, or must come through
-/// the WireGuard tunnel from the controller (see `MeshStatus::is_controller_tunnel`).
-///
-/// Runs before anything reads the body: a refused request is answered from its headers
-/// alone, its body is never read, and it is only counted (`refused.rs`), never stored.
-pub async fn require_token(
-    State(state): State<AppState>,
-    mut req: Request,
-    next: Next,
-) -> Response {
-    if req.uri().path() == "/health" {
-        return next.run(req).await;
-    }
-    let headers = req.headers();
-    let token_ok = headers
-        .get(header::AUTHORIZATION)
-        .is_some_and(|v| state.token.matches_header(v.as_bytes()))
-        || headers
-            .get(PORTMAP_TOKEN_HEADER)
-            .is_some_and(|v| state.token.matches_portmap_header(v.as_bytes()));
-    // Only the socket's addresses count; X-Forwarded-For / Forwarded are never read.
-    let conn = req
-        .extensions()
-        .get::<axum::extract::ConnectInfo<super::ConnInfo>>()
-        .map(|c| c.0);
-    let tunnel_ok = !token_ok
-        && conn
-            .and_then(|c| c.local.map(|local| (local.ip(), c.peer.ip())))
-            .is_some_and(|(local, peer)| state.mesh.is_controller_tunnel(local, peer));
-    if !token_ok && !tunnel_ok {
-        state
-            .refused
-            .count(conn.map(|c| c.peer.ip()), &super::audit::route_of(&req));
-        let mut resp = (
-            [
-                (header::WWW_AUTHENTICATE, "Bearer"),
-                // The body was not read: the connection cannot carry another request.
-                (header::CONNECTION, "close"),
-            ],
-            ApiError::new(
-                StatusCode::UNAUTHORIZED,
-                "missing or wrong API token: send Authorization: Bearer <token> \
-                 (or X-Portmap-Token: <token>)",
-            ),
-        )
-            .into_response();
-        resp.extensions_mut().insert(Identity::None);
-        return resp;
-    }
-    let identity = if token_ok {
-        Identity::Token
-    } else {
-        Identity::Controller
-    };
-    req.extensions_mut().insert(identity);
-    let mut resp = next.run(req).await;
-    resp.extensions_mut().insert(identity);
-    resp
-}
 
 #[cfg(test)]
 mod tests {

@@ -1,17 +1,33 @@
 //! The API's one error type and its mapping to status codes, in the original agent's
 //! shape `{"ok": false, "error": "..."}`.
 
-use axum::Json;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
+use utoipa::ToSchema;
 
+use super::wire::sorted::SortedJson;
 use crate::portmap::{FirewallErrorKind, PortMapError};
 use crate::store::StoreError;
+
+/// The error shape of every failing call.
+#[derive(Debug, Serialize, ToSchema)]
+pub struct ErrorBody {
+    /// Always false.
+    ok: bool,
+    /// What went wrong, for a person.
+    error: String,
+}
 
 /// The message of an error response, kept in the response's extensions so the audit
 /// layer can record it without parsing the body.
 #[derive(Clone, Debug)]
 pub struct ErrorMessage(pub String);
+
+/// On a response: its audit row was written with the change (`audit::Draft`), so the
+/// audit layer writes no second one.
+#[derive(Clone, Copy, Debug)]
+pub struct Audited;
 
 #[derive(Debug)]
 pub struct ApiError {
@@ -58,14 +74,14 @@ impl IntoResponse for ApiError {
         if self.status.is_server_error() {
             tracing::error!(status = self.status.as_u16(), error = %self.message, "request failed");
         }
-        let mut resp = (
-            self.status,
-            Json(serde_json::json!({"ok": false, "error": self.message})),
-        )
-            .into_response();
+        let body = ErrorBody {
+            ok: false,
+            error: self.message.clone(),
+        };
+        let mut resp = (self.status, SortedJson(body)).into_response();
         resp.extensions_mut().insert(ErrorMessage(self.message));
         if self.audited {
-            resp.extensions_mut().insert(super::audit::Audited);
+            resp.extensions_mut().insert(Audited);
         }
         resp
     }

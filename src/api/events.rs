@@ -11,13 +11,13 @@ use std::time::Duration;
 
 use axum::extract::State;
 use axum::http::{HeaderMap, StatusCode};
-use axum::response::sse::{Event as Sse, KeepAlive};
-use axum::response::{IntoResponse, Response};
+use axum::response::Sse;
+use axum::response::sse::{Event as SseEvent, KeepAlive};
 use futures_util::Stream;
 use tokio::sync::{OwnedSemaphorePermit, broadcast, watch};
 
-use super::AppState;
-use super::error::ApiError;
+use super::error::{ApiError, ErrorBody};
+use super::state::AppState;
 use crate::events::{self, Event};
 
 /// Event streams open at once; one more is refused with 503.
@@ -40,15 +40,14 @@ const KEEP_ALIVE: Duration = Duration::from_secs(15);
             mesh.tunnel, reconcile.repaired, image.progress, image.ready, image.failed, \
             stream.reset. A reader more than 256 events behind is disconnected (reconnect \
             with Last-Event-ID).", content_type = "text/event-stream", body = String),
-        (status = 400, description = "Last-Event-ID is not a number", body = super::ErrorBody),
-        (status = 503, description = "32 streams are open already", body = super::ErrorBody),
+        (status = 400, description = "Last-Event-ID is not a number", body = ErrorBody),
+        (status = 503, description = "32 streams are open already", body = ErrorBody),
     ),
-    security(("bearer" = []))
 )]
 pub async fn stream(
     State(state): State<AppState>,
     headers: HeaderMap,
-) -> Result<Response, ApiError> {
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
     let last = match headers.get("last-event-id") {
         None => None,
         Some(v) => Some(
@@ -78,9 +77,7 @@ pub async fn stream(
         closed: sub.closed,
         _permit: permit,
     };
-    Ok(axum::response::Sse::new(messages(open))
-        .keep_alive(KeepAlive::new().interval(KEEP_ALIVE))
-        .into_response())
+    Ok(Sse::new(messages(open)).keep_alive(KeepAlive::new().interval(KEEP_ALIVE)))
 }
 
 /// One open stream: what is left to replay, then the live events.
@@ -92,7 +89,7 @@ struct Open {
 }
 
 /// The SSE messages of `open`; ends when the reader fell behind, or the agent stops.
-fn messages(open: Open) -> impl Stream<Item = Result<Sse, Infallible>> {
+fn messages(open: Open) -> impl Stream<Item = Result<SseEvent, Infallible>> {
     futures_util::stream::unfold(open, |mut open| async move {
         if let Some(e) = open.replay.pop_front() {
             return Some((Ok(message(&e)), open));
@@ -112,9 +109,9 @@ fn messages(open: Open) -> impl Stream<Item = Result<Sse, Infallible>> {
     })
 }
 
-fn message(e: &Event) -> Sse {
+fn message(e: &Event) -> SseEvent {
     let data = serde_json::to_string(e).unwrap_or_default();
-    let m = Sse::default().data(data);
+    let m = SseEvent::default().data(data);
     // A `stream.reset` has no id of its own: it must not move the client's position.
     if e.id == 0 { m } else { m.id(e.id.to_string()) }
 }

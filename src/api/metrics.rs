@@ -8,8 +8,8 @@ use axum::http::{Method, header};
 use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 
-use super::AppState;
 use super::error::ApiError;
+use super::state::AppState;
 use crate::metrics::sample::{MeshSample, NodeSample};
 use crate::metrics::{self, HttpLabels, RouteLabels};
 
@@ -20,12 +20,19 @@ use crate::metrics::{self, HttpLabels, RouteLabels};
         libvirt's bulk statistics, the mesh). Above 1,000 port maps the per-map series are \
         left out and only totals remain. Also served without authentication on \
         METRICS_LISTEN when that is set.", content_type = "text/plain", body = String)),
-    security(("bearer" = []))
 )]
-pub async fn scrape(State(state): State<AppState>) -> Result<Response, ApiError> {
+pub async fn scrape(State(state): State<AppState>) -> Result<Scrape, ApiError> {
     let node = gather(&state).await?;
-    let text = metrics::global().render(node);
-    Ok(([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], text).into_response())
+    Ok(Scrape(metrics::global().render(node)))
+}
+
+/// A scrape in Prometheus' text format.
+pub struct Scrape(String);
+
+impl IntoResponse for Scrape {
+    fn into_response(self) -> Response {
+        ([(header::CONTENT_TYPE, metrics::CONTENT_TYPE)], self.0).into_response()
+    }
 }
 
 /// The node's state now: the database's and the kernel's on a blocking thread, libvirt's

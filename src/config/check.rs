@@ -51,7 +51,7 @@ impl Settings {
             }
         }
         check_libvirt_uri(&self.vms.libvirt_uri)
-            .map_err(|reason| invalid("LIBVIRT_URI", &self.vms.libvirt_uri, reason.to_string()))
+            .map_err(|reason| invalid("LIBVIRT_URI", &self.vms.libvirt_uri, reason.0))
     }
 
     fn validate_tokens(&self) -> Result<(), SettingError> {

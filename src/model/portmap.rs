@@ -108,7 +108,7 @@ impl From<PortMap> for PortRule {
 }
 
 /// A map's live counters, from the kernel's per-element counters.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct MapCounters {
     /// Packets of the map's connections, both directions, forwarded to or from the VM.
     pub packets: u64,

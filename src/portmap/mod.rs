@@ -12,4 +12,5 @@ pub use firewall::{Firewall, FirewallError, FirewallErrorKind, MemoryFirewall};
 pub use import::import_original_state;
 pub use kernel::NftFirewall;
 pub use policy::Policy;
+pub use service::listing::{Listed, Listing};
 pub use service::{CreateOutcome, Made, NewMap, PortMapError, PortMaps, ReconcileReport, Target};

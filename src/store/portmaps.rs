@@ -7,15 +7,13 @@ use std::net::Ipv4Addr;
 use ipnetwork::Ipv4Network;
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
-use serde::Serialize;
 
 use super::{NOW, StoreError};
 use crate::model::{AllowList, PortMap, PortRule, Proto};
 
 /// A port map with its allow-list and bookkeeping.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq)]
 pub struct PortMapRow {
-    #[serde(flatten)]
     pub map: PortMap,
     /// Sources allowed to connect; empty: everyone.
     pub allow_from: AllowList,

@@ -308,7 +308,7 @@ pub fn using_image(conn: &Connection, image: &str) -> Result<Vec<String>, StoreE
 }
 
 /// One base image.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct ImageRow {
     pub name: String,
     pub source: String,

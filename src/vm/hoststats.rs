@@ -26,7 +26,7 @@ use std::path::Path;
 
 use serde::Serialize;
 
-#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Cpu {
     pub cores: u32,
     pub load1: f64,
@@ -34,19 +34,19 @@ pub struct Cpu {
     pub load15: f64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Ram {
     pub total_mb: u64,
     pub free_mb: u64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct Disk {
     pub total_gb: f64,
     pub free_gb: f64,
 }
 
-#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct HostStats {
     pub cpu: Cpu,
     pub ram: Ram,

@@ -387,13 +387,19 @@ fn item_is_test(item: &Item) -> bool {
     let attrs = match item {
         Item::Const(i) => &i.attrs,
         Item::Enum(i) => &i.attrs,
+        Item::ExternCrate(i) => &i.attrs,
         Item::Fn(i) => &i.attrs,
+        Item::ForeignMod(i) => &i.attrs,
+        Item::Impl(i) => &i.attrs,
         Item::Macro(i) => &i.attrs,
+        Item::Mod(i) => &i.attrs,
         Item::Static(i) => &i.attrs,
         Item::Struct(i) => &i.attrs,
         Item::Trait(i) => &i.attrs,
+        Item::TraitAlias(i) => &i.attrs,
         Item::Type(i) => &i.attrs,
         Item::Union(i) => &i.attrs,
+        Item::Use(i) => &i.attrs,
         _ => return false,
     };
     is_cfg_test(attrs)

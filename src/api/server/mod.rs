@@ -36,10 +36,19 @@ use tokio::time::Instant;
 pub use budget::Close;
 pub use timed_body::{BodyTimeout, Rule};
 
-use super::ConnInfo;
+use super::routes::{self, BodyRule};
 use crate::config::ApiSettings;
 use backoff::{AcceptBackoff, Episode};
 use budget::{Admission, ConnState, Registration, Registry, Timeouts};
+
+/// The connection a request came on: the peer and the local address it was accepted
+/// on (the tunnel address, for the controller). Forwarding headers are never read. The
+/// server gives it to every request as `ConnectInfo<ConnInfo>`.
+#[derive(Clone, Copy, Debug)]
+pub struct ConnInfo {
+    pub peer: std::net::SocketAddr,
+    pub local: Option<std::net::SocketAddr>,
+}
 
 /// The connection budget's settings (HEADER_READ_TIMEOUT, BODY_READ_TIMEOUT,
 /// KEEPALIVE_TIMEOUT, UPLOAD_MIN_BYTES, UPLOAD_WINDOW, and the connection cap derived
@@ -69,10 +78,12 @@ impl Limits {
         }
     }
 
-    /// The rule for a request's body: image uploads are streams of any size and keep a
-    /// minimum throughput; every other body has a deadline.
+    /// The rule for a request's body: a streamed body (an image upload, of any size)
+    /// keeps a minimum throughput; every other body has a deadline. Judged before
+    /// routing, from the route table (`routes::before_routing`).
     fn body_rule(&self, method: &Method, path: &str) -> Rule {
-        if super::audit::is_upload(method, path) {
+        let route = routes::before_routing(method, path);
+        if route.is_some_and(|r| r.body == BodyRule::Streamed) {
             Rule::MinThroughput {
                 bytes: self.upload_min_bytes,
                 window: self.upload_window,

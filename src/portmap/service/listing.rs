@@ -1,24 +1,66 @@
-//! The reads: the maps as SQLite holds them, with their counters from the kernel. A
-//! read never takes the writer lock.
+//! The reads: the maps as SQLite holds them, with their counters from the kernel. A read
+//! never takes the writer lock. `GET /ports` walks every row with its counters under the
+//! store's lock (the API writes its JSON), and the written listing is cached until the
+//! next change, for at most [`LIST_MAX_AGE`].
 
 use std::collections::BTreeMap;
 use std::time::Instant;
 
 use bytes::Bytes;
+use rusqlite::Connection;
 
 use super::{LIST_MAX_AGE, ListCache, PortMapError, PortMaps};
 use crate::model::{MapCounters, Proto};
 use crate::store::StoreError;
 use crate::store::portmaps::{self, PortMapRow};
 
-/// One rule of the `GET /ports` listing: the row, its id and its counters.
-#[derive(serde::Serialize)]
-struct RuleView<'a> {
-    #[serde(flatten)]
-    row: &'a PortMapRow,
-    rule_id: &'a str,
-    #[serde(flatten)]
-    counters: MapCounters,
+/// One map as the listing shows it: its row and its counters.
+#[derive(Clone, Copy, Debug)]
+pub struct Listed<'a> {
+    pub row: &'a PortMapRow,
+    pub counters: MapCounters,
+}
+
+/// Every map, for a writer to walk once.
+pub struct Listing<'a> {
+    conn: &'a Connection,
+    counters: &'a BTreeMap<(Proto, u16), MapCounters>,
+    len: usize,
+}
+
+impl Listing<'_> {
+    /// How many maps there are.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// Calls `f` with every map in order (protocol, then listen port), without
+    /// collecting them; stops at `f`'s first error.
+    pub fn for_each<E: From<StoreError>>(
+        &self,
+        mut f: impl FnMut(Listed<'_>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let mut stopped = None;
+        let walked = portmaps::for_each(self.conn, |row| {
+            let counters = self
+                .counters
+                .get(&(row.map.proto, row.map.listen_port))
+                .copied()
+                .unwrap_or_default();
+            f(Listed { row, counters }).map_err(|e| {
+                stopped = Some(e);
+                StoreError::Task("the listing's writer stopped".into())
+            })
+        });
+        match (stopped, walked) {
+            (Some(e), _) => Err(e),
+            (None, walked) => walked.map_err(E::from),
+        }
+    }
 }
 
 impl PortMaps {
@@ -26,8 +68,8 @@ impl PortMaps {
         Ok(self.store.run(|s| s.with(portmaps::list)).await?)
     }
 
-    /// The `GET /ports` body if it is cached and fresh (no waiting).
-    pub fn cached_list_body(&self) -> Option<Bytes> {
+    /// The written listing if it is cached and fresh (no waiting).
+    pub fn cached_listing(&self) -> Option<Bytes> {
         cached(&self.list_cache)
     }
 
@@ -64,44 +106,44 @@ impl PortMaps {
         Ok(Some((row, counters)))
     }
 
-    /// A map as the listing shows it, `{"listen_port":..,...,"rule_id":..,"packets":..}`.
-    pub fn rule_json(row: &PortMapRow, counters: MapCounters) -> serde_json::Value {
-        let rule_id = row.map.rule_id();
-        serde_json::to_value(RuleView {
-            row,
-            rule_id: &rule_id,
-            counters,
-        })
-        .unwrap_or_default()
-    }
-
-    /// The `GET /ports` body, `{"ok":true,"rules":{"<rule_id>":{...},...}}` (the original
-    /// agent's shape plus bookkeeping), cached until the next change.
-    pub async fn list_body(&self) -> Result<Bytes, PortMapError> {
-        if let Some(v) = self.cached_list_body() {
+    /// The listing as `write` writes it, cached until the next change.
+    ///
+    /// One listing is written at a time: a load that starts on an empty cache misses on
+    /// every connection at once, and each would otherwise dump the kernel's counters
+    /// and write its own copy of the whole listing (2.5 MB with 10,000 maps); those that
+    /// waited find what the first one wrote. It is written under the store lock, and a
+    /// change clears the cache after its commit, so a listing of rows a change has since
+    /// replaced is never served.
+    pub async fn listing<E>(
+        &self,
+        write: impl FnOnce(Listing<'_>) -> Result<Bytes, E> + Send + 'static,
+    ) -> Result<Bytes, E>
+    where
+        E: From<PortMapError> + From<StoreError> + Send + 'static,
+    {
+        if let Some(v) = self.cached_listing() {
             return Ok(v);
         }
-        // One listing is built at a time: a load that starts on an empty cache misses on
-        // every connection at once, and each would otherwise dump the kernel's counters
-        // and build its own copy of the whole listing (2.5 MB with 10,000 maps). Those
-        // that waited find the body the first one built.
         let _one = self.list_builder.lock().await;
-        if let Some(v) = self.cached_list_body() {
+        if let Some(v) = self.cached_listing() {
             return Ok(v);
         }
         let counters = self.counters_or_zero().await;
         let cache = self.list_cache.clone();
-        // Built under the store lock, and a change clears the cache after its commit:
-        // a body built from rows a change has since replaced is never served.
         let body = self
             .store
             .run(move |s| {
                 s.with(|conn| {
-                    let bytes = body(conn, &counters)?;
+                    let len = portmaps::count(conn).map_err(PortMapError::from)?.max(0) as usize;
+                    let bytes = write(Listing {
+                        conn,
+                        counters: &counters,
+                        len,
+                    })?;
                     if let Ok(mut c) = cache.write() {
                         *c = Some((bytes.clone(), Instant::now()));
                     }
-                    Ok::<_, PortMapError>(bytes)
+                    Ok::<_, E>(bytes)
                 })
             })
             .await?;
@@ -110,48 +152,9 @@ impl PortMaps {
     }
 }
 
-/// The cached body, if it is fresh.
+/// The cached listing, if it is fresh.
 fn cached(cache: &ListCache) -> Option<Bytes> {
     let c = cache.read().ok()?;
     let (body, at) = c.as_ref()?;
     (at.elapsed() < LIST_MAX_AGE).then(|| body.clone())
-}
-
-/// The listing's body from the rows and `counters`. Rows are streamed into the buffer:
-/// with 10,000 maps a per-row JSON value tree would cost the idle agent megabytes of heap.
-fn body(
-    conn: &rusqlite::Connection,
-    counters: &BTreeMap<(Proto, u16), MapCounters>,
-) -> Result<Bytes, PortMapError> {
-    let mut out = Vec::with_capacity(32 + 320 * portmaps::count(conn)?.max(0) as usize);
-    out.extend_from_slice(br#"{"ok":true,"rules":{"#);
-    let mut first = true;
-    portmaps::for_each(conn, |row| {
-        if !first {
-            out.push(b',');
-        }
-        first = false;
-        let rule_id = row.map.rule_id();
-        serde_json::to_writer(&mut out, &rule_id)
-            .and_then(|()| {
-                out.push(b':');
-                serde_json::to_writer(
-                    &mut out,
-                    &RuleView {
-                        row,
-                        rule_id: &rule_id,
-                        counters: counters
-                            .get(&(row.map.proto, row.map.listen_port))
-                            .copied()
-                            .unwrap_or_default(),
-                    },
-                )
-            })
-            .map_err(|e| StoreError::Task(format!("serialize: {e}")))
-    })?;
-    out.extend_from_slice(b"}}");
-    // The estimate above is generous; the cache keeps the body for as long as the maps
-    // do not change, so it should not keep the slack too.
-    out.shrink_to_fit();
-    Ok(Bytes::from(out))
 }

@@ -17,7 +17,7 @@ use crate::model::{PortMap, PortRule, Proto};
 use crate::store::Store;
 use crate::store::portmaps::{self, PortMapRow};
 
-mod listing;
+pub(super) mod listing;
 mod naming;
 mod repair;
 mod sample;

@@ -348,27 +348,52 @@ async fn tunnel_sources_take_effect_with_the_next_whole_table_write() {
     assert!(svc.drift().await.unwrap().is_empty());
 }
 
+/// The listing as a writer sees it, one `rule_id target_port packets` line per map
+/// (the API writes its JSON; what it is given is the service's business).
+async fn listed(svc: &PortMaps) -> Vec<String> {
+    let written = svc
+        .listing(|l| {
+            let mut lines = vec![format!("{} maps", l.len())];
+            l.for_each(|m| {
+                let (row, c) = (m.row, m.counters);
+                lines.push(format!(
+                    "{} {} {}",
+                    row.map.rule_id(),
+                    row.map.target_port,
+                    c.packets
+                ));
+                Ok::<_, PortMapError>(())
+            })?;
+            Ok::<_, PortMapError>(bytes::Bytes::from(lines.join("\n")))
+        })
+        .await
+        .unwrap();
+    assert_eq!(
+        svc.cached_listing(),
+        Some(written.clone()),
+        "kept until a change"
+    );
+    String::from_utf8(written.to_vec())
+        .unwrap()
+        .lines()
+        .map(String::from)
+        .collect()
+}
+
 #[tokio::test]
 async fn the_list_cache_follows_every_change() {
     let (svc, _fw) = setup().await;
-    async fn json(svc: &PortMaps) -> serde_json::Value {
-        let body: serde_json::Value =
-            serde_json::from_slice(&svc.list_body().await.unwrap()).unwrap();
-        assert_eq!(body["ok"], true);
-        body["rules"].clone()
-    }
-    assert_eq!(json(&svc).await.as_object().unwrap().len(), 0);
+    assert_eq!(listed(&svc).await, ["0 maps"]);
     create(&svc, map(Proto::Tcp, 8080, 2, 80), false)
         .await
         .unwrap();
+    assert_eq!(svc.cached_listing(), None, "a change empties it");
     create(&svc, map(Proto::Udp, 8080, 2, 53), false)
         .await
         .unwrap();
-    let v = json(&svc).await;
-    assert_eq!(v["8080"]["target_port"], 80);
-    assert_eq!(v["8080/udp"]["proto"], "udp");
+    assert_eq!(listed(&svc).await, ["2 maps", "8080 80 0", "8080/udp 53 0"]);
     svc.delete(Proto::Tcp, 8080, None).await.unwrap();
-    assert!(json(&svc).await.get("8080").is_none());
+    assert_eq!(listed(&svc).await, ["1 maps", "8080/udp 53 0"]);
 }
 
 #[tokio::test]
@@ -424,14 +449,11 @@ async fn counters_are_listed_and_read_for_one_map_and_a_replace_resets_them() {
     let (row, got) = svc.get(Proto::Udp, 5353).await.unwrap().unwrap();
     assert_eq!((row.map, got), (m, c));
     assert!(svc.get(Proto::Tcp, 5353).await.unwrap().is_none());
-    let json = PortMaps::rule_json(&row, got);
-    assert_eq!(json["rule_id"], "5353/udp");
-    assert_eq!(json["connections"], 5);
-    assert_eq!(json["allow_from"], serde_json::json!([]));
+    assert_eq!(row.map.rule_id(), "5353/udp");
+    assert!(row.allow_from.is_empty());
 
     // The listing carries them; a restore keeps them (the map is unchanged).
-    let body: serde_json::Value = serde_json::from_slice(&svc.list_body().await.unwrap()).unwrap();
-    assert_eq!(body["rules"]["5353/udp"]["packets"], 10);
+    assert_eq!(listed(&svc).await, ["1 maps", "5353/udp 53 10"]);
     svc.restore().await.unwrap();
     assert_eq!(svc.get(Proto::Udp, 5353).await.unwrap().unwrap().1, c);
     create(&svc, map(Proto::Udp, 5353, 6, 53), true)

@@ -25,7 +25,7 @@ mod leftovers;
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// An image as `GET /images` shows it.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 pub struct ImageInfo {
     #[serde(flatten)]
     pub row: ImageRow,

@@ -12,7 +12,7 @@ use crate::store::vms::{self, ImageRow, SeedInputs, VmRow};
 use crate::vm::domain::{
     build_vm, check_guest_support, ensure_network, facts, lookup, random_mac, remove_vm,
 };
-use crate::vm::spec::CreateVm;
+use crate::vm::spec::VmSpec;
 use crate::vm::{VmError, seed, storage};
 
 /// Everything a create decided before it asks libvirt for anything.
@@ -34,7 +34,7 @@ pub(super) struct Plan {
 impl Vms {
     /// `POST /vms`: the VM is defined and started when this answers 200. A create that
     /// outlives `LIBVIRT_TIMEOUT` answers 504 and goes on; its row appears when it ends.
-    pub async fn create(self: &Arc<Self>, req: CreateVm, by: &str) -> Result<Created, VmError> {
+    pub async fn create(self: &Arc<Self>, req: VmSpec, by: &str) -> Result<Created, VmError> {
         let name = req.name.clone();
         let (claim, _ip, work) = self.begin_create(req, by).await?;
         let result = self
@@ -55,7 +55,7 @@ impl Vms {
     /// Returns the pinned address.
     pub async fn create_in_background(
         self: &Arc<Self>,
-        req: CreateVm,
+        req: VmSpec,
         by: &str,
     ) -> Result<Ipv4Addr, VmError> {
         let name = req.name.clone();
@@ -69,7 +69,7 @@ impl Vms {
     /// `creating` until it ends and takes the address's host entry away if it fails.
     async fn begin_create(
         self: &Arc<Self>,
-        req: CreateVm,
+        req: VmSpec,
         by: &str,
     ) -> Result<
         (
@@ -188,7 +188,7 @@ impl Vms {
     }
 
     /// Decides the VM from the request and the database; touches nothing.
-    async fn plan(&self, name: &VmName, req: &CreateVm, by: &str) -> Result<Plan, VmError> {
+    async fn plan(&self, name: &VmName, req: &VmSpec, by: &str) -> Result<Plan, VmError> {
         let existing = self.row(name).await?;
         if existing.is_some() && !req.recreate {
             return Err(already_exists(name));
@@ -379,7 +379,7 @@ fn already_exists(name: &str) -> VmError {
 /// unreadable one is the request's fault (400), found before anything is defined. Only
 /// then: a remote libvirtd's files cannot be seen from here, and its refusal stays
 /// libvirt's own error (which names the file).
-async fn check_boot_files(req: &CreateVm) -> Result<(), VmError> {
+async fn check_boot_files(req: &VmSpec) -> Result<(), VmError> {
     let files = [("kernel", &req.kernel), ("initrd", &req.initrd)];
     for (field, path) in files {
         let Some(path) = path else { continue };

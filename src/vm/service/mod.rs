@@ -41,7 +41,7 @@ use crate::store::vms::{self, VmRow};
 use crate::store::{Store, audit};
 
 /// What `POST /vms` answers.
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Created {
     pub name: String,
     pub uuid: String,
@@ -52,12 +52,11 @@ pub struct Created {
     pub recreated: bool,
     /// The address pinned for the VM in its network's DHCP range: its DHCP lease,
     /// from the first boot on.
-    #[schema(format = Ipv4)]
     pub ip: String,
 }
 
 /// One VM as `GET /vms` and `/status` show it.
-#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct VmStatus {
     pub name: String,
     pub active: bool,
@@ -79,7 +78,6 @@ pub struct VmStatus {
     /// The address the agent reserved for the VM (absent for VMs created before
     /// pinning, and for domains the agent did not create).
     #[serde(skip_serializing_if = "Option::is_none")]
-    #[schema(format = Ipv4)]
     pub pinned_ip: Option<String>,
     pub mac: Option<String>,
     pub network: Option<String>,
@@ -102,7 +100,7 @@ pub struct VmStatus {
 }
 
 /// Where a VM's listed address comes from.
-#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Copy, Serialize, PartialEq, Eq)]
 #[serde(rename_all = "lowercase")]
 pub enum IpSource {
     /// The address the agent reserved for the VM (a DHCP host entry).
@@ -124,12 +122,11 @@ impl IpSource {
 }
 
 /// One port map to a VM, as `GET /ports` lists it (the row and its `rule_id`).
-#[derive(Debug, Clone, Serialize, PartialEq, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize, PartialEq)]
 pub struct VmPortMap {
     /// `tcp` or `udp`.
     pub proto: String,
     pub listen_port: u16,
-    #[schema(format = Ipv4)]
     pub target_ip: String,
     pub target_port: u16,
     /// The VM the map names; null for a map to the VM's address.
@@ -167,7 +164,7 @@ impl From<crate::store::portmaps::PortMapRow> for VmPortMap {
     }
 }
 
-#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Serialize)]
 pub struct Deleted {
     pub name: String,
     pub deleted_files: bool,

@@ -317,7 +317,7 @@ async fn a_failed_create_leaves_no_entry_and_a_recreate_keeps_the_address() {
         v.as_object_mut()
             .unwrap()
             .extend(extra.as_object().unwrap().clone());
-        serde_json::from_value::<crate::vm::spec::CreateVm>(v).unwrap()
+        crate::vm::spec::VmSpec::from_json(v)
     };
     let e = vms
         .create(req("pin4-a", serde_json::json!({})), "t")

@@ -9,8 +9,8 @@ use crate::model::{DesiredState, VmName, VmState};
 use crate::store::Store;
 use crate::store::vms::{self, SeedInputs, VmRow, test_row};
 use crate::vm::domain::lookup;
-use crate::vm::spec::CreateVm;
 use crate::vm::spec::Limits;
+use crate::vm::spec::VmSpec;
 use crate::vm::{Libvirt, VmError};
 use crate::vm::{storage, xml};
 
@@ -379,10 +379,9 @@ async fn a_create_libvirt_refuses_half_way_leaves_nothing_behind() {
         })
         .unwrap();
 
-    let req: CreateVm = serde_json::from_value(serde_json::json!({
+    let req = VmSpec::from_json(serde_json::json!({
         "name": "half-a", "image": "half-img", "memory_mib": 64, "disk_size_gb": 1
-    }))
-    .unwrap();
+    }));
     let err = vms.create(req, "test").await.unwrap_err();
     assert!(matches!(err, VmError::Libvirt(_)), "{err:?}");
     assert!(
@@ -436,7 +435,7 @@ async fn boot_files_libvirt_cannot_read_are_refused_before_anything_is_defined()
         if let Some(i) = initrd {
             v["initrd"] = serde_json::json!(i);
         }
-        serde_json::from_value::<crate::vm::spec::CreateVm>(v).unwrap()
+        VmSpec::from_json(v)
     };
     for (req, names, why) in [
         (

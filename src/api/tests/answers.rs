@@ -210,12 +210,18 @@ async fn vm_and_image_answers_keep_their_bytes() {
     );
 }
 
+/// The bytes of `answer` as a handler writes it: keys sorted.
+fn sorted<T: serde::Serialize>(answer: T) -> String {
+    serde_json::to_string(&crate::api::wire::sorted::Sorted(answer)).unwrap()
+}
+
 /// The answers no in-process call can reach (libvirt's test driver runs no guest of
 /// the agent's), from the services' values.
 #[test]
 fn answers_from_the_services_values_keep_their_bytes() {
-    use crate::vm::service::{Created, Deleted};
-    let created = Created {
+    use crate::api::wire::images::ImageStored;
+    use crate::api::wire::vms::{VmCreated, VmDeleted};
+    let created = crate::vm::service::Created {
         name: "a".into(),
         uuid: "u".into(),
         mac: "m".into(),
@@ -225,56 +231,27 @@ fn answers_from_the_services_values_keep_their_bytes() {
         recreated: false,
         ip: "192.168.122.2".into(),
     };
-    let mut v = serde_json::to_value(created).unwrap();
-    v["ok"] = json!(true);
+    let created = VmCreated {
+        ok: true,
+        created: created.into(),
+    };
     assert_eq!(
-        v.to_string(),
+        sorted(created),
         r#"{"hostname":"a","image":null,"instance_id":"iid-u","ip":"192.168.122.2","mac":"m","name":"a","ok":true,"recreated":false,"uuid":"u"}"#
     );
-    let deleted = Deleted {
+    let deleted = crate::vm::service::Deleted {
         name: "a".into(),
         deleted_files: true,
         removed_port_maps: vec!["8080".into()],
     };
-    let mut v = serde_json::to_value(deleted).unwrap();
-    v["ok"] = json!(true);
+    let deleted = VmDeleted {
+        ok: true,
+        deleted: deleted.into(),
+    };
     assert_eq!(
-        v.to_string(),
+        sorted(deleted),
         r#"{"deleted_files":true,"name":"a","ok":true,"removed_port_maps":["8080"]}"#
     );
-    let name: crate::model::VmName = "a".parse().unwrap();
-    for (v, want) in [
-        (
-            json!({"ok": true, "name": name, "was_running": true}),
-            r#"{"name":"a","ok":true,"was_running":true}"#,
-        ),
-        (
-            json!({"ok": true, "name": name, "forced": false}),
-            r#"{"forced":false,"name":"a","ok":true}"#,
-        ),
-        (
-            json!({"ok": true, "name": name}),
-            r#"{"name":"a","ok":true}"#,
-        ),
-        (
-            json!({"ok": true, "name": name, "ip": "192.168.122.2".to_string()}),
-            r#"{"ip":"192.168.122.2","name":"a","ok":true}"#,
-        ),
-        (
-            json!({"ok": true, "name": name, "console": "boot\n".to_string()}),
-            r#"{"console":"boot\n","name":"a","ok":true}"#,
-        ),
-        (
-            json!({"ok": true, "name": "img", "state": "downloading"}),
-            r#"{"name":"img","ok":true,"state":"downloading"}"#,
-        ),
-        (
-            json!({"ok": true, "name": "img", "deleted": true}),
-            r#"{"deleted":true,"name":"img","ok":true}"#,
-        ),
-    ] {
-        assert_eq!(v.to_string(), want);
-    }
     let row = crate::store::vms::ImageRow {
         name: "img".into(),
         source: "upload".into(),
@@ -289,8 +266,79 @@ fn answers_from_the_services_values_keep_their_bytes() {
         updated_at: "u".into(),
         created_by: "token".into(),
     };
+    let stored = ImageStored {
+        ok: true,
+        image: row.into(),
+    };
     assert_eq!(
-        json!({"ok": true, "image": row}).to_string(),
+        sorted(stored),
         r#"{"image":{"created_at":"c","created_by":"token","error":null,"format":"raw","name":"img","sha256":"ab","sha256_expected":null,"size_bytes":1,"source":"upload","state":"ready","updated_at":"u","volume":"img.raw"},"ok":true}"#
     );
+}
+
+/// The small answers of the VM and image changes, from their values.
+#[test]
+fn the_changes_answers_keep_their_bytes() {
+    use crate::api::wire::images::{ImageAccepted, ImageDeleted};
+    use crate::api::wire::vms::{VmConsole, VmIp, VmRebooted, VmStarted, VmStopped};
+    let (ok, name) = (true, "a".to_string());
+    for (v, want) in [
+        (
+            sorted(VmStarted {
+                ok,
+                name: name.clone(),
+                was_running: true,
+            }),
+            r#"{"name":"a","ok":true,"was_running":true}"#,
+        ),
+        (
+            sorted(VmStopped {
+                ok,
+                name: name.clone(),
+                forced: false,
+            }),
+            r#"{"forced":false,"name":"a","ok":true}"#,
+        ),
+        (
+            sorted(VmRebooted {
+                ok,
+                name: name.clone(),
+            }),
+            r#"{"name":"a","ok":true}"#,
+        ),
+        (
+            sorted(VmIp {
+                ok,
+                name: name.clone(),
+                ip: "192.168.122.2".into(),
+            }),
+            r#"{"ip":"192.168.122.2","name":"a","ok":true}"#,
+        ),
+        (
+            sorted(VmConsole {
+                ok,
+                name: name.clone(),
+                console: "boot\n".into(),
+            }),
+            r#"{"console":"boot\n","name":"a","ok":true}"#,
+        ),
+        (
+            sorted(ImageAccepted {
+                ok,
+                name: "img".into(),
+                state: "downloading".into(),
+            }),
+            r#"{"name":"img","ok":true,"state":"downloading"}"#,
+        ),
+        (
+            sorted(ImageDeleted {
+                ok,
+                name: "img".into(),
+                deleted: true,
+            }),
+            r#"{"deleted":true,"name":"img","ok":true}"#,
+        ),
+    ] {
+        assert_eq!(v, want);
+    }
 }
