@@ -15,8 +15,8 @@ use super::audit::{AuditedResponse, Draft, around};
 use super::body;
 use super::error::ApiError;
 use super::{AppState, Identity};
+use crate::hoststats;
 use crate::model::VmName;
-use crate::vm::hoststats;
 use crate::vm::spec::{self, CreateVm, check_name};
 
 /// Longest `/ip` wait, seconds.

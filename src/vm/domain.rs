@@ -9,7 +9,8 @@ use virt::domain::Domain;
 use virt::storage_pool::StoragePool;
 use virt::sys;
 
-use super::{VmConfig, VmError, seed, storage, xml};
+use super::{VmConfig, VmError, storage, xml};
+use crate::cloudinit as seed;
 use crate::model::{DesiredState, IfaceName, ImageState, VmState};
 use crate::store::vms::{ImageRow, SeedInputs, VmRow};
 

@@ -1,6 +1,5 @@
 //! Virtual machines through libvirt's API only: the connection, storage pool and volumes,
-//! domain XML, the in-memory cloud-init seed, DHCP leases and pinned addresses (DHCP
-//! host entries), and host statistics.
+//! domain XML, DHCP leases and pinned addresses (DHCP host entries).
 
 mod abandoned;
 pub mod addresses;
@@ -11,12 +10,10 @@ pub mod dhcp_hosts;
 mod domain;
 mod error;
 pub mod events;
-pub mod hoststats;
 pub mod images;
 pub mod leases;
 pub mod libvirt_so;
 pub mod observed;
-pub mod seed;
 pub mod service;
 pub mod spec;
 pub mod stats;

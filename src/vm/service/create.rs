@@ -7,13 +7,14 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use super::{Created, Pending, Vms};
+use crate::cloudinit as seed;
 use crate::model::{DesiredState, ImageState, VmName};
 use crate::store::vms::{self, ImageRow, SeedInputs, VmRow};
 use crate::vm::domain::{
     build_vm, check_guest_support, ensure_network, facts, lookup, random_mac, remove_vm,
 };
 use crate::vm::spec::CreateVm;
-use crate::vm::{VmError, seed, storage};
+use crate::vm::{VmError, storage};
 
 /// Everything a create decided before it asks libvirt for anything.
 pub(super) struct Plan {
