@@ -103,12 +103,14 @@ macro_rules! checked_string {
 
 pub mod allow;
 pub mod iface;
+pub mod mac;
 pub mod name;
 pub mod portmap;
 pub mod ssh_key;
 
 pub use allow::{AllowList, AllowListError};
 pub use iface::IfaceName;
+pub use mac::MacAddr;
 pub use name::VmName;
 pub use portmap::{MapCounters, PortMap, PortRule, Proto};
 pub use ssh_key::SshKey;
