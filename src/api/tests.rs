@@ -57,17 +57,12 @@ fn harness() -> Harness {
 /// networks (`default`) and pools exist in memory only; nothing reaches a real libvirtd.
 pub(crate) fn test_vm_api(store: &Store) -> VmApi {
     use crate::vm;
-    let lv = vm::Libvirt::new("test:///default", std::time::Duration::from_secs(30));
-    let images = vm::images::Images::new(
-        lv.clone(),
-        store.clone(),
-        "nva-test-pool".into(),
-        "/nonexistent/nva-test-pool".into(),
-        1 << 30,
-    );
+    let driver = vm::driver::libvirt::testing::driver();
+    let images = vm::images::Images::new(driver.clone(), store.clone(), 1 << 30);
     let cfg = vm::service::tests::test_config();
-    let vms =
-        Arc::new(vm::service::Vms::new(lv, store.clone(), cfg, None).with_images(images.clone()));
+    let vms = Arc::new(
+        vm::service::Vms::new(driver, store.clone(), cfg, None).with_images(images.clone()),
+    );
     vms.watch_events();
     VmApi {
         vms,
@@ -1086,24 +1081,26 @@ async fn the_vm_list_and_status_show_the_instance_id() {
     let orphan_uuid = uuid::Uuid::new_v4().to_string();
     let orphan_iid = format!("iid-orphan-{id}");
     let dom = conn
-        .define_domain_xml(&crate::vm::xml::domain(&crate::vm::xml::DomainSpec {
-            name: &orphan,
-            uuid: &orphan_uuid,
-            domain_type: "qemu",
-            memory_mib: 128,
-            vcpus: 1,
-            arch: "x86_64",
-            pool: "default-pool",
-            disk_volume: "nva-orphan-disk.qcow2",
-            seed_volume: "nva-orphan-seed.img",
-            network: "default",
-            mac: "52:54:00:00:00:43",
-            console_log: None,
-            kernel: None,
-            initrd: None,
-            cmdline: None,
-            instance_id: &orphan_iid,
-        }))
+        .define_domain_xml(&crate::vm::driver::libvirt::testing::domain(
+            &crate::vm::driver::libvirt::testing::DomainSpec {
+                name: &orphan,
+                uuid: &orphan_uuid,
+                domain_type: "qemu",
+                memory_mib: 128,
+                vcpus: 1,
+                arch: "x86_64",
+                pool: "default-pool",
+                disk_volume: "nva-orphan-disk.qcow2",
+                seed_volume: "nva-orphan-seed.img",
+                network: "default",
+                mac: "52:54:00:00:00:43",
+                console_log: None,
+                kernel: None,
+                initrd: None,
+                cmdline: None,
+                instance_id: &orphan_iid,
+            },
+        ))
         .unwrap();
     let (s, list) = h.authed("GET", "/vms", None).await;
     let mut statuses = Vec::new();
@@ -1467,7 +1464,7 @@ fn the_documented_patterns_accept_exactly_what_the_code_accepts() {
 /// (`observed::FRESH`), so nothing but the event can have told it.
 #[tokio::test]
 async fn an_outside_change_reaches_the_status_through_libvirt_events() {
-    use crate::vm::observed::FRESH;
+    use crate::vm::service::FRESH;
     use std::time::{Duration, Instant};
     let h = harness();
     let seen_within = |name: &'static str, want: &'static str, since: Instant| {
@@ -1492,7 +1489,7 @@ async fn an_outside_change_reaches_the_status_through_libvirt_events() {
             }
         }
     };
-    crate::vm::libvirt_so::ensure_loaded().unwrap();
+    crate::vm::driver::libvirt::testing::ensure_loaded().unwrap();
     let outside = virt::connect::Connect::open(Some("test:///default")).unwrap();
     let xml = "<domain type='test'><name>evtest</name><memory>8192</memory>\
                <os><type>hvm</type></os></domain>";
@@ -1679,7 +1676,7 @@ async fn allow_from_is_checked_stored_and_shown_and_one_map_is_read_by_its_port(
 async fn a_map_naming_a_vm_goes_to_its_pinned_address_and_bad_targets_are_4xx() {
     let h = harness();
     let row = crate::store::vms::VmRow {
-        pinned_ip: Some("192.168.122.77".into()),
+        pinned_ip: Some([192, 168, 122, 77].into()),
         ..crate::store::vms::test_row("web1", "52:54:00:00:77:01")
     };
     let old = crate::store::vms::test_row("old1", "52:54:00:00:77:02");

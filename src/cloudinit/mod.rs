@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 
 mod fat;
 
-pub use fat::{MAX_IMAGE_BYTES, MIN_IMAGE_BYTES, SeedError, VOLUME_LABEL};
+pub use fat::SeedError;
 
 /// What goes into one VM's seed.
 #[derive(Debug, Clone)]
@@ -126,6 +126,7 @@ fn volume_id(instance_id: &str) -> u32 {
 mod tests {
     use std::io::{Cursor, Read};
 
+    use super::fat::{MAX_IMAGE_BYTES, MIN_IMAGE_BYTES};
     use super::*;
     use crate::model::ssh_key::tests::{ECDSA, ED25519, RSA};
 

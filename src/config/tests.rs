@@ -275,7 +275,7 @@ fn the_vm_config_comes_from_the_vm_group() {
     ])
     .unwrap();
     let cfg = VmConfig::from(&s.vms);
-    assert_eq!(cfg.pool_dir, "/h");
+    assert_eq!(s.vms.pool_dir(), std::path::Path::new("/h"));
     assert_eq!(cfg.pool, "node-vm-agent");
     assert_eq!(cfg.stop_timeout, Duration::from_secs(7));
     assert_eq!(cfg.limits.max_disk_gb, 2048);

@@ -155,7 +155,7 @@ pub struct VmSettings {
     /// gives the connection up, 4 x this after the daemon's last packet (20 s by
     /// default), and the next call opens another. Lower it for a quicker verdict on a
     /// remote libvirtd, raise it for a link that drops packets.
-    #[arg(long, env = "LIBVIRT_KEEPALIVE", value_name = "LIBVIRT_KEEPALIVE", default_value_t = crate::vm::conn::KEEPALIVE_INTERVAL_S, value_parser = clap::value_parser!(u32).range(1..=300))]
+    #[arg(long, env = "LIBVIRT_KEEPALIVE", value_name = "LIBVIRT_KEEPALIVE", default_value_t = crate::vm::driver::libvirt::KEEPALIVE_INTERVAL_S, value_parser = clap::value_parser!(u32).range(1..=300))]
     pub libvirt_keepalive: u32,
 }
 
@@ -186,7 +186,6 @@ impl From<&VmSettings> for VmConfig {
     fn from(s: &VmSettings) -> Self {
         VmConfig {
             pool: s.vms_pool.clone(),
-            pool_dir: s.pool_dir().to_string_lossy().into_owned(),
             domain_type: s.vms_domain_type.clone(),
             default_network: s.vms_network.clone(),
             default_arch: s.vms_arch.clone(),
@@ -200,7 +199,7 @@ impl From<&VmSettings> for VmConfig {
             },
             stop_timeout: Duration::from_secs(s.vm_stop_timeout),
             lease_poll: LEASE_POLL,
-            local: crate::vm::conn::is_local_uri(&s.libvirt_uri),
+            local: crate::vm::driver::libvirt::is_local_uri(&s.libvirt_uri),
         }
     }
 }

@@ -1,17 +1,16 @@
-//! What the VM layer is configured with: one value, made from the VM settings once
-//! (`VmConfig::from(&VmSettings)` in `config/vms.rs`), read by the service and the
-//! blocking libvirt steps alike, so neither imports the other for it.
+//! What the VM service is configured with: one value, made from the VM settings once
+//! (`VmConfig::from(&VmSettings)` in `config/vms.rs`). The libvirt driver gets its own
+//! (`driver::libvirt::Place`).
 
 use std::time::Duration;
 
 use super::spec::Limits;
 
-/// The settings the VM layer needs, taken from the settings once.
+/// The settings the VM service needs, taken from the settings once.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
+    /// The agent's storage pool (VMS_POOL), as messages name it.
     pub pool: String,
-    /// The pool's directory as the libvirt host sees it.
-    pub pool_dir: String,
     pub domain_type: String,
     pub default_network: String,
     pub default_arch: String,
@@ -23,8 +22,7 @@ pub struct VmConfig {
     pub stop_timeout: Duration,
     /// How often `/ip` asks libvirt for the lease while waiting.
     pub lease_poll: Duration,
-    /// LIBVIRT_URI reaches a libvirtd on this host ([`super::conn::is_local_uri`]), so
-    /// the domains' taps may be bridge ports here (hairpin mode is set on them), and a
+    /// LIBVIRT_URI reaches a libvirtd on this host (`driver::libvirt::is_local_uri`), so a
     /// request's kernel and initrd are files this host can check.
     pub local: bool,
 }

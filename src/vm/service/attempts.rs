@@ -20,19 +20,12 @@
 //! nothing left, so that what the daemon carried out late is removed too; until then a
 //! create of the name gets a 503. A create that never started made nothing and is
 //! forgotten at once. Recreates are not tracked: their row (the old VM) stays, and the
-//! reconcile repairs toward it.
+//! reconcile repairs toward it. The cleanup itself is `abandoned.rs`.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
-
-use virt::connect::Connect;
-
-use super::VmConfig;
-use super::VmError;
-use super::domain::{facts, lookup, remove_vm};
-use super::storage;
 
 /// How long after a cleanup pass that found nothing another must still find nothing
 /// before the create is forgotten.
@@ -42,6 +35,7 @@ pub const SETTLE: Duration = Duration::from_secs(10);
 pub struct Attempt {
     name: String,
     instance_id: String,
+    /// Set by the driver once the create's libvirt work asked libvirt for something.
     started: Arc<AtomicBool>,
     finished: Arc<AtomicBool>,
     settling: Settling,
@@ -72,17 +66,10 @@ impl Settling {
     }
 }
 
-/// Moved into the create's closure: says that it started, and (by being dropped, with
-/// the closure or at its end) that it finished or will never run.
+/// Moved into the create's closure: says (by being dropped, with the closure or at its
+/// end) that it finished or will never run.
 pub struct Marks {
-    started: Arc<AtomicBool>,
     finished: Arc<AtomicBool>,
-}
-
-impl Marks {
-    pub fn started(&self) {
-        self.started.store(true, Ordering::Release);
-    }
 }
 
 impl Drop for Marks {
@@ -92,18 +79,19 @@ impl Drop for Marks {
 }
 
 impl Attempt {
-    pub fn new(name: &str, instance_id: &str) -> (Attempt, Marks) {
-        let started = Arc::new(AtomicBool::new(false));
+    /// A create of `name` whose call sets `started` once it reaches libvirt
+    /// (`driver::Call::reached_flag`).
+    pub fn new(name: &str, instance_id: &str, started: Arc<AtomicBool>) -> (Attempt, Marks) {
         let finished = Arc::new(AtomicBool::new(false));
         (
             Attempt {
                 name: name.to_owned(),
                 instance_id: instance_id.to_owned(),
-                started: Arc::clone(&started),
+                started,
                 finished: Arc::clone(&finished),
                 settling: Settling::default(),
             },
-            Marks { started, finished },
+            Marks { finished },
         )
     }
 
@@ -187,57 +175,19 @@ impl Abandoned {
     }
 }
 
-/// What one cleanup pass found.
-pub enum Cleaned {
-    /// The name's domain is not this attempt's (another create made it): leave it.
-    NotOurs,
-    /// What was removed (empty: nothing of the attempt was left).
-    Removed(Vec<&'static str>),
-}
-
-/// Removes what an abandoned create of `name` made: its domain while it carries
-/// `instance_id`, and the name's volumes. Blocking (one libvirt call's closure).
-pub(super) fn clean(
-    conn: &Connect,
-    cfg: &VmConfig,
-    name: &str,
-    instance_id: &str,
-) -> Result<Cleaned, VmError> {
-    let mut removed = Vec::new();
-    if let Some(d) = lookup(conn, name)? {
-        if facts(&d)?.instance_id.as_deref() != Some(instance_id) {
-            return Ok(Cleaned::NotOurs);
-        }
-        remove_vm(conn, cfg, name, Some(d), false)?;
-        removed.push("domain");
-    }
-    let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
-    // The console log only shows up as a volume after a refresh.
-    let _ = pool.refresh(0);
-    for (what, v) in [
-        ("disk", storage::disk_volume(name)),
-        ("seed", storage::seed_volume(name)),
-        ("console log", storage::console_volume(name)),
-    ] {
-        if storage::delete_volume(&pool, &v)? {
-            removed.push(what);
-        }
-    }
-    Ok(Cleaned::Removed(removed))
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn an_attempt_is_forgotten_after_two_quiet_passes_settle_apart() {
-        let (mut a, marks) = Attempt::new("vm1", "iid-1");
+        let started = Arc::new(AtomicBool::new(false));
+        let (mut a, marks) = Attempt::new("vm1", "iid-1", Arc::clone(&started));
         let abandoned = Abandoned::default();
         assert!(!a.started());
-        marks.started();
+        started.store(true, Ordering::Release);
         assert!(a.started());
-        let (a2, marks2) = Attempt::new("vm2", "iid-2");
+        let (a2, marks2) = Attempt::new("vm2", "iid-2", Arc::default());
         abandoned.add(a2);
         assert!(
             abandoned.ready().is_empty(),

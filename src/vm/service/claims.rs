@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use tokio::sync::Notify;
 
-use super::VmError;
+use crate::vm::{Conflict, Unavailable, VmError};
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Holder {
@@ -57,46 +57,39 @@ impl Claims {
             let released = self.released.notified();
             tokio::pin!(released);
             released.as_mut().enable();
-            match self.take(name, Holder::Request)? {
+            match self.take(name, Holder::Request) {
                 Ok(claim) => return Ok(claim),
-                Err(Holder::Request) => {
-                    return Err(VmError::Conflict(format!(
-                        "another operation on {name} is in progress"
-                    )));
-                }
+                Err(Holder::Request) => return Err(Conflict::Busy(name.to_owned()).into()),
                 Err(Holder::Reconcile) => {}
             }
             if tokio::time::timeout_at(deadline, released).await.is_err() {
-                return Err(VmError::Unavailable(format!(
-                    "the agent's own repair of {name} did not finish within {} s",
-                    wait.as_secs()
-                )));
+                return Err(Unavailable::Repairing {
+                    name: name.to_owned(),
+                    waited: wait,
+                }
+                .into());
             }
         }
     }
 
     /// For the reconcile: `None` when anything holds `name` (that operation owns it).
     pub fn for_reconcile(self: &Arc<Self>, name: &str) -> Option<Claim> {
-        self.take(name, Holder::Reconcile).ok()?.ok()
+        self.take(name, Holder::Reconcile).ok()
     }
 
-    fn take(
-        self: &Arc<Self>,
-        name: &str,
-        holder: Holder,
-    ) -> Result<Result<Claim, Holder>, VmError> {
-        let mut held = self
-            .held
-            .lock()
-            .map_err(|_| VmError::Internal("claims lock poisoned".into()))?;
+    /// The claim, or who holds the name.
+    fn take(self: &Arc<Self>, name: &str, holder: Holder) -> Result<Claim, Holder> {
+        // The table is consistent at every step (one insert or remove), so a panic
+        // elsewhere while holding its lock leaves nothing half done.
+        let mut held = self.held.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(h) = held.get(name) {
-            return Ok(Err(*h));
+            return Err(*h);
         }
         held.insert(name.to_owned(), holder);
-        Ok(Ok(Claim {
+        Ok(Claim {
             claims: Arc::clone(self),
             name: name.to_owned(),
-        }))
+        })
     }
 }
 

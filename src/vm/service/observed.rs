@@ -11,8 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
-use super::xml::DomainFacts;
-use crate::model::VmState;
+use crate::vm::driver::{Domain, LibvirtFailure};
 
 /// A full listing younger than this is served as it is.
 pub const FRESH: Duration = Duration::from_secs(1);
@@ -22,13 +21,10 @@ pub const FRESH: Duration = Duration::from_secs(1);
 /// stuck; the reads before found that out).
 pub const READ_WAIT: Duration = Duration::from_millis(100);
 
-/// One domain as libvirt last showed it.
+/// One domain as libvirt last showed it, and when it was asked.
 #[derive(Clone, Debug, PartialEq)]
 pub struct Seen {
-    pub active: bool,
-    /// libvirt's state of the domain (`domain::vm_state`).
-    pub state: VmState,
-    pub facts: DomainFacts,
+    pub domain: Domain,
     pub at: Option<SystemTime>,
 }
 
@@ -44,7 +40,7 @@ struct Inner {
     /// Since when a full listing runs, if one does.
     listing: Option<std::time::Instant>,
     /// Why the last full listing failed, if it did.
-    failure: Option<String>,
+    failure: Option<Arc<LibvirtFailure>>,
 }
 
 /// The last observation of every domain.
@@ -60,7 +56,7 @@ pub struct Snapshot {
     pub listed_at: Option<SystemTime>,
     pub domains: BTreeMap<String, Arc<Seen>>,
     /// Why the last listing failed (when it did).
-    pub failure: Option<String>,
+    pub failure: Option<Arc<LibvirtFailure>>,
 }
 
 impl Observed {
@@ -99,21 +95,24 @@ impl Observed {
     /// Ends the listing claimed by [`Observed::begin_listing`]: what it `found`
     /// replaces what was known, except domains observed one by one since the listing
     /// started, which are newer; a failure keeps what was known, and says why.
-    pub fn end_listing(&self, started: SystemTime, found: Result<Vec<(String, Seen)>, String>) {
+    pub fn end_listing(
+        &self,
+        started: SystemTime,
+        found: Result<Vec<(String, Domain)>, LibvirtFailure>,
+    ) {
         let mut inner = self.lock();
         inner.listing = None;
+        let found = found.map_err(Arc::new);
         inner.failure = found.as_ref().err().cloned();
         if let Ok(found) = found {
             let mut fresh: BTreeMap<String, Arc<Seen>> = found
                 .into_iter()
-                .map(|(n, s)| {
-                    (
-                        n,
-                        Arc::new(Seen {
-                            at: Some(started),
-                            ..s
-                        }),
-                    )
+                .map(|(n, domain)| {
+                    let seen = Seen {
+                        domain,
+                        at: Some(started),
+                    };
+                    (n, Arc::new(seen))
                 })
                 .collect();
             for (name, seen) in &inner.domains {
@@ -151,7 +150,7 @@ impl Observed {
     /// longer had it. An observation older than the one kept (two lookups of a domain
     /// racing, an event's against an operation's) is dropped: returns whether it was
     /// kept.
-    pub fn set(&self, name: &str, seen: Option<Seen>, asked: SystemTime) -> bool {
+    pub fn set(&self, name: &str, seen: Option<Domain>, asked: SystemTime) -> bool {
         let mut inner = self.lock();
         let newer_known = inner
             .domains
@@ -164,11 +163,11 @@ impl Observed {
             return false;
         }
         match seen {
-            Some(s) => {
+            Some(domain) => {
                 inner.gone.remove(name);
                 let s = Seen {
+                    domain,
                     at: Some(asked),
-                    ..s
                 };
                 inner.domains.insert(name.to_owned(), Arc::new(s));
             }
@@ -187,12 +186,16 @@ impl Observed {
 mod tests {
     use super::*;
 
-    fn seen(state: VmState) -> Seen {
-        Seen {
+    use crate::model::VmState;
+    use crate::vm::driver::{Cause, LibvirtFailure};
+
+    fn seen(state: VmState) -> Domain {
+        Domain {
             active: state == VmState::Running,
             state,
-            facts: DomainFacts::default(),
-            at: None,
+            uuid: String::new(),
+            instance_id: None,
+            nics: Vec::new(),
         }
     }
 
@@ -217,16 +220,18 @@ mod tests {
             ]),
         );
         let s = o.snapshot();
-        assert_eq!(s.domains["vm1"].state, VmState::Shutoff);
-        assert_eq!(s.domains["vm2"].state, VmState::Running);
+        assert_eq!(s.domains["vm1"].domain.state, VmState::Shutoff);
+        assert_eq!(s.domains["vm2"].domain.state, VmState::Running);
         assert!(s.domains.contains_key("vm3"));
         assert!(!s.domains.contains_key("vm4"));
         assert_eq!(s.listed_at, Some(started));
         assert!(o.begin_listing(), "the listing ended");
         // A failed listing keeps what was known.
-        o.end_listing(SystemTime::now(), Err("libvirt away".into()));
+        let away = LibvirtFailure::unavailable(Cause::NoAnswer(Duration::from_secs(3)));
+        o.end_listing(SystemTime::now(), Err(away));
         assert_eq!(o.snapshot().domains.len(), 3);
-        assert_eq!(o.snapshot().failure.as_deref(), Some("libvirt away"));
+        let failure = o.snapshot().failure.unwrap();
+        assert_eq!(failure.reason(), "libvirt did not answer within 3 s");
         o.set("vm2", None, SystemTime::now());
         assert!(!o.snapshot().domains.contains_key("vm2"));
         // Two lookups racing: the one asked later wins, whichever ends last.
@@ -236,7 +241,7 @@ mod tests {
         );
         assert!(o.set("vm5", Some(seen(VmState::Shutoff)), late));
         assert!(!o.set("vm5", Some(seen(VmState::Running)), early));
-        assert_eq!(o.snapshot().domains["vm5"].state, VmState::Shutoff);
+        assert_eq!(o.snapshot().domains["vm5"].domain.state, VmState::Shutoff);
         assert!(
             !o.set("vm5", None, early),
             "an older lookup does not remove it"

@@ -1,6 +1,7 @@
 //! Connections to LIBVIRT_URI, opened lazily and replaced after libvirtd goes away. Every
-//! call runs on a blocking thread and is bounded by LIBVIRT_TIMEOUT, so a dead or hung
-//! daemon gives the caller a 503, never a hung request or a stalled runtime.
+//! call runs on a blocking thread (`driver::Driver`) and its caller's wait is bounded by
+//! LIBVIRT_TIMEOUT where it asked for that, so a dead or hung daemon gives the caller a
+//! 503, never a hung request or a stalled runtime.
 //!
 //! **One call at a time per connection.** A connection is checked out by one call, used
 //! by that call's thread alone, and handed back (or closed, if it died) by that same
@@ -28,13 +29,13 @@
 //! data: every libvirt object they make (Domain, Network, StoragePool, StorageVol,
 //! Stream) is dropped inside the closure, on the connection's own thread.
 
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Condvar, Mutex, MutexGuard, Once};
 use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
 
-use super::VmError;
+use crate::vm::driver::{Call, Cause, LibvirtFailure};
 
 /// Seconds between keepalive probes (LIBVIRT_KEEPALIVE's default), and probes missed
 /// before libvirt closes the connection: a daemon that stops answering is noticed
@@ -113,6 +114,7 @@ type OnConnect = Box<dyn Fn(&Connect) + Send + Sync>;
 
 pub struct Libvirt {
     uri: String,
+    /// LIBVIRT_TIMEOUT, for saying how long a call waited for a connection.
     timeout: Duration,
     /// Seconds between keepalive probes on every connection.
     keepalive_s: i32,
@@ -127,16 +129,6 @@ pub struct Libvirt {
     /// comes back or its slot is freed.
     returned: Condvar,
     opened: AtomicU64,
-}
-
-/// Sets its flag when dropped: the caller of a bounded call stopped waiting (timed out,
-/// or its request went away). Work that has not started by then never starts.
-struct GiveUpOnDrop(Arc<AtomicBool>);
-
-impl Drop for GiveUpOnDrop {
-    fn drop(&mut self) {
-        self.0.store(true, Ordering::Release);
-    }
 }
 
 /// A checked-out session; handed back (or closed) by `Drop`, on the thread that used it,
@@ -213,15 +205,6 @@ impl Libvirt {
         }
     }
 
-    /// How long one call may take (`LIBVIRT_TIMEOUT`).
-    pub fn timeout(&self) -> Duration {
-        self.timeout
-    }
-
-    pub fn uri(&self) -> &str {
-        &self.uri
-    }
-
     /// The pool, also after a panic elsewhere (nothing panics while holding it, and its
     /// state is two counters and a list, consistent at every step).
     fn lock(&self) -> MutexGuard<'_, Pool> {
@@ -230,11 +213,15 @@ impl Libvirt {
 
     /// A new connection with keepalive. Blocking (against a frozen daemon, until it
     /// answers again).
-    fn open(&self) -> Result<Session, VmError> {
-        super::libvirt_so::ensure_loaded().map_err(VmError::Unavailable)?;
+    fn open(&self) -> Result<Session, LibvirtFailure> {
+        super::loader::ensure_loaded()
+            .map_err(|e| LibvirtFailure::unavailable(Cause::NotLoaded(e)))?;
         start_event_loop();
-        let conn = Connect::open(Some(&self.uri)).map_err(|e| {
-            VmError::Unavailable(format!("cannot connect to {}: {}", self.uri, e.message()))
+        let conn = Connect::open(Some(&self.uri)).map_err(|source| {
+            LibvirtFailure::unavailable(Cause::Connect {
+                uri: self.uri.clone(),
+                source,
+            })
         })?;
         // Local drivers (test:///, qemu:///embed) have no keepalive; that is fine.
         if let Err(e) = conn.set_keep_alive(self.keepalive_s, KEEPALIVE_COUNT) {
@@ -247,16 +234,12 @@ impl Libvirt {
     }
 
     /// Takes an idle connection, or opens one while fewer than [`MAX_CONNECTIONS`] are
-    /// in use, or waits for one to come back until `deadline`. Gives up as soon as
-    /// `gave_up` is set. Blocking.
-    fn check_out(
-        &self,
-        deadline: Option<Instant>,
-        gave_up: &AtomicBool,
-    ) -> Result<Session, VmError> {
+    /// in use, or waits for one to come back until the call's deadline. Gives up as soon
+    /// as the call's caller did. Blocking.
+    fn check_out(&self, call: &Call) -> Result<Session, LibvirtFailure> {
         let mut pool = self.lock();
         loop {
-            if gave_up.load(Ordering::Acquire) {
+            if call.gave_up() {
                 return Err(self.too_late());
             }
             if let Some(s) = pool.idle.pop() {
@@ -267,7 +250,7 @@ impl Libvirt {
                 // It died while idle (keepalive, daemon restart): nobody uses it, so it
                 // is closed here, outside the lock.
                 drop(pool);
-                self.close(s, Some("found dead while idle".into()));
+                self.close(s, None);
                 pool = self.lock();
                 continue;
             }
@@ -276,15 +259,15 @@ impl Libvirt {
                 drop(pool);
                 return self.open().inspect_err(|_| self.free_slot());
             }
-            pool = match deadline {
+            pool = match call.deadline() {
                 None => self.returned.wait(pool).unwrap_or_else(|p| p.into_inner()),
                 Some(d) => {
                     let now = Instant::now();
                     if now >= d {
-                        return Err(VmError::Unavailable(format!(
-                            "all {MAX_CONNECTIONS} libvirt connections stayed busy for {} s",
-                            self.timeout.as_secs()
-                        )));
+                        return Err(LibvirtFailure::unavailable(Cause::Busy {
+                            connections: MAX_CONNECTIONS,
+                            waited: self.timeout,
+                        }));
                     }
                     self.returned
                         .wait_timeout(pool, d - now)
@@ -328,35 +311,32 @@ impl Libvirt {
         self.returned.notify_all();
     }
 
-    /// Closes a dead connection (libvirt already closed its socket: no RPC).
+    /// Closes a dead connection (libvirt already closed its socket: no RPC); `why` is the
+    /// failure of its last call, if that is how it was found dead.
     fn close(&self, s: Session, why: Option<String>) {
         tracing::warn!(
             uri = %self.uri,
             connection = s.id,
-            error = why.as_deref().unwrap_or("-"),
+            error = why.as_deref().unwrap_or("found dead while idle"),
             "libvirt connection lost; closed after its last call, the next call opens another"
         );
         drop(s);
     }
 
-    fn too_late(&self) -> VmError {
-        VmError::Unavailable(format!(
-            "libvirt did not answer within {} s",
-            self.timeout.as_secs()
-        ))
+    fn too_late(&self) -> LibvirtFailure {
+        LibvirtFailure::unavailable(Cause::NoAnswer(self.timeout))
     }
 
     /// Runs `f` on a connection of its own, on the calling (blocking) thread, once one
-    /// is free before `deadline` and unless `gave_up` is set by then. When `f` fails and
-    /// the connection turns out dead, the failure is reported as `Unavailable` and the
-    /// connection is closed after `f` returned.
-    fn run<T>(
+    /// is free before the call's deadline and unless its caller gave up by then. When `f`
+    /// fails and the connection turns out dead, the failure is reported as unavailable and
+    /// the connection is closed after `f` returned.
+    pub fn run<T>(
         &self,
-        deadline: Option<Instant>,
-        gave_up: &AtomicBool,
-        f: impl FnOnce(&Connect) -> Result<T, VmError>,
-    ) -> Result<T, VmError> {
-        let session = self.check_out(deadline, gave_up)?;
+        call: &Call,
+        f: impl FnOnce(&Connect) -> Result<T, LibvirtFailure>,
+    ) -> Result<T, LibvirtFailure> {
+        let session = self.check_out(call)?;
         let mut held = Checkout {
             lv: self,
             session: Some(session),
@@ -365,72 +345,21 @@ impl Libvirt {
         // An open that waited for a frozen daemon may finish long after the caller
         // stopped waiting: then the request's work must not start any more (a create
         // the client was told failed would be made after all).
-        if gave_up.load(Ordering::Acquire) {
+        if call.gave_up() {
             return Err(self.too_late());
         }
         let Some(s) = held.session.as_ref() else {
-            return Err(VmError::Unavailable("no libvirt connection".into()));
+            return Err(self.too_late());
         };
+        call.reach();
         match f(&s.conn) {
             Ok(v) => Ok(v),
-            Err(e) => {
-                if !s.alive() {
-                    let reason = e.unavailable_reason();
-                    held.failure = Some(reason.clone());
-                    return Err(VmError::Unavailable(reason));
-                }
-                Err(e)
+            Err(e) if !s.alive() => {
+                held.failure = Some(e.reason());
+                Err(e.connection_lost())
             }
+            Err(e) => Err(e),
         }
-    }
-
-    /// Runs `f` on a connection of its own, on the calling (blocking) thread, waiting
-    /// as long as it takes for one.
-    pub fn call_blocking<T>(
-        &self,
-        f: impl FnOnce(&Connect) -> Result<T, VmError>,
-    ) -> Result<T, VmError> {
-        self.run(None, &AtomicBool::new(false), f)
-    }
-
-    /// Runs `f` on a connection of its own on a blocking thread, bounded by
-    /// LIBVIRT_TIMEOUT. After the timeout the caller gets a 503 at once; `f` is not
-    /// started any more if it had not started, and if it had, it finishes (or fails when
-    /// libvirt's keepalive gives the connection up) on its own thread, which then hands
-    /// the connection back or closes it.
-    pub async fn call<T: Send + 'static>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&Connect) -> Result<T, VmError> + Send + 'static,
-    ) -> Result<T, VmError> {
-        let this = Arc::clone(self);
-        let gave_up = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&gave_up);
-        let deadline = Instant::now() + self.timeout;
-        // Set when this future ends, however it ends (timed out, dropped with its
-        // request, or done, when it no longer matters).
-        let _give_up = GiveUpOnDrop(gave_up);
-        let task = tokio::task::spawn_blocking(move || this.run(Some(deadline), &flag, f));
-        match tokio::time::timeout(self.timeout, task).await {
-            Ok(Ok(result)) => result,
-            Ok(Err(join)) => Err(VmError::Internal(format!("libvirt call failed: {join}"))),
-            Err(_) => Err(self.too_late()),
-        }
-    }
-
-    /// Like `call`, without the time bound: for streams whose length depends on the
-    /// caller (image transfers), where the caller bounds the work itself. The transfer
-    /// has a connection of its own for its whole length.
-    pub async fn call_unbounded<T: Send + 'static>(
-        self: &Arc<Self>,
-        f: impl FnOnce(&Connect) -> Result<T, VmError> + Send + 'static,
-    ) -> Result<T, VmError> {
-        let this = Arc::clone(self);
-        let gave_up = Arc::new(AtomicBool::new(false));
-        let flag = Arc::clone(&gave_up);
-        let _give_up = GiveUpOnDrop(gave_up);
-        tokio::task::spawn_blocking(move || this.run(None, &flag, f))
-            .await
-            .map_err(|join| VmError::Internal(format!("libvirt call failed: {join}")))?
     }
 
     /// Connections (in use, idle), for tests.
@@ -469,7 +398,17 @@ mod tests {
     use virt::connect::Connect;
 
     use super::{Libvirt, MAX_CONNECTIONS, MAX_IDLE, is_local_uri};
-    use crate::vm::VmError;
+    use crate::vm::driver::{Call, LibvirtFailure, Op, bounded, error::OrLibvirt, unbounded};
+
+    /// `f` on a connection of `lv`, its caller waiting at most `lv`'s timeout.
+    async fn call<T: Send + 'static>(
+        lv: &Arc<Libvirt>,
+        f: impl FnOnce(&Connect) -> Result<T, LibvirtFailure> + Send + 'static,
+    ) -> Result<T, LibvirtFailure> {
+        let lv = Arc::clone(lv);
+        let timeout = lv.timeout;
+        bounded(timeout, move |call| lv.run(call, f)).await
+    }
 
     /// Which libvirt connection `conn` is (its C pointer, as a number).
     fn id(conn: &Connect) -> usize {
@@ -487,12 +426,12 @@ mod tests {
         for _ in 0..4 {
             let (lv, seen) = (Arc::clone(&lv), Arc::clone(&seen));
             calls.push(tokio::spawn(async move {
-                lv.call(move |conn| {
+                call(&lv, move |conn| {
                     seen.lock().unwrap().push(id(conn));
                     // Still running while the others start.
                     std::thread::sleep(Duration::from_millis(300));
                     conn.num_of_domains()
-                        .map_err(|e| VmError::libvirt("counting domains", e))
+                        .or_libvirt(|| Op::new("counting domains"))
                 })
                 .await
             }));
@@ -506,7 +445,7 @@ mod tests {
         // Handed back when they returned; only MAX_IDLE stay open.
         assert_eq!(lv.connections(), (0, MAX_IDLE));
         // The next call takes one of those.
-        let next = lv.call(|conn| Ok(id(conn))).await.unwrap();
+        let next = call(&lv, |conn| Ok(id(conn))).await.unwrap();
         assert!(distinct.contains(&next));
     }
 
@@ -515,17 +454,19 @@ mod tests {
         let lv = Libvirt::new("test:///default", Duration::from_millis(200));
         let slow = Arc::new(Mutex::new(None));
         let s = Arc::clone(&slow);
-        let r = lv
-            .call(move |conn| {
-                *s.lock().unwrap() = Some(id(conn));
-                std::thread::sleep(Duration::from_millis(800));
-                Ok(())
-            })
-            .await;
-        assert!(matches!(r, Err(VmError::Unavailable(_))), "{r:?}");
+        let r = call(&lv, move |conn| {
+            *s.lock().unwrap() = Some(id(conn));
+            std::thread::sleep(Duration::from_millis(800));
+            Ok(())
+        })
+        .await;
+        assert!(
+            r.as_ref().is_err_and(LibvirtFailure::is_unavailable),
+            "{r:?}"
+        );
         let slow = slow.lock().unwrap().unwrap();
         // The slow call still runs on its connection: the next call gets another.
-        let other = lv.call(|conn| Ok(id(conn))).await.unwrap();
+        let other = call(&lv, |conn| Ok(id(conn))).await.unwrap();
         assert_ne!(other, slow);
         assert_eq!(lv.connections().0, 1, "the slow call keeps its connection");
         tokio::time::sleep(Duration::from_millis(900)).await;
@@ -540,9 +481,11 @@ mod tests {
         for _ in 0..MAX_CONNECTIONS {
             let lv = Arc::clone(&lv);
             busy.push(tokio::spawn(async move {
-                lv.call_unbounded(|_| {
-                    std::thread::sleep(Duration::from_millis(1200));
-                    Ok(())
+                unbounded(Call::new(None), move |call| {
+                    lv.run(call, |_| {
+                        std::thread::sleep(Duration::from_millis(1200));
+                        Ok::<_, LibvirtFailure>(())
+                    })
                 })
                 .await
             }));
@@ -553,13 +496,15 @@ mod tests {
         let ran = Arc::new(AtomicBool::new(false));
         let r2 = Arc::clone(&ran);
         let t = std::time::Instant::now();
-        let r = lv
-            .call(move |_| {
-                r2.store(true, Ordering::SeqCst);
-                Ok(())
-            })
-            .await;
-        assert!(matches!(r, Err(VmError::Unavailable(_))), "{r:?}");
+        let r = call(&lv, move |_| {
+            r2.store(true, Ordering::SeqCst);
+            Ok(())
+        })
+        .await;
+        assert!(
+            r.as_ref().is_err_and(LibvirtFailure::is_unavailable),
+            "{r:?}"
+        );
         assert!(
             t.elapsed() < Duration::from_millis(1000),
             "{:?}",

@@ -5,9 +5,10 @@
 //!
 //! The `virt` crate does not wrap `virConnectDomainEventRegisterAny`; this is the small
 //! wrapper. The callback runs on libvirt's event loop thread (`conn::start_event_loop`)
-//! and only copies the domain's name and the event into a bounded channel: it never
+//! and only copies the domain's name and the event into a bounded channel (the service's):
+//! it never
 //! calls into libvirt over the network, and a full channel drops the event (a read's
-//! listing, at most `observed::FRESH` old, covers what a dropped event would have said).
+//! listing, at most `service::observed::FRESH` old, covers what a dropped event would have said).
 
 use std::ffi::{CStr, c_int, c_void};
 
@@ -15,73 +16,46 @@ use tokio::sync::mpsc;
 use virt::connect::Connect;
 use virt::sys;
 
-/// Events waiting to be handled; more at once are dropped.
-pub const QUEUE: usize = 1024;
+use crate::vm::driver::{DomainEvent, EventKind, LibvirtFailure, Op};
 
-/// One lifecycle event: the domain's name, libvirt's `virDomainEventType` and its
-/// detail (for `Stopped`: shut down, destroyed, crashed, ...).
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lifecycle {
-    pub domain: String,
-    pub event: c_int,
-    pub detail: c_int,
+/// libvirt's `virDomainEventType` and its detail, in the driver's terms.
+fn event(event: c_int, detail: c_int) -> Option<EventKind> {
+    Some(match event as u32 {
+        sys::VIR_DOMAIN_EVENT_DEFINED => EventKind::Defined,
+        sys::VIR_DOMAIN_EVENT_UNDEFINED => EventKind::Undefined,
+        sys::VIR_DOMAIN_EVENT_STARTED => EventKind::Started,
+        sys::VIR_DOMAIN_EVENT_SUSPENDED => EventKind::Suspended,
+        sys::VIR_DOMAIN_EVENT_RESUMED => EventKind::Resumed,
+        sys::VIR_DOMAIN_EVENT_STOPPED => EventKind::Stopped(stop_reason(detail)),
+        sys::VIR_DOMAIN_EVENT_SHUTDOWN => EventKind::Shutdown,
+        sys::VIR_DOMAIN_EVENT_PMSUSPENDED => EventKind::PmSuspended,
+        sys::VIR_DOMAIN_EVENT_CRASHED => EventKind::Crashed,
+        _ => return None,
+    })
 }
 
-impl Lifecycle {
-    /// The event stream's kind for this event (`None` for one libvirt added later).
-    pub fn kind(&self) -> Option<crate::events::Kind> {
-        use crate::events::Kind;
-        Some(match self.event as u32 {
-            sys::VIR_DOMAIN_EVENT_DEFINED => Kind::VmDefined,
-            sys::VIR_DOMAIN_EVENT_UNDEFINED => Kind::VmUndefined,
-            sys::VIR_DOMAIN_EVENT_STARTED => Kind::VmStarted,
-            sys::VIR_DOMAIN_EVENT_SUSPENDED => Kind::VmSuspended,
-            sys::VIR_DOMAIN_EVENT_RESUMED => Kind::VmResumed,
-            sys::VIR_DOMAIN_EVENT_STOPPED => Kind::VmStopped,
-            sys::VIR_DOMAIN_EVENT_SHUTDOWN => Kind::VmShutdown,
-            sys::VIR_DOMAIN_EVENT_PMSUSPENDED => Kind::VmPmSuspended,
-            sys::VIR_DOMAIN_EVENT_CRASHED => Kind::VmCrashed,
-            _ => return None,
-        })
-    }
-
-    /// Why a domain stopped, in libvirt's words (`virDomainEventStoppedDetailType`).
-    pub fn reason(&self) -> Option<&'static str> {
-        if self.event as u32 != sys::VIR_DOMAIN_EVENT_STOPPED {
-            return None;
-        }
-        Some(match self.detail as u32 {
-            sys::VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN => "shutdown",
-            sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED => "destroyed",
-            sys::VIR_DOMAIN_EVENT_STOPPED_CRASHED => "crashed",
-            sys::VIR_DOMAIN_EVENT_STOPPED_MIGRATED => "migrated",
-            sys::VIR_DOMAIN_EVENT_STOPPED_SAVED => "saved",
-            sys::VIR_DOMAIN_EVENT_STOPPED_FAILED => "failed",
-            sys::VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT => "from-snapshot",
-            _ => "other",
-        })
-    }
-
-    /// Whether the event may leave an agent's VM in need of a repair (its domain gone,
-    /// stopped or crashed), so the VM reconcile should run now.
-    pub fn may_need_repair(&self) -> bool {
-        matches!(
-            self.event as u32,
-            sys::VIR_DOMAIN_EVENT_UNDEFINED
-                | sys::VIR_DOMAIN_EVENT_STOPPED
-                | sys::VIR_DOMAIN_EVENT_CRASHED
-        )
+/// Why a domain stopped, in libvirt's words (`virDomainEventStoppedDetailType`).
+fn stop_reason(detail: c_int) -> &'static str {
+    match detail as u32 {
+        sys::VIR_DOMAIN_EVENT_STOPPED_SHUTDOWN => "shutdown",
+        sys::VIR_DOMAIN_EVENT_STOPPED_DESTROYED => "destroyed",
+        sys::VIR_DOMAIN_EVENT_STOPPED_CRASHED => "crashed",
+        sys::VIR_DOMAIN_EVENT_STOPPED_MIGRATED => "migrated",
+        sys::VIR_DOMAIN_EVENT_STOPPED_SAVED => "saved",
+        sys::VIR_DOMAIN_EVENT_STOPPED_FAILED => "failed",
+        sys::VIR_DOMAIN_EVENT_STOPPED_FROM_SNAPSHOT => "from-snapshot",
+        _ => "other",
     }
 }
 
-type Sender = mpsc::Sender<Lifecycle>;
+type Sender = mpsc::Sender<DomainEvent>;
 
 /// Subscribes `conn` to every domain's lifecycle events, sending each to `tx`. The subscription ends with the connection (libvirt then frees the sender).
 #[allow(
     unsafe_code,
     reason = "the virt crate has no wrapper for domain events"
 )]
-pub fn subscribe(conn: &Connect, tx: &Sender) -> Result<(), String> {
+pub fn subscribe(conn: &Connect, tx: &Sender) -> Result<(), LibvirtFailure> {
     let opaque = Box::into_raw(Box::new(tx.clone())).cast::<c_void>();
     // SAFETY: the lifecycle callback's real signature is `on_lifecycle`'s; libvirt casts
     // it back by the event id (VIR_DOMAIN_EVENT_CALLBACK). `opaque` is a boxed sender
@@ -103,7 +77,10 @@ pub fn subscribe(conn: &Connect, tx: &Sender) -> Result<(), String> {
     if id < 0 {
         // SAFETY: libvirt did not take the sender; it is still ours to free.
         unsafe { free_sender(opaque) };
-        return Err(virt::error::Error::last_error().message().to_string());
+        return Err(LibvirtFailure::libvirt(
+            Op::new("subscribing to domain events"),
+            virt::error::Error::last_error(),
+        ));
     }
     Ok(())
 }
@@ -131,10 +108,9 @@ unsafe extern "C" fn on_lifecycle(
             CStr::from_ptr(name).to_string_lossy().into_owned(),
         )
     };
-    let _ = tx.try_send(Lifecycle {
+    let _ = tx.try_send(DomainEvent {
         domain: name,
-        event,
-        detail,
+        kind: self::event(event, detail),
     });
 }
 

@@ -5,24 +5,14 @@ use std::ffi::{CStr, CString, c_char};
 
 use virt::network::Network;
 
-use super::VmError;
+use crate::model::MacAddr;
+use crate::vm::driver::{Lease, LibvirtFailure, Op};
 
-#[derive(Clone, Debug, PartialEq, Eq)]
-pub struct Lease {
-    pub mac: String,
-    pub ip: String,
-    pub prefix: u32,
-    pub hostname: Option<String>,
-    /// Seconds since the epoch.
-    pub expiry: i64,
-}
-
-/// The network's current leases, only those of `mac` when given. Blocking.
-pub fn leases(net: &Network, mac: Option<&str>) -> Result<Vec<Lease>, VmError> {
-    let mac_c = mac
-        .map(CString::new)
-        .transpose()
-        .map_err(|_| VmError::Invalid("MAC address contains NUL".into()))?;
+/// The network's current leases, only those of `mac` when given. Blocking. A lease whose
+/// MAC or address does not parse (a client-id lease, say) is left out.
+pub fn leases(net: &Network, mac: Option<&MacAddr>) -> Result<Vec<Lease>, LibvirtFailure> {
+    // A MAC has no NUL (it passed its check).
+    let mac_c = mac.and_then(|m| CString::new(m.as_str()).ok());
     let mut array: *mut virt::sys::virNetworkDHCPLeasePtr = std::ptr::null_mut();
     #[allow(unsafe_code)]
     // SAFETY: `net` is a live network object; `mac_c` outlives the call; libvirt fills
@@ -36,8 +26,8 @@ pub fn leases(net: &Network, mac: Option<&str>) -> Result<Vec<Lease>, VmError> {
         )
     };
     if n < 0 {
-        return Err(VmError::libvirt(
-            "reading DHCP leases",
+        return Err(LibvirtFailure::libvirt(
+            Op::new("reading DHCP leases"),
             virt::error::Error::last_error(),
         ));
     }
@@ -49,13 +39,15 @@ pub fn leases(net: &Network, mac: Option<&str>) -> Result<Vec<Lease>, VmError> {
         unsafe {
             let lease = *array.add(i);
             let l = &*lease;
-            out.push(Lease {
-                mac: string(l.mac).unwrap_or_default(),
-                ip: string(l.ipaddr).unwrap_or_default(),
-                prefix: l.prefix,
-                hostname: string(l.hostname),
-                expiry: l.expirytime,
-            });
+            let mac = string(l.mac).and_then(|m| m.parse().ok());
+            let ip = string(l.ipaddr).and_then(|i| i.parse().ok());
+            if let (Some(mac), Some(ip)) = (mac, ip) {
+                out.push(Lease {
+                    mac,
+                    ip,
+                    expiry: l.expirytime,
+                });
+            }
             virt::sys::virNetworkDHCPLeaseFree(lease);
         }
     }
@@ -77,13 +69,4 @@ unsafe fn string(p: *const c_char) -> Option<String> {
         // SAFETY: the caller passes a NUL-terminated string from libvirt.
         Some(unsafe { CStr::from_ptr(p) }.to_string_lossy().into_owned())
     }
-}
-
-/// The IPv4 address leased to `mac`, the newest lease when there are several.
-pub fn ipv4_of(leases: &[Lease], mac: &str) -> Option<String> {
-    leases
-        .iter()
-        .filter(|l| l.mac.eq_ignore_ascii_case(mac) && l.ip.parse::<std::net::Ipv4Addr>().is_ok())
-        .max_by_key(|l| l.expiry)
-        .map(|l| l.ip.clone())
 }

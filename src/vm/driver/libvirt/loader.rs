@@ -16,7 +16,35 @@
 //! libvirt function called before that, or one missing from this list, is caught: the
 //! first aborts with a message naming it, the second makes libvirt.so.0 a start-time
 //! dependency again, which `libvirt_is_loaded_on_first_use` in tests/startup.rs
-//! reports with the symbol to add.
+//! reports with the symbol to add (for the unit tests' binary, `nm -D --undefined-only`
+//! on it shows the same; `vm::service`'s tests run where libvirt.so.0 is absent).
+//!
+//! # Safety
+//!
+//! The trampolines are sound under these invariants, which this module keeps and which
+//! every change to it must keep:
+//!
+//! 1. **Same name, same function.** Each trampoline is a global symbol with exactly the
+//!    name of the libvirt function it stands for, and only jumps (never calls): the
+//!    caller's arguments, return address and stack stay as the caller set them, so the
+//!    trampoline has the C signature of libvirt's function, which the `virt` crate's
+//!    `extern "C"` declarations (generated from libvirt's headers) already state. A
+//!    trampoline for a name libvirt does not export would be caught by [`load`], which
+//!    refuses a library lacking any of them.
+//! 2. **A slot is written once, before it is read as a function.** Only [`load`] writes
+//!    the slots, once per process (inside `LOADED`'s `OnceLock`), with `Release` stores
+//!    of addresses `dlsym` returned for a handle that is never closed; the libvirt calls
+//!    come after `ensure_loaded` returned `Ok` (every connection is opened by
+//!    `conn::Libvirt::open`, which calls it first), so they see the stores
+//!    (`OnceLock`'s completion synchronises with every later `get`).
+//! 3. **An empty slot stops the process.** A trampoline whose slot is still 0 jumps to
+//!    [`not_loaded`], which aborts: a libvirt call before loading is a bug of the agent,
+//!    never undefined behaviour.
+//! 4. **Scratch registers only.** The x86_64 trampoline uses `r11`, the aarch64 one `x16`:
+//!    both are the platform ABI's intra-procedure-call scratch registers, which a callee
+//!    may clobber and which carry no argument.
+//! 5. **Nothing unloads.** The handle is never passed to `dlclose` (libvirt is NODELETE
+//!    anyway), so the addresses stay valid for the life of the process.
 
 use std::ffi::{CStr, c_void};
 use std::sync::OnceLock;
@@ -30,7 +58,8 @@ macro_rules! trampolines {
         $(
             #[allow(non_snake_case)]
             // The trampoline jumps through a slot that only `ensure_loaded` writes, after
-            // which it holds the address of libvirt's function of the same name.
+            // which it holds the address of libvirt's function of the same name (the
+            // module's `# Safety` section).
             #[allow(unsafe_code)]
             mod $name {
                 use std::sync::atomic::AtomicUsize;
@@ -91,6 +120,9 @@ trampolines!(
     virConnectGetMaxVcpus,
     virConnectIsAlive,
     virConnectListAllDomains,
+    // The unit tests' own calls on libvirt's test driver (so their binary, too, starts
+    // without libvirt.so.0): counting domains, a network, a pool and a volume's XML.
+    virConnectNumOfDomains,
     virConnectOpen,
     virConnectRef,
     virConnectSetKeepAlive,
@@ -113,6 +145,7 @@ trampolines!(
     virEventRunDefaultImpl,
     virGetLastError,
     virNetworkCreate,
+    virNetworkDefineXML,
     virNetworkDHCPLeaseFree,
     virNetworkFree,
     virNetworkGetAutostart,
@@ -129,12 +162,14 @@ trampolines!(
     virStoragePoolCreate,
     virStoragePoolDefineXML,
     virStoragePoolFree,
+    virStoragePoolGetXMLDesc,
     virStoragePoolGetAutostart,
     virStoragePoolIsActive,
     virStoragePoolListVolumes,
     virStoragePoolLookupByName,
     virStoragePoolRefresh,
     virStoragePoolSetAutostart,
+    virStoragePoolUndefine,
     virStorageVolCreateXML,
     virStorageVolCreateXMLFrom,
     virStorageVolDelete,
@@ -142,6 +177,7 @@ trampolines!(
     virStorageVolFree,
     virStorageVolGetInfo,
     virStorageVolGetPath,
+    virStorageVolGetXMLDesc,
     virStorageVolLookupByName,
     virStorageVolUpload,
     virStreamAbort,
@@ -158,14 +194,31 @@ trampolines!(
 /// only say so and stop.
 extern "C" fn not_loaded() -> ! {
     eprintln!(
-        "node-vm-agent: a libvirt function was called before libvirt.so.0 was loaded (a bug: every libvirt call goes through vm::Libvirt)"
+        "node-vm-agent: a libvirt function was called before libvirt.so.0 was loaded (a bug: every libvirt call goes through the driver's connections, vm::driver::libvirt::Libvirt)"
     );
     std::process::abort();
 }
 
+/// Why libvirt.so.0 could not be used.
+#[derive(Clone, Debug, thiserror::Error)]
+pub enum LoadError {
+    /// The dynamic loader could not open it (not installed, or unusable).
+    #[error(
+        "cannot load {}: {reason} (install the libvirt0 package to manage VMs on this node)",
+        SONAME.to_string_lossy()
+    )]
+    Open {
+        /// `dlerror()`'s words.
+        reason: String,
+    },
+    /// It lacks functions the agent calls.
+    #[error("{} lacks {} (libvirt too old?)", SONAME.to_string_lossy(), .missing.join(", "))]
+    Missing { missing: Vec<String> },
+}
+
 /// Loads libvirt.so.0 and points every trampoline at it, once; later calls return the
 /// first outcome. Blocking (the dynamic loader runs libvirt's constructors).
-pub fn ensure_loaded() -> Result<(), String> {
+pub fn ensure_loaded() -> Result<(), LoadError> {
     LOADED.get_or_init(load).clone()
 }
 
@@ -175,22 +228,18 @@ pub fn is_loaded() -> bool {
     LOADED.get().is_some_and(Result::is_ok)
 }
 
-static LOADED: OnceLock<Result<(), String>> = OnceLock::new();
+static LOADED: OnceLock<Result<(), LoadError>> = OnceLock::new();
 
 #[allow(
     unsafe_code,
     reason = "dlopen and dlsym have no safe wrapper in libc or nix"
 )]
-fn load() -> Result<(), String> {
+fn load() -> Result<(), LoadError> {
     // SAFETY: dlopen/dlerror with a valid C string; the handle is never closed (libvirt
     // is NODELETE anyway), so the addresses stay valid for the life of the process.
     let handle = unsafe { libc::dlopen(SONAME.as_ptr(), libc::RTLD_NOW | libc::RTLD_GLOBAL) };
     if handle.is_null() {
-        return Err(format!(
-            "cannot load {}: {} (install the libvirt0 package to manage VMs on this node)",
-            SONAME.to_string_lossy(),
-            dl_error()
-        ));
+        return Err(LoadError::Open { reason: dl_error() });
     }
     let mut missing = Vec::new();
     for (name, slot) in SYMBOLS {
@@ -203,11 +252,7 @@ fn load() -> Result<(), String> {
         }
     }
     if !missing.is_empty() {
-        return Err(format!(
-            "{} lacks {} (libvirt too old?)",
-            SONAME.to_string_lossy(),
-            missing.join(", ")
-        ));
+        return Err(LoadError::Missing { missing });
     }
     tracing::info!(library = %SONAME.to_string_lossy(), functions = SYMBOLS.len(), "libvirt loaded");
     Ok(())

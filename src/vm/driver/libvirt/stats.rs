@@ -1,23 +1,15 @@
 //! Every domain's statistics in one libvirt call (`virConnectGetAllDomainStats`), for
-//! `GET /metrics`, and the last sample kept so a scrape never waits behind a slow
-//! libvirt: a scrape that finds the sample older than [`MAX_AGE`] starts one refresh
-//! (one at a time), waits for it at most `observed::READ_WAIT`, and otherwise reports
-//! the last sample with its age.
+//! `GET /metrics` (the service keeps the last sample: `service::statscache`).
 //!
 //! The `virt` crate's `all_domain_stats` hands back raw records it never frees and gives
 //! no way to read them; this is the small wrapper that reads and frees them.
 
 use std::ffi::{CStr, c_uint};
-use std::sync::Mutex;
-use std::time::{Duration, Instant};
 
 use virt::connect::Connect;
 use virt::sys;
 
 use crate::metrics::sample::DomainSample;
-
-/// A sample younger than this is served as it is.
-pub const MAX_AGE: Duration = Duration::from_secs(2);
 
 /// Reads every domain's state, CPU time, balloon, block and interface statistics.
 #[allow(
@@ -113,71 +105,6 @@ fn add(d: &mut DomainSample, field: &[u8], v: u64) {
     }
 }
 
-#[derive(Default)]
-struct Inner {
-    last: Option<(std::sync::Arc<Vec<DomainSample>>, Instant)>,
-    /// Since when a refresh runs, if one does.
-    refreshing: Option<Instant>,
-}
-
-/// The last sample and the one refresh that may run at a time.
-#[derive(Default)]
-pub struct StatsCache {
-    inner: Mutex<Inner>,
-    done: tokio::sync::Notify,
-}
-
-impl StatsCache {
-    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
-        self.inner.lock().unwrap_or_else(|p| p.into_inner())
-    }
-
-    /// The last sample and its age, if there is one.
-    pub fn last(&self) -> Option<(std::sync::Arc<Vec<DomainSample>>, Duration)> {
-        let inner = self.lock();
-        inner.last.as_ref().map(|(s, at)| (s.clone(), at.elapsed()))
-    }
-
-    /// Whether a refresh is due, claiming it if so (false while one runs, or the last
-    /// sample is fresh).
-    pub fn begin_refresh(&self) -> bool {
-        let mut inner = self.lock();
-        let fresh = inner
-            .last
-            .as_ref()
-            .is_some_and(|(_, at)| at.elapsed() < MAX_AGE);
-        if fresh || inner.refreshing.is_some() {
-            return false;
-        }
-        inner.refreshing = Some(Instant::now());
-        true
-    }
-
-    /// Ends the refresh claimed by [`StatsCache::begin_refresh`]; a failure keeps the
-    /// last sample.
-    pub fn end_refresh(&self, found: Option<Vec<DomainSample>>) {
-        let mut inner = self.lock();
-        inner.refreshing = None;
-        if let Some(found) = found {
-            inner.last = Some((std::sync::Arc::new(found), Instant::now()));
-        }
-        drop(inner);
-        self.done.notify_waiters();
-    }
-
-    /// Waits for a running refresh, at most until it has run for `wait`.
-    pub async fn wait_refresh(&self, wait: Duration) {
-        let done = self.done.notified();
-        tokio::pin!(done);
-        done.as_mut().enable();
-        let Some(since) = self.lock().refreshing else {
-            return;
-        };
-        let left = wait.saturating_sub(since.elapsed());
-        let _ = tokio::time::timeout(left, done).await;
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -209,32 +136,12 @@ mod tests {
 
     #[test]
     fn the_test_driver_answers_in_one_call() {
-        crate::vm::libvirt_so::ensure_loaded().unwrap();
+        super::super::loader::ensure_loaded().unwrap();
         let conn = Connect::open(Some("test:///default")).unwrap();
         let all = read_all(&conn).unwrap();
         // The test driver reports states only; a real libvirtd's figures are checked
         // by tests/observability.rs.
         let test = all.iter().find(|d| d.name == "test").unwrap();
         assert_eq!(test.state, 1, "test:///default's domain runs");
-    }
-
-    #[tokio::test]
-    async fn one_refresh_at_a_time_and_a_fresh_sample_is_served_as_it_is() {
-        let c = StatsCache::default();
-        assert!(c.begin_refresh());
-        assert!(!c.begin_refresh(), "one runs");
-        c.end_refresh(Some(vec![DomainSample::default()]));
-        assert!(!c.begin_refresh(), "fresh");
-        assert_eq!(c.last().unwrap().0.len(), 1);
-    }
-
-    #[tokio::test]
-    async fn a_reader_waits_for_a_stuck_refresh_only_so_long() {
-        let c = StatsCache::default();
-        assert!(c.begin_refresh());
-        let t = Instant::now();
-        c.wait_refresh(Duration::from_millis(50)).await;
-        assert!(t.elapsed() < Duration::from_secs(1));
-        assert!(c.last().is_none());
     }
 }

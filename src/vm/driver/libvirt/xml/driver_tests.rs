@@ -16,7 +16,7 @@ fn unique(prefix: &str) -> String {
 
 #[test]
 fn test_driver_accepts_domain_and_reports_it_back() {
-    crate::vm::libvirt_so::ensure_loaded().unwrap();
+    super::super::loader::ensure_loaded().unwrap();
     let conn = Connect::open(Some("test:///default")).unwrap();
     let pool = conn.lookup_storage_pool_by_name("default-pool").unwrap();
     let name = unique("nva-dom");
@@ -71,7 +71,7 @@ fn test_driver_accepts_domain_and_reports_it_back() {
 
 #[test]
 fn test_driver_accepts_kvm_and_aarch64_domains() {
-    crate::vm::libvirt_so::ensure_loaded().unwrap();
+    super::super::loader::ensure_loaded().unwrap();
     let conn = Connect::open(Some("test:///default")).unwrap();
     for (domain_type, arch) in [("kvm", "x86_64"), ("qemu", "aarch64")] {
         let name = unique("nva-arch");
@@ -98,7 +98,7 @@ fn test_driver_accepts_kvm_and_aarch64_domains() {
 
 #[test]
 fn test_driver_accepts_backed_volume() {
-    crate::vm::libvirt_so::ensure_loaded().unwrap();
+    super::super::loader::ensure_loaded().unwrap();
     let conn = Connect::open(Some("test:///default")).unwrap();
     let pool = conn.lookup_storage_pool_by_name("default-pool").unwrap();
     let base_name = unique("nva-base");
@@ -122,7 +122,7 @@ fn test_driver_accepts_backed_volume() {
 
 #[test]
 fn test_driver_accepts_pool_and_pool_path_reads_it_back() {
-    crate::vm::libvirt_so::ensure_loaded().unwrap();
+    super::super::loader::ensure_loaded().unwrap();
     let conn = Connect::open(Some("test:///default")).unwrap();
     let name = unique("nva-pool");
     let path = format!("/srv/{name}/a&b");
@@ -151,7 +151,7 @@ fn guest_support_lists_hvm_arches_with_their_domain_types() {
         ]
     );
     // libvirt's test driver: its own domain type.
-    crate::vm::libvirt_so::ensure_loaded().unwrap();
+    super::super::loader::ensure_loaded().unwrap();
     let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
     let support = guest_support(&conn.capabilities().unwrap()).unwrap();
     assert!(

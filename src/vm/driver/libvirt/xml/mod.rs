@@ -15,9 +15,11 @@ mod network;
 mod read;
 mod write;
 
-pub use network::{DhcpHost, NetIpv4, parse_network};
-pub use read::{DomainFacts, XmlError, guest_support, parse_domain, pool_path};
-pub use write::{ARCHES, DomainSpec, dhcp_host, domain, pool, volume};
+pub use network::parse_network;
+#[cfg(test)]
+pub use read::pool_path;
+pub use read::{DomainFacts, XmlError, guest_support, parse_domain};
+pub use write::{DomainSpec, dhcp_host, domain, pool, volume};
 
 /// Namespace of the agent's element in a domain's `<metadata>`.
 pub const METADATA_NS: &str = "https://github.com/node-vm-agent/xmlns/vm/1";

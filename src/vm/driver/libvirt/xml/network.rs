@@ -5,31 +5,12 @@ use std::net::Ipv4Addr;
 
 use super::XmlError;
 use super::read::{Step, Walk, attr};
-
-/// One IPv4 `<ip>` element of a network.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct NetIpv4 {
-    /// The host's own address on the network (the gateway the guests see).
-    pub address: Option<Ipv4Addr>,
-    pub prefix: u8,
-    /// `<dhcp><range start end/>`, inclusive.
-    pub ranges: Vec<(Ipv4Addr, Ipv4Addr)>,
-    /// `<dhcp><host/>`: reservations.
-    pub hosts: Vec<DhcpHost>,
-}
-
-/// One `<dhcp><host mac name ip/>` entry, its attributes as libvirt shows them.
-#[derive(Clone, Debug, Default, PartialEq, Eq)]
-pub struct DhcpHost {
-    pub mac: Option<String>,
-    pub name: Option<String>,
-    pub ip: Option<Ipv4Addr>,
-}
+use crate::vm::driver::{DhcpHost, Subnet};
 
 /// The IPv4 subnets of a network's XML (`<ip family='ipv6'>` is skipped).
-pub fn parse_network(xml: &str) -> Result<Vec<NetIpv4>, XmlError> {
+pub fn parse_network(xml: &str) -> Result<Vec<Subnet>, XmlError> {
     let mut walk = Walk::new(xml);
-    let mut out: Vec<NetIpv4> = Vec::new();
+    let mut out: Vec<Subnet> = Vec::new();
     let mut in_v4 = false;
     loop {
         match walk.next()? {
@@ -49,7 +30,7 @@ pub fn parse_network(xml: &str) -> Result<Vec<NetIpv4>, XmlError> {
                         }
                     } else if walk.path_is(&["network", "ip", "dhcp", "host"]) {
                         ip.hosts.push(DhcpHost {
-                            mac: attr(&start, "mac")?,
+                            mac: mac(&start)?,
                             name: attr(&start, "name")?,
                             ip: address(&start, "ip")?,
                         });
@@ -64,33 +45,58 @@ pub fn parse_network(xml: &str) -> Result<Vec<NetIpv4>, XmlError> {
 
 /// The address and prefix of an `<ip>` element (`prefix`, else `netmask`, else 24 as
 /// libvirt assumes for a class C address).
-fn subnet(start: &quick_xml::events::BytesStart<'_>) -> Result<NetIpv4, XmlError> {
+fn subnet(start: &quick_xml::events::BytesStart<'_>) -> Result<Subnet, XmlError> {
     let prefix = match (attr(start, "prefix")?, address(start, "netmask")?) {
         (Some(p), _) => p
             .parse::<u8>()
             .ok()
             .filter(|p| *p <= 32)
-            .ok_or_else(|| XmlError(format!("bad prefix {p:?}")))?,
+            .ok_or(XmlError::Value {
+                key: "prefix",
+                value: p,
+                expected: "a prefix length (0 to 32)",
+            })?,
         (None, Some(mask)) => u32::from(mask).count_ones() as u8,
         (None, None) => 24,
     };
-    Ok(NetIpv4 {
+    Ok(Subnet {
         address: address(start, "address")?,
         prefix,
-        ..NetIpv4::default()
+        ..Subnet::default()
     })
 }
 
 fn address(
     start: &quick_xml::events::BytesStart<'_>,
-    key: &str,
+    key: &'static str,
 ) -> Result<Option<Ipv4Addr>, XmlError> {
     match attr(start, key)? {
         None => Ok(None),
-        Some(v) => v
-            .parse()
-            .map(Some)
-            .map_err(|_| XmlError(format!("{key}={v:?} is not an IPv4 address"))),
+        Some(v) => match v.parse() {
+            Ok(ip) => Ok(Some(ip)),
+            Err(_) => Err(XmlError::Value {
+                key,
+                value: v,
+                expected: "an IPv4 address",
+            }),
+        },
+    }
+}
+
+/// A host entry's `mac`.
+fn mac(
+    start: &quick_xml::events::BytesStart<'_>,
+) -> Result<Option<crate::model::MacAddr>, XmlError> {
+    match attr(start, "mac")? {
+        None => Ok(None),
+        Some(v) => match v.parse() {
+            Ok(mac) => Ok(Some(mac)),
+            Err(_) => Err(XmlError::Value {
+                key: "mac",
+                value: v,
+                expected: "a MAC address",
+            }),
+        },
     }
 }
 
@@ -120,7 +126,10 @@ mod tests {
             )]
         );
         assert_eq!(ip.hosts.len(), 2);
-        assert_eq!(ip.hosts[0].mac.as_deref(), Some("52:54:00:00:00:01"));
+        assert_eq!(
+            ip.hosts[0].mac.as_ref().map(|m| m.as_str()),
+            Some("52:54:00:00:00:01")
+        );
         assert_eq!(ip.hosts[1].mac, None);
         assert_eq!(ip.hosts[1].ip, Some(Ipv4Addr::new(192, 168, 122, 11)));
     }

@@ -26,14 +26,30 @@ pub struct DomainFacts {
     pub taps: Vec<String>,
 }
 
+/// Why a document from libvirt could not be read.
 #[derive(Debug, thiserror::Error)]
-#[error("unreadable libvirt XML: {0}")]
-pub struct XmlError(pub String);
-
-impl From<quick_xml::Error> for XmlError {
-    fn from(e: quick_xml::Error) -> Self {
-        XmlError(e.to_string())
-    }
+pub enum XmlError {
+    #[error("unreadable libvirt XML: {0}")]
+    Syntax(#[from] quick_xml::Error),
+    #[error("unreadable libvirt XML: {0}")]
+    Attribute(#[from] quick_xml::events::attributes::AttrError),
+    #[error("unreadable libvirt XML: unknown entity &{0};")]
+    Entity(String),
+    /// The document's shape is not one libvirt writes.
+    #[error("unreadable libvirt XML: {0}")]
+    Shape(&'static str),
+    #[error("unreadable libvirt XML: root element is <{found}>, not <{expected}>")]
+    Root {
+        found: String,
+        expected: &'static str,
+    },
+    /// An attribute whose value is not what it must be.
+    #[error("unreadable libvirt XML: {key}={value:?} is not {expected}")]
+    Value {
+        key: &'static str,
+        value: String,
+        expected: &'static str,
+    },
 }
 
 /// One open element while reading: its local name, and whether it is in `METADATA_NS`.
@@ -88,7 +104,7 @@ impl<'i> Walk<'i> {
             match event {
                 Event::Start(start) => {
                     if self.root_closed {
-                        return Err(XmlError("more than one root element".into()));
+                        return Err(XmlError::Shape("more than one root element"));
                     }
                     self.stack.push(Open {
                         local: start.local_name().as_ref().to_owned(),
@@ -109,14 +125,14 @@ impl<'i> Walk<'i> {
                 Event::GeneralRef(r) => self.text.push_str(&resolve_ref(&r)?),
                 Event::Eof => {
                     if !self.stack.is_empty() {
-                        return Err(XmlError("document ends inside an element".into()));
+                        return Err(XmlError::Shape("document ends inside an element"));
                     }
                     return Ok(Step::Eof);
                 }
                 Event::Comment(_) | Event::Decl(_) | Event::PI(_) | Event::DocType(_) => {}
                 Event::Empty(_) => {
                     // Not produced with `expand_empty_elements`.
-                    return Err(XmlError("unexpected empty-element event".into()));
+                    return Err(XmlError::Shape("unexpected empty-element event"));
                 }
             }
         }
@@ -134,13 +150,13 @@ fn resolve_ref(r: &BytesRef<'_>) -> Result<Cow<'static, str>, XmlError> {
     }
     quick_xml::escape::resolve_predefined_entity(r)
         .map(Cow::Borrowed)
-        .ok_or_else(|| XmlError(format!("unknown entity &{};", &**r)))
+        .ok_or_else(|| XmlError::Entity((**r).to_string()))
 }
 
 /// Value of the unprefixed attribute `key`, unescaped.
 pub(super) fn attr(start: &BytesStart<'_>, key: &str) -> Result<Option<String>, XmlError> {
     for a in start.attributes() {
-        let a = a.map_err(|e| XmlError(e.to_string()))?;
+        let a = a?;
         if a.key.prefix().is_none() && a.key.local_name().as_ref() == key {
             return Ok(Some(
                 a.normalized_value(XmlVersion::Implicit1_0)?.into_owned(),
@@ -181,100 +197,119 @@ fn is_instance_id(stack: &[Open]) -> bool {
     }
 }
 
+/// What a domain's XML says, read element by element.
+#[derive(Default)]
+struct DomainReader {
+    facts: DomainFacts,
+    name: Option<String>,
+    /// The device being read: (MAC, network) of a network interface, (pool, volume) of a
+    /// volume disk; `None` inside devices of other types.
+    iface: Option<Pair>,
+    disk: Option<Pair>,
+    serial_file: bool,
+}
+
+impl DomainReader {
+    fn open(&mut self, stack: &[Open], start: &BytesStart<'_>) -> Result<(), XmlError> {
+        let Some((this, parents)) = stack.split_last() else {
+            return Ok(());
+        };
+        let parents: Vec<&str> = parents.iter().map(|o| o.local.as_str()).collect();
+        let kind = || attr(start, "type");
+        match (parents.as_slice(), this.local.as_str()) {
+            ([], "domain") => {}
+            ([], other) => {
+                return Err(XmlError::Root {
+                    found: other.to_owned(),
+                    expected: "domain",
+                });
+            }
+            (["domain", "devices"], "interface") => {
+                self.iface = (kind()?.as_deref() == Some("network")).then(Pair::default);
+            }
+            (["domain", "devices"], "disk") => {
+                self.disk = (kind()?.as_deref() == Some("volume")).then(Pair::default);
+            }
+            (["domain", "devices"], "serial") => {
+                self.serial_file = kind()?.as_deref() == Some("file");
+            }
+            (["domain", "devices", "interface"], leaf) => self.interface(leaf, start)?,
+            (["domain", "devices", "disk"], "source") => {
+                if let Some(pair) = self.disk.as_mut() {
+                    pair.first = attr(start, "pool")?;
+                    pair.second = attr(start, "volume")?;
+                }
+            }
+            // The first file-backed serial port is the console log.
+            (["domain", "devices", "serial"], "source")
+                if self.serial_file && self.facts.console_log.is_none() =>
+            {
+                self.facts.console_log = attr(start, "path")?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// An element inside a network `<interface>`: its MAC, tap or network.
+    fn interface(&mut self, leaf: &str, start: &BytesStart<'_>) -> Result<(), XmlError> {
+        let Some(pair) = self.iface.as_mut() else {
+            return Ok(());
+        };
+        match leaf {
+            "mac" => pair.first = attr(start, "address")?,
+            "source" => pair.second = attr(start, "network")?,
+            "target" => self.facts.taps.extend(attr(start, "dev")?),
+            _ => {}
+        }
+        Ok(())
+    }
+
+    fn close(&mut self, walk: &Walk<'_>, text: String) {
+        if walk.path_is(&["domain", "name"]) {
+            self.name = Some(text);
+        } else if walk.path_is(&["domain", "uuid"]) {
+            self.facts.uuid = text;
+        } else if walk.path_is(&["domain", "devices", "interface"]) {
+            if let Some(mut pair) = self.iface.take() {
+                self.facts.interfaces.push(pair.take());
+            }
+        } else if walk.path_is(&["domain", "devices", "disk"]) {
+            if let Some(mut pair) = self.disk.take()
+                && pair.first.is_some()
+            {
+                self.facts.volumes.push(pair.take());
+            }
+        } else if walk.path_is(&["domain", "devices", "serial"]) {
+            self.serial_file = false;
+        } else if is_instance_id(&walk.stack) && self.facts.instance_id.is_none() {
+            self.facts.instance_id = Some(text);
+        }
+    }
+}
+
 pub fn parse_domain(xml: &str) -> Result<DomainFacts, XmlError> {
     let mut walk = Walk::new(xml);
-    let mut facts = DomainFacts::default();
-    let mut name = None;
-    // The device being read: (MAC, network) of a network interface, (pool, volume) of a
-    // volume disk; `None` inside devices of other types.
-    let mut iface: Option<Pair> = None;
-    let mut disk: Option<Pair> = None;
-    let mut serial_file = false;
-
+    let mut reader = DomainReader::default();
     loop {
         match walk.next()? {
             Step::Eof => break,
-            Step::Open(start) => {
-                let Some((this, parents)) = walk.stack.split_last() else {
-                    continue;
-                };
-                let parents: Vec<&str> = parents.iter().map(|o| o.local.as_str()).collect();
-                let kind = || attr(&start, "type");
-                match (parents.as_slice(), this.local.as_str()) {
-                    ([], "domain") => {}
-                    ([], other) => {
-                        return Err(XmlError(format!("root element is <{other}>, not <domain>")));
-                    }
-                    (["domain", "devices"], "interface") => {
-                        iface = (kind()?.as_deref() == Some("network")).then(Pair::default);
-                    }
-                    (["domain", "devices"], "disk") => {
-                        disk = (kind()?.as_deref() == Some("volume")).then(Pair::default);
-                    }
-                    (["domain", "devices"], "serial") => {
-                        serial_file = kind()?.as_deref() == Some("file");
-                    }
-                    (["domain", "devices", "interface"], "mac") => {
-                        if let Some(pair) = iface.as_mut() {
-                            pair.first = attr(&start, "address")?;
-                        }
-                    }
-                    (["domain", "devices", "interface"], "target") => {
-                        if iface.is_some()
-                            && let Some(dev) = attr(&start, "dev")?
-                        {
-                            facts.taps.push(dev);
-                        }
-                    }
-                    (["domain", "devices", "interface"], "source") => {
-                        if let Some(pair) = iface.as_mut() {
-                            pair.second = attr(&start, "network")?;
-                        }
-                    }
-                    (["domain", "devices", "disk"], "source") => {
-                        if let Some(pair) = disk.as_mut() {
-                            pair.first = attr(&start, "pool")?;
-                            pair.second = attr(&start, "volume")?;
-                        }
-                    }
-                    // The first file-backed serial port is the console log.
-                    (["domain", "devices", "serial"], "source")
-                        if serial_file && facts.console_log.is_none() =>
-                    {
-                        facts.console_log = attr(&start, "path")?;
-                    }
-                    _ => {}
-                }
-            }
+            Step::Open(start) => reader.open(&walk.stack, &start)?,
             Step::Close { text } => {
-                if walk.path_is(&["domain", "name"]) {
-                    name = Some(text);
-                } else if walk.path_is(&["domain", "uuid"]) {
-                    facts.uuid = text;
-                } else if walk.path_is(&["domain", "devices", "interface"]) {
-                    if let Some(mut pair) = iface.take() {
-                        facts.interfaces.push(pair.take());
-                    }
-                } else if walk.path_is(&["domain", "devices", "disk"]) {
-                    if let Some(mut pair) = disk.take()
-                        && pair.first.is_some()
-                    {
-                        facts.volumes.push(pair.take());
-                    }
-                } else if walk.path_is(&["domain", "devices", "serial"]) {
-                    serial_file = false;
-                } else if is_instance_id(&walk.stack) && facts.instance_id.is_none() {
-                    facts.instance_id = Some(text);
-                }
+                reader.close(&walk, text);
                 walk.pop();
             }
         }
     }
-    facts.name = name.ok_or_else(|| XmlError("no <name> in <domain>".into()))?;
+    let mut facts = reader.facts;
+    facts.name = reader
+        .name
+        .ok_or(XmlError::Shape("no <name> in <domain>"))?;
     Ok(facts)
 }
 
-/// The `<target><path>` of a storage pool's XML.
+/// The `<target><path>` of a storage pool's XML (tests read back the pool they wrote).
+#[cfg(test)]
 pub fn pool_path(xml: &str) -> Result<String, XmlError> {
     let mut walk = Walk::new(xml);
     let mut path = None;
@@ -283,10 +318,10 @@ pub fn pool_path(xml: &str) -> Result<String, XmlError> {
             Step::Eof => break,
             Step::Open(_) => {
                 if walk.stack.len() == 1 && walk.stack[0].local != "pool" {
-                    return Err(XmlError(format!(
-                        "root element is <{}>, not <pool>",
-                        walk.stack[0].local
-                    )));
+                    return Err(XmlError::Root {
+                        found: walk.stack[0].local.clone(),
+                        expected: "pool",
+                    });
                 }
             }
             Step::Close { text } => {
@@ -297,7 +332,7 @@ pub fn pool_path(xml: &str) -> Result<String, XmlError> {
             }
         }
     }
-    path.ok_or_else(|| XmlError("no <target><path> in <pool>".into()))
+    path.ok_or(XmlError::Shape("no <target><path> in <pool>"))
 }
 
 /// The `(arch, domain type)` pairs of hvm guests a libvirt host can run, from its

@@ -17,7 +17,7 @@ pub struct DomainSpec<'a> {
     pub domain_type: &'a str,
     pub memory_mib: u64,
     pub vcpus: u32,
-    /// One of `ARCHES`.
+    /// One of `vm::spec::ARCHES`.
     pub arch: &'a str,
     /// The agent's storage pool; disk and seed are `<disk type='volume'>` in it.
     pub pool: &'a str,
@@ -36,9 +36,6 @@ pub struct DomainSpec<'a> {
     /// Written into the agent's `<metadata>` element, which also marks the domain as ours.
     pub instance_id: &'a str,
 }
-
-/// The architectures a VM may ask for (`os_arch`).
-pub const ARCHES: &[&str] = &["x86_64", "aarch64"];
 
 type W = Writer<Vec<u8>>;
 
