@@ -398,3 +398,61 @@ impl VmError {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    use super::*;
+    use crate::vm::driver::{Cause, LibvirtKind, Op};
+
+    /// A listing's failure, told again by a read that has nothing else to answer, says
+    /// "libvirt is unavailable" once.
+    #[test]
+    fn an_unavailable_reason_told_again_says_it_once() {
+        let away = LibvirtFailure::unavailable(Cause::NoAnswer(Duration::from_secs(3)));
+        assert_eq!(
+            away.to_string(),
+            "libvirt is unavailable: libvirt did not answer within 3 s"
+        );
+        let read = VmError::from(Unavailable::NotObserved(Some(Arc::new(away))));
+        assert_eq!(
+            read.to_string(),
+            "libvirt is unavailable: libvirt did not answer within 3 s"
+        );
+        assert!(read.is_unavailable());
+        let never = VmError::from(Unavailable::NotObserved(None));
+        assert_eq!(
+            never.to_string(),
+            "libvirt is unavailable: libvirt has not answered since the agent started"
+        );
+    }
+
+    /// Each kind of libvirt failure reads with the prefix clients have always seen.
+    #[test]
+    fn a_failures_kind_decides_its_prefix_and_a_lost_connection_is_unavailable() {
+        let op = || Op::of("defining domain", "web1");
+        let failed = LibvirtFailure::failed(op(), Cause::StreamStalled);
+        assert_eq!(
+            failed.to_string(),
+            "libvirt: defining domain web1: the upload stream stopped accepting data"
+        );
+        let lost = failed.connection_lost();
+        assert_eq!(lost.kind(), LibvirtKind::Unavailable);
+        assert_eq!(
+            lost.to_string(),
+            "libvirt is unavailable: defining domain web1: the upload stream stopped accepting data"
+        );
+        let stalled = VmError::Stalled(Stalled {
+            operation: Operation::Create {
+                name: "web1".into(),
+                wait: false,
+            },
+            waited: Duration::from_secs(5),
+        });
+        assert!(stalled.to_string().starts_with(
+            "POST /vms web1 (wait=false): libvirt did not finish within 5 s; the operation goes on"
+        ));
+    }
+}
