@@ -149,6 +149,8 @@ impl Drop for Checkout<'_> {
 }
 
 impl Libvirt {
+    /// With the default keepalive (tests; the agent sets LIBVIRT_KEEPALIVE).
+    #[cfg(test)]
     pub fn new(uri: impl Into<String>, timeout: Duration) -> Arc<Self> {
         Self::with_keepalive(uri, timeout, KEEPALIVE_INTERVAL_S)
     }
