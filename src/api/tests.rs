@@ -1080,27 +1080,26 @@ async fn the_vm_list_and_status_show_the_instance_id() {
     let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
     let orphan_uuid = uuid::Uuid::new_v4().to_string();
     let orphan_iid = format!("iid-orphan-{id}");
+    use crate::vm::driver::libvirt::testing as xml;
     let dom = conn
-        .define_domain_xml(&crate::vm::driver::libvirt::testing::domain(
-            &crate::vm::driver::libvirt::testing::DomainSpec {
-                name: &orphan,
-                uuid: &orphan_uuid,
-                domain_type: "qemu",
-                memory_mib: 128,
-                vcpus: 1,
-                arch: "x86_64",
-                pool: "default-pool",
-                disk_volume: "nva-orphan-disk.qcow2",
-                seed_volume: "nva-orphan-seed.img",
-                network: "default",
-                mac: "52:54:00:00:00:43",
-                console_log: None,
-                kernel: None,
-                initrd: None,
-                cmdline: None,
-                instance_id: &orphan_iid,
-            },
-        ))
+        .define_domain_xml(&xml::domain(&xml::DomainSpec {
+            name: &orphan,
+            uuid: &orphan_uuid,
+            domain_type: "qemu",
+            memory_mib: 128,
+            vcpus: 1,
+            arch: "x86_64",
+            pool: "default-pool",
+            disk_volume: "nva-orphan-disk.qcow2",
+            seed_volume: "nva-orphan-seed.img",
+            network: "default",
+            mac: "52:54:00:00:00:43",
+            console_log: None,
+            kernel: None,
+            initrd: None,
+            cmdline: None,
+            instance_id: &orphan_iid,
+        }))
         .unwrap();
     let (s, list) = h.authed("GET", "/vms", None).await;
     let mut statuses = Vec::new();
