@@ -2,9 +2,11 @@
 
 pub mod agent;
 pub mod api;
+pub mod cloudinit;
 pub mod config;
 pub mod events;
 pub mod fdlimit;
+pub mod hoststats;
 pub mod join;
 pub mod keys;
 pub mod locks;

@@ -19,6 +19,9 @@
 //! LIBVIRT_TIMEOUT), calls that were still running on the connection when libvirt closed
 //! it, and calls that wait for a new one until the daemon answers again.
 //!
+//! A second test stops libvirtd once and creates a VM without waiting: the answer, with
+//! the VM's address, must not wait for libvirt (decisions §27).
+//!
 //! libvirtd's control socket is machine-wide: the libvirt tests take turns
 //! (`support::libvirt::turn`, a lock across test processes).
 
@@ -381,4 +384,75 @@ fn the_agent_survives_ten_libvirtd_freezes_with_creates_deletes_and_reads_in_fli
     }
     assert_alive(&mut e, "at the end");
     eprintln!("total {:.0} s", started.elapsed().as_secs_f64());
+}
+
+/// Sends SIGCONT to libvirtd when dropped: a failed assertion must not leave the
+/// machine's libvirtd stopped.
+struct Thaw(i32);
+
+impl Drop for Thaw {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .args(["-CONT", &self.0.to_string()])
+            .status();
+    }
+}
+
+/// The address is the agent's choice: with libvirtd stopped, `POST /vms?wait=false`
+/// answers 202 with the VM's address within a second (the agent saw the network with
+/// the first create), the VM shows as `creating` meanwhile; after the thaw it runs, its
+/// DHCP host entry holds that address, and its first lease is that address.
+#[test]
+fn a_create_without_waiting_answers_its_address_while_libvirtd_is_frozen() {
+    let _turn = support::libvirt::turn();
+    let e = env(&[("LIBVIRT_TIMEOUT", "5")]);
+    let (kernel, initrd) = e.scratch.guest();
+    let r = e.upload_image("tiny", &vec![0u8; 4 << 20]);
+    assert_eq!(r.status, 200, "{r:?}");
+    let api = &e.agent.api;
+    let r = api.post("/vms", &tiny_vm("seen", &kernel, &initrd));
+    assert_eq!(r.status, 200, "{r:?}\n{}", e.agent.log());
+    assert_eq!(api.get("/vms").status, 200);
+    let pid = Libvirtd::pid().expect("libvirtd's pid file");
+
+    say("libvirtd stopped; creating a VM without waiting");
+    signal(pid, "-STOP");
+    let thaw = Thaw(pid);
+    let t0 = Instant::now();
+    let body = tiny_vm("frozen1", &kernel, &initrd).to_string();
+    let r = api.call("POST", "/vms?wait=false", Some(&body));
+    let took = t0.elapsed();
+    assert_eq!(r.status, 202, "{r:?}\n{}", tail(&e.agent.log(), 40));
+    assert!(took < Duration::from_secs(1), "the 202 took {took:?}");
+    let ip: std::net::Ipv4Addr = r.json()["ip"].as_str().unwrap().parse().unwrap();
+    eprintln!(
+        "202 with {ip} after {:.1} ms, libvirtd stopped",
+        took.as_secs_f64() * 1000.0
+    );
+    let status = api.get("/vms/frozen1/status");
+    assert_eq!(status.status, 200, "{status:?}");
+    assert_eq!(status.json()["status"]["state"], "creating", "{status:?}");
+    std::thread::sleep(Duration::from_secs(2));
+    drop(thaw);
+    say("libvirtd continued; waiting for frozen1 to run");
+
+    let deadline = Instant::now() + WAIT;
+    while e.state("frozen1") != "running" {
+        assert!(
+            Instant::now() < deadline,
+            "frozen1 never ran\n{}",
+            tail(&e.agent.log(), 40)
+        );
+        std::thread::sleep(Duration::from_millis(250));
+    }
+    let status = api.get("/vms/frozen1/status").json()["status"].clone();
+    assert_eq!(status["pinned_ip"], ip.to_string(), "{status}");
+    let mac = status["mac"].as_str().unwrap().to_owned();
+    let entry = format!("<host mac='{mac}' name='frozen1' ip='{ip}'/>");
+    let net = support::libvirt::virsh(&["net-dumpxml", "default"]);
+    assert!(net.contains(&entry), "{entry} not in\n{net}");
+    e.wait_ready("frozen1", 1);
+    let lease = support::libvirt::virsh(&["net-dhcp-leases", "default", "--mac", &mac]);
+    assert!(lease.contains(&format!("{ip}/")), "{lease}");
+    assert_eq!(e.guest_http(ip, "/hostname").trim(), "frozen1");
 }

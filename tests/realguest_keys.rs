@@ -19,7 +19,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::{Duration, Instant};
 
-use node_vm_agent::vm::seed::{self, SeedSpec};
+use node_vm_agent::cloudinit::{self as seed, SeedSpec};
 use serde_json::json;
 use support::libvirt::{env, script};
 

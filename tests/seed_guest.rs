@@ -1,4 +1,4 @@
-//! The cloud-init seed from `vm::seed::build`, read by a real guest: the tiny guest
+//! The cloud-init seed from `cloudinit::build`, read by a real guest: the tiny guest
 //! (scripts/build-tiny-guest.sh) boots under QEMU/TCG with the seed as a read-only
 //! virtio disk, finds it by its CIDATA label, and reports the seed's hostname and
 //! instance-id on the console marker and over HTTP. On the ACPI power button (QMP
@@ -20,7 +20,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
-use node_vm_agent::vm::seed::{self, SeedSpec};
+use node_vm_agent::cloudinit::{self as seed, SeedSpec};
 use support::http_get;
 use support::netns::{Netns, run_ok, unique_id};
 

@@ -376,7 +376,7 @@ fn libvirt_is_loaded_on_first_use_and_a_node_without_it_still_maps_ports() {
         libvirt_mapped(pid),
         None,
         "libvirt loaded by an agent that only maps ports: is a libvirt function missing \
-         from the list in src/vm/libvirt_so.rs? (`nm -D --undefined-only` of the binary)"
+         from the list in src/vm/driver/libvirt/loader.rs? (`nm -D --undefined-only` of the binary)"
     );
     let vms = agent.api.get("/vms");
     assert_eq!(vms.status, 200, "{}", vms.body);

@@ -352,20 +352,26 @@ fn vm_layer(
     store: &Store,
     portmaps: &Arc<PortMaps>,
 ) -> (Arc<vm::service::Vms>, Arc<vm::images::Images>) {
-    let lv = vm::Libvirt::with_keepalive(
+    use vm::driver::libvirt::{Libvirt, LibvirtHypervisor, Place, is_local_uri};
+    let lv = Libvirt::with_keepalive(
         settings.libvirt_uri.clone(),
         settings.libvirt_timeout(),
         settings.libvirt_keepalive,
     );
+    let place = Place {
+        pool: settings.vms_pool.clone(),
+        pool_dir: settings.pool_dir().to_string_lossy().into_owned(),
+        local: is_local_uri(&settings.libvirt_uri),
+    };
+    let hv = Arc::new(LibvirtHypervisor::new(lv, place));
+    let driver = vm::driver::Driver::new(hv, settings.libvirt_timeout());
     let cfg = vm::VmConfig::from(settings);
     let images = vm::images::Images::new(
-        lv.clone(),
+        driver.clone(),
         store.clone(),
-        cfg.pool.clone(),
-        cfg.pool_dir.clone(),
-        cfg.limits.max_disk_gb * vm::storage::GIB,
+        cfg.limits.max_disk_gb * vm::driver::volumes::GIB,
     );
-    let vms = vm::service::Vms::new(lv, store.clone(), cfg, Some(portmaps.clone()))
+    let vms = vm::service::Vms::new(driver, store.clone(), cfg, Some(portmaps.clone()))
         .with_images(images.clone());
     let vms = Arc::new(vms);
     vms.watch_events();

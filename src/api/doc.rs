@@ -189,7 +189,7 @@ pub fn cloud_init_or_null() -> Schema {
 }
 
 pub fn arch_or_null() -> Schema {
-    let mut values: Vec<Value> = crate::vm::xml::ARCHES.iter().map(|a| json!(a)).collect();
+    let mut values: Vec<Value> = crate::vm::spec::ARCHES.iter().map(|a| json!(a)).collect();
     values.push(Value::Null);
     ObjectBuilder::new()
         .schema_type(SchemaType::Array(vec![Type::String, Type::Null]))

@@ -56,17 +56,12 @@ fn harness() -> Harness {
 /// networks (`default`) and pools exist in memory only; nothing reaches a real libvirtd.
 pub(crate) fn test_vm_api(store: &Store) -> VmApi {
     use crate::vm;
-    let lv = vm::Libvirt::new("test:///default", std::time::Duration::from_secs(30));
-    let images = vm::images::Images::new(
-        lv.clone(),
-        store.clone(),
-        "nva-test-pool".into(),
-        "/nonexistent/nva-test-pool".into(),
-        1 << 30,
-    );
+    let driver = vm::driver::libvirt::testing::driver();
+    let images = vm::images::Images::new(driver.clone(), store.clone(), 1 << 30);
     let cfg = vm::service::tests::test_config();
-    let vms =
-        Arc::new(vm::service::Vms::new(lv, store.clone(), cfg, None).with_images(images.clone()));
+    let vms = Arc::new(
+        vm::service::Vms::new(driver, store.clone(), cfg, None).with_images(images.clone()),
+    );
     vms.watch_events();
     VmApi {
         vms,

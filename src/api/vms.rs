@@ -20,8 +20,8 @@ use super::wire::vms::{
     StopQuery, VmConsole, VmCreated, VmCreating, VmDeleted, VmIp, VmList, VmRebooted, VmStarted,
     VmStatusAnswer, VmStopped,
 };
+use crate::hoststats;
 use crate::model::VmName;
-use crate::vm::hoststats;
 use crate::vm::spec::{self, check_name};
 
 /// The VM's name from the path, parsed; a bad one is refused (400) before anything.
@@ -254,7 +254,7 @@ pub async fn ip(
     Ok(SortedJson(VmIp {
         ok: true,
         name: name.to_string(),
-        ip,
+        ip: ip.to_string(),
     }))
 }
 

@@ -275,7 +275,7 @@ fn the_vm_config_comes_from_the_vm_group() {
     ])
     .unwrap();
     let cfg = VmConfig::from(&s.vms);
-    assert_eq!(cfg.pool_dir, "/h");
+    assert_eq!(s.vms.pool_dir(), std::path::Path::new("/h"));
     assert_eq!(cfg.pool, "node-vm-agent");
     assert_eq!(cfg.stop_timeout, Duration::from_secs(7));
     assert_eq!(cfg.limits.max_disk_gb, 2048);
@@ -325,7 +325,7 @@ fn libvirt_keepalives_default_is_the_connections_own() {
     // `Libvirt::new` uses when no setting is given.
     assert_eq!(
         DEFAULT_LIBVIRT_KEEPALIVE_S,
-        crate::vm::conn::KEEPALIVE_INTERVAL_S
+        crate::vm::driver::libvirt::KEEPALIVE_INTERVAL_S
     );
     let s = parse(&[]).unwrap();
     assert_eq!(s.vms.libvirt_keepalive, DEFAULT_LIBVIRT_KEEPALIVE_S);

@@ -111,6 +111,7 @@ pub struct UnknownWord {
 
 pub mod allow;
 pub mod iface;
+pub mod mac;
 pub mod name;
 pub mod portmap;
 pub mod ssh_key;
@@ -118,6 +119,7 @@ pub mod time;
 
 pub use allow::{AllowList, AllowListError};
 pub use iface::IfaceName;
+pub use mac::MacAddr;
 pub use name::VmName;
 pub use portmap::{MapCounters, PortMap, PortRule, Proto};
 pub use ssh_key::SshKey;

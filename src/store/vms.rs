@@ -1,17 +1,17 @@
 //! `vms` and `images`: the desired VMs and base images.
 
-use std::net::Ipv4Addr;
+use std::net::{IpAddr, Ipv4Addr};
 
 use rusqlite::{Connection, OptionalExtension, Row, params};
 use serde::Serialize;
 
 use super::{NOW, StoreError};
-use crate::model::{DesiredState, ImageState, VmState};
+use crate::model::{DesiredState, ImageState, MacAddr, VmName, VmState};
 
 /// One VM as the operator asked for it, plus what the agent last saw.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct VmRow {
-    pub name: String,
+    pub name: VmName,
     pub uuid: String,
     pub instance_id: String,
     pub hostname: String,
@@ -22,7 +22,7 @@ pub struct VmRow {
     pub os_arch: String,
     pub domain_type: String,
     pub image: Option<String>,
-    pub mac: String,
+    pub mac: MacAddr,
     pub kernel: Option<String>,
     pub initrd: Option<String>,
     pub cmdline: Option<String>,
@@ -34,11 +34,12 @@ pub struct VmRow {
     pub seed_volume: String,
     pub desired_state: DesiredState,
     pub last_state: Option<VmState>,
-    pub last_ip: Option<String>,
+    /// The address of the last DHCP lease the agent saw (`GET /vms/{name}/ip`).
+    pub last_ip: Option<IpAddr>,
     pub last_ip_at: Option<String>,
     /// The address reserved for the VM in its network's DHCP range (a host entry);
     /// `None` for a VM created before schema 7, which gets whatever DHCP gives it.
-    pub pinned_ip: Option<String>,
+    pub pinned_ip: Option<IpAddr>,
     pub created_at: String,
     pub updated_at: String,
     pub created_by: String,
@@ -72,13 +73,37 @@ fn vm_from_row(r: &Row<'_>) -> rusqlite::Result<VmRow> {
         seed_volume: r.get(18)?,
         desired_state: r.get(19)?,
         last_state: r.get(20)?,
-        last_ip: r.get(21)?,
+        last_ip: ip_column(r, 21)?,
         last_ip_at: r.get(22)?,
         created_at: r.get(23)?,
         updated_at: r.get(24)?,
         created_by: r.get(25)?,
-        pinned_ip: r.get(26)?,
+        pinned_ip: ip_column(r, 26)?,
     })
+}
+
+/// An address column (TEXT): NULL, or an address that must parse; a stored value that no
+/// longer does is an error, not a missing address.
+fn ip_column(r: &Row<'_>, idx: usize) -> rusqlite::Result<Option<IpAddr>> {
+    let Some(text) = r.get::<_, Option<String>>(idx)? else {
+        return Ok(None);
+    };
+    text.parse().map(Some).map_err(|e| {
+        rusqlite::Error::FromSqlConversionFailure(idx, rusqlite::types::Type::Text, Box::new(e))
+    })
+}
+
+/// An address as its column holds it.
+fn ip_text(ip: Option<IpAddr>) -> Option<String> {
+    ip.map(|i| i.to_string())
+}
+
+/// A port map's target among a VM's addresses: IPv4 only (the agent's table is `ip`).
+fn v4(ip: Option<IpAddr>) -> Option<Ipv4Addr> {
+    match ip {
+        Some(IpAddr::V4(v4)) => Some(v4),
+        _ => None,
+    }
 }
 
 pub fn list(conn: &Connection) -> Result<Vec<VmRow>, StoreError> {
@@ -92,7 +117,7 @@ pub fn get(conn: &Connection, name: &str) -> Result<Option<VmRow>, StoreError> {
     Ok(stmt.query_row([name], vm_from_row).optional()?)
 }
 
-pub fn mac_in_use(conn: &Connection, mac: &str) -> Result<bool, StoreError> {
+pub fn mac_in_use(conn: &Connection, mac: &MacAddr) -> Result<bool, StoreError> {
     let n: i64 = conn.query_row("SELECT count(*) FROM vms WHERE mac = ?1", [mac], |r| {
         r.get(0)
     })?;
@@ -100,10 +125,10 @@ pub fn mac_in_use(conn: &Connection, mac: &str) -> Result<bool, StoreError> {
 }
 
 /// Whether a VM row has MAC `mac` on network `network`.
-pub fn mac_on_network(conn: &Connection, mac: &str, network: &str) -> Result<bool, StoreError> {
+pub fn mac_on_network(conn: &Connection, mac: &MacAddr, network: &str) -> Result<bool, StoreError> {
     let n: i64 = conn.query_row(
         "SELECT count(*) FROM vms WHERE mac = ?1 AND network_name = ?2",
-        [mac, network],
+        params![mac, network],
         |r| r.get(0),
     )?;
     Ok(n > 0)
@@ -118,33 +143,22 @@ pub fn ready_image_totals(conn: &Connection) -> Result<(i64, i64), StoreError> {
     )?)
 }
 
-/// The pinned address of VM `name`; `None` when it has none (created before schema 7)
-/// or there is no such VM. For port maps that name a VM.
-pub fn pinned_ip(conn: &Connection, name: &str) -> Result<Option<Ipv4Addr>, StoreError> {
-    let ip: Option<Option<String>> = conn
-        .query_row("SELECT pinned_ip FROM vms WHERE name = ?1", [name], |r| {
-            r.get(0)
-        })
-        .optional()?;
-    Ok(ip.flatten().and_then(|i| i.parse().ok()))
-}
-
 /// Where port maps that name VM `name` go: `None` when there is no such VM; else its
 /// pinned address, or, for a VM from before pinning, the last address the agent saw
 /// (`Some(None)`: none yet).
 pub fn map_address(conn: &Connection, name: &str) -> Result<Option<Option<Ipv4Addr>>, StoreError> {
-    let row: Option<(Option<String>, Option<String>)> = conn
+    let row: Option<(Option<IpAddr>, Option<IpAddr>)> = conn
         .query_row(
             "SELECT pinned_ip, last_ip FROM vms WHERE name = ?1",
             [name],
-            |r| Ok((r.get(0)?, r.get(1)?)),
+            |r| Ok((ip_column(r, 0)?, ip_column(r, 1)?)),
         )
         .optional()?;
-    Ok(row.map(|(pinned, last)| pinned.or(last).and_then(|i| i.parse().ok())))
+    Ok(row.map(|(pinned, last)| v4(pinned.or(last))))
 }
 
 /// The MAC of every VM.
-pub fn macs(conn: &Connection) -> Result<Vec<String>, StoreError> {
+pub fn macs(conn: &Connection) -> Result<Vec<MacAddr>, StoreError> {
     let mut stmt = conn.prepare_cached("SELECT mac FROM vms")?;
     let rows = stmt.query_map([], |r| r.get(0))?;
     Ok(rows.collect::<Result<_, _>>()?)
@@ -155,19 +169,19 @@ pub fn pinned_on(
     conn: &Connection,
     network: &str,
     except: &str,
-) -> Result<Vec<(Ipv4Addr, String)>, StoreError> {
+) -> Result<Vec<(IpAddr, VmName)>, StoreError> {
     let mut stmt = conn.prepare_cached(
         "SELECT pinned_ip, name FROM vms \
          WHERE network_name = ?1 AND name <> ?2 AND pinned_ip IS NOT NULL",
     )?;
     let rows = stmt.query_map([network, except], |r| {
-        Ok((r.get::<_, String>(0)?, r.get::<_, String>(1)?))
+        let ip = ip_column(r, 0)?;
+        Ok(ip.map(|ip| (ip, r.get::<_, VmName>(1))))
     })?;
     let mut out = Vec::new();
     for row in rows {
-        let (ip, name) = row?;
-        if let Ok(ip) = ip.parse() {
-            out.push((ip, name));
+        if let Some((ip, name)) = row? {
+            out.push((ip, name?));
         }
     }
     Ok(out)
@@ -250,10 +264,10 @@ fn upsert_row(conn: &Connection, vm: &VmRow) -> Result<(), StoreError> {
             vm.seed_volume,
             vm.desired_state,
             vm.last_state,
-            vm.last_ip,
+            ip_text(vm.last_ip),
             vm.last_ip_at,
             vm.created_by,
-            vm.pinned_ip,
+            ip_text(vm.pinned_ip),
         ],
     )?;
     Ok(())
@@ -292,10 +306,10 @@ pub fn set_last_states(
     Ok(changed)
 }
 
-pub fn set_last_ip(conn: &Connection, name: &str, ip: &str) -> Result<(), StoreError> {
+pub fn set_last_ip(conn: &Connection, name: &str, ip: IpAddr) -> Result<(), StoreError> {
     conn.execute(
         &format!("UPDATE vms SET last_ip = ?2, last_ip_at = {NOW} WHERE name = ?1"),
-        params![name, ip],
+        params![name, ip.to_string()],
     )?;
     Ok(())
 }
@@ -412,7 +426,7 @@ pub fn image_delete(conn: &Connection, name: &str) -> Result<bool, StoreError> {
 #[cfg(test)]
 pub(crate) fn test_row(name: &str, mac: &str) -> VmRow {
     VmRow {
-        name: name.into(),
+        name: name.parse().expect("a test VM's name"),
         uuid: format!("uuid-{name}-{mac}"),
         instance_id: format!("iid-{mac}"),
         hostname: name.into(),
@@ -423,7 +437,7 @@ pub(crate) fn test_row(name: &str, mac: &str) -> VmRow {
         os_arch: "x86_64".into(),
         domain_type: "qemu".into(),
         image: None,
-        mac: mac.into(),
+        mac: mac.parse().expect("a test VM's MAC"),
         kernel: None,
         initrd: None,
         cmdline: None,
@@ -454,7 +468,7 @@ mod tests {
         let store = Store::open_in_memory().unwrap();
         let pinned = |name: &str, mac: &str, net: &str, ip: Option<&str>| VmRow {
             network_name: net.into(),
-            pinned_ip: ip.map(Into::into),
+            pinned_ip: ip.map(|i| i.parse().unwrap()),
             ..test_row(name, mac)
         };
         for row in [
@@ -467,25 +481,21 @@ mod tests {
                 .transaction(|tx| upsert(tx, &row, &SeedInputs::default()))
                 .unwrap();
         }
-        let ip = |s: &str| s.parse::<Ipv4Addr>().unwrap();
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        let v4 = |s: &str| s.parse::<Ipv4Addr>().unwrap();
         assert_eq!(
-            store.with(|c| pinned_ip(c, "a")).unwrap(),
-            Some(ip("192.168.122.2"))
+            store.with(|c| map_address(c, "a")).unwrap(),
+            Some(Some(v4("192.168.122.2")))
         );
-        assert_eq!(store.with(|c| pinned_ip(c, "old")).unwrap(), None);
-        assert_eq!(store.with(|c| pinned_ip(c, "nobody")).unwrap(), None);
+        assert_eq!(store.with(|c| map_address(c, "old")).unwrap(), Some(None));
+        assert_eq!(store.with(|c| map_address(c, "nobody")).unwrap(), None);
         assert_eq!(
-            store
-                .with(|c| get(c, "b"))
-                .unwrap()
-                .unwrap()
-                .pinned_ip
-                .as_deref(),
-            Some("192.168.122.3")
+            store.with(|c| get(c, "b")).unwrap().unwrap().pinned_ip,
+            Some(ip("192.168.122.3"))
         );
         assert_eq!(
             store.with(|c| pinned_on(c, "default", "a")).unwrap(),
-            [(ip("192.168.122.3"), "b".to_string())]
+            [(ip("192.168.122.3"), "b".parse().unwrap())]
         );
         assert_eq!(store.with(macs).unwrap().len(), 4);
     }

@@ -1,6 +1,6 @@
-//! What the VM layer is configured with: one value, made from the VM settings once
-//! (`VmConfig::from(&VmSettings)`), read by the service and the blocking libvirt steps
-//! alike, so neither imports the other for it.
+//! What the VM service is configured with: one value, made from the VM settings once
+//! (`VmConfig::from(&VmSettings)` in `config/vms.rs`). The libvirt driver gets its own
+//! (`driver::libvirt::Place`).
 
 use std::time::Duration;
 
@@ -10,12 +10,11 @@ use crate::config::VmSettings;
 /// How often `/ip` asks libvirt for the lease while waiting.
 const LEASE_POLL: Duration = Duration::from_millis(200);
 
-/// The settings the VM layer needs, taken from the settings once.
+/// The settings the VM service needs, taken from the settings once.
 #[derive(Clone, Debug)]
 pub struct VmConfig {
+    /// The agent's storage pool (VMS_POOL), as messages name it.
     pub pool: String,
-    /// The pool's directory as the libvirt host sees it.
-    pub pool_dir: String,
     pub domain_type: String,
     pub default_network: String,
     pub default_arch: String,
@@ -27,8 +26,7 @@ pub struct VmConfig {
     pub stop_timeout: Duration,
     /// How often `/ip` asks libvirt for the lease while waiting.
     pub lease_poll: Duration,
-    /// LIBVIRT_URI reaches a libvirtd on this host ([`super::conn::is_local_uri`]), so
-    /// the domains' taps may be bridge ports here (hairpin mode is set on them), and a
+    /// LIBVIRT_URI reaches a libvirtd on this host (`driver::libvirt::is_local_uri`), so a
     /// request's kernel and initrd are files this host can check.
     pub local: bool,
 }
@@ -39,7 +37,6 @@ impl From<&VmSettings> for VmConfig {
     fn from(s: &VmSettings) -> Self {
         VmConfig {
             pool: s.vms_pool.clone(),
-            pool_dir: s.pool_dir().to_string_lossy().into_owned(),
             domain_type: s.vms_domain_type.clone(),
             default_network: s.vms_network.clone(),
             default_arch: s.vms_arch.clone(),
@@ -53,7 +50,7 @@ impl From<&VmSettings> for VmConfig {
             },
             stop_timeout: Duration::from_secs(s.vm_stop_timeout),
             lease_poll: LEASE_POLL,
-            local: super::conn::is_local_uri(&s.libvirt_uri),
+            local: crate::vm::driver::libvirt::is_local_uri(&s.libvirt_uri),
         }
     }
 }

@@ -1,213 +1,463 @@
-//! The VM layer's one error type. The API maps each kind to one status code.
+//! The VM layer's one error type. Each variant is a class the API maps to one status code
+//! (`api/error.rs`); inside it, a typed kind of failure with the fields it needs and its
+//! source where there is one. The texts are what API clients read.
 
-use virt::error::{ErrorDomain, ErrorNumber};
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
 
+use super::driver::LibvirtFailure;
+use super::service::addresses::{AddrError, Lost};
 use crate::store::StoreError;
 
 #[derive(Debug, thiserror::Error)]
 pub enum VmError {
-    /// libvirtd cannot be reached, or did not answer in time: retry later (503).
+    /// libvirt cannot be reached, or the agent cannot act on the VM yet: retry later (503).
     #[error("libvirt is unavailable: {0}")]
-    Unavailable(String),
+    Unavailable(Unavailable),
     /// No such VM, image or network (404).
-    #[error("{0}")]
-    NotFound(String),
+    #[error(transparent)]
+    NotFound(NotFound),
     /// The request is malformed or out of bounds (400).
-    #[error("{0}")]
-    Invalid(String),
+    #[error(transparent)]
+    Invalid(Invalid),
     /// The request clashes with what exists (409).
-    #[error("{0}")]
-    Conflict(String),
+    #[error(transparent)]
+    Conflict(Conflict),
     /// An upload larger than the node takes (VM_MAX_DISK_GB) (413).
-    #[error("{0}")]
-    TooLarge(String),
-    /// Waiting for something (an IP lease) ran out of time (504).
-    #[error("{0}")]
-    Timeout(String),
+    #[error(transparent)]
+    TooLarge(TooLarge),
+    /// Waiting for an IP lease ran out of time (504).
+    #[error(transparent)]
+    Timeout(NoLease),
     /// An operation's libvirt work outlived its request's wait; it goes on, holding its
     /// VM, and records its own outcome (504).
-    #[error("{0}")]
-    Stalled(String),
+    #[error(transparent)]
+    Stalled(Stalled),
     /// libvirt refused or failed an operation: its own error, kept whole; what it means
-    /// is [`LibvirtFailure::kind`], decided by libvirt's error number.
+    /// is [`LibvirtFailure::kind`].
     #[error(transparent)]
     Libvirt(#[from] LibvirtFailure),
-    /// The VM layer failed on its own side of an operation (a task that died, a document
-    /// from libvirt it cannot read, a download, a seed it cannot build) (500).
-    #[error("libvirt: {0}")]
-    Internal(String),
+    /// The VM layer failed on its own side of an operation (500).
+    #[error(transparent)]
+    Internal(Internal),
     #[error(transparent)]
     Store(#[from] StoreError),
 }
 
-/// What a libvirt error means to the agent, decided by libvirt's error number alone.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum LibvirtKind {
-    /// No such domain, network, pool or volume (404).
-    NotFound,
-    /// The connection is gone or never came up: retry later (503).
-    Unavailable,
-    /// The object is not in a state that allows the operation (409).
-    Conflict,
-    /// The connection's driver cannot do the operation at all (libvirt's "not
-    /// supported"): a limit of that libvirt, not a fault of the agent (501).
-    Unsupported,
-    /// Anything else (500).
-    Failed,
+/// An image larger than the node takes.
+#[derive(Debug, thiserror::Error)]
+#[error("image is larger than {max_bytes} bytes (VM_MAX_DISK_GB)")]
+pub struct TooLarge {
+    pub max_bytes: u64,
 }
 
-/// A libvirt call that failed: the operation the agent asked for, and libvirt's own
-/// error (its number, domain and message), so that callers decide by the number and
-/// never by the text. Shown as `<op>: <libvirt's message>`.
-#[derive(Clone, Debug, thiserror::Error)]
-#[error("{}", self.text())]
-pub struct LibvirtFailure {
-    pub op: String,
-    #[source]
-    pub error: virt::error::Error,
+/// An operation whose request stopped waiting for it.
+#[derive(Debug, thiserror::Error)]
+#[error(
+    "{operation}: libvirt did not finish within {} s; the operation goes on and its \
+     outcome will show in GET /vms and the audit log",
+    .waited.as_secs()
+)]
+pub struct Stalled {
+    pub operation: Operation,
+    pub waited: Duration,
 }
 
-impl LibvirtFailure {
-    pub fn new(op: impl std::fmt::Display, error: virt::error::Error) -> Self {
-        Self {
-            op: op.to_string(),
-            error,
-        }
-    }
+/// An operation on a VM, as the audit log and a late outcome name it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Operation {
+    Create { name: String, wait: bool },
+    Start(String),
+    Stop(String),
+    Reboot(String),
+    Delete(String),
+}
 
-    /// libvirt's error number, when this libvirt build's `virt` crate knows it.
-    pub fn code(&self) -> Option<ErrorNumber> {
-        self.error.code().known()
-    }
-
-    /// The libvirt subsystem that raised it (`VIR_FROM_QEMU`, `VIR_FROM_SECURITY`...).
-    pub fn domain(&self) -> Option<ErrorDomain> {
-        self.error.domain().known()
-    }
-
-    pub fn kind(&self) -> LibvirtKind {
-        match self.code() {
-            Some(
-                ErrorNumber::NoDomain
-                | ErrorNumber::NoNetwork
-                | ErrorNumber::NoStoragePool
-                | ErrorNumber::NoStorageVolume,
-            ) => LibvirtKind::NotFound,
-            Some(ErrorNumber::NoConnect | ErrorNumber::Rpc) => LibvirtKind::Unavailable,
-            Some(ErrorNumber::OperationInvalid) => LibvirtKind::Conflict,
-            Some(ErrorNumber::NoSupport | ErrorNumber::ArgumentUnsupported) => {
-                LibvirtKind::Unsupported
+impl std::fmt::Display for Operation {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Operation::Create { name, wait: true } => write!(f, "POST /vms {name}"),
+            Operation::Create { name, wait: false } => {
+                write!(f, "POST /vms {name} (wait=false)")
             }
-            _ => LibvirtKind::Failed,
+            Operation::Start(name) => write!(f, "POST /vms/{name}/start"),
+            Operation::Stop(name) => write!(f, "POST /vms/{name}/stop"),
+            Operation::Reboot(name) => write!(f, "POST /vms/{name}/reboot"),
+            Operation::Delete(name) => write!(f, "DELETE /vms/{name}"),
         }
     }
+}
 
-    /// The text API clients have always seen for this kind of failure.
-    fn text(&self) -> String {
-        let said = format!("{}: {}", self.op, self.error.message());
-        match self.kind() {
-            LibvirtKind::NotFound | LibvirtKind::Conflict => said,
-            LibvirtKind::Unavailable => format!("libvirt is unavailable: {said}"),
-            LibvirtKind::Unsupported => format!("this node's libvirt cannot do it: {said}"),
-            LibvirtKind::Failed => format!("libvirt: {said}"),
+/// The agent's own reasons to answer 503 (libvirt's are [`VmError::Libvirt`]).
+#[derive(Debug, thiserror::Error)]
+pub enum Unavailable {
+    #[error("the agent's own repair of {name} did not finish within {} s", .waited.as_secs())]
+    Repairing { name: String, waited: Duration },
+    #[error(
+        "an earlier create of {name} was cut off inside libvirt, which may still carry out \
+         what it sent; retry in {} s",
+        .settle.as_secs()
+    )]
+    CutOff { name: String, settle: Duration },
+    #[error(
+        "the default image {name} is being downloaded from {url}; retry when GET /images \
+         shows it ready"
+    )]
+    DefaultImageFetching { name: String, url: String },
+    /// Reads answer from the last observation, and there is none.
+    #[error("{}", .0.as_ref().map_or_else(|| "libvirt has not answered since the agent started".to_owned(), |f| f.reason()))]
+    NotObserved(#[source] Option<Arc<LibvirtFailure>>),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NotFound {
+    #[error("no VM named {0}")]
+    Vm(String),
+    #[error("no VM named {0} managed by this agent")]
+    ManagedVm(String),
+    #[error("no network named {0}")]
+    Network(String),
+    #[error("{0} has no network interface")]
+    NoInterface(String),
+    #[error("image {0} is not available; add it with POST /images (see GET /images)")]
+    Image(String),
+    #[error("no image named {0}")]
+    ImageRow(String),
+    #[error("image {0} vanished")]
+    ImageVanished(String),
+    #[error("image {image} has no volume {volume} in pool {pool}; add the image again")]
+    ImageVolume {
+        image: String,
+        volume: String,
+        pool: String,
+    },
+    #[error("image {0:?} is gone")]
+    ImageGone(Option<String>),
+}
+
+/// Why the request cannot be served as it is (400).
+#[derive(Debug, thiserror::Error)]
+pub enum Invalid {
+    /// A name that breaks the naming rule (`reason` is the rule's own words).
+    #[error("{field} {value:?} is not valid: {reason}")]
+    Name {
+        field: &'static str,
+        value: String,
+        #[source]
+        reason: crate::model::name::NameError,
+    },
+    #[error("hostname {0:?} is not valid: labels of letters, digits and '-', separated by dots")]
+    Hostname(String),
+    #[error("{field} must be an absolute path on the libvirt host")]
+    NotAbsolute { field: &'static str },
+    #[error("{field} must not contain '..'")]
+    DotDot { field: &'static str },
+    #[error("os_arch {arch:?} is not supported; one of {}", .supported.join(", "))]
+    Arch {
+        arch: String,
+        supported: &'static [&'static str],
+    },
+    /// A number outside the node's bounds (`setting` names the bound, if one does).
+    #[error("{field} must be {min}..={max}{}, not {value}", .setting.map(|s| format!(" ({s})")).unwrap_or_default())]
+    Bound {
+        field: &'static str,
+        min: u64,
+        max: u64,
+        setting: Option<&'static str>,
+        value: u64,
+    },
+    #[error("at most {0} ssh_authorized_keys")]
+    TooManyKeys(usize),
+    /// An SSH key that does not parse (`reason` is the key rule's own words).
+    #[error("ssh_authorized_keys[{index}]: {reason}")]
+    SshKey {
+        index: usize,
+        #[source]
+        reason: crate::model::ssh_key::SshKeyError,
+    },
+    #[error("{field} is larger than {max} bytes")]
+    CloudInitTooLarge { field: &'static str, max: usize },
+    #[error("{field} needs kernel")]
+    NeedsKernel { field: &'static str },
+    #[error("cmdline must be one line of at most 4096 characters")]
+    Cmdline,
+    #[error(
+        "{field} {path}: {problem} (kernel and initrd must be files the libvirt host can read)"
+    )]
+    BootFile {
+        field: &'static str,
+        path: String,
+        #[source]
+        problem: BootFile,
+    },
+    #[error(
+        "this libvirt host cannot run {arch} guests with domain type {domain_type} \
+         (VMS_DOMAIN_TYPE); it offers {}",
+        list_guests(.offered)
+    )]
+    Guest {
+        arch: String,
+        domain_type: String,
+        /// `(arch, domain type)` of each guest it can run.
+        offered: Vec<(String, String)>,
+    },
+    #[error("network {0:?} does not exist in libvirt")]
+    NoNetwork(String),
+    #[error("memory_mib {asked} is more than the host has ({host_mib} MiB)")]
+    HostMemory { asked: u32, host_mib: u64 },
+    #[error("vcpus {asked} is more than libvirt allows for {domain_type} domains ({max})")]
+    HostVcpus {
+        asked: u32,
+        domain_type: String,
+        max: u32,
+    },
+    #[error("disk_size_gb {disk_gb} is smaller than image {image} ({image_gib} GiB)")]
+    DiskSmallerThanImage {
+        disk_gb: u32,
+        image: String,
+        image_gib: u64,
+    },
+    /// An `ip` outside the network's DHCP range.
+    #[error(transparent)]
+    Address(AddrError),
+    #[error("url must not contain control characters (CR, LF, tab, ...)")]
+    UrlControl,
+    #[error(
+        "url must be a plain http:// or https:// URL: a DNS name or IPv4 address, an \
+         optional port, then a path and query of URL characters (no user name, fragment, \
+         space or other character that needs escaping)"
+    )]
+    UrlNotPlain,
+    #[error("url is not a valid URL: {0}")]
+    Url(#[source] UrlError),
+    #[error("url must be http:// or https://")]
+    UrlScheme,
+    #[error("sha256 must be 64 hexadecimal digits")]
+    Sha256Format,
+    #[error("sha256 mismatch: expected {expected}, got {got}")]
+    Sha256Mismatch { expected: String, got: String },
+    #[error("the image is empty")]
+    EmptyImage,
+    #[error("transfer ended after {received} of {total} bytes")]
+    Truncated { received: u64, total: u64 },
+    /// The upload's body broke off (its source says why).
+    #[error("{0}")]
+    Transfer(#[source] Box<dyn std::error::Error + Send + Sync>),
+}
+
+/// `x86_64/kvm, x86_64/qemu` (or `none`), for [`Invalid::Guest`].
+fn list_guests(guests: &[(String, String)]) -> String {
+    if guests.is_empty() {
+        return "none".to_owned();
+    }
+    let each: Vec<String> = guests.iter().map(|(a, t)| format!("{a}/{t}")).collect();
+    each.join(", ")
+}
+
+/// Why a URL does not parse (the `url` crate's error, as reqwest re-exports its `Url`).
+pub type UrlError = <reqwest::Url as std::str::FromStr>::Err;
+
+/// Why a boot file cannot be used.
+#[derive(Debug, thiserror::Error)]
+pub enum BootFile {
+    #[error(transparent)]
+    Io(#[from] std::io::Error),
+    #[error("not a regular file")]
+    NotAFile,
+}
+
+/// Why the request clashes with what exists (409).
+#[derive(Debug, thiserror::Error)]
+pub enum Conflict {
+    #[error("another operation on {0} is in progress")]
+    Busy(String),
+    #[error("VM {0} already exists; pass \"recreate\": true to replace it with a fresh one")]
+    Exists(String),
+    #[error("domain {0} was not created by this agent; it is never replaced or deleted by it")]
+    NotOurs(String),
+    #[error("{0} is not running; start it instead")]
+    NotRunning(String),
+    /// The address asked for is held, the range has none left, or there is no range.
+    #[error(transparent)]
+    Address(AddrError),
+    /// The address the agent chose (and answered with) turned out held when its DHCP host
+    /// entry was to be written: the create fails instead of giving the VM another one.
+    #[error(
+        "the address {ip} chosen for {name} is no longer free on network {network} ({why}); \
+         the VM was not created (it never gets another address than the one it was given)"
+    )]
+    AddressLost {
+        name: String,
+        ip: IpAddr,
+        network: String,
+        why: Lost,
+    },
+    #[error("image {0} is still downloading; see GET /images")]
+    ImageDownloading(String),
+    #[error("image {0} already exists; delete it first")]
+    ImageExists(String),
+    #[error("image {0} is being transferred")]
+    ImageInTransfer(String),
+    #[error("image {name} backs the disk of {}; delete those VMs first", .users.join(", "))]
+    ImageInUse { name: String, users: Vec<String> },
+}
+
+/// No DHCP lease in time (504).
+#[derive(Debug, thiserror::Error)]
+#[error("no DHCP lease for {name} ({mac}) on network {network} within {} s", .waited.as_secs())]
+pub struct NoLease {
+    pub name: String,
+    pub mac: String,
+    pub network: String,
+    pub waited: Duration,
+}
+
+/// The VM layer's own failures (500).
+#[derive(Debug, thiserror::Error)]
+pub enum Internal {
+    #[error("{operation}: the operation failed: {source}")]
+    Task {
+        operation: Operation,
+        #[source]
+        source: tokio::task::JoinError,
+    },
+    #[error(transparent)]
+    Seed(#[from] crate::cloudinit::SeedError),
+    #[error("download of {url} failed: {source}")]
+    Download {
+        url: String,
+        #[source]
+        source: reqwest::Error,
+    },
+    #[error("download of {url} failed: HTTP {status}")]
+    HttpStatus {
+        url: String,
+        status: reqwest::StatusCode,
+    },
+    #[error("the partial volume of image {0} vanished")]
+    PartialVanished(String),
+}
+
+impl From<Unavailable> for VmError {
+    fn from(e: Unavailable) -> Self {
+        VmError::Unavailable(e)
+    }
+}
+
+impl From<NotFound> for VmError {
+    fn from(e: NotFound) -> Self {
+        VmError::NotFound(e)
+    }
+}
+
+impl From<Invalid> for VmError {
+    fn from(e: Invalid) -> Self {
+        VmError::Invalid(e)
+    }
+}
+
+impl From<Conflict> for VmError {
+    fn from(e: Conflict) -> Self {
+        VmError::Conflict(e)
+    }
+}
+
+impl From<Internal> for VmError {
+    fn from(e: Internal) -> Self {
+        VmError::Internal(e)
+    }
+}
+
+impl From<crate::cloudinit::SeedError> for VmError {
+    fn from(e: crate::cloudinit::SeedError) -> Self {
+        VmError::Internal(Internal::Seed(e))
+    }
+}
+
+impl From<AddrError> for VmError {
+    fn from(e: AddrError) -> Self {
+        match e {
+            AddrError::OutOfRange { .. } => VmError::Invalid(Invalid::Address(e)),
+            _ => VmError::Conflict(Conflict::Address(e)),
         }
     }
 }
 
 impl VmError {
-    /// A libvirt error, with `what` saying which operation failed.
-    pub fn libvirt(what: impl std::fmt::Display, e: virt::error::Error) -> Self {
-        VmError::Libvirt(LibvirtFailure::new(what, e))
-    }
-
-    fn libvirt_kind(&self) -> Option<LibvirtKind> {
-        match self {
-            VmError::Libvirt(f) => Some(f.kind()),
-            _ => None,
-        }
-    }
-
     /// No such object: the agent's own finding, or libvirt's.
     pub fn is_not_found(&self) -> bool {
-        matches!(self, VmError::NotFound(_)) || self.libvirt_kind() == Some(LibvirtKind::NotFound)
+        match self {
+            VmError::NotFound(_) => true,
+            VmError::Libvirt(f) => f.is_not_found(),
+            _ => false,
+        }
     }
 
     /// libvirt cannot be reached (retry later): the agent's own finding, or libvirt's.
     pub fn is_unavailable(&self) -> bool {
-        matches!(self, VmError::Unavailable(_))
-            || self.libvirt_kind() == Some(LibvirtKind::Unavailable)
-    }
-
-    /// Why libvirt is unavailable, to be wrapped in [`VmError::Unavailable`] (whose
-    /// text adds "libvirt is unavailable: " itself): the reason without that prefix,
-    /// so that it is never said twice.
-    pub fn unavailable_reason(&self) -> String {
         match self {
-            VmError::Unavailable(reason) => reason.clone(),
-            VmError::Libvirt(f) if f.kind() == LibvirtKind::Unavailable => {
-                format!("{}: {}", f.op, f.error.message())
-            }
-            other => other.to_string(),
+            VmError::Unavailable(_) => true,
+            VmError::Libvirt(f) => f.is_unavailable(),
+            _ => false,
         }
     }
 }
 
 #[cfg(test)]
 mod tests {
+    use std::sync::Arc;
+    use std::time::Duration;
+
     use super::*;
+    use crate::vm::driver::{Cause, LibvirtKind, Op};
 
-    /// A real libvirt error, from the test driver: no domain of that name.
-    fn no_domain() -> virt::error::Error {
-        crate::vm::libvirt_so::ensure_loaded().unwrap();
-        let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
-        conn.lookup_domain_by_name("no-such-vm").unwrap_err()
-    }
-
+    /// A listing's failure, told again by a read that has nothing else to answer, says
+    /// "libvirt is unavailable" once.
     #[test]
-    fn a_libvirt_failure_keeps_libvirts_number_and_the_operation_and_reads_as_before() {
-        let e = no_domain();
-        let message = e.message().to_string();
-        let v = VmError::libvirt("domain no-such-vm", e);
-        assert!(v.is_not_found());
-        assert!(!v.is_unavailable());
-        let VmError::Libvirt(f) = &v else {
-            panic!("{v:?}")
-        };
-        assert_eq!(f.code(), Some(ErrorNumber::NoDomain));
-        assert_eq!(f.op, "domain no-such-vm");
-        assert_eq!(v.to_string(), format!("domain no-such-vm: {message}"));
-        assert!(std::error::Error::source(&v).is_some());
-    }
-
-    /// A failure already saying "libvirt is unavailable" is not said twice when a read
-    /// wraps it again.
-    #[test]
-    fn an_unavailable_reason_wrapped_again_says_it_once() {
-        let first = VmError::Unavailable("cannot connect to qemu:///system: gone".into());
-        let again = VmError::Unavailable(first.unavailable_reason());
+    fn an_unavailable_reason_told_again_says_it_once() {
+        let away = LibvirtFailure::unavailable(Cause::NoAnswer(Duration::from_secs(3)));
         assert_eq!(
-            again.to_string(),
-            "libvirt is unavailable: cannot connect to qemu:///system: gone"
+            away.to_string(),
+            "libvirt is unavailable: libvirt did not answer within 3 s"
+        );
+        let read = VmError::from(Unavailable::NotObserved(Some(Arc::new(away))));
+        assert_eq!(
+            read.to_string(),
+            "libvirt is unavailable: libvirt did not answer within 3 s"
+        );
+        assert!(read.is_unavailable());
+        let never = VmError::from(Unavailable::NotObserved(None));
+        assert_eq!(
+            never.to_string(),
+            "libvirt is unavailable: libvirt has not answered since the agent started"
         );
     }
 
-    /// The test driver has no DHCP leases: its "not supported" is a limit of that
-    /// libvirt (501), named, not a fault of the agent.
+    /// Each kind of libvirt failure reads with the prefix clients have always seen.
     #[test]
-    fn an_operation_the_driver_lacks_is_unsupported_and_named() {
-        crate::vm::libvirt_so::ensure_loaded().unwrap();
-        let conn = virt::connect::Connect::open(Some("test:///default")).unwrap();
-        let net = conn.lookup_network_by_name("default").unwrap();
-        let v = crate::vm::leases::leases(&net, None).unwrap_err();
-        let VmError::Libvirt(f) = &v else {
-            panic!("{v:?}")
-        };
-        assert_eq!(f.kind(), LibvirtKind::Unsupported);
-        let text = v.to_string();
-        assert!(
-            text.starts_with("this node's libvirt cannot do it: reading DHCP leases: "),
-            "{text}"
+    fn a_failures_kind_decides_its_prefix_and_a_lost_connection_is_unavailable() {
+        let op = || Op::of("defining domain", "web1");
+        let failed = LibvirtFailure::failed(op(), Cause::StreamStalled);
+        assert_eq!(
+            failed.to_string(),
+            "libvirt: defining domain web1: the upload stream stopped accepting data"
         );
-        assert!(text.contains("virNetworkGetDHCPLeases"), "{text}");
+        let lost = failed.connection_lost();
+        assert_eq!(lost.kind(), LibvirtKind::Unavailable);
+        assert_eq!(
+            lost.to_string(),
+            "libvirt is unavailable: defining domain web1: the upload stream stopped accepting data"
+        );
+        let stalled = VmError::Stalled(Stalled {
+            operation: Operation::Create {
+                name: "web1".into(),
+                wait: false,
+            },
+            waited: Duration::from_secs(5),
+        });
+        assert!(stalled.to_string().starts_with(
+            "POST /vms web1 (wait=false): libvirt did not finish within 5 s; the operation goes on"
+        ));
     }
 }

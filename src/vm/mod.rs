@@ -1,29 +1,21 @@
-//! Virtual machines through libvirt's API only: the connection, storage pool and volumes,
-//! domain XML, the in-memory cloud-init seed, DHCP leases and pinned addresses (DHCP
-//! host entries), and host statistics.
+//! Virtual machines. `service/` the VM service (what the API calls: create, lifecycle,
+//! reads, addresses, reconcile), `images/` base images and their downloads, `driver/` the
+//! hypervisor behind a trait (`driver/libvirt/` the only code that speaks libvirt),
+//! `spec.rs` the body of `POST /vms`, `config.rs` what the layer is configured with,
+//! `error.rs` its one error type.
 
-mod abandoned;
-pub mod addresses;
-mod claims;
 mod config;
-pub mod conn;
-pub mod dhcp_hosts;
-mod domain;
+pub mod driver;
 mod error;
-pub mod events;
-pub mod hoststats;
 pub mod images;
-pub mod leases;
-pub mod libvirt_so;
-pub mod observed;
-pub mod seed;
+#[cfg(test)]
+mod libvirt_tests;
 pub mod service;
 pub mod spec;
-pub mod stats;
-pub mod storage;
-mod stray_pins;
-pub mod xml;
 
 pub use config::VmConfig;
-pub use conn::Libvirt;
-pub use error::{LibvirtFailure, LibvirtKind, VmError};
+pub use driver::LibvirtKind;
+pub use error::{
+    BootFile, Conflict, Internal, Invalid, NoLease, NotFound, Operation, Stalled, TooLarge,
+    Unavailable, VmError,
+};

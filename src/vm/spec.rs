@@ -2,7 +2,7 @@
 //! without asking libvirt. The API reads `POST /vms` into a [`VmSpec`]
 //! (`api::wire::vms::CreateVm`).
 
-use super::{VmError, xml};
+use super::{Invalid, VmError};
 use crate::model::name::check_name as name_rule;
 use crate::model::{SshKey, VmName};
 
@@ -68,8 +68,13 @@ impl std::fmt::Debug for VmSpec {
     }
 }
 
+/// The architectures a VM may ask for (`os_arch`).
+pub const ARCHES: &[&str] = &["x86_64", "aarch64"];
+
 /// Largest raw user-data or network-config accepted (the seed is built in memory).
 pub const MAX_CLOUD_INIT_BYTES: usize = 32 * 1024;
+/// Most SSH keys a VM may be given.
+const MAX_KEYS: usize = 64;
 /// Smallest memory a VM may have, MiB.
 pub const MIN_MEMORY_MIB: u32 = 64;
 
@@ -83,31 +88,36 @@ pub struct Limits {
 
 /// Checks an image or network name (the rule of [`VmName`]) and says which field was
 /// wrong.
-pub fn check_name(field: &str, value: &str) -> Result<(), VmError> {
+pub fn check_name(field: &'static str, value: &str) -> Result<(), VmError> {
     name_rule(value)
         .map(drop)
         .map_err(|reason| invalid_name(field, value, reason))
 }
 
 /// Parses a VM's name from a request; a bad one is refused (400) naming the field.
-pub fn vm_name(field: &str, value: &str) -> Result<VmName, VmError> {
+pub fn vm_name(field: &'static str, value: &str) -> Result<VmName, VmError> {
     value
         .parse()
         .map_err(|reason| invalid_name(field, value, reason))
 }
 
-fn invalid_name(field: &str, value: &str, reason: crate::model::name::NameError) -> VmError {
-    VmError::Invalid(format!("{field} {value:?} is not valid: {reason}"))
+fn invalid_name(
+    field: &'static str,
+    value: &str,
+    reason: crate::model::name::NameError,
+) -> VmError {
+    Invalid::Name {
+        field,
+        value: value.to_owned(),
+        reason,
+    }
+    .into()
 }
 
 /// A hostname: dot-separated RFC 1123 labels, at most 253 characters, with at most one
 /// trailing dot (`api::doc::HOSTNAME_PATTERN` says the same).
 pub fn check_hostname(h: &str) -> Result<(), VmError> {
-    let bad = || {
-        VmError::Invalid(format!(
-            "hostname {h:?} is not valid: labels of letters, digits and '-', separated by dots"
-        ))
-    };
+    let bad = || VmError::from(Invalid::Hostname(h.to_owned()));
     if h.is_empty() || h.len() > 253 {
         return Err(bad());
     }
@@ -124,21 +134,41 @@ pub fn check_hostname(h: &str) -> Result<(), VmError> {
     Ok(())
 }
 
-fn check_host_path(field: &str, p: &str) -> Result<(), VmError> {
+fn check_host_path(field: &'static str, p: &str) -> Result<(), VmError> {
     if !p.starts_with('/') || p.len() > 4096 || p.chars().any(|c| c.is_control()) {
-        return Err(VmError::Invalid(format!(
-            "{field} must be an absolute path on the libvirt host"
-        )));
+        return Err(Invalid::NotAbsolute { field }.into());
     }
     if p.split('/').any(|c| c == "..") {
-        return Err(VmError::Invalid(format!("{field} must not contain '..'")));
+        return Err(Invalid::DotDot { field }.into());
     }
     Ok(())
 }
 
+/// `value` within `min..=max` (the bound `setting` gives), or refused naming `field`.
+fn check_bound(
+    field: &'static str,
+    value: u32,
+    min: u64,
+    max: u64,
+    setting: &'static str,
+) -> Result<(), VmError> {
+    let value = u64::from(value);
+    if (min..=max).contains(&value) {
+        return Ok(());
+    }
+    Err(Invalid::Bound {
+        field,
+        min,
+        max,
+        setting: Some(setting),
+        value,
+    }
+    .into())
+}
+
 impl VmSpec {
     /// Everything that needs no libvirt: names, bounds, keys, sizes. Returns the VM's
-    /// name, parsed (the spec keeps the string it was sent, so that a bad name is
+    /// name, parsed (the body keeps the string it was sent, so that a bad name is
     /// refused here, after the body's shape, with the message that names the field).
     pub fn validate(&self, limits: &Limits) -> Result<VmName, VmError> {
         let name = vm_name("name", &self.name)?;
@@ -149,31 +179,31 @@ impl VmSpec {
             check_name("image", i)?;
         }
         if let Some(a) = &self.os_arch
-            && !xml::ARCHES.contains(&a.as_str())
+            && !ARCHES.contains(&a.as_str())
         {
-            return Err(VmError::Invalid(format!(
-                "os_arch {a:?} is not supported; one of {}",
-                xml::ARCHES.join(", ")
-            )));
+            return Err(Invalid::Arch {
+                arch: a.clone(),
+                supported: ARCHES,
+            }
+            .into());
         }
-        if self.memory_mib < MIN_MEMORY_MIB || u64::from(self.memory_mib) > limits.max_memory_mib {
-            return Err(VmError::Invalid(format!(
-                "memory_mib must be {MIN_MEMORY_MIB}..={} (VM_MAX_MEMORY_MIB), not {}",
-                limits.max_memory_mib, self.memory_mib
-            )));
-        }
-        if self.vcpus < 1 || self.vcpus > limits.max_vcpus {
-            return Err(VmError::Invalid(format!(
-                "vcpus must be 1..={} (VM_MAX_VCPUS), not {}",
-                limits.max_vcpus, self.vcpus
-            )));
-        }
-        if self.disk_size_gb < 1 || u64::from(self.disk_size_gb) > limits.max_disk_gb {
-            return Err(VmError::Invalid(format!(
-                "disk_size_gb must be 1..={} (VM_MAX_DISK_GB), not {}",
-                limits.max_disk_gb, self.disk_size_gb
-            )));
-        }
+        let memory = (u64::from(MIN_MEMORY_MIB), limits.max_memory_mib);
+        check_bound(
+            "memory_mib",
+            self.memory_mib,
+            memory.0,
+            memory.1,
+            "VM_MAX_MEMORY_MIB",
+        )?;
+        let vcpus = u64::from(limits.max_vcpus);
+        check_bound("vcpus", self.vcpus, 1, vcpus, "VM_MAX_VCPUS")?;
+        check_bound(
+            "disk_size_gb",
+            self.disk_size_gb,
+            1,
+            limits.max_disk_gb,
+            "VM_MAX_DISK_GB",
+        )?;
         check_hostname(self.hostname.as_deref().unwrap_or(&self.name)).or_else(|e| {
             // A name like "web_1" is a fine VM name but not a hostname: say so only
             // when the hostname was given; otherwise derive one.
@@ -183,47 +213,57 @@ impl VmSpec {
                 Ok(())
             }
         })?;
+        self.check_cloud_init()?;
+        self.check_boot()?;
+        Ok(name)
+    }
+
+    /// The keys, the user-data and the network-config.
+    fn check_cloud_init(&self) -> Result<(), VmError> {
         if let Some(keys) = &self.ssh_authorized_keys {
-            if keys.len() > 64 {
-                return Err(VmError::Invalid("at most 64 ssh_authorized_keys".into()));
+            if keys.len() > MAX_KEYS {
+                return Err(Invalid::TooManyKeys(MAX_KEYS).into());
             }
-            for (i, k) in keys.iter().enumerate() {
+            for (index, k) in keys.iter().enumerate() {
                 k.parse::<SshKey>()
-                    .map_err(|e| VmError::Invalid(format!("ssh_authorized_keys[{i}]: {e}")))?;
+                    .map_err(|reason| Invalid::SshKey { index, reason })?;
             }
         }
         for (field, v) in [
             ("user_data", &self.user_data),
             ("network_config", &self.network_config),
         ] {
-            if let Some(v) = v
-                && v.len() > MAX_CLOUD_INIT_BYTES
-            {
-                return Err(VmError::Invalid(format!(
-                    "{field} is larger than {MAX_CLOUD_INIT_BYTES} bytes"
-                )));
+            if v.as_ref().is_some_and(|v| v.len() > MAX_CLOUD_INIT_BYTES) {
+                return Err(Invalid::CloudInitTooLarge {
+                    field,
+                    max: MAX_CLOUD_INIT_BYTES,
+                }
+                .into());
             }
         }
+        Ok(())
+    }
+
+    /// A direct kernel boot's files and command line.
+    fn check_boot(&self) -> Result<(), VmError> {
         if let Some(k) = &self.kernel {
             check_host_path("kernel", k)?;
         }
         if let Some(i) = &self.initrd {
             check_host_path("initrd", i)?;
             if self.kernel.is_none() {
-                return Err(VmError::Invalid("initrd needs kernel".into()));
+                return Err(Invalid::NeedsKernel { field: "initrd" }.into());
             }
         }
         if let Some(c) = &self.cmdline {
             if self.kernel.is_none() {
-                return Err(VmError::Invalid("cmdline needs kernel".into()));
+                return Err(Invalid::NeedsKernel { field: "cmdline" }.into());
             }
             if c.len() > 4096 || c.chars().any(|c| c.is_control()) {
-                return Err(VmError::Invalid(
-                    "cmdline must be one line of at most 4096 characters".into(),
-                ));
+                return Err(Invalid::Cmdline.into());
             }
         }
-        Ok(name)
+        Ok(())
     }
 
     /// The hostname the guest gets: the one asked for, else the name made valid.
@@ -328,5 +368,8 @@ mod tests {
                 "{bad} was accepted"
             );
         }
+        assert!(vm(serde_json::json!({"name": "a", "colour": "red"})).is_err());
+        assert!(vm(serde_json::json!({"name": "a", "memory_mib": "lots"})).is_err());
+        assert!(vm(serde_json::json!({"name": "a", "memory_mib": -1})).is_err());
     }
 }

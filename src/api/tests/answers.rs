@@ -81,7 +81,7 @@ async fn health_and_error_answers_keep_their_bytes() {
 /// A VM row pinned to `ip`, without a domain (its state reads `missing`).
 fn plant_vm(h: &Harness, name: &str, mac: &str, ip: &str) {
     let row = crate::store::vms::VmRow {
-        pinned_ip: Some(ip.into()),
+        pinned_ip: Some(ip.parse().unwrap()),
         ..crate::store::vms::test_row(name, mac)
     };
     h.store
@@ -229,7 +229,7 @@ fn answers_from_the_services_values_keep_their_bytes() {
         hostname: "a".into(),
         image: None,
         recreated: false,
-        ip: "192.168.122.2".into(),
+        ip: "192.168.122.2".parse().unwrap(),
     };
     let created = VmCreated {
         ok: true,
@@ -310,7 +310,7 @@ fn the_changes_answers_keep_their_bytes() {
             sorted(VmIp {
                 ok,
                 name: name.clone(),
-                ip: "192.168.122.2".into(),
+                ip: "192.168.122.2".parse().unwrap(),
             }),
             r#"{"ip":"192.168.122.2","name":"a","ok":true}"#,
         ),

@@ -579,7 +579,7 @@ async fn allow_from_is_checked_stored_and_shown_and_one_map_is_read_by_its_port(
 async fn a_map_naming_a_vm_goes_to_its_pinned_address_and_bad_targets_are_4xx() {
     let h = harness();
     let row = crate::store::vms::VmRow {
-        pinned_ip: Some("192.168.122.77".into()),
+        pinned_ip: Some([192, 168, 122, 77].into()),
         ..crate::store::vms::test_row("web1", "52:54:00:00:77:01")
     };
     let old = crate::store::vms::test_row("old1", "52:54:00:00:77:02");

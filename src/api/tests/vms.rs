@@ -385,24 +385,26 @@ async fn the_vm_list_and_status_show_the_instance_id() {
     let orphan_uuid = uuid::Uuid::new_v4().to_string();
     let orphan_iid = format!("iid-orphan-{id}");
     let dom = conn
-        .define_domain_xml(&crate::vm::xml::domain(&crate::vm::xml::DomainSpec {
-            name: &orphan,
-            uuid: &orphan_uuid,
-            domain_type: "qemu",
-            memory_mib: 128,
-            vcpus: 1,
-            arch: "x86_64",
-            pool: "default-pool",
-            disk_volume: "nva-orphan-disk.qcow2",
-            seed_volume: "nva-orphan-seed.img",
-            network: "default",
-            mac: "52:54:00:00:00:43",
-            console_log: None,
-            kernel: None,
-            initrd: None,
-            cmdline: None,
-            instance_id: &orphan_iid,
-        }))
+        .define_domain_xml(&crate::vm::driver::libvirt::testing::domain(
+            &crate::vm::driver::libvirt::testing::DomainSpec {
+                name: &orphan,
+                uuid: &orphan_uuid,
+                domain_type: "qemu",
+                memory_mib: 128,
+                vcpus: 1,
+                arch: "x86_64",
+                pool: "default-pool",
+                disk_volume: "nva-orphan-disk.qcow2",
+                seed_volume: "nva-orphan-seed.img",
+                network: "default",
+                mac: "52:54:00:00:00:43",
+                console_log: None,
+                kernel: None,
+                initrd: None,
+                cmdline: None,
+                instance_id: &orphan_iid,
+            },
+        ))
         .unwrap();
     let (s, list) = h.authed("GET", "/vms", None).await;
     let mut statuses = Vec::new();
@@ -474,7 +476,7 @@ async fn a_create_asking_for_an_ip_outside_the_range_is_refused() {
 /// (`observed::FRESH`), so nothing but the event can have told it.
 #[tokio::test]
 async fn an_outside_change_reaches_the_status_through_libvirt_events() {
-    use crate::vm::observed::FRESH;
+    use crate::vm::service::FRESH;
     use std::time::{Duration, Instant};
     let h = harness();
     let seen_within = |name: &'static str, want: &'static str, since: Instant| {
@@ -499,7 +501,7 @@ async fn an_outside_change_reaches_the_status_through_libvirt_events() {
             }
         }
     };
-    crate::vm::libvirt_so::ensure_loaded().unwrap();
+    crate::vm::driver::libvirt::testing::ensure_loaded().unwrap();
     let outside = virt::connect::Connect::open(Some("test:///default")).unwrap();
     let xml = "<domain type='test'><name>evtest</name><memory>8192</memory>\
                <os><type>hvm</type></os></domain>";

@@ -6,8 +6,8 @@ use std::time::SystemTime;
 use serde::Serialize;
 use utoipa::ToSchema;
 
+use crate::hoststats;
 use crate::mesh;
-use crate::vm::hoststats;
 
 /// Answer of `GET /health`.
 #[derive(Debug, Serialize, ToSchema)]

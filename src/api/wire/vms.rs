@@ -241,7 +241,7 @@ impl From<service::Created> for Created {
             hostname,
             image,
             recreated,
-            ip,
+            ip: ip.to_string(),
         }
     }
 }
@@ -391,9 +391,9 @@ impl From<service::VmStatus> for VmStatus {
             uuid,
             instance_id,
             managed,
-            ip,
+            ip: ip.map(|i| i.to_string()),
             ip_source: ip_source.map(Into::into),
-            pinned_ip,
+            pinned_ip: pinned_ip.map(|i| i.to_string()),
             mac,
             network,
             memory_mib,

@@ -468,7 +468,7 @@ async fn counters_are_listed_and_read_for_one_map_and_a_replace_resets_them() {
 /// A VM row in the service's store, pinned to 10.0.0.`host` (`None`: a VM from before
 /// pinned addresses, with its last seen address `last`).
 fn plant_vm(svc: &PortMaps, name: &str, pinned: Option<u8>, last: Option<u8>) {
-    let ip = |h: Option<u8>| h.map(|h| format!("10.0.0.{h}"));
+    let ip = |h: Option<u8>| h.map(|h| std::net::Ipv4Addr::new(10, 0, 0, h).into());
     let row = crate::store::vms::VmRow {
         pinned_ip: ip(pinned),
         last_ip: ip(last),
@@ -590,7 +590,7 @@ async fn a_create_whose_vm_moved_meanwhile_changes_nothing() {
         fw: fw.clone(),
         before_add: Box::new(move || {
             let row = crate::store::vms::VmRow {
-                pinned_ip: Some("10.0.0.8".into()),
+                pinned_ip: Some([10, 0, 0, 8].into()),
                 ..crate::store::vms::test_row("web1", "52:54:00:00:77:65")
             };
             moving

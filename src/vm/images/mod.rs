@@ -1,25 +1,30 @@
-//! Base images: downloaded (in the background, checksum verified) or uploaded, always
-//! into a temporary `partial.*` volume first. Only a complete, verified file becomes the
-//! volume `image.<name>`: libvirt cannot rename a volume, so it copies the partial one
-//! (`virStorageVolCreateXMLFrom`, done by libvirtd) and the partial one is deleted. An
+//! Base images: downloaded (in the background, checksum verified; `download.rs` is the
+//! HTTP client) or uploaded, always into a temporary `partial.*` volume first. Only a
+//! complete, verified file becomes the volume `image.<name>`: libvirt cannot rename a
+//! volume, so the hypervisor copies the partial one and the partial one is deleted. An
 //! interrupted transfer therefore never leaves an image behind, and at startup any
-//! leftover partial volume is removed and its row marked failed.
+//! leftover partial volume is removed and its row marked failed (`leftovers.rs`).
 
 use std::collections::HashMap;
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use bytes::Bytes;
 use futures_util::{Stream, StreamExt};
 use serde::Serialize;
 use sha2::{Digest, Sha256};
-use virt::storage_vol::StorageVol;
+use tokio::sync::mpsc;
 
-use super::{Libvirt, VmError, storage, xml};
+use super::driver::{Call, Driver, Hypervisor, SourceStopped, volumes};
+use super::{Conflict, Internal, Invalid, NotFound, TooLarge, VmError};
 use crate::model::ImageState;
 use crate::store::Store;
 use crate::store::vms::{self, ImageRow};
 
+mod download;
 mod leftovers;
+
+#[cfg(test)]
+pub use download::plain_url;
 
 /// At most one `image.progress` event per transfer this often.
 const PROGRESS_EVERY: std::time::Duration = std::time::Duration::from_secs(1);
@@ -44,11 +49,9 @@ struct Progress {
 }
 
 pub struct Images {
-    lv: Arc<Libvirt>,
+    driver: Driver,
     store: Store,
-    pool: String,
-    pool_dir: String,
-    http: reqwest::Client,
+    downloader: download::Downloader,
     progress: Mutex<HashMap<String, Progress>>,
     /// Largest image accepted, bytes.
     max_bytes: u64,
@@ -61,98 +64,29 @@ struct Stored {
     size: u64,
 }
 
-/// Characters of a path segment (RFC 3986 `pchar`, with `%` on its own): what a URL
-/// parser keeps as it is.
-const URL_PATH_CHARS: &str = "._~!$&'()*+,;=:@%-";
-
-/// A URL the agent downloads from: `http(s)://host[:port][/path][?query]`, the host a
-/// DNS name (labels of letters and digits with inner hyphens, the last one starting with
-/// a letter) or a dotted-quad IPv4 address, the port 1..65535. The document states the
-/// same as `api::doc::URL_PATTERN` (a test holds them equal). Plainer than what a URL
-/// parser takes, on purpose: no credentials in a URL that is stored and logged, no
-/// fragment, no host a parser would reinterpret (`0x7f.1`, `010.0.0.1`, an `xn--` label).
-pub fn plain_url(url: &str) -> bool {
-    let rest = match (url.get(..7), url.get(..8)) {
-        (Some(p), _) if p.eq_ignore_ascii_case("http://") => &url[7..],
-        (_, Some(p)) if p.eq_ignore_ascii_case("https://") => &url[8..],
-        _ => return false,
-    };
-    let end = rest.find(['/', '?']).unwrap_or(rest.len());
-    let (authority, tail) = rest.split_at(end);
-    let (host, port) = match authority.split_once(':') {
-        Some((h, p)) => (h, Some(p)),
-        None => (authority, None),
-    };
-    let label = |l: &str| {
-        !l.is_empty()
-            && !l.starts_with('-')
-            && !l.ends_with('-')
-            && !l.contains("--")
-            && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
-    };
-    let domain = host.split('.').all(label)
-        && host
-            .rsplit('.')
-            .next()
-            .is_some_and(|last| last.starts_with(|c: char| c.is_ascii_alphabetic()));
-    if !(domain || host.parse::<std::net::Ipv4Addr>().is_ok()) {
-        return false;
-    }
-    if let Some(p) = port
-        && !(!p.is_empty()
-            && p.len() <= 5
-            && !p.starts_with('0')
-            && p.bytes().all(|b| b.is_ascii_digit())
-            && p.parse::<u32>().is_ok_and(|n| n <= 65535))
-    {
-        return false;
-    }
-    let (path, query) = match tail.split_once('?') {
-        Some((p, q)) => (p, q),
-        None => (tail, ""),
-    };
-    let url_char = |c: char, extra: &str| {
-        c.is_ascii_alphanumeric() || URL_PATH_CHARS.contains(c) || extra.contains(c)
-    };
-    path.chars().all(|c| url_char(c, "/")) && query.chars().all(|c| url_char(c, "/?"))
-}
-
 /// 64 hex digits in either case, as written: nothing around them
 /// (`api::doc::SHA256_PATTERN`).
 fn check_sha256(s: &str) -> Result<String, VmError> {
     let s = s.to_ascii_lowercase();
     if s.len() != 64 || !s.chars().all(|c| c.is_ascii_hexdigit()) {
-        return Err(VmError::Invalid(
-            "sha256 must be 64 hexadecimal digits".into(),
-        ));
+        return Err(Invalid::Sha256Format.into());
     }
     Ok(s)
 }
 
 impl Images {
-    pub fn new(
-        lv: Arc<Libvirt>,
-        store: Store,
-        pool: String,
-        pool_dir: String,
-        max_bytes: u64,
-    ) -> Arc<Self> {
-        let http = reqwest::Client::builder()
-            .connect_timeout(std::time::Duration::from_secs(30))
-            // A server that stops sending fails the download instead of holding the
-            // image name in "downloading" for ever.
-            .read_timeout(std::time::Duration::from_secs(60))
-            .build()
-            .unwrap_or_default();
+    pub fn new(driver: Driver, store: Store, max_bytes: u64) -> Arc<Self> {
         Arc::new(Self {
-            lv,
+            driver,
             store,
-            pool,
-            pool_dir,
-            http,
+            downloader: download::Downloader::new(),
             progress: Mutex::new(HashMap::new()),
             max_bytes,
         })
+    }
+
+    fn progress(&self) -> MutexGuard<'_, HashMap<String, Progress>> {
+        self.progress.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub async fn list(&self) -> Result<Vec<ImageInfo>, VmError> {
@@ -162,23 +96,22 @@ impl Images {
                 s.with(|c| Ok::<_, crate::store::StoreError>((vms::images(c)?, vms::list(c)?)))
             })
             .await?;
-        let progress = self.progress.lock().map(|p| p.clone()).unwrap_or_default();
+        let progress = self.progress().clone();
         Ok(rows
             .into_iter()
             .map(|row| {
-                let p = progress.get(&row.name).copied();
+                let p = progress
+                    .get(&row.name)
+                    .copied()
+                    .filter(|_| row.state == ImageState::Downloading);
                 let used_by = vms
                     .iter()
                     .filter(|v| v.image.as_deref() == Some(row.name.as_str()))
-                    .map(|v| v.name.clone())
+                    .map(|v| v.name.to_string())
                     .collect();
                 ImageInfo {
-                    received_bytes: p
-                        .map(|p| p.received)
-                        .filter(|_| row.state == ImageState::Downloading),
-                    total_bytes: p
-                        .and_then(|p| p.total)
-                        .filter(|_| row.state == ImageState::Downloading),
+                    received_bytes: p.map(|p| p.received),
+                    total_bytes: p.and_then(|p| p.total),
                     row,
                     used_by,
                 }
@@ -204,41 +137,25 @@ impl Images {
         self.store
             .run(move |s| {
                 s.transaction(|tx| {
-                    match vms::image(tx, &n)? {
-                        Some(r) if r.state == ImageState::Ready => {
-                            return Err(VmError::Conflict(format!(
-                                "image {n} already exists; delete it first"
-                            )));
-                        }
-                        Some(r) if r.state == ImageState::Downloading => {
-                            return Err(VmError::Conflict(format!(
-                                "image {n} is being transferred already"
-                            )));
+                    match vms::image(tx, &n)?.map(|r| r.state) {
+                        Some(ImageState::Ready) => return Err(Conflict::ImageExists(n).into()),
+                        Some(ImageState::Downloading) => {
+                            return Err(Conflict::ImageInTransfer(n).into());
                         }
                         _ => {}
                     }
-                    vms::image_begin(
-                        tx,
-                        &n,
-                        &src,
-                        sha.as_deref(),
-                        &storage::image_volume(&n),
-                        &by,
-                    )?;
-                    Ok(())
+                    vms::image_begin(tx, &n, &src, sha.as_deref(), &volumes::image(&n), &by)?;
+                    Ok::<_, VmError>(())
                 })
             })
             .await?;
-        if let Ok(mut p) = self.progress.lock() {
-            p.insert(name.to_string(), Progress::default());
-        }
+        self.progress()
+            .insert(name.to_string(), Progress::default());
         Ok(())
     }
 
     async fn finish(&self, name: &str, result: &Result<Stored, VmError>) {
-        if let Ok(mut p) = self.progress.lock() {
-            p.remove(name);
-        }
+        self.progress().remove(name);
         let n = name.to_string();
         let outcome = match result {
             Ok(s) => {
@@ -279,59 +196,23 @@ impl Images {
         sha256: Option<&str>,
         by: &str,
     ) -> Result<(), VmError> {
-        // The URL parser would quietly drop CR, LF and tabs; the raw text is stored and
-        // logged, so refuse them (and every other control character) instead.
-        if url.chars().any(char::is_control) {
-            return Err(VmError::Invalid(
-                "url must not contain control characters (CR, LF, tab, ...)".into(),
-            ));
-        }
-        if !plain_url(url) {
-            return Err(VmError::Invalid(
-                "url must be a plain http:// or https:// URL: a DNS name or IPv4 address, an \
-                 optional port, then a path and query of URL characters (no user name, \
-                 fragment, space or other character that needs escaping)"
-                    .into(),
-            ));
-        }
-        let parsed = reqwest::Url::parse(url)
-            .map_err(|e| VmError::Invalid(format!("url is not a valid URL: {e}")))?;
-        if !matches!(parsed.scheme(), "http" | "https") {
-            return Err(VmError::Invalid("url must be http:// or https://".into()));
-        }
+        download::check_url(url)?;
         let sha = sha256.map(check_sha256).transpose()?;
         self.begin(name, url, sha.as_deref(), by).await?;
         let this = Arc::clone(self);
         let (name, url) = (name.to_string(), url.to_string());
         tokio::spawn(async move {
-            let result = this.fetch(&name, &url, sha.as_deref()).await;
+            let result = match this.downloader.get(&url).await {
+                Ok((total, body)) => this.ingest(&name, body, total, sha.as_deref()).await,
+                Err(e) => Err(e),
+            };
             this.finish(&name, &result).await;
         });
         Ok(())
     }
 
-    async fn fetch(&self, name: &str, url: &str, sha256: Option<&str>) -> Result<Stored, VmError> {
-        let resp = self
-            .http
-            .get(url)
-            .send()
-            .await
-            .map_err(|e| VmError::Internal(format!("download of {url} failed: {e}")))?;
-        if !resp.status().is_success() {
-            return Err(VmError::Internal(format!(
-                "download of {url} failed: HTTP {}",
-                resp.status()
-            )));
-        }
-        let total = resp.content_length();
-        let stream = resp
-            .bytes_stream()
-            .map(|r| r.map_err(|e| format!("download interrupted: {e}")));
-        self.ingest(name, stream, total, sha256).await
-    }
-
     /// `POST /images/{name}`: stores the request body as the image (in the request).
-    pub async fn upload<S>(
+    pub async fn upload<S, E>(
         &self,
         name: &str,
         body: S,
@@ -340,7 +221,8 @@ impl Images {
         by: &str,
     ) -> Result<ImageRow, VmError>
     where
-        S: Stream<Item = Result<Bytes, String>> + Send + Unpin + 'static,
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
         let sha = sha256.map(check_sha256).transpose()?;
         self.begin(name, "upload", sha.as_deref(), by).await?;
@@ -351,135 +233,94 @@ impl Images {
         self.store
             .run(move |s| s.with(|c| vms::image(c, &n)))
             .await?
-            .ok_or_else(|| VmError::NotFound(format!("image {name} vanished")))
+            .ok_or_else(|| NotFound::ImageVanished(name.to_owned()).into())
     }
 
     /// Streams `body` into a partial volume, checks it, and turns it into the image.
-    async fn ingest<S>(
+    async fn ingest<S, E>(
         &self,
         name: &str,
-        mut body: S,
+        body: S,
         total: Option<u64>,
         sha256: Option<&str>,
     ) -> Result<Stored, VmError>
     where
-        S: Stream<Item = Result<Bytes, String>> + Send + Unpin + 'static,
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin + 'static,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
     {
-        if let Some(t) = total
-            && t > self.max_bytes
-        {
-            return Err(VmError::TooLarge(format!(
-                "image is larger than {} bytes (VM_MAX_DISK_GB)",
-                self.max_bytes
-            )));
+        if total.is_some_and(|t| t > self.max_bytes) {
+            return Err(VmError::TooLarge(TooLarge {
+                max_bytes: self.max_bytes,
+            }));
         }
-        let (tx, mut rx) = tokio::sync::mpsc::channel::<Result<Bytes, VmError>>(16);
-        let partial = storage::partial_volume(name);
-        let final_name = storage::image_volume(name);
-        let (pool_name, pool_dir) = (self.pool.clone(), self.pool_dir.clone());
-        let expected = sha256.map(str::to_string);
-        let writer = self.lv.call_unbounded(move |conn| {
-            let pool = storage::ensure_pool(conn, &pool_name, &pool_dir)?;
-            let vol =
-                storage::create_volume(&pool, &partial, &xml::volume(&partial, 0, "raw", None))?;
-            let mut hasher = Sha256::new();
-            let mut head: Vec<u8> = Vec::with_capacity(8);
-            let chunks = std::iter::from_fn(|| rx.blocking_recv()).inspect(|c| {
-                if let Ok(c) = c {
-                    hasher.update(c);
-                    if head.len() < 4 {
-                        head.extend_from_slice(&c[..c.len().min(4 - head.len())]);
-                    }
-                }
-            });
-            let uploaded = storage::upload(conn, &vol, chunks);
-            let stored = (|| {
-                let size = uploaded?;
-                let sha = hex::encode(hasher.finalize());
-                if let Some(want) = &expected
-                    && want != &sha
-                {
-                    return Err(VmError::Invalid(format!(
-                        "sha256 mismatch: expected {want}, got {sha}"
-                    )));
-                }
-                if size == 0 {
-                    return Err(VmError::Invalid("the image is empty".into()));
-                }
-                let format: &'static str = if head.starts_with(b"QFI\xfb") {
-                    "qcow2"
-                } else {
-                    "raw"
-                };
-                // Let libvirt see the file as it is now (format, virtual size).
-                let _ = pool.refresh(0);
-                let vol = storage::find_volume(&pool, &partial)?
-                    .ok_or_else(|| VmError::Internal("the partial volume vanished".into()))?;
-                let capacity = vol.info().map(|i| i.capacity).unwrap_or(size).max(size);
-                let _ = storage::delete_volume(&pool, &final_name);
-                StorageVol::create_xml_from(
-                    &pool,
-                    &xml::volume(&final_name, capacity, format, None),
-                    &vol,
-                    0,
-                )
-                .map_err(|e| VmError::libvirt(format!("storing image volume {final_name}"), e))?;
-                Ok(Stored {
-                    sha256: sha,
-                    format,
-                    size,
-                })
-            })();
-            let _ = storage::delete_volume(&pool, &partial);
-            stored
-        });
-        let name_owned = name.to_string();
-        let progress = &self.progress;
-        let max_bytes = self.max_bytes;
-        let feeder = async move {
-            let mut received = 0u64;
-            let mut told: Option<std::time::Instant> = None;
-            while let Some(chunk) = body.next().await {
-                let chunk = chunk.map_err(VmError::Invalid);
-                let failed = chunk.is_err();
-                if let Ok(c) = &chunk {
-                    received += c.len() as u64;
-                    if let Ok(mut p) = progress.lock() {
-                        p.insert(name_owned.clone(), Progress { received, total });
-                    }
-                    if told.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
-                        told = Some(std::time::Instant::now());
-                        crate::events::publish(
-                            crate::events::Kind::ImageProgress,
-                            name_owned.clone(),
-                            serde_json::json!({ "received_bytes": received, "total_bytes": total }),
-                        );
-                    }
-                    if received > max_bytes {
-                        let _ = tx
-                            .send(Err(VmError::TooLarge(format!(
-                                "image is larger than {max_bytes} bytes (VM_MAX_DISK_GB)"
-                            ))))
-                            .await;
-                        return;
-                    }
-                }
-                if tx.send(chunk).await.is_err() || failed {
-                    return;
-                }
-            }
-            if let Some(t) = total
-                && received != t
-            {
-                let _ = tx
-                    .send(Err(VmError::Invalid(format!(
-                        "transfer ended after {received} of {t} bytes"
-                    ))))
-                    .await;
-            }
+        let (tx, rx) = mpsc::channel::<Result<Bytes, SourceStopped>>(16);
+        let target = Target {
+            image: name.to_string(),
+            partial: volumes::partial(name),
+            expected: sha256.map(str::to_string),
         };
-        let (_, stored) = tokio::join!(feeder, writer);
+        let writer = self
+            .driver
+            .work(move |hv, call| store_image(hv, call, &target, rx));
+        let feeder = self.feed(name, body, total, tx);
+        let (fed, stored) = tokio::join!(feeder, writer);
+        // A feed that stopped knows why; the writer only saw its end.
+        fed?;
         stored
+    }
+
+    /// Sends `body`'s chunks to the writer, counting them (progress, the size bound, the
+    /// announced length); returns why it stopped early, if it did.
+    async fn feed<S, E>(
+        &self,
+        name: &str,
+        mut body: S,
+        total: Option<u64>,
+        tx: mpsc::Sender<Result<Bytes, SourceStopped>>,
+    ) -> Result<(), VmError>
+    where
+        S: Stream<Item = Result<Bytes, E>> + Send + Unpin,
+        E: Into<Box<dyn std::error::Error + Send + Sync>>,
+    {
+        let mut received = 0u64;
+        let mut told: Option<std::time::Instant> = None;
+        let stop = |tx: mpsc::Sender<_>, why: VmError| async move {
+            let _ = tx.send(Err(SourceStopped)).await;
+            Err(why)
+        };
+        while let Some(chunk) = body.next().await {
+            let chunk = match chunk {
+                Ok(c) => c,
+                Err(e) => return stop(tx, Invalid::Transfer(e.into()).into()).await,
+            };
+            received += chunk.len() as u64;
+            self.progress()
+                .insert(name.to_owned(), Progress { received, total });
+            if told.is_none_or(|t| t.elapsed() >= PROGRESS_EVERY) {
+                told = Some(std::time::Instant::now());
+                crate::events::publish(
+                    crate::events::Kind::ImageProgress,
+                    name,
+                    serde_json::json!({ "received_bytes": received, "total_bytes": total }),
+                );
+            }
+            if received > self.max_bytes {
+                let too_large = VmError::TooLarge(TooLarge {
+                    max_bytes: self.max_bytes,
+                });
+                return stop(tx, too_large).await;
+            }
+            if tx.send(Ok(chunk)).await.is_err() {
+                // The writer stopped: its error says why.
+                return Ok(());
+            }
+        }
+        match total {
+            Some(t) if received != t => {
+                stop(tx, Invalid::Truncated { received, total: t }.into()).await
+            }
+            _ => Ok(()),
+        }
     }
 
     /// `DELETE /images/{name}`: refused while a VM uses it or while it is in transfer.
@@ -497,25 +338,20 @@ impl Images {
                 })
             })
             .await?;
-        let row = row.ok_or_else(|| VmError::NotFound(format!("no image named {name}")))?;
+        let row = row.ok_or_else(|| NotFound::ImageRow(name.to_owned()))?;
         if row.state == ImageState::Downloading {
-            return Err(VmError::Conflict(format!(
-                "image {name} is being transferred"
-            )));
+            return Err(Conflict::ImageInTransfer(name.to_owned()).into());
         }
         if !users.is_empty() {
-            return Err(VmError::Conflict(format!(
-                "image {name} backs the disk of {}; delete those VMs first",
-                users.join(", ")
-            )));
+            return Err(Conflict::ImageInUse {
+                name: name.to_owned(),
+                users,
+            }
+            .into());
         }
-        let (pool_name, pool_dir, vol) =
-            (self.pool.clone(), self.pool_dir.clone(), row.volume.clone());
-        self.lv
-            .call(move |conn| {
-                let pool = storage::ensure_pool(conn, &pool_name, &pool_dir)?;
-                storage::delete_volume(&pool, &vol).map(|_| ())
-            })
+        let vol = row.volume.clone();
+        self.driver
+            .ask(move |hv, call| hv.delete_volume(call, &vol))
             .await?;
         let n = name.to_string();
         self.store
@@ -525,33 +361,82 @@ impl Images {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::plain_url;
+/// Where a transfer goes, and the checksum it must have.
+struct Target {
+    image: String,
+    partial: String,
+    expected: Option<String>,
+}
 
-    #[test]
-    fn image_urls_are_plain_http_urls() {
-        for ok in [
-            "https://cloud-images.ubuntu.com/jammy/current/jammy-server-cloudimg-amd64.img",
-            "http://127.0.0.1:8080/img",
-            "HTTP://Mirror.Example/a/b.qcow2?sig=a%2Fb&x=1",
-        ] {
-            assert!(plain_url(ok), "{ok}");
+/// The writer of a transfer: the chunks into the partial volume (hashed on the way), the
+/// checks, the copy into the image's volume; the partial volume is deleted in every
+/// case. Blocking.
+fn store_image(
+    hv: &dyn Hypervisor,
+    call: &Call,
+    t: &Target,
+    mut rx: mpsc::Receiver<Result<Bytes, SourceStopped>>,
+) -> Result<Stored, VmError> {
+    let mut hasher = Sha256::new();
+    let mut head: Vec<u8> = Vec::with_capacity(8);
+    let mut chunks = std::iter::from_fn(|| rx.blocking_recv()).inspect(|c| {
+        if let Ok(c) = c {
+            hasher.update(c);
+            if head.len() < 4 {
+                head.extend_from_slice(&c[..c.len().min(4 - head.len())]);
+            }
         }
-        for bad in [
-            "ftp://h/x",
-            "http://user:secret@h/x",
-            "http://h/x#frag",
-            "http://h/a b",
-            "http://010.0.0.1/x",
-            "http://0x7f.1/x",
-            "http://xn--bad/x",
-            "http://h:0/x",
-            "http://h:65536/x",
-            "http://[::1]/x",
-            "http://h/\u{e9}",
-        ] {
-            assert!(!plain_url(bad), "{bad}");
+    });
+    let uploaded = hv.upload_volume(call, &t.partial, &mut chunks);
+    drop(chunks);
+    let stored = uploaded
+        .map_err(VmError::from)
+        .and_then(|size| keep_image(hv, call, t, size, hex::encode(hasher.finalize()), &head));
+    let _ = hv.delete_volume(call, &t.partial);
+    stored
+}
+
+/// Checks a complete transfer (its checksum, that it is not empty) and copies it into the
+/// image's volume in the format its first bytes say. Blocking.
+fn keep_image(
+    hv: &dyn Hypervisor,
+    call: &Call,
+    t: &Target,
+    size: u64,
+    sha: String,
+    head: &[u8],
+) -> Result<Stored, VmError> {
+    if let Some(want) = &t.expected
+        && want != &sha
+    {
+        return Err(Invalid::Sha256Mismatch {
+            expected: want.clone(),
+            got: sha,
         }
+        .into());
     }
+    if size == 0 {
+        return Err(Invalid::EmptyImage.into());
+    }
+    let format: &'static str = if head.starts_with(b"QFI\xfb") {
+        "qcow2"
+    } else {
+        "raw"
+    };
+    let capacity = hv
+        .volume(call, &t.partial)?
+        .ok_or_else(|| Internal::PartialVanished(t.image.clone()))?
+        .max(size);
+    hv.copy_volume(
+        call,
+        &t.partial,
+        &volumes::image(&t.image),
+        capacity,
+        format,
+    )?;
+    Ok(Stored {
+        sha256: sha,
+        format,
+        size,
+    })
 }

@@ -1,15 +1,16 @@
-//! Start, stop, reboot and delete: each holds its VM's claim until libvirt has really
-//! answered (`Vms::to_the_end`), and observes the VM when done.
+//! Start, stop, reboot and delete: each holds its VM's claim until the hypervisor has
+//! really answered (`Vms::to_the_end`), and observes the VM when done.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use super::{Deleted, Vms};
-use crate::model::{DesiredState, PortMap, VmName};
+use crate::model::{DesiredState, MacAddr, PortMap, VmName};
 use crate::store::audit;
 use crate::store::vms;
-use crate::vm::domain::{existing, facts, hairpin, lookup, remove_vm};
-use crate::vm::{VmError, dhcp_hosts, leases};
+use crate::vm::driver::{Call, Hypervisor, ipv4_of};
+use crate::vm::{Conflict, NotFound, Operation, VmError};
 
 impl Vms {
     /// `POST /vms/{name}/start`; true when it was already running.
@@ -17,37 +18,22 @@ impl Vms {
         let claim = self.claim(name).await?;
         let this = Arc::clone(self);
         let n = name.to_string();
-        self.to_the_end(
-            claim,
-            format!("POST /vms/{name}/start"),
-            self.lv.timeout(),
-            async move {
-                let result = this.start_now(&n).await;
-                this.observe_one(&n).await;
-                result
-            },
-        )
+        let operation = Operation::Start(n.clone());
+        self.to_the_end(claim, operation, self.driver.timeout(), async move {
+            let result = this.start_now(&n).await;
+            this.observe_one(&n).await;
+            result
+        })
         .await
     }
 
     async fn start_now(&self, name: &str) -> Result<bool, VmError> {
         let n = name.to_string();
-        let cfg = self.cfg.clone();
         let was_running = self
-            .lv
-            .call_unbounded(move |conn| {
-                let d = existing(conn, &n)?;
-                if d.is_active()
-                    .map_err(|e| VmError::libvirt("domain state", e))?
-                {
-                    return Ok(true);
-                }
-                d.create()
-                    .map_err(|e| VmError::libvirt(format!("starting {n}"), e))?;
-                hairpin(&cfg, &d);
-                Ok(false)
-            })
-            .await?;
+            .driver
+            .work(move |hv, call| hv.start(call, &n))
+            .await?
+            .ok_or_else(|| NotFound::Vm(name.to_owned()))?;
         self.set_desired(name, DesiredState::Running).await?;
         Ok(was_running)
     }
@@ -58,78 +44,59 @@ impl Vms {
         let claim = self.claim(name).await?;
         let this = Arc::clone(self);
         let n = name.to_string();
-        self.to_the_end(
-            claim,
-            format!("POST /vms/{name}/stop"),
-            self.lv.timeout() + self.cfg.stop_timeout,
-            async move {
-                let result = this.stop_now(&n, force).await;
-                this.observe_one(&n).await;
-                result
-            },
-        )
+        let wait = self.driver.timeout() + self.cfg.stop_timeout;
+        self.to_the_end(claim, Operation::Stop(n.clone()), wait, async move {
+            let result = this.stop_now(&n, force).await;
+            this.observe_one(&n).await;
+            result
+        })
         .await
     }
 
     async fn stop_now(&self, name: &str, force: bool) -> Result<bool, VmError> {
         let n = name.to_string();
         let active = self
-            .lv
-            .call_unbounded(move |conn| {
-                let d = existing(conn, &n)?;
-                let active = d
-                    .is_active()
-                    .map_err(|e| VmError::libvirt("domain state", e))?;
-                if active && !force {
-                    d.shutdown()
-                        .map_err(|e| VmError::libvirt(format!("shutting {n} down"), e))?;
-                }
-                Ok(active)
+            .driver
+            .work(move |hv, call| match hv.domain(call, &n)? {
+                None => Err(VmError::from(NotFound::Vm(n.clone()))),
+                Some(d) if d.active && !force => Ok(hv.shutdown(call, &n)?.unwrap_or(false)),
+                Some(d) => Ok(d.active),
             })
             .await?;
-        let mut forced = false;
-        if active {
-            let deadline = Instant::now()
-                + if force {
-                    Duration::ZERO
-                } else {
-                    self.cfg.stop_timeout
-                };
-            loop {
-                let n = name.to_string();
-                let still = self
-                    .lv
-                    .call_unbounded(move |conn| match lookup(conn, &n)? {
-                        Some(d) => d
-                            .is_active()
-                            .map_err(|e| VmError::libvirt("domain state", e)),
-                        None => Ok(false),
-                    })
-                    .await?;
-                if !still {
-                    break;
-                }
-                if Instant::now() >= deadline {
-                    let n = name.to_string();
-                    self.lv
-                        .call_unbounded(move |conn| {
-                            if let Some(d) = lookup(conn, &n)?
-                                && d.is_active().unwrap_or(false)
-                            {
-                                d.destroy()
-                                    .map_err(|e| VmError::libvirt(format!("forcing {n} off"), e))?;
-                            }
-                            Ok(())
-                        })
-                        .await?;
-                    forced = true;
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
+        let forced = active && self.wait_for_power_off(name, force).await?;
         self.set_desired(name, DesiredState::Stopped).await?;
         Ok(forced)
+    }
+
+    /// Waits for the domain to stop (at most VM_STOP_TIMEOUT, not at all with `force`),
+    /// then forces it off; true when it had to.
+    async fn wait_for_power_off(&self, name: &str, force: bool) -> Result<bool, VmError> {
+        let wait = if force {
+            Duration::ZERO
+        } else {
+            self.cfg.stop_timeout
+        };
+        let deadline = Instant::now() + wait;
+        loop {
+            let n = name.to_string();
+            let still = self
+                .driver
+                .work(move |hv, call| {
+                    Ok::<_, VmError>(hv.domain(call, &n)?.is_some_and(|d| d.active))
+                })
+                .await?;
+            if !still {
+                return Ok(false);
+            }
+            if Instant::now() >= deadline {
+                let n = name.to_string();
+                self.driver
+                    .work(move |hv, call| hv.destroy(call, &n))
+                    .await?;
+                return Ok(true);
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
 
     /// `POST /vms/{name}/reboot` (ACPI; the guest decides how).
@@ -137,36 +104,26 @@ impl Vms {
         let claim = self.claim(name).await?;
         let this = Arc::clone(self);
         let n = name.to_string();
-        self.to_the_end(
-            claim,
-            format!("POST /vms/{name}/reboot"),
-            self.lv.timeout(),
-            async move {
-                let result = this.reboot_now(&n).await;
-                this.observe_one(&n).await;
-                result
-            },
-        )
+        let operation = Operation::Reboot(n.clone());
+        self.to_the_end(claim, operation, self.driver.timeout(), async move {
+            let result = this.reboot_now(&n).await;
+            this.observe_one(&n).await;
+            result
+        })
         .await
     }
 
     async fn reboot_now(&self, name: &str) -> Result<(), VmError> {
         let n = name.to_string();
-        self.lv
-            .call_unbounded(move |conn| {
-                let d = existing(conn, &n)?;
-                if !d
-                    .is_active()
-                    .map_err(|e| VmError::libvirt("domain state", e))?
-                {
-                    return Err(VmError::Conflict(format!(
-                        "{n} is not running; start it instead"
-                    )));
-                }
-                d.reboot(0)
-                    .map_err(|e| VmError::libvirt(format!("rebooting {n}"), e))
-            })
-            .await
+        match self
+            .driver
+            .work(move |hv, call| hv.reboot(call, &n))
+            .await?
+        {
+            Some(true) => Ok(()),
+            Some(false) => Err(Conflict::NotRunning(name.to_owned()).into()),
+            None => Err(NotFound::Vm(name.to_owned()).into()),
+        }
     }
 
     /// `DELETE /vms/{name}`. Domains the agent did not create are refused.
@@ -179,78 +136,45 @@ impl Vms {
         self.set_pending(name, None);
         let this = Arc::clone(self);
         let n = name.to_string();
-        self.to_the_end(
-            claim,
-            format!("DELETE /vms/{name}"),
-            self.lv.timeout(),
-            async move {
-                let result = this.delete_now(&n, delete_files).await;
-                this.observe_one(&n).await;
-                result
-            },
-        )
+        let operation = Operation::Delete(n.clone());
+        self.to_the_end(claim, operation, self.driver.timeout(), async move {
+            let result = this.delete_now(&n, delete_files).await;
+            this.observe_one(&n).await;
+            result
+        })
         .await
     }
 
     async fn delete_now(&self, name: &str, delete_files: bool) -> Result<Deleted, VmError> {
         let row = self.row(name).await?;
-        let n = name.to_string();
-        let cfg = self.cfg.clone();
-        let had_row = row.is_some();
-        let row_ip = row.as_ref().and_then(|r| r.last_ip.clone());
-        let pinned = row.as_ref().and_then(super::pinning::pinned);
-        let (mac, network) = match &row {
-            Some(r) => (Some(r.mac.clone()), Some(r.network_name.clone())),
-            None => (None, None),
+        let gone = Gone {
+            name: name.to_string(),
+            had_row: row.is_some(),
+            nic: row
+                .as_ref()
+                .map(|r| (r.mac.clone(), r.network_name.clone())),
+            pinned: row.as_ref().is_some_and(|r| r.pinned_ip.is_some()),
+            files: delete_files,
         };
         let lease_ip = self
-            .lv
-            .call_unbounded(move |conn| {
-                let dom = lookup(conn, &n)?;
-                let ours = match &dom {
-                    Some(d) => had_row || facts(d)?.instance_id.is_some(),
-                    None => had_row,
-                };
-                if dom.is_none() && !had_row {
-                    return Err(VmError::NotFound(format!("no VM named {n}")));
-                }
-                if !ours {
-                    return Err(VmError::Conflict(format!(
-                        "domain {n} was not created by this agent; it is never deleted by it"
-                    )));
-                }
-                // The address it holds now, so port maps to it can go with it.
-                let mut ip = None;
-                if let (Some(mac), Some(net)) = (&mac, &network)
-                    && let Ok(net) = conn.lookup_network_by_name(net)
-                {
-                    ip = leases::leases(&net, Some(mac))
-                        .ok()
-                        .and_then(|l| leases::ipv4_of(&l, mac));
-                }
-                remove_vm(conn, &cfg, &n, dom, delete_files)?;
-                // Its reservation goes with it (a VM from before pinning has none).
-                if let (Some(_), Some(mac), Some(net)) = (pinned, &mac, &network) {
-                    match dhcp_hosts::network(conn, net) {
-                        Ok(net) => drop(dhcp_hosts::remove(&net, mac)?),
-                        // The network went first: so did the entry.
-                        Err(e) if e.is_not_found() => {}
-                        Err(e) => return Err(e),
-                    }
-                }
-                Ok(ip)
-            })
+            .driver
+            .work(move |hv, call| remove(hv, call, &gone))
             .await?;
         let n = name.to_string();
         self.store
             .run(move |s| s.with(|c| vms::delete(c, &n)))
             .await?;
-        let mut targets: Vec<std::net::Ipv4Addr> = [row_ip, lease_ip]
-            .into_iter()
-            .flatten()
-            .filter_map(|ip| ip.parse().ok())
-            .collect();
-        targets.extend(pinned.filter(|p| !targets.contains(p)));
+        let mut targets: Vec<Ipv4Addr> = Vec::new();
+        let known = row
+            .as_ref()
+            .map(|r| [r.last_ip, r.pinned_ip])
+            .unwrap_or_default();
+        for ip in known.into_iter().flatten() {
+            if let IpAddr::V4(ip) = ip {
+                targets.push(ip);
+            }
+        }
+        targets.extend(lease_ip.filter(|ip| !targets.contains(ip)));
         let removed = self.remove_port_maps_to(name, targets).await;
         tracing::info!(
             vm = name,
@@ -296,7 +220,7 @@ impl Vms {
     /// port-map service (one SQLite transaction with each map's audit row, one kernel
     /// transaction). A failure is logged; the VM is gone either way, and the maps'
     /// reconcile keeps kernel and database agreeing.
-    async fn remove_port_maps_to(&self, vm: &str, targets: Vec<std::net::Ipv4Addr>) -> Vec<String> {
+    async fn remove_port_maps_to(&self, vm: &str, targets: Vec<Ipv4Addr>) -> Vec<String> {
         let Some(pm) = self.portmaps.clone() else {
             return Vec::new();
         };
@@ -338,4 +262,48 @@ fn map_entry(action: &str, vm: &str, m: &PortMap, from: Option<&PortMap>) -> aud
         parameters["from"] = format!("{}:{}", old.target_ip, old.target_port).into();
     }
     audit::Entry::by_agent(action, Some(parameters.to_string()))
+}
+
+/// What a delete takes away.
+struct Gone {
+    name: String,
+    had_row: bool,
+    /// The VM's MAC and network (from its row).
+    nic: Option<(MacAddr, String)>,
+    /// Whether the VM has a host entry to remove (a VM from before pinning has none).
+    pinned: bool,
+    files: bool,
+}
+
+/// Stops and undefines the domain, with `files` deletes its volumes, and removes its
+/// host entry; returns the address the VM holds now (its lease), so port maps to it can
+/// go with it. Blocking.
+fn remove(hv: &dyn Hypervisor, call: &Call, g: &Gone) -> Result<Option<Ipv4Addr>, VmError> {
+    let dom = hv.domain(call, &g.name)?;
+    if dom.is_none() && !g.had_row {
+        return Err(NotFound::Vm(g.name.clone()).into());
+    }
+    let ours = g.had_row || dom.as_ref().is_some_and(|d| d.instance_id.is_some());
+    if !ours {
+        return Err(Conflict::NotOurs(g.name.clone()).into());
+    }
+    let ip = match &g.nic {
+        Some((mac, net)) => hv
+            .leases(call, net, mac)
+            .ok()
+            .and_then(|l| ipv4_of(&l, mac)),
+        None => None,
+    };
+    hv.undefine(call, &g.name)?;
+    if g.files {
+        hv.delete_volumes(call, &g.name)?;
+    }
+    if let (true, Some((mac, net))) = (g.pinned, &g.nic) {
+        match hv.remove_host_entry(call, net, mac) {
+            // The network went first: so did the entry.
+            Err(e) if e.is_not_found() => {}
+            other => drop(other?),
+        }
+    }
+    Ok(ip)
 }

@@ -1,40 +1,57 @@
-//! The VM service: SQLite holds each VM as the operator asked for it, libvirt is made
-//! to match. Handlers call one method each; every libvirt call runs through `Libvirt`
-//! (off the runtime, reconnecting). One file per job:
+//! The VM service: SQLite holds each VM as the operator asked for it, the hypervisor is
+//! made to match. Handlers call one method each; the service talks to the hypervisor
+//! only through `driver::Hypervisor` (off the runtime, through `driver::Driver`) and to
+//! SQLite through the store, never to libvirt. One file per job:
 //!
-//! - `create.rs`: `POST /vms`, as plan, provision in libvirt, persist;
+//! - `create.rs`: `POST /vms`, as plan, address, provision, persist;
 //! - `lifecycle.rs`: start, stop, reboot, delete;
-//! - `queries.rs`: the reads, from SQLite and the last observation of libvirt
-//!   (`vm::observed`), never waiting behind a libvirt call; IP, console;
-//! - `pinning.rs`: each VM's address, reserved as a DHCP host entry of its network;
-//! - `reconcile.rs`: libvirt made to match the rows again.
+//! - `queries.rs`: the reads, from SQLite and the last observation (`observed.rs`), never
+//!   waiting behind a libvirt call; IP, console, statistics (`statscache.rs`);
+//! - `addresses.rs` which address a VM gets (pure), `pinning.rs` choosing it and writing
+//!   its DHCP host entry, `stray_pins.rs` the entries of failed creates;
+//! - `reconcile.rs`: the hypervisor made to match the rows again; `abandoned.rs` and
+//!   `attempts.rs` what creates cut off inside libvirt left;
+//! - `claims.rs`: one operation per VM at a time.
 //!
-//! An operation holds its VM's claim (`vm::claims`) until its libvirt work has really
-//! ended; the request waits for it at most `LIBVIRT_TIMEOUT` and then answers 504 while
-//! the work goes on and records its outcome (see [`Vms::to_the_end`]).
+//! An operation holds its VM's claim until its libvirt work has really ended; the request
+//! waits for it at most `LIBVIRT_TIMEOUT` and then answers 504 while the work goes on and
+//! records its outcome (see [`Vms::to_the_end`]).
 
 mod abandoned;
+mod address_book;
+pub(crate) mod addresses;
+mod attempts;
+mod claims;
 mod create;
 mod lifecycle;
+mod observed;
 mod pinning;
-#[cfg(test)]
-mod pinning_tests;
+mod plan;
+mod provision;
 mod queries;
 mod reconcile;
+mod statscache;
+mod stray_pins;
 #[cfg(test)]
 pub(crate) mod tests;
 
 use std::future::Future;
+use std::net::IpAddr;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
 
 use serde::Serialize;
 
-use super::claims::{Claim, Claims};
+#[cfg(test)]
+pub use observed::FRESH;
+
+use self::address_book::AddressBook;
+use self::claims::{Claim, Claims};
+use self::observed::Observed;
+use super::driver::{Driver, VmDefinition};
 use super::images::Images;
-use super::observed::Observed;
-use super::{Libvirt, VmConfig, VmError};
+use super::{Operation, VmConfig, VmError};
 use crate::model::{DesiredState, VmState};
 use crate::portmap::PortMaps;
 use crate::store::vms::{self, VmRow};
@@ -52,7 +69,7 @@ pub struct Created {
     pub recreated: bool,
     /// The address pinned for the VM in its network's DHCP range: its DHCP lease,
     /// from the first boot on.
-    pub ip: String,
+    pub ip: IpAddr,
 }
 
 /// One VM as `GET /vms` and `/status` show it.
@@ -71,14 +88,14 @@ pub struct VmStatus {
     /// The address a client can use, as `GET /vms/{name}/ip` answers it: the pinned
     /// address when the agent reserved one, else the one the VM's last DHCP lease gave
     /// (`GET /vms/{name}/ip` records it); null while neither is known.
-    pub ip: Option<String>,
+    pub ip: Option<IpAddr>,
     /// Where `ip` comes from: `pinned` (the agent's reservation, known before the VM
     /// boots) or `lease` (the last DHCP lease seen); null with `ip`.
     pub ip_source: Option<IpSource>,
     /// The address the agent reserved for the VM (absent for VMs created before
     /// pinning, and for domains the agent did not create).
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub pinned_ip: Option<String>,
+    pub pinned_ip: Option<IpAddr>,
     pub mac: Option<String>,
     pub network: Option<String>,
     pub memory_mib: Option<u32>,
@@ -112,10 +129,10 @@ pub enum IpSource {
 impl IpSource {
     /// The address to list for a VM of the agent, and where it comes from: the pinned
     /// one first, since it is what the VM gets and is known before it boots.
-    pub fn of(row: &crate::store::vms::VmRow) -> (Option<String>, Option<IpSource>) {
-        match (&row.pinned_ip, &row.last_ip) {
-            (Some(p), _) => (Some(p.clone()), Some(IpSource::Pinned)),
-            (None, Some(l)) => (Some(l.clone()), Some(IpSource::Lease)),
+    pub fn of(row: &crate::store::vms::VmRow) -> (Option<IpAddr>, Option<IpSource>) {
+        match (row.pinned_ip, row.last_ip) {
+            (Some(p), _) => (Some(p), Some(IpSource::Pinned)),
+            (None, Some(l)) => (Some(l), Some(IpSource::Lease)),
             (None, None) => (None, None),
         }
     }
@@ -173,7 +190,7 @@ pub struct Deleted {
 }
 
 pub struct Vms {
-    lv: Arc<Libvirt>,
+    driver: Driver,
     store: Store,
     cfg: VmConfig,
     portmaps: Option<Arc<PortMaps>>,
@@ -182,24 +199,21 @@ pub struct Vms {
     /// racing; a request waits for the reconcile's look at the VM.
     claims: Arc<Claims>,
     /// Creates whose libvirt work was cut off (a keepalive close during a freeze), whose
-    /// leftovers the reconcile removes (`vm::abandoned`).
-    abandoned: crate::vm::abandoned::Abandoned,
-    /// DHCP host entries of failed creates that libvirt may still hold; the reconcile
-    /// removes them (`vm::stray_pins`).
-    stray_pins: crate::vm::stray_pins::StrayPins,
+    /// leftovers the reconcile removes (`attempts.rs`).
+    abandoned: attempts::Abandoned,
+    /// The networks as libvirt last showed them, the addresses of creates in flight and
+    /// the DHCP host entries of failed creates: what a create chooses its address from.
+    addresses: Arc<AddressBook>,
     /// What libvirt last said about each domain; the reads answer from it.
     observed: Arc<Observed>,
     /// libvirt's last statistics of every domain, for `GET /metrics`.
-    stats: Arc<crate::vm::stats::StatsCache>,
+    stats: Arc<statscache::StatsCache>,
     /// Woken by libvirt's events that may need a repair (a domain undefined, stopped or
     /// crashed): the VM reconcile runs at once instead of at its next interval.
     reconcile_due: Arc<tokio::sync::Notify>,
     /// Creates in flight (shown as `creating`) and creates that failed after their
     /// request stopped waiting (shown as `failed`, with the error), by VM name.
     pending: std::sync::Mutex<std::collections::BTreeMap<String, Pending>>,
-    /// Held while a create chooses its address and writes its DHCP host entry, so that
-    /// two creates never choose the same one (`pinning.rs`).
-    pinning: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// How long libvirt must be quiet after an event before the reconcile it asked for runs.
@@ -211,6 +225,7 @@ pub const SETTLE_MAX: Duration = Duration::from_secs(5);
 #[derive(Clone, Debug)]
 enum Pending {
     Creating,
+    /// With its error, as the status shows it.
     Failed(String),
 }
 
@@ -221,25 +236,24 @@ impl Vms {
     }
 
     pub fn new(
-        lv: Arc<Libvirt>,
+        driver: Driver,
         store: Store,
         cfg: VmConfig,
         portmaps: Option<Arc<PortMaps>>,
     ) -> Self {
         Self {
-            lv,
+            driver,
             store,
             cfg,
             portmaps,
             images: None,
             claims: Arc::new(Claims::default()),
             abandoned: Default::default(),
-            stray_pins: Default::default(),
+            addresses: Default::default(),
             observed: Arc::new(Observed::default()),
             stats: Default::default(),
             reconcile_due: Default::default(),
             pending: Default::default(),
-            pinning: Default::default(),
         }
     }
 
@@ -247,14 +261,6 @@ impl Vms {
     pub fn with_images(mut self, images: Arc<Images>) -> Self {
         self.images = Some(images);
         self
-    }
-
-    pub fn config(&self) -> &VmConfig {
-        &self.cfg
-    }
-
-    pub fn libvirt(&self) -> &Arc<Libvirt> {
-        &self.lv
     }
 
     /// Resolves when an event asked for a reconcile (`agent::vm_reconcile_loop`) and
@@ -277,7 +283,7 @@ impl Vms {
     /// Claims `name` for a request: refused while another request works on it, waits
     /// (up to one libvirt call's timeout) while the reconcile looks at it.
     async fn claim(&self, name: &str) -> Result<Claim, VmError> {
-        self.claims.for_request(name, self.lv.timeout()).await
+        self.claims.for_request(name, self.driver.timeout()).await
     }
 
     async fn row(&self, name: &str) -> Result<Option<VmRow>, VmError> {
@@ -321,21 +327,20 @@ impl Vms {
     async fn to_the_end<T: Send + 'static>(
         self: &Arc<Self>,
         claim: Claim,
-        what: String,
+        operation: Operation,
         wait: Duration,
         work: impl Future<Output = Result<T, VmError>> + Send + 'static,
     ) -> Result<T, VmError> {
-        let (mut task, detached) = self.launch(claim, what.clone(), work);
+        let (mut task, detached) = self.launch(claim, operation.clone(), work);
         match tokio::time::timeout(wait, &mut task).await {
-            Ok(joined) => joined
-                .map_err(|e| VmError::Internal(format!("{what}: the operation failed: {e}")))?,
+            Ok(Ok(result)) => result,
+            Ok(Err(source)) => Err(super::Internal::Task { operation, source }.into()),
             Err(_) => {
                 detached.store(true, Ordering::Release);
-                Err(VmError::Stalled(format!(
-                    "{what}: libvirt did not finish within {} s; the operation goes on and \
-                     its outcome will show in GET /vms and the audit log",
-                    wait.as_secs()
-                )))
+                Err(VmError::Stalled(super::Stalled {
+                    operation,
+                    waited: wait,
+                }))
             }
         }
     }
@@ -345,10 +350,10 @@ impl Vms {
     fn in_background<T: Send + 'static>(
         self: &Arc<Self>,
         claim: Claim,
-        what: String,
+        operation: Operation,
         work: impl Future<Output = Result<T, VmError>> + Send + 'static,
     ) {
-        let (_task, detached) = self.launch(claim, what, work);
+        let (_task, detached) = self.launch(claim, operation, work);
         detached.store(true, Ordering::Release);
     }
 
@@ -357,7 +362,7 @@ impl Vms {
     fn launch<T: Send + 'static>(
         self: &Arc<Self>,
         claim: Claim,
-        what: String,
+        operation: Operation,
         work: impl Future<Output = Result<T, VmError>> + Send + 'static,
     ) -> (tokio::task::JoinHandle<Result<T, VmError>>, Arc<AtomicBool>) {
         let detached = Arc::new(AtomicBool::new(false));
@@ -369,7 +374,8 @@ impl Vms {
             // a client that saw `failed` and deletes at once must not meet the claim.
             drop(claim);
             if flag.load(Ordering::Acquire) {
-                this.record_late_outcome(&what, result.as_ref().err()).await;
+                this.record_late_outcome(&operation, result.as_ref().err())
+                    .await;
             }
             result
         });
@@ -377,7 +383,8 @@ impl Vms {
     }
 
     /// The audit row of an operation whose request stopped waiting for it.
-    async fn record_late_outcome(&self, what: &str, error: Option<&VmError>) {
+    async fn record_late_outcome(&self, operation: &Operation, error: Option<&VmError>) {
+        let what = operation.to_string();
         match error {
             None => tracing::info!(
                 operation = what,
@@ -415,5 +422,25 @@ impl Vms {
     async fn record_own_ok(&self, action: &str, parameters: serde_json::Value) {
         self.record_own(audit::Entry::by_agent(action, Some(parameters.to_string())))
             .await;
+    }
+}
+
+/// What the hypervisor is to hold for a VM row.
+fn definition(row: &VmRow) -> VmDefinition {
+    VmDefinition {
+        name: row.name.clone(),
+        uuid: row.uuid.clone(),
+        instance_id: row.instance_id.clone(),
+        domain_type: row.domain_type.clone(),
+        arch: row.os_arch.clone(),
+        memory_mib: row.memory_mib,
+        vcpus: row.vcpus,
+        network: row.network_name.clone(),
+        mac: row.mac.clone(),
+        disk_volume: row.disk_volume.clone(),
+        seed_volume: row.seed_volume.clone(),
+        kernel: row.kernel.clone(),
+        initrd: row.initrd.clone(),
+        cmdline: row.cmdline.clone(),
     }
 }

@@ -1,20 +1,19 @@
 //! The reads: `GET /vms`, `/vms/{name}/status` and `/stats` answer from SQLite plus the
-//! last observation of libvirt (`vm::observed`), never waiting behind a libvirt call
+//! last observation of libvirt (`observed.rs`), never waiting behind a libvirt call
 //! for longer than `observed::READ_WAIT`; the IP and the console ask libvirt.
 
+use std::net::{IpAddr, Ipv4Addr};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
-use virt::connect::Connect;
-
+use super::observed::{READ_WAIT, Seen, Snapshot};
 use super::{IpSource, Pending, VmStatus, Vms};
-use crate::model::{DesiredState, VmName, VmState};
+use crate::model::{DesiredState, MacAddr, VmName, VmState};
 use crate::store::Store;
 use crate::store::audit::iso_utc;
 use crate::store::vms::{self, VmRow};
-use crate::vm::domain::{domain_state, existing, facts, lookup};
-use crate::vm::observed::{READ_WAIT, Seen, Snapshot};
-use crate::vm::{VmError, leases, storage};
+use crate::vm::driver::{DomainEvent, EventKind, ipv4_of};
+use crate::vm::{NoLease, NotFound, Unavailable, VmError};
 
 impl Vms {
     /// The last observation, refreshed first when it is older than `observed::FRESH`
@@ -27,9 +26,7 @@ impl Vms {
         }
         let seen = self.observed.snapshot();
         if seen.listed_at.is_none() {
-            return Err(VmError::Unavailable(seen.failure.unwrap_or_else(|| {
-                "libvirt has not answered since the agent started".into()
-            })));
+            return Err(Unavailable::NotObserved(seen.failure).into());
         }
         Ok(seen)
     }
@@ -41,22 +38,22 @@ impl Vms {
         if !self.observed.begin_listing() {
             return;
         }
-        let (lv, observed) = (Arc::clone(&self.lv), Arc::clone(&self.observed));
+        let (driver, observed) = (self.driver.clone(), Arc::clone(&self.observed));
         let store = self.store.clone();
         tokio::spawn(async move {
             let started = SystemTime::now();
-            let found = lv.call_unbounded(observe_all).await;
+            let found = driver.work(|hv, call| hv.domains(call)).await;
             if let Err(e) = &found {
                 tracing::debug!(error = %e, "listing libvirt's domains failed; reads show the last listing");
             }
             let listed = found.is_ok();
-            observed.end_listing(started, found.map_err(|e| e.unavailable_reason()));
+            observed.end_listing(started, found);
             if listed {
                 let states = observed
                     .snapshot()
                     .domains
                     .iter()
-                    .map(|(name, seen)| (name.clone(), seen.state))
+                    .map(|(name, seen)| (name.clone(), seen.domain.state))
                     .collect();
                 record_states(&store, States::Listing(states)).await;
             }
@@ -68,7 +65,7 @@ impl Vms {
     pub(crate) async fn observe_one(&self, name: &str) {
         let n = name.to_string();
         let asked = SystemTime::now();
-        match self.lv.call(move |conn| observe(conn, &n)).await {
+        match self.driver.ask(move |hv, call| hv.domain(call, &n)).await {
             Ok(seen) => {
                 let state = seen.as_ref().map_or(VmState::Missing, |s| s.state);
                 if self.observed.set(name, seen, asked) {
@@ -84,18 +81,13 @@ impl Vms {
     /// `READ_WAIT`; a slow libvirt gets the last sample. `None` on a node where libvirt
     /// is not in use in this run (a port-map-only node never loads it).
     pub async fn metrics_sample(&self) -> Option<crate::metrics::sample::VmsSample> {
-        if !crate::vm::libvirt_so::is_loaded() {
+        if !self.driver.hypervisor().in_use() {
             return None;
         }
         if self.stats.begin_refresh() {
-            let (lv, stats) = (Arc::clone(&self.lv), Arc::clone(&self.stats));
+            let (driver, stats) = (self.driver.clone(), Arc::clone(&self.stats));
             tokio::spawn(async move {
-                let found = lv
-                    .call_unbounded(|conn| {
-                        crate::vm::stats::read_all(conn)
-                            .map_err(|e| VmError::libvirt("domain statistics", e))
-                    })
-                    .await;
+                let found = driver.work(|hv, call| hv.stats(call)).await;
                 if let Err(e) = &found {
                     tracing::debug!(error = %e, "reading libvirt's domain statistics failed; scrapes show the last sample");
                 }
@@ -113,23 +105,15 @@ impl Vms {
     /// Follows libvirt's lifecycle events: each names a domain, observed again at once.
     /// Call once, inside the runtime; it subscribes every connection made from now on.
     pub fn watch_events(self: &Arc<Self>) {
-        let (tx, mut rx) =
-            tokio::sync::mpsc::channel::<crate::vm::events::Lifecycle>(crate::vm::events::QUEUE);
-        self.lv.set_on_connect(move |conn| {
-            if let Err(e) = crate::vm::events::subscribe(conn, &tx) {
-                tracing::warn!(error = %e, "libvirt domain events unavailable; outside changes show at the next listing");
-            }
-        });
+        let (tx, mut rx) = tokio::sync::mpsc::channel::<DomainEvent>(EVENTS_QUEUE);
+        self.driver.hypervisor().subscribe(tx);
         let this = Arc::downgrade(self);
         tokio::spawn(async move {
             while let Some(event) = rx.recv().await {
                 let Some(vms) = this.upgrade() else { return };
-                tracing::debug!(vm = %event.domain, event = event.event, detail = event.detail, "libvirt domain event");
-                if let Some(kind) = event.kind() {
-                    let detail = match event.reason() {
-                        Some(reason) => serde_json::json!({ "reason": reason }),
-                        None => serde_json::Value::Null,
-                    };
+                tracing::debug!(vm = %event.domain, event = ?event.kind, "libvirt domain event");
+                if let Some(kind) = event.kind {
+                    let (kind, detail) = published(kind);
                     crate::events::publish(kind, event.domain.clone(), detail);
                 }
                 if event.may_need_repair() {
@@ -147,10 +131,10 @@ impl Vms {
         let mut result: Vec<VmStatus> = seen
             .domains
             .iter()
-            .map(|(name, s)| status_of(name, s, rows.iter().find(|r| &r.name == name)))
+            .map(|(name, s)| status_of(name, s, rows.iter().find(|r| r.name == name.as_str())))
             .collect();
         for r in &rows {
-            if !seen.domains.contains_key(&r.name) {
+            if !seen.domains.contains_key(r.name.as_str()) {
                 result.push(missing_status(r, seen.listed_at));
             }
         }
@@ -174,16 +158,19 @@ impl Vms {
             (Some(s), row, _) => status_of(name, s, row.as_ref()),
             (None, Some(row), _) => missing_status(row, seen.listed_at),
             (None, None, Some(p)) => pending_status(name, p),
-            (None, None, None) => return Err(VmError::NotFound(format!("no VM named {name}"))),
+            (None, None, None) => return Err(NotFound::Vm(name.to_string()).into()),
         };
         if matches!(pending, Some(Pending::Creating)) {
             status.state = VmState::Creating;
         }
-        let last_lease = row.as_ref().and_then(|r| r.last_ip.clone());
-        let targets = [&status.pinned_ip, &status.ip, &last_lease]
+        let last_lease = row.as_ref().and_then(|r| r.last_ip);
+        let targets = [status.pinned_ip, status.ip, last_lease]
             .into_iter()
             .flatten()
-            .filter_map(|ip| ip.parse().ok())
+            .filter_map(|ip| match ip {
+                IpAddr::V4(v4) => Some(v4),
+                IpAddr::V6(_) => None,
+            })
             .collect();
         status.port_maps = Some(self.port_maps_to(name.as_str(), targets).await?);
         Ok(status)
@@ -196,14 +183,14 @@ impl Vms {
         name: &VmName,
         network: Option<String>,
         timeout: Duration,
-    ) -> Result<String, VmError> {
+    ) -> Result<IpAddr, VmError> {
         let row = self.row(name).await?;
         // A pinned VM's address is known before it boots: no lease to wait for.
         if let Some(r) = &row
-            && let Some(ip) = super::pinning::pinned(r)
+            && let Some(ip) = r.pinned_ip
             && network.as_ref().is_none_or(|n| *n == r.network_name)
         {
-            return Ok(ip.to_string());
+            return Ok(ip);
         }
         let (mac, net) = match &row {
             Some(r) => (
@@ -211,55 +198,70 @@ impl Vms {
                 network.unwrap_or_else(|| r.network_name.clone()),
             ),
             None => {
-                let n = name.to_string();
-                let f = self
-                    .lv
-                    .call(move |conn| {
-                        let d = existing(conn, &n)?;
-                        facts(&d)
-                    })
-                    .await?;
-                let (mac, fnet) =
-                    f.interfaces.first().cloned().ok_or_else(|| {
-                        VmError::NotFound(format!("{name} has no network interface"))
-                    })?;
-                (mac, network.unwrap_or(fnet))
+                let (mac, nic_net) = self.nic_of(name).await?;
+                (mac, network.unwrap_or(nic_net))
             }
         };
         crate::vm::spec::check_name("network", &net)?;
+        let ip = self.wait_for_lease(name, &mac, &net, timeout).await?;
+        if row.is_some() {
+            let n = name.to_string();
+            let _ = self
+                .store
+                .run(move |s| s.with(|c| vms::set_last_ip(c, &n, ip)))
+                .await;
+        }
+        Ok(ip)
+    }
+
+    /// The first NIC of a domain the agent has no row for.
+    async fn nic_of(&self, name: &VmName) -> Result<(MacAddr, String), VmError> {
+        let n = name.to_string();
+        let domain = self
+            .driver
+            .ask(move |hv, call| hv.domain(call, &n))
+            .await?
+            .ok_or_else(|| NotFound::Vm(name.to_string()))?;
+        let nic = domain
+            .nics
+            .into_iter()
+            .next()
+            .ok_or_else(|| NotFound::NoInterface(name.to_string()))?;
+        Ok((nic.mac, nic.network))
+    }
+
+    /// Asks for `mac`'s lease every `lease_poll` until there is one or `timeout` ran out.
+    async fn wait_for_lease(
+        &self,
+        name: &VmName,
+        mac: &MacAddr,
+        net: &str,
+        timeout: Duration,
+    ) -> Result<IpAddr, VmError> {
         let deadline = Instant::now() + timeout;
         loop {
-            let (m, n) = (mac.clone(), net.clone());
+            let (m, n) = (mac.clone(), net.to_string());
             let found = self
-                .lv
-                .call(move |conn| {
-                    let netw = conn.lookup_network_by_name(&n).map_err(|e| {
-                        let e = VmError::libvirt(format!("network {n}"), e);
-                        if e.is_not_found() {
-                            VmError::NotFound(format!("no network named {n}"))
-                        } else {
-                            e
-                        }
-                    })?;
-                    Ok(leases::ipv4_of(&leases::leases(&netw, Some(&m))?, &m))
-                })
-                .await?;
+                .driver
+                .ask(move |hv, call| Ok::<_, VmError>(ipv4_of(&hv.leases(call, &n, &m)?, &m)))
+                .await
+                .map_err(|e| match e {
+                    VmError::Libvirt(f) if f.is_not_found() => {
+                        NotFound::Network(net.to_owned()).into()
+                    }
+                    e => e,
+                })?;
             if let Some(ip) = found {
-                if row.is_some() {
-                    let (n, i) = (name.to_string(), ip.clone());
-                    let _ = self
-                        .store
-                        .run(move |s| s.with(|c| vms::set_last_ip(c, &n, &i)))
-                        .await;
-                }
-                return Ok(ip);
+                return Ok(IpAddr::V4(ip));
             }
             let now = Instant::now();
             if now >= deadline {
-                return Err(VmError::Timeout(format!(
-                    "no DHCP lease for {name} ({mac}) on network {net} within {} s",
-                    timeout.as_secs()
-                )));
+                return Err(VmError::Timeout(NoLease {
+                    name: name.to_string(),
+                    mac: mac.to_string(),
+                    network: net.to_owned(),
+                    waited: timeout,
+                }));
             }
             tokio::time::sleep(self.cfg.lease_poll.min(deadline - now)).await;
         }
@@ -271,7 +273,7 @@ impl Vms {
     async fn port_maps_to(
         &self,
         vm: &str,
-        targets: Vec<std::net::Ipv4Addr>,
+        targets: Vec<Ipv4Addr>,
     ) -> Result<Vec<super::VmPortMap>, VmError> {
         let vm = vm.to_owned();
         let found = self
@@ -296,24 +298,13 @@ impl Vms {
 
     /// `GET /vms/{name}/console`: the last `max` bytes of the serial console log.
     pub async fn console(&self, name: &VmName, max: u64) -> Result<String, VmError> {
-        let n = name.to_string();
-        let cfg = self.cfg.clone();
-        let row = self.row(name).await?;
-        if row.is_none() {
-            return Err(VmError::NotFound(format!(
-                "no VM named {name} managed by this agent"
-            )));
+        if self.row(name).await?.is_none() {
+            return Err(NotFound::ManagedVm(name.to_string()).into());
         }
+        let n = name.to_string();
         let bytes = self
-            .lv
-            .call(move |conn| {
-                let pool = storage::ensure_pool(conn, &cfg.pool, &cfg.pool_dir)?;
-                let _ = pool.refresh(0);
-                match storage::find_volume(&pool, &storage::console_volume(&n))? {
-                    Some(v) => storage::tail(conn, &v, max),
-                    None => Ok(Vec::new()),
-                }
-            })
+            .driver
+            .ask(move |hv, call| hv.console_tail(call, &n, max))
             .await?;
         Ok(String::from_utf8_lossy(&bytes).into_owned())
     }
@@ -321,7 +312,7 @@ impl Vms {
     /// (total, running) domains, for `GET /stats`, from the last observation.
     pub async fn counts(&self) -> Result<(usize, usize), VmError> {
         let seen = self.observation().await?;
-        let running = seen.domains.values().filter(|s| s.active).count();
+        let running = seen.domains.values().filter(|s| s.domain.active).count();
         Ok((seen.domains.len(), running))
     }
 }
@@ -345,8 +336,11 @@ async fn record_states(store: &Store, states: States) {
                     States::Listing(seen) => vms::list(c)?
                         .into_iter()
                         .map(|r| {
-                            let state = seen.get(&r.name).copied().unwrap_or(VmState::Missing);
-                            (r.name, state)
+                            let state = seen
+                                .get(r.name.as_str())
+                                .copied()
+                                .unwrap_or(VmState::Missing);
+                            (r.name.to_string(), state)
                         })
                         .collect(),
                 };
@@ -359,59 +353,52 @@ async fn record_states(store: &Store, states: States) {
     }
 }
 
-/// Every domain libvirt has, as it is now. Blocking.
-fn observe_all(conn: &Connect) -> Result<Vec<(String, Seen)>, VmError> {
-    let doms = conn
-        .list_all_domains(0)
-        .map_err(|e| VmError::libvirt("listing domains", e))?;
-    let mut out = Vec::with_capacity(doms.len());
-    for d in doms {
-        let name = d.name().map_err(|e| VmError::libvirt("domain name", e))?;
-        out.push((name, seen(&d)?));
+/// Events waiting to be handled; more at once are dropped (a read's listing, at most
+/// `observed::FRESH` old, covers what a dropped event would have said).
+const EVENTS_QUEUE: usize = 1024;
+
+/// The event stream's kind for a domain's event, and its detail.
+fn published(kind: EventKind) -> (crate::events::Kind, serde_json::Value) {
+    use crate::events::Kind;
+    let plain = |k| (k, serde_json::Value::Null);
+    match kind {
+        EventKind::Defined => plain(Kind::VmDefined),
+        EventKind::Undefined => plain(Kind::VmUndefined),
+        EventKind::Started => plain(Kind::VmStarted),
+        EventKind::Suspended => plain(Kind::VmSuspended),
+        EventKind::Resumed => plain(Kind::VmResumed),
+        EventKind::Stopped(reason) => (Kind::VmStopped, serde_json::json!({ "reason": reason })),
+        EventKind::Shutdown => plain(Kind::VmShutdown),
+        EventKind::PmSuspended => plain(Kind::VmPmSuspended),
+        EventKind::Crashed => plain(Kind::VmCrashed),
     }
-    Ok(out)
-}
-
-/// One domain as it is now; `None` when libvirt has no such domain. Blocking.
-fn observe(conn: &Connect, name: &str) -> Result<Option<Seen>, VmError> {
-    lookup(conn, name)?.as_ref().map(seen).transpose()
-}
-
-fn seen(d: &virt::domain::Domain) -> Result<Seen, VmError> {
-    let (active, state) = domain_state(d)?;
-    Ok(Seen {
-        active,
-        state,
-        facts: facts(d).unwrap_or_default(),
-        at: None,
-    })
 }
 
 fn status_of(name: &str, seen: &Seen, row: Option<&VmRow>) -> VmStatus {
-    let f = &seen.facts;
-    let iface = f.interfaces.first();
+    let d = &seen.domain;
+    let nic = d.nics.first();
     let (ip, ip_source) = row.map(IpSource::of).unwrap_or_default();
     VmStatus {
         name: name.to_string(),
-        active: seen.active,
-        state: seen.state,
-        uuid: if f.uuid.is_empty() {
+        active: d.active,
+        state: d.state,
+        uuid: if d.uuid.is_empty() {
             row.map(|r| r.uuid.clone()).unwrap_or_default()
         } else {
-            f.uuid.clone()
+            d.uuid.clone()
         },
         instance_id: row
             .map(|r| r.instance_id.clone())
-            .or_else(|| f.instance_id.clone()),
+            .or_else(|| d.instance_id.clone()),
         managed: row.is_some(),
         ip,
         ip_source,
-        pinned_ip: row.and_then(|r| r.pinned_ip.clone()),
-        mac: iface
-            .map(|i| i.0.clone())
-            .or_else(|| row.map(|r| r.mac.clone())),
-        network: iface
-            .map(|i| i.1.clone())
+        pinned_ip: row.and_then(|r| r.pinned_ip),
+        mac: nic
+            .map(|n| n.mac.to_string())
+            .or_else(|| row.map(|r| r.mac.to_string())),
+        network: nic
+            .map(|n| n.network.clone())
             .or_else(|| row.map(|r| r.network_name.clone())),
         memory_mib: row.map(|r| r.memory_mib),
         vcpus: row.map(|r| r.vcpus),
@@ -429,7 +416,7 @@ fn status_of(name: &str, seen: &Seen, row: Option<&VmRow>) -> VmStatus {
 fn missing_status(r: &VmRow, listed_at: Option<SystemTime>) -> VmStatus {
     let (ip, ip_source) = IpSource::of(r);
     VmStatus {
-        name: r.name.clone(),
+        name: r.name.to_string(),
         active: false,
         state: VmState::Missing,
         uuid: r.uuid.clone(),
@@ -437,8 +424,8 @@ fn missing_status(r: &VmRow, listed_at: Option<SystemTime>) -> VmStatus {
         managed: true,
         ip,
         ip_source,
-        pinned_ip: r.pinned_ip.clone(),
-        mac: Some(r.mac.clone()),
+        pinned_ip: r.pinned_ip,
+        mac: Some(r.mac.to_string()),
         network: Some(r.network_name.clone()),
         memory_mib: Some(r.memory_mib),
         vcpus: Some(r.vcpus),

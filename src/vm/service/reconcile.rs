@@ -1,19 +1,21 @@
-//! The VM reconcile: a VM whose domain vanished from libvirt is defined again (and
+//! The VM reconcile: a VM whose domain vanished from the hypervisor is defined again (and
 //! started if it should run), a pinned address whose DHCP host entry vanished is
 //! reserved again; domains the agent did not create are never touched.
 
+use std::net::IpAddr;
 use std::sync::Arc;
 
-use super::Vms;
-use crate::store::vms;
-use crate::vm::VmError;
-use crate::vm::dhcp_hosts;
-use crate::vm::domain::reconcile_one;
+use super::{Vms, definition};
+use crate::cloudinit as seed;
+use crate::model::{DesiredState, ImageState};
+use crate::store::vms::{self, ImageRow, SeedInputs, VmRow};
+use crate::vm::driver::{Backing, Call, Disk, HostEntry, Hypervisor, volumes};
+use crate::vm::{NotFound, VmError};
 
 impl Vms {
-    /// Makes libvirt match the rows: a VM whose domain vanished is defined again (its
-    /// volumes re-created if they vanished too) and started if it should run. Domains
-    /// the agent did not create are never touched. Returns what was repaired.
+    /// Makes the hypervisor match the rows: a VM whose domain vanished is defined again
+    /// (its volumes re-created if they vanished too) and started if it should run.
+    /// Domains the agent did not create are never touched. Returns what was repaired.
     pub async fn reconcile(&self) -> Result<Vec<String>, VmError> {
         for name in self.abandoned.ready() {
             let Some(_claim) = self.claims.for_reconcile(&name) else {
@@ -40,44 +42,8 @@ impl Vms {
             let Some(_claim) = self.claims.for_reconcile(&row.name) else {
                 continue;
             };
-            // Read again under the claim: a delete that finished since the list above
-            // must not be undone.
-            let name = row.name.clone();
-            let n = name.clone();
-            let fresh = self
-                .store
-                .run(move |s| {
-                    s.with(|c| {
-                        Ok::<_, crate::store::StoreError>((vms::get(c, &n)?, vms::seed(c, &n)?))
-                    })
-                })
-                .await?;
-            let (Some(row), seed) = fresh else {
-                continue;
-            };
-            let cfg = self.cfg.clone();
-            let images = Arc::clone(&images);
-            // Waits for libvirt's real answer: the claim lives as long as the work.
-            let result = self
-                .lv
-                .call_unbounded(move |conn| {
-                    // The reservation first: a domain started here gets its address on
-                    // its first lease.
-                    let mut done = match reassert_pin(conn, &row) {
-                        Ok(done) => done,
-                        Err(e) if e.is_unavailable() => return Err(e),
-                        // The domain is still worth restoring (a network defined
-                        // anew later gets the entry at the next pass).
-                        Err(e) => {
-                            tracing::error!(vm = %row.name, error = %e, "cannot restore the VM's DHCP host entry");
-                            Vec::new()
-                        }
-                    };
-                    done.extend(reconcile_one(conn, &cfg, &row, seed.as_ref(), &images)?);
-                    Ok(done)
-                })
-                .await;
-            match result {
+            let name = row.name.to_string();
+            match self.reconcile_row(&name, Arc::clone(&images)).await {
                 Ok(done) if done.is_empty() => {}
                 Ok(done) => {
                     tracing::warn!(vm = %name, repaired = ?done, "libvirt did not match the database; repaired");
@@ -96,19 +62,185 @@ impl Vms {
         }
         Ok(repaired)
     }
+
+    /// One row, read again under its claim (a delete that finished since the listing
+    /// must not be undone); waits for libvirt's real answer: the claim lives as long as
+    /// the work.
+    async fn reconcile_row(
+        &self,
+        name: &str,
+        images: Arc<Vec<ImageRow>>,
+    ) -> Result<Vec<&'static str>, VmError> {
+        let n = name.to_string();
+        let fresh = self
+            .store
+            .run(move |s| {
+                s.with(|c| Ok::<_, crate::store::StoreError>((vms::get(c, &n)?, vms::seed(c, &n)?)))
+            })
+            .await?;
+        let (Some(row), inputs) = fresh else {
+            return Ok(Vec::new());
+        };
+        let keys = self.cfg.default_keys.clone();
+        let book = Arc::clone(&self.addresses);
+        self.driver
+            .work(move |hv, call| {
+                // The reservation first: a domain started here gets its address on its
+                // first lease.
+                let mut done = match reassert_pin(hv, call, &row, &book) {
+                    Ok(done) => done,
+                    Err(e) if e.is_unavailable() => return Err(e),
+                    // The domain is still worth restoring (a network defined anew later
+                    // gets the entry at the next pass).
+                    Err(e) => {
+                        tracing::error!(vm = %row.name, error = %e, "cannot restore the VM's DHCP host entry");
+                        Vec::new()
+                    }
+                };
+                let seed_inputs = inputs.unwrap_or(SeedInputs {
+                    ssh_authorized_keys: keys,
+                    ..SeedInputs::default()
+                });
+                done.extend(restore(hv, call, &row, &seed_inputs, &images)?);
+                Ok(done)
+            })
+            .await
+    }
 }
 
 /// Puts back the DHCP host entry of a VM with a pinned address when the network lacks it
-/// (someone ran `virsh net-update ... delete`, or the network was defined anew).
+/// (someone ran `virsh net-update ... delete`, or the network was defined anew). Keeps
+/// what it read of the network for the next create's choice. Blocking.
 fn reassert_pin(
-    conn: &virt::connect::Connect,
-    row: &vms::VmRow,
+    hv: &dyn Hypervisor,
+    call: &Call,
+    row: &VmRow,
+    book: &super::address_book::AddressBook,
 ) -> Result<Vec<&'static str>, VmError> {
-    let Some(ip) = super::pinning::pinned(row) else {
+    let Some(IpAddr::V4(ip)) = row.pinned_ip else {
         return Ok(Vec::new());
     };
-    if dhcp_hosts::ensure(conn, &row.network_name, &row.mac, &row.name, ip)? {
-        return Ok(vec!["DHCP host entry added again"]);
+    let net = hv.network(call, &row.network_name)?;
+    book.saw(&row.network_name, &net);
+    let has = net
+        .subnets
+        .iter()
+        .flat_map(|s| &s.hosts)
+        .any(|h| h.mac.as_ref() == Some(&row.mac) && h.ip == Some(ip));
+    if has {
+        return Ok(Vec::new());
     }
-    Ok(Vec::new())
+    let entry = HostEntry {
+        mac: row.mac.clone(),
+        name: row.name.clone(),
+        ip,
+    };
+    hv.put_host_entry(call, &row.network_name, &entry)?;
+    Ok(vec!["DHCP host entry added again"])
+}
+
+/// One row's domain and volumes, restored:
+///
+/// - The domain exists: only a vanished seed volume is made again (the next boot needs
+///   it); a running domain's tap gets hairpin mode again.
+/// - The domain vanished, its disk is there: the disk is the VM's data and is kept; the
+///   seed is made again if it vanished; the domain is defined, and started if it should
+///   run.
+/// - The disk vanished too: a new disk from the image, with the same seed.
+///
+/// The seed is the create's: same instance-id (so cloud-init does not run again on a
+/// disk it already set up), keys, user-data and network-config; a VM created before they
+/// were kept gets the default keys. Blocking.
+fn restore(
+    hv: &dyn Hypervisor,
+    call: &Call,
+    row: &VmRow,
+    inputs: &SeedInputs,
+    images: &[ImageRow],
+) -> Result<Vec<&'static str>, VmError> {
+    let seed_bytes = || {
+        seed::build(&seed::SeedSpec {
+            instance_id: &row.instance_id,
+            hostname: &row.hostname,
+            ssh_authorized_keys: &inputs.ssh_authorized_keys,
+            user_data: inputs.user_data.as_deref(),
+            network_config: inputs.network_config.as_deref(),
+        })
+    };
+    let vm = definition(row);
+    let has_seed = hv.volume(call, &row.seed_volume)?.is_some();
+    if let Some(d) = hv.domain(call, &row.name)? {
+        let mut repaired = Vec::new();
+        if !has_seed {
+            hv.put_seed(call, &vm, &seed_bytes()?)?;
+            repaired.push("seed volume made again");
+        }
+        // A domain started by someone else gets a new tap without hairpin.
+        if d.active {
+            hv.hairpin(call, &row.name)?;
+        }
+        return Ok(repaired);
+    }
+    let start = row.desired_state == DesiredState::Running;
+    let (disk, mut repaired) = if hv.volume(call, &row.disk_volume)?.is_none() {
+        hv.delete_volumes(call, &row.name)?;
+        let disk = new_disk(row, images)?;
+        (disk, vec!["disk and seed made again from the image"])
+    } else {
+        let made = (!has_seed).then_some("seed volume made again");
+        (Disk::Keep, made.into_iter().collect())
+    };
+    let seed = match (&disk, has_seed) {
+        (Disk::Keep, true) => None,
+        _ => Some(seed_bytes()?),
+    };
+    hv.define(call, &vm, &disk, seed.as_deref(), start)?;
+    repaired.push("domain defined again");
+    if start {
+        start_restored(hv, call, row, &disk)?;
+        repaired.push("domain started");
+    }
+    Ok(repaired)
+}
+
+/// A disk from the row's image (blank for a direct kernel boot).
+fn new_disk(row: &VmRow, images: &[ImageRow]) -> Result<Disk, VmError> {
+    let image = row.image.as_ref().and_then(|n| {
+        images
+            .iter()
+            .find(|i| &i.name == n && i.state == ImageState::Ready)
+    });
+    if row.image.is_some() && image.is_none() {
+        return Err(NotFound::ImageGone(row.image.clone()).into());
+    }
+    Ok(Disk::New {
+        size_bytes: u64::from(row.disk_size_gb) * volumes::GIB,
+        backing: image.map(|i| Backing {
+            volume: i.volume.clone(),
+            format: i.format.clone().unwrap_or_else(|| "qcow2".into()),
+        }),
+    })
+}
+
+/// Starts a restored domain. A restore is whole or not at all: a domain left defined but
+/// stopped would look repaired to every later pass (they start nothing that exists), so
+/// the VM would never run again. Undefined, the next pass tries again (a seed deleted by
+/// hand just after the undefine this repairs, say, is made again then); a disk this pass
+/// made goes with it.
+fn start_restored(
+    hv: &dyn Hypervisor,
+    call: &Call,
+    row: &VmRow,
+    disk: &Disk,
+) -> Result<(), VmError> {
+    let Err(e) = hv.start(call, &row.name) else {
+        return Ok(());
+    };
+    if let Err(u) = hv.undefine(call, &row.name) {
+        tracing::warn!(vm = %row.name, error = %u, "cannot undefine the domain whose restore failed to start");
+    }
+    if matches!(disk, Disk::New { .. }) {
+        let _ = hv.delete_volumes(call, &row.name);
+    }
+    Err(e.into())
 }
