@@ -7,9 +7,12 @@
 #                 another;
 #   lane other:   every other binary, one after another.
 # Every output line is prefixed with its binary's name and printed as it comes, so a
-# long wait says what it waits for (tests/support: `say`). Each binary prints libtest's
-# own `test result:` line. The exit status is 0 only when every binary passed; the
-# binaries that failed are named at the end.
+# long wait says what it waits for (tests/support: `say`). Each binary's libtest summary
+# shows as `[binary] result: ok. N passed; ...`; the run closes with one libtest-shaped
+# line summed over every binary, `test result: ok. N passed; N failed; N ignored; ...`,
+# so a reader of the closing lines (CI) sees the whole suite's count, not the last
+# binary's (a benchmark whose one test is ignored). The exit status is 0 only when every
+# binary passed; the binaries that failed are named at the end.
 #
 # Usage: scripts/run-tests.sh [ARGS...]   ARGS go to every test binary (e.g. --nocapture,
 #                                         or a filter)
@@ -48,17 +51,21 @@ while read -r name kind exe; do
 done <<< "$binaries"
 
 failed=$(mktemp)
-trap 'rm -f "$failed"' EXIT
+results=$(mktemp -d)
+trap 'rm -rf "$failed" "$results"' EXIT
 
-# run_lane NAME=PATH...: each binary in turn, its lines prefixed with its name.
+# run_lane LANE NAME=PATH...: each binary in turn, its lines prefixed with its name and
+# kept in $results/LANE too.
 run_lane() {
-    local entry name exe rc
+    local lane=$1 entry name exe rc
+    shift
     for entry in "$@"; do
         name=${entry%%=*}
         exe=${entry#*=}
         echo "[$name] running $exe"
         set +e
-        "$exe" "${ARGS[@]}" 2>&1 | sed -u "s/^/[$name] /"
+        "$exe" "${ARGS[@]}" 2>&1 | sed -u -e "s/^test result: /result: /" -e "s/^/[$name] /" \
+            | tee -a "$results/$lane"
         rc=${PIPESTATUS[0]}
         set -e
         if ((rc != 0)); then
@@ -69,11 +76,28 @@ run_lane() {
 }
 
 ARGS=("$@")
+started=$(date +%s)
 echo "run-tests: lane libvirt: ${#libvirt_lane[@]} binaries; lane other: ${#other_lane[@]} binaries"
-run_lane "${libvirt_lane[@]}" &
+run_lane libvirt "${libvirt_lane[@]}" &
 lane_pid=$!
-run_lane "${other_lane[@]}"
+run_lane other "${other_lane[@]}"
 wait "$lane_pid"
+
+# One libtest-shaped line for the whole run, summed over every binary's result line.
+awk -v secs="$(($(date +%s) - started))" -v bad="$([[ -s $failed ]] && echo 1 || echo 0)" '
+    {
+        for (i = 2; i <= NF; i++) {
+            if ($i == "passed;") p += $(i - 1)
+            if ($i == "failed;") f += $(i - 1)
+            if ($i == "ignored;") s += $(i - 1)
+            if ($i == "measured;") m += $(i - 1)
+            if ($i == "filtered") o += $(i - 1)
+        }
+    }
+    END {
+        printf "test result: %s. %d passed; %d failed; %d ignored; %d measured; %d filtered out; finished in %d.00s\n",
+            (bad || f ? "FAILED" : "ok"), p, f, s, m, o, secs
+    }' <(cat "$results"/* 2>/dev/null | grep '^\[[^]]*\] result: ')
 
 if [[ -s $failed ]]; then
     echo "run-tests: failed: $(sort "$failed" | tr '\n' ' ')"

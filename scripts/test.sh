@@ -121,8 +121,9 @@ echo "test.sh: phase times (s): ${PHASES[*]}; all $(($(date +%s) - start))" >&2
 # failure; after a failed build the contract and the package check are skipped.
 awk -v rc="$tests_rc" -v build="$build_rc" -v contract="$contract_rc" -v package="$package_rc" \
     -v deny="$deny_rc" -v leaks="$leaks_rc" '
-    # "[binary] test result: ok. 3 passed; 0 failed; 1 ignored; ..."
-    / test result: / {
+    # run-tests.sh closes with the sum over every binary:
+    # "test result: ok. 339 passed; 0 failed; 8 ignored; ..."
+    /^test result: / {
         for (i = 2; i <= NF; i++) {
             if ($i == "passed;") p += $(i - 1)
             if ($i == "failed;") f += $(i - 1)
