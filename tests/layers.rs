@@ -11,6 +11,8 @@
 
 #[path = "layers/graph.rs"]
 mod graph;
+#[path = "layers/lengths.rs"]
+mod lengths;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::io::Write;
@@ -276,6 +278,37 @@ fn imports_point_down_the_layers_and_no_files_import_each_other() {
     assert!(problems.is_empty(), "\n{}\n", problems.join("\n"));
 }
 
+/// The longest a function that ships may be, in lines of code.
+const MAX_FUNCTION_LINES: usize = 80;
+
+#[test]
+fn no_function_that_ships_is_longer_than_80_lines() {
+    let g = graph::read(&src());
+    let all = lengths::functions(&src(), &g.files);
+    let mut long: Vec<&lengths::Function> = all
+        .iter()
+        .filter(|f| f.lines > MAX_FUNCTION_LINES)
+        .collect();
+    long.sort_by_key(|f| std::cmp::Reverse(f.lines));
+    let longest = all.iter().map(|f| f.lines).max().unwrap_or(0);
+    let _ = writeln!(
+        std::io::stderr(),
+        "lengths: {} functions that ship, the longest {longest} lines of code; over \
+         {MAX_FUNCTION_LINES}: {}",
+        all.len(),
+        long.len()
+    );
+    let named: Vec<String> = long
+        .iter()
+        .map(|f| format!("  {}:{} {} ({} lines)", f.file, f.line, f.name, f.lines))
+        .collect();
+    assert!(
+        long.is_empty(),
+        "functions over {MAX_FUNCTION_LINES} lines of code: split them\n{}",
+        named.join("\n")
+    );
+}
+
 /// The table of docs/architecture.md between its markers, as [`LAYERS`] says it.
 fn layers_table() -> String {
     let mut out = String::from("| Layer | What | Files under `src/` |\n|---|---|---|\n");
@@ -376,4 +409,36 @@ fn the_reader_finds_upward_imports_cycles_and_leaves_tests_out() {
     );
     assert!(problems.contains("which is gone"), "{problems}");
     assert!(problems.contains("cycle of 2 files"), "{problems}");
+}
+
+#[test]
+fn the_length_reader_counts_code_lines_and_leaves_tests_out() {
+    let body = "    let x = 1;\n".repeat(90);
+    let dir = fixture(&[
+        ("lib.rs", "mod a;\n#[cfg(test)]\nmod tests;\n"),
+        (
+            "a.rs",
+            &format!(
+                "/// Doc lines are not counted.\n\
+                 pub fn short(\n    x: u8,\n) -> u8 {{\n\n    // a comment\n    x\n}}\n\
+                 struct S;\nimpl S {{\n    fn long() {{\n{body}    }}\n}}\n\
+                 trait T {{\n    fn given(&self) {{}}\n    fn required(&self);\n}}\n\
+                 #[cfg(test)]\nfn test_only() {{\n{body}}}\n"
+            ),
+        ),
+        ("tests.rs", &format!("fn in_tests() {{\n{body}}}\n")),
+    ]);
+    let g = graph::read(dir.path());
+    let found: Vec<(String, usize, usize)> = lengths::functions(dir.path(), &g.files)
+        .into_iter()
+        .map(|f| (f.name, f.line, f.lines))
+        .collect();
+    assert_eq!(
+        found,
+        vec![
+            ("short".to_string(), 2, 5),
+            ("S::long".to_string(), 11, 92),
+            ("T::given".to_string(), 105, 1),
+        ]
+    );
 }

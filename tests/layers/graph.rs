@@ -97,7 +97,8 @@ pub fn read(src: &Path) -> Graph {
     }
 }
 
-fn is_cfg_test(attrs: &[Attribute]) -> bool {
+/// Whether the attributes hold `#[cfg(test)]`.
+pub fn is_cfg_test(attrs: &[Attribute]) -> bool {
     attrs.iter().any(|a| {
         a.path().is_ident("cfg")
             && a.meta
