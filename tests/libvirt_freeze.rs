@@ -399,9 +399,10 @@ impl Drop for Thaw {
 }
 
 /// The address is the agent's choice: with libvirtd stopped, `POST /vms?wait=false`
-/// answers 202 with the VM's address within a second (the agent saw the network with
-/// the first create), the VM shows as `creating` meanwhile; after the thaw it runs, its
-/// DHCP host entry holds that address, and its first lease is that address.
+/// answers 202 with the VM's address at once, not after LIBVIRT_TIMEOUT (the agent saw
+/// the network with the first create), the VM shows as `creating` meanwhile; after the
+/// thaw it runs, its DHCP host entry holds that address, and its first lease is that
+/// address.
 #[test]
 fn a_create_without_waiting_answers_its_address_while_libvirtd_is_frozen() {
     let _turn = support::libvirt::turn();
@@ -423,12 +424,18 @@ fn a_create_without_waiting_answers_its_address_while_libvirtd_is_frozen() {
     let r = api.call("POST", "/vms?wait=false", Some(&body));
     let took = t0.elapsed();
     assert_eq!(r.status, 202, "{r:?}\n{}", tail(&e.agent.log(), 40));
-    assert!(took < Duration::from_secs(1), "the 202 took {took:?}");
+    // Not a timing target (the "within a second" is the figure said below): an
+    // answer that waited for the stopped libvirtd would come only when the agent's
+    // LIBVIRT_TIMEOUT ran out, and as a 503.
+    assert!(
+        took < Duration::from_secs(5),
+        "the 202 took {took:?}, as long as a libvirt call may wait"
+    );
     let ip: std::net::Ipv4Addr = r.json()["ip"].as_str().unwrap().parse().unwrap();
-    eprintln!(
+    say(format!(
         "202 with {ip} after {:.1} ms, libvirtd stopped",
         took.as_secs_f64() * 1000.0
-    );
+    ));
     let status = api.get("/vms/frozen1/status");
     assert_eq!(status.status, 200, "{status:?}");
     assert_eq!(status.json()["status"]["state"], "creating", "{status:?}");
