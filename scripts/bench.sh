@@ -408,7 +408,7 @@ if want g || want h; then
         fi
         if want h; then
             row "(h) lease in libvirt's lease file -> GET /ip answers, n=$(kv "$V" runs)" "<= 1 s" \
-                "p50 $(kv "$V" lease_ip_p50_ms) ms, p90 $(kv "$V" lease_ip_p90_ms) ms, max $(kv "$V" lease_ip_max_ms) ms" \
+                "p50 $(kv "$V" lease_ip_p50_ms) ms, p90 $(kv "$V" lease_ip_p90_ms) ms, max $(kv "$V" lease_ip_max_ms) ms; answered before the lease was in the file (a pinned address, 0 ms) in $(kv "$V" ip_before_lease) of $(kv "$V" runs) runs" \
                 "$(verdict le "$(kv "$V" lease_ip_max_ms)" 1000)"
         fi
     fi
