@@ -5,8 +5,14 @@ use std::process::Command;
 
 fn main() {
     println!("cargo:rerun-if-env-changed=NVA_COMMIT");
-    println!("cargo:rerun-if-changed=.git/HEAD");
-    println!("cargo:rerun-if-changed=.git/refs/heads");
+    // Where git keeps HEAD: `.git/` in a clone, another directory in a worktree (whose
+    // `.git` is a file). A path that does not exist would run this script, and so
+    // rebuild the crate, on every build.
+    for path in ["HEAD", "refs/heads"] {
+        if let Some(p) = git_path(path) {
+            println!("cargo:rerun-if-changed={p}");
+        }
+    }
     let commit = std::env::var("NVA_COMMIT")
         .ok()
         .filter(|c| !c.is_empty())
@@ -21,4 +27,14 @@ fn main() {
         })
         .unwrap_or_else(|| "unknown".into());
     println!("cargo:rustc-env=NVA_COMMIT={commit}");
+}
+
+/// `git rev-parse --git-path PATH`, when git answers and the path exists.
+fn git_path(path: &str) -> Option<String> {
+    let out = Command::new("git")
+        .args(["rev-parse", "--git-path", path])
+        .output()
+        .ok()?;
+    let p = String::from_utf8_lossy(&out.stdout).trim().to_string();
+    (out.status.success() && std::path::Path::new(&p).exists()).then_some(p)
 }
