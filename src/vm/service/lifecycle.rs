@@ -9,7 +9,7 @@ use super::{Deleted, Vms};
 use crate::model::{DesiredState, MacAddr, PortMap, VmName};
 use crate::store::audit;
 use crate::store::vms;
-use crate::vm::driver::{Call, Hypervisor, ipv4_of};
+use crate::vm::driver::{Call, Hypervisor, Network, ipv4_of};
 use crate::vm::{Conflict, NotFound, Operation, VmError};
 
 impl Vms {
@@ -156,10 +156,15 @@ impl Vms {
             pinned: row.as_ref().is_some_and(|r| r.pinned_ip.is_some()),
             files: delete_files,
         };
-        let lease_ip = self
+        let (lease_ip, network) = self
             .driver
             .work(move |hv, call| remove(hv, call, &gone))
             .await?;
+        // The VM's lease outlives it (dnsmasq keeps it until it expires): the next
+        // create must see it, or it would choose this address and find it leased.
+        if let Some((net, seen)) = network {
+            self.addresses.saw(&net, &seen);
+        }
         let n = name.to_string();
         self.store
             .run(move |s| s.with(|c| vms::delete(c, &n)))
@@ -277,8 +282,9 @@ struct Gone {
 
 /// Stops and undefines the domain, with `files` deletes its volumes, and removes its
 /// host entry; returns the address the VM holds now (its lease), so port maps to it can
-/// go with it. Blocking.
-fn remove(hv: &dyn Hypervisor, call: &Call, g: &Gone) -> Result<Option<Ipv4Addr>, VmError> {
+/// go with it; returns the VM's last leased address and its network as libvirt shows it
+/// afterwards. Blocking.
+fn remove(hv: &dyn Hypervisor, call: &Call, g: &Gone) -> Result<Removed, VmError> {
     let dom = hv.domain(call, &g.name)?;
     if dom.is_none() && !g.had_row {
         return Err(NotFound::Vm(g.name.clone()).into());
@@ -305,5 +311,12 @@ fn remove(hv: &dyn Hypervisor, call: &Call, g: &Gone) -> Result<Option<Ipv4Addr>
             other => drop(other?),
         }
     }
-    Ok(ip)
+    let network = g
+        .nic
+        .as_ref()
+        .and_then(|(_, net)| Some((net.clone(), hv.network(call, net).ok()?)));
+    Ok((ip, network))
 }
+
+/// What [`remove`] returns: the VM's last leased address, and its network afterwards.
+type Removed = (Option<Ipv4Addr>, Option<(String, Network)>);

@@ -228,3 +228,27 @@ fn the_listed_address_is_the_pinned_one_first_then_the_last_lease() {
     assert_eq!(show(&row(None, None)), (None, None));
     assert_eq!(serde_json::to_value(IpSource::Pinned).unwrap(), "pinned");
 }
+
+/// A deleted VM's lease outlives it (dnsmasq keeps it until it expires): the next create
+/// chooses another address instead of the leased one, and is not refused for it.
+#[tokio::test]
+async fn a_create_after_a_delete_does_not_choose_the_deleted_vms_leased_address() {
+    let h = harness();
+    let first = h
+        .vms
+        .create(request("gone", serde_json::json!({})), "t")
+        .await
+        .unwrap();
+    let IpAddr::V4(leased) = first.ip else {
+        panic!("{first:?}")
+    };
+    let mac: MacAddr = first.mac.parse().unwrap();
+    h.hv.add_lease("default", &mac, leased);
+    h.vms.delete(&super::vm("gone"), true).await.unwrap();
+    let next = h
+        .vms
+        .create(request("next", serde_json::json!({})), "t")
+        .await
+        .unwrap();
+    assert_ne!(next.ip, IpAddr::V4(leased), "{next:?}");
+}
