@@ -285,10 +285,27 @@ fn a_vm_lives_its_whole_life_through_the_api() {
         "stopped"
     );
 
-    // Start again: the pinned address again; the guest answers on it.
+    // As an agent before the interactive console defined it: a file for its serial
+    // port, which libvirt cannot open a console on.
+    let pty = virsh(&["dumpxml", "--inactive", "tiny1"]);
+    let (log, old) = with_a_file_for_its_serial_port(&pty);
+    let path = e.scratch.path("tiny1-old.xml");
+    std::fs::write(&path, old).unwrap();
+    virsh(&["define", &path.to_string_lossy()]);
+    assert!(virsh(&["dumpxml", "tiny1"]).contains("<serial type='file'>"));
+
+    // Start again: defined again with a pty that logs to the same file (the console
+    // still shows the first boot: two READY markers); the pinned address again; the
+    // guest answers on it.
     let r = api.post("/vms/tiny1/start", &json!({}));
     assert_eq!(r.status, 200, "{r:?}");
     e.wait_ready("tiny1", 2);
+    let now = virsh(&["dumpxml", "tiny1"]);
+    assert!(now.contains("<serial type='pty'>"), "{now}");
+    assert!(
+        now.contains(&format!("<log file='{log}' append='on'/>")),
+        "{now}"
+    );
     let r = api.call_waiting("GET", "/vms/tiny1/ip?timeout=120", BOOT);
     assert_eq!(r.status, 200, "{r:?}");
     let ip2: Ipv4Addr = r.json()["ip"].as_str().unwrap().parse().unwrap();
@@ -636,6 +653,34 @@ fn twin_creates_get_different_addresses(e: &Env, taken: Ipv4Addr, kernel: &str, 
 }
 
 /// The tap device of `vm`'s NIC with `mac`, as libvirt reports it.
+/// A domain's XML as libvirt shows the agent's pty serial port and console, turned into
+/// what the agent wrote before the interactive console: both `type='file'` on the log.
+/// Returns the log's path and the XML.
+fn with_a_file_for_its_serial_port(xml: &str) -> (String, String) {
+    let log = xml
+        .split("<log file='")
+        .nth(1)
+        .and_then(|rest| rest.split('\'').next())
+        .unwrap_or_else(|| panic!("no <log file> in\n{xml}"))
+        .to_owned();
+    let block = |tag: &str| {
+        let start = xml.find(&format!("<{tag} type='pty'>")).unwrap();
+        let end = xml[start..].find(&format!("</{tag}>")).unwrap() + start + tag.len() + 3;
+        start..end
+    };
+    let (serial, console) = (block("serial"), block("console"));
+    assert!(serial.end <= console.start, "{xml}");
+    let source = format!("<source path='{log}' append='on'/>");
+    let old = format!(
+        "{}<serial type='file'>{source}<target port='0'/></serial>{}\
+         <console type='file'>{source}<target type='serial' port='0'/></console>{}",
+        &xml[..serial.start],
+        &xml[serial.end..console.start],
+        &xml[console.end..]
+    );
+    (log, old)
+}
+
 fn tap_of(vm: &str, mac: &str) -> String {
     let iflist = virsh(&["domiflist", vm]);
     iflist

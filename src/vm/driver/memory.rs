@@ -19,8 +19,8 @@ use tokio::sync::mpsc::Sender;
 
 use super::{
     Call, Cause, DhcpHost, Disk, Domain, DomainEvent, EventKind, Host, HostEntry, Hypervisor,
-    Lease, LibvirtFailure, LibvirtKind, Network, Nic, Op, SourceStopped, Subnet, VmDefinition,
-    volumes,
+    Lease, LibvirtFailure, LibvirtKind, Network, Nic, Op, SerialPort, SourceStopped, Subnet,
+    VmDefinition, volumes,
 };
 use crate::metrics::sample::DomainSample;
 use crate::model::{MacAddr, VmState};
@@ -195,12 +195,25 @@ impl MemoryHypervisor {
             uuid: uuid::Uuid::new_v4().to_string(),
             instance_id: None,
             nics: Vec::new(),
+            serial: SerialPort::Pty,
         };
         let d = FakeDomain {
             domain,
             obeys_acpi: true,
         };
         lock(&self.world).domains.insert(name.to_owned(), d);
+    }
+
+    /// The domain's first serial port: `File` as an agent before the interactive
+    /// console defined it.
+    pub fn set_serial(&self, name: &str, serial: SerialPort) {
+        if let Some(d) = lock(&self.world).domains.get_mut(name) {
+            d.domain.serial = serial;
+        }
+    }
+
+    pub fn serial(&self, name: &str) -> Option<SerialPort> {
+        lock(&self.world).domains.get(name).map(|d| d.domain.serial)
     }
 
     /// Whether the domain exists (and runs).
@@ -436,6 +449,7 @@ impl Hypervisor for MemoryHypervisor {
                 mac: vm.mac.clone(),
                 network: vm.network.clone(),
             }],
+            serial: SerialPort::Pty,
         };
         let d = FakeDomain {
             domain,

@@ -158,6 +158,21 @@ pub struct Domain {
     /// The instance-id in the agent's metadata; `None`: not a domain of the agent's.
     pub instance_id: Option<String>,
     pub nics: Vec<Nic>,
+    /// The first serial port, as the domain is defined now (live while it runs).
+    pub serial: SerialPort,
+}
+
+/// What a domain's first serial port is.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum SerialPort {
+    /// A pty: an interactive console can attach (as the agent defines VMs).
+    Pty,
+    /// A plain file, as the agent defined VMs before the interactive console: libvirt
+    /// refuses a console on it, and the agent defines the VM again before it starts.
+    File,
+    /// Another kind, or none.
+    #[default]
+    Other,
 }
 
 /// A network interface of a domain.

@@ -29,9 +29,19 @@ impl Vms {
 
     async fn start_now(&self, name: &str) -> Result<bool, VmError> {
         let n = name.to_string();
+        let row = self.store.run(move |s| s.with(|c| vms::get(c, &n))).await?;
+        let vm = row.as_ref().map(super::definition);
+        let n = name.to_string();
         let was_running = self
             .driver
-            .work(move |hv, call| hv.start(call, &n))
+            .work(move |hv, call| {
+                if let Some(vm) = &vm
+                    && let Some(d) = hv.domain(call, &n)?
+                {
+                    super::serial::give_a_pty(hv, call, vm, &d, true)?;
+                }
+                hv.start(call, &n)
+            })
             .await?
             .ok_or_else(|| NotFound::Vm(name.to_owned()))?;
         self.set_desired(name, DesiredState::Running).await?;

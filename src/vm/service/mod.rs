@@ -10,7 +10,8 @@
 //! - `addresses.rs` which address a VM gets (pure), `pinning.rs` choosing it and writing
 //!   its DHCP host entry, `stray_pins.rs` the entries of failed creates;
 //! - `reconcile.rs`: the hypervisor made to match the rows again; `abandoned.rs` and
-//!   `attempts.rs` what creates cut off inside libvirt left;
+//!   `attempts.rs` what creates cut off inside libvirt left; `serial.rs` a VM defined
+//!   before the interactive console given a pty;
 //! - `claims.rs`: one operation per VM at a time.
 //!
 //! An operation holds its VM's claim until its libvirt work has really ended; the request
@@ -30,6 +31,7 @@ mod plan;
 mod provision;
 mod queries;
 mod reconcile;
+mod serial;
 mod statscache;
 mod stray_pins;
 #[cfg(test)]

@@ -196,6 +196,7 @@ mod tests {
             uuid: String::new(),
             instance_id: None,
             nics: Vec::new(),
+            serial: crate::vm::driver::SerialPort::Pty,
         }
     }
 

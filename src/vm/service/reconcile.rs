@@ -171,6 +171,10 @@ fn restore(
     let has_seed = hv.volume(call, &row.seed_volume)?.is_some();
     if let Some(d) = hv.domain(call, &row.name)? {
         let mut repaired = Vec::new();
+        let autostart = row.desired_state == DesiredState::Running;
+        if super::serial::give_a_pty(hv, call, &vm, &d, autostart)? {
+            repaired.push("defined again with a pty for its serial port");
+        }
         if !has_seed {
             hv.put_seed(call, &vm, &seed_bytes()?)?;
             repaired.push("seed volume made again");

@@ -14,7 +14,7 @@ use super::{storage, xml};
 use crate::model::{IfaceName, VmState};
 use crate::vm::driver::error::OrLibvirt;
 use crate::vm::driver::{
-    self, Backing, Cause, Disk, LibvirtFailure, Nic, Op, VmDefinition, volumes,
+    self, Backing, Cause, Disk, LibvirtFailure, Nic, Op, SerialPort, VmDefinition, volumes,
 };
 
 /// libvirt's domain state as the agent spells it.
@@ -68,12 +68,18 @@ pub fn observe(dom: &Domain) -> Result<driver::Domain, LibvirtFailure> {
             })
         })
         .collect();
+    let serial = match facts.serial_type.as_deref() {
+        Some("pty") => SerialPort::Pty,
+        Some("file") => SerialPort::File,
+        _ => SerialPort::Other,
+    };
     Ok(driver::Domain {
         active,
         state: vm_state(info.state.to_raw()),
         uuid: facts.uuid,
         instance_id: facts.instance_id,
         nics,
+        serial,
     })
 }
 
@@ -325,6 +331,16 @@ pub fn delete_volumes(
         if storage::delete_volume(&pool, &v)? {
             deleted.push(what);
         }
+    }
+    let parts = pool
+        .list_volumes()
+        .or_libvirt(|| Op::new("listing volumes"))?;
+    let mut rolled = false;
+    for v in parts.iter().filter(|v| volumes::is_console_part(name, v)) {
+        rolled |= storage::delete_volume(&pool, v)?;
+    }
+    if rolled {
+        deleted.push("console log's older parts");
     }
     Ok(deleted)
 }

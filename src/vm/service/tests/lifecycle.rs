@@ -7,7 +7,7 @@ use super::{Harness, harness, ip, request, vm};
 use crate::model::{DesiredState, PortMap, Proto, VmState};
 use crate::portmap::{MemoryFirewall, PortMaps};
 use crate::store::vms;
-use crate::vm::driver::Driver;
+use crate::vm::driver::{Driver, SerialPort};
 use crate::vm::service::{IpSource, Vms};
 use crate::vm::{Conflict, VmError};
 
@@ -195,4 +195,39 @@ async fn an_unpinned_vms_address_comes_from_its_lease() {
     assert_eq!(h.vms.ip(&vm("old"), None, quick).await.unwrap(), ip(40));
     let stored = h.store.with(|c| vms::get(c, "old")).unwrap().unwrap();
     assert_eq!(stored.last_ip, Some(ip(40).into()));
+}
+
+/// A VM an older agent defined with a file for its serial port (no console can attach)
+/// is defined again with a pty before it starts, and by the reconcile while it is
+/// stopped; a running one keeps its device.
+#[tokio::test]
+async fn a_vm_with_a_file_for_its_serial_port_gets_a_pty_at_its_next_start() {
+    let h = harness();
+    h.vms
+        .create(request("old", serde_json::json!({})), "t")
+        .await
+        .unwrap();
+    let name = vm("old");
+    h.hv.set_serial("old", SerialPort::File);
+    assert!(h.vms.reconcile().await.unwrap().is_empty(), "it runs");
+    assert_eq!(h.hv.serial("old"), Some(SerialPort::File));
+    h.vms.stop(&name, true).await.unwrap();
+    h.hv.set_serial("old", SerialPort::File);
+    assert!(!h.vms.start(&name).await.unwrap());
+    assert_eq!(h.hv.serial("old"), Some(SerialPort::Pty));
+    assert_eq!(h.hv.running("old"), Some(true));
+
+    h.vms.stop(&name, true).await.unwrap();
+    h.hv.set_serial("old", SerialPort::File);
+    let repaired = h.vms.reconcile().await.unwrap();
+    assert_eq!(h.hv.serial("old"), Some(SerialPort::Pty), "{repaired:?}");
+    assert_eq!(
+        h.hv.running("old"),
+        Some(false),
+        "a stopped VM stays stopped"
+    );
+    assert!(
+        format!("{repaired:?}").contains("pty"),
+        "the reconcile says what it did: {repaired:?}"
+    );
 }

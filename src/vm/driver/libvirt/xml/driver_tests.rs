@@ -64,6 +64,7 @@ fn test_driver_accepts_domain_and_reports_it_back() {
             instance_id: Some("i-test-driver".into()),
             // The test driver names the host side of a defined interface itself.
             taps: facts.taps.clone(),
+            serial_type: Some("pty".into()),
         },
         "{back}"
     );

@@ -17,13 +17,17 @@ pub struct DomainFacts {
     pub interfaces: Vec<(String, String)>,
     /// (pool, volume) of each `<disk type='volume'>`.
     pub volumes: Vec<(String, String)>,
-    /// Path of a `<serial type='file'>` source.
+    /// The first serial port's log file: its `<log file>` (a pty port, as the agent
+    /// writes it now), or its `<source path>` when the port is `type='file'` (as the
+    /// agent wrote it before the interactive console).
     pub console_log: Option<String>,
     /// The instance-id in the agent's metadata element; `None` = not the agent's domain.
     pub instance_id: Option<String>,
     /// Host-side device (`<target dev>`, e.g. `vnet3`) of each network interface of a
     /// running domain, in the order of `interfaces`.
     pub taps: Vec<String>,
+    /// The `type` of the first `<serial>` device.
+    pub serial_type: Option<String>,
 }
 
 /// Why a document from libvirt could not be read.
@@ -231,7 +235,11 @@ impl DomainReader {
                 self.disk = (kind()?.as_deref() == Some("volume")).then(Pair::default);
             }
             (["domain", "devices"], "serial") => {
-                self.serial_file = kind()?.as_deref() == Some("file");
+                let kind = kind()?;
+                self.serial_file = kind.as_deref() == Some("file");
+                if self.facts.serial_type.is_none() {
+                    self.facts.serial_type = Some(kind.unwrap_or_default());
+                }
             }
             (["domain", "devices", "interface"], leaf) => self.interface(leaf, start)?,
             (["domain", "devices", "disk"], "source") => {
@@ -240,11 +248,15 @@ impl DomainReader {
                     pair.second = attr(start, "volume")?;
                 }
             }
-            // The first file-backed serial port is the console log.
+            // The console log: the first serial port's log file, or the source of the
+            // first file-backed serial port (a definition from before the pty).
             (["domain", "devices", "serial"], "source")
                 if self.serial_file && self.facts.console_log.is_none() =>
             {
                 self.facts.console_log = attr(start, "path")?;
+            }
+            (["domain", "devices", "serial"], "log") if self.facts.console_log.is_none() => {
+                self.facts.console_log = attr(start, "file")?;
             }
             _ => {}
         }

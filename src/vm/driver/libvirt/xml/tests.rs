@@ -142,6 +142,7 @@ fn hostile_values_round_trip_and_stay_well_formed() {
             console_log: Some(log.clone()),
             instance_id: Some(id.clone()),
             taps: vec![],
+            serial_type: Some("pty".into()),
         }
     );
     // Fields parse_domain does not return come back unchanged too.
@@ -283,10 +284,17 @@ fn devices_and_lifecycle() {
         find(&xml, &["domain", "devices", "disk", "readonly"]).len(),
         1
     );
+    // A pty libvirt can open a console on, logging to the file; the console is that
+    // port, without a source or log of its own.
     let serial = &find(&xml, &["domain", "devices", "serial"])[0];
-    assert_eq!(attr_of(serial, "type").as_deref(), Some("file"));
+    assert_eq!(attr_of(serial, "type").as_deref(), Some("pty"));
+    let log = &find(&xml, &["domain", "devices", "serial", "log"])[0];
+    assert_eq!(attr_of(log, "file").as_deref(), Some("/var/log/vm1.log"));
+    assert_eq!(attr_of(log, "append").as_deref(), Some("on"));
+    assert!(find(&xml, &["domain", "devices", "serial", "source"]).is_empty());
     let console = &find(&xml, &["domain", "devices", "console"])[0];
-    assert_eq!(attr_of(console, "type").as_deref(), Some("file"));
+    assert_eq!(attr_of(console, "type").as_deref(), Some("pty"));
+    assert!(find(&xml, &["domain", "devices", "console", "log"]).is_empty());
     let rng = &find(&xml, &["domain", "devices", "rng", "backend"])[0];
     assert_eq!(rng.1, "/dev/urandom");
     assert_eq!(find(&xml, &["domain", "on_poweroff"])[0].1, "destroy");
@@ -295,7 +303,7 @@ fn devices_and_lifecycle() {
     assert_eq!(find(&xml, &["domain", "memory"])[0].1, "256");
     assert_eq!(find(&xml, &["domain", "currentMemory"])[0].1, "256");
 
-    // Without a log file both are ptys and parse_domain reports no log.
+    // Without a log file there is no <log> and parse_domain reports none.
     let xml = domain(&DomainSpec {
         console_log: None,
         ..spec()
@@ -304,7 +312,31 @@ fn devices_and_lifecycle() {
     assert_eq!(attr_of(serial, "type").as_deref(), Some("pty"));
     let console = &find(&xml, &["domain", "devices", "console"])[0];
     assert_eq!(attr_of(console, "type").as_deref(), Some("pty"));
+    assert!(find(&xml, &["domain", "devices", "serial", "log"]).is_empty());
     assert_eq!(parse_domain(&xml).unwrap().console_log, None);
+}
+
+/// A running domain's serial port as libvirt 9.0 shows the pty the agent defines: its
+/// `<source path>` is the pty, not the log.
+#[test]
+fn the_log_of_a_pty_serial_port_is_the_console_log() {
+    let xml = r#"<domain type='qemu'><name>vm1</name><uuid>u</uuid><devices>
+<serial type='pty'>
+  <source path='/dev/pts/4'/>
+  <log file='/var/lib/nva/pool/vm1.console.log' append='on'/>
+  <target type='isa-serial' port='0'><model name='isa-serial'/></target>
+  <alias name='serial0'/>
+</serial>
+<console type='pty' tty='/dev/pts/4'>
+  <source path='/dev/pts/4'/>
+  <log file='/var/lib/nva/pool/vm1.console.log' append='on'/>
+  <target type='serial' port='0'/>
+</console>
+</devices></domain>"#;
+    assert_eq!(
+        parse_domain(xml).unwrap().console_log.as_deref(),
+        Some("/var/lib/nva/pool/vm1.console.log")
+    );
 }
 
 /// Shaped like libvirt's own output: single quotes, elements we never wrote, our
@@ -371,6 +403,7 @@ fn parses_libvirt_style_output() {
             console_log: Some("/var/log/web-1.log".into()),
             instance_id: Some("i-<42>".into()),
             taps: vec!["vnet3".into()],
+            serial_type: Some("pty".into()),
         }
     );
 }

@@ -27,7 +27,8 @@ pub struct DomainSpec<'a> {
     pub network: &'a str,
     /// `52:54:00:xx:xx:xx`.
     pub mac: &'a str,
-    /// Serial console log file on the libvirt host (appended to across boots).
+    /// Serial console log file on the libvirt host (appended to across boots), the
+    /// `<log>` of the pty serial port.
     pub console_log: Option<&'a str>,
     /// Direct kernel boot: paths the libvirt host can read.
     pub kernel: Option<&'a str>,
@@ -195,30 +196,22 @@ fn write_devices(w: &mut W, spec: &DomainSpec<'_>) -> io::Result<()> {
             empty_el(w, "mac", &[("address", spec.mac)])?;
             empty_el(w, "model", &[("type", "virtio")])
         })?;
-    // The console is the first serial port: same type and source, so libvirt sees one
-    // character device, not two competing for the log file.
-    for tag in ["serial", "console"] {
-        let target: &[(&str, &str)] = if tag == "serial" {
-            &[("port", "0")]
-        } else {
-            &[("type", "serial"), ("port", "0")]
-        };
-        match spec.console_log {
-            Some(path) => {
-                w.create_element(tag)
-                    .with_attribute(("type", "file"))
-                    .write_inner_content(|w| {
-                        empty_el(w, "source", &[("path", path), ("append", "on")])?;
-                        empty_el(w, "target", target)
-                    })?;
-            }
-            None => {
-                w.create_element(tag)
-                    .with_attribute(("type", "pty"))
-                    .write_inner_content(|w| empty_el(w, "target", target))?;
-            }
-        }
-    }
+    // The first serial port is a pty, so that libvirt can open an interactive console
+    // on it (it refuses one on a `type='file'` device), with everything the guest writes
+    // also appended to the log file (`<log>`; libvirt's virtlogd writes it when
+    // `stdio_handler` is `logd`). The console is that same serial port: libvirt gives it
+    // the serial port's source, log included.
+    let serial = w.create_element("serial").with_attribute(("type", "pty"));
+    match spec.console_log {
+        Some(path) => serial.write_inner_content(|w| {
+            empty_el(w, "log", &[("file", path), ("append", "on")])?;
+            empty_el(w, "target", &[("port", "0")])
+        })?,
+        None => serial.write_inner_content(|w| empty_el(w, "target", &[("port", "0")]))?,
+    };
+    w.create_element("console")
+        .with_attribute(("type", "pty"))
+        .write_inner_content(|w| empty_el(w, "target", &[("type", "serial"), ("port", "0")]))?;
     w.create_element("rng")
         .with_attribute(("model", "virtio"))
         .write_inner_content(|w| {
