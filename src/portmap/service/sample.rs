@@ -56,7 +56,7 @@ impl PortMaps {
         {
             return c;
         }
-        let fresh = Arc::new(self.counters_or_zero().await);
+        let fresh = Arc::new(self.counters_off_the_workers().await);
         if let Ok(mut cache) = self.counters_cache.lock() {
             *cache = Some((Arc::clone(&fresh), Instant::now()));
         }
