@@ -45,6 +45,8 @@ DEMO=(
 #   debootstrap systemd-container  scripts/package-check.sh: a clean Debian 12 root to install
 #                               the package into, booted with systemd-nspawn (in a test namespace)
 #   systemd                     systemd-analyze verify/security on the unit (not as init)
+#   python3-websockets          a WebSocket client nobody here wrote, for tests/vm_console.rs
+#                               (the interactive console against a real guest)
 TEST=(
     iptables
     python3-venv
@@ -53,6 +55,7 @@ TEST=(
     dpkg-dev
     debootstrap systemd-container
     systemd
+    python3-websockets
 )
 # The daemon side for VMs (libvirtd, QEMU, dnsmasq) and the tiny guest's parts are
 # installed by scripts/libvirt-netns.sh and scripts/build-tiny-guest.sh, which take care

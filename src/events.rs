@@ -44,6 +44,10 @@ pub enum Kind {
     ImageProgress,
     ImageReady,
     ImageFailed,
+    /// A console session opened on a VM.
+    ConsoleAttached,
+    /// A console session ended (with why, bytes each way).
+    ConsoleDetached,
     /// `Last-Event-ID` named an event older than the buffer: some were missed.
     StreamReset,
 }
@@ -69,6 +73,8 @@ impl Kind {
             Kind::ImageProgress => "image.progress",
             Kind::ImageReady => "image.ready",
             Kind::ImageFailed => "image.failed",
+            Kind::ConsoleAttached => "console.attached",
+            Kind::ConsoleDetached => "console.detached",
             Kind::StreamReset => "stream.reset",
         }
     }

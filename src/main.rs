@@ -5,7 +5,7 @@ use std::sync::Arc;
 
 use clap::{Parser, Subcommand};
 use node_vm_agent::agent;
-use node_vm_agent::config::{DiffSettings, Settings};
+use node_vm_agent::config::{ConsoleArgs, DiffSettings, Settings};
 use node_vm_agent::net::nft::NatSettings;
 use node_vm_agent::portmap::{NftFirewall, Policy, PortMaps};
 
@@ -36,15 +36,26 @@ enum Command {
     /// the settings below are those it uses. Exit status 0: in sync; 1: drift found;
     /// 2: error.
     Diff(DiffSettings),
+    /// Attach this terminal to a VM's serial console, through this node's API.
+    ///
+    /// Raw bytes both ways; `Ctrl-]` detaches, and the terminal is restored on every
+    /// way out. The API is reached at API_LISTEN (loopback when it listens on all
+    /// addresses) and NODE_API_PORT, with API_TOKEN, else $DATA_DIR/api.token. One
+    /// session per VM: `--force` takes the console over from the one that holds it.
+    /// Exit status 0 once attached and ended; 1 when refused (the agent's message on
+    /// stderr); 2 on another error.
+    Console(ConsoleArgs),
 }
 
 fn main() -> ExitCode {
     node_vm_agent::memory::unmap_large_allocations();
     let cli = Cli::parse();
-    let settings = match &cli.command {
-        Command::Serve(s) | Command::Diff(DiffSettings(s)) => s.clone(),
+    let log_format = match &cli.command {
+        Command::Serve(s) | Command::Diff(DiffSettings(s)) => s.log_format,
+        // Only errors, on stderr: the terminal is the console's.
+        Command::Console(_) => node_vm_agent::config::LogFormat::Text,
     };
-    node_vm_agent::logging::init(settings.log_format);
+    node_vm_agent::logging::init(log_format);
     let rt = match tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -56,6 +67,7 @@ fn main() -> ExitCode {
         match cli.command {
             Command::Serve(s) => agent::run(s).await.map(|()| ExitCode::SUCCESS),
             Command::Diff(DiffSettings(s)) => diff(s).await,
+            Command::Console(args) => Ok(console(args).await),
         }
     });
     match result {
@@ -73,6 +85,21 @@ fn fatal(message: &str) -> ExitCode {
         eprintln!("node-vm-agent: {message}");
     }
     ExitCode::from(2)
+}
+
+async fn console(args: ConsoleArgs) -> ExitCode {
+    use node_vm_agent::agent::console_cli::{self, ConsoleCliError};
+    match console_cli::run(args).await {
+        Ok(code) => code,
+        Err(e @ ConsoleCliError::Refused { .. }) => {
+            eprintln!("node-vm-agent console: {e}");
+            ExitCode::from(1)
+        }
+        Err(e) => {
+            eprintln!("node-vm-agent console: {e}");
+            ExitCode::from(2)
+        }
+    }
 }
 
 async fn diff(s: Settings) -> Result<ExitCode, agent::AgentError> {

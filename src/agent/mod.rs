@@ -18,6 +18,7 @@ use crate::portmap::{self, Firewall, NftFirewall, Policy, PortMaps};
 use crate::store::Store;
 use crate::vm;
 
+pub mod console_cli;
 mod limits;
 mod loops;
 
@@ -119,6 +120,8 @@ pub struct Agent {
     limits: api::server::Limits,
     /// Maps written to the kernel at startup, for systemd's status line.
     maps_applied: usize,
+    /// Closed with a reason when the agent stops.
+    consoles: Arc<vm::console::Consoles>,
     /// Tells every background loop to stop.
     stop: watch::Sender<bool>,
     loops: Vec<JoinHandle<()>>,
@@ -167,7 +170,7 @@ impl Agent {
                 .run(stop_rx.clone()),
             ),
         ];
-        let (vms, images) = vm_layer(&settings.vms, &store, &portmaps);
+        let (vms, images, consoles) = vm_layer(&settings.vms, &store, &portmaps);
         let refused = Arc::new(api::refused::RefusedRequests::default());
         loops.extend(background(
             &settings, &store, &vms, &images, &refused, &stop_rx,
@@ -183,6 +186,7 @@ impl Agent {
             api::VmApi {
                 vms,
                 images,
+                consoles: consoles.clone(),
                 stats_dir: stats_dir(&settings),
             },
         );
@@ -196,6 +200,7 @@ impl Agent {
             apps,
             limits,
             maps_applied,
+            consoles,
             stop,
             loops,
             notify,
@@ -224,9 +229,13 @@ impl Agent {
             self.maps_applied
         ));
         let notify = self.notify.clone();
+        let consoles = self.consoles.clone();
         let shutdown = async move {
             until.await;
             notify.stopping();
+            // Upgraded connections are outside the server's budget: closed here, each
+            // with a close frame that says why.
+            consoles.close_all(vm::console::EndReason::Shutdown).await;
             crate::events::bus().close();
             let _ = shutdown_tx.send(true);
         };
@@ -351,7 +360,11 @@ fn vm_layer(
     settings: &VmSettings,
     store: &Store,
     portmaps: &Arc<PortMaps>,
-) -> (Arc<vm::service::Vms>, Arc<vm::images::Images>) {
+) -> (
+    Arc<vm::service::Vms>,
+    Arc<vm::images::Images>,
+    Arc<vm::console::Consoles>,
+) {
     use vm::driver::libvirt::{Libvirt, LibvirtHypervisor, Place, is_local_uri};
     let lv = Libvirt::with_keepalive(
         settings.libvirt_uri.clone(),
@@ -371,11 +384,20 @@ fn vm_layer(
         store.clone(),
         cfg.limits.max_disk_gb * vm::driver::volumes::GIB,
     );
+    let consoles = vm::console::Consoles::new(
+        driver.clone(),
+        store.clone(),
+        vm::console::ConsoleSettings {
+            max_sessions: settings.console_max_sessions as usize,
+            idle_timeout: std::time::Duration::from_secs(settings.console_idle_timeout),
+            input_rate: settings.console_input_rate,
+        },
+    );
     let vms = vm::service::Vms::new(driver, store.clone(), cfg, Some(portmaps.clone()))
         .with_images(images.clone());
     let vms = Arc::new(vms);
     vms.watch_events();
-    (vms, images)
+    (vms, images, consoles)
 }
 
 /// `GET /stats` reports the filesystem of VMS_WORK_DIR when the agent can see it (the

@@ -32,7 +32,11 @@ pub async fn require_token(
         .is_some_and(|v| state.token.matches_header(v.as_bytes()))
         || headers
             .get(PORTMAP_TOKEN_HEADER)
-            .is_some_and(|v| state.token.matches_portmap_header(v.as_bytes()));
+            .is_some_and(|v| state.token.matches_portmap_header(v.as_bytes()))
+        || headers
+            .get_all(header::SEC_WEBSOCKET_PROTOCOL)
+            .iter()
+            .any(|v| state.token.matches_subprotocols(v.as_bytes()));
     // Only the socket's addresses count; X-Forwarded-For / Forwarded are never read.
     let conn = req
         .extensions()

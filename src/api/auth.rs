@@ -31,6 +31,10 @@ impl Identity {
     }
 }
 
+/// The WebSocket subprotocol that carries the token, before the token itself
+/// (unpadded base64url).
+pub const TOKEN_SUBPROTOCOL_PREFIX: &str = "base64url.bearer.authorization.k8s.io.";
+
 /// The API token. Its `Debug` never shows the secret.
 pub struct ApiToken(String);
 
@@ -127,6 +131,26 @@ impl ApiToken {
             return false;
         }
         given.ct_eq(self.0.as_bytes()).into()
+    }
+
+    /// Constant-time check of a `Sec-WebSocket-Protocol` header value for a browser's
+    /// token: one of its comma-separated protocols is
+    /// `base64url.bearer.authorization.k8s.io.<token in unpadded base64url>`, as
+    /// Kubernetes accepts it (a browser cannot set `Authorization` on a WebSocket).
+    pub fn matches_subprotocols(&self, value: &[u8]) -> bool {
+        use base64::Engine;
+        let Ok(value) = std::str::from_utf8(value) else {
+            return false;
+        };
+        value
+            .split(',')
+            .filter_map(|p| p.trim().strip_prefix(TOKEN_SUBPROTOCOL_PREFIX))
+            .filter_map(|b| {
+                base64::engine::general_purpose::URL_SAFE_NO_PAD
+                    .decode(b.trim_end_matches('='))
+                    .ok()
+            })
+            .any(|given| bool::from(given.ct_eq(self.0.as_bytes())))
     }
 
     /// Constant-time check of an `X-Portmap-Token` header value: the bare token, as the

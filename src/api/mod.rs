@@ -6,6 +6,8 @@ mod admit;
 mod audit;
 pub mod auth;
 pub mod body;
+mod console;
+mod console_pump;
 pub mod doc;
 pub mod error;
 mod events;
@@ -60,6 +62,7 @@ fn router() -> (Router<AppState>, utoipa::openapi::OpenApi) {
         .routes(routes!(vms::delete))
         .routes(routes!(vms::ip))
         .routes(routes!(vms::console))
+        .routes(routes!(console::attach))
         .routes(routes!(vms::stats))
         .routes(routes!(images::images, images::add_image))
         .routes(routes!(images::upload_image, images::delete_image))
@@ -107,6 +110,7 @@ pub fn apps(
         disk_full_warning: Default::default(),
         vms: vm.vms,
         images: vm.images,
+        consoles: vm.consoles,
         stats_dir: vm.stats_dir,
         event_streams: Arc::new(tokio::sync::Semaphore::new(events::MAX_STREAMS)),
         openapi,

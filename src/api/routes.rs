@@ -151,6 +151,7 @@ pub const ROUTES: &[Route] = &[
     vm_change(Verb::Delete, "/vms/{name}", DEFAULT_BODY_LIMIT, true),
     vm_read("/vms/{name}/ip", true),
     vm_read("/vms/{name}/console", true),
+    vm_read("/vms/{name}/console/attach", true),
     vm_read("/stats", false),
     vm_read("/images", false),
     image_change(Verb::Post, "/images", BodyRule::Limit(8 * 1024), false),

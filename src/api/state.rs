@@ -27,6 +27,7 @@ pub struct Shared {
     pub disk_full_warning: crate::logging::Occasionally,
     pub vms: Arc<crate::vm::service::Vms>,
     pub images: Arc<crate::vm::images::Images>,
+    pub consoles: Arc<crate::vm::console::Consoles>,
     /// Directory whose filesystem `GET /stats` reports as `disk`.
     pub stats_dir: std::path::PathBuf,
     /// One permit per open `GET /events` stream.
@@ -46,6 +47,7 @@ impl std::ops::Deref for AppState {
 pub struct VmApi {
     pub vms: Arc<crate::vm::service::Vms>,
     pub images: Arc<crate::vm::images::Images>,
+    pub consoles: Arc<crate::vm::console::Consoles>,
     pub stats_dir: std::path::PathBuf,
 }
 

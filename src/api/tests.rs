@@ -59,6 +59,11 @@ pub(crate) fn test_vm_api(store: &Store) -> VmApi {
     let driver = vm::driver::libvirt::testing::driver();
     let images = vm::images::Images::new(driver.clone(), store.clone(), 1 << 30);
     let cfg = vm::service::tests::test_config();
+    let consoles = vm::console::Consoles::new(
+        driver.clone(),
+        store.clone(),
+        vm::console::tests::settings(),
+    );
     let vms = Arc::new(
         vm::service::Vms::new(driver, store.clone(), cfg, None).with_images(images.clone()),
     );
@@ -66,6 +71,7 @@ pub(crate) fn test_vm_api(store: &Store) -> VmApi {
     VmApi {
         vms,
         images,
+        consoles,
         stats_dir: std::env::temp_dir(),
     }
 }

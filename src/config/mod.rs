@@ -96,6 +96,21 @@ impl Settings {
     }
 }
 
+/// Settings of `node-vm-agent console`: the VM, and where this node's API and its token
+/// are (the same environment as `serve`).
+#[derive(Args, Clone, Debug)]
+pub struct ConsoleArgs {
+    /// The VM whose serial console to attach to.
+    pub name: String,
+    /// Take the console over from the session (or `virsh console`) that holds it.
+    #[arg(long)]
+    pub force: bool,
+    #[command(flatten)]
+    pub api: ApiSettings,
+    #[command(flatten)]
+    pub state: StateSettings,
+}
+
 /// The settings `node-vm-agent diff` uses: those that decide the port maps' table and
 /// where the database is. `diff` parses the same environment as `serve` (one
 /// `/etc/default` file serves both) but lists only these in its `--help`.

@@ -156,6 +156,26 @@ pub struct VmSettings {
     /// remote libvirtd, raise it for a link that drops packets.
     #[arg(long, env = "LIBVIRT_KEEPALIVE", value_name = "LIBVIRT_KEEPALIVE", default_value_t = DEFAULT_LIBVIRT_KEEPALIVE_S, value_parser = clap::value_parser!(u32).range(1..=300))]
     pub libvirt_keepalive: u32,
+
+    /// Interactive console sessions open at once on the node.
+    ///
+    /// 1..1024. Outside the API's connection budget (MAX_CONNECTIONS) and exempt from
+    /// its header and body timeouts; one session per VM (docs/api.md, consoles).
+    #[arg(long, env = "CONSOLE_MAX_SESSIONS", value_name = "CONSOLE_MAX_SESSIONS", default_value_t = 16, value_parser = clap::value_parser!(u32).range(1..=1024))]
+    pub console_max_sessions: u32,
+
+    /// Seconds a console session may pass without a byte either way.
+    ///
+    /// 10..86400; then it is closed (code 4002). The agent's pings every 15 s do not
+    /// count, so a forgotten session does not hold its VM's console for ever.
+    #[arg(long, env = "CONSOLE_IDLE_TIMEOUT", value_name = "CONSOLE_IDLE_TIMEOUT", default_value_t = 1800, value_parser = clap::value_parser!(u64).range(10..=86400))]
+    pub console_idle_timeout: u64,
+
+    /// Bytes per second a console client may type (a burst of one second's worth).
+    ///
+    /// 64..1048576. Faster input waits: a paste goes through at this rate.
+    #[arg(long, env = "CONSOLE_INPUT_RATE", value_name = "CONSOLE_INPUT_RATE", default_value_t = 32768, value_parser = clap::value_parser!(u32).range(64..=1_048_576))]
+    pub console_input_rate: u32,
 }
 
 impl VmSettings {

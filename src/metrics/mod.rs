@@ -16,6 +16,7 @@ use std::time::SystemTime;
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{Histogram, exponential_buckets};
 use prometheus_client::registry::{Registry, Unit};
 
@@ -64,6 +65,9 @@ pub struct Metrics {
     pub audit_rows: Counter,
     pub refused_requests: Counter,
     pub events_published: Counter,
+    pub consoles_open: Gauge,
+    pub console_input_bytes: Counter,
+    pub console_output_bytes: Counter,
 }
 
 /// The process's instruments.
@@ -129,6 +133,8 @@ impl Metrics {
             "Events published to GET /events",
             events_published.clone(),
         );
+        let (consoles_open, console_input_bytes, console_output_bytes) =
+            register_consoles(&mut registry);
         Self {
             registry,
             started: SystemTime::now(),
@@ -140,6 +146,9 @@ impl Metrics {
             audit_rows,
             refused_requests,
             events_published,
+            consoles_open,
+            console_input_bytes,
+            console_output_bytes,
         }
     }
 
@@ -169,6 +178,31 @@ impl Metrics {
         let _ = prometheus_client::encoding::text::encode_registry(&mut out, &dynamic);
         to_text_format(&out)
     }
+}
+
+/// The consoles' instruments: sessions open, bytes in, bytes out.
+fn register_consoles(registry: &mut Registry) -> (Gauge, Counter, Counter) {
+    let consoles_open = Gauge::default();
+    registry.register(
+        "consoles_open",
+        "Interactive console sessions open now",
+        consoles_open.clone(),
+    );
+    let console_input_bytes = Counter::default();
+    registry.register_with_unit(
+        "console_input",
+        "Bytes clients sent into VM consoles",
+        Unit::Bytes,
+        console_input_bytes.clone(),
+    );
+    let console_output_bytes = Counter::default();
+    registry.register_with_unit(
+        "console_output",
+        "Bytes VM consoles sent to clients",
+        Unit::Bytes,
+        console_output_bytes.clone(),
+    );
+    (consoles_open, console_input_bytes, console_output_bytes)
 }
 
 /// `prometheus-client` writes OpenMetrics, where a counter family is named without its

@@ -107,6 +107,25 @@ pub fn finish(
     Ok(())
 }
 
+/// [`finish`] for a console session's row, whose parameters are only known at its end
+/// (when it detached, bytes each way, how it ended).
+pub fn finish_session(
+    conn: &Connection,
+    id: i64,
+    outcome: Outcome,
+    status: Option<u16>,
+    error: Option<&str>,
+    parameters: &str,
+) -> Result<(), StoreError> {
+    finish(conn, id, outcome, status, error)?;
+    let parameters = truncate(&crate::logging::escape_str(parameters), MAX_PARAMETERS).to_string();
+    conn.execute(
+        "UPDATE audit_log SET parameters = ?2 WHERE id = ?1",
+        params![id, parameters],
+    )?;
+    Ok(())
+}
+
 /// Writes `entry` when there is one: the audit row of a change, written by the change
 /// itself inside its own transaction, so that the change and its row stand or fall
 /// together.

@@ -5,6 +5,7 @@
 //! `error.rs` its one error type.
 
 mod config;
+pub mod console;
 pub mod driver;
 mod error;
 pub mod images;

@@ -275,7 +275,9 @@ async fn connection(
         state: state.clone(),
         info,
     };
-    let mut conn = pin!(shared.http.serve_connection(io, service));
+    // With upgrades: a console's WebSocket takes the connection over, and the budget lets
+    // it go (the connection's task ends here; consoles have a budget of their own).
+    let mut conn = pin!(shared.http.serve_connection(io, service).with_upgrades());
     let mut stopping = false;
     loop {
         let check_at = state.next_check(Instant::now());

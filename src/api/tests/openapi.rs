@@ -30,6 +30,7 @@ async fn the_openapi_document_lists_exactly_the_served_routes() {
         ("GET", "/stats"),
         ("GET", "/vms"),
         ("GET", "/vms/{name}/console"),
+        ("GET", "/vms/{name}/console/attach"),
         ("GET", "/vms/{name}/ip"),
         ("GET", "/vms/{name}/status"),
         ("POST", "/images"),
@@ -144,6 +145,9 @@ async fn every_protected_operation_documents_401_and_every_error_has_the_error_s
                         r["content"]["application/json"]["schema"]["$ref"], error_ref,
                         "{method} {path} {status}"
                     );
+                } else if status == "101" {
+                    // The WebSocket's upgrade: no body.
+                    assert!(r.get("content").is_none(), "{method} {path} {status}");
                 } else if path == "/metrics" || path == "/events" {
                     // Prometheus' text format and Server-Sent Events, not JSON.
                     let content = r["content"].as_object().unwrap();

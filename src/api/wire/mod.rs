@@ -4,6 +4,7 @@
 //! domain's enums as the wire spells them, `sorted.rs` how the answers that always had
 //! sorted keys keep them.
 
+pub mod console;
 pub mod images;
 pub mod names;
 pub mod node;

@@ -17,6 +17,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::mpsc::Sender;
 
+use super::console::{ConsoleOpen, ConsolePipe, PipeEnd};
+use super::memory_console::FakeConsole;
 use super::{
     Call, Cause, DhcpHost, Disk, Domain, DomainEvent, EventKind, Host, HostEntry, Hypervisor,
     Lease, LibvirtFailure, LibvirtKind, Network, Nic, Op, SerialPort, SourceStopped, Subnet,
@@ -42,6 +44,7 @@ pub enum Step {
     PutSeed,
     Hairpin,
     ConsoleTail,
+    OpenConsole,
     EnsureNetwork,
     Network,
     PutHostEntry,
@@ -92,6 +95,8 @@ pub struct MemoryHypervisor {
     events: Mutex<Option<Sender<DomainEvent>>>,
     steps: Mutex<Vec<Step>>,
     host: Host,
+    /// Open consoles, by domain.
+    consoles: Mutex<Vec<(String, Arc<FakeConsole>)>>,
 }
 
 impl Default for MemoryHypervisor {
@@ -102,6 +107,7 @@ impl Default for MemoryHypervisor {
             thawed: Condvar::new(),
             events: Mutex::default(),
             steps: Mutex::default(),
+            consoles: Mutex::default(),
             host: Host {
                 guests: vec![
                     ("x86_64".into(), "kvm".into()),
@@ -300,6 +306,11 @@ impl MemoryHypervisor {
     }
 
     fn emit(&self, name: &str, kind: EventKind) {
+        if matches!(kind, EventKind::Stopped(_) | EventKind::Undefined) {
+            for (_, c) in lock(&self.consoles).iter().filter(|(n, _)| n == name) {
+                c.hang_up();
+            }
+        }
         if let Some(tx) = lock(&self.events).as_ref() {
             let _ = tx.try_send(DomainEvent {
                 domain: name.to_owned(),
@@ -573,6 +584,41 @@ impl Hypervisor for MemoryHypervisor {
             .len()
             .saturating_sub(usize::try_from(max).unwrap_or(usize::MAX));
         Ok(log[from..].to_vec())
+    }
+
+    fn open_console(
+        &self,
+        call: &Call,
+        name: &str,
+        force: bool,
+    ) -> Result<ConsoleOpen, LibvirtFailure> {
+        let w = self.enter(
+            call,
+            Step::OpenConsole,
+            Op::of("opening the console of", name),
+        )?;
+        match w.domains.get(name) {
+            None => return Ok(ConsoleOpen::NoDomain),
+            Some(d) if !d.domain.active => return Ok(ConsoleOpen::NotRunning),
+            Some(_) => {}
+        }
+        drop(w);
+        let mut consoles = lock(&self.consoles);
+        consoles.retain(|(_, c)| c.is_open());
+        if let Some((_, held)) = consoles.iter().find(|(n, _)| n == name) {
+            if !force {
+                return Ok(ConsoleOpen::HeldOutside);
+            }
+            held.hang_up();
+        }
+        let mut made = None;
+        let pipe = ConsolePipe::new(|side| {
+            let c = FakeConsole::start(side);
+            made = Some(Arc::clone(&c));
+            c as Arc<dyn PipeEnd>
+        });
+        consoles.extend(made.map(|c| (name.to_owned(), c)));
+        Ok(ConsoleOpen::Opened(pipe))
     }
 
     fn ensure_network(&self, call: &Call, name: &str) -> Result<(), LibvirtFailure> {

@@ -11,10 +11,13 @@
 //! caller gave up before it got libvirt's ear never starts (a create the client was told
 //! failed must not be made later).
 
+pub mod console;
 pub mod error;
 pub mod libvirt;
 #[cfg(test)]
 pub mod memory;
+#[cfg(test)]
+pub mod memory_console;
 pub mod volumes;
 
 use std::net::{IpAddr, Ipv4Addr};
@@ -82,6 +85,15 @@ pub trait Hypervisor: Send + Sync + 'static {
     fn hairpin(&self, call: &Call, name: &str) -> Result<(), LibvirtFailure>;
     /// The last `max` bytes of VM `name`'s serial console log.
     fn console_tail(&self, call: &Call, name: &str, max: u64) -> Result<Vec<u8>, LibvirtFailure>;
+
+    /// Opens an interactive session on the domain's first serial port; `force` takes it
+    /// from another client of the hypervisor.
+    fn open_console(
+        &self,
+        call: &Call,
+        name: &str,
+        force: bool,
+    ) -> Result<console::ConsoleOpen, LibvirtFailure>;
 
     // Networks and the VMs' addresses.
 

@@ -216,6 +216,18 @@ impl Libvirt {
     /// A new connection with keepalive. Blocking (against a frozen daemon, until it
     /// answers again).
     fn open(&self) -> Result<Session, LibvirtFailure> {
+        let conn = self.open_dedicated((self.keepalive_s, KEEPALIVE_COUNT))?;
+        let id = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
+        tracing::info!(uri = %self.uri, connection = id, "connected to libvirt");
+        self.ensure_events_connection();
+        Ok(Session { conn, id })
+    }
+
+    /// A new connection, probing every `keepalive.0` seconds and closed after
+    /// `keepalive.1` probes unanswered; outside the pool, for one user alone (a console
+    /// session), unless [`Libvirt::open`] made it for the pool. Blocking (against a
+    /// frozen daemon, until it answers again).
+    pub fn open_dedicated(&self, keepalive: (i32, u32)) -> Result<Connect, LibvirtFailure> {
         super::loader::ensure_loaded()
             .map_err(|e| LibvirtFailure::unavailable(Cause::NotLoaded(e)))?;
         start_event_loop();
@@ -226,13 +238,10 @@ impl Libvirt {
             })
         })?;
         // Local drivers (test:///, qemu:///embed) have no keepalive; that is fine.
-        if let Err(e) = conn.set_keep_alive(self.keepalive_s, KEEPALIVE_COUNT) {
+        if let Err(e) = conn.set_keep_alive(keepalive.0, keepalive.1) {
             tracing::debug!(error = %e.message(), "libvirt keepalive not available on this connection");
         }
-        let id = self.opened.fetch_add(1, Ordering::Relaxed) + 1;
-        tracing::info!(uri = %self.uri, connection = id, "connected to libvirt");
-        self.ensure_events_connection();
-        Ok(Session { conn, id })
+        Ok(conn)
     }
 
     /// Takes an idle connection, or opens one while fewer than [`MAX_CONNECTIONS`] are

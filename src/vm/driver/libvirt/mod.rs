@@ -6,6 +6,7 @@
 //! statistics in one call, `xml/` the documents written and read.
 
 mod conn;
+mod console;
 mod dhcp_hosts;
 mod domain;
 mod events;
@@ -181,6 +182,15 @@ impl Hypervisor for LibvirtHypervisor {
                 None => Ok(Vec::new()),
             }
         })
+    }
+
+    fn open_console(
+        &self,
+        call: &Call,
+        name: &str,
+        force: bool,
+    ) -> Result<super::console::ConsoleOpen, LibvirtFailure> {
+        console::open(&self.lv, call, name, force)
     }
 
     fn ensure_network(&self, call: &Call, name: &str) -> Result<(), LibvirtFailure> {

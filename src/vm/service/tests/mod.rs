@@ -43,7 +43,7 @@ pub(crate) fn test_config() -> VmConfig {
 
 /// The service over a twin with a network `default` (10.77.0.0/24, DHCP range .2-.50)
 /// and a ready image `base`.
-pub(super) struct Harness {
+pub(crate) struct Harness {
     pub vms: Arc<Vms>,
     pub store: Store,
     pub hv: Arc<MemoryHypervisor>,
@@ -54,7 +54,7 @@ pub(super) fn ip(last: u8) -> Ipv4Addr {
     Ipv4Addr::new(10, 77, 0, last)
 }
 
-pub(super) fn harness() -> Harness {
+pub(crate) fn harness() -> Harness {
     harness_with(test_config(), Duration::from_secs(30))
 }
 
@@ -81,7 +81,7 @@ pub(super) fn vm(name: &str) -> VmName {
 }
 
 /// `POST /vms`'s body: `{"name": name, "memory_mib": 64}` with `extra`'s fields.
-pub(super) fn request(name: &str, extra: serde_json::Value) -> VmSpec {
+pub(crate) fn request(name: &str, extra: serde_json::Value) -> VmSpec {
     let mut v = serde_json::json!({"name": name, "memory_mib": 64, "disk_size_gb": 1});
     if let (Some(o), Some(e)) = (v.as_object_mut(), extra.as_object()) {
         o.extend(e.clone());

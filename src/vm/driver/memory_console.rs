@@ -1,0 +1,72 @@
+//! The in-memory hypervisor's consoles: a guest that echoes what it is sent (as a
+//! terminal does), hung up when its domain stops or another client forces it.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+
+use bytes::Bytes;
+use tokio::sync::mpsc;
+
+use super::console::{Ended, PipeEnd, PipeSide, StreamEnd};
+
+/// One open console of the fake.
+pub struct FakeConsole {
+    output: Mutex<Option<mpsc::Sender<Bytes>>>,
+    ended: Ended,
+    open: AtomicBool,
+}
+
+impl FakeConsole {
+    /// Starts the echoing guest side of a new pipe.
+    pub fn start(side: PipeSide) -> Arc<FakeConsole> {
+        let console = Arc::new(FakeConsole {
+            output: Mutex::new(Some(side.output)),
+            ended: side.ended,
+            open: AtomicBool::new(true),
+        });
+        let echo = Arc::clone(&console);
+        let mut input = side.input;
+        std::thread::spawn(move || {
+            while let Some(bytes) = input.blocking_recv() {
+                let out = echo.output.lock().ok().and_then(|o| o.clone());
+                match out {
+                    Some(tx) if tx.blocking_send(bytes).is_ok() => {}
+                    _ => break,
+                }
+            }
+        });
+        console
+    }
+
+    /// The guest side goes away (its domain stopped): the pipe's output ends.
+    pub fn hang_up(&self) {
+        self.ended.set(StreamEnd::Eof);
+        self.stop();
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open.load(Ordering::Acquire)
+    }
+
+    fn stop(&self) {
+        self.open.store(false, Ordering::Release);
+        if let Ok(mut o) = self.output.lock() {
+            *o = None;
+        }
+    }
+}
+
+impl PipeEnd for FakeConsole {
+    fn want_input(&self) {}
+
+    fn want_output(&self) {}
+
+    fn alive(&self) -> bool {
+        true
+    }
+
+    fn close(&self) {
+        self.ended.set(StreamEnd::Failed("closed".into()));
+        self.stop();
+    }
+}
