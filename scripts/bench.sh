@@ -6,11 +6,11 @@
 # of 20 agents under one controller (l: simultaneous start, controller restart), and
 # watching a node (m: GET /metrics with 100 VMs and 10,000 maps, idle RSS with an event
 # stream open; n: an outside virsh destroy -> its event on GET /events), and the
-# interactive console (o: keystroke-to-echo through the agent against virsh console,
+# interactive console (p: keystroke-to-echo through the agent against virsh console,
 # memory per idle session).
 #
 #   sudo scripts/bench.sh            # everything, ~10 minutes after the build
-#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f g h i j k l m n o)
+#   BENCH_ONLY="a d" scripts/bench.sh  # a subset (letters a b c d e f g h i j k l m n p; (o), the container image, is scripts/container-check.sh's)
 #
 # Installs what it needs, builds --release once, runs every measurement inside network
 # namespaces it creates and deletes (trap), prints a results table and writes it as
@@ -25,7 +25,7 @@ ROOT=$PWD
 
 [ "$(id -u)" = 0 ] || { echo "bench.sh: needs root (network namespaces, nftables)" >&2; exit 1; }
 
-ONLY=${BENCH_ONLY:-"a b c d e f g h i j k l m n o"}
+ONLY=${BENCH_ONLY:-"a b c d e f g h i j k l m n p"}
 want() { [[ " $ONLY " == *" $1 "* ]]; }
 
 # ---------------------------------------------------------------- dependencies and build
@@ -512,21 +512,21 @@ if want m || want n; then
     fi
 fi
 
-# ---------------------------------------------------------------- (o) the console
-if want o; then
-    echo "== (o) console: keystroke-to-echo through the agent's WebSocket vs virsh console, same guest; memory per idle session"
+# ---------------------------------------------------------------- (p) the console
+if want p; then
+    echo "== (p) console: keystroke-to-echo through the agent's WebSocket vs virsh console, same guest; memory per idle session"
     # tests/vm_console.rs bench_console: a real libvirtd in a test namespace, three tiny
     # guests, Python's websockets as the client and virsh console in a pseudo-terminal.
     O=$(harness vm_console console)
     if [ -z "$O" ]; then
         tail -40 "$WORK/vm_console.log" >&2
-        row "(o) console keystroke round trip, agent vs virsh console" "p50 <= 1.5x virsh" "not measured: bench_console failed (see the output above)" "MISS"
+        row "(p) console keystroke round trip, agent vs virsh console" "p50 <= 1.5x virsh" "not measured: bench_console failed (see the output above)" "MISS"
     else
         echo "$O"
-        row "(o) console keystroke -> echo round trip (tiny guest's shell, TCG), n=$(kv "$O" n) each, interleaved" "p50 <= 1.5x virsh console's" \
+        row "(p) console keystroke -> echo round trip (tiny guest's shell, TCG), n=$(kv "$O" n) each, interleaved" "p50 <= 1.5x virsh console's" \
             "agent (WebSocket, Python websockets) p50 $(kv "$O" agent_p50_ms) ms, p90 $(kv "$O" agent_p90_ms) ms, max $(kv "$O" agent_max_ms) ms; virsh console p50 $(kv "$O" virsh_p50_ms) ms, p90 $(kv "$O" virsh_p90_ms) ms; ratio of p50s $(kv "$O" ratio_p50)" \
             "$(verdict le "$(kv "$O" ratio_p50)" 1.5)"
-        row "(o) agent memory per idle console session (RssAnon, 3 sessions open 3 s)" "< 64 KiB" \
+        row "(p) agent memory per idle console session (RssAnon, 3 sessions open 3 s)" "< 64 KiB" \
             "first sessions of the run: $(kv "$O" first_sessions_per_idle_session_kib) KiB each ($(kv "$O" first_sessions_rss_anon_before_kib) -> $(kv "$O" first_sessions_rss_anon_3_idle_kib) KiB); after the round-trip sessions: $(kv "$O" per_idle_session_kib) KiB each" \
             "$(verdict le "$(kv "$O" first_sessions_per_idle_session_kib)" 63)"
     fi

@@ -1,6 +1,6 @@
 #!/usr/bin/python3
 """Keystroke-to-echo round trips of a console command run in a pseudo-terminal (for
-`virsh console`, the baseline of docs/benchmarks.md (o)): waits for READY, presses Enter,
+`virsh console`, the baseline of docs/benchmarks.md (p)): waits for READY, presses Enter,
 then types N characters one at a time, each after the last one's echo, and prints
 {"ms": [...]} as one JSON line. Ctrl-U then clears the typed line and Ctrl-] detaches.
 

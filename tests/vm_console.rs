@@ -183,6 +183,33 @@ fn a_real_client_types_into_the_guest_one_session_at_a_time() {
             "{p}"
         );
     }
+    // Events of both sessions, and the metrics.
+    let mut ev = support::events::EventStream::open(
+        &e.agent.api.ns,
+        e.agent.api.addr,
+        &e.agent.token,
+        Some("0"),
+    )
+    .unwrap();
+    let seen = ev.until(Duration::from_secs(5), |v| {
+        v["kind"] == "console.detached" && v["detail"]["ended"] == "vm-stopped"
+    });
+    let kinds = |k: &str| seen.iter().filter(|v| v["kind"] == k).count();
+    assert_eq!(
+        (kinds("console.attached"), kinds("console.detached")),
+        (2, 2),
+        "{seen:#?}"
+    );
+    let metrics = e.agent.api.get("/metrics").body;
+    assert!(
+        metrics.contains("node_vm_agent_consoles_open 0"),
+        "{metrics}"
+    );
+    let typed = metrics
+        .lines()
+        .find_map(|l| l.strip_prefix("node_vm_agent_console_input_bytes_total "))
+        .and_then(|v| v.trim().parse::<f64>().ok());
+    assert!(typed.is_some_and(|n| n > 0.0), "{metrics}");
     let all = e.agent.sql("SELECT * FROM audit_log");
     let log = e.agent.log();
     for typed in ["$((6*7))", "$((2+3))"] {
@@ -214,7 +241,13 @@ fn footprint(pid: u32) -> (usize, usize, u64) {
 #[test]
 fn fifty_sessions_and_a_frozen_libvirtd_leave_the_agent_as_it_was() {
     let _turn = support::libvirt::turn();
-    let e = env(&[]);
+    // The API's own timeouts at their shortest: a console outlives them all.
+    let mut e = env(&[
+        ("CONSOLE_IDLE_TIMEOUT", "10"),
+        ("HEADER_READ_TIMEOUT", "1"),
+        ("KEEPALIVE_TIMEOUT", "1"),
+        ("BODY_READ_TIMEOUT", "1"),
+    ]);
     booted(&e, "con2");
     let pid = e.agent.pid().unwrap();
     let session = || {
@@ -301,6 +334,26 @@ fn fifty_sessions_and_a_frozen_libvirtd_leave_the_agent_as_it_was() {
         "the agent died:\n{}",
         e.agent.log()
     );
+
+    // A quiet session outlives the API's 1 s timeouts and ends at CONSOLE_IDLE_TIMEOUT.
+    let quiet = Client::start(&e, "con2", &["--hold", "60"]);
+    quiet.expect("open", Duration::from_secs(30));
+    let t = Instant::now();
+    let closed = quiet.expect("closed", Duration::from_secs(30));
+    assert_eq!(closed["code"], 4002, "{closed}");
+    assert!(t.elapsed() >= Duration::from_secs(9), "{:?}", t.elapsed());
+
+    // The agent stopping closes an open session with 1001, then exits; it is started
+    // again so that it deletes its VM.
+    let last = Client::start(&e, "con2", &["--hold", "60"]);
+    last.expect("open", Duration::from_secs(30));
+    assert!(
+        e.agent.stop(),
+        "the agent did not exit on SIGTERM with a console open"
+    );
+    let closed = last.expect("closed", Duration::from_secs(10));
+    assert_eq!(closed["code"], 1001, "{closed}");
+    e.agent.start_again();
 }
 
 struct Thaw(i32);
@@ -376,7 +429,7 @@ fn percentile(v: &[f64], p: f64) -> f64 {
     s[((s.len() - 1) as f64 * p).round() as usize]
 }
 
-/// Benchmark (o) of docs/benchmarks.md, run by scripts/bench.sh: keystroke-to-echo
+/// Benchmark (p) of docs/benchmarks.md, run by scripts/bench.sh: keystroke-to-echo
 /// round trips through the agent's WebSocket (Python's `websockets`) and through
 /// `virsh console` (in a pseudo-terminal) to the same guest's shell, interleaved; then
 /// the agent's memory per idle session (RssAnon with 3 idle sessions open, against

@@ -129,7 +129,7 @@ pub fn name_or_null() -> Schema {
 }
 
 pub fn url() -> Schema {
-    string(URL_PATTERN, Some(4096))
+    string(URL_PATTERN, Some(crate::vm::images::MAX_URL_LEN))
         .examples([json!(
             "https://cloud-images.ubuntu.com/jammy/current/jammy-server-cloudimg-amd64.img"
         )])

@@ -63,6 +63,9 @@ impl Downloader {
 
 /// Refuses (400) a URL the agent does not download from: see [`plain_url`].
 pub fn check_url(url: &str) -> Result<(), VmError> {
+    if url.len() > super::MAX_URL_LEN {
+        return Err(Invalid::UrlTooLong.into());
+    }
     // The URL parser would quietly drop CR, LF and tabs; the raw text is stored and
     // logged, so refuse them (and every other control character) instead.
     if url.chars().any(char::is_control) {

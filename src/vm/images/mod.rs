@@ -23,6 +23,9 @@ use crate::store::vms::{self, ImageRow};
 mod download;
 mod leftovers;
 
+/// The longest `url` of `POST /images` (the document's maxLength says the same).
+pub const MAX_URL_LEN: usize = 4096;
+
 #[cfg(test)]
 pub use download::plain_url;
 
