@@ -67,7 +67,30 @@ async def probe(a):
             length = int(line.split(":")[1])
     body = await asyncio.wait_for(r.readexactly(length), 30) if length else b""
     say(event="refused" if status != 101 else "open", status=status, body=body.decode(errors="replace"))
+    if status == 101 and a.wait_ping:
+        await first_ping(r, a.wait_ping)
     w.close()
+
+
+async def first_ping(r, seconds):
+    """Reads raw frames (the agent's are unmasked) until a ping: {"event": "ping", "s": ...}."""
+    t0 = time.monotonic()
+    while True:
+        left = seconds - (time.monotonic() - t0)
+        if left <= 0:
+            return say(event="no-ping", s=seconds)
+        try:
+            b0, b1 = await asyncio.wait_for(r.readexactly(2), left)
+        except (asyncio.TimeoutError, asyncio.IncompleteReadError):
+            return say(event="no-ping", s=time.monotonic() - t0)
+        n = b1 & 0x7F
+        if n == 126:
+            n = int.from_bytes(await r.readexactly(2), "big")
+        elif n == 127:
+            n = int.from_bytes(await r.readexactly(8), "big")
+        await r.readexactly(n)
+        if b0 & 0x0F == 0x9:
+            return say(event="ping", s=time.monotonic() - t0)
 
 
 async def main():
@@ -82,8 +105,9 @@ async def main():
     p.add_argument("--subprotocol-token", action="store_true")
     p.add_argument("--rtt", type=int, default=0)
     p.add_argument("--probe", action="store_true")
+    p.add_argument("--wait-ping", type=float, default=0)
     a = p.parse_args()
-    if a.probe:
+    if a.probe or a.wait_ping:
         return await probe(a)
     url = f"ws://{a.addr}/vms/{a.name}/console/attach?force={'true' if a.force else 'false'}"
     kw = {"open_timeout": 30, "ping_interval": None, "max_size": None}

@@ -394,7 +394,8 @@ fn vm_layer(
         },
     );
     let vms = vm::service::Vms::new(driver, store.clone(), cfg, Some(portmaps.clone()))
-        .with_images(images.clone());
+        .with_images(images.clone())
+        .with_consoles(consoles.clone());
     let vms = Arc::new(vms);
     vms.watch_events();
     (vms, images, consoles)

@@ -223,8 +223,8 @@ pub enum Invalid {
     Address(AddrError),
     #[error("url must not contain control characters (CR, LF, tab, ...)")]
     UrlControl,
-    #[error("url must be at most {} characters", crate::vm::images::MAX_URL_LEN)]
-    UrlTooLong,
+    #[error("url must be at most {max} characters")]
+    UrlTooLong { max: usize },
     #[error(
         "url must be a plain http:// or https:// URL: a DNS name or IPv4 address, an \
          optional port, then a path and query of URL characters (no user name, fragment, \

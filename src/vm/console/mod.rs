@@ -229,6 +229,12 @@ impl Consoles {
             .ok()
     }
 
+    /// Ends the session on `vm`'s console, if there is one, saying `why` (its VM is
+    /// being deleted), without waiting for it.
+    pub fn end(&self, vm: &VmName, why: EndReason) {
+        let _ = self.registry.stop(vm, &why);
+    }
+
     /// Ends every session (the agent stops), and waits for them to let go (bounded).
     pub async fn close_all(&self, why: EndReason) {
         self.shutting_down.store(true, Ordering::Release);

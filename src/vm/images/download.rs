@@ -61,10 +61,13 @@ impl Downloader {
     }
 }
 
+/// The longest `url` of `POST /images` (the document's maxLength says the same).
+pub const MAX_URL_LEN: usize = 4096;
+
 /// Refuses (400) a URL the agent does not download from: see [`plain_url`].
 pub fn check_url(url: &str) -> Result<(), VmError> {
-    if url.len() > super::MAX_URL_LEN {
-        return Err(Invalid::UrlTooLong.into());
+    if url.len() > MAX_URL_LEN {
+        return Err(Invalid::UrlTooLong { max: MAX_URL_LEN }.into());
     }
     // The URL parser would quietly drop CR, LF and tabs; the raw text is stored and
     // logged, so refuse them (and every other control character) instead.

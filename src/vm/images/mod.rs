@@ -23,9 +23,7 @@ use crate::store::vms::{self, ImageRow};
 mod download;
 mod leftovers;
 
-/// The longest `url` of `POST /images` (the document's maxLength says the same).
-pub const MAX_URL_LEN: usize = 4096;
-
+pub use download::MAX_URL_LEN;
 #[cfg(test)]
 pub use download::plain_url;
 

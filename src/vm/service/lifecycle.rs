@@ -144,6 +144,9 @@ impl Vms {
     ) -> Result<Deleted, VmError> {
         let claim = self.claim(name).await?;
         self.set_pending(name, None);
+        if let Some(consoles) = &self.consoles {
+            consoles.end(name, crate::vm::console::EndReason::VmDeleted);
+        }
         let this = Arc::clone(self);
         let n = name.to_string();
         let operation = Operation::Delete(n.clone());

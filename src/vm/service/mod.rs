@@ -197,6 +197,8 @@ pub struct Vms {
     cfg: VmConfig,
     portmaps: Option<Arc<PortMaps>>,
     images: Option<Arc<Images>>,
+    /// Told first when a VM is deleted, so its console session says why it ends.
+    consoles: Option<Arc<crate::vm::console::Consoles>>,
     /// Names with an operation in progress: a second request gets 409 instead of
     /// racing; a request waits for the reconcile's look at the VM.
     claims: Arc<Claims>,
@@ -249,6 +251,7 @@ impl Vms {
             cfg,
             portmaps,
             images: None,
+            consoles: None,
             claims: Arc::new(Claims::default()),
             abandoned: Default::default(),
             addresses: Default::default(),
@@ -262,6 +265,12 @@ impl Vms {
     /// Lets `create` fetch the default image on first use.
     pub fn with_images(mut self, images: Arc<Images>) -> Self {
         self.images = Some(images);
+        self
+    }
+
+    /// Lets a delete end the VM's console session with its own reason.
+    pub fn with_consoles(mut self, consoles: Arc<crate::vm::console::Consoles>) -> Self {
+        self.consoles = Some(consoles);
         self
     }
 
