@@ -340,6 +340,51 @@ fn fifty_sessions_and_a_frozen_libvirtd_leave_the_agent_as_it_was() {
         e.agent.log()
     );
 
+    // libvirtd restarted during a session: the session closes (1011) within 5 s of the
+    // kill, and a new one works once libvirtd is back (the guest lives on).
+    let c = Client::start(
+        &e,
+        "con2",
+        &[
+            "--send",
+            "echo KILLED-$((1+2))\n",
+            "--expect",
+            "KILLED-3",
+            "--hold",
+            "120",
+        ],
+    );
+    c.expect("open", Duration::from_secs(30));
+    c.expect("saw", Duration::from_secs(60));
+    let t = Instant::now();
+    e.libvirtd.kill();
+    let closed = c.expect("closed", Duration::from_secs(10));
+    say(format!(
+        "libvirtd killed: the session closed {:?} after the kill began: {closed}",
+        t.elapsed()
+    ));
+    assert_eq!(closed["code"], 1011, "{closed}");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+    e.libvirtd.revive();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = Client::start(
+            &e,
+            "con2",
+            &["--send", "echo BACK-$((2+7))\n", "--expect", "BACK-9"],
+        );
+        let first = c.next(Duration::from_secs(60));
+        if first["event"] == "open" {
+            c.expect("saw", Duration::from_secs(60));
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "no session after libvirtd restarted: {first}"
+        );
+        std::thread::sleep(Duration::from_secs(1));
+    }
+
     // A quiet session outlives the API's 1 s timeouts and ends at CONSOLE_IDLE_TIMEOUT.
     let quiet = Client::start(&e, "con2", &["--hold", "60"]);
     quiet.expect("open", Duration::from_secs(30));
