@@ -18,6 +18,7 @@ import argparse
 import asyncio
 import base64
 import json
+import socket
 import sys
 import time
 
@@ -55,7 +56,12 @@ async def rtt(ws, n):
 async def probe(a):
     """A raw upgrade request: the agent's answer's status and JSON body."""
     host, port = a.addr.rsplit(":", 1)
-    r, w = await asyncio.open_connection(host, int(port))
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if a.stall:
+        # A reader that stops reading: a tiny window, so the agent's side fills soon.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    sock.connect((host, int(port)))
+    r, w = await asyncio.open_connection(sock=sock)
     w.write((f"GET /vms/{a.name}/console/attach HTTP/1.1\r\nHost: {a.addr}\r\n"
              f"Authorization: Bearer {a.token}\r\nConnection: Upgrade\r\nUpgrade: websocket\r\n"
              "Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\n\r\n").encode())
@@ -69,7 +75,20 @@ async def probe(a):
     say(event="refused" if status != 101 else "open", status=status, body=body.decode(errors="replace"))
     if status == 101 and a.wait_ping:
         await first_ping(r, a.wait_ping)
+    if status == 101 and a.stall:
+        if a.send:
+            w.write(masked(a.send.encode()))
+            await w.drain()
+        await asyncio.sleep(a.stall)
+        say(event="stalled", s=a.stall)
     w.close()
+
+
+def masked(data):
+    """One binary frame from a client (masked, with a zero mask)."""
+    n = len(data)
+    head = bytes([0x82]) + (bytes([0x80 | n]) if n < 126 else bytes([0x80 | 126]) + n.to_bytes(2, "big"))
+    return head + b"\0\0\0\0" + data
 
 
 async def first_ping(r, seconds):
@@ -106,8 +125,9 @@ async def main():
     p.add_argument("--rtt", type=int, default=0)
     p.add_argument("--probe", action="store_true")
     p.add_argument("--wait-ping", type=float, default=0)
+    p.add_argument("--stall", type=float, default=0)
     a = p.parse_args()
-    if a.probe or a.wait_ping:
+    if a.probe or a.wait_ping or a.stall:
         return await probe(a)
     url = f"ws://{a.addr}/vms/{a.name}/console/attach?force={'true' if a.force else 'false'}"
     kw = {"open_timeout": 30, "ping_interval": None, "max_size": None}

@@ -611,3 +611,38 @@ fn idle_cost(e: &Env, pid: u32) -> (u64, u64) {
     std::thread::sleep(Duration::from_secs(1));
     (before, with)
 }
+
+/// A client that stops reading while the guest writes without end (`yes`) is closed
+/// (its row says `slow-client`), and the agent holds no more than bounded queues
+/// meanwhile: what the client could not take is dropped and counted (libvirt's client
+/// queued it without bound before: RssAnon +10 MiB in this test).
+#[test]
+fn a_client_that_stops_reading_is_closed_and_costs_bounded_memory() {
+    let _turn = support::libvirt::turn();
+    let e = env(&[]);
+    booted(&e, "con5");
+    let pid = e.agent.pid().unwrap();
+    let before = rss_anon(pid);
+    let c = Client::start(&e, "con5", &["--stall", "60", "--send", "yes\n"]);
+    c.expect("open", Duration::from_secs(30));
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut peak = before;
+    loop {
+        peak = peak.max(rss_anon(pid));
+        let rows = console_rows(&e);
+        if rows.first().is_some_and(|r| r.1["ended"] == "slow-client") {
+            break;
+        }
+        assert!(
+            Instant::now() < deadline,
+            "not closed as a slow client: {rows:?}"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    say(format!(
+        "stalled reader: RssAnon {before} KiB before, at most {peak} KiB until it was closed"
+    ));
+    assert!(peak < before + 4096, "RssAnon {before} -> {peak} KiB");
+    let row = &console_rows(&e)[0].1;
+    assert!(row["bytes_dropped"].as_u64().unwrap() > 0, "{row}");
+}

@@ -171,7 +171,9 @@ impl Session {
     /// Ends the session: the stream closed, the console freed, the audit row completed
     /// and `console.detached` published.
     pub async fn finish(mut self, why: EndReason) {
+        let mut bytes_dropped = 0;
         if let Some(pipe) = self.pipe.take() {
+            bytes_dropped = pipe.dropped();
             pipe.close().await;
         }
         self.registry.release(&self.vm, self.id);
@@ -185,6 +187,7 @@ impl Session {
             "seconds": self.started.elapsed().as_secs_f64(),
             "bytes_in": bytes_in,
             "bytes_out": self.bytes_out,
+            "bytes_dropped": bytes_dropped,
             "ended": why.as_str(),
             "reason": why.close_text(),
         });

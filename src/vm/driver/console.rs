@@ -1,13 +1,15 @@
 //! An open serial console as the hypervisor hands it over: the guest's bytes out, the
 //! client's bytes in, and an end. Both directions are bounded channels; the hypervisor's
-//! side (libvirt's event thread, or the fake's task) never waits on them, and this side
-//! tells it when there is room again ([`PipeEnd::want_output`]) or something to send
-//! ([`PipeEnd::want_input`]).
+//! side (libvirt's event thread, or the fake's task) never waits on them: guest bytes
+//! that find the output full are dropped and counted ([`ConsolePipe::dropped`]; libvirt's
+//! client would otherwise queue them without bound), and this side tells it when there
+//! is something to send ([`PipeEnd::want_input`]).
 //!
 //! A pipe is closed explicitly ([`ConsolePipe::close`], on a blocking thread); one that is
 //! dropped without that is closed on a thread of its own, so a libvirt stream is never
 //! freed during unwinding nor on the async runtime.
 
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use bytes::Bytes;
@@ -40,8 +42,6 @@ pub enum StreamEnd {
 pub trait PipeEnd: Send + Sync + 'static {
     /// Input was queued: send it when the stream can take it.
     fn want_input(&self);
-    /// Output was taken: read the stream again if it had stopped for lack of room.
-    fn want_output(&self);
     /// Whether the stream's connection is still alive (no round trip).
     fn alive(&self) -> bool;
     /// Ends the stream and frees it; blocking, idempotent.
@@ -70,6 +70,7 @@ pub struct ConsolePipe {
     output: mpsc::Receiver<Bytes>,
     input: mpsc::Sender<Bytes>,
     ended: Ended,
+    dropped: Arc<AtomicU64>,
     end: Option<Arc<dyn PipeEnd>>,
 }
 
@@ -78,6 +79,8 @@ pub struct PipeSide {
     pub output: mpsc::Sender<Bytes>,
     pub input: mpsc::Receiver<Bytes>,
     pub ended: Ended,
+    /// Guest bytes dropped because the output was full.
+    pub dropped: Arc<AtomicU64>,
 }
 
 /// A pipe's input, for the task that reads the client.
@@ -105,28 +108,30 @@ impl ConsolePipe {
         let (out_tx, out_rx) = mpsc::channel(QUEUED);
         let (in_tx, in_rx) = mpsc::channel(QUEUED);
         let ended = Ended::default();
+        let dropped = Arc::new(AtomicU64::new(0));
         let end = make_end(PipeSide {
             output: out_tx,
             input: in_rx,
             ended: ended.clone(),
+            dropped: Arc::clone(&dropped),
         });
         ConsolePipe {
             output: out_rx,
             input: in_tx,
             ended,
+            dropped,
             end: Some(end),
         }
     }
 
     /// The guest's next bytes; `None` once the stream ended.
     pub async fn recv(&mut self) -> Option<Bytes> {
-        let got = self.output.recv().await;
-        if got.is_some()
-            && let Some(end) = &self.end
-        {
-            end.want_output();
-        }
-        got
+        self.output.recv().await
+    }
+
+    /// Guest bytes dropped so far because the client fell behind.
+    pub fn dropped(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// The input half, for a task of its own; `None` after [`ConsolePipe::close`].

@@ -59,8 +59,6 @@ impl FakeConsole {
 impl PipeEnd for FakeConsole {
     fn want_input(&self) {}
 
-    fn want_output(&self) {}
-
     fn alive(&self) -> bool {
         true
     }

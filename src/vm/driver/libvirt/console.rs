@@ -82,7 +82,7 @@ pub fn open(
                 st: Some(st),
                 conn: Some(conn),
                 output: Some(side.output),
-                held: None,
+                dropped: side.dropped,
                 input: Some(side.input),
                 sending: None,
                 interest: 0,
@@ -141,8 +141,9 @@ struct Inner {
     conn: Option<Connect>,
     /// To the pipe; dropped when the stream ends.
     output: Option<mpsc::Sender<Bytes>>,
-    /// Guest bytes read while the output was full: reading waits until it has room.
-    held: Option<Bytes>,
+    /// Guest bytes read while the output was full, and dropped: libvirt's client queues
+    /// whatever libvirtd sends without bound, so the stream is always read.
+    dropped: Arc<std::sync::atomic::AtomicU64>,
     input: Option<mpsc::Receiver<Bytes>>,
     /// What is left of the input chunk being sent.
     sending: Option<Bytes>,
@@ -167,7 +168,6 @@ impl Inner {
         self.ended.set(why);
         self.output = None;
         self.input = None;
-        self.held = None;
         self.sending = None;
     }
 
@@ -182,7 +182,7 @@ impl Inner {
     fn read(&mut self) {
         let Some(st) = self.ptr() else { return };
         for _ in 0..READS_PER_EVENT {
-            if self.held.is_some() || self.output.is_none() {
+            if self.output.is_none() {
                 return;
             }
             let mut buf = vec![0u8; CHUNK];
@@ -201,12 +201,15 @@ impl Inner {
         }
     }
 
-    /// Hands guest bytes to the pipe, or holds them until it has room.
+    /// Hands guest bytes to the pipe, or drops them (counted) when it is full.
     fn forward(&mut self, bytes: Bytes) {
         let Some(out) = &self.output else { return };
         match out.try_send(bytes) {
             Ok(()) => {}
-            Err(TrySendError::Full(b)) => self.held = Some(b),
+            Err(TrySendError::Full(b)) => {
+                self.dropped
+                    .fetch_add(b.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            }
             Err(TrySendError::Closed(_)) => self.end(StreamEnd::Failed("the reader left".into())),
         }
     }
@@ -237,14 +240,14 @@ impl Inner {
         }
     }
 
-    /// Registers for what the stream needs now: reading unless the output is full,
-    /// writing while there is input; nothing once it ended.
+    /// Registers for what the stream needs now: reading always, writing while there is
+    /// input; nothing once it ended.
     fn update(&mut self) {
         let Some(st) = self.ptr() else { return };
         let want = if self.ended.get().is_some() {
             0
         } else {
-            let reading = if self.held.is_none() { READABLE } else { 0 };
+            let reading = READABLE;
             let input =
                 self.sending.is_some() || self.input.as_ref().is_some_and(|i| !i.is_empty());
             reading | if input { WRITABLE } else { 0 } | TROUBLE
@@ -266,11 +269,7 @@ impl Inner {
             return;
         }
         if events & (READABLE | TROUBLE) != 0 {
-            if self.held.is_some() && events & TROUBLE != 0 {
-                self.end(StreamEnd::Failed("the console stream failed".into()));
-            } else {
-                self.read();
-            }
+            self.read();
         }
         if events & WRITABLE != 0 && self.ended.get().is_none() {
             self.write();
@@ -282,18 +281,6 @@ impl Inner {
 impl PipeEnd for Stream {
     fn want_input(&self) {
         self.lock().update();
-    }
-
-    fn want_output(&self) {
-        let mut inner = self.lock();
-        if let Some(b) = inner.held.take() {
-            inner.forward(b);
-            if inner.held.is_none() {
-                // Whatever waited in libvirt while reading was off.
-                inner.read();
-            }
-        }
-        inner.update();
     }
 
     fn alive(&self) -> bool {
