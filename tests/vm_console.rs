@@ -316,24 +316,7 @@ fn fifty_sessions_and_a_frozen_libvirtd_leave_the_agent_as_it_was() {
     std::thread::sleep(Duration::from_secs(20).saturating_sub(t.elapsed()));
     assert_eq!(e.agent.api.get("/health").status, 200);
     drop(thaw);
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let c = Client::start(
-            &e,
-            "con2",
-            &["--send", "echo THAWED-$((4+4))\n", "--expect", "THAWED-8"],
-        );
-        let first = c.next(Duration::from_secs(60));
-        if first["event"] == "open" {
-            c.expect("saw", Duration::from_secs(60));
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no session after the thaw: {first}"
-        );
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    session_works_again(&e, "con2", "echo THAWED-$((4+4))\n", "THAWED-8");
     assert!(
         e.agent.pid().is_some(),
         "the agent died:\n{}",
@@ -366,24 +349,7 @@ fn fifty_sessions_and_a_frozen_libvirtd_leave_the_agent_as_it_was() {
     assert_eq!(closed["code"], 1011, "{closed}");
     assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
     e.libvirtd.revive();
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        let c = Client::start(
-            &e,
-            "con2",
-            &["--send", "echo BACK-$((2+7))\n", "--expect", "BACK-9"],
-        );
-        let first = c.next(Duration::from_secs(60));
-        if first["event"] == "open" {
-            c.expect("saw", Duration::from_secs(60));
-            break;
-        }
-        assert!(
-            Instant::now() < deadline,
-            "no session after libvirtd restarted: {first}"
-        );
-        std::thread::sleep(Duration::from_secs(1));
-    }
+    session_works_again(&e, "con2", "echo BACK-$((2+7))\n", "BACK-9");
 
     // A quiet session outlives the API's 1 s timeouts and ends at CONSOLE_IDLE_TIMEOUT.
     let quiet = Client::start(&e, "con2", &["--hold", "60"]);
@@ -404,6 +370,22 @@ fn fifty_sessions_and_a_frozen_libvirtd_leave_the_agent_as_it_was() {
     let closed = last.expect("closed", Duration::from_secs(10));
     assert_eq!(closed["code"], 1001, "{closed}");
     e.agent.start_again();
+}
+
+/// Attaches (retrying for up to a minute while libvirt comes back), types `send` and
+/// waits for `expect`.
+fn session_works_again(e: &Env, vm: &str, send: &str, expect: &str) {
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let c = Client::start(e, vm, &["--send", send, "--expect", expect]);
+        let first = c.next(Duration::from_secs(60));
+        if first["event"] == "open" {
+            c.expect("saw", Duration::from_secs(60));
+            return;
+        }
+        assert!(Instant::now() < deadline, "no session on {vm}: {first}");
+        std::thread::sleep(Duration::from_secs(1));
+    }
 }
 
 struct Thaw(i32);

@@ -17,8 +17,8 @@ use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 use bytes::Bytes;
 use tokio::sync::mpsc::Sender;
 
-use super::console::{ConsoleOpen, ConsolePipe, PipeEnd};
-use super::memory_console::FakeConsole;
+use super::console::ConsoleOpen;
+use super::memory_console::FakeConsoles;
 use super::{
     Call, Cause, DhcpHost, Disk, Domain, DomainEvent, EventKind, Host, HostEntry, Hypervisor,
     Lease, LibvirtFailure, LibvirtKind, Network, Nic, Op, SerialPort, SourceStopped, Subnet,
@@ -95,8 +95,7 @@ pub struct MemoryHypervisor {
     events: Mutex<Option<Sender<DomainEvent>>>,
     steps: Mutex<Vec<Step>>,
     host: Host,
-    /// Open consoles, by domain.
-    consoles: Mutex<Vec<(String, Arc<FakeConsole>)>>,
+    consoles: FakeConsoles,
 }
 
 impl Default for MemoryHypervisor {
@@ -107,7 +106,7 @@ impl Default for MemoryHypervisor {
             thawed: Condvar::new(),
             events: Mutex::default(),
             steps: Mutex::default(),
-            consoles: Mutex::default(),
+            consoles: FakeConsoles::default(),
             host: Host {
                 guests: vec![
                     ("x86_64".into(), "kvm".into()),
@@ -307,9 +306,7 @@ impl MemoryHypervisor {
 
     fn emit(&self, name: &str, kind: EventKind) {
         if matches!(kind, EventKind::Stopped(_) | EventKind::Undefined) {
-            for (_, c) in lock(&self.consoles).iter().filter(|(n, _)| n == name) {
-                c.hang_up();
-            }
+            self.consoles.hang_up(name);
         }
         if let Some(tx) = lock(&self.events).as_ref() {
             let _ = tx.try_send(DomainEvent {
@@ -603,22 +600,7 @@ impl Hypervisor for MemoryHypervisor {
             Some(_) => {}
         }
         drop(w);
-        let mut consoles = lock(&self.consoles);
-        consoles.retain(|(_, c)| c.is_open());
-        if let Some((_, held)) = consoles.iter().find(|(n, _)| n == name) {
-            if !force {
-                return Ok(ConsoleOpen::HeldOutside);
-            }
-            held.hang_up();
-        }
-        let mut made = None;
-        let pipe = ConsolePipe::new(|side| {
-            let c = FakeConsole::start(side);
-            made = Some(Arc::clone(&c));
-            c as Arc<dyn PipeEnd>
-        });
-        consoles.extend(made.map(|c| (name.to_owned(), c)));
-        Ok(ConsoleOpen::Opened(pipe))
+        Ok(self.consoles.open(name, force))
     }
 
     fn ensure_network(&self, call: &Call, name: &str) -> Result<(), LibvirtFailure> {

@@ -7,7 +7,7 @@ use std::sync::{Arc, Mutex};
 use bytes::Bytes;
 use tokio::sync::mpsc;
 
-use super::console::{Ended, PipeEnd, PipeSide, StreamEnd};
+use super::console::{ConsoleOpen, ConsolePipe, Ended, PipeEnd, PipeSide, StreamEnd};
 
 /// One open console of the fake.
 pub struct FakeConsole {
@@ -66,5 +66,40 @@ impl PipeEnd for FakeConsole {
     fn close(&self) {
         self.ended.set(StreamEnd::Failed("closed".into()));
         self.stop();
+    }
+}
+
+/// The fake's open consoles, by domain.
+#[derive(Default)]
+pub struct FakeConsoles(Mutex<Vec<(String, Arc<FakeConsole>)>>);
+
+impl FakeConsoles {
+    /// Opens domain `name`'s console (running, as the caller checked); `force` hangs up
+    /// the one open, as libvirt's FORCE does.
+    pub fn open(&self, name: &str, force: bool) -> ConsoleOpen {
+        let mut consoles = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        consoles.retain(|(_, c)| c.is_open());
+        if let Some((_, held)) = consoles.iter().find(|(n, _)| n == name) {
+            if !force {
+                return ConsoleOpen::HeldOutside;
+            }
+            held.hang_up();
+        }
+        let mut made = None;
+        let pipe = ConsolePipe::new(|side| {
+            let c = FakeConsole::start(side);
+            made = Some(Arc::clone(&c));
+            c as Arc<dyn PipeEnd>
+        });
+        consoles.extend(made.map(|c| (name.to_owned(), c)));
+        ConsoleOpen::Opened(pipe)
+    }
+
+    /// Domain `name` stopped: its consoles hang up.
+    pub fn hang_up(&self, name: &str) {
+        let consoles = self.0.lock().unwrap_or_else(|p| p.into_inner());
+        for (_, c) in consoles.iter().filter(|(n, _)| n == name) {
+            c.hang_up();
+        }
     }
 }
